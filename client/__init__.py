@@ -1,0 +1,1 @@
+"""The Flower ClientApp: local training on one site's private data."""

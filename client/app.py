@@ -1,0 +1,81 @@
+"""The FedSense ClientApp: one hospital site's side of a federated round.
+
+Only the model weights and scalar metrics leave the site; images, k-space and file paths never do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.audit import egress_audit_mod
+from client.task import resolve_site_config_path
+from common.data.loaders import load_site, make_loader
+from common.models import build_model
+from common.runconfig import RunConfig
+from common.samples import save_samples
+from common.training import evaluate as evaluate_model
+from common.training import train as train_model
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp(mods=[egress_audit_mod])
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, str, torch.nn.Module, dict]:
+    run = RunConfig.from_flat(dict(context.run_config))
+    site_path = resolve_site_config_path(context.node_config, run)
+    site, datasets = load_site(str(site_path))
+    torch.manual_seed(run.seed + int(msg.content["config"].get("server-round", 0)))
+    model = build_model(run.model, **run.model_kwargs)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return run, site.name, model, datasets
+
+
+def _reply(msg: Message, site: str, metrics: dict[str, float], model: torch.nn.Module | None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})
+    if model is not None:
+        content["arrays"] = ArrayRecord(model.state_dict())
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
+    run, site, model, datasets = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
+    loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round)
+    result = train_model(
+        model,
+        loader,
+        epochs=run.local_epochs,
+        steps=run.local_steps,
+        lr=run.learning_rate,
+        loss=run.loss,
+        proximal_mu=mu,
+    )
+    logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
+    metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps}
+    return _reply(msg, site, metrics, model)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation-split PSNR / SSIM / NMSE of the global model at this site."""
+    run, site, model, datasets = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
+    num_samples = run.num_samples if run.sample_dir else 0
+    result = evaluate_model(
+        model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples
+    )
+    if run.sample_dir and result.samples:
+        # Sample images stay on this machine: written to a site-local directory, never sent.
+        save_samples(run.sample_dir, server_round, site, result.samples)
+    logger.info("site %s round %d: %s", site, server_round, result.metrics)
+    metrics = {"num-examples": result.num_examples, **result.metrics}
+    return _reply(msg, site, metrics, None)

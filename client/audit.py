@@ -1,0 +1,51 @@
+"""Egress audit: a record of everything this site sends, for the hospital's data-protection officer.
+
+A Flower client mod sees every reply the ClientApp produces before it leaves the site. When the
+node config names an ``audit-log`` file (or ``FEDSENSE_AUDIT_LOG`` is set), one JSON line per
+message is appended to it: its type, each ArrayRecord's array names, shapes and dtypes, each
+MetricRecord's values and each ConfigRecord's values. The arrays themselves are not copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+
+def describe(msg: Message) -> dict[str, Any]:
+    """What a message carries, structurally (names, shapes, dtypes, scalar values)."""
+    entry: dict[str, Any] = {"time": time.time(), "type": msg.metadata.message_type}
+    if msg.has_error():
+        entry["error"] = msg.error.reason
+        return entry
+    content = msg.content
+    entry["arrays"] = {
+        name: {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in record.items()}
+        for name, record in content.array_records.items()
+    }
+    entry["metrics"] = {name: dict(record) for name, record in content.metric_records.items()}
+    entry["configs"] = {name: dict(record) for name, record in content.config_records.items()}
+    return entry
+
+
+def audit_log_path(context: Context) -> Path | None:
+    """The audit log this node writes, if any (node config wins over the environment)."""
+    value = context.node_config.get("audit-log") or os.environ.get("FEDSENSE_AUDIT_LOG")
+    return Path(str(value)) if value else None
+
+
+def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the ClientApp, then log what its reply carries before Flower sends it."""
+    reply = call_next(msg, context)
+    path = audit_log_path(context)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(describe(reply), default=str) + "\n")
+    return reply

@@ -1,0 +1,200 @@
+"""Per-site configuration: which data a hospital holds and how its scanner acquires it.
+
+Each site (hospital) describes itself in one TOML file (``deploy/sites/*.toml``). Validating it here, with
+unknown keys refused, means a typo or an impossible scanner setting fails at start-up with the file and the
+dotted field named (``sites/guys.toml: scanner.coils: must be >= 1``), not later inside a training step.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from common.errors import ConfigError
+from common.masks import PATTERNS
+
+DatasetKind = Literal["fastmri", "brats", "ixi"]
+
+# Canonical contrast names per dataset; BraTS 2023+ names (t1n, t1c, t2w, t2f) map onto the 2020 ones.
+BRATS_CONTRASTS = ("t1", "t1ce", "t2", "flair")
+BRATS_ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
+IXI_CONTRASTS = ("T1", "T2", "PD")
+IXI_HOSPITALS = ("Guys", "HH", "IOP")
+
+MatrixSide = Annotated[int, Field(ge=16)]
+
+
+class _Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, so a misspelt key cannot be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Strict):
+    """Subject-level train/val/test partition of the site's data (see :mod:`common.data.splits`)."""
+
+    seed: int = 0
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1 (training needs subjects)")
+        return self
+
+
+class ScannerConfig(_Strict):
+    """The site's acquisition: scanner, receive coils, sampling pattern and noise.
+
+    ``noise_std`` is the standard deviation of the complex white Gaussian noise added to every k-space
+    sample of every coil (E|n|^2 = noise_std^2, i.e. noise_std / sqrt(2) per real and imaginary part),
+    relative to the maximum of the magnitude image volume. With the orthonormal FFT the same std holds per
+    coil image pixel (Parseval), so 0.01 means noise at 1 % of the brightest tissue in each coil image.
+    It is simulated only for magnitude-only data (BraTS, IXI); fastMRI k-space already carries its noise.
+    ``matrix`` is the (H, W) the magnitude images are resampled to before simulation; fastMRI k-space is
+    used at its stored size.
+    """
+
+    field_strength_t: float = Field(gt=0.0)
+    coils: int = Field(ge=1)
+    matrix: tuple[MatrixSide, MatrixSide] = (128, 128)
+    noise_std: float = Field(0.0, ge=0.0)
+    mask: str
+    acceleration: float = Field(ge=1.0)
+    center_fraction: float = Field(gt=0.0, lt=1.0)
+
+    @field_validator("mask")
+    @classmethod
+    def _known_pattern(cls, value: str) -> str:
+        if value not in PATTERNS:
+            raise ValueError(f"must be one of {', '.join(PATTERNS)}, got {value!r}")
+        return value
+
+
+class DemoConfig(_Strict):
+    """How ``fedsense data demo`` synthesises this site's offline demo data."""
+
+    subjects: int = Field(3, ge=1)
+    seed: int = 0
+
+
+class SiteConfig(_Strict):
+    """One site's data and scanner; ``data_path`` is absolute after loading (resolved against the TOML)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dataset: DatasetKind
+    data_path: Path
+    contrasts: list[str] = Field(default_factory=list)
+    hospital: str | None = None
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    scanner: ScannerConfig
+    max_slices_per_volume: int | None = Field(None, ge=1)
+    skip_bad_files: bool = False
+    demo: DemoConfig = DemoConfig()
+
+    @field_validator("data_path")
+    @classmethod
+    def _resolve(cls, value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        value = value.expanduser()
+        if not value.is_absolute() and base is not None:
+            value = Path(base) / value
+        return value.resolve()
+
+    @field_validator("contrasts")
+    @classmethod
+    def _known_contrasts(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        dataset = info.data.get("dataset")
+        if dataset == "brats":
+            names = [BRATS_ALIASES.get(c.lower(), c.lower()) for c in value]
+            allowed: tuple[str, ...] = BRATS_CONTRASTS
+        elif dataset == "ixi":
+            names = [c.upper() for c in value]
+            allowed = IXI_CONTRASTS
+        else:  # fastMRI: acquisition names (AXT2, CORPD_FBK, ...) are open-ended; compared case-insensitively
+            return [c.upper() for c in value]
+        unknown = [c for c in names if c not in allowed]
+        if unknown:
+            raise ValueError(f"unknown {dataset} contrast(s) {unknown}; use {', '.join(allowed)}")
+        return list(dict.fromkeys(names))
+
+    @field_validator("hospital")
+    @classmethod
+    def _known_hospital(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.data.get("dataset") != "ixi":
+            raise ValueError("only IXI data is split by hospital")
+        by_lower = {h.lower(): h for h in IXI_HOSPITALS}
+        if value.lower() not in by_lower:
+            raise ValueError(f"must be one of {', '.join(IXI_HOSPITALS)}, got {value!r}")
+        return by_lower[value.lower()]
+
+
+def _reason(error: dict[str, Any]) -> str:
+    """A short, uniform reason for one pydantic error ("must be >= 1" rather than pydantic's sentence)."""
+    ctx = error.get("ctx") or {}
+    bounds = {
+        "greater_than_equal": ("ge", ">="),
+        "greater_than": ("gt", ">"),
+        "less_than_equal": ("le", "<="),
+        "less_than": ("lt", "<"),
+    }
+    kind = error["type"]
+    if kind in bounds:
+        key, op = bounds[kind]
+        return f"must be {op} {ctx[key]}, got {error['input']!r}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        return "unknown field (misspelt?)"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}, got {error['input']!r}"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """``source: dotted.field: reason`` lines, one per error, the first being the headline."""
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "<root>"
+        lines.append(f"{source}: {field}: {_reason(error)}")
+    return "\n".join(lines)
+
+
+def parse_site_config(data: dict[str, Any], source: str, base_dir: Path | None = None) -> SiteConfig:
+    """Validate an already-parsed mapping; errors become :class:`ConfigError` naming ``source``."""
+    try:
+        return SiteConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from exc
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate one site TOML; a missing file, bad TOML or bad value raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: <file>: no such file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: <file>: cannot read: {exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: <toml>: invalid TOML: {exc}") from exc
+    return parse_site_config(data, str(path), base_dir=path.parent.resolve())

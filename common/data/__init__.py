@@ -1,0 +1,1 @@
+"""Site data: readers for fastMRI / BraTS / IXI, scanner simulation, datasets, demo data."""

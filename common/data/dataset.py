@@ -1,0 +1,153 @@
+"""The site's training data as a torch Dataset of undersampled slices (the sample dict of ARCHITECTURE.md).
+
+Magnitude-only data (BraTS, IXI) is re-acquired with the site's simulated scanner; fastMRI k-space is used
+as stored, with coil maps estimated from its calibration lines. Either way the site's own mask is applied,
+seeded by (site seed, file name, slice) so a slice always gets the same mask, as fastMRI does for
+validation, and a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.coils import estimate_maps_from_acs, rss
+from common.config import SiteConfig
+from common.data.acquisition import simulate_acquisition
+from common.data.readers import SliceMeta, SliceReader, open_reader
+from common.data.splits import SPLITS, Split, split_subjects
+from common.errors import DataError
+from common.fft import center_crop, ifft2c_np
+from common.masks import make_mask, seed_for
+
+log = logging.getLogger(__name__)
+
+
+class SiteDataset(Dataset):
+    """Slices of one split (by subject) of one site, undersampled with the site's mask.
+
+    ``reader`` lets several splits share one index of the site's files. With ``config.skip_bad_files`` a
+    file that fails while being read is skipped from then on (the next good slice is returned instead) and
+    listed in ``skipped`` with the files the reader skipped while indexing.
+    """
+
+    def __init__(self, config: SiteConfig, split: Split, reader: SliceReader | None = None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.config = config
+        self.split = split
+        self.reader = reader if reader is not None else open_reader(config)
+        parts = split_subjects(
+            self.reader.subjects, config.split.seed, config.split.val_fraction, config.split.test_fraction
+        )
+        self.subjects = parts[split]
+        members = set(self.subjects)
+        self.indices = [i for i, ex in enumerate(self.reader.examples) if ex.subject in members]
+        self._read_failures: list[tuple[Path, str]] = []
+        self._bad_files: set[Path] = set()
+
+    @property
+    def skipped(self) -> list[tuple[Path, str]]:
+        """Bad files left out, with the reason: at indexing (reader) and while reading (this dataset)."""
+        return [*self.reader.skipped, *self._read_failures]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"index {index} out of range for {len(self.indices)} slices")
+        for offset in range(len(self.indices)):
+            example_index = self.indices[(index + offset) % len(self.indices)]
+            path = self.reader.examples[example_index].path
+            if path in self._bad_files:
+                continue
+            try:
+                return self._sample(example_index)
+            except DataError as exc:
+                if not self.config.skip_bad_files:
+                    raise
+                log.warning("skipping bad file: %s", exc)
+                self._bad_files.add(path)
+                self._read_failures.append((path, str(exc)))
+        raise DataError(f"{self.config.data_path}: no readable slice left in the {self.split} split")
+
+    def _sample(self, example_index: int) -> dict[str, Any]:
+        example = self.reader.examples[example_index]
+        data, meta = self.reader.read_slice(example_index)
+        fname = example.path.name
+        seed = seed_for(self.config.seed, fname, example.slice_idx)
+        scanner = self.config.scanner
+
+        if meta.kind == "image":
+            acquisition = simulate_acquisition(data, scanner, seed, image_max=meta.volume_max)
+            kspace, full_target = acquisition.kspace, acquisition.target
+            # The simulation divides by the volume maximum, so the clean target volume peaks at (about) 1.
+            volume_max: float | None = 1.0
+        else:
+            kspace, volume_max = data, meta.volume_max
+            full_target = meta.target if meta.target is not None else rss(ifft2c_np(kspace), dim=0)
+        height, width = kspace.shape[-2:]
+        crop = _crop_size(meta, full_target.shape, (height, width))
+
+        mask = make_mask(
+            scanner.mask, (height, width), scanner.acceleration, scanner.center_fraction, seed
+        ).mask.copy()
+        if meta.acquired_columns is not None:
+            left, right = meta.acquired_columns
+            mask[:, :left] = 0.0
+            mask[:, right:] = 0.0
+        masked = (kspace * mask).astype(np.complex64)
+
+        if meta.kind == "image":
+            sens_maps = acquisition.sens_maps
+        else:
+            sens_maps = estimate_maps_from_acs(masked, mask=mask).astype(np.complex64)
+
+        zero_filled = center_crop(rss(ifft2c_np(masked), dim=0), crop)
+        peak = float(zero_filled.max())
+        scale = 1.0 / peak if peak > 0 else 1.0
+        target = center_crop(np.asarray(full_target, dtype=np.float32), crop) * scale
+        if volume_max is None:
+            log.debug("%s: no volume maximum recorded; using the slice maximum", example.path)
+            max_value = float(target.max())
+        else:
+            max_value = volume_max * scale
+
+        return {
+            "masked_kspace": torch.from_numpy(masked * np.float32(scale)),
+            "mask": torch.from_numpy(mask[np.newaxis].astype(np.float32)),
+            "sens_maps": torch.from_numpy(np.ascontiguousarray(sens_maps)),
+            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
+            "scale": float(scale),
+            "max_value": float(max_value),
+            "fname": fname,
+            "subject": example.subject,
+            "site": self.config.name,
+            "slice_idx": int(example.slice_idx),
+        }
+
+
+def _crop_size(
+    meta: SliceMeta, target_shape: tuple[int, ...], kspace_shape: tuple[int, int]
+) -> tuple[int, int]:
+    """The target's size, clipped to the image as fastMRI does for scans narrower than their recon matrix.
+
+    Simulated data is reconstructed at the full matrix; fastMRI data at the stored reconstruction's size,
+    or the header's recon matrix when there is none.
+    """
+    if meta.kind == "image":
+        return kspace_shape
+    size = target_shape[-2:] if meta.target is not None else meta.recon_size
+    return min(int(size[0]), kspace_shape[0]), min(int(size[1]), kspace_shape[1])
+
+
+def build_site_datasets(config: SiteConfig) -> dict[Split, SiteDataset]:
+    """train/val/test datasets of a site, sharing one index of its files."""
+    reader = open_reader(config)
+    return {split: SiteDataset(config, split, reader=reader) for split in SPLITS}

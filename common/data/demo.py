@@ -1,0 +1,321 @@
+"""Offline demo data for every site, written in the real formats so the real readers serve it.
+
+``fedsense data demo --out DIR`` (or ``python -m common.data.demo --out DIR``) writes, per site config,
+``DIR/<site name>/`` holding fastMRI-style multi-coil HDF5, BraTS-style NIfTI folders or IXI-style NIfTI
+files, depending on the site's dataset kind. The anatomy comes from the MNI template bundled with nilearn
+(see :mod:`common.data.phantom`), so nothing is downloaded; output is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import nibabel as nib
+import numpy as np
+
+from common.coils import rss
+from common.config import SiteConfig, load_site_config
+from common.data.acquisition import simulate_acquisition
+from common.data.phantom import Subject, make_subject
+from common.data.readers import ISMRMRD_NAMESPACE
+from common.errors import ConfigError, DataError, FedSenseError
+from common.fft import ifft2c_np
+from common.masks import seed_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SITES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "sites"
+# Written into each generated site folder; only folders carrying it are ever replaced by a later run.
+MARKER = ".fedsense-demo"
+FOV_MM = 240.0
+GYROMAGNETIC_MHZ_PER_T = 42.577478
+
+# fastMRI brain acquisitions the phantom can render, and the phantom contrast for each.
+FASTMRI_ACQUISITIONS = {"AXT1": "T1", "AXT1PRE": "T1", "AXT1POST": "T1CE", "AXT2": "T2", "AXFLAIR": "FLAIR"}
+BRATS_FILE_CONTRASTS = {"t1": "T1", "t1ce": "T1CE", "t2": "T2", "flair": "FLAIR"}
+IXI_FILE_CONTRASTS = ("T1", "T2", "PD")
+
+
+def generate_demo(
+    out: Path,
+    size: int = 128,
+    subjects: int | None = None,
+    seed: int = 0,
+    sites: Sequence[SiteConfig] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Write demo data for ``sites`` (default: ``deploy/sites/*.toml``) under ``out/<site name>``.
+
+    ``size`` is the in-plane matrix of the written images and k-space; ``subjects`` overrides each site's
+    ``demo.subjects``; ``seed`` is combined with each site's ``demo.seed``. Returns, per site, its folder,
+    dataset kind, file names and subject ids.
+    """
+    if size < 16:
+        raise ConfigError(f"demo: size: must be >= 16, got {size}")
+    if subjects is not None and subjects < 1:
+        raise ConfigError(f"demo: subjects: must be >= 1, got {subjects}")
+    if seed < 0:
+        raise ConfigError(f"demo: seed: must be >= 0, got {seed}")
+    sites = list(sites) if sites is not None else default_sites()
+    writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
+    summary: dict[str, dict[str, Any]] = {}
+    for site in sites:
+        started = time.perf_counter()
+        site_dir = _fresh_site_dir(Path(out) / site.name)
+        rng = np.random.default_rng([seed, site.demo.seed])
+        count = subjects if subjects is not None else site.demo.subjects
+        files, subject_ids = writers[site.dataset](site_dir, site, size, count, rng)
+        summary[site.name] = {
+            "path": str(site_dir),
+            "dataset": site.dataset,
+            "files": files,
+            "subjects": subject_ids,
+        }
+        log.info(
+            "%s: wrote %d %s file(s) for %d subject(s) to %s in %.1f s",
+            site.name,
+            len(files),
+            site.dataset,
+            len(subject_ids),
+            site_dir,
+            time.perf_counter() - started,
+        )
+    return summary
+
+
+def default_sites() -> list[SiteConfig]:
+    """The example site configs shipped in ``deploy/sites``."""
+    paths = sorted(DEFAULT_SITES_DIR.glob("*.toml"))
+    if not paths:
+        raise ConfigError(f"{DEFAULT_SITES_DIR}: <file>: no site configs found; pass sites explicitly")
+    return [load_site_config(p) for p in paths]
+
+
+def _fresh_site_dir(site_dir: Path) -> Path:
+    """An empty folder for one site, replacing an earlier demo output but never anything else."""
+    if site_dir.exists():
+        if not (site_dir / MARKER).exists() and any(site_dir.iterdir()):
+            raise DataError(f"{site_dir}: exists and was not written by the demo generator; not overwriting")
+        shutil.rmtree(site_dir)
+    site_dir.mkdir(parents=True)
+    (site_dir / MARKER).write_text("synthetic demo data written by common.data.demo; safe to delete\n")
+    return site_dir
+
+
+def _axial_slices(volume: np.ndarray) -> np.ndarray:
+    """RAS (X, Y, Z) volume -> (Z, H, W) radiological axial slices (anterior up, patient's right on the left).
+
+    This is the orientation the NIfTI reader returns, so h5 and NIfTI demo data look alike.
+    """
+    return np.ascontiguousarray(np.flip(volume.transpose(2, 1, 0), axis=(1, 2)))
+
+
+# --------------------------------------------------------------------------- fastMRI HDF5
+
+
+def _write_fastmri(
+    site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
+    """One multi-coil brain file per subject, cycling through the site's acquisitions."""
+    acquisitions = site.contrasts or ["AXT2"]
+    unknown = [a for a in acquisitions if a not in FASTMRI_ACQUISITIONS]
+    if unknown:
+        raise ConfigError(
+            f"{site.name}: contrasts: the demo cannot synthesise {unknown}; "
+            f"use {', '.join(FASTMRI_ACQUISITIONS)}"
+        )
+    scanner = site.scanner.model_copy(update={"matrix": (size, size)})
+    base_seed = int(rng.integers(2**31))
+    num_slices, thickness = 12, 5.0
+    files, patients = [], []
+    for i in range(count):
+        acquisition = acquisitions[i % len(acquisitions)]
+        subject = make_subject(
+            rng,
+            size,
+            num_slices,
+            slice_thickness_mm=thickness,
+            z_start_mm=rng.uniform(-25.0, -10.0),
+            scalp=True,
+        )
+        volume = _axial_slices(subject.image(FASTMRI_ACQUISITIONS[acquisition]))
+        volume_max = float(volume.max())
+        patient_id = f"{rng.integers(16**12):012x}"
+        fname = f"file_brain_{acquisition}_{200 + i}_{6000000 + int(rng.integers(1000000))}.h5"
+        kspace = np.stack(
+            [
+                simulate_acquisition(
+                    image, scanner, seed_for(base_seed, fname, k), image_max=volume_max
+                ).kspace
+                for k, image in enumerate(volume)
+            ]
+        )
+        target = rss(ifft2c_np(kspace), dim=1).astype(np.float32)
+        with h5py.File(site_dir / fname, "w") as f:
+            f.create_dataset("kspace", data=kspace.astype(np.complex64))
+            f.create_dataset("reconstruction_rss", data=target)
+            f["ismrmrd_header"] = _ismrmrd_header(
+                size, num_slices, thickness, site.scanner.coils, site.scanner.field_strength_t, acquisition
+            )
+            f.attrs["acquisition"] = acquisition
+            f.attrs["max"] = float(target.max())
+            f.attrs["norm"] = float(np.linalg.norm(target))
+            f.attrs["patient_id"] = patient_id
+        files.append(fname)
+        patients.append(patient_id)
+    return files, patients
+
+
+def _ismrmrd_header(
+    size: int, num_slices: int, thickness: float, coils: int, field_t: float, protocol: str
+) -> bytes:
+    """An ISMRMRD XML header with the fields fastMRI's loaders read (matrix sizes, encoding limits)."""
+    ET.register_namespace("", ISMRMRD_NAMESPACE)
+
+    def sub(parent: ET.Element, tag: str, text: object | None = None) -> ET.Element:
+        element = ET.SubElement(parent, f"{{{ISMRMRD_NAMESPACE}}}{tag}")
+        if text is not None:
+            element.text = str(text)
+        return element
+
+    root = ET.Element(f"{{{ISMRMRD_NAMESPACE}}}ismrmrdHeader")
+    sub(sub(root, "measurementInformation"), "protocolName", protocol)
+    system = sub(root, "acquisitionSystemInformation")
+    sub(system, "systemVendor", "FedSense demo")
+    sub(system, "systemFieldStrength_T", f"{field_t:g}")
+    sub(system, "receiverChannels", coils)
+    sub(
+        sub(root, "experimentalConditions"),
+        "H1resonanceFrequency_Hz",
+        round(field_t * GYROMAGNETIC_MHZ_PER_T * 1e6),
+    )
+    encoding = sub(root, "encoding")
+    for space in ("encodedSpace", "reconSpace"):
+        element = sub(encoding, space)
+        matrix = sub(element, "matrixSize")
+        for axis, value in zip("xyz", (size, size, 1), strict=True):
+            sub(matrix, axis, value)
+        fov = sub(element, "fieldOfView_mm")
+        for axis, value in zip("xyz", (FOV_MM, FOV_MM, thickness), strict=True):
+            sub(fov, axis, f"{value:g}")
+    limits = sub(encoding, "encodingLimits")
+    for name, maximum in (("kspace_encoding_step_1", size - 1), ("slice", num_slices - 1)):
+        limit = sub(limits, name)
+        sub(limit, "minimum", 0)
+        sub(limit, "maximum", maximum)
+        sub(limit, "center", (maximum + 1) // 2)
+    sub(encoding, "trajectory", "cartesian")
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _save_nifti(volume: np.ndarray, subject: Subject, axcodes: tuple[str, str, str], path: Path) -> None:
+    """Save a RAS volume as int16 NIfTI stored in ``axcodes`` voxel order, as scanners and archives vary."""
+    img = nib.Nifti1Image(volume, subject.affine)
+    target = nib.orientations.axcodes2ornt(axcodes)
+    img = img.as_reoriented(
+        nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine), target)
+    )
+    img.header.set_xyzt_units("mm")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, path)
+
+
+def _to_int16(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Arbitrary scanner units, as stored by archives: a random gain, then int16."""
+    gain = rng.uniform(600.0, 1500.0) / max(float(volume.max()), 1e-6)
+    return np.clip(np.rint(volume * gain), 0, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def _nifti_subject(rng: np.random.Generator, size: int, *, scalp: bool, lesion: bool) -> Subject:
+    """16 axial 6 mm slices from the basal ganglia upwards; the top ones fall above the head (empty)."""
+    return make_subject(
+        rng, size, 16, slice_thickness_mm=6.0, z_start_mm=rng.uniform(-5.0, 5.0), scalp=scalp, lesion=lesion
+    )
+
+
+def _write_brats(
+    site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
+    """BraTS 2020 layout: ``BraTS20_Training_00K/BraTS20_Training_00K_{t1,t1ce,t2,flair}.nii.gz``.
+
+    Skull-stripped (no scalp), with a glioma, stored LPS like the BraTS releases.
+    """
+    files, subjects = [], []
+    for i in range(count):
+        name = f"BraTS20_Training_{i + 1:03d}"
+        subject = _nifti_subject(rng, size, scalp=False, lesion=True)
+        (site_dir / name).mkdir()
+        for suffix, contrast in BRATS_FILE_CONTRASTS.items():
+            fname = f"{name}_{suffix}.nii.gz"
+            _save_nifti(
+                _to_int16(subject.image(contrast), rng), subject, ("L", "P", "S"), site_dir / name / fname
+            )
+            files.append(f"{name}/{fname}")
+        subjects.append(name)
+    return files, subjects
+
+
+def _write_ixi(
+    site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
+    """IXI layout: ``IXI0KK-<hospital>-NNNN-{T1,T2,PD}.nii.gz``; not skull-stripped, Rician background.
+
+    T1 is stored sagittally and T2/PD axially, as in the IXI release, so the reader's reorientation is used.
+    """
+    hospital = site.hospital or "Guys"
+    files, subjects = [], []
+    first_id = int(rng.integers(2, 600))
+    for i in range(count):
+        subject_id = f"IXI{first_id + i:03d}"
+        series = int(rng.integers(1000, 10000))
+        subject = _nifti_subject(rng, size, scalp=True, lesion=False)
+        for contrast in IXI_FILE_CONTRASTS:
+            clean = subject.image(contrast)
+            sigma = 0.01 * float(clean.max())
+            noisy = np.abs(
+                clean + sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
+            )
+            axcodes = ("P", "S", "R") if contrast == "T1" else ("R", "A", "S")
+            fname = f"{subject_id}-{hospital}-{series}-{contrast}.nii.gz"
+            _save_nifti(_to_int16(noisy, rng), subject, axcodes, site_dir / fname)
+            files.append(fname)
+        subjects.append(subject_id)
+    return files, subjects
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m common.data.demo --out DIR [--size N --subjects K --seed S --sites a.toml ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m common.data.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder to write <site name>/ folders into")
+    parser.add_argument("--size", type=int, default=128, help="in-plane matrix of the written data")
+    parser.add_argument(
+        "--subjects", type=int, default=None, help="subjects per site (default: each site's demo.subjects)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="combined with each site's demo.seed")
+    parser.add_argument(
+        "--sites", type=Path, nargs="*", help=f"site TOMLs (default: {DEFAULT_SITES_DIR}/*.toml)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        sites = [load_site_config(p) for p in args.sites] if args.sites else None
+        generate_demo(args.out, size=args.size, subjects=args.subjects, seed=args.seed, sites=sites)
+    except FedSenseError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

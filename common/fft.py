@@ -1,0 +1,75 @@
+"""Centred, orthonormal 2-D Fourier transforms and complex-image layout helpers.
+
+k-space is stored with the DC component in the centre of the array (index ``N // 2``), as scanners and
+fastMRI store it, so every transform here shifts before and after the FFT. ``norm="ortho"`` keeps the
+transform unitary: image and k-space have the same energy, which makes the data-consistency weights and
+noise levels mean the same thing in both domains.
+"""
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_AXES = (-2, -1)
+
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
+
+
+def fft2c(image: Tensor) -> Tensor:
+    """Centred orthonormal 2-D FFT over the last two axes of a complex tensor (image -> k-space)."""
+    shifted = torch.fft.ifftshift(image, dim=_AXES)
+    return torch.fft.fftshift(torch.fft.fft2(shifted, dim=_AXES, norm="ortho"), dim=_AXES)
+
+
+def ifft2c(kspace: Tensor) -> Tensor:
+    """Centred orthonormal 2-D inverse FFT over the last two axes of a complex tensor (k-space -> image)."""
+    shifted = torch.fft.ifftshift(kspace, dim=_AXES)
+    return torch.fft.fftshift(torch.fft.ifft2(shifted, dim=_AXES, norm="ortho"), dim=_AXES)
+
+
+def fft2c_np(image: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`fft2c` for the data readers and simulators, which work in numpy."""
+    shifted = np.fft.ifftshift(image, axes=_AXES)
+    return np.fft.fftshift(np.fft.fft2(shifted, axes=_AXES, norm="ortho"), axes=_AXES)
+
+
+def ifft2c_np(kspace: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`ifft2c`."""
+    shifted = np.fft.ifftshift(kspace, axes=_AXES)
+    return np.fft.fftshift(np.fft.ifft2(shifted, axes=_AXES, norm="ortho"), axes=_AXES)
+
+
+def complex_to_channels(x: Tensor) -> Tensor:
+    """Complex (..., H, W) -> real (..., 2, H, W) with real and imaginary parts as channels, for conv nets."""
+    return torch.stack((x.real, x.imag), dim=-3)
+
+
+def channels_to_complex(x: Tensor) -> Tensor:
+    """Real (..., 2, H, W) -> complex (..., H, W); the inverse of :func:`complex_to_channels`."""
+    if x.ndim < 3 or x.shape[-3] != 2:
+        raise ValueError(f"expected a (..., 2, H, W) tensor, got shape {tuple(x.shape)}")
+    return torch.complex(x[..., 0, :, :], x[..., 1, :, :])
+
+
+def complex_abs(x: Tensor) -> Tensor:
+    """Magnitude of a complex tensor; a real input is refused because it means a layout mix-up upstream."""
+    if not torch.is_complex(x):
+        raise TypeError(f"complex_abs expects a complex tensor, got {x.dtype}")
+    return x.abs()
+
+
+def center_crop(x: ArrayT, shape: tuple[int, int]) -> ArrayT:
+    """Crop the centre ``shape`` of the last two axes (torch or numpy), matching fastMRI's offsets.
+
+    Reconstructions are made at the full k-space size and cropped to the target size afterwards, so the
+    offset convention must agree with the one used to crop the targets: ``(size - crop) // 2``.
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    crop_h, crop_w = shape
+    if not (0 < crop_h <= height and 0 < crop_w <= width):
+        raise ValueError(f"cannot crop {(height, width)} to {(crop_h, crop_w)}")
+    top = (height - crop_h) // 2
+    left = (width - crop_w) // 2
+    return x[..., top : top + crop_h, left : left + crop_w]

@@ -1,0 +1,1 @@
+"""The Flower ServerApp, strategies, run directory, viewers and the fedsense CLI."""

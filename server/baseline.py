@@ -1,0 +1,126 @@
+"""The baselines every federated-MRI paper compares against, written in the federated runs' format.
+
+- ``zero-filled``: no learning, the inverse FFT of the undersampled k-space (round 0 only).
+- ``local``: each site trains its own model on its own data only, for the same number of rounds
+  and local steps as a federated run.
+- ``centralized``: one model trained on all sites' data pooled (what federation avoids), with the
+  same total number of optimisation steps per round as a federated round (sites × local steps).
+
+All three evaluate on each site's validation split with the same code as the ClientApp, so one
+table (``fedsense metrics show``) compares them with FedAvg and FedProx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import ConcatDataset
+
+from common.data.dataset import SiteDataset
+from common.data.loaders import load_site, make_loader
+from common.errors import ConfigError
+from common.models import build_model
+from common.runconfig import RunConfig
+from common.samples import save_samples
+from common.training import EvalResult, evaluate, train
+from server.store import GLOBAL_SITE, RunDir
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["local", "centralized", "zero-filled"]
+KINDS = ("local", "centralized", "zero-filled")
+
+
+def _record(run: RunConfig, rnd: int, phase: str, site: str, n: int, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
+    return {"run": run.name, "round": rnd, "phase": phase, "site": site, "time": time.time(),
+            "num_examples": n, "metrics": metrics, **extra}
+
+
+def _weighted(run: RunConfig, rnd: int, phase: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    total = sum(r["num_examples"] for r in records)
+    keys = sorted({k for r in records for k in r["metrics"]})
+    metrics = {k: sum(r["metrics"][k] * r["num_examples"] for r in records) / total for k in keys}
+    return _record(run, rnd, phase, GLOBAL_SITE, total, metrics, sites=sorted(r["site"] for r in records))
+
+
+class Baseline:
+    """One baseline run over the sites of ``run.sites``, recorded in ``run.run_dir``."""
+
+    def __init__(self, kind: Kind, run: RunConfig) -> None:
+        if kind not in KINDS:
+            raise ConfigError(f"baseline: kind: must be one of {KINDS}, got {kind!r}")
+        if not run.site_list:
+            raise ConfigError("baseline: sites: at least one site config is needed")
+        self.kind, self.run = kind, run
+        self.sites: dict[str, dict[str, SiteDataset]] = {}
+        for path in run.site_list:
+            config, datasets = load_site(path)
+            self.sites[config.name] = datasets
+        self.store = RunDir(run.run_dir)
+        self.sample_dir = run.sample_dir or str(self.store.path / "samples")
+
+    def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> None:
+        records = []
+        for site, datasets in self.sites.items():
+            loader = make_loader(datasets["val"], self.run.batch_size, shuffle=False, seed=self.run.seed)
+            result: EvalResult = evaluate(models[site], loader, loss=self.run.loss,
+                                          max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
+            if result.samples:
+                save_samples(self.sample_dir, rnd, site, result.samples)
+            records.append(_record(self.run, rnd, "evaluate", site, result.num_examples, result.metrics))
+        self.store.append_metrics(records + [_weighted(self.run, rnd, "evaluate", records)])
+
+    def execute(self) -> RunDir:
+        """Run the baseline to the end; the run directory holds its metrics and checkpoints."""
+        self.store.init({**self.run.to_flat(), "baseline": self.kind}, resume=False)
+        try:
+            if self.kind == "zero-filled":
+                self._evaluate(0, {site: None for site in self.sites})
+            elif self.kind == "local":
+                self._local()
+            else:
+                self._centralized()
+        except BaseException as exc:
+            self.store.set_status("failed", error=str(exc))
+            raise
+        self.store.set_status("finished")
+        return self.store
+
+    def _new_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.run.seed)
+        return build_model(self.run.model, **self.run.model_kwargs)
+
+    def _local(self) -> None:
+        models = {site: self._new_model() for site in self.sites}
+        self._evaluate(0, models)  # type: ignore[arg-type]
+        for rnd in range(1, self.run.num_server_rounds + 1):
+            records = []
+            for site, datasets in self.sites.items():
+                loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
+                res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
+                            lr=self.run.learning_rate, loss=self.run.loss)
+                records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps}))
+            self.store.append_metrics(records + [_weighted(self.run, rnd, "train", records)])
+            self._evaluate(rnd, models)  # type: ignore[arg-type]
+            state = {f"{site}/{k}": v for site, m in models.items() for k, v in m.state_dict().items()}
+            self.store.save_checkpoint(rnd, state, self.run.to_flat())
+
+    def _centralized(self) -> None:
+        model = self._new_model()
+        pooled = ConcatDataset([d["train"] for d in self.sites.values()])
+        per_site_steps = [
+            self.run.local_steps if self.run.local_steps else self.run.local_epochs * -(-len(d["train"]) // self.run.batch_size)
+            for d in self.sites.values()
+        ]
+        self._evaluate(0, {site: model for site in self.sites})
+        for rnd in range(1, self.run.num_server_rounds + 1):
+            loader = make_loader(pooled, self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
+            res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss)
+            self.store.append_metrics([
+                _record(self.run, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
+            ])
+            self._evaluate(rnd, {site: model for site in self.sites})
+            self.store.save_checkpoint(rnd, model.state_dict(), self.run.to_flat())

@@ -1,0 +1,156 @@
+"""The federated round loop: configure, send, validate, aggregate, evaluate, record, checkpoint.
+
+FedSense drives Flower's strategies round by round itself (rather than ``Strategy.start``) so
+that it can resume from a checkpoint at any round, keep unsafe updates out of the aggregate,
+and write every site's metrics of every round to the run directory as they arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.errors import FedSenseError
+from common.runconfig import RunConfig
+from server.store import GLOBAL_SITE, RunDir
+from server.strategy import Rejection, site_of, validate_updates
+
+logger = logging.getLogger(__name__)
+
+
+class RoundFailed(FedSenseError):
+    """Too few sites replied (or survived validation) for a round to be aggregated."""
+
+
+def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message]) -> list[dict[str, Any]]:
+    records = []
+    for msg in replies:
+        metrics = dict(next(iter(msg.content.metric_records.values())))
+        n = int(metrics.pop("num-examples"))
+        records.append(
+            {
+                "run": run.name,
+                "round": rnd,
+                "phase": phase,
+                "site": site_of(msg),
+                "time": time.time(),
+                "num_examples": n,
+                "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            }
+        )
+    return records
+
+
+def _global_record(
+    run: RunConfig, rnd: int, phase: str, site_records: list[dict[str, Any]], rejected: list[Rejection], seconds: float
+) -> dict[str, Any]:
+    """The example-weighted mean of the sites' metrics, with who contributed and who did not."""
+    total = sum(r["num_examples"] for r in site_records)
+    names = sorted({k for r in site_records for k in r["metrics"]})
+    metrics = {
+        name: sum(r["metrics"][name] * r["num_examples"] for r in site_records if name in r["metrics"]) / total
+        for name in names
+    } if total else {}
+    return {
+        "run": run.name,
+        "round": rnd,
+        "phase": phase,
+        "site": GLOBAL_SITE,
+        "time": time.time(),
+        "num_examples": total,
+        "metrics": metrics,
+        "sites": sorted(r["site"] for r in site_records),
+        "rejected": [{"site": r.site, "reason": r.reason} for r in rejected],
+        "seconds": seconds,
+    }
+
+
+def _error_rejections(replies: list[Message]) -> tuple[list[Message], list[Rejection]]:
+    ok, bad = [], []
+    for msg in replies:
+        if msg.has_error():
+            bad.append(Rejection(f"node-{msg.metadata.src_node_id}", f"error reply: {msg.error.reason}"))
+        else:
+            ok.append(msg)
+    return ok, bad
+
+
+class Federation:
+    """Runs rounds ``start..num_server_rounds`` of one run against a Flower grid."""
+
+    def __init__(self, grid: Grid, run: RunConfig, strategy: FedAvg, store: RunDir, model: torch.nn.Module) -> None:
+        self.grid, self.run, self.strategy, self.store, self.model = grid, run, strategy, store, model
+
+    def wait_for_nodes(self, needed: int) -> None:
+        """Block until ``needed`` SuperNodes are connected; fail clearly after ``node-wait-timeout``.
+
+        (Flower's own sampling would wait forever, which hides a dead federation.)
+        """
+        deadline = time.monotonic() + self.run.node_wait_timeout
+        while (connected := len(list(self.grid.get_node_ids()))) < needed:
+            if time.monotonic() > deadline:
+                raise RoundFailed(
+                    f"only {connected} of the {needed} required sites connected within "
+                    f"{self.run.node_wait_timeout:.0f} s (node-wait-timeout)"
+                )
+            time.sleep(1.0)
+
+    def _train_config(self) -> ConfigRecord:
+        # FedProx injects its own mu; robust aggregators may still be combined with a proximal term.
+        mu = self.run.proximal_mu if self.run.strategy != "fedavg" else 0.0
+        return ConfigRecord({"proximal-mu": mu})
+
+    def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any] | None:
+        """Federated evaluation of ``arrays`` on every sampled site's validation split."""
+        if self.run.fraction_evaluate == 0.0:
+            return None
+        self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
+        t0 = time.time()
+        messages = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
+        ok, failed = _error_rejections(replies)
+        if len(ok) < self.run.min_evaluate_nodes:
+            raise RoundFailed(
+                f"round {rnd}: evaluation needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
+                + (f" ({'; '.join(f'{r.site}: {r.reason}' for r in failed)})" if failed else "")
+            )
+        records = _site_records(self.run, rnd, "evaluate", ok)
+        summary = _global_record(self.run, rnd, "evaluate", records, failed, time.time() - t0)
+        self.store.append_metrics(records + [summary])
+        return summary
+
+    def train_round(self, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
+        """One round of local training at the sites and aggregation of the valid updates."""
+        self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_train_nodes))
+        t0 = time.time()
+        messages = self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
+        valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
+        if len(valid) < self.run.min_train_nodes:
+            reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no reply in time"
+            raise RoundFailed(
+                f"round {rnd}: {len(valid)} valid updates, {self.run.min_train_nodes} needed ({reasons})"
+            )
+        new_arrays, _ = self.strategy.aggregate_train(rnd, valid)
+        if new_arrays is None:
+            raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
+        records = _site_records(self.run, rnd, "train", valid)
+        self.store.append_metrics(records + [_global_record(self.run, rnd, "train", records, rejected, time.time() - t0)])
+        return new_arrays
+
+    def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Rounds ``start..N``; each ends with an atomic checkpoint of the global model."""
+        config = self.run.to_flat()
+        for rnd in range(start, self.run.num_server_rounds + 1):
+            logger.info("round %d/%d", rnd, self.run.num_server_rounds)
+            arrays = self.train_round(rnd, arrays)
+            self.evaluate_round(rnd, arrays)
+            state = arrays.to_torch_state_dict()
+            self.store.save_checkpoint(rnd, state, config)
+        return arrays

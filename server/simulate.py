@@ -1,0 +1,208 @@
+"""``fedsense simulate``: the real ServerApp and ClientApp in Flower's simulation runtime.
+
+Flower 1.41 runs simulations inside a SuperLink started with ``--simulation``; ``flwr run``
+submits the app to it. This module owns that SuperLink: it starts it on a free local port with
+a private ``FLWR_HOME`` (so it never touches the user's own Flower configuration or a SuperLink
+they run), submits the run, follows it until it ends, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError, FedSenseError
+from common.runconfig import RunConfig
+from server.store import GLOBAL_SITE, RunDir
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "fedsense-sim"
+
+
+def find_project_dir() -> Path:
+    """The Flower app directory (the one holding FedSense's pyproject.toml)."""
+    candidates = [Path(os.environ["FEDSENSE_APP_DIR"])] if "FEDSENSE_APP_DIR" in os.environ else []
+    candidates += [Path(__file__).resolve().parent.parent, Path.cwd()]
+    for path in candidates:
+        toml = path / "pyproject.toml"
+        if toml.is_file() and "[tool.flwr.app]" in toml.read_text(encoding="utf-8"):
+            return path
+    raise ConfigError("FEDSENSE_APP_DIR: no Flower app directory with FedSense's pyproject.toml found")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (works without an activated venv)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+class SimulationSuperLink:
+    """A private simulation-mode SuperLink, stopped (with its whole process group) on exit."""
+
+    def __init__(self, home: Path, cwd: Path) -> None:
+        self.home, self.cwd = home, cwd
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "SimulationSuperLink":
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+        command = [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.home / "state.db"), "--log-file", str(self.home / "superlink.log"),
+            "--disable-runtime-dependency-installation",
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=self.cwd, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise FedSenseError(f"flower-superlink exited with {self.process.returncode}; see {self.home / 'superlink.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        raise FedSenseError("flower-superlink did not start listening within 60 s")
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(FLWR_HOME=str(self.home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                   FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=15)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Children that outlive the SuperLink (ServerApp / simulation processes) share its group.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _follow(store: RunDir, num_rounds: int, stop: threading.Event, report: Callable[[str], None]) -> None:
+    """Report each finished round's global validation metrics as they land in the store."""
+    seen: set[int] = set()
+    while not stop.wait(1.0):
+        try:
+            records = store.read_metrics(dedupe=True)
+        except FedSenseError:
+            continue
+        for r in records:
+            if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate" and r["round"] not in seen:
+                seen.add(r["round"])
+                m = r["metrics"]
+                report(
+                    f"round {r['round']}/{num_rounds}: PSNR {m.get('psnr', float('nan')):.2f} dB, "
+                    f"SSIM {m.get('ssim', float('nan')):.4f}, NMSE {m.get('nmse', float('nan')):.4f} "
+                    f"({', '.join(r.get('sites', []))})"
+                )
+
+
+def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float = 3600,
+             report: Callable[[str], None] = logger.info) -> RunDir:
+    """Run ``run`` with one simulated SuperNode per site; returns the finished run directory.
+
+    Raises ``FedSenseError`` when the run fails or does not finish within ``timeout`` seconds.
+    """
+    sites = run.site_list
+    if not sites:
+        raise ConfigError("simulate: sites: at least one site config is needed")
+    project = project_dir or find_project_dir()
+    run_dir = Path(run.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    absolute = run.model_copy(update={
+        "run_dir": str(run_dir),
+        "sites": ",".join(str(Path(s).resolve()) for s in sites),
+        "sample_dir": str(Path(run.sample_dir).resolve()) if run.sample_dir else str(run_dir / "samples"),
+    })
+    store = RunDir(run_dir)
+    home = Path(tempfile.mkdtemp(prefix="fedsense-flwr-"))
+    overrides = home / "run-config.toml"
+    overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in absolute.to_flat().items()), encoding="utf-8")
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(store, run.num_server_rounds, stop, report), daemon=True)
+    try:
+        with SimulationSuperLink(home, project) as link:
+            command = [
+                _bin("flwr"), "run", str(project), CONNECTION, "--run-config", str(overrides),
+                "--federation-config", f"num-supernodes={len(sites)}", "--stream",
+            ]
+            report(f"simulating {len(sites)} sites x {run.num_server_rounds} rounds ({run.strategy}); log: {run_dir / 'flower.log'}")
+            follower.start()
+            with open(run_dir / "flower.log", "ab") as log:
+                try:
+                    proc = subprocess.run(command, cwd=project, env=link.env(), stdout=log, stderr=subprocess.STDOUT,
+                                          timeout=timeout, check=False)
+                except subprocess.TimeoutExpired as exc:
+                    raise FedSenseError(f"simulation did not finish within {timeout:.0f} s") from exc
+            status = _run_status(link)
+            if proc.returncode != 0 or not status.startswith("finished:completed"):
+                raise FedSenseError(
+                    f"simulation failed (flwr exit {proc.returncode}, run status {status!r}); see {run_dir / 'flower.log'}"
+                )
+    finally:
+        stop.set()
+        if follower.is_alive():
+            follower.join(timeout=5)
+        if (home / "superlink.log").exists():
+            shutil.copy2(home / "superlink.log", run_dir / "superlink.log")
+        shutil.rmtree(home, ignore_errors=True)
+    return store
+
+
+def _run_status(link: SimulationSuperLink) -> str:
+    """The status of the (only) run on the private SuperLink, e.g. ``finished:completed``."""
+    out = subprocess.run([_bin("flwr"), "ls", CONNECTION, "--format", "json"], env=link.env(),
+                         capture_output=True, text=True, timeout=60, check=False)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise FedSenseError(f"cannot read run status from `flwr ls`: {out.stdout[-500:]} {out.stderr[-500:]}") from exc
+    return str(runs[-1]["status"]) if runs else "missing"

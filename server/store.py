@@ -1,0 +1,448 @@
+"""The run directory: config, append-only metrics, checkpoints and sample reconstructions.
+
+Layout and record format are the contract in ``docs/ARCHITECTURE.md`` ("Run directory"). The
+ServerApp and the baselines are the only writers; the viewers (table, plots, dashboard) read the
+same directory while a run is still going, so every file that is rewritten goes through
+:func:`atomic_write_bytes` (readers see the old or the new file, never a torn one) and
+``metrics.jsonl`` is only ever appended to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from common import samples as common_samples
+from common.errors import DataError, FedSenseError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+GLOBAL_SITE = "__global__"
+PHASES = ("train", "evaluate")
+STATUSES = ("running", "finished", "failed")
+REQUIRED_KEYS = ("run", "round", "phase", "site", "time", "num_examples", "metrics")
+# Keys that init/set_status add to config.json; they are not part of a run's identity.
+RUNTIME_KEYS = frozenset({"status", "status_time", "status_detail", "started_at"})
+# Config keys that say how to start a run, not which run it is: restarting with another value
+# is still the same run.
+NON_IDENTITY_KEYS = RUNTIME_KEYS | {"resume"}
+
+_CHECKPOINT_RE = re.compile(r"^round-(\d{4,})\.pt$")
+_SAMPLE_ARRAYS = ("zero_filled", "recon", "target")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers and crashes never see a partial file."""
+    _atomic_write(Path(path), lambda stream: stream.write(data))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write via ``.NAME.tmp`` in the same directory, fsync, then ``os.replace`` onto ``path``.
+
+    The temp file lives next to the target so the rename stays on one filesystem (atomic); its
+    leading dot keeps it out of the ``round-NNNN`` globs, so a crash leaves a harmless leftover.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: on POSIX the directory entry is only durable once the directory is synced."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def validate_record(record: object) -> dict[str, Any]:
+    """Check one metrics record against the contract and return it with metric values as floats.
+
+    Raises ``FedSenseError`` with the reason; callers add where the record came from.
+    """
+    if not isinstance(record, Mapping):
+        raise FedSenseError(f"a metrics record must be an object, got {type(record).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        raise FedSenseError(f"metrics record misses key(s) {', '.join(missing)}")
+    out = dict(record)
+    if not isinstance(out["run"], str) or not out["run"]:
+        raise FedSenseError("metrics record: 'run' must be a non-empty string")
+    if not _is_int(out["round"]) or out["round"] < 0:
+        raise FedSenseError(f"metrics record: 'round' must be an integer >= 0, got {out['round']!r}")
+    if out["phase"] not in PHASES:
+        raise FedSenseError(f"metrics record: 'phase' must be one of {PHASES}, got {out['phase']!r}")
+    if not isinstance(out["site"], str) or not out["site"]:
+        raise FedSenseError("metrics record: 'site' must be a non-empty string")
+    if not _is_number(out["time"]) or not math.isfinite(out["time"]):
+        raise FedSenseError(f"metrics record: 'time' must be a finite number, got {out['time']!r}")
+    if not _is_int(out["num_examples"]) or out["num_examples"] < 0:
+        raise FedSenseError(
+            f"metrics record: 'num_examples' must be an integer >= 0, got {out['num_examples']!r}"
+        )
+    if not isinstance(out["metrics"], Mapping):
+        raise FedSenseError("metrics record: 'metrics' must be an object")
+    metrics: dict[str, float | None] = {}
+    for name, value in out["metrics"].items():
+        if value is None:
+            metrics[str(name)] = None
+        elif _is_number(value) and math.isfinite(value):
+            metrics[str(name)] = float(value)
+        else:
+            raise FedSenseError(
+                f"metrics record: metric {name!r} must be a finite number or null, got {value!r}"
+            )
+    out["metrics"] = metrics
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SiteSamples:
+    """A few validation reconstructions of one site, float32 arrays of shape (k, h, w)."""
+
+    zero_filled: np.ndarray
+    recon: np.ndarray
+    target: np.ndarray
+    psnr: np.ndarray
+    ssim: np.ndarray
+
+
+@dataclass(frozen=True)
+class Samples:
+    """The sample reconstructions of one round, by site; ``path`` is that round's directory."""
+
+    round: int
+    sites: dict[str, SiteSamples]
+    path: Path
+
+
+class RunDir:
+    """One run directory. Writers: the ServerApp/baselines (one process); readers: any number."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / CONFIG_FILE
+        self.metrics_path = self.path / METRICS_FILE
+        self.checkpoint_dir = self.path / CHECKPOINT_DIR
+        self.samples_dir = self.path / SAMPLES_DIR
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # config.json -------------------------------------------------------------------------------
+
+    def init(self, config: Mapping[str, Any], resume: bool) -> None:
+        """Create the directory and write ``config.json`` with status "running".
+
+        Without ``resume``, an existing config.json of a *different* run (a key outside
+        :data:`NON_IDENTITY_KEYS` differs) is an error, so that a typo in ``run-dir`` cannot mix two runs' metrics. The
+        same config may be started again; its old metrics records are then superseded by the
+        new ones for readers that dedupe (see :meth:`read_metrics`).
+        """
+        reserved = RUNTIME_KEYS.intersection(config)
+        if reserved:
+            raise FedSenseError(
+                f"{self.config_path}: config must not contain the runtime key(s) {sorted(reserved)}"
+            )
+        # Round-trip through JSON so the comparison sees what the file would hold (tuples → lists),
+        # and an unserialisable config fails before anything touches the disk.
+        new = json.loads(_to_json(config, self.config_path))
+        if self.config_path.exists() and not resume:
+            old = {k: v for k, v in self.read_config().items() if k not in NON_IDENTITY_KEYS}
+            new_identity = {k: v for k, v in new.items() if k not in NON_IDENTITY_KEYS}
+            if old != new_identity:
+                changed = sorted(k for k in old.keys() | new_identity.keys() if old.get(k) != new_identity.get(k))
+                raise FedSenseError(
+                    f"{self.config_path}: holds a different run (differs in {', '.join(changed)}); "
+                    "choose another run directory or resume"
+                )
+            logger.warning("%s: restarting the same run config without resume", self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        new.update(status="running", status_time=now, started_at=now)
+        atomic_write_bytes(self.config_path, _to_json(new, self.config_path).encode())
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        """Record the run's status; ``extra`` (e.g. ``error=...``) goes under ``status_detail``.
+
+        Extras are nested so they can never shadow a config key.
+        """
+        if status not in STATUSES:
+            raise FedSenseError(f"{self.config_path}: status must be one of {STATUSES}, got {status!r}")
+        config = self.read_config()
+        config.update(status=status, status_time=time.time(), status_detail=extra)
+        atomic_write_bytes(self.config_path, _to_json(config, self.config_path).encode())
+
+    def read_config(self) -> dict[str, Any]:
+        """The run config with its ``status``; ``FedSenseError`` if missing or unreadable."""
+        try:
+            text = self.config_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FedSenseError(f"{self.config_path}: not found (not a FedSense run directory?)") from None
+        except OSError as exc:
+            raise FedSenseError(f"{self.config_path}: cannot read: {exc}") from exc
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FedSenseError(f"{self.config_path}: invalid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise FedSenseError(f"{self.config_path}: must hold a JSON object")
+        return config
+
+    # metrics.jsonl -----------------------------------------------------------------------------
+
+    def append_metrics(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Validate ``records`` and append them as JSON lines in one fsync'ed write.
+
+        All records are validated before anything is written, so a bad batch leaves the file
+        untouched. A partial last line left by a crashed writer is cut off first (with a
+        warning); otherwise it would become a corrupt middle line.
+        """
+        lines = []
+        for index, record in enumerate(records):
+            try:
+                valid = validate_record(record)
+            except FedSenseError as exc:
+                raise FedSenseError(f"{self.metrics_path}: record {index}: {exc}") from None
+            lines.append(json.dumps(valid, allow_nan=False, separators=(",", ":")) + "\n")
+        if not lines:
+            return
+        data = "".join(lines).encode()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.metrics_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._cut_partial_tail(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _cut_partial_tail(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        keep = size
+        while keep > 0:
+            start = max(0, keep - 65536)
+            chunk = os.pread(fd, keep - start, start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        logger.warning(
+            "%s: dropping a partial last line (%d bytes) left by an interrupted writer",
+            self.metrics_path,
+            size - keep,
+        )
+        os.ftruncate(fd, keep)
+
+    def read_metrics(self, dedupe: bool = False) -> list[dict[str, Any]]:
+        """All metrics records in file order; ``[]`` before the run wrote any.
+
+        A last line without its newline that does not parse is a record still being written and
+        is skipped. Any other bad line raises ``FedSenseError`` naming the file and line number.
+
+        With ``dedupe`` only the LAST record per ``(round, phase, site)`` is kept, at the position
+        of that last record: a resumed or restarted run re-appends the rounds it redoes, and the
+        newest values win.
+        """
+        try:
+            raw = self.metrics_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise FedSenseError(f"{self.metrics_path}: cannot read: {exc}") from exc
+        lines = raw.split(b"\n")
+        records: list[dict[str, Any]] = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            is_partial_tail = number == len(lines)  # no newline after it yet
+            try:
+                record = validate_record(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError, FedSenseError) as exc:
+                if is_partial_tail:
+                    logger.debug("%s:%d: skipping a line still being written", self.metrics_path, number)
+                    continue
+                raise FedSenseError(f"{self.metrics_path}:{number}: invalid metrics line: {exc}") from None
+            records.append(record)
+        if dedupe:
+            last = {(r["round"], r["phase"], r["site"]): i for i, r in enumerate(records)}
+            records = [records[i] for i in sorted(last.values())]
+        return records
+
+    def completed_rounds(self) -> set[int]:
+        """Rounds that are complete, i.e. have a ``__global__`` evaluate record."""
+        return {
+            r["round"]
+            for r in self.read_metrics()
+            if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"
+        }
+
+    # checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint_path(self, round: int) -> Path:
+        """Where the checkpoint of ``round`` lives."""
+        return self.checkpoint_dir / f"round-{round:04d}.pt"
+
+    def save_checkpoint(self, round: int, state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
+        """Atomically write ``{"round", "state_dict", "config"}`` for ``round``; returns its path."""
+        import torch  # imported here so the viewers, which never touch checkpoints, start fast
+
+        if not _is_int(round) or round < 0:
+            raise FedSenseError(f"{self.checkpoint_dir}: round must be an integer >= 0, got {round!r}")
+        payload = {"round": round, "state_dict": dict(state_dict), "config": dict(config)}
+        path = self.checkpoint_path(round)
+        _atomic_write(path, lambda stream: torch.save(payload, stream))
+        return path
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
+        """The highest-round checkpoint that loads, as ``(round, payload)``; ``None`` if none does.
+
+        Temp files of interrupted writes are ignored; a checkpoint that fails to load is skipped
+        with a warning so a resume falls back to the previous round instead of failing.
+        """
+        import torch  # see save_checkpoint
+
+        for round, path in _numbered_files(self.checkpoint_dir, _CHECKPOINT_RE):
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises many types for truncated/corrupt files
+                logger.warning("%s: skipping unreadable checkpoint: %s", path, exc)
+                continue
+            if not isinstance(payload, dict) or payload.get("round") != round or "state_dict" not in payload:
+                logger.warning("%s: skipping checkpoint without a matching round and state_dict", path)
+                continue
+            return round, payload
+        return None
+
+    # samples -----------------------------------------------------------------------------------
+
+    def sample_source(self) -> Path:
+        """Where the run's sample reconstructions live: config ``sample-dir``, else ``samples/``.
+
+        Sites write their samples (``common.samples``) to a site-local ``sample-dir`` so patient
+        images never leave the site; a simulation or baseline points it into the run directory.
+        """
+        if self.config_path.exists():
+            configured = self.read_config().get("sample-dir")
+            if configured:
+                return Path(configured)
+        return self.samples_dir
+
+    def save_samples(
+        self,
+        round: int,
+        site: str,
+        zero_filled: np.ndarray,
+        recon: np.ndarray,
+        target: np.ndarray,
+        psnr: float | Sequence[float] | np.ndarray,
+        ssim: float | Sequence[float] | np.ndarray,
+    ) -> Path:
+        """Atomically store ``site``'s samples of ``round`` in :meth:`sample_source`; returns the file.
+
+        Images are (k, h, w) or (h, w) magnitudes, stored as float32; ``psnr``/``ssim`` are one
+        value per image (a scalar is repeated for all k). The file format is ``common.samples``'s,
+        the one the ClientApp writes, so the viewers read both the same way.
+        """
+        source = self.sample_source()
+        if not _is_int(round) or round < 0:
+            raise FedSenseError(f"{source}: round must be an integer >= 0, got {round!r}")
+        arrays = {}
+        for name, value in zip(_SAMPLE_ARRAYS, (zero_filled, recon, target)):
+            array = np.asarray(value, dtype=np.float32)
+            if array.ndim == 2:
+                array = array[None]
+            if array.ndim != 3 or array.size == 0:
+                raise FedSenseError(f"{source}: {site} {name} must be (k, h, w), got {array.shape}")
+            arrays[name] = array
+        shapes = {a.shape for a in arrays.values()}
+        if len(shapes) != 1:
+            raise FedSenseError(f"{source}: {site} sample shapes differ: {sorted(shapes)}")
+        k = arrays["target"].shape[0]
+        for name, value in (("psnr", psnr), ("ssim", ssim)):
+            scores = np.asarray(value, dtype=np.float64).reshape(-1)
+            if scores.size not in (1, k):
+                raise FedSenseError(f"{source}: {site} needs 1 or {k} {name} values, got {scores.size}")
+            arrays[name] = np.broadcast_to(scores, (k,))
+        per_image = [{name: array[i] for name, array in arrays.items()} for i in range(k)]
+        try:
+            return common_samples.save_samples(source, round, site, per_image)
+        except ValueError as exc:  # common.samples rejects site names unusable as file names
+            raise FedSenseError(f"{source}: {exc}") from exc
+
+    def latest_samples(self) -> Samples | None:
+        """The newest round's samples of every site that saved some; ``None`` before any.
+
+        Temp files of interrupted writes are ignored; an unreadable sample file raises
+        ``DataError`` naming it.
+        """
+        source = self.sample_source()
+        found = common_samples.latest_samples(source)
+        if found is None:
+            return None
+        round, by_site = found
+        sites = {}
+        for site, arrays in by_site.items():
+            missing = [k for k in (*_SAMPLE_ARRAYS, "psnr", "ssim") if k not in arrays]
+            if missing:
+                raise DataError(f"{source / f'round-{round:04d}' / site}.npz: misses {', '.join(missing)}")
+            sites[site] = SiteSamples(**{k: arrays[k] for k in (*_SAMPLE_ARRAYS, "psnr", "ssim")})
+        return Samples(round=round, sites=sites, path=source / f"round-{round:04d}")
+
+
+def _numbered_files(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+    """``(round, path)`` of the files in ``directory`` matching ``pattern``, highest round first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def _to_json(config: Mapping[str, Any], path: Path) -> str:
+    try:
+        return json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise FedSenseError(f"{path}: config is not JSON-serialisable: {exc}") from exc

@@ -1,0 +1,132 @@
+"""Aggregation strategies and the checks every update passes before it may touch the global model.
+
+Flower's message strategies do the aggregation (FedAvg, FedProx, FedMedian, FedTrimmedAvg);
+FedSense adds what a federation of hospitals needs in front of them: an update with the wrong
+keys, shapes or dtypes, a non-finite value, or a norm far from the others is rejected, and the
+reason is recorded per site and round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+
+from common.runconfig import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_strategy(run: RunConfig) -> FedAvg:
+    """The Flower strategy named by ``strategy`` in the run config, weighted by ``num-examples``."""
+    common = dict(
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_evaluate,
+        min_train_nodes=run.min_train_nodes,
+        min_evaluate_nodes=run.min_evaluate_nodes,
+        min_available_nodes=run.min_available_nodes,
+        weighted_by_key="num-examples",
+    )
+    if run.strategy == "fedavg":
+        return FedAvg(**common)
+    if run.strategy == "fedprox":
+        return FedProx(proximal_mu=run.proximal_mu, **common)
+    if run.strategy == "fedmedian":
+        return FedMedian(**common)
+    return FedTrimmedAvg(beta=run.trim_beta, **common)
+
+
+def site_of(msg: Message) -> str:
+    """The site name a reply carries (falls back to the node id for a reply without one)."""
+    content = msg.content
+    if "site" in content.config_records:
+        name = content.config_records["site"].get("name")
+        if isinstance(name, str) and name:
+            return name
+    return f"node-{msg.metadata.src_node_id}"
+
+
+@dataclass
+class Rejection:
+    """Why one site's update was kept out of a round's aggregate."""
+
+    site: str
+    reason: str
+
+
+def _arrays_of(msg: Message) -> ArrayRecord | None:
+    records = list(msg.content.array_records.values())
+    return records[0] if len(records) == 1 else None
+
+
+def validate_updates(
+    replies: list[Message], global_arrays: ArrayRecord, norm_outlier_factor: float = 0.0
+) -> tuple[list[Message], list[Rejection]]:
+    """Split train replies into those safe to aggregate and those rejected, with reasons.
+
+    Checks: an error reply; exactly one ArrayRecord with the global model's keys, shapes and
+    dtypes; the ``num-examples`` metric present and positive; every value finite; and, when
+    ``norm_outlier_factor`` > 0, the update's distance from the global model no larger than
+    that factor times the median distance of the round (needs three or more updates).
+    """
+    reference = {k: v.numpy() for k, v in global_arrays.items()}
+    accepted: list[tuple[Message, float]] = []
+    rejected: list[Rejection] = []
+    for msg in replies:
+        if msg.has_error():
+            rejected.append(Rejection(f"node-{msg.metadata.src_node_id}", f"error reply: {msg.error.reason}"))
+            continue
+        site = site_of(msg)
+        reason, distance = _check_update(msg, reference)
+        if reason:
+            rejected.append(Rejection(site, reason))
+        else:
+            accepted.append((msg, distance))
+    if norm_outlier_factor > 0 and len(accepted) >= 3:
+        median = float(np.median([d for _, d in accepted]))
+        kept = []
+        for msg, distance in accepted:
+            if median > 0 and distance > norm_outlier_factor * median:
+                rejected.append(
+                    Rejection(site_of(msg), f"update norm {distance:.4g} > {norm_outlier_factor} x median {median:.4g}")
+                )
+            else:
+                kept.append((msg, distance))
+        accepted = kept
+    for r in rejected:
+        logger.warning("rejected update from %s: %s", r.site, r.reason)
+    return [m for m, _ in accepted], rejected
+
+
+def _check_update(msg: Message, reference: dict[str, np.ndarray]) -> tuple[str, float]:
+    metric_records = list(msg.content.metric_records.values())
+    if len(metric_records) != 1:
+        return "expected exactly one MetricRecord", 0.0
+    n = metric_records[0].get("num-examples")
+    if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
+        return f"num-examples must be a positive number, got {n!r}", 0.0
+    arrays = _arrays_of(msg)
+    if arrays is None:
+        return "expected exactly one ArrayRecord", 0.0
+    keys = set(arrays.keys())
+    if keys != set(reference):
+        missing, extra = sorted(set(reference) - keys), sorted(keys - set(reference))
+        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})", 0.0
+    sq = 0.0
+    for key, ref in reference.items():
+        value = arrays[key].numpy()
+        if value.shape != ref.shape:
+            return f"{key}: shape {value.shape} != {ref.shape}", 0.0
+        if value.dtype != ref.dtype:
+            return f"{key}: dtype {value.dtype} != {ref.dtype}", 0.0
+        if value.dtype.kind in "fc":
+            if not np.all(np.isfinite(value)):
+                return f"{key}: non-finite values", 0.0
+            sq += float(np.sum((value.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return "", float(np.sqrt(sq))
+
+
+__all__ = ["Strategy", "Rejection", "build_strategy", "site_of", "validate_updates"]

@@ -1,0 +1,131 @@
+"""The one command a hospital runs: ``fedsense client`` execs a ``flower-supernode`` that joins the federation.
+
+The SuperNode opens a single outbound HTTPS connection to the SuperLink's Fleet API, verifies it
+with the deployment CA (``--root-certificates``), signs its requests with the site's registered
+key (``--auth-supernode-private-key``), and runs the ClientApp in a subprocess next to the data
+(``--node-config site-config=...``). Plaintext is available only through an explicit ``insecure``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from common.errors import ConfigError, FedSenseError
+
+logger = logging.getLogger(__name__)
+
+
+def _supernode_executable() -> str:
+    """The ``flower-supernode`` of this interpreter's environment, so an unactivated venv still works."""
+    beside = Path(sys.executable).parent / "flower-supernode"
+    return str(beside) if beside.exists() else (shutil.which("flower-supernode") or "flower-supernode")
+
+
+def _existing_file(path: str | os.PathLike[str], flag: str) -> Path:
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise ConfigError(f"{path}: {flag}: no such file")
+    return resolved
+
+
+def _check_address(superlink: str) -> str:
+    host, sep, port = superlink.rpartition(":")
+    if "://" in superlink or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{superlink}: --superlink: expected HOST:PORT (no scheme), e.g. superlink.example.org:9092")
+    return superlink
+
+
+def build_supernode_command(
+    superlink: str,
+    root_cert: str | os.PathLike[str] | None,
+    auth_key: str | os.PathLike[str] | None,
+    site_config: str | os.PathLike[str],
+    insecure: bool = False,
+    *,
+    runtime_port: int | None = None,
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
+) -> list[str]:
+    """``flower-supernode`` argv for one site; raises ConfigError for missing files or unsafe combinations.
+
+    ``runtime_port`` moves the SuperNode's local (127.0.0.1) ClientApp Runtime API off Flower's
+    default 9094, for hosts that run more than one SuperNode.
+    """
+    cmd = [_supernode_executable(), "--superlink", _check_address(superlink)]
+    if insecure:
+        if root_cert or auth_key:
+            # Flower refuses both combinations too; say why before it does.
+            raise ConfigError(
+                "--insecure: cannot be combined with --root-cert/--auth-key (SuperNode authentication needs TLS)"
+            )
+        logger.warning(
+            "--insecure: the connection to %s is NOT encrypted and the SuperNode is NOT authenticated; "
+            "model weights and metrics travel in plaintext. Use only on a trusted test network.",
+            superlink,
+        )
+        cmd.append("--insecure")
+    else:
+        if not root_cert:
+            raise ConfigError("--root-cert: required (the deployment CA that signed the SuperLink certificate)")
+        if not auth_key:
+            raise ConfigError("--auth-key: required (this site's registered SuperNode private key)")
+        cmd += ["--root-certificates", str(_existing_file(root_cert, "--root-cert"))]
+        cmd += ["--auth-supernode-private-key", str(_existing_file(auth_key, "--auth-key"))]
+    site_path = _existing_file(site_config, "--site-config")
+    if "'" in str(site_path):
+        raise ConfigError(f"{site_path}: --site-config: the path must not contain a single quote")
+    # A TOML literal string: Flower parses --node-config values as TOML, and literal strings need no escaping.
+    cmd += ["--node-config", f"site-config='{site_path}'"]
+    if runtime_port is not None:
+        cmd += ["--port", str(runtime_port)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    if max_wait_time is not None:
+        cmd += ["--max-wait-time", str(max_wait_time)]
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``fedsense client`` / ``python -m server.supernode``."""
+    parser = argparse.ArgumentParser(
+        prog="fedsense client", description="Join the federation as this site's SuperNode (outbound HTTPS only)."
+    )
+    parser.add_argument("--superlink", required=True, help="SuperLink Fleet API address, HOST:PORT")
+    parser.add_argument("--root-cert", help="CA certificate (PEM) that signed the SuperLink's certificate")
+    parser.add_argument("--auth-key", help="this site's SuperNode private key (OpenSSH format, registered centrally)")
+    parser.add_argument("--site-config", required=True, help="this site's TOML (data path, scanner)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext, unauthenticated connection: trusted test networks only")
+    parser.add_argument("--runtime-port", type=int, help="local ClientApp Runtime API port (default: Flower's 9094)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> NoReturn:
+    """Replace this process with the SuperNode (signals and exit code then belong to Flower)."""
+    cmd = build_supernode_command(
+        args.superlink, args.root_cert, args.auth_key, args.site_config, args.insecure, runtime_port=args.runtime_port
+    )
+    logger.info("starting %s", " ".join(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(cmd[0], cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m server.supernode --superlink HOST:9092 --root-cert ca.crt --auth-key site.key --site-config site.toml``"""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(build_parser().parse_args(argv))
+    except FedSenseError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

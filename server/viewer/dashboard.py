@@ -1,0 +1,181 @@
+"""``fedsense dashboard``: a local web page that follows a run live, without reloads.
+
+Stdlib ``http.server`` only: the page (``static/dashboard.html``, inline JS/CSS, no CDN because
+hospital networks are closed) polls a few JSON endpoints and draws its own SVG curves. The
+server only ever reads the run directory, and serves a fixed set of routes, never files by
+path, so there is nothing to traverse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from common.errors import FedSenseError
+from server.store import RunDir
+from server.viewer import COLUMNS, load_run
+from server.viewer.plots import figure_png, samples_figure
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8050
+
+
+class DashboardServer(ThreadingHTTPServer):
+    """The HTTP server of one run directory; renders sample PNGs once per samples file."""
+
+    daemon_threads = True  # a browser holding a connection open must not block shutdown
+
+    def __init__(self, run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+        super().__init__((host, port), _Handler)
+        self.run_dir = Path(run_dir)
+        self.page = resources.files("server.viewer").joinpath("static/dashboard.html").read_bytes()
+        self._png_cache: dict[tuple[str, int, str, str], bytes] = {}
+        self._png_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Where a browser reaches the page (the bound port, also when 0 was asked for)."""
+        host, port = self.server_address[:2]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{shown}:{port}/"
+
+    def start_background(self) -> DashboardServer:
+        """Serve from a daemon thread (for tests and embedding); returns ``self``; see :meth:`stop`."""
+        # A short poll interval makes stop() quick; the cost is a few idle wake-ups per second.
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="fedsense-dashboard", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop a background server and release its socket."""
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def samples_png(self, site: str | None) -> bytes | None:
+        """The latest samples as PNG (one site, or all); ``None`` if there are none (yet)."""
+        samples = RunDir(self.run_dir).latest_samples()
+        if samples is None or (site is not None and site not in samples.sites):
+            return None
+        try:
+            stamp = samples.path.stat().st_mtime_ns
+        except FileNotFoundError:  # the run directory was removed under us; render, don't cache
+            return figure_png(samples_figure(samples, [site] if site else None))
+        # The site list is in the key too: a file replaced between load and stat (a site added)
+        # then gets a key that no later read of the new file reproduces, so nothing stale sticks.
+        key = (str(samples.path), stamp, ",".join(samples.sites), site or "")
+        with self._png_lock:
+            if key not in self._png_cache:
+                # Only the newest samples file is ever asked for again: drop the older renders.
+                self._png_cache = {k: v for k, v in self._png_cache.items() if k[:3] == key[:3]}
+                self._png_cache[key] = figure_png(samples_figure(samples, [site] if site else None))
+            return self._png_cache[key]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DashboardServer
+    server_version = "FedSenseDashboard"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        url = urlsplit(self.path)
+        routes = {
+            "/": self._page,
+            "/index.html": self._page,
+            "/api/metrics": self._metrics,
+            "/api/config": self._config,
+            "/api/samples": self._samples,
+            "/api/samples/latest.png": self._samples_png,
+        }
+        handler = routes.get(url.path)
+        if handler is None:
+            self._send_json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+            return
+        try:
+            handler(parse_qs(url.query))
+        except FedSenseError as exc:  # e.g. a corrupt metrics line: show it on the page
+            logger.warning("dashboard: %s", exc)
+            self._send_json({"error": str(exc)}, HTTPStatus.INTERNAL_SERVER_ERROR)
+        except Exception:
+            logger.exception("dashboard: failed to serve %s", self.path)
+            self._send_json({"error": "internal error, see the dashboard log"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _page(self, query: dict[str, list[str]]) -> None:
+        self._send(self.server.page, "text/html; charset=utf-8")
+
+    def _metrics(self, query: dict[str, list[str]]) -> None:
+        view = load_run(self.server.run_dir, must_exist=False)
+        self._send_json({"columns": COLUMNS, "rows": view.rows()})
+
+    def _config(self, query: dict[str, list[str]]) -> None:
+        view = load_run(self.server.run_dir, must_exist=False, metrics=False)
+        self._send_json(
+            {
+                "path": str(view.path),
+                "label": view.label,
+                "status": view.status if view.path.is_dir() else "waiting",
+                "num_rounds": view.num_rounds,
+                "config": view.config,
+            }
+        )
+
+    def _samples(self, query: dict[str, list[str]]) -> None:
+        samples = RunDir(self.server.run_dir).latest_samples()
+        if samples is None:
+            self._send_json({"round": None, "sites": []})
+        else:
+            self._send_json({"round": samples.round, "sites": list(samples.sites)})
+
+    def _samples_png(self, query: dict[str, list[str]]) -> None:
+        site = query.get("site", [None])[0]
+        png = self.server.samples_png(site)
+        if png is None:
+            self._send_json({"error": "no such samples"}, HTTPStatus.NOT_FOUND)
+        else:
+            self._send(png, "image/png")
+
+    def _send_json(self, payload: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(json.dumps(payload, allow_nan=False).encode(), "application/json", status)
+
+    def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # the page polls; stale data would lie
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        logger.debug("dashboard %s: " + format, self.address_string(), *args)
+
+
+def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve the dashboard of ``run_dir`` until interrupted (blocking; Ctrl-C stops it).
+
+    The directory may not exist yet: the page then says "waiting" until the run starts.
+    """
+    with DashboardServer(run_dir, host, port) as server:
+        logger.info("dashboard of %s at %s", server.run_dir, server.url)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            logger.info("dashboard stopped")
+
+
+def start(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = 0) -> DashboardServer:
+    """Start the dashboard in a background thread (port 0: a free one); ``.url``, ``.stop()``."""
+    return DashboardServer(run_dir, host, port).start_background()

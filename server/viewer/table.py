@@ -1,0 +1,84 @@
+"""``fedsense metrics show``: a run's metrics as rich tables (people) or CSV/JSON (scripts)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import FedSenseError
+from server.store import GLOBAL_SITE
+from server.viewer import COLUMNS, DISPLAY_METRICS, METRIC_LABELS, METRICS, RunView, format_metric, load_run
+
+FORMATS = ("table", "csv", "json")
+
+
+def show(
+    run_dir: str | os.PathLike[str],
+    fmt: str = "table",
+    out: TextIO | None = None,
+    phase: str | None = None,
+    metrics: Sequence[str] | None = None,
+) -> None:
+    """Write the run's metrics to ``out`` (stdout by default); safe while the run is writing.
+
+    ``phase`` limits the output to ``train`` or ``evaluate`` (default: both). ``metrics`` picks
+    which per-metric tables the ``table`` format prints; CSV and JSON always carry every column
+    of :data:`server.viewer.COLUMNS`, so scripts can rely on them.
+    """
+    if fmt not in FORMATS:
+        raise FedSenseError(f"format must be one of {FORMATS}, got {fmt!r}")
+    unknown = sorted(set(metrics or ()) - set(METRICS))
+    if unknown:
+        raise FedSenseError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    stream = out if out is not None else sys.stdout
+    view = load_run(run_dir)
+    if fmt == "csv":
+        writer = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(view.rows(phase))
+    elif fmt == "json":
+        json.dump(view.rows(phase), stream, indent=2, allow_nan=False)
+        stream.write("\n")
+    else:
+        _print_tables(view, stream, (phase,) if phase else ("evaluate", "train"), metrics or DISPLAY_METRICS)
+
+
+def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics: Sequence[str]) -> None:
+    """One table per (phase, metric) that has values: rounds down, sites across, global last."""
+    console = Console(file=stream)
+    done = sum(1 for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate")
+    planned = f"/{view.num_rounds}" if view.num_rounds is not None else ""
+    console.print(
+        f"[bold]{view.label}[/bold]  status [bold]{view.status}[/bold]  "
+        f"rounds evaluated {done}{planned}  [dim]{view.path}[/dim]",
+        highlight=False,
+    )
+    sites = view.sites()
+    printed = False
+    for phase in phases:
+        rows = view.rows(phase)
+        for metric in metrics:
+            cells: dict[int, dict[str, Any]] = {}
+            for row in rows:
+                if row[metric] is not None:
+                    cells.setdefault(row["round"], {})[row["site"]] = row[metric]
+            if not cells:
+                continue
+            table = Table(title=f"{phase} · {METRIC_LABELS[metric]}", title_justify="left")
+            table.add_column("round", justify="right", style="dim")
+            for site in sites:
+                is_global = site == GLOBAL_SITE
+                table.add_column("global" if is_global else site, justify="right", style="bold" if is_global else None)
+            for round_, values in sorted(cells.items()):
+                table.add_row(str(round_), *(format_metric(metric, values.get(site)) for site in sites))
+            console.print(table)
+            printed = True
+    if not printed:
+        console.print("no metrics yet")

@@ -1,0 +1,143 @@
+"""Demo data: written in the real formats, read back by the real readers, deterministic per seed."""
+
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from common.config import SiteConfig, parse_site_config
+from common.data.demo import MARKER, default_sites, generate_demo, main
+from common.data.readers import open_reader, parse_ismrmrd_header
+from common.errors import DataError
+
+
+def tiny_site(name: str, dataset: str, data_path: Path, **extra: object) -> SiteConfig:
+    data = {
+        "name": name,
+        "dataset": dataset,
+        "data_path": str(data_path),
+        "scanner": {
+            "field_strength_t": 3.0,
+            "coils": 2,
+            "matrix": [32, 32],
+            "noise_std": 0.01,
+            "mask": "equispaced",
+            "acceleration": 4,
+            "center_fraction": 0.08,
+        },
+        "demo": {"subjects": 2, "seed": 5},
+    }
+    data.update(extra)
+    return parse_site_config(data, f"{name}.toml")
+
+
+def tiny_sites(out: Path) -> list[SiteConfig]:
+    return [
+        tiny_site("h5site", "fastmri", out / "h5site", contrasts=["AXT2", "AXFLAIR"]),
+        tiny_site("bratssite", "brats", out / "bratssite"),
+        tiny_site("ixisite", "ixi", out / "ixisite", hospital="HH"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    return out, generate_demo(out, size=32, subjects=3, seed=0, sites=tiny_sites(out))
+
+
+def test_fastmri_files(demo: tuple[Path, dict]) -> None:
+    out, summary = demo
+    files = sorted((out / "h5site").glob("*.h5"))
+    assert len(files) == 3 and summary["h5site"]["dataset"] == "fastmri"
+    with h5py.File(files[0], "r") as f:
+        assert f["kspace"].shape == (12, 2, 32, 32) and f["kspace"].dtype == np.complex64
+        assert f["reconstruction_rss"].shape == (12, 32, 32)
+        assert f.attrs["max"] == pytest.approx(float(f["reconstruction_rss"][()].max()))
+        assert f.attrs["acquisition"] in ("AXT2", "AXFLAIR") and len(f.attrs["patient_id"]) == 12
+        geometry = parse_ismrmrd_header(f["ismrmrd_header"][()])
+    assert geometry.encoded_size == geometry.recon_size == (32, 32, 1)
+    assert geometry.field_strength_t == 3.0 and geometry.acquired_columns == (0, 32)
+    assert sorted(summary["h5site"]["subjects"]) == open_reader(tiny_sites(out)[0]).subjects
+
+
+def test_brats_and_ixi_files(demo: tuple[Path, dict]) -> None:
+    out, _ = demo
+    folders = sorted(p.name for p in (out / "bratssite").iterdir() if p.is_dir())
+    assert folders == ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"]
+    names = sorted(p.name for p in (out / "bratssite" / folders[0]).iterdir())
+    assert names == [f"BraTS20_Training_001_{c}.nii.gz" for c in ("flair", "t1", "t1ce", "t2")]
+    img = nib.load(out / "bratssite" / folders[0] / names[0])
+    assert img.shape == (32, 32, 16) and img.get_data_dtype() == np.int16
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+
+    ixi = sorted(p.name for p in (out / "ixisite").glob("*.nii.gz"))
+    assert len(ixi) == 9 and all("-HH-" in name for name in ixi)
+    t1 = nib.load(next((out / "ixisite").glob("*-T1.nii.gz")))
+    assert nib.aff2axcodes(t1.affine) == ("P", "S", "R")  # sagittal, as IXI T1 is stored
+
+    for site in tiny_sites(out)[1:]:
+        reader = open_reader(site)
+        assert len(reader.subjects) == 3
+        per_volume = {}
+        for ex in reader.examples:
+            per_volume[ex.path] = per_volume.get(ex.path, 0) + 1
+        assert all(10 <= n <= 16 for n in per_volume.values())  # about 12 slices with anatomy
+
+
+def test_contrasts_differ_as_in_mri(demo: tuple[Path, dict]) -> None:
+    out, _ = demo
+    folder = out / "bratssite" / "BraTS20_Training_001"
+    t1 = np.asarray(nib.load(folder / "BraTS20_Training_001_t1.nii.gz").dataobj, np.float32)
+    flair = np.asarray(nib.load(folder / "BraTS20_Training_001_flair.nii.gz").dataobj, np.float32)
+    brain = t1 > 0.1 * t1.max()
+    assert brain.mean() > 0.1
+    # FLAIR suppresses CSF, which is dark on T1 too; their ratio is far from constant across the brain.
+    ratio = flair[brain] / t1[brain]
+    assert ratio.std() / ratio.mean() > 0.1
+
+
+def test_deterministic_for_a_seed(tmp_path: Path, demo: tuple[Path, dict]) -> None:
+    out, summary = demo
+    site = tiny_sites(tmp_path)[2]
+    again = generate_demo(tmp_path, size=32, subjects=3, seed=0, sites=[site])
+    assert again["ixisite"]["files"] == summary["ixisite"]["files"]
+    name = again["ixisite"]["files"][0]
+    first = np.asarray(nib.load(out / "ixisite" / name).dataobj)
+    second = np.asarray(nib.load(tmp_path / "ixisite" / name).dataobj)
+    np.testing.assert_array_equal(first, second)
+    other = generate_demo(tmp_path / "other", size=32, subjects=3, seed=1, sites=[site])
+    assert other["ixisite"]["files"] != summary["ixisite"]["files"]
+
+
+def test_rerun_replaces_only_demo_folders(tmp_path: Path) -> None:
+    site = tiny_site("ixisite", "ixi", tmp_path / "ixisite")
+    generate_demo(tmp_path, size=32, subjects=1, sites=[site])
+    generate_demo(tmp_path, size=32, subjects=1, sites=[site])
+    assert (tmp_path / "ixisite" / MARKER).exists() and len(
+        list((tmp_path / "ixisite").glob("*.nii.gz"))
+    ) == 3
+    precious = tmp_path / "real" / "ixisite"
+    precious.mkdir(parents=True)
+    (precious / "IXI002-Guys-0828-T1.nii.gz").write_bytes(b"real data")
+    with pytest.raises(DataError, match=f"^{precious}: exists and was not written by the demo generator"):
+        generate_demo(tmp_path / "real", size=32, subjects=1, sites=[site])
+
+
+def test_main_with_site_files(tmp_path: Path) -> None:
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        'name = "s"\ndataset = "brats"\ndata_path = "x"\ncontrasts = ["t1"]\n'
+        '[scanner]\nfield_strength_t = 1.5\ncoils = 2\nmask = "random"\n'
+        "acceleration = 4\ncenter_fraction = 0.08\n"
+    )
+    assert (
+        main(["--out", str(tmp_path / "out"), "--size", "32", "--subjects", "1", "--sites", str(toml)]) == 0
+    )
+    assert len(list((tmp_path / "out" / "s").rglob("*.nii.gz"))) == 4
+    assert main(["--out", str(tmp_path / "out"), "--size", "8", "--sites", str(toml)]) == 2
+
+
+def test_default_sites_are_the_shipped_ones() -> None:
+    assert [site.name for site in default_sites()] == ["site-a", "site-b", "site-c"]
