@@ -11,12 +11,11 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol, Sized
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from common.coils import rss
 from common.fft import center_crop, ifft2c
@@ -25,6 +24,16 @@ from common.metrics import SSIMLoss, nmse, psnr, ssim
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, object]
+
+
+class BatchSource(Protocol):
+    """A re-iterable source of batches with a length (a DataLoader, or several sites' in turn)."""
+
+    dataset: Sized
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -89,7 +98,7 @@ def proximal_term(model: nn.Module, global_params: list[torch.Tensor]) -> torch.
     return total
 
 
-def _cycle(loader: DataLoader, steps: int) -> Iterator[Batch]:
+def _cycle(loader: BatchSource, steps: int) -> Iterator[Batch]:
     """Yield exactly ``steps`` batches, restarting the loader as often as needed."""
     done = 0
     while done < steps:
@@ -106,7 +115,7 @@ def _cycle(loader: DataLoader, steps: int) -> Iterator[Batch]:
 
 def train(
     model: nn.Module,
-    loader: DataLoader,
+    loader: BatchSource,
     *,
     epochs: int = 1,
     steps: int = 0,

@@ -17,10 +17,8 @@ import time
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import ConcatDataset
-
 from common.data.dataset import SiteDataset
-from common.data.loaders import load_site, make_loader
+from common.data.loaders import InterleavedLoader, load_site, make_loader
 from common.errors import ConfigError
 from common.models import build_model
 from common.runconfig import RunConfig
@@ -110,14 +108,16 @@ class Baseline:
 
     def _centralized(self) -> None:
         model = self._new_model()
-        pooled = ConcatDataset([d["train"] for d in self.sites.values()])
         per_site_steps = [
             self.run.local_steps if self.run.local_steps else self.run.local_epochs * -(-len(d["train"]) // self.run.batch_size)
             for d in self.sites.values()
         ]
         self._evaluate(0, {site: model for site in self.sites})
         for rnd in range(1, self.run.num_server_rounds + 1):
-            loader = make_loader(pooled, self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
+            loader = InterleavedLoader([
+                make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
+                for d in self.sites.values()
+            ])
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss)
             self.store.append_metrics([
                 _record(self.run, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})

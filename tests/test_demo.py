@@ -51,6 +51,7 @@ def test_fastmri_files(demo: tuple[Path, dict]) -> None:
     out, summary = demo
     files = sorted((out / "h5site").glob("*.h5"))
     assert len(files) == 3 and summary["h5site"]["dataset"] == "fastmri"
+    assert summary["h5site"]["folder"] == str(out / "h5site")
     with h5py.File(files[0], "r") as f:
         assert f["kspace"].shape == (12, 2, 32, 32) and f["kspace"].dtype == np.complex64
         assert f["reconstruction_rss"].shape == (12, 32, 32)

@@ -73,7 +73,7 @@ def generate_demo(
         count = subjects if subjects is not None else site.demo.subjects
         files, subject_ids = writers[site.dataset](site_dir, site, size, count, rng)
         summary[site.name] = {
-            "path": str(site_dir),
+            "folder": str(site_dir),
             "dataset": site.dataset,
             "files": files,
             "subjects": subject_ids,

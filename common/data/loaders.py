@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from common.config import SiteConfig, load_site_config
 from common.data.dataset import SiteDataset, build_site_datasets
@@ -32,3 +33,29 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> 
     """A single-process loader (sites run on small CPU boxes; workers would only add overhead)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+
+
+class InterleavedLoader:
+    """Round-robin over several sites' loaders, one whole batch from one site at a time.
+
+    Pooling sites with different coil counts or matrix sizes cannot share a batch, so the
+    centralized baseline takes its batches from each site in turn instead of mixing slices.
+    """
+
+    def __init__(self, loaders: list[DataLoader]) -> None:
+        if not loaders:
+            raise ValueError("InterleavedLoader needs at least one loader")
+        self.loaders = loaders
+        self.dataset = ConcatDataset([loader.dataset for loader in loaders])
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        iterators = [iter(loader) for loader in self.loaders]
+        while iterators:
+            for it in list(iterators):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    iterators.remove(it)

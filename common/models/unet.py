@@ -147,19 +147,26 @@ class UnetRecon(nn.Module):
 
     The input is normalised per slice by its mean and std and clamped to +-6, the output de-normalised
     with the same statistics, so the network only learns the artefact structure, not the site's scale.
+    With ``residual`` (the default) the network predicts a correction to the zero-filled image: an
+    untrained model then starts at the zero-filled baseline instead of below it, which matters when a
+    federated round gives each site only a few local steps.
     The output is not clipped at zero, so the loss sees the network's raw magnitude estimate.
     ``mask`` and ``sens_maps`` are ignored: the k-space is already masked, and the zero-filled image is
     coil-combined by RSS, as in fastMRI.
     """
 
-    def __init__(self, chans: int = 16, num_pool_layers: int = 3, drop_prob: float = 0.0, eps: float = 1e-11) -> None:
+    def __init__(
+        self, chans: int = 16, num_pool_layers: int = 3, drop_prob: float = 0.0, eps: float = 1e-11, residual: bool = True
+    ) -> None:
         super().__init__()
         self.unet = Unet(1, 1, chans, num_pool_layers, drop_prob)
         self.eps = eps
+        self.residual = residual
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """k-space (B,C,H,W) complex, mask (B,1,H,W), maps (B,C,H,W) (both unused) -> magnitude (B,H,W)."""
         zero_filled = rss(ifft2c(masked_kspace), dim=1).unsqueeze(1)
         x, mean, std = _normalise(zero_filled, self.eps)
-        out = self.unet(x.clamp(-_INPUT_CLAMP, _INPUT_CLAMP))
+        x = x.clamp(-_INPUT_CLAMP, _INPUT_CLAMP)
+        out = x + self.unet(x) if self.residual else self.unet(x)
         return (out * std + mean).squeeze(1)

@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     # Each override string is parsed by flwr as space-separated TOML pairs (quotes kept).
     env_config = os.environ.get("FEDSENSE_RUN_CONFIG", "").strip()
     overrides = args.run_config or ([env_config] if env_config else [])
+    # The run directory is fixed by the deployment (the ServerApp's ./runs mount); the run is named after it.
     overrides = [*overrides, f"run-dir={json.dumps(args.run_dir)}"]
+    if not any(o.lstrip().startswith("name=") or " name=" in o for o in overrides):
+        overrides.append(f"name={json.dumps(Path(args.run_dir).name)}")
     return submit(args.app, overrides, args.timeout, args.poll)
 
 
