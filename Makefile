@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/fedprox-demo
 	$(BIN)/fedsense data demo --out $(DEMO_DATA) --size 128 --subjects 4 --seed 0
 	$(BIN)/fedsense simulate --sites deploy/sites/site-a.toml deploy/sites/site-b.toml deploy/sites/site-c.toml \
 		--rounds $(DEMO_ROUNDS) --strategy fedprox --mu 0.01 --name fedprox-demo --run-dir runs/fedprox-demo

@@ -7,9 +7,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from common.errors import FedSenseError
+
+if TYPE_CHECKING:
+    from common.runconfig import RunConfig
 
 logger = logging.getLogger("fedsense")
 

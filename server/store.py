@@ -15,14 +15,15 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from common import samples as common_samples
+from common.atomic import atomic_write, atomic_write_bytes
 from common.errors import DataError, FedSenseError
 
 logger = logging.getLogger(__name__)
@@ -43,42 +44,6 @@ NON_IDENTITY_KEYS = RUNTIME_KEYS | {"resume"}
 
 _CHECKPOINT_RE = re.compile(r"^round-(\d{4,})\.pt$")
 _SAMPLE_ARRAYS = ("zero_filled", "recon", "target")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers and crashes never see a partial file."""
-    _atomic_write(Path(path), lambda stream: stream.write(data))
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via ``.NAME.tmp`` in the same directory, fsync, then ``os.replace`` onto ``path``.
-
-    The temp file lives next to the target so the rename stays on one filesystem (atomic); its
-    leading dot keeps it out of the ``round-NNNN`` globs, so a crash leaves a harmless leftover.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: on POSIX the directory entry is only durable once the directory is synced."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def validate_record(record: object) -> dict[str, Any]:
@@ -330,7 +295,7 @@ class RunDir:
             raise FedSenseError(f"{self.checkpoint_dir}: round must be an integer >= 0, got {round!r}")
         payload = {"round": round, "state_dict": dict(state_dict), "config": dict(config)}
         path = self.checkpoint_path(round)
-        _atomic_write(path, lambda stream: torch.save(payload, stream))
+        atomic_write(path, lambda stream: torch.save(payload, stream))
         return path
 
     def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:

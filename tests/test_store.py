@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from common.errors import FedSenseError
-from server.store import RunDir, atomic_write_bytes
+from common.atomic import atomic_write_bytes
+from server.store import RunDir
 
 CONFIG = {"strategy": "fedprox", "num_rounds": 3, "run-dir": "runs/x", "model": "unet"}
 

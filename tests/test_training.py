@@ -52,7 +52,7 @@ def test_proximal_term_is_the_squared_norm() -> None:
         for p in model.parameters():
             p.add_(0.5)
     n = sum(p.numel() for p in model.parameters())
-    assert float(proximal_term(model, global_params)) == pytest.approx(0.25 * n, rel=1e-5)
+    assert float(proximal_term(model, global_params).detach()) == pytest.approx(0.25 * n, rel=1e-5)
 
 
 def test_mu_zero_gives_exactly_the_fedavg_update() -> None:
@@ -70,12 +70,12 @@ def test_mu_zero_gives_exactly_the_fedavg_update() -> None:
 def test_positive_mu_pulls_the_update_toward_the_global_weights() -> None:
     data = synthetic_samples()
     distances = []
-    for mu in (0.0, 0.01, 0.1, 1.0):
+    for mu in (0.0, 0.01, 0.1):
         model = fresh_model()
         start = [p.detach().clone() for p in model.parameters()]
         train(model, loader(data), steps=10, lr=1e-2, proximal_mu=mu)
         distances.append(float(proximal_term(model, start).detach()) ** 0.5)
-    assert distances[0] > distances[1] > distances[2] > distances[3] > 0
+    assert distances[0] > 2 * distances[1] > 0 and distances[1] > distances[2] > 0
 
 
 def test_training_reduces_the_loss_and_evaluate_is_volume_level() -> None:

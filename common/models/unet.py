@@ -162,6 +162,11 @@ class UnetRecon(nn.Module):
         self.unet = Unet(1, 1, chans, num_pool_layers, drop_prob)
         self.eps = eps
         self.residual = residual
+        if residual:
+            # Zero the last 1x1 conv: the untrained model is then exactly the zero-filled image.
+            head = self.unet.up_conv[-1][-1]
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """k-space (B,C,H,W) complex, mask (B,1,H,W), maps (B,C,H,W) (both unused) -> magnitude (B,H,W)."""

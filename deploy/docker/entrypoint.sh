@@ -24,23 +24,27 @@ HELPERS=/opt/fedsense-docker
 
 log() { echo "[fedsense-entrypoint] $*" >&2; }
 
-# Started as root only to let a host bind mount (./runs) stay owned by the host
-# user: re-exec as that directory's owner (or the image user if root owns it),
-# keeping group fedsense to read the 0640 server key material.
-become_owner_of() {
-    local dir="$1"; shift
-    [[ "$(id -u)" == 0 ]] || return 0
+# Roles that touch host directories (serverapp: ./runs; an institution's site:
+# its data and key files) may be started as root: they then re-exec as the owner
+# of that directory, so host files stay owned by the host user (a root-owned
+# directory is handed to the image user). Group fedsense is kept to read the
+# 0640 server key material. Sets HOME to a private directory of that user.
+OWNER_UID="" OWNER_GID=""
+adopt_owner_of() {
+    local dir="$1"
     mkdir -p "$dir"
-    local uid gid
-    uid="$(stat -c %u "$dir")"; gid="$(stat -c %g "$dir")"
-    if [[ "$uid" == 0 ]]; then
-        chown fedsense:fedsense "$dir"
-        uid="$(id -u fedsense)"; gid="$(id -g fedsense)"
+    OWNER_UID="$(stat -c %u "$dir")"; OWNER_GID="$(stat -c %g "$dir")"
+    if [[ "$OWNER_UID" == 0 ]]; then
+        chown fedsense:fedsense "$dir" 2>/dev/null || log "$dir is read-only and root-owned: it must be readable by uid $(id -u fedsense)"
+        OWNER_UID="$(id -u fedsense)"; OWNER_GID="$(id -g fedsense)"
     fi
-    export HOME="/tmp/fedsense-home-$uid" FLWR_HOME="/tmp/fedsense-home-$uid/.flwr"
-    install -d -o "$uid" -g "$gid" -m 0700 "$HOME"
-    log "dropping root: running as uid $uid (owner of $dir)"
-    exec setpriv --reuid="$uid" --regid="$gid" --groups="$(id -g fedsense)" --no-new-privs \
+    export HOME="/tmp/fedsense-home-$OWNER_UID" FLWR_HOME="/tmp/fedsense-home-$OWNER_UID/.flwr"
+    install -d -o "$OWNER_UID" -g "$OWNER_GID" -m 0700 "$HOME"
+}
+
+drop_root() {
+    log "dropping root: running as uid $OWNER_UID"
+    exec setpriv --reuid="$OWNER_UID" --regid="$OWNER_GID" --groups="$(id -g fedsense)" --no-new-privs \
         --inh-caps=-all --bounding-set=-all "$0" "$@"
 }
 
@@ -58,7 +62,7 @@ role_pki() {
     python -m server.pki "${args[@]}"
     # The SuperLink side gets no CA key; each site gets only its own private key.
     # Server secrets are group-readable: the ServerApp runtime may run as the
-    # host user (see become_owner_of) with group fedsense.
+    # host user (see adopt_owner_of) with group fedsense.
     install -d -m 0750 /dist/server/sites
     install_if_changed 0644 /pki/ca.crt /dist/server/ca.crt
     install_if_changed 0644 /pki/server.crt /dist/server/server.crt
@@ -87,17 +91,30 @@ role_superlink() {
 }
 
 role_serverapp() {
-    become_owner_of "$RUNS" serverapp "$@"
+    if [[ "$(id -u)" == 0 ]]; then
+        adopt_owner_of "$RUNS"
+        drop_root serverapp "$@"
+    fi
     exec flower-superexec --runtime-api-address "$SUPERLINK" \
         --root-certificates /keys/ca.crt --superexec-auth-secret-file /keys/superexec.secret "$@"
 }
 
 role_site() {
     local site="${1:?usage: site SITE-NAME}"; shift
-    local config
+    if [[ "$(id -u)" == 0 ]]; then
+        # Key files mounted from the host may belong to anyone: hand the
+        # runtime user private copies (the SuperNode reads them at start only).
+        adopt_owner_of /data
+        install -d -o "$OWNER_UID" -g "$OWNER_GID" -m 0700 "$HOME/keys"
+        install -o "$OWNER_UID" -g "$OWNER_GID" -m 0644 /keys/ca.crt "$HOME/keys/ca.crt"
+        install -o "$OWNER_UID" -g "$OWNER_GID" -m 0600 /keys/auth.key "$HOME/keys/auth.key"
+        export FEDSENSE_KEYS="$HOME/keys"
+        drop_root site "$site" "$@"
+    fi
+    local keys="${FEDSENSE_KEYS:-/keys}" config
     config="$(python "$HELPERS/prepare_site.py" --site "$site")"
     exec python -m server.supernode --superlink "$SUPERLINK" \
-        --root-cert /keys/ca.crt --auth-key /keys/auth.key --site-config "$config" "$@"
+        --root-cert "$keys/ca.crt" --auth-key "$keys/auth.key" --site-config "$config" "$@"
 }
 
 role_dashboard() {

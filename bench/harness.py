@@ -1,0 +1,243 @@
+"""Shared pieces of the benchmarks: small heterogeneous demo sites, per-slice scores, tables, memory.
+
+The quality and cost benchmarks must see the same sites the product sees, so sites are copies of
+``deploy/sites/*.toml`` (different coils, field strength, contrasts, masks) with only the size, the
+amount of data and, where a benchmark asks for it, the acceleration changed; the data is the offline
+MNI-anatomy demo data written by ``common.data.demo`` in the real file formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import load_site_config
+from common.data.demo import generate_demo
+from common.metrics import nmse, psnr, ssim
+
+logger = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE_NAMES = ("site-a", "site-b", "site-c")
+
+Batch = dict[str, object]
+Recon = Callable[[Batch], torch.Tensor]
+
+
+def _set(text: str, key: str, value: str) -> str:
+    """Replace ``key = ...`` (first match, any section) in a site TOML; refuse a key that is not there."""
+    new, count = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text, count=1)
+    if count != 1:
+        raise ValueError(f"site template has no {key!r} line")
+    return new
+
+
+def write_sites(
+    directory: Path,
+    *,
+    size: int,
+    subjects: int,
+    slices: int,
+    acceleration: float | None = None,
+    names: Sequence[str] = SITE_NAMES,
+) -> list[Path]:
+    """Copies of ``deploy/sites/<name>.toml`` at ``size``², with demo data written under ``directory/data``.
+
+    ``acceleration`` overrides every site's R (their masks stay different); ``None`` keeps each site's own.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        text = (ROOT / "deploy" / "sites" / f"{name}.toml").read_text(encoding="utf-8")
+        text = _set(text, "data_path", f'"{(directory / "data" / name).as_posix()}"')
+        text = _set(text, "matrix", f"[{size}, {size}]")
+        text = _set(text, "max_slices_per_volume", str(slices))
+        text = _set(text, "subjects", str(subjects))
+        if acceleration is not None:
+            text = _set(text, "acceleration", repr(float(acceleration)))
+        path = directory / f"{name}.toml"
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    generate_demo(directory / "data", size=size, seed=0, sites=[load_site_config(p) for p in paths])
+    return paths
+
+
+def replicate_sites(templates: Sequence[Path], count: int, directory: Path) -> list[Path]:
+    """``count`` site configs named site-001, ... cycling through ``templates`` and sharing their data.
+
+    Scale tests need many sites, not many different data sets: each copy reads its template's files.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        template = templates[i % len(templates)]
+        text = _set(template.read_text(encoding="utf-8"), "name", f'"site-{i + 1:03d}"')
+        path = directory / f"site-{i + 1:03d}.toml"
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class SliceScore:
+    """fastMRI metrics of one slice; the data range is the max of the slice's target *volume*."""
+
+    site: str
+    volume: str
+    slice_idx: int
+    psnr: float
+    ssim: float
+    nmse: float
+
+
+def _unscale(x: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    return (x / scale.to(x.dtype).view(-1, 1, 1)).numpy()
+
+
+@torch.no_grad()
+def score_slices(recon: Recon, loader: Iterable[Batch]) -> list[SliceScore]:
+    """Per-slice PSNR / SSIM / NMSE of ``recon`` (a batch -> (B, h, w) image) over a loader's slices.
+
+    Images are un-scaled to the data's own units first, as ``common.training.evaluate`` does, and each
+    slice's PSNR / SSIM use its volume's target max, fastMRI's convention for the data range.
+    """
+    volumes: dict[tuple[str, str], dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+    for batch in loader:
+        scale = batch["scale"]
+        assert isinstance(scale, torch.Tensor)
+        pred = _unscale(recon(batch).float(), scale)
+        target = _unscale(batch["target"], scale)  # type: ignore[arg-type]
+        for i in range(target.shape[0]):
+            key = (str(batch["site"][i]), str(batch["fname"][i]))  # type: ignore[index]
+            volumes[key][int(batch["slice_idx"][i])] = (target[i], pred[i])  # type: ignore[index]
+    scores = []
+    for (site, volume), slices in volumes.items():
+        maxval = max(float(gt.max()) for gt, _ in slices.values())
+        for idx in sorted(slices):
+            gt, pr = slices[idx]
+            scores.append(SliceScore(site, volume, idx, psnr(gt, pr, maxval), ssim(gt, pr, maxval), nmse(gt, pr)))
+    return scores
+
+
+def mean_std(values: Sequence[float], digits: int) -> str:
+    """``mean ± std`` (population std over the values) at ``digits`` decimals."""
+    arr = np.asarray(values, dtype=np.float64)
+    return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table (the benchmarks print these so the doc can quote them verbatim)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(threads: int) -> str:
+    """What the numbers were measured on, printed at the top of every benchmark's output."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{threads} intra-op thread(s) (torch.set_num_threads and OMP_NUM_THREADS), load average {load:.2f} at start"
+    )
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's threads here and, through OMP_NUM_THREADS, in the Flower processes started from here."""
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = defaultdict(list)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="utf-8") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        tree[ppid].append(int(entry.name))
+    return tree
+
+
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in KiB, from /proc/PID/smaps_rollup; (0, 0) once it has exited."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+class TreeMemory:
+    """Samples the memory of this process and all its descendants every ``interval`` s (Linux /proc).
+
+    RSS summed over processes counts shared pages (PyTorch's libraries, Ray's object store) once per
+    process that maps them; PSS splits shared pages between their users, so its sum is the tree's real
+    footprint. Both peaks are kept.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.peak_rss_kib = self.peak_pss_kib = self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        """One sample of the whole tree; updates the peaks."""
+        tree, todo, pids = _children(), [os.getpid()], []
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(tree.get(pid, []))
+        totals = [_memory_kib(pid) for pid in pids]
+        self.peak_rss_kib = max(self.peak_rss_kib, sum(r for r, _ in totals))
+        self.peak_pss_kib = max(self.peak_pss_kib, sum(p for _, p in totals))
+        self.peak_processes = max(self.peak_processes, len(pids))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "TreeMemory":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Stopwatch:
+    """Named wall-clock timings of a benchmark's stages, logged as they finish and printed at the end."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def time(self, name: str, func: Callable[[], object]) -> object:
+        """Run ``func`` and record how long it took under ``name``."""
+        start = time.perf_counter()
+        result = func()
+        self.seconds[name] = time.perf_counter() - start
+        logger.info("%s: %.1f s", name, self.seconds[name])
+        return result
