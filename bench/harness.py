@@ -15,16 +15,25 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
+from torch import nn
 
 from common.config import load_site_config
+from common.data.dataset import SiteDataset
 from common.data.demo import generate_demo
+from common.data.loaders import make_loader
 from common.metrics import nmse, psnr, ssim
+from common.models import build_model
+from common.runconfig import RunConfig
+from common.training import predict, train
 
 logger = logging.getLogger("bench")
 
@@ -56,6 +65,7 @@ def write_sites(
 
     ``acceleration`` overrides every site's R (their masks stay different); ``None`` keeps each site's own.
     """
+    directory = directory.resolve()  # data_path in a site TOML is relative to the TOML, not to the cwd
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in names:
@@ -99,6 +109,12 @@ class SliceScore:
     psnr: float
     ssim: float
     nmse: float
+
+
+def model_recon(model: nn.Module) -> Recon:
+    """The model's reconstruction, cropped to the target, in eval mode: what the ClientApp evaluates."""
+    model.eval()
+    return partial(predict, model)
 
 
 def _unscale(x: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
@@ -218,7 +234,7 @@ class TreeMemory:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> Self:
         self.sample()
         self._thread.start()
         return self
@@ -234,10 +250,46 @@ class Stopwatch:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def time(self, name: str, func: Callable[[], object]) -> object:
-        """Run ``func`` and record how long it took under ``name``."""
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block under ``name``."""
         start = time.perf_counter()
-        result = func()
+        yield
         self.seconds[name] = time.perf_counter() - start
         logger.info("%s: %.1f s", name, self.seconds[name])
-        return result
+
+
+def _weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    total = float(sum(weights))
+    return {k: sum(s[k].float() * (w / total) for s, w in zip(states, weights)) for k in states[0]}  # type: ignore[misc]
+
+
+def emulate_fedavg(run: RunConfig, datasets: dict[str, dict[str, SiteDataset]],
+                   fp16: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """FedAvg without Flower, yielding (round, global weights) after every round.
+
+    Each site trains exactly as the ClientApp does (seed, loader order, steps, optimiser) and the server
+    averages as Flower's FedAvg does (weighted by training examples), so a run matches a Flower simulation
+    of the same config up to float rounding, at none of the framework's cost: what long-budget and
+    transport experiments need. With ``fp16`` only what travels is rounded: the global weights on the way
+    down and each site's update (its weights minus what it received) on the way up; the server keeps fp32
+    weights and adds the averaged update to them.
+    """
+    torch.manual_seed(run.seed)
+    state = {k: v.detach().clone() for k, v in build_model(run.model, **run.model_kwargs).state_dict().items()}
+    for rnd in range(1, run.num_server_rounds + 1):
+        received = {k: v.half().float() for k, v in state.items()} if fp16 else state
+        sent, weights = [], []
+        for splits in datasets.values():
+            torch.manual_seed(run.seed + rnd)
+            model = build_model(run.model, **run.model_kwargs)
+            model.load_state_dict(received)
+            loader = make_loader(splits["train"], run.batch_size, shuffle=True, seed=run.seed + rnd)
+            result = train(model, loader, epochs=run.local_epochs, steps=run.local_steps, lr=run.learning_rate,
+                           loss=run.loss)
+            local = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            sent.append({k: (local[k] - received[k]).half() for k in local} if fp16 else local)
+            weights.append(result.num_examples)
+        average = _weighted_mean(sent, weights)
+        state = {k: state[k] + average[k] for k in state} if fp16 else average
+        yield rnd, state

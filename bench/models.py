@@ -4,14 +4,25 @@ Sites train on hospital CPUs, so this tells an operator what a round will cost f
 the repository root::
 
     python -m bench.models --size 96 --coils 4 --batch 2 --steps 5
+    python -m bench.models --compare-fastmri     # ours vs the fastmri package's U-Net and VarNet
 
 Training throughput counts forward + backward + Adam step; inference is ``eval()`` under ``no_grad``.
 The inputs are synthetic (random image, birdcage maps, column mask): speed does not depend on content.
+
+The fastMRI reference implementations live in a separate virtual environment (``fastmri`` pins old
+torchvision / Lightning versions the product does not want); when ``fastmri`` is not importable here,
+``--compare-fastmri`` re-runs this script under ``--reference-python`` with the repository on
+``PYTHONPATH``, so both implementations are timed in the same process with the same torch.
 """
 
 import argparse
 import logging
+import os
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +30,13 @@ from torch import Tensor, nn
 from common.coils import birdcage_maps
 from common.fft import fft2c
 from common.models import MODEL_NAMES, build_model, count_parameters
+from common.models.unet import Unet
+from common.models.varnet import VarNet
 
 logger = logging.getLogger("bench.models")
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_PYTHON = Path.home() / ".cache" / "fedsense-bench-venv" / "bin" / "python"
 
 
 def synthetic_batch(batch: int, coils: int, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -36,7 +52,7 @@ def synthetic_batch(batch: int, coils: int, size: int, seed: int) -> tuple[Tenso
     return kspace, mask, maps.contiguous(), image.abs()
 
 
-def training_throughput(model: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], target: Tensor, steps: int) -> float:
+def training_throughput(model: nn.Module, inputs: tuple[Tensor, ...], target: Tensor, steps: int) -> float:
     """Slices per second of full training steps, after one untimed warm-up step."""
     model.train()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -54,7 +70,7 @@ def training_throughput(model: nn.Module, inputs: tuple[Tensor, Tensor, Tensor],
     return steps * target.shape[0] / (time.perf_counter() - start)
 
 
-def inference_latency(model: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], repeats: int) -> float:
+def inference_latency(model: nn.Module, inputs: tuple[Tensor, ...], repeats: int) -> float:
     """Milliseconds per slice in eval mode, after one untimed warm-up pass."""
     model.eval()
     with torch.no_grad():
@@ -63,6 +79,71 @@ def inference_latency(model: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], r
         for _ in range(repeats):
             model(*inputs)
     return 1000.0 * (time.perf_counter() - start) / (repeats * inputs[0].shape[0])
+
+
+Pair = tuple[str, nn.Module, nn.Module, tuple[Tensor, ...], tuple[Tensor, ...], Tensor]
+
+
+def reference_pairs(args: argparse.Namespace, kspace: Tensor, mask: Tensor, maps: Tensor, target: Tensor) -> list[Pair]:
+    """(name, ours, fastMRI's, our inputs, fastMRI's inputs, target) at equal configurations.
+
+    The U-Nets are the bare networks on a one-channel image; the VarNets take the same k-space, ours as
+    complex (B,C,H,W) with a (B,1,H,W) mask, fastMRI's as (B,C,H,W,2) real with a (B,1,1,W,1) column mask.
+    """
+    import fastmri.models as reference
+
+    torch.manual_seed(0)
+    image = (target.unsqueeze(1),)
+    unet = (f"U-Net chans={args.unet_chans} pools={args.unet_pools}",
+            Unet(1, 1, args.unet_chans, args.unet_pools), reference.Unet(1, 1, args.unet_chans, args.unet_pools),
+            image, image, target.unsqueeze(1))
+    columns = mask[:, :, :1, :].unsqueeze(-1).bool()  # synthetic_batch draws whole columns
+    varnet = ((f"VarNet cascades={args.varnet_cascades} chans={args.varnet_chans} pools={args.varnet_pools} "
+               f"sens {args.varnet_sens_chans}/{args.varnet_sens_pools}"),
+              VarNet(args.varnet_cascades, args.varnet_chans, args.varnet_pools, args.varnet_sens_chans,
+                     args.varnet_sens_pools),
+              reference.VarNet(num_cascades=args.varnet_cascades, sens_chans=args.varnet_sens_chans,
+                               sens_pools=args.varnet_sens_pools, chans=args.varnet_chans, pools=args.varnet_pools),
+              (kspace, mask, maps), (torch.view_as_real(kspace).contiguous(), columns), target)
+    return [unet, varnet]
+
+
+def compare_fastmri(args: argparse.Namespace, argv: list[str]) -> None:
+    """Time ours and fastMRI's models alternately in this process; print medians and speed ratios."""
+    try:
+        import fastmri
+    except ImportError:
+        python = Path(args.reference_python)
+        if not python.exists():
+            raise SystemExit(f"fastmri is not importable and {python} does not exist; see docs/BENCHMARKS.md")
+        logger.info("fastmri not importable here; re-running under %s", python)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        raise SystemExit(subprocess.run([str(python), "-m", "bench.models", *argv], cwd=ROOT, env=env, check=False).returncode)
+
+    kspace, mask, maps, target = synthetic_batch(args.batch, args.coils, args.size, seed=0)
+    rows = []
+    for name, ours, ref, ours_in, ref_in, goal in reference_pairs(args, kspace, mask, maps, target):
+        logger.info("timing %s (%d repeats, alternating) ...", name, args.repeats)
+        timings: dict[str, list[tuple[float, float]]] = {"ours": [], "fastmri": []}
+        for _ in range(args.repeats):
+            for label, model, inputs in (("ours", ours, ours_in), ("fastmri", ref, ref_in)):
+                timings[label].append((training_throughput(model, inputs, goal, args.steps),
+                                       inference_latency(model, inputs, args.steps)))
+        train_o, train_r = (statistics.median(t[0] for t in timings[k]) for k in ("ours", "fastmri"))
+        infer_o, infer_r = (statistics.median(t[1] for t in timings[k]) for k in ("ours", "fastmri"))
+        rows.append((name, count_parameters(ours), count_parameters(ref), train_o, train_r, train_o / train_r,
+                     infer_o, infer_r, infer_r / infer_o))
+    print(f"CPU, {args.threads} thread(s), torch {torch.__version__}, fastmri {fastmri.__version__}: "
+          f"{args.size}x{args.size} px, {args.coils} coils, batch {args.batch}, {args.steps} timed steps x "
+          f"{args.repeats} alternating repeats (medians)")
+    print("| model | params ours | params fastMRI | train slices/s ours | fastMRI | speed ratio | "
+          "infer ms/slice ours | fastMRI | speed ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, p_ours, p_ref, tr_o, tr_r, tr_ratio, inf_o, inf_r, inf_ratio in rows:
+        print(f"| {name} | {p_ours:,} | {p_ref:,} | {tr_o:.2f} | {tr_r:.2f} | {tr_ratio:.2f} | "
+              f"{inf_o:.1f} | {inf_r:.1f} | {inf_ratio:.2f} |")
+    print("speed ratio = ours ÷ fastMRI in slices/s (training) and fastMRI ÷ ours in ms/slice (inference): "
+          "> 1 means ours is faster")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,18 +155,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps and inference passes")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    ref = parser.add_argument_group("fastMRI comparison (equal configurations of both implementations)")
+    ref.add_argument("--compare-fastmri", action="store_true", help="time ours against the fastmri package")
+    ref.add_argument("--reference-python", default=str(REFERENCE_PYTHON), help="interpreter that has fastmri")
+    ref.add_argument("--repeats", type=int, default=3, help="alternating repeats per implementation")
+    ref.add_argument("--unet-chans", type=int, default=32)
+    ref.add_argument("--unet-pools", type=int, default=4)
+    ref.add_argument("--varnet-cascades", type=int, default=4)
+    ref.add_argument("--varnet-chans", type=int, default=8)
+    ref.add_argument("--varnet-pools", type=int, default=2)
+    ref.add_argument("--varnet-sens-chans", type=int, default=4)
+    ref.add_argument("--varnet-sens-pools", type=int, default=2)
     args = parser.parse_args(argv)
-    if min(args.size, args.coils, args.batch, args.steps, args.threads) < 1:
-        parser.error("--size, --coils, --batch, --steps and --threads must all be >= 1")
+    if min(args.size, args.coils, args.batch, args.steps, args.threads, args.repeats) < 1:
+        parser.error("--size, --coils, --batch, --steps, --threads and --repeats must all be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Benchmark each model with its default (build_model) configuration and print a table to stdout."""
+    """Benchmark each model with its default (build_model) configuration, or (``--compare-fastmri``) ours
+    against fastMRI's at equal configurations, and print a table to stdout."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.compare_fastmri:
+        compare_fastmri(args, argv)
+        return
     kspace, mask, maps, target = synthetic_batch(args.batch, args.coils, args.size, seed=0)
     inputs = (kspace, mask, maps)
 

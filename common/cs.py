@@ -22,6 +22,7 @@ from torch import Tensor
 
 from common.coils import sense_adjoint, sense_forward
 
+
 def _forward(image: Tensor, mask: Tensor, maps: Tensor) -> Tensor:
     """A x = M F (S x): combined image (B, H, W) -> sampled multi-coil k-space (B, C, H, W)."""
     return sense_forward(image, maps) * mask

@@ -6,8 +6,9 @@
 IMAGE ?= fedsense:latest
 BASE_IMAGE ?= fedsense/base:bookworm
 
+# $(STAMP) (the top-level Makefile's venv): the wheelhouse pins are that venv's `pip freeze`.
 .PHONY: images
-images:
+images: $(STAMP)
 	bash deploy/wheelhouse.sh
 	BASE_IMAGE=$(BASE_IMAGE) bash deploy/ci/build-base-image.sh
 	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) bash deploy/docker/build-image.sh

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -132,25 +131,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pki(args: argparse.Namespace) -> int:
-    from server.pki import generate_pki
-
-    generate_pki(Path(args.out), server_names=args.server_name, sites=args.site)
-    return 0
-
-
-def cmd_client(args: argparse.Namespace) -> int:
-    from server.supernode import build_supernode_command
-
-    command = build_supernode_command(
-        superlink=args.superlink, root_cert=args.root_cert, auth_key=args.auth_key,
-        site_config=args.site_config, insecure=args.insecure,
-    )
-    logger.info("starting: %s", " ".join(command))
-    os.execvp(command[0], command)
-    return 1  # not reached: exec replaces this process
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsense", description="Federated compressed-sensing MRI reconstruction on Flower.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -193,19 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050)
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("pki", help="CA, SuperLink certificate and per-site SuperNode keys (idempotent)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--server-name", action="append", default=["superlink", "localhost", "127.0.0.1"])
-    p.add_argument("--site", action="append", default=[])
-    p.set_defaults(func=cmd_pki)
+    from server import pki, supernode
 
-    p = sub.add_parser("client", help="run this institution's site against a remote SuperLink")
-    p.add_argument("--superlink", required=True, help="host:port of the SuperLink")
-    p.add_argument("--root-cert", type=Path, help="CA certificate of the SuperLink (TLS)")
-    p.add_argument("--auth-key", type=Path, help="this site's private key (SuperNode authentication)")
-    p.add_argument("--site-config", type=Path, required=True)
-    p.add_argument("--insecure", action="store_true", help="plaintext, no authentication (testing only)")
-    p.set_defaults(func=cmd_client)
+    p = sub.add_parser("pki", parents=[pki.build_parser()], add_help=False,
+                       help="CA, SuperLink certificate and per-site SuperNode keys (idempotent; --rotate SITE)")
+    p.set_defaults(func=pki.run)
+    p = sub.add_parser("client", parents=[supernode.build_parser()], add_help=False,
+                       help="run this institution's site against a remote SuperLink (TLS + node authentication)")
+    p.set_defaults(func=supernode.run)
     return parser
 
 

@@ -1,5 +1,6 @@
-"""The root docker-compose.yml, end to end: images built offline, a TLS federation of three sites runs
-a FedProx study to completion, and everything it created is removed again.
+"""The compose files, end to end: images built offline (`make images`); the root docker-compose.yml runs a
+TLS federation of three sites through a FedProx study; an institution's deploy/site/docker-compose.yml then
+joins with its own registered key; everything created is removed again.
 
 Needs a Docker engine (deploy/ci/setup-docker.sh starts one); skipped, with the reason, without it.
 """
@@ -9,15 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from server.pki import generate_pki
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -26,7 +33,9 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 SITES = {"site-a", "site-b", "site-c"}
 ROUNDS = 2
+BIN = Path(sys.executable).parent
 IMAGE = os.environ.get("FEDSENSE_TEST_IMAGE", "fedsense:latest")
+IMAGE_UID = 10001  # the image's `fedsense` user
 BUILD_TIMEOUT = 1500
 RUN_TIMEOUT = 900
 
@@ -80,45 +89,70 @@ def _leftovers(project: str) -> dict[str, list[str]]:
             for kind, cmd in listings.items()}
 
 
-@pytest.fixture()
-def project(compose_cmd: list[str], image: str, tmp_path: Path) -> Iterator[tuple[list[str], Path, dict[str, str]]]:
-    """A compose project with a unique name whose ./runs is tmp_path/runs; `down -v` afterwards, checked."""
+@dataclass
+class Project:
+    """One compose project: its command prefix, environment and host directory."""
+
+    name: str
+    base: list[str]
+    env: dict[str, str]
+    directory: Path
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """The compose command; with ``check`` a failure fails the test with compose's output."""
+        proc = subprocess.run([*self.base, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+
+@contextmanager
+def _project(compose_cmd: list[str], files: list[Path], directory: Path, env: dict[str, str]) -> Iterator[Project]:
+    """A compose project with a unique name; `down -v` afterwards, and nothing labelled with it may remain."""
     name = f"fedsense-test-{uuid.uuid4().hex[:8]}"
-    (tmp_path / "runs").mkdir()  # exists before compose starts, so it belongs to the test's user
-    base = [*compose_cmd, "-p", name, "-f", str(ROOT / "docker-compose.yml"), "--project-directory", str(tmp_path)]
+    base = [*compose_cmd, "-p", name, *(a for f in files for a in ("-f", str(f))), "--project-directory", str(directory)]
+    project = Project(name, base, {**os.environ, **env}, directory)
+    try:
+        yield project
+    finally:
+        logs = project.run("logs", "--no-color", check=False)
+        (directory / f"{name}.log").write_text(logs.stdout + logs.stderr, encoding="utf-8")
+        project.run("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
+        leftovers = _leftovers(name)
+        assert not any(leftovers.values()), f"compose project {name} left {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def federation(compose_cmd: list[str], image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """The root docker-compose.yml, up; its ./runs is a temporary directory."""
+    directory = tmp_path_factory.mktemp("compose")
+    (directory / "runs").mkdir()  # exists before compose starts, so it belongs to the test's user
     env = {
-        **os.environ,
         "FEDSENSE_IMAGE": image,
         "FEDSENSE_RUN_NAME": "compose-test",
         # Random loopback ports: parallel runs and other services on this host must not collide.
         "FEDSENSE_SUPERLINK_PUBLISH": "127.0.0.1:",
         "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
     }
-    try:
-        yield base, tmp_path / "runs", env
-    finally:
-        logs = subprocess.run([*base, "logs", "--no-color"], env=env, capture_output=True, text=True, check=False)
-        (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr, encoding="utf-8")
-        subprocess.run([*base, "down", "-v", "--remove-orphans", "--timeout", "10"], env=env,
-                       capture_output=True, timeout=300, check=False)
-        leftovers = _leftovers(name)
-        assert not any(leftovers.values()), f"compose project {name} left {leftovers}"
+    with _project(compose_cmd, [ROOT / "docker-compose.yml"], directory, env) as project:
+        started = time.monotonic()
+        up = project.run("up", "-d", check=False, timeout=RUN_TIMEOUT)
+        assert up.returncode == 0, up.stdout + up.stderr
+        logger.info("compose up -d: %.0f s", time.monotonic() - started)
+        yield project
 
 
-def test_compose_federation_runs_to_completion(project: tuple[list[str], Path, dict[str, str]]) -> None:
-    base, runs, env = project
+def test_compose_federation_runs_to_completion(federation: Project) -> None:
     started = time.monotonic()
-    up = subprocess.run([*base, "up", "-d"], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
-    assert up.returncode == 0, up.stdout + up.stderr
-    submit = subprocess.run([*base, "ps", "-q", "submit"], env=env, capture_output=True, text=True, check=True)
-    waited = subprocess.run(["docker", "wait", submit.stdout.strip()], capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT, check=True)
-    logger.info("compose up -> submit exited: %.0f s", time.monotonic() - started)
-    if waited.stdout.strip() != "0":
-        logs = subprocess.run([*base, "logs", "--no-color", "--tail", "60"], env=env, capture_output=True, text=True)
-        pytest.fail(f"submit exited {waited.stdout.strip()}:\n{logs.stdout[-12000:]}")
+    submit = federation.run("ps", "-q", "submit").stdout.strip()
+    code = subprocess.run(["docker", "wait", submit], capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                          check=True).stdout.strip()
+    logger.info("submit finished after %.0f s more", time.monotonic() - started)
+    if code != "0":
+        pytest.fail(f"submit exited {code}:\n{federation.run('logs', '--no-color', '--tail', '60').stdout[-12000:]}")
 
-    run_dir = runs / "compose-test"
+    run_dir = federation.directory / "runs" / "compose-test"
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert config["status"] == "finished" and config["num-server-rounds"] == ROUNDS
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -129,14 +163,65 @@ def test_compose_federation_runs_to_completion(project: tuple[list[str], Path, d
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("round-*.pt")) == [
         f"round-{r:04d}.pt" for r in range(1, ROUNDS + 1)
     ]
+    # The host user keeps owning what the ServerApp wrote (root-owned ./runs go to the image user).
+    assert run_dir.stat().st_uid == (os.getuid() or IMAGE_UID)
 
     # Each site holds only its own key; the SuperLink side never gets the CA key.
     for service, expected in (("site-a", {"auth.key", "auth.pub", "ca.crt"}),
                               ("superlink", {"ca.crt", "server.crt", "server.key", "superexec.secret", "sites"})):
-        listing = subprocess.run([*base, "exec", "-T", service, "ls", "-A", "/keys"], env=env,
-                                 capture_output=True, text=True, check=True)
-        assert set(listing.stdout.split()) == expected, (service, listing.stdout)
+        listing = federation.run("exec", "-T", service, "ls", "-A", "/keys").stdout
+        assert set(listing.split()) == expected, (service, listing)
 
-    port = subprocess.run([*base, "port", "dashboard", "8050"], env=env, capture_output=True, text=True, check=True)
-    with urllib.request.urlopen(f"http://{port.stdout.strip()}/", timeout=30) as page:
+    port = federation.run("port", "dashboard", "8050").stdout.strip()
+    with urllib.request.urlopen(f"http://{port}/", timeout=30) as page:
         assert page.status == 200
+
+
+def test_institution_site_joins_with_its_own_key(federation: Project, compose_cmd: list[str], tmp_path: Path) -> None:
+    """deploy/site/docker-compose.yml as a hospital runs it: host key files, host data dir, registered key."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "ca.crt").write_text(federation.run("exec", "-T", "superlink", "cat", "/keys/ca.crt").stdout)
+    site_keys = generate_pki(tmp_path / "own-pki", ["unused"], ["site-d"]).sites["site-d"]
+    shutil.copy2(site_keys.private_key, keys / "auth.key")
+
+    # The centre registers the public key over the published, TLS-protected Control API.
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    address = federation.run("port", "superlink", "9092").stdout.strip()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "centre"\n\n[superlink.centre]\naddress = "{address}"\n'
+        f'root-certificates = "{keys / "ca.crt"}"\n', encoding="utf-8")
+    flwr_env = {**os.environ, "FLWR_HOME": str(home)}
+
+    def flwr(*args: str) -> dict:
+        out = subprocess.run([str(BIN / "flwr"), *args, "centre", "--format", "json"], env=flwr_env,
+                             capture_output=True, text=True, timeout=60, check=False)
+        return json.loads(out.stdout)
+
+    registered = flwr("supernode", "register", str(site_keys.public_key), "--name", "site-d")
+    assert registered.get("success"), registered
+
+    config = tmp_path / "site-d.toml"
+    config.write_text(re.sub(r'(?m)^name = .*$', 'name = "site-d"',
+                             (ROOT / "deploy" / "sites" / "site-b.toml").read_text(encoding="utf-8")), encoding="utf-8")
+    data = tmp_path / "site-d-data"
+    data.mkdir()
+    network = tmp_path / "network.yml"  # a hospital reaches the SuperLink by DNS; here: the demo's network
+    network.write_text(f"networks:\n  default:\n    external: true\n    name: {federation.name}_default\n")
+    env = {"FEDSENSE_IMAGE": IMAGE, "FEDSENSE_SITE": "site-d", "FEDSENSE_SUPERLINK": "superlink:9092",
+           "FEDSENSE_KEYS": str(keys), "FEDSENSE_SITE_CONFIG": str(config), "FEDSENSE_DATA": str(data)}
+    files = [ROOT / "deploy" / "site" / "docker-compose.yml", network]
+    with _project(compose_cmd, files, tmp_path, env) as site:
+        site.run("up", "-d", timeout=RUN_TIMEOUT)
+        node_id = str(registered["node-id"])
+        deadline = time.monotonic() + 300
+        status = ""
+        while time.monotonic() < deadline and status != "online":
+            nodes = {n["node-id"]: n["status"] for n in flwr("supernode", "list").get("nodes", [])}
+            status = nodes.get(node_id, "")
+            time.sleep(2)
+        assert status == "online", site.run("logs", "--no-color", check=False).stdout[-6000:]
+        demo = list((data / "demo" / "site-d").iterdir())
+        assert demo, "no demo data generated in the host data directory"
+        assert {p.stat().st_uid for p in demo} == {os.getuid() or IMAGE_UID}

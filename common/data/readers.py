@@ -35,7 +35,17 @@ _FOREGROUND_LEVEL = 0.10
 # Slices per read while scanning a NIfTI volume: bounded memory, sequential (gzip-friendly) reads.
 _SCAN_SLAB = 16
 
-_NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+_NIFTI_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,  # a damaged header (unknown data type code, bad vox_offset)
+)
+# What h5py raises for a damaged file: libhdf5 errors surface as OSError, RuntimeError or ValueError, and a
+# damaged object table can turn a dataset into another kind of object (TypeError when indexed).
+_H5_ERRORS = (OSError, RuntimeError, ValueError, TypeError, KeyError)
 
 _BRATS_UNDERSCORE = re.compile(r"^(BraTS.+?)_(t1|t1ce|t2|flair)\.nii(?:\.gz)?$")
 _BRATS_DASH = re.compile(r"^(BraTS-[A-Za-z]+-\d+)-\d+-(t1n|t1c|t2w|t2f)\.nii(?:\.gz)?$")
@@ -248,7 +258,9 @@ class FastMRIReader(SliceReader):
                 volume_max = float(f.attrs["max"]) if "max" in f.attrs else None
                 subject = source.subject or _attr_str(f.attrs.get("patient_id"), default=path.stem)
                 num_slices = int(kspace.shape[0])
-        except OSError as exc:
+        except DataError:
+            raise
+        except _H5_ERRORS as exc:
             raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
         acquired = geometry.acquired_columns if geometry is not None else None
         if acquired is not None and not 0 <= acquired[0] < acquired[1] <= width:
@@ -266,7 +278,7 @@ class FastMRIReader(SliceReader):
                 target = None
                 if info.target_key is not None:
                     target = np.asarray(f[info.target_key][example.slice_idx], dtype=np.float32)
-        except (OSError, KeyError) as exc:
+        except _H5_ERRORS as exc:
             raise DataError(f"{example.path}: cannot read slice {example.slice_idx}: {exc}") from exc
         if kspace.ndim == 2:
             kspace = kspace[np.newaxis]
@@ -367,7 +379,13 @@ def scan_nifti(path: Path, min_foreground: float = DEFAULT_MIN_FOREGROUND) -> Ni
     shape = img.shape
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise DataError(f"{path}: NIfTI has shape {shape}; expected a 3-D volume")
+    if min(shape) < 1:
+        raise DataError(f"{path}: NIfTI has shape {shape}; every dimension must be >= 1")
+    if not np.all(np.isfinite(img.affine)):
+        raise DataError(f"{path}: NIfTI affine contains NaN or Inf")
     codes = nib.aff2axcodes(img.affine)
+    if None in codes:  # a singular affine: some voxel axis points nowhere
+        raise DataError(f"{path}: NIfTI affine gives no orientation to every axis (axis codes {codes})")
     axial = next(i for i, c in enumerate(codes) if c in "SI")
     in_plane = [i for i in range(3) if i != axial]
     row_axis = next(i for i in in_plane if codes[i] in "AP")

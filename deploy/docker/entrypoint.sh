@@ -131,6 +131,6 @@ case "$role" in
     site) role_site "$@" ;;
     submit) exec python "$HELPERS/flwr_control.py" submit --superlink "$SUPERLINK" --run-dir "$RUNS/$RUN_NAME" "$@" ;;
     dashboard) role_dashboard "$@" ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) exec "$role" "$@" ;;
 esac

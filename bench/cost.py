@@ -1,0 +1,280 @@
+"""What federation costs: framework overhead per round, bytes per round, scaling with sites, fp16 updates.
+
+Sections (run one, or ``all``)::
+
+    python -m bench.cost overhead   # real Flower simulation: round wall time minus the sites' local compute
+    python -m bench.cost bytes      # model bytes on the wire per round and site, per model
+    python -m bench.cost scale      # 4, 8, 16, 32 simulated sites: round time and peak memory
+    python -m bench.cost fp16       # fp16 transport of weights and updates: bytes and quality
+
+The ClientApp does not record how long its local training took, so ``overhead`` measures the same
+local work (``common.training.train`` / ``evaluate`` on the same sites, model and config) in this
+process, with the same thread count, and subtracts it from the round times the ServerApp recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.serde import array_record_to_proto
+from torch import nn
+
+from bench.harness import (
+    TreeMemory,
+    emulate_fedavg,
+    machine_line,
+    markdown_table,
+    mean_std,
+    model_recon,
+    replicate_sites,
+    score_slices,
+    set_threads,
+    write_sites,
+)
+from common.data.dataset import SiteDataset
+from common.data.loaders import load_site, make_loader
+from common.models import build_model, count_parameters
+from common.runconfig import RunConfig
+from common.training import evaluate, train
+from server.simulate import simulate
+from server.store import GLOBAL_SITE, RunDir
+
+logger = logging.getLogger("bench.cost")
+
+# The quality benchmark's models (about equal parameter counts) and the product's defaults.
+BYTES_MODELS: dict[str, tuple[str, dict[str, int]]] = {
+    "U-Net (bench)": ("unet", {"chans": 16, "num_pool_layers": 2}),
+    "Unrolled-DC (bench)": ("unrolled", {"num_cascades": 4, "chans": 32, "num_layers": 5}),
+    "unet (default)": ("unet", {}),
+    "unrolled (default)": ("unrolled", {}),
+    "varnet (default)": ("varnet", {}),
+}
+OVERHEAD_MODEL = BYTES_MODELS["U-Net (bench)"]
+SCALE_MODEL = ("unet", {"chans": 8, "num_pool_layers": 2})
+
+
+def sim_config(sites: list[Path], run_dir: Path, rounds: int, local_steps: int, batch: int,
+               model: tuple[str, dict[str, int]]) -> RunConfig:
+    """A FedAvg run over all ``sites``, every site required in every round."""
+    return RunConfig.from_flat({
+        "name": run_dir.name, "num-server-rounds": rounds, "strategy": "fedavg", "proximal-mu": 0.0,
+        "model": model[0], "model-args": model[1], "local-steps": local_steps, "batch-size": batch,
+        "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites),
+        "sites": ",".join(str(p) for p in sites), "run-dir": str(run_dir), "num-samples": 0, "resume": False,
+    })
+
+
+def round_times(store: RunDir) -> dict[int, dict[str, float]]:
+    """Per round: wall time (end of the previous round's evaluation to the end of this one's) and the
+    ServerApp's own ``seconds`` for the train phase (send to aggregate) and the evaluate phase."""
+    records = [r for r in store.read_metrics(dedupe=True) if r["site"] == GLOBAL_SITE]
+    ends = {r["round"]: r["time"] for r in records if r["phase"] == "evaluate"}
+    out: dict[int, dict[str, float]] = {}
+    for rec in records:
+        rnd = rec["round"]
+        if rnd == 0 or rnd - 1 not in ends or rnd not in ends:
+            continue
+        out.setdefault(rnd, {"wall": ends[rnd] - ends[rnd - 1]})[rec["phase"]] = float(rec["seconds"])
+    return out
+
+
+def _median_seconds(func: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _local_round(run: RunConfig, splits: dict[str, SiteDataset]) -> None:
+    """One round of the ClientApp's local training (round 1's seeds), from a fresh model."""
+    torch.manual_seed(run.seed + 1)
+    model = build_model(run.model, **run.model_kwargs)
+    train(model, make_loader(splits["train"], run.batch_size, shuffle=True, seed=run.seed + 1),
+          steps=run.local_steps, lr=run.learning_rate, loss=run.loss)
+
+
+def _local_validation(run: RunConfig, splits: dict[str, SiteDataset], model: nn.Module) -> None:
+    """The ClientApp's validation pass."""
+    evaluate(model, make_loader(splits["val"], run.batch_size, shuffle=False, seed=run.seed), loss=run.loss)
+
+
+def local_compute(run: RunConfig, datasets: dict[str, dict[str, SiteDataset]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Per site, median seconds of one round's local training and of one validation pass, as the
+    ClientApp runs them (same model, steps, batch, seeds), measured in this process."""
+    model = build_model(run.model, **run.model_kwargs)
+    return {site: (_median_seconds(partial(_local_round, run, splits), repeats),
+                   _median_seconds(partial(_local_validation, run, splits, model), repeats))
+            for site, splits in datasets.items()}
+
+
+def wire_bytes(model: nn.Module) -> tuple[int, int]:
+    """(tensor bytes of the state dict, bytes of its serialised Flower ArrayRecord protobuf)."""
+    state = model.state_dict()
+    raw = sum(t.numel() * t.element_size() for t in state.values())
+    return raw, len(array_record_to_proto(ArrayRecord(state)).SerializeToString())
+
+
+def section_bytes(args: argparse.Namespace) -> None:
+    """Bytes each site moves per round: the global model down for training, its update up, and the global
+    model down again for federated evaluation (FedSense evaluates every round)."""
+    rows = []
+    for label, (name, kwargs) in BYTES_MODELS.items():
+        model = build_model(name, **kwargs)
+        raw, proto = wire_bytes(model)
+        half = wire_bytes(model.half())[1]
+        rows.append((label, f"{count_parameters(model):,}", f"{raw:,}", f"{proto:,}", f"{2 * proto:,}",
+                     f"{3 * proto:,}", f"{3 * half:,}"))
+    print("\n### Bytes per round per site (ArrayRecord protobuf; gRPC framing and TLS not included)\n")
+    print(markdown_table(("model", "params", "state_dict bytes", "ArrayRecord bytes", "train down+up",
+                          "+ evaluate down", "all three in fp16"), rows))
+
+
+def section_overhead(args: argparse.Namespace) -> None:
+    """Real simulation of the three demo sites; overhead = recorded round time minus local compute."""
+    out = args.out / "overhead"
+    shutil.rmtree(out, ignore_errors=True)
+    sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
+    run = sim_config(sites, out / "run", args.rounds, args.local_steps, args.batch, OVERHEAD_MODEL)
+    start = time.perf_counter()
+    store = simulate(run, timeout=1800, report=logger.info)
+    total = time.perf_counter() - start
+    datasets = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
+    compute = local_compute(run, datasets, args.repeats)  # type: ignore[arg-type]
+    fit = [c[0] for c in compute.values()]
+    val = [c[1] for c in compute.values()]
+    print(f"\n### Federation overhead: {len(sites)} sites, {OVERHEAD_MODEL[0]} {OVERHEAD_MODEL[1]}, "
+          f"{args.size}², {args.local_steps} local steps x batch {args.batch}, {args.rounds} rounds\n")
+    print(markdown_table(("site", "train slices", "local train s / round", "local validation s / round"),
+                         ((s, len(datasets[s]["train"]), f"{c[0]:.2f}", f"{c[1]:.2f}") for s, c in compute.items())))
+    rows, steady = [], []
+    for rnd, t in sorted(round_times(store).items()):
+        over = (t["train"] - max(fit), t["train"] - sum(fit), t["evaluate"] - sum(val), t["wall"] - sum(fit) - sum(val))
+        rows.append((rnd, f"{t['wall']:.2f}", f"{t['train']:.2f}", f"{t['evaluate']:.2f}", *(f"{o:.2f}" for o in over)))
+        if rnd > 1:
+            steady.append(over)
+    print()
+    print(markdown_table(("round", "wall s", "train phase s", "evaluate phase s", "train − slowest site",
+                          "train − all sites", "evaluate − all sites", "wall − all local work"), rows))
+    medians = [statistics.median(o[i] for o in steady) for i in range(4)] if steady else [float("nan")] * 4
+    print(f"\nmedian over rounds 2..{args.rounds} (round 1 also loads each site's data and warms up): "
+          f"train − slowest site {medians[0]:.2f} s, train − all sites {medians[1]:.2f} s, "
+          f"wall − all local work {medians[3]:.2f} s per round. Simulated sites run one after another here "
+          f"(Flower's default 2 CPUs per simulated client on a {torch.get_num_threads()}-thread budget and "
+          f"a 2-core machine), so 'train − all sites' is the framework's own cost; 'train − slowest site' is "
+          f"what a round would cost above local work if the sites ran in parallel with this overhead.")
+    print(f"whole simulation: {total:.1f} s wall, of which start-up before round 1 and shut-down take "
+          f"{total - sum(t['wall'] for t in round_times(store).values()):.1f} s")
+
+
+def section_scale(args: argparse.Namespace) -> None:
+    """4..32 tiny sites (copies of the three demo sites), tiny model, 2 rounds: round time and memory."""
+    out = args.out / "scale"
+    shutil.rmtree(out, ignore_errors=True)
+    templates = write_sites(out / "templates", size=32, subjects=3, slices=2)
+    rows, first = [], None
+    for count in args.sites:
+        sites = replicate_sites(templates, count, out / f"n{count}" / "sites")
+        run = sim_config(sites, out / f"n{count}" / "run", 2, 2, 2, SCALE_MODEL)
+        start = time.perf_counter()
+        with TreeMemory(0.5) as memory:
+            store = simulate(run, timeout=1800, report=logger.info)
+        total = time.perf_counter() - start
+        times = round_times(store)
+        per_round = statistics.mean(t["wall"] for t in times.values())
+        first = first or (count, per_round, memory.peak_pss_kib)
+        rows.append((count, f"{total:.1f}", f"{per_round:.2f}", f"{per_round / count:.2f}",
+                     f"{memory.peak_rss_kib / 1024:.0f}", f"{memory.peak_pss_kib / 1024:.0f}",
+                     memory.peak_processes,
+                     f"{(memory.peak_pss_kib - first[2]) / 1024 / max(count - first[0], 1):.1f}" if count != first[0] else "-"))
+    print(f"\n### Scale: {SCALE_MODEL[0]} {SCALE_MODEL[1]}, 32² sites (3 subjects x 2 slices), 2 rounds x 2 local "
+          f"steps, FedAvg, every site in every round; memory of this process and all its descendants, sampled "
+          f"every 0.5 s\n")
+    print(markdown_table(("sites", "simulation s", "round s (mean)", "round s per site", "peak RSS sum MiB",
+                          "peak PSS sum MiB", "processes at peak", "PSS MiB per added site"), rows))
+
+
+def section_fp16(args: argparse.Namespace) -> None:
+    """Quality cost of fp16 transport, measured with the quality benchmark's R = 4 sites and budget."""
+    out = args.out / "fp16"
+    shutil.rmtree(out, ignore_errors=True)
+    sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=4)
+    datasets = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
+    rows = []
+    for label in ("U-Net (bench)", "Unrolled-DC (bench)"):
+        model = BYTES_MODELS[label]
+        run = sim_config(sites, out / "unused", args.fp16_rounds, args.fp16_local_steps, args.batch, model)
+        results: dict[bool, list[Any]] = {}
+        for fp16 in (False, True):
+            net = build_model(model[0], **model[1])
+            for _, state in emulate_fedavg(run, datasets, fp16):  # type: ignore[arg-type]
+                net.load_state_dict(state)
+            recon = model_recon(net)
+            results[fp16] = [s for d in datasets.values()
+                             for s in score_slices(recon, make_loader(d["test"], 4, shuffle=False, seed=0))]
+        diff = np.array([b.psnr - a.psnr for a, b in zip(results[False], results[True])])
+        raw = wire_bytes(build_model(model[0], **model[1]))[1]
+        half = wire_bytes(build_model(model[0], **model[1]).half())[1]
+        rows.append((label, mean_std([s.psnr for s in results[False]], 2), mean_std([s.psnr for s in results[True]], 2),
+                     f"{diff.mean():+.3f} (max abs {np.abs(diff).max():.3f})",
+                     mean_std([s.ssim for s in results[False]], 4), mean_std([s.ssim for s in results[True]], 4),
+                     f"{raw:,} → {half:,}"))
+    print(f"\n### fp16 transport: FedAvg emulated in-process, R = 4 demo sites, {args.fp16_rounds} rounds x "
+          f"{args.fp16_local_steps} local steps x batch {args.batch}; test split, mean ± std over slices\n")
+    print(markdown_table(("model", "PSNR fp32", "PSNR fp16", "ΔPSNR per slice dB", "SSIM fp32", "SSIM fp16",
+                          "bytes per transfer"), rows))
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "overhead": section_overhead, "bytes": section_bytes, "scale": section_scale, "fp16": section_fp16,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; each section's defaults finish in a few minutes on two cores."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-cost"), help="sites, data and run dirs")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--slices", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the overhead simulation")
+    parser.add_argument("--local-steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each local-compute measurement")
+    parser.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16, 32], help="site counts of 'scale'")
+    parser.add_argument("--fp16-rounds", type=int, default=8)
+    parser.add_argument("--fp16-local-steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the requested sections and print their tables."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    set_threads(args.threads)
+    print(f"# bench.cost — {machine_line(args.threads)}")
+    names = list(SECTIONS) if "all" in args.sections else args.sections
+    for name in names:
+        start = time.perf_counter()
+        SECTIONS[name](args)
+        print(f"\n({name}: {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
