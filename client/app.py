@@ -6,6 +6,7 @@ Only the model weights and scalar metrics leave the site; images, k-space and fi
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -49,6 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
     loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round)
+    started = time.perf_counter()
     result = train_model(
         model,
         loader,
@@ -59,7 +61,9 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=mu,
     )
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
-    metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps}
+    # compute-seconds lets the server separate local compute from federation overhead per round.
+    metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
+               "compute-seconds": time.perf_counter() - started}
     return _reply(msg, site, metrics, model)
 
 
@@ -70,6 +74,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
     num_samples = run.num_samples if run.sample_dir else 0
+    started = time.perf_counter()
     result = evaluate_model(
         model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples
     )
@@ -77,5 +82,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         # Sample images stay on this machine: written to a site-local directory, never sent.
         save_samples(run.sample_dir, server_round, site, result.samples)
     logger.info("site %s round %d: %s", site, server_round, result.metrics)
-    metrics = {"num-examples": result.num_examples, **result.metrics}
+    metrics = {"num-examples": result.num_examples, **result.metrics,
+               "compute-seconds": time.perf_counter() - started}
     return _reply(msg, site, metrics, None)

@@ -32,13 +32,20 @@ BRATS_ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
 IXI_CONTRASTS = ("T1", "T2", "PD")
 IXI_HOSPITALS = ("Guys", "HH", "IOP")
 
-MatrixSide = Annotated[int, Field(ge=16)]
+# Upper bounds keep a typo (matrix = [64000, 64000], coils = 10000) from becoming a site that passes validation
+# and then dies allocating tens of GiB in its first training step.
+MatrixSide = Annotated[int, Field(ge=16, le=1024)]
+MAX_COILS = 128
 
 
 class _Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, so a misspelt key cannot be silently ignored."""
+    """Base of every config section: unknown keys are errors, so a misspelt key cannot be silently ignored.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    NaN and infinity are refused too: no setting means anything at infinity, and ``noise_std = inf`` would
+    silently turn every simulated sample into NaN.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitConfig(_Strict):
@@ -68,7 +75,7 @@ class ScannerConfig(_Strict):
     """
 
     field_strength_t: float = Field(gt=0.0)
-    coils: int = Field(ge=1)
+    coils: int = Field(ge=1, le=MAX_COILS)
     matrix: tuple[MatrixSide, MatrixSide] = (128, 128)
     noise_std: float = Field(0.0, ge=0.0)
     mask: str
@@ -109,7 +116,10 @@ class SiteConfig(_Strict):
     @classmethod
     def _resolve(cls, value: Path, info: ValidationInfo) -> Path:
         base = (info.context or {}).get("base_dir")
-        value = value.expanduser()
+        try:
+            value = value.expanduser()
+        except RuntimeError as exc:  # "~someone/..." for a user this machine does not know
+            raise ValueError(f"cannot expand {str(value)!r}: {exc}") from None
         if not value.is_absolute() and base is not None:
             value = Path(base) / value
         return value.resolve()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -68,14 +69,22 @@ def _global_record(
         "sites": sorted(r["site"] for r in site_records),
         "rejected": [{"site": r.site, "reason": r.reason} for r in rejected],
         "seconds": seconds,
+        # Wall time of the phase beyond the slowest site's own compute: what federation costs.
+        "overhead_seconds": seconds - max((r["metrics"].get("compute-seconds", 0.0) for r in site_records), default=0.0),
     }
 
 
-def _error_rejections(replies: list[Message]) -> tuple[list[Message], list[Rejection]]:
+def _error_rejections(replies: list[Message], sent: Mapping[str, int]) -> tuple[list[Message], list[Rejection]]:
+    """Split off error replies, naming the node each request went to.
+
+    The SuperLink itself answers for a node that stopped heartbeating ("node unavailable"), from its
+    own node id; ``sent`` (request message id -> destination node) names the node that died instead.
+    """
     ok, bad = [], []
     for msg in replies:
         if msg.has_error():
-            bad.append(Rejection(f"node-{msg.metadata.src_node_id}", f"error reply: {msg.error.reason}"))
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            bad.append(Rejection(f"node-{node}", f"error reply: {msg.error.reason}"))
         else:
             ok.append(msg)
     return ok, bad
@@ -101,6 +110,25 @@ class Federation:
                 )
             time.sleep(1.0)
 
+    def _send(self, messages: Iterable[Message]) -> tuple[list[Message], list[Rejection]]:
+        """Send one phase's messages and collect the replies until ``round-timeout``.
+
+        Returns the replies that are not errors, and a rejection for every node that sent an error
+        or nothing in time (so the round's record accounts for every site it asked).
+        """
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
+        # The grid stamps each message with its id while sending it.
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        ok, failed = _error_rejections(replies, sent)
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        silent = [
+            Rejection(f"node-{node}", f"no reply within round-timeout ({self.run.round_timeout:g} s)")
+            for message_id, node in sent.items()
+            if message_id not in answered
+        ]
+        return ok, failed + silent
+
     def _train_config(self) -> ConfigRecord:
         # FedProx injects its own mu; robust aggregators may still be combined with a proximal term.
         mu = self.run.proximal_mu if self.run.strategy != "fedavg" else 0.0
@@ -112,9 +140,7 @@ class Federation:
             return None
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
         t0 = time.time()
-        messages = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
-        ok, failed = _error_rejections(replies)
+        ok, failed = self._send(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid))
         if len(ok) < self.run.min_evaluate_nodes:
             raise RoundFailed(
                 f"round {rnd}: evaluation needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
@@ -129,9 +155,9 @@ class Federation:
         """One round of local training at the sites and aggregation of the valid updates."""
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_train_nodes))
         t0 = time.time()
-        messages = self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
+        replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
         valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
+        rejected = failed + rejected
         if len(valid) < self.run.min_train_nodes:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no reply in time"
             raise RoundFailed(

@@ -1,18 +1,19 @@
 """A local Flower deployment for reliability tests: one SuperLink and one SuperNode per site, as real processes.
 
-Unlike ``server.simulate`` (Flower's simulation runtime, one process), every piece here is the
-process a hospital deployment runs: ``flower-superlink`` (Fleet, Control and Runtime APIs on one
-HTTP port; it starts the ServerApp), and per site a ``flower-supernode`` with
-``--node-config site-config=...`` (it starts a ClientApp process per message). Each runs in its
-own process group so a test can SIGKILL one machine's worth of processes, as a crash would, and
-the context manager kills every group it started on exit, whatever happened in between.
-TLS is left out on purpose (tests/test_transport.py covers it); the SuperLink is bound to 127.0.0.1.
+Unlike ``server.simulate`` (Flower's simulation runtime), every piece here is the process a
+hospital deployment runs: ``flower-superlink`` (Fleet, Control and Runtime APIs on one HTTP port;
+it starts the ServerApp), and per site a ``flower-supernode`` with ``--node-config
+site-config=...`` (it starts a ClientApp process per message). Each runs in its own process group,
+so a test can SIGKILL one machine's worth of processes at once, as a crash would; leaving the
+context manager SIGKILLs every group it started, whatever happened in between. TLS is left out on
+purpose (tests/test_transport.py covers it); everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,57 +21,22 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from server.simulate import _toml_value, find_project_dir, free_port
 
 CONNECTION = "fedsense-local"
 _BIN = Path(sys.executable).parent
+_NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
+
+T = TypeVar("T")
 
 
 class DeploymentError(RuntimeError):
     """The harness itself failed (a process did not start, a run did not end in time)."""
 
 
-def _kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    """Signal the whole process group of ``process`` (it started one: ``start_new_session``) and reap it."""
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=15)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def group_commands(pgid: int) -> list[str]:
-    """Command lines of the live processes in process group ``pgid`` (Linux ``/proc``)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            # Field 5 (pgrp) follows the parenthesised command name, which may itself hold spaces.
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
     """Poll ``predicate`` until it returns something truthy; ``DeploymentError`` naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -82,8 +48,34 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def group_commands(pgid: int) -> list[str]:
+    """Command lines of the live (non-zombie) processes in process group ``pgid``, from Linux ``/proc``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # After the parenthesised command name (which may hold spaces): state, ppid, pgrp, ...
+            state, _, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+            if state != "Z" and int(pgrp) == pgid:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue  # the process ended while we looked
+    return found
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``process`` leads (it was started with ``start_new_session``) and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
 class Deployment:
-    """An insecure local SuperLink plus named SuperNodes; everything started is SIGKILLed on exit."""
+    """An insecure local SuperLink plus named SuperNodes; every process group it started is SIGKILLed on exit."""
 
     def __init__(self, workdir: Path, project: Path | None = None) -> None:
         self.workdir = workdir
@@ -93,8 +85,9 @@ class Deployment:
         self.port = free_port()
         self.superlink: subprocess.Popen[bytes] | None = None
         self.supernodes: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: list[subprocess.Popen[bytes]] = []
         self._site_configs: dict[str, Path] = {}
-        self._started: list[subprocess.Popen[bytes]] = []
+        self._node_logs: dict[str, Path] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -118,9 +111,8 @@ class Deployment:
 
     def close(self) -> None:
         """SIGKILL every process group this deployment started (ServerApp and ClientApps included)."""
-        for process in reversed(self._started):
+        for process in reversed(self.started):
             _kill_group(process)
-        self._started.clear()
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower process: private FLWR_HOME, no ``uv sync``, no update check."""
@@ -130,11 +122,11 @@ class Deployment:
         env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        with open(self.logs / log_name, "ab") as log:
-            process = subprocess.Popen(command, cwd=self.workdir, env=self.env(), stdout=log,
+    def _spawn(self, command: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as stream:
+            process = subprocess.Popen(command, cwd=self.workdir, env=self.env(), stdout=stream,
                                        stderr=subprocess.STDOUT, start_new_session=True)
-        self._started.append(process)
+        self.started.append(process)
         return process
 
     # SuperLink ---------------------------------------------------------------------------------
@@ -146,11 +138,11 @@ class Deployment:
             "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.home / "state.db"),
             "--disable-runtime-dependency-installation",
         ]
-        self.superlink = self._spawn(command, "superlink.log")
+        link = self.superlink = self._spawn(command, self.logs / "superlink.log")
 
         def listening() -> bool:
-            if self.superlink is not None and self.superlink.poll() is not None:
-                raise DeploymentError(f"flower-superlink exited with {self.superlink.returncode}; see {self.logs}")
+            if link.poll() is not None:
+                raise DeploymentError(f"flower-superlink exited with {link.returncode}; see {self.logs}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return True
@@ -161,35 +153,42 @@ class Deployment:
 
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink's process group: the SuperLink and the ServerApp it runs die at once."""
-        if self.superlink is not None:
-            _kill_group(self.superlink)
+        assert self.superlink is not None
+        _kill_group(self.superlink)
 
     # SuperNodes --------------------------------------------------------------------------------
 
     def start_supernode(self, name: str, site_config: Path | None = None) -> None:
-        """Start the SuperNode of site ``name`` (``site_config`` needed the first time)."""
+        """Start (or restart) site ``name``'s SuperNode; ``site_config`` is needed the first time."""
         if site_config is not None:
             self._site_configs[name] = Path(site_config).resolve()
+        starts = sum(1 for p in self.logs.glob(f"supernode-{name}-*.log"))
+        self._node_logs[name] = self.logs / f"supernode-{name}-{starts + 1}.log"
         command = [
             str(_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
             "--node-config", f"site-config='{self._site_configs[name]}'",
-            "--port", str(free_port()),  # each SuperNode's local ClientApp Runtime API
+            "--port", str(free_port()),  # this SuperNode's local ClientApp Runtime API
         ]
-        self.supernodes[name] = self._spawn(command, f"supernode-{name}.log")
+        self.supernodes[name] = self._spawn(command, self._node_logs[name])
+
+    def node_id(self, name: str, timeout: float = 60) -> int:
+        """The SuperLink's id of site ``name``'s current SuperNode (a restart registers a new one)."""
+        log = self._node_logs[name]
+        match = wait_for(lambda: _NODE_ID.search(log.read_bytes()), timeout, f"{name}'s SuperNode to register")
+        return int(match.group(1))
 
     def kill_supernode(self, name: str) -> None:
-        """SIGKILL site ``name``'s SuperNode with its SuperExec and any running ClientApp."""
+        """SIGKILL site ``name``'s SuperNode together with its SuperExec and any running ClientApp."""
         _kill_group(self.supernodes[name])
-        wait_for(lambda: not _group_alive(self.supernodes[name].pid), 15, f"{name}'s processes to die")
 
     def clientapp_running(self, name: str) -> bool:
-        """Whether site ``name`` is executing a ClientApp right now (i.e. is mid-task)."""
+        """Whether site ``name`` is executing a ClientApp right now, i.e. is in the middle of a task."""
         return any("flwr-clientapp" in cmd for cmd in group_commands(self.supernodes[name].pid))
 
     # runs --------------------------------------------------------------------------------------
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
-        """A ``flwr`` CLI command against this SuperLink, with ``--format json``; its parsed output."""
+        """A ``flwr`` CLI command against this SuperLink with ``--format json``; its parsed output."""
         out = subprocess.run([str(_BIN / "flwr"), *args, "--format", "json"], cwd=self.project, env=self.env(),
                              capture_output=True, text=True, timeout=timeout, check=False)
         try:
@@ -212,6 +211,23 @@ class Deployment:
         return str(runs[0]["status"]) if runs else "missing"
 
     def wait_finished(self, run_id: int, timeout: float) -> str:
-        """Block until run ``run_id`` is finished; returns its status (``finished:completed`` etc.)."""
-        return str(wait_for(lambda: (s := self.status(run_id)).startswith("finished") and s, timeout,
-                            f"run {run_id} to finish (logs: {self.logs})", interval=2.0))
+        """Block until run ``run_id`` has finished; returns its status (``finished:completed`` etc.)."""
+        def finished() -> str:
+            status = self.status(run_id)
+            return status if status.startswith("finished") else ""
+
+        return wait_for(finished, timeout, f"run {run_id} to finish (logs: {self.logs})", interval=2.0)
+
+
+def tiny_run(run_dir: Path, rounds: int, **overrides: object) -> dict[str, object]:
+    """Run-config overrides for a fast federated run (a 4-channel U-Net, one local step per round).
+
+    Federated evaluation is off unless asked for: these tests are about who trains, and every
+    ClientApp task costs a process start.
+    """
+    return {
+        "name": "reliability", "num-server-rounds": rounds, "strategy": "fedavg",
+        "model-args": json.dumps({"chans": 4, "num_pool_layers": 2}), "local-steps": 1, "batch-size": 1,
+        "fraction-evaluate": 0.0, "max-eval-slices": 1, "node-wait-timeout": 60.0, "run-dir": str(run_dir),
+        "resume": False, **overrides,
+    }

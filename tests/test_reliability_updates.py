@@ -1,0 +1,278 @@
+"""Bad updates for real: the ServerApp against the real ClientApp, with one site's reply tampered with in transit.
+
+``LoopbackGrid`` is a Flower ``Grid`` that hands every message to the real ``client.app`` (one
+``Context`` per site, as a SuperNode builds it), so the sites really train on their demo data;
+it then lets a test corrupt one site's reply before the ServerApp sees it. The ServerApp's own
+``main`` runs the round, so validation, aggregation, the metrics store and the checkpoint are the
+product's. The check: the bad update is rejected with its reason recorded per site and round, and
+the checkpointed global model is exactly the aggregate of the honest sites.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app
+import server.app
+from common.runconfig import RunConfig
+from server.store import GLOBAL_SITE, RunDir
+
+MODEL_ARGS = {"chans": 4, "num_pool_layers": 2}
+RUN_ID = 7
+SERVER_NODE = 1
+
+# (request, honest reply) -> the reply the server receives instead (None: the reply is lost)
+Tamper = Callable[[Message, Message], Message | None]
+
+
+def arrays_of(reply: Message) -> dict[str, np.ndarray]:
+    """A reply's model weights as a fresh numpy dict."""
+    return {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+
+
+def forged(request: Message, reply: Message, arrays: dict[str, np.ndarray]) -> Message:
+    """``reply`` with its weights replaced by ``arrays`` (metrics and site name kept)."""
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+        "metrics": MetricRecord(dict(reply.content["metrics"])),
+        "site": ConfigRecord(dict(reply.content["site"])),
+    })
+    return Message(content, reply_to=request)
+
+
+def nan_weights(request: Message, reply: Message) -> Message:
+    arrays = arrays_of(reply)
+    first = next(iter(arrays))
+    arrays[first].flat[0] = np.nan
+    return forged(request, reply, arrays)
+
+
+def missing_key(request: Message, reply: Message) -> Message:
+    arrays = arrays_of(reply)
+    arrays.pop(sorted(arrays)[-1])
+    return forged(request, reply, arrays)
+
+
+def extra_key(request: Message, reply: Message) -> Message:
+    return forged(request, reply, {**arrays_of(reply), "backdoor.weight": np.ones(3, np.float32)})
+
+
+def wrong_shape(request: Message, reply: Message) -> Message:
+    arrays = arrays_of(reply)
+    key = next(k for k, v in arrays.items() if v.ndim == 4)
+    arrays[key] = arrays[key][:1].copy()
+    return forged(request, reply, arrays)
+
+
+def wrong_dtype(request: Message, reply: Message) -> Message:
+    arrays = arrays_of(reply)
+    key = next(iter(arrays))
+    arrays[key] = arrays[key].astype(np.float64)
+    return forged(request, reply, arrays)
+
+
+def boosted(request: Message, reply: Message) -> Message:
+    """A model-replacement attack: the site's update scaled up 1000x, every value still finite."""
+    start = {k: v.numpy() for k, v in request.content["arrays"].items()}
+    arrays = {k: start[k] + 1000.0 * (v - start[k]) for k, v in arrays_of(reply).items()}
+    return forged(request, reply, arrays)
+
+
+def crashed(request: Message, reply: Message) -> Message:
+    return Message(Error(code=0, reason="ClientApp raised: out of memory"), reply_to=request)
+
+
+def lost(request: Message, reply: Message) -> None:
+    return None
+
+
+class LoopbackGrid(Grid):
+    """Delivers each message to the real ClientApp of the destination site, in this process.
+
+    Messages are deep-copied both ways, so neither side can touch the other's objects (as on a
+    wire). ``tamper`` maps ``(round, site)`` to what replaces that site's reply; the honest
+    replies the server received are kept in ``received`` per round.
+    """
+
+    def __init__(self, sites: list[Path], run_config: dict[str, Any], tamper: dict[tuple[int, str], Tamper]) -> None:
+        self.contexts = {
+            100 + i: Context(RUN_ID, 100 + i, {"site-config": str(path)}, RecordDict(), run_config)
+            for i, path in enumerate(sites)
+        }
+        self.tamper = tamper
+        self.received: dict[int, dict[str, Message]] = {}
+        self._replies: dict[str, Message] = {}
+        self._sent = 0
+        self._run = Run.create_empty(RUN_ID)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            # Stamp the id on the caller's message, as Flower's grids do while pushing it.
+            message.metadata.__dict__["_message_id"] = f"m{self._sent}"
+            self._sent += 1
+            request = copy.deepcopy(message)
+            reply = copy.deepcopy(client.app.app(request, self.contexts[request.metadata.dst_node_id]))
+            rnd = int(request.content["config"]["server-round"])
+            site = str(reply.content["site"]["name"]) if reply.has_content() else ""
+            if (rnd, site) in self.tamper:
+                reply = self.tamper[(rnd, site)](request, reply)
+            elif request.metadata.message_type == "train":
+                self.received.setdefault(rnd, {})[site] = copy.deepcopy(reply)
+            if reply is not None:
+                self._replies[request.metadata.message_id] = reply
+            ids.append(request.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are stamped with the sending task's identity; here that is the ServerApp's."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SERVER_NODE)
+
+
+def run_serverapp(sites: list[Path], run_dir: Path, tamper: dict[tuple[int, str], Tamper],
+                  rounds: int = 1, **extra: object) -> tuple[LoopbackGrid, RunDir]:
+    """The real ServerApp ``main`` for ``rounds`` training rounds (no federated evaluation)."""
+    run = RunConfig.from_flat({
+        "name": "bad-updates", "num-server-rounds": rounds, "strategy": "fedavg", "model-args": json.dumps(MODEL_ARGS),
+        "local-steps": 1, "batch-size": 1, "learning-rate": 1e-2, "fraction-evaluate": 0.0,
+        "min-train-nodes": 2, "min-available-nodes": len(sites), "round-timeout": 60.0, "node-wait-timeout": 5.0,
+        "run-dir": str(run_dir), "resume": False, **extra,
+    })
+    grid = LoopbackGrid(sites, run.to_flat(), tamper)
+    server.app.main(grid, Context(RUN_ID, SERVER_NODE, {}, RecordDict(), run.to_flat()))
+    return grid, RunDir(run_dir)
+
+
+def train_summary(store: RunDir, rnd: int) -> dict[str, Any]:
+    return next(r for r in store.read_metrics() if r["round"] == rnd and r["phase"] == "train" and r["site"] == GLOBAL_SITE)
+
+
+def weighted_mean(replies: Iterable[Message]) -> dict[str, np.ndarray]:
+    """FedAvg computed independently: the num-examples-weighted mean, in float64."""
+    replies = list(replies)
+    weights = np.array([float(r.content["metrics"]["num-examples"]) for r in replies])
+    stacks = [arrays_of(r) for r in replies]
+    return {k: sum(w * s[k].astype(np.float64) for w, s in zip(weights, stacks)) / weights.sum() for k in stacks[0]}
+
+
+def checkpoint(store: RunDir, rnd: int) -> dict[str, np.ndarray]:
+    payload = torch.load(store.checkpoint_path(rnd), map_location="cpu", weights_only=True)
+    return {k: v.numpy() for k, v in payload["state_dict"].items()}
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason", "extra"),
+    [
+        (nan_weights, "non-finite values", {}),
+        (missing_key, "wrong keys (missing", {}),
+        (extra_key, "unexpected ['backdoor.weight']", {}),
+        (wrong_shape, "shape (1,", {}),
+        (wrong_dtype, "dtype float64 != float32", {}),
+        (boosted, "x median", {"norm-outlier-factor": 5.0}),
+    ],
+)
+def test_a_bad_update_is_rejected_and_leaves_the_global_model_to_the_honest_sites(
+    small_sites: list[Path], tmp_path: Path, tamper: Tamper, reason: str, extra: dict[str, object]
+) -> None:
+    grid, store = run_serverapp(small_sites, tmp_path / "run", {(1, "site-c"): tamper}, **extra)
+    honest = grid.received[1]
+    assert sorted(honest) == ["site-a", "site-b"]
+    summary = train_summary(store, 1)
+    assert summary["sites"] == ["site-a", "site-b"]
+    assert len(summary["rejected"]) == 1 and summary["rejected"][0]["site"] == "site-c"
+    assert reason in summary["rejected"][0]["reason"]
+    assert {r["site"] for r in store.read_metrics() if r["round"] == 1} == {"site-a", "site-b", GLOBAL_SITE}
+    expected, got = weighted_mean(honest.values()), checkpoint(store, 1)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert store.read_config()["status"] == "finished"
+
+
+def test_the_boosted_update_would_have_moved_the_model_without_the_norm_check(
+    small_sites: list[Path], tmp_path: Path
+) -> None:
+    """The control for the norm test: with the check off the same attack is aggregated and dominates."""
+    grid, store = run_serverapp(small_sites, tmp_path / "run", {(1, "site-c"): boosted})
+    assert train_summary(store, 1)["rejected"] == []
+    expected, got = weighted_mean(grid.received[1].values()), checkpoint(store, 1)
+    assert max(float(np.abs(got[k] - expected[k]).max()) for k in expected) > 1e-2
+
+
+def test_rejections_are_recorded_per_site_and_round(small_sites: list[Path], tmp_path: Path) -> None:
+    tamper = {(1, "site-c"): nan_weights, (2, "site-a"): wrong_shape, (3, "site-b"): crashed, (4, "site-c"): lost}
+    grid, store = run_serverapp(small_sites, tmp_path / "run", tamper, rounds=4)
+    node = {Path(str(c.node_config["site-config"])).stem: n for n, c in grid.contexts.items()}
+    rejected = {rnd: train_summary(store, rnd)["rejected"] for rnd in (1, 2, 3, 4)}
+    assert [r["site"] for r in rejected[1]] == ["site-c"] and "non-finite" in rejected[1][0]["reason"]
+    assert [r["site"] for r in rejected[2]] == ["site-a"] and "shape" in rejected[2][0]["reason"]
+    # A crashed or silent site sends no name: the record names its node, and what happened.
+    assert rejected[3] == [{"site": f"node-{node['site-b']}", "reason": "error reply: ClientApp raised: out of memory"}]
+    assert rejected[4] == [{"site": f"node-{node['site-c']}", "reason": "no reply within round-timeout (60 s)"}]
+    assert [train_summary(store, rnd)["sites"] for rnd in (1, 2, 3, 4)] == [
+        ["site-a", "site-b"], ["site-b", "site-c"], ["site-a", "site-c"], ["site-a", "site-b"]
+    ]
+    assert store.latest_checkpoint()[0] == 4
+
+
+def test_too_many_bad_updates_fail_the_round_with_the_reasons(small_sites: list[Path], tmp_path: Path) -> None:
+    tamper = {(1, "site-b"): nan_weights, (1, "site-c"): wrong_dtype}
+    with pytest.raises(Exception, match=r"round 1: 1 valid updates, 2 needed"):
+        run_serverapp(small_sites, tmp_path / "run", tamper)
+    config = RunDir(tmp_path / "run").read_config()
+    assert config["status"] == "failed"
+    error = config["status_detail"]["error"]
+    assert "site-b: " in error and "non-finite" in error and "site-c: " in error and "dtype" in error
+    assert not RunDir(tmp_path / "run").checkpoint_path(1).exists()
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg"])
+def test_robust_aggregation_keeps_a_finite_outlier_inside_the_honest_range(
+    small_sites: list[Path], tmp_path: Path, strategy: str
+) -> None:
+    """Validation passes the boosted update (norm check off); the robust aggregate still ignores it."""
+    grid, store = run_serverapp(small_sites, tmp_path / "run", {(1, "site-c"): boosted},
+                                strategy=strategy, **{"trim-beta": 0.34})
+    assert train_summary(store, 1)["sites"] == ["site-a", "site-b", "site-c"]
+    honest = [arrays_of(m) for m in grid.received[1].values()]
+    got = checkpoint(store, 1)
+    for key in got:
+        low = np.minimum(honest[0][key], honest[1][key])
+        high = np.maximum(honest[0][key], honest[1][key])
+        assert np.all(got[key] >= low - 1e-6) and np.all(got[key] <= high + 1e-6), key
