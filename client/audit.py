@@ -9,13 +9,17 @@ MetricRecord's values and each ConfigRecord's values. The arrays themselves are 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+logger = logging.getLogger(__name__)
 
 
 def describe(msg: Message) -> dict[str, Any]:
@@ -41,8 +45,18 @@ def audit_log_path(context: Context) -> Path | None:
 
 
 def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Run the ClientApp, then log what its reply carries before Flower sends it."""
-    reply = call_next(msg, context)
+    """Run the ClientApp, then log what its reply carries before Flower sends it.
+
+    A ClientApp exception becomes an error reply that names only the exception's type: left to
+    Flower, the exception's text and traceback (site file paths included) would go to the server,
+    unaudited. The details stay in this site's log.
+    """
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:
+        logger.exception("the ClientApp failed; the server is told only: %s", type(exc).__name__)
+        reason = f"{type(exc).__name__} at the site (details in the site's log)"
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
     path = audit_log_path(context)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ they run), submits the run, follows it until it ends, and stops everything it st
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -30,6 +31,9 @@ from server.store import GLOBAL_SITE, RunDir
 logger = logging.getLogger(__name__)
 
 CONNECTION = "fedsense-sim"
+_PR_SET_PDEATHSIG = 1
+# Loaded here, not in the forked child, which must do as little as possible before it execs.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def find_project_dir() -> Path:
@@ -56,6 +60,18 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: have Linux SIGKILL it when the thread that started it ends.
+
+    That thread is the caller of :func:`simulate`, which waits for the run; so in effect, when
+    ``fedsense simulate`` dies. Without this a killed ``fedsense simulate`` (SIGKILL runs no
+    cleanup) leaves its SuperLink, in a session of its own, running the simulation and writing to
+    the run directory, and a restart on that directory would have two writers. (The SuperLink's
+    own children exit when it does: Flower starts them with ``--parent-pid``.)
+    """
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _bin(name: str) -> str:
@@ -86,7 +102,7 @@ class SimulationSuperLink:
         ]
         self.process = subprocess.Popen(
             command, cwd=self.cwd, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent if _LIBC is not None else None,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -3,10 +3,11 @@
 Unlike ``server.simulate`` (Flower's simulation runtime), every piece here is the process a
 hospital deployment runs: ``flower-superlink`` (Fleet, Control and Runtime APIs on one HTTP port;
 it starts the ServerApp), and per site a ``flower-supernode`` with ``--node-config
-site-config=...`` (it starts a ClientApp process per message). Each runs in its own process group,
-so a test can SIGKILL one machine's worth of processes at once, as a crash would; leaving the
-context manager SIGKILLs every group it started, whatever happened in between. TLS is left out on
-purpose (tests/test_transport.py covers it); everything listens on 127.0.0.1 only.
+site-config=...`` (it starts a ClientApp process per message). A test kills one machine's worth
+of processes (a process and everything it started) with SIGKILL at once, as a crash would;
+leaving the context manager does the same to everything it started, whatever happened in
+between. TLS is left out on purpose (tests/test_transport.py covers it); everything listens on
+127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from server.simulate import _toml_value, find_project_dir, free_port
 
@@ -48,34 +49,74 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
-def group_commands(pgid: int) -> list[str]:
-    """Command lines of the live (non-zombie) processes in process group ``pgid``, from Linux ``/proc``."""
-    found = []
+def _processes() -> dict[int, tuple[int, str]]:
+    """Every live (non-zombie) process: pid -> (parent pid, command line), from Linux ``/proc``."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            # After the parenthesised command name (which may hold spaces): state, ppid, pgrp, ...
-            state, _, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
-            if state != "Z" and int(pgrp) == pgid:
-                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            # After the parenthesised command name (which may hold spaces): state, ppid, ...
+            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+            if state != "Z":
+                found[int(entry.name)] = (int(ppid), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
         except (OSError, ValueError):
             continue  # the process ended while we looked
     return found
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group ``process`` leads (it was started with ``start_new_session``) and reap it."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def process_tree(pid: int) -> dict[int, str]:
+    """``pid`` and all its live descendants, with their command lines.
+
+    Flower detaches some children into sessions of their own (the SuperLink's SuperExec), so a
+    process group does not hold everything a process started; parent links do.
+    """
+    processes = _processes()
+    tree, frontier = {}, [pid]
+    while frontier:
+        current = frontier.pop()
+        if current in processes:
+            tree[current] = processes[current][1]
+            frontier += [child for child, (parent, _) in processes.items() if parent == current]
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (non-zombie) process."""
+    return pid in _processes()
+
+
+def kill_survivors(tree: dict[int, str]) -> None:
+    """SIGKILL the processes of ``tree`` (from :func:`process_tree`) that are still alive.
+
+    A pid counts as the same process only while its command line is unchanged (pids get reused).
+    """
+    now = _processes()
+    for pid, cmd in tree.items():
+        if pid in now and now[pid][1] == cmd:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> set[int]:
+    """SIGKILL ``process`` and everything it started, all at once (a crash); returns the pids killed."""
+    killed: set[int] = set()
+    for _ in range(2):  # a second pass catches a child forked while the first one ran
+        for pid in process_tree(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
     process.wait(timeout=30)
+    return killed
 
 
 class Deployment:
-    """An insecure local SuperLink plus named SuperNodes; every process group it started is SIGKILLed on exit."""
+    """An insecure local SuperLink plus named SuperNodes; everything it started is SIGKILLed on exit."""
 
     def __init__(self, workdir: Path, project: Path | None = None) -> None:
         self.workdir = workdir
@@ -86,12 +127,13 @@ class Deployment:
         self.superlink: subprocess.Popen[bytes] | None = None
         self.supernodes: dict[str, subprocess.Popen[bytes]] = {}
         self.started: list[subprocess.Popen[bytes]] = []
+        self.killed: set[int] = set()
         self._site_configs: dict[str, Path] = {}
         self._node_logs: dict[str, Path] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> "Deployment":
+    def __enter__(self) -> Self:
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
@@ -110,9 +152,9 @@ class Deployment:
         self.close()
 
     def close(self) -> None:
-        """SIGKILL every process group this deployment started (ServerApp and ClientApps included)."""
+        """SIGKILL every process this deployment started and all of theirs (ServerApp, ClientApps)."""
         for process in reversed(self.started):
-            _kill_group(process)
+            self.killed |= kill_tree(process)
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower process: private FLWR_HOME, no ``uv sync``, no update check."""
@@ -152,9 +194,9 @@ class Deployment:
         wait_for(listening, 60, "flower-superlink to listen")
 
     def kill_superlink(self) -> None:
-        """SIGKILL the SuperLink's process group: the SuperLink and the ServerApp it runs die at once."""
+        """SIGKILL the SuperLink, its SuperExec and the ServerApp it runs, at once."""
         assert self.superlink is not None
-        _kill_group(self.superlink)
+        self.killed |= kill_tree(self.superlink)
 
     # SuperNodes --------------------------------------------------------------------------------
 
@@ -178,12 +220,12 @@ class Deployment:
         return int(match.group(1))
 
     def kill_supernode(self, name: str) -> None:
-        """SIGKILL site ``name``'s SuperNode together with its SuperExec and any running ClientApp."""
-        _kill_group(self.supernodes[name])
+        """SIGKILL site ``name``'s SuperNode, its SuperExec and any running ClientApp, at once."""
+        self.killed |= kill_tree(self.supernodes[name])
 
     def clientapp_running(self, name: str) -> bool:
         """Whether site ``name`` is executing a ClientApp right now, i.e. is in the middle of a task."""
-        return any("flwr-clientapp" in cmd for cmd in group_commands(self.supernodes[name].pid))
+        return any("flwr-clientapp" in cmd for cmd in process_tree(self.supernodes[name].pid).values())
 
     # runs --------------------------------------------------------------------------------------
 

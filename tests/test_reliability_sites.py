@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from deployment import Deployment, alive, tiny_run, wait_for
 
-from deployment import Deployment, group_commands, tiny_run, wait_for
 from server.store import GLOBAL_SITE, RunDir
 
 pytestmark = pytest.mark.slow
@@ -46,9 +46,8 @@ def test_a_killed_site_is_left_out_of_its_round_and_rejoins_after_a_restart(
         dead = kill_site_mid_task(deployment, store, "site-c")
         deployment.start_supernode("site-c")
         status = deployment.wait_finished(run_id, 400)
-        groups = [process.pid for process in deployment.started]
     assert status == "finished:completed"
-    assert not [cmd for pgid in groups for cmd in group_commands(pgid)], "the harness left processes behind"
+    assert deployment.killed and not [pid for pid in deployment.killed if alive(pid)], "processes left behind"
 
     first, second = train_summary(store, 1), train_summary(store, 2)
     assert first["sites"] == ["site-a", "site-b"]

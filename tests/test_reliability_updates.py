@@ -19,7 +19,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -27,6 +37,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import client.app
 import server.app
 from common.runconfig import RunConfig
+from server.federation import RoundFailed
 from server.store import GLOBAL_SITE, RunDir
 
 MODEL_ARGS = {"chans": 4, "num_pool_layers": 2}
@@ -61,7 +72,7 @@ def nan_weights(request: Message, reply: Message) -> Message:
 
 def missing_key(request: Message, reply: Message) -> Message:
     arrays = arrays_of(reply)
-    arrays.pop(sorted(arrays)[-1])
+    arrays.pop(max(arrays))
     return forged(request, reply, arrays)
 
 
@@ -91,19 +102,20 @@ def boosted(request: Message, reply: Message) -> Message:
 
 
 def crashed(request: Message, reply: Message) -> Message:
+    """The site's ClientApp failed: Flower sends an error reply instead of the update."""
     return Message(Error(code=0, reason="ClientApp raised: out of memory"), reply_to=request)
 
 
 def lost(request: Message, reply: Message) -> None:
-    return None
+    """The reply never arrives (a site that hangs, or a network that drops it)."""
 
 
 class LoopbackGrid(Grid):
     """Delivers each message to the real ClientApp of the destination site, in this process.
 
     Messages are deep-copied both ways, so neither side can touch the other's objects (as on a
-    wire). ``tamper`` maps ``(round, site)`` to what replaces that site's reply; the honest
-    replies the server received are kept in ``received`` per round.
+    wire). ``tamper`` maps ``(round, site)`` to what replaces that site's training reply; the
+    honest training replies the server received are kept in ``received`` per round.
     """
 
     def __init__(self, sites: list[Path], run_config: dict[str, Any], tamper: dict[tuple[int, str], Tamper]) -> None:
@@ -141,10 +153,11 @@ class LoopbackGrid(Grid):
             reply = copy.deepcopy(client.app.app(request, self.contexts[request.metadata.dst_node_id]))
             rnd = int(request.content["config"]["server-round"])
             site = str(reply.content["site"]["name"]) if reply.has_content() else ""
-            if (rnd, site) in self.tamper:
-                reply = self.tamper[(rnd, site)](request, reply)
-            elif request.metadata.message_type == "train":
-                self.received.setdefault(rnd, {})[site] = copy.deepcopy(reply)
+            if request.metadata.message_type == MessageType.TRAIN:
+                if (rnd, site) in self.tamper:
+                    reply = self.tamper[(rnd, site)](request, reply)
+                else:
+                    self.received.setdefault(rnd, {})[site] = copy.deepcopy(reply)
             if reply is not None:
                 self._replies[request.metadata.message_id] = reply
             ids.append(request.metadata.message_id)
@@ -253,7 +266,7 @@ def test_rejections_are_recorded_per_site_and_round(small_sites: list[Path], tmp
 
 def test_too_many_bad_updates_fail_the_round_with_the_reasons(small_sites: list[Path], tmp_path: Path) -> None:
     tamper = {(1, "site-b"): nan_weights, (1, "site-c"): wrong_dtype}
-    with pytest.raises(Exception, match=r"round 1: 1 valid updates, 2 needed"):
+    with pytest.raises(RoundFailed, match=r"round 1: 1 valid updates, 2 needed"):
         run_serverapp(small_sites, tmp_path / "run", tamper)
     config = RunDir(tmp_path / "run").read_config()
     assert config["status"] == "failed"
@@ -276,3 +289,22 @@ def test_robust_aggregation_keeps_a_finite_outlier_inside_the_honest_range(
         low = np.minimum(honest[0][key], honest[1][key])
         high = np.maximum(honest[0][key], honest[1][key])
         assert np.all(got[key] >= low - 1e-6) and np.all(got[key] <= high + 1e-6), key
+
+
+def test_a_site_whose_clientapp_fails_tells_the_server_only_the_error_type(
+    small_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The privacy boundary holds for failures too: no site path or traceback travels, and it is audited."""
+    broken = tmp_path / "site-x.toml"
+    broken.write_text(small_sites[0].read_text(encoding="utf-8").replace('name = "site-a"', 'name = "site-x"')
+                      .replace(str(small_sites[0].parent / "data" / "site-a"), str(tmp_path / "gone")))
+    audit = tmp_path / "egress.jsonl"
+    monkeypatch.setenv("FEDSENSE_AUDIT_LOG", str(audit))
+    grid, store = run_serverapp([*small_sites, broken], tmp_path / "run", {})
+    node = next(n for n, c in grid.contexts.items() if c.node_config["site-config"] == str(broken))
+    assert train_summary(store, 1)["rejected"] == [
+        {"site": f"node-{node}", "reason": "error reply: DataError at the site (details in the site's log)"}
+    ]
+    assert str(tmp_path) not in store.metrics_path.read_text()
+    errors = [json.loads(line) for line in audit.read_text().splitlines() if "error" in json.loads(line)]
+    assert errors == [{"time": errors[0]["time"], "type": "train", "error": "DataError at the site (details in the site's log)"}]
