@@ -35,6 +35,7 @@ from bench.quality import MODELS, run_config
 from common.data.dataset import SiteDataset
 from common.data.loaders import load_site, make_loader
 from common.models import build_model
+from common.runconfig import RunConfig
 from server.baseline import Baseline
 from server.simulate import simulate
 from server.store import RunDir
@@ -44,6 +45,12 @@ logger = logging.getLogger("bench.budget")
 
 def _checkpoint_state(store: RunDir, rnd: int) -> dict[str, torch.Tensor]:
     return torch.load(store.checkpoint_path(rnd), map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _variant(run: RunConfig, out: Path, kind: str, **update: object) -> RunConfig:
+    """``run`` under its own name and run directory ``<model>-<kind>``, with ``update`` applied."""
+    name = f"{run.model}-{kind}"
+    return run.model_copy(update={"name": name, "run_dir": str(out / name), **update})
 
 
 def site_psnr(model: str, model_args: dict[str, int], data: dict[str, dict[str, SiteDataset]],
@@ -59,7 +66,7 @@ def site_psnr(model: str, model_args: dict[str, int], data: dict[str, dict[str, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; the defaults take about ten minutes on two loaded cores."""
+    """Command-line options; the defaults take 7 – 10 minutes on two shared cores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-budget"))
     parser.add_argument("--acceleration", type=float, default=4.0)
@@ -98,18 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     rows, checks = [], []
     for label in args.models:
         model, model_args = MODELS[label]
-
         test_psnr = partial(site_psnr, model, model_args, data)
-        run = run_config(args, model, model_args, sites, out / f"{model}-x")
-        stores = {kind: Baseline(kind, run.model_copy(update={"run_dir": str(out / f"{model}-{kind}"),  # type: ignore[arg-type]
-                                                              "name": f"{model}-{kind}"})).execute()
+        run = run_config(args, model, model_args, sites, out / model)
+        stores = {kind: Baseline(kind, _variant(run, out, kind)).execute()  # type: ignore[arg-type]
                   for kind in ("local", "centralized")}
         fedavg = {}
         for rnd, state in emulate_fedavg(run, data):  # type: ignore[arg-type]
             if rnd in args.checkpoints:
                 fedavg[rnd] = {k: v.clone() for k, v in state.items()}
-        flower_run = run.model_copy(update={"num_server_rounds": args.checkpoints[0], "name": f"{model}-flower",
-                                            "run_dir": str(out / f"{model}-flower")})
+        flower_run = _variant(run, out, "flower", num_server_rounds=args.checkpoints[0])
         flower = _checkpoint_state(simulate(flower_run, timeout=1800, report=logger.info), args.checkpoints[0])
         emulated = fedavg[args.checkpoints[0]]
         weight_gap = max(float((flower[k] - emulated[k]).abs().max()) for k in flower)
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                        " / ".join(f"{flower_psnr[n]:.2f}" for n in names),
                        " / ".join(f"{v:.2f}" for v in test_psnr({n: emulated for n in names}).values())))
     print(f"\n### FedAvg emulation vs a real Flower simulation of the same config (test PSNR {' / '.join(names)})\n")
-    print(markdown_table(("model", "rounds", "max |Δweight|", "Flower PSNR", "emulated PSNR"), checks))
+    print(markdown_table(("model", "rounds", "max abs Δweight", "Flower PSNR", "emulated PSNR"), checks))
     print(f"\n### Test PSNR (dB, mean over slices, all sites pooled) against the budget; {smallest} is the smallest site\n")
     print(markdown_table(("model", "rounds", "steps per site", "local", "centralized", "FedAvg",
                           "FedAvg − centralized", f"FedAvg − local at {smallest}"), rows))

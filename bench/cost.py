@@ -7,25 +7,23 @@ Sections (run one, or ``all``)::
     python -m bench.cost scale      # 4, 8, 16, 32 simulated sites: round time and peak memory
     python -m bench.cost fp16       # fp16 transport of weights and updates: bytes and quality
 
-The ClientApp does not record how long its local training took, so ``overhead`` measures the same
-local work (``common.training.train`` / ``evaluate`` on the same sites, model and config) in this
-process, with the same thread count, and subtracts it from the round times the ServerApp recorded.
+``overhead`` reads everything from the run's metrics.jsonl: the sites' ``compute-seconds`` (their local
+training / evaluation time) and the ServerApp's ``seconds`` and ``overhead_seconds`` per phase.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import statistics
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord
 from flwr.common.serde import array_record_to_proto
 from torch import nn
@@ -42,11 +40,9 @@ from bench.harness import (
     set_threads,
     write_sites,
 )
-from common.data.dataset import SiteDataset
 from common.data.loaders import load_site, make_loader
 from common.models import build_model, count_parameters
 from common.runconfig import RunConfig
-from common.training import evaluate, train
 from server.simulate import simulate
 from server.store import GLOBAL_SITE, RunDir
 
@@ -76,48 +72,35 @@ def sim_config(sites: list[Path], run_dir: Path, rounds: int, local_steps: int, 
 
 
 def round_times(store: RunDir) -> dict[int, dict[str, float]]:
-    """Per round: wall time (end of the previous round's evaluation to the end of this one's) and the
-    ServerApp's own ``seconds`` for the train phase (send to aggregate) and the evaluate phase."""
-    records = [r for r in store.read_metrics(dedupe=True) if r["site"] == GLOBAL_SITE]
-    ends = {r["round"]: r["time"] for r in records if r["phase"] == "evaluate"}
-    out: dict[int, dict[str, float]] = {}
+    """Per round r >= 1, from the run's metrics.jsonl: ``wall`` (end of round r-1's evaluation to the end of
+    round r's), and per phase (``train`` / ``evaluate``) the ServerApp's ``seconds`` and ``overhead``
+    (``overhead_seconds``: the phase minus the slowest site's ``compute-seconds``), and the sites'
+    compute-seconds: slowest (``*_max``) and summed (``*_sum``)."""
+    records = store.read_metrics(dedupe=True)
+    ends = {r["round"]: r["time"] for r in records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"}
+    out: dict[int, dict[str, float]] = {rnd: {"wall": ends[rnd] - ends[rnd - 1]} for rnd in ends if rnd - 1 in ends}
     for rec in records:
-        rnd = rec["round"]
-        if rnd == 0 or rnd - 1 not in ends or rnd not in ends:
+        if rec["round"] not in out:
             continue
-        out.setdefault(rnd, {"wall": ends[rnd] - ends[rnd - 1]})[rec["phase"]] = float(rec["seconds"])
+        row, phase = out[rec["round"]], rec["phase"]
+        if rec["site"] == GLOBAL_SITE:
+            row[phase] = float(rec["seconds"])
+            row[f"{phase}_overhead"] = float(rec["overhead_seconds"])
+        else:
+            compute = float(rec["metrics"]["compute-seconds"])
+            row[f"{phase}_max"] = max(row.get(f"{phase}_max", 0.0), compute)
+            row[f"{phase}_sum"] = row.get(f"{phase}_sum", 0.0) + compute
     return out
 
 
-def _median_seconds(func: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _local_round(run: RunConfig, splits: dict[str, SiteDataset]) -> None:
-    """One round of the ClientApp's local training (round 1's seeds), from a fresh model."""
-    torch.manual_seed(run.seed + 1)
-    model = build_model(run.model, **run.model_kwargs)
-    train(model, make_loader(splits["train"], run.batch_size, shuffle=True, seed=run.seed + 1),
-          steps=run.local_steps, lr=run.learning_rate, loss=run.loss)
-
-
-def _local_validation(run: RunConfig, splits: dict[str, SiteDataset], model: nn.Module) -> None:
-    """The ClientApp's validation pass."""
-    evaluate(model, make_loader(splits["val"], run.batch_size, shuffle=False, seed=run.seed), loss=run.loss)
-
-
-def local_compute(run: RunConfig, datasets: dict[str, dict[str, SiteDataset]], repeats: int) -> dict[str, tuple[float, float]]:
-    """Per site, median seconds of one round's local training and of one validation pass, as the
-    ClientApp runs them (same model, steps, batch, seeds), measured in this process."""
-    model = build_model(run.model, **run.model_kwargs)
-    return {site: (_median_seconds(partial(_local_round, run, splits), repeats),
-                   _median_seconds(partial(_local_validation, run, splits, model), repeats))
-            for site, splits in datasets.items()}
+def site_compute(store: RunDir) -> dict[str, tuple[float, float]]:
+    """Per site, median ``compute-seconds`` of its training and of its validation over rounds >= 2."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for rec in store.read_metrics(dedupe=True):
+        if rec["site"] != GLOBAL_SITE and rec["round"] >= 2:
+            per_site = values.setdefault(rec["site"], {"train": [], "evaluate": []})
+            per_site[rec["phase"]].append(float(rec["metrics"]["compute-seconds"]))
+    return {site: (statistics.median(v["train"]), statistics.median(v["evaluate"])) for site, v in sorted(values.items())}
 
 
 def wire_bytes(model: nn.Module) -> tuple[int, int]:
@@ -143,7 +126,7 @@ def section_bytes(args: argparse.Namespace) -> None:
 
 
 def section_overhead(args: argparse.Namespace) -> None:
-    """Real simulation of the three demo sites; overhead = recorded round time minus local compute."""
+    """Real simulation of the three demo sites; overhead = phase wall time minus the sites' recorded compute."""
     out = args.out / "overhead"
     shutil.rmtree(out, ignore_errors=True)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
@@ -151,32 +134,33 @@ def section_overhead(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     store = simulate(run, timeout=1800, report=logger.info)
     total = time.perf_counter() - start
-    datasets = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
-    compute = local_compute(run, datasets, args.repeats)  # type: ignore[arg-type]
-    fit = [c[0] for c in compute.values()]
-    val = [c[1] for c in compute.values()]
+    times = round_times(store)
     print(f"\n### Federation overhead: {len(sites)} sites, {OVERHEAD_MODEL[0]} {OVERHEAD_MODEL[1]}, "
           f"{args.size}², {args.local_steps} local steps x batch {args.batch}, {args.rounds} rounds\n")
-    print(markdown_table(("site", "train slices", "local train s / round", "local validation s / round"),
-                         ((s, len(datasets[s]["train"]), f"{c[0]:.2f}", f"{c[1]:.2f}") for s, c in compute.items())))
+    print(markdown_table(("site", "train compute s / round", "validation compute s / round"),
+                         ((s, f"{t:.2f}", f"{v:.2f}") for s, (t, v) in site_compute(store).items())))
+    print()
     rows, steady = [], []
-    for rnd, t in sorted(round_times(store).items()):
-        over = (t["train"] - max(fit), t["train"] - sum(fit), t["evaluate"] - sum(val), t["wall"] - sum(fit) - sum(val))
-        rows.append((rnd, f"{t['wall']:.2f}", f"{t['train']:.2f}", f"{t['evaluate']:.2f}", *(f"{o:.2f}" for o in over)))
+    for rnd, t in sorted(times.items()):
+        over = (t["train_overhead"], t["train"] - t["train_sum"], t["evaluate_overhead"],
+                t["wall"] - t["train_sum"] - t["evaluate_sum"])
+        rows.append((rnd, f"{t['wall']:.2f}", f"{t['train']:.2f}", f"{t['train_max']:.2f}", f"{t['train_sum']:.2f}",
+                     f"{t['evaluate']:.2f}", f"{t['evaluate_sum']:.2f}", *(f"{o:.2f}" for o in over)))
         if rnd > 1:
             steady.append(over)
-    print()
-    print(markdown_table(("round", "wall s", "train phase s", "evaluate phase s", "train − slowest site",
-                          "train − all sites", "evaluate − all sites", "wall − all local work"), rows))
+    print(markdown_table(("round", "wall s", "train phase s", "slowest site s", "all sites s", "evaluate phase s",
+                          "all sites s", "train overhead (recorded)", "train − all sites",
+                          "evaluate overhead (recorded)", "wall − all site compute"), rows))
     medians = [statistics.median(o[i] for o in steady) for i in range(4)] if steady else [float("nan")] * 4
-    print(f"\nmedian over rounds 2..{args.rounds} (round 1 also loads each site's data and warms up): "
-          f"train − slowest site {medians[0]:.2f} s, train − all sites {medians[1]:.2f} s, "
-          f"wall − all local work {medians[3]:.2f} s per round. Simulated sites run one after another here "
-          f"(Flower's default 2 CPUs per simulated client on a {torch.get_num_threads()}-thread budget and "
-          f"a 2-core machine), so 'train − all sites' is the framework's own cost; 'train − slowest site' is "
-          f"what a round would cost above local work if the sites ran in parallel with this overhead.")
-    print(f"whole simulation: {total:.1f} s wall, of which start-up before round 1 and shut-down take "
-          f"{total - sum(t['wall'] for t in round_times(store).values()):.1f} s")
+    print(f"\nmedian over rounds 2..{args.rounds} (round 1 is the first training pass in the ClientApp process): "
+          f"train overhead {medians[0]:.2f} s, train − all sites {medians[1]:.2f} s, evaluate overhead "
+          f"{medians[2]:.2f} s, wall − all site compute {medians[3]:.2f} s per round. 'overhead' is the "
+          f"ServerApp's overhead_seconds (phase minus the slowest site's compute-seconds): what a round costs "
+          f"above local work when sites run in parallel, as hospitals do. Flower's default of 2 CPUs per "
+          f"simulated client lets this {os.cpu_count()}-core machine run one site at a time, so here the "
+          f"framework's own cost is the phase minus all sites' compute.")
+    print(f"whole simulation: {total:.1f} s wall, of which start-up, the round-0 evaluation and shut-down take "
+          f"{total - sum(t['wall'] for t in times.values()):.1f} s")
 
 
 def section_scale(args: argparse.Namespace) -> None:
@@ -254,7 +238,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the overhead simulation")
     parser.add_argument("--local-steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of each local-compute measurement")
     parser.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16, 32], help="site counts of 'scale'")
     parser.add_argument("--fp16-rounds", type=int, default=8)
     parser.add_argument("--fp16-local-steps", type=int, default=6)

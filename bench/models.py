@@ -4,13 +4,14 @@ Sites train on hospital CPUs, so this tells an operator what a round will cost f
 the repository root::
 
     python -m bench.models --size 96 --coils 4 --batch 2 --steps 5
-    python -m bench.models --compare-fastmri     # ours vs the fastmri package's U-Net and VarNet
+    python -m bench.models --compare-fastmri --steps 10   # ours vs the fastmri package's U-Net and VarNet
 
 Training throughput counts forward + backward + Adam step; inference is ``eval()`` under ``no_grad``.
 The inputs are synthetic (random image, birdcage maps, column mask): speed does not depend on content.
 
-The fastMRI reference implementations live in a separate virtual environment (``fastmri`` pins old
-torchvision / Lightning versions the product does not want); when ``fastmri`` is not importable here,
+The fastMRI reference implementations live in a separate, git-ignored virtual environment ``.bench-venv``
+(``fastmri`` pins old torchvision / Lightning versions the product does not want; setup in
+docs/BENCHMARKS.md); when ``fastmri`` is not importable here,
 ``--compare-fastmri`` re-runs this script under ``--reference-python`` with the repository on
 ``PYTHONPATH``, so both implementations are timed in the same process with the same torch.
 """
@@ -18,7 +19,6 @@ torchvision / Lightning versions the product does not want); when ``fastmri`` is
 import argparse
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +36,7 @@ from common.models.varnet import VarNet
 logger = logging.getLogger("bench.models")
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE_PYTHON = Path.home() / ".cache" / "fedsense-bench-venv" / "bin" / "python"
+REFERENCE_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 
 
 def synthetic_batch(batch: int, coils: int, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -109,7 +109,7 @@ def reference_pairs(args: argparse.Namespace, kspace: Tensor, mask: Tensor, maps
 
 
 def compare_fastmri(args: argparse.Namespace, argv: list[str]) -> None:
-    """Time ours and fastMRI's models alternately in this process; print medians and speed ratios."""
+    """Time ours and fastMRI's models alternately in this process; print the best of the repeats and ratios."""
     try:
         import fastmri
     except ImportError:
@@ -129,20 +129,21 @@ def compare_fastmri(args: argparse.Namespace, argv: list[str]) -> None:
             for label, model, inputs in (("ours", ours, ours_in), ("fastmri", ref, ref_in)):
                 timings[label].append((training_throughput(model, inputs, goal, args.steps),
                                        inference_latency(model, inputs, args.steps)))
-        train_o, train_r = (statistics.median(t[0] for t in timings[k]) for k in ("ours", "fastmri"))
-        infer_o, infer_r = (statistics.median(t[1] for t in timings[k]) for k in ("ours", "fastmri"))
+        # Best of the repeats: on a shared machine other jobs only ever slow a repeat down.
+        train_o, train_r = (max(t[0] for t in timings[k]) for k in ("ours", "fastmri"))
+        infer_o, infer_r = (min(t[1] for t in timings[k]) for k in ("ours", "fastmri"))
         rows.append((name, count_parameters(ours), count_parameters(ref), train_o, train_r, train_o / train_r,
                      infer_o, infer_r, infer_r / infer_o))
     print(f"CPU, {args.threads} thread(s), torch {torch.__version__}, fastmri {fastmri.__version__}: "
           f"{args.size}x{args.size} px, {args.coils} coils, batch {args.batch}, {args.steps} timed steps x "
-          f"{args.repeats} alternating repeats (medians)")
+          f"{args.repeats} alternating repeats (best of the repeats)")
     print("| model | params ours | params fastMRI | train slices/s ours | fastMRI | speed ratio | "
           "infer ms/slice ours | fastMRI | speed ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, p_ours, p_ref, tr_o, tr_r, tr_ratio, inf_o, inf_r, inf_ratio in rows:
         print(f"| {name} | {p_ours:,} | {p_ref:,} | {tr_o:.2f} | {tr_r:.2f} | {tr_ratio:.2f} | "
               f"{inf_o:.1f} | {inf_r:.1f} | {inf_ratio:.2f} |")
-    print("speed ratio = ours ÷ fastMRI in slices/s (training) and fastMRI ÷ ours in ms/slice (inference): "
+    print("\nspeed ratio = ours ÷ fastMRI in slices/s (training) and fastMRI ÷ ours in ms/slice (inference): "
           "> 1 means ours is faster")
 
 
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ref = parser.add_argument_group("fastMRI comparison (equal configurations of both implementations)")
     ref.add_argument("--compare-fastmri", action="store_true", help="time ours against the fastmri package")
     ref.add_argument("--reference-python", default=str(REFERENCE_PYTHON), help="interpreter that has fastmri")
-    ref.add_argument("--repeats", type=int, default=3, help="alternating repeats per implementation")
+    ref.add_argument("--repeats", type=int, default=5, help="alternating repeats per implementation")
     ref.add_argument("--unet-chans", type=int, default=32)
     ref.add_argument("--unet-pools", type=int, default=4)
     ref.add_argument("--varnet-cascades", type=int, default=4)

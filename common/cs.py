@@ -34,7 +34,7 @@ def _adjoint(kspace: Tensor, mask: Tensor, maps: Tensor) -> Tensor:
 
 
 def lipschitz(mask: Tensor, maps: Tensor, iterations: int = 20, seed: int = 0) -> float:
-    """Largest eigenvalue of A^H A by power iteration: the FISTA step is its inverse.
+    """Largest eigenvalue of A^H A by power iteration over the batch: the FISTA step is its inverse.
 
     For maps normalised to sum_c |S_c|^2 = 1 it is at most 1, but maps estimated from a calibration region
     (or simulated ones clipped to a support) need not be, and too large a step makes FISTA diverge.
