@@ -134,9 +134,16 @@ def section_overhead(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     store = simulate(run, timeout=1800, report=logger.info)
     total = time.perf_counter() - start
-    times = round_times(store)
     print(f"\n### Federation overhead: {len(sites)} sites, {OVERHEAD_MODEL[0]} {OVERHEAD_MODEL[1]}, "
           f"{args.size}², {args.local_steps} local steps x batch {args.batch}, {args.rounds} rounds\n")
+    times = print_overhead(store)
+    print(f"whole simulation: {total:.1f} s wall, of which start-up, the round-0 evaluation and shut-down take "
+          f"{total - sum(t['wall'] for t in times.values()):.1f} s")
+
+
+def print_overhead(store: RunDir) -> dict[int, dict[str, float]]:
+    """Per-site compute and per-round overhead tables of a finished run; returns the round times."""
+    times = round_times(store)
     print(markdown_table(("site", "train compute s / round", "validation compute s / round"),
                          ((s, f"{t:.2f}", f"{v:.2f}") for s, (t, v) in site_compute(store).items())))
     print()
@@ -151,16 +158,24 @@ def section_overhead(args: argparse.Namespace) -> None:
     print(markdown_table(("round", "wall s", "train phase s", "slowest site s", "all sites s", "evaluate phase s",
                           "all sites s", "train overhead (recorded)", "train − all sites",
                           "evaluate overhead (recorded)", "wall − all site compute"), rows))
+    last = max(times, default=1)
     medians = [statistics.median(o[i] for o in steady) for i in range(4)] if steady else [float("nan")] * 4
-    print(f"\nmedian over rounds 2..{args.rounds} (round 1 is the first training pass in the ClientApp process): "
+    print(f"\nmedian over rounds 2..{last} (round 1 is the first training pass in the ClientApp process): "
           f"train overhead {medians[0]:.2f} s, train − all sites {medians[1]:.2f} s, evaluate overhead "
           f"{medians[2]:.2f} s, wall − all site compute {medians[3]:.2f} s per round. 'overhead' is the "
           f"ServerApp's overhead_seconds (phase minus the slowest site's compute-seconds): what a round costs "
           f"above local work when sites run in parallel, as hospitals do. Flower's default of 2 CPUs per "
-          f"simulated client lets this {os.cpu_count()}-core machine run one site at a time, so here the "
-          f"framework's own cost is the phase minus all sites' compute.")
-    print(f"whole simulation: {total:.1f} s wall, of which start-up, the round-0 evaluation and shut-down take "
-          f"{total - sum(t['wall'] for t in times.values()):.1f} s")
+          f"simulated client lets this {os.cpu_count()}-core machine run one site at a time, so in a simulation "
+          f"the framework's own cost is the phase minus all sites' compute.")
+    return times
+
+
+def section_deployment(args: argparse.Namespace) -> None:
+    """The same tables for a finished deployment run (e.g. the compose project's ./runs/<name>)."""
+    if args.run_dir is None:
+        raise SystemExit("deployment: --run-dir RUN_DIR (a finished run directory) is required")
+    print(f"\n### Federation overhead of the deployed run {args.run_dir}\n")
+    print_overhead(RunDir(args.run_dir))
 
 
 def section_scale(args: argparse.Namespace) -> None:
@@ -224,6 +239,7 @@ def section_fp16(args: argparse.Namespace) -> None:
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "overhead": section_overhead, "bytes": section_bytes, "scale": section_scale, "fp16": section_fp16,
+    "deployment": section_deployment,
 }
 
 
@@ -242,6 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp16-rounds", type=int, default=8)
     parser.add_argument("--fp16-local-steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
+    parser.add_argument("--run-dir", type=Path, help="finished run directory read by 'deployment'")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     return args
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
     print(f"# bench.cost — {machine_line(args.threads)}")
-    names = list(SECTIONS) if "all" in args.sections else args.sections
+    names = [n for n in SECTIONS if n != "deployment"] if "all" in args.sections else args.sections
     for name in names:
         start = time.perf_counter()
         SECTIONS[name](args)
