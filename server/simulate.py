@@ -54,7 +54,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One TOML value for a run-config override file."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -72,6 +73,17 @@ def _die_with_parent() -> None:
     own children exit when it does: Flower starts them with ``--parent-pid``.)
     """
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment of every Flower process FedSense starts: a private FLWR_HOME (never the user's
+    own Flower configuration), no runtime ``uv sync`` of the app's dependencies, no update check,
+    and this interpreter's Flower executables first on PATH."""
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
 
 
 def _bin(name: str) -> str:
@@ -116,11 +128,7 @@ class SimulationSuperLink:
         raise FedSenseError("flower-superlink did not start listening within 60 s")
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(FLWR_HOME=str(self.home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-                   FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        return env
+        return flower_env(self.home)
 
     def __exit__(self, *exc: object) -> None:
         if self.process is None:
@@ -181,7 +189,7 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     store = RunDir(run_dir)
     home = Path(tempfile.mkdtemp(prefix="fedsense-flwr-"))
     overrides = home / "run-config.toml"
-    overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in absolute.to_flat().items()), encoding="utf-8")
+    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in absolute.to_flat().items()), encoding="utf-8")
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(store, run.num_server_rounds, stop, report), daemon=True)
     try:

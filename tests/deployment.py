@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from server.simulate import _toml_value, find_project_dir, free_port
+from server.simulate import find_project_dir, flower_env, free_port, toml_value
 
 CONNECTION = "fedsense-local"
 _BIN = Path(sys.executable).parent
@@ -157,12 +157,8 @@ class Deployment:
             self.killed |= kill_tree(process)
 
     def env(self) -> dict[str, str]:
-        """Environment of every Flower process: private FLWR_HOME, no ``uv sync``, no update check."""
-        env = dict(os.environ)
-        env.update(FLWR_HOME=str(self.home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-                   FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
-        env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
-        return env
+        """Environment of every Flower process: the same as ``fedsense simulate`` gives its own."""
+        return flower_env(self.home)
 
     def _spawn(self, command: list[str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as stream:
@@ -241,7 +237,7 @@ class Deployment:
     def submit(self, run_config: Mapping[str, Any]) -> int:
         """``flwr run`` the FedSense app with ``run_config`` overrides; returns the run id."""
         overrides = self.workdir / f"run-config-{time.monotonic_ns()}.toml"
-        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()), encoding="utf-8")
+        overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()), encoding="utf-8")
         result = self.flwr("run", str(self.project), CONNECTION, "--run-config", str(overrides))
         if not result.get("success"):
             raise DeploymentError(f"flwr run failed: {result}")
