@@ -1,6 +1,7 @@
 """The compose files, end to end: images built offline (`make images`); the root docker-compose.yml runs a
 TLS federation of three sites through a FedProx study; an institution's deploy/site/docker-compose.yml then
-joins with its own registered key; everything created is removed again.
+joins with its own registered key; a separate run restarts each site once while it trains and loses nothing;
+everything created is removed again.
 
 Needs a Docker engine (deploy/ci/setup-docker.sh starts one); skipped, with the reason, without it.
 """
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.pki import generate_pki
+from server.store import GLOBAL_SITE, RunDir, validate_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -121,6 +124,113 @@ def _project(compose_cmd: list[str], files: list[Path], directory: Path, env: di
         project.run("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
         leftovers = _leftovers(name)
         assert not any(leftovers.values()), f"compose project {name} left {leftovers}"
+
+
+# Runs first in this module (before the `federation` fixture starts its project), so it has the machine to itself.
+RESTART_ROUNDS = 4
+# (service, round after whose completion it is restarted); round 0 is the evaluation of the initial model.
+# Each site then misses the next round at most and trains again in the one after.
+RESTARTS = (("site-a", 0), ("site-b", 1), ("site-c", 2))
+
+
+def _container_state(container: str) -> dict:
+    out = subprocess.run(["docker", "inspect", "--format", "{{json .State}}", container], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    return json.loads(out)
+
+
+def test_compose_federation_survives_every_site_restarting_once(
+    compose_cmd: list[str], image: str, tmp_path: Path
+) -> None:
+    """Each site service is restarted once, one at a time, while the run goes on; nothing is lost.
+
+    ``min-*-nodes=2`` lets a round finish without the site that is restarting (its SuperNode
+    deactivates on SIGTERM, so the SuperLink answers its pending task with an error reply at once;
+    ``round-timeout`` bounds the wait otherwise). The restarted SuperNode activates again with the
+    same registered key and must then train in a round that started after its restart.
+    """
+    (tmp_path / "runs").mkdir()
+    env = {
+        "FEDSENSE_IMAGE": image,
+        "FEDSENSE_RUN_NAME": "restart-test",
+        "FEDSENSE_SUPERLINK_PUBLISH": "127.0.0.1:",
+        "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
+        "FEDSENSE_RUN_CONFIG": (
+            f'num-server-rounds={RESTART_ROUNDS} strategy="fedprox" proximal-mu=0.01 '
+            "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=60 node-wait-timeout=120 "
+            # A small U-Net: this test is about who takes part, not about compute.
+            """model-args='{"chans": 8, "num_pool_layers": 2}' """
+            "local-epochs=0 local-steps=1 batch-size=2 max-eval-slices=2"
+        ),
+    }
+    store = RunDir(tmp_path / "runs" / "restart-test")
+    with _project(compose_cmd, [ROOT / "docker-compose.yml"], tmp_path, env) as project:
+        started = time.monotonic()
+        project.run("up", "-d", timeout=RUN_TIMEOUT)
+        submit = project.run("ps", "-q", "submit").stdout.strip()
+
+        def logs(tail: str = "80") -> str:
+            return project.run("logs", "--no-color", "--tail", tail, check=False).stdout[-12000:]
+
+        restarted_at: dict[str, float] = {}
+        for site, after_round in RESTARTS:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            # A round is complete once its global evaluate record is in metrics.jsonl.
+            while after_round not in store.completed_rounds():
+                if not _container_state(submit)["Running"]:
+                    pytest.fail(f"submit ended before round {after_round} completed:\n{logs()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"round {after_round} not complete after {RUN_TIMEOUT} s:\n{logs()}")
+                time.sleep(0.5)
+            t0 = time.monotonic()
+            project.run("restart", "--timeout", "10", site, timeout=120)
+            restarted_at[site] = time.time()  # the container is running again; its old processes are gone
+            logger.info("round %d complete at %.0f s; %s restarted in %.1f s", after_round,
+                        t0 - started, site, time.monotonic() - t0)
+
+        code = subprocess.run(["docker", "wait", submit], capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                              check=True).stdout.strip()
+        logger.info("submit finished after %.0f s", time.monotonic() - started)
+        if code != "0":
+            pytest.fail(f"submit exited {code}:\n{logs()}")
+        for site, _ in RESTARTS:
+            # Still up, and its SuperNode was admitted twice (before and after the restart).
+            assert _container_state(project.run("ps", "-q", site).stdout.strip())["Running"], site
+            admitted = project.run("logs", "--no-color", site).stdout.count("SuperNode ID:")
+            assert admitted == 2, (site, admitted)
+
+    assert store.read_config()["status"] == "finished"
+
+    # Nothing half-written: every line is a complete, valid record, and no temp file is left over.
+    raw = store.metrics_path.read_bytes()
+    assert raw.endswith(b"\n")
+    records = [validate_record(json.loads(line)) for line in raw.decode().splitlines()]
+    assert not [p for p in store.path.rglob("*") if p.name.endswith(".tmp")]
+
+    # Every round exactly once (the ServerApp was never restarted, so not even a redone round), each
+    # with a global train and evaluate record; round 0 is the evaluation of the initial model.
+    keys = [(r["round"], r["phase"], r["site"]) for r in records]
+    assert len(keys) == len(set(keys)) == len(store.read_metrics(dedupe=True))
+    rounds = range(1, RESTART_ROUNDS + 1)
+    summaries = {(r["round"], r["phase"]): r for r in records if r["site"] == GLOBAL_SITE}
+    assert sorted(summaries) == [(0, "evaluate")] + [(rnd, phase) for rnd in rounds for phase in ("evaluate", "train")]
+    for (rnd, phase), summary in sorted(summaries.items()):
+        logger.info("round %d %s: %.0f s, sites %s, rejected %s", rnd, phase, summary["seconds"],
+                    summary["sites"], summary["rejected"])
+        assert len(summary["sites"]) >= 2 and set(summary["sites"]) <= SITES, summary
+
+    # Every site trained again in a round whose training began after its restart.
+    for site, when in restarted_at.items():
+        later = [r["round"] for (_, phase), r in sorted(summaries.items())
+                 if phase == "train" and site in r["sites"] and r["time"] - r["seconds"] > when]
+        assert later, f"{site} never trained after its restart"
+
+    # A loadable checkpoint per round, nothing else.
+    assert sorted(p.name for p in store.checkpoint_dir.iterdir()) == [store.checkpoint_path(r).name for r in rounds]
+    for rnd in rounds:
+        payload = torch.load(store.checkpoint_path(rnd), map_location="cpu", weights_only=True)
+        assert payload["round"] == rnd and payload["state_dict"]
+        assert all(torch.isfinite(t).all() for t in payload["state_dict"].values())
 
 
 @pytest.fixture(scope="module")
