@@ -24,7 +24,7 @@ from common.models import build_model
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.training import EvalResult, evaluate, train
-from server.store import GLOBAL_SITE, RunDir
+from server.store import GLOBAL_SITE, RunDir, weighted_mean
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,8 @@ def _record(run: RunConfig, rnd: int, phase: str, site: str, n: int, metrics: di
 
 
 def _weighted(run: RunConfig, rnd: int, phase: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    total = sum(r["num_examples"] for r in records)
-    keys = sorted({k for r in records for k in r["metrics"]})
-    metrics = {k: sum(r["metrics"][k] * r["num_examples"] for r in records) / total for k in keys}
-    return _record(run, rnd, phase, GLOBAL_SITE, total, metrics, sites=sorted(r["site"] for r in records))
+    return _record(run, rnd, phase, GLOBAL_SITE, sum(r["num_examples"] for r in records), weighted_mean(records),
+                   sites=sorted(r["site"] for r in records))
 
 
 class Baseline:

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
-from server.store import GLOBAL_SITE, RunDir
+from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, validate_updates
 
 logger = logging.getLogger(__name__)
@@ -52,20 +52,14 @@ def _global_record(
     run: RunConfig, rnd: int, phase: str, site_records: list[dict[str, Any]], rejected: list[Rejection], seconds: float
 ) -> dict[str, Any]:
     """The example-weighted mean of the sites' metrics, with who contributed and who did not."""
-    total = sum(r["num_examples"] for r in site_records)
-    names = sorted({k for r in site_records for k in r["metrics"]})
-    metrics = {
-        name: sum(r["metrics"][name] * r["num_examples"] for r in site_records if name in r["metrics"]) / total
-        for name in names
-    } if total else {}
     return {
         "run": run.name,
         "round": rnd,
         "phase": phase,
         "site": GLOBAL_SITE,
         "time": time.time(),
-        "num_examples": total,
-        "metrics": metrics,
+        "num_examples": sum(r["num_examples"] for r in site_records),
+        "metrics": weighted_mean(site_records),
         "sites": sorted(r["site"] for r in site_records),
         "rejected": [{"site": r.site, "reason": r.reason} for r in rejected],
         "seconds": seconds,

@@ -115,6 +115,20 @@ class Samples:
     path: Path
 
 
+def weighted_mean(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Example-weighted mean of each metric over site records (the ``__global__`` row's values).
+
+    A metric only some sites report is averaged over those sites alone.
+    """
+    out: dict[str, float] = {}
+    for name in sorted({k for r in records for k in r["metrics"]}):
+        having = [r for r in records if r["metrics"].get(name) is not None]
+        weight = sum(r["num_examples"] for r in having)
+        if weight:
+            out[name] = sum(r["metrics"][name] * r["num_examples"] for r in having) / weight
+    return out
+
+
 class RunDir:
     """One run directory. Writers: the ServerApp/baselines (one process); readers: any number."""
 

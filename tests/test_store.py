@@ -208,3 +208,14 @@ def test_read_config_errors_name_the_file(tmp_path: Path) -> None:
     run.config_path.write_text(json.dumps([1]))
     with pytest.raises(FedSenseError, match="config.json: must hold a JSON object"):
         run.read_config()
+
+
+def test_weighted_mean_weights_by_examples_and_skips_missing_metrics() -> None:
+    from server.store import weighted_mean
+
+    records = [
+        {"num_examples": 1, "metrics": {"psnr": 20.0, "loss": 1.0}},
+        {"num_examples": 3, "metrics": {"psnr": 24.0}},
+    ]
+    # Independent hand computation: (1*20 + 3*24) / 4, and loss from the one site that reports it.
+    assert weighted_mean(records) == {"loss": 1.0, "psnr": 23.0}
