@@ -89,8 +89,15 @@ def test_nmse_and_mse_by_hand(volumes: tuple[np.ndarray, np.ndarray]) -> None:
 def test_metric_funcs_table(volumes: tuple[np.ndarray, np.ndarray]) -> None:
     gt, pred = volumes
     assert set(METRIC_FUNCS) == {"mse", "nmse", "psnr", "ssim"}
+    err = np.sum((gt - pred) ** 2)
+    expected = {
+        "mse": err / gt.size,
+        "nmse": err / np.sum(gt**2),
+        "psnr": 10 * np.log10(gt.max() ** 2 / (err / gt.size)),
+        "ssim": float(np.mean([structural_similarity(g, p, data_range=gt.max()) for g, p in zip(gt, pred)])),
+    }
     for name, func in METRIC_FUNCS.items():
-        assert func(gt, pred) == {"mse": mse, "nmse": nmse, "psnr": psnr, "ssim": ssim}[name](gt, pred)
+        assert func(gt, pred) == pytest.approx(expected[name], rel=1e-6), name
 
 
 @pytest.mark.parametrize("func", [mse, nmse, psnr, ssim])

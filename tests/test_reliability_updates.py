@@ -115,7 +115,10 @@ class LoopbackGrid(Grid):
 
     Messages are deep-copied both ways, so neither side can touch the other's objects (as on a
     wire). ``tamper`` maps ``(round, site)`` to what replaces that site's training reply; the
-    honest training replies the server received are kept in ``received`` per round.
+    honest training replies the server received are kept in ``received`` per round. Like Flower's
+    grids, ``send_and_receive`` returns early only when every reply is in; when one is missing it
+    "waits" the whole ``timeout`` (recorded in ``waited``, not slept), and with no timeout it would
+    block forever, which fails the test.
     """
 
     def __init__(self, sites: list[Path], run_config: dict[str, Any], tamper: dict[tuple[int, str], Tamper]) -> None:
@@ -128,6 +131,7 @@ class LoopbackGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._sent = 0
         self._run = Run.create_empty(RUN_ID)
+        self.waited: list[float] = []
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -167,7 +171,12 @@ class LoopbackGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        messages = list(messages)
+        replies = list(self.pull_messages(self.push_messages(messages)))
+        if len(replies) < len(messages):
+            assert timeout is not None, "a missing reply with no timeout would block the round forever"
+            self.waited.append(timeout)
+        return replies
 
 
 @pytest.fixture(autouse=True)
@@ -258,6 +267,7 @@ def test_rejections_are_recorded_per_site_and_round(small_sites: list[Path], tmp
     # A crashed or silent site sends no name: the record names its node, and what happened.
     assert rejected[3] == [{"site": f"node-{node['site-b']}", "reason": "error reply: ClientApp raised: out of memory"}]
     assert rejected[4] == [{"site": f"node-{node['site-c']}", "reason": "no reply within round-timeout (60 s)"}]
+    assert grid.waited == [60.0], "only round 4 lost a reply, and the server waited round-timeout for it"
     assert [train_summary(store, rnd)["sites"] for rnd in (1, 2, 3, 4)] == [
         ["site-a", "site-b"], ["site-b", "site-c"], ["site-a", "site-c"], ["site-a", "site-b"]
     ]

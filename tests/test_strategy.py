@@ -12,9 +12,10 @@ from server.strategy import build_strategy, site_of, validate_updates
 
 
 @pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    # Messages need a run/task identity; outside a Flower process there is none.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Messages need a run/task identity; outside a Flower process there is none (restored afterwards).
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 GLOBAL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}

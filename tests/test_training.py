@@ -55,16 +55,54 @@ def test_proximal_term_is_the_squared_norm() -> None:
     assert float(proximal_term(model, global_params).detach()) == pytest.approx(0.25 * n, rel=1e-5)
 
 
-def test_mu_zero_gives_exactly_the_fedavg_update() -> None:
+def _plain_adam_l1(model: torch.nn.Module, batches: list[dict[str, object]], lr: float) -> None:
+    """An independent FedAvg local step loop: Adam on the L1 of the centre-cropped output, nothing else."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for batch in batches:
+        opt.zero_grad()
+        out = model(batch["masked_kspace"], batch["mask"], batch["sens_maps"])
+        h, w = batch["target"].shape[-2:]
+        top, left = (out.shape[-2] - h) // 2, (out.shape[-1] - w) // 2
+        torch.nn.functional.l1_loss(out[..., top : top + h, left : left + w], batch["target"]).backward()
+        opt.step()
+
+
+def test_mu_zero_gives_exactly_a_plain_training_run() -> None:
     data = synthetic_samples()
     a, b = fresh_model(), fresh_model()
-    torch.manual_seed(1)
-    train(a, loader(data), steps=4, lr=1e-2)
-    torch.manual_seed(1)
-    train(b, loader(data), steps=4, lr=1e-2, proximal_mu=0.0,
-          global_params=[p.detach().clone() for p in b.parameters()])
+    train(a, loader(data), steps=3, lr=1e-2, proximal_mu=0.0,
+          global_params=[p.detach().clone() - 1.0 for p in a.parameters()])
+    _plain_adam_l1(b, list(loader(data)), lr=1e-2)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+class _GradientSpy(torch.optim.Adam):
+    """Adam that records the gradients it is asked to apply."""
+
+    seen: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        _GradientSpy.seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def test_proximal_gradient_is_mu_times_the_distance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """d/dw of the FedProx objective minus the data gradient equals mu·(w − w_global), numerically."""
+    monkeypatch.setattr(torch.optim, "Adam", _GradientSpy)
+    data, mu = synthetic_samples(), 0.3
+    grads = []
+    for proximal_mu in (0.0, mu):
+        _GradientSpy.seen = []
+        model = fresh_model()
+        away = [p.detach().clone() - 0.25 * (i + 1) for i, p in enumerate(model.parameters())]
+        train(model, loader(data), steps=1, lr=1e-2, proximal_mu=proximal_mu, global_params=away)
+        grads.append(_GradientSpy.seen[0])
+    start = [p.detach() for p in fresh_model().parameters()]
+    for i, (g0, g1, w) in enumerate(zip(*grads, start)):
+        w_global = w - 0.25 * (i + 1)
+        torch.testing.assert_close(g1 - g0, mu * (w - w_global), rtol=1e-4, atol=1e-6)
 
 
 def test_positive_mu_pulls_the_update_toward_the_global_weights() -> None:
