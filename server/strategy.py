@@ -2,8 +2,9 @@
 
 Flower's message strategies do the aggregation (FedAvg, FedProx, FedMedian, FedTrimmedAvg);
 FedSense adds what a federation of hospitals needs in front of them: an update with the wrong
-keys, shapes or dtypes, a non-finite value, or a norm far from the others is rejected, and the
-reason is recorded per site and round.
+keys, shapes or dtypes or a non-finite value is rejected, and so (when ``norm-outlier-factor`` > 0;
+off by default) is an update whose norm is far from the others'; the reason is recorded per site
+and round.
 """
 
 from __future__ import annotations
