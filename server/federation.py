@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
+from server.collect import send_and_collect
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, validate_updates
 
@@ -111,7 +112,7 @@ class Federation:
         or nothing in time (so the round's record accounts for every site it asked).
         """
         messages = list(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.run.round_timeout))
+        replies = send_and_collect(self.grid, messages, self.run.round_timeout)
         # The grid stamps each message with its id while sending it.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok, failed = _error_rejections(replies, sent)
