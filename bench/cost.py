@@ -6,6 +6,7 @@ Sections (run one, or ``all``)::
     python -m bench.cost bytes      # model bytes on the wire per round and site, per model
     python -m bench.cost scale      # 4, 8, 16, 32 simulated sites: round time and peak memory
     python -m bench.cost fp16       # fp16 transport of weights and updates: bytes and quality
+    python -m bench.cost parallel   # 4 equal sites: Flower's default 2 CPUs per site vs --client-cpus 1
 
 ``overhead`` reads everything from the run's metrics.jsonl: the sites' ``compute-seconds`` (their local
 training / evaluation time) and the ServerApp's ``seconds`` and ``overhead_seconds`` per phase.
@@ -43,7 +44,7 @@ from bench.harness import (
 from common.data.loaders import load_site, make_loader
 from common.models import build_model, count_parameters
 from common.runconfig import RunConfig
-from server.simulate import simulate
+from server.simulate import SimResources, simulate
 from server.store import GLOBAL_SITE, RunDir
 
 logger = logging.getLogger("bench.cost")
@@ -237,9 +238,33 @@ def section_fp16(args: argparse.Namespace) -> None:
                           "bytes per transfer"), rows))
 
 
+def section_parallel(args: argparse.Namespace) -> None:
+    """Round time of 4 equal sites with Flower's default resources (2 CPUs per site) and with 1 CPU per site."""
+    out = args.out / "parallel"
+    shutil.rmtree(out, ignore_errors=True)
+    template = write_sites(out / "template", size=args.size, subjects=args.subjects, slices=args.slices,
+                           names=("site-c",))
+    sites = replicate_sites(template, 4, out / "sites")
+    rows, means = [], {}
+    for label, resources in (("default (2 CPUs per site)", SimResources()),
+                             ("--client-cpus 1", SimResources(client_cpus=1))):
+        run = sim_config(sites, out / label.split()[0].strip("-"), args.rounds, args.local_steps, args.batch,
+                         OVERHEAD_MODEL)
+        store = simulate(run, timeout=1800, report=logger.info, resources=resources)
+        walls = [t["wall"] for t in round_times(store).values()]
+        means[label] = statistics.mean(walls)
+        rows.append((label, f"{means[label]:.2f}", f"{min(walls):.2f}", f"{max(walls):.2f}"))
+    ratio = means["--client-cpus 1"] / means["default (2 CPUs per site)"]
+    print(f"\n### Parallel sites: 4 copies of site-c at {args.size}², {OVERHEAD_MODEL[0]} {OVERHEAD_MODEL[1]}, "
+          f"{args.rounds} rounds x {args.local_steps} local steps, batch {args.batch}, {args.threads} torch thread(s) "
+          f"per site, {os.cpu_count()} cores\n")
+    print(markdown_table(("resources", "round s (mean)", "min", "max"), rows))
+    print(f"\nratio (1 CPU per site / default): {ratio:.2f}")
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "overhead": section_overhead, "bytes": section_bytes, "scale": section_scale, "fp16": section_fp16,
-    "deployment": section_deployment,
+    "deployment": section_deployment, "parallel": section_parallel,
 }
 
 

@@ -72,13 +72,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from server.simulate import simulate
+    from server.simulate import SimResources, simulate
     from server.viewer.table import show
 
     run = _run_config(args, _app_defaults())
     if args.run_dir is None:
         run = run.model_copy(update={"run_dir": f"runs/{run.name}"})
-    store = simulate(run, timeout=args.timeout, report=lambda line: print(line, flush=True))
+    resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
+    store = simulate(run, timeout=args.timeout, report=lambda line: print(line, flush=True), resources=resources)
     show(store.path, fmt="table", out=sys.stdout)
     print(f"metrics: {store.metrics_path}\ncheckpoints: {store.checkpoint_dir}")
     return 0
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedmedian", "fedtrimmedavg"))
     p.add_argument("--mu", type=float, help="FedProx proximal weight")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds")
+    p.add_argument("--ray-address", help="run the simulated sites on this existing Ray cluster (HOST:PORT of its head)")
+    p.add_argument("--client-cpus", type=int, help="CPUs per simulated site (Flower's default: 2)")
+    p.add_argument("--client-gpus", type=float, help="GPUs (or fractions) per simulated site (default: 0)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("baseline", help="local-only, centralized or zero-filled baseline on the same sites")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +97,8 @@ def _bin(name: str) -> str:
 class SimulationSuperLink:
     """A private simulation-mode SuperLink, stopped (with its whole process group) on exit."""
 
-    def __init__(self, home: Path, cwd: Path) -> None:
-        self.home, self.cwd = home, cwd
+    def __init__(self, home: Path, cwd: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.home, self.cwd, self.extra_env = home, cwd, dict(extra_env or {})
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -128,7 +130,7 @@ class SimulationSuperLink:
         raise FedSenseError("flower-superlink did not start listening within 60 s")
 
     def env(self) -> dict[str, str]:
-        return flower_env(self.home)
+        return {**flower_env(self.home), **self.extra_env}
 
     def __exit__(self, *exc: object) -> None:
         if self.process is None:
@@ -169,12 +171,55 @@ def _follow(store: RunDir, num_rounds: int, stop: threading.Event, report: Calla
                 )
 
 
+@dataclass(frozen=True)
+class SimResources:
+    """Where the simulated sites run: Flower's local Ray, or an existing Ray cluster, and what each site gets.
+
+    ``client_cpus`` / ``client_gpus`` are Ray resources per simulated site (Flower's default is
+    2 CPUs, so on 2 cores sites run one after another); ``ray_address`` (``HOST:PORT`` of a Ray
+    head, or ``auto``) makes the simulation join that cluster instead of starting Ray locally.
+    """
+
+    ray_address: str | None = None
+    client_cpus: int | None = None
+    client_gpus: float | None = None
+
+    def __post_init__(self) -> None:
+        # Flower's simulation config holds whole CPUs per site and fractional GPUs.
+        if self.client_cpus is not None and (not isinstance(self.client_cpus, int) or self.client_cpus < 1):
+            raise ConfigError(f"simulate: client-cpus: must be a whole number >= 1, got {self.client_cpus!r}")
+        if self.client_gpus is not None and not (math.isfinite(self.client_gpus) and self.client_gpus >= 0):
+            raise ConfigError(f"simulate: client-gpus: must be a finite number >= 0, got {self.client_gpus!r}")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("simulate: ray-address: empty (use HOST:PORT of the Ray head, or 'auto')")
+
+    def federation_config(self, num_sites: int) -> str:
+        """The ``flwr run --federation-config`` value: site count and per-site resources."""
+        items = [f"num-supernodes={num_sites}"]
+        if self.client_cpus is not None:
+            items.append(f"client-resources-num-cpus={self.client_cpus}")
+        if self.client_gpus is not None:
+            items.append(f"client-resources-num-gpus={float(self.client_gpus)!r}")
+        return " ".join(items)
+
+    def env(self) -> dict[str, str]:
+        """Flower's Ray backend calls ``ray.init()`` without an address, which joins ``RAY_ADDRESS``.
+
+        Without one, Ray starts locally; Ray's switch for single-machine mode keeps that local
+        cluster on loopback (otherwise it binds to and talks over the machine's interface address).
+        """
+        if self.ray_address:
+            return {"RAY_ADDRESS": self.ray_address}
+        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float = 3600,
-             report: Callable[[str], None] = logger.info) -> RunDir:
+             report: Callable[[str], None] = logger.info, resources: SimResources | None = None) -> RunDir:
     """Run ``run`` with one simulated SuperNode per site; returns the finished run directory.
 
     Raises ``FedSenseError`` when the run fails or does not finish within ``timeout`` seconds.
     """
+    resources = resources or SimResources()
     sites = run.site_list
     if not sites:
         raise ConfigError("simulate: sites: at least one site config is needed")
@@ -193,12 +238,14 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(store, run.num_server_rounds, stop, report), daemon=True)
     try:
-        with SimulationSuperLink(home, project) as link:
+        with SimulationSuperLink(home, project, extra_env=resources.env()) as link:
             command = [
                 _bin("flwr"), "run", str(project), CONNECTION, "--run-config", str(overrides),
-                "--federation-config", f"num-supernodes={len(sites)}", "--stream",
+                "--federation-config", resources.federation_config(len(sites)), "--stream",
             ]
-            report(f"simulating {len(sites)} sites x {run.num_server_rounds} rounds ({run.strategy}); log: {run_dir / 'flower.log'}")
+            where = f" on the Ray cluster at {resources.ray_address}" if resources.ray_address else ""
+            report(f"simulating {len(sites)} sites x {run.num_server_rounds} rounds ({run.strategy}){where}; "
+                   f"log: {run_dir / 'flower.log'}")
             follower.start()
             with open(run_dir / "flower.log", "ab") as log:
                 try:
