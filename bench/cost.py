@@ -7,6 +7,7 @@ Sections (run one, or ``all``)::
     python -m bench.cost scale      # 4, 8, 16, 32 simulated sites: round time and peak memory
     python -m bench.cost fp16       # fp16 transport of weights and updates: bytes and quality
     python -m bench.cost parallel   # 4 equal sites: Flower's default 2 CPUs per site vs --client-cpus 1
+    python -m bench.cost index      # a 200-volume fastMRI site: time to a ready site, cold vs warm index cache
 
 ``overhead`` reads everything from the run's metrics.jsonl: the sites' ``compute-seconds`` (their local
 training / evaluation time) and the ServerApp's ``seconds`` and ``overhead_seconds`` per phase.
@@ -19,6 +20,8 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -238,6 +241,37 @@ def section_fp16(args: argparse.Namespace) -> None:
                           "bytes per transfer"), rows))
 
 
+def _site_start_seconds(site_toml: Path, cache: Path | str) -> tuple[float, float]:
+    """(seconds in a fresh process from start to the site's datasets ready, of which indexing + datasets)."""
+    code = ("import time; t0 = time.perf_counter(); from common.data.loaders import load_site; "
+            "t1 = time.perf_counter(); load_site(%r); print(time.perf_counter() - t1)" % str(site_toml))
+    env = {**os.environ, "FEDSENSE_INDEX_CACHE": str(cache)}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, float(out.stdout.strip().splitlines()[-1])
+
+
+def section_index(args: argparse.Namespace) -> None:
+    """A fastMRI site of ``--volumes`` h5 volumes: process start to site ready, no cache / cold / warm."""
+    out = args.out / "index"
+    shutil.rmtree(out, ignore_errors=True)
+    (template,) = write_sites(out / "template", size=args.size, subjects=args.volumes, slices=args.slices,
+                              names=("site-a",))
+    cache = out / "cache"
+    rows = []
+    for label, where in (("no cache", "off"), ("cold cache (first start)", cache), ("warm cache", cache),
+                         ("warm cache (again)", cache)):
+        total, ready = _site_start_seconds(template, where)
+        rows.append((label, f"{total:.2f}", f"{ready:.3f}"))
+    files = len(list((out / "template" / "data").rglob("*.h5")))
+    print(f"\n### Site index cache: site-a, {files} fastMRI h5 volumes at {args.size}² ({args.slices} slices kept per "
+          f"volume), each start a fresh process (as every Flower message is at a deployed site)\n")
+    print(markdown_table(("start", "process start to site ready s", "index + datasets s"), rows))
+    cold, warm = float(rows[1][2]), float(rows[2][2])
+    print(f"\nindexing cold / warm: {cold / warm:.1f}x; whole start cold / warm: "
+          f"{float(rows[1][1]) / float(rows[2][1]):.2f}x")
+
+
 def section_parallel(args: argparse.Namespace) -> None:
     """Round time of 4 equal sites with Flower's default resources (2 CPUs per site) and with 1 CPU per site."""
     out = args.out / "parallel"
@@ -264,7 +298,7 @@ def section_parallel(args: argparse.Namespace) -> None:
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "overhead": section_overhead, "bytes": section_bytes, "scale": section_scale, "fp16": section_fp16,
-    "deployment": section_deployment, "parallel": section_parallel,
+    "deployment": section_deployment, "parallel": section_parallel, "index": section_index,
 }
 
 
@@ -284,6 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp16-local-steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
     parser.add_argument("--run-dir", type=Path, help="finished run directory read by 'deployment'")
+    parser.add_argument("--volumes", type=int, default=200, help="fastMRI volumes of the 'index' site")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     return args

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ def write_small_sites(directory: Path, names: tuple[str, ...] = SITE_NAMES, size
         paths.append(path)
     generate_demo(directory / "data", size=size, subjects=3, seed=0, sites=[load_site_config(p) for p in paths])
     return paths
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_index_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Site index caches of this test session (and the Flower processes it starts) in a private directory."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDSENSE_INDEX_CACHE", str(tmp_path_factory.mktemp("index-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

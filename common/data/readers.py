@@ -9,7 +9,9 @@ hundreds of megabytes and a training step needs one slice. Every bad-input failu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 import zlib
@@ -17,13 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import h5py
 import nibabel as nib
 import numpy as np
 
 from common.config import BRATS_ALIASES, SiteConfig
+from common.data import index_cache
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,9 @@ class SliceReader(ABC):
 
     format_name: str = "data"
     expected_names: str = ""
+    # What the index keeps per file besides its examples (a frozen dataclass), for the index cache.
+    _info_type: type
+    _info: dict[Path, Any]
 
     def __init__(
         self,
@@ -130,6 +136,27 @@ class SliceReader(ABC):
     @abstractmethod
     def _index_file(self, source: SourceFile) -> list[Example]:
         """Validate one file cheaply and list its examples; raise DataError (path first) if unusable."""
+
+    def index_state(self) -> dict[str, Any]:
+        """The index as JSON-able data (paths relative to the root), for :mod:`common.data.index_cache`."""
+        rel = lambda path: os.path.relpath(path, self.root)  # noqa: E731
+        return {
+            "examples": [[rel(e.path), e.slice_idx, e.subject, e.contrast] for e in self.examples],
+            "skipped": [[rel(path), reason] for path, reason in self.skipped],
+            "info": {rel(path): dataclasses.asdict(info) for path, info in self._info.items()},
+        }
+
+    @classmethod
+    def restore(cls, root: Path, state: dict[str, Any]) -> "SliceReader":
+        """A reader with the index of :meth:`index_state`, without opening any file."""
+        reader = cls.__new__(cls)
+        reader.root = root
+        reader.examples = [Example(root / p, int(k), str(s), str(c)) for p, k, s, c in state["examples"]]
+        reader.skipped = [(root / p, str(reason)) for p, reason in state["skipped"]]
+        reader._info = {root / p: index_cache.dataclass_from_json(cls._info_type, d) for p, d in state["info"].items()}
+        if not reader.examples or any(e.path not in reader._info for e in reader.examples):
+            raise ValueError("index state without examples, or an example without its file's info")
+        return reader
 
     @abstractmethod
     def read_slice(self, index: int) -> tuple[np.ndarray, SliceMeta]:
@@ -213,6 +240,7 @@ class FastMRIReader(SliceReader):
 
     format_name = "fastMRI HDF5"
     expected_names = "*.h5 with a 'kspace' dataset"
+    _info_type = _H5Info
 
     def __init__(
         self, root: Path, files: Sequence[SourceFile], *, contrasts: Sequence[str] = (), **kwargs
@@ -444,6 +472,7 @@ class NiftiReader(SliceReader):
 
     format_name = "NIfTI"
     expected_names = "*.nii or *.nii.gz"
+    _info_type = NiftiInfo
 
     def __init__(
         self,
@@ -536,18 +565,34 @@ def find_fastmri_files(root: Path) -> list[SourceFile]:
     return [SourceFile(p) for p in sorted(root.rglob("*.h5")) if p.is_file()]
 
 
-def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROUND) -> SliceReader:
-    """The reader for a site's dataset kind, indexed over ``config.data_path``."""
+def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROUND,
+                cache_dir: Path | None | Literal["default"] = "default") -> SliceReader:
+    """The reader for a site's dataset kind, indexed over ``config.data_path``.
+
+    The index comes from the site's index cache (``cache_dir``; by default
+    :func:`common.data.index_cache.default_cache_dir`, ``None`` for none) when nothing it depends on
+    changed; otherwise the files are indexed and the cache is written.
+    """
     root = config.data_path
     if not root.is_dir():
         raise DataError(f"{root}: data directory does not exist")
-    common = {"max_slices_per_volume": config.max_slices_per_volume, "skip_bad_files": config.skip_bad_files}
+    common: dict[str, Any] = {"max_slices_per_volume": config.max_slices_per_volume,
+                              "skip_bad_files": config.skip_bad_files}
+    reader_cls: type[SliceReader]
     if config.dataset == "fastmri":
-        return FastMRIReader(root, find_fastmri_files(root), contrasts=config.contrasts, **common)
-    if config.dataset == "brats":
-        return BratsReader(
-            root, find_brats_files(root, config.contrasts), min_foreground=min_foreground, **common
-        )
-    return IXIReader(
-        root, find_ixi_files(root, config.contrasts, config.hospital), min_foreground=min_foreground, **common
+        reader_cls, files, extra = FastMRIReader, find_fastmri_files(root), {"contrasts": config.contrasts}
+    elif config.dataset == "brats":
+        reader_cls, files = BratsReader, find_brats_files(root, config.contrasts)
+        extra = {"min_foreground": min_foreground}
+    else:
+        reader_cls, files = IXIReader, find_ixi_files(root, config.contrasts, config.hospital)
+        extra = {"min_foreground": min_foreground}
+    params = {"reader": reader_cls.__name__, **common, **extra,
+              "names": [[f.subject, f.contrast] for f in files]}
+    return index_cache.cached(
+        index_cache.default_cache_dir() if cache_dir == "default" else cache_dir,
+        key_of=lambda: index_cache.index_key(root, [f.path for f in files], params),
+        build=lambda: reader_cls(root, files, **extra, **common),
+        restore=lambda state: reader_cls.restore(root, state),
+        state_of=lambda reader: reader.index_state(),
     )
