@@ -14,7 +14,8 @@ def print_partition_summary(summary: dict[str, Any], out: TextIO) -> None:
     console = Console(file=out)
     table = Table(title=f"{summary['dataset']} partitioned by {summary['by']}")
     for column in ("site", "subjects", "files", "slices", "contrasts", "field (T)", "coils", "matrix"):
-        table.add_column(column, justify="right" if column in ("subjects", "files", "slices") else "left")
+        table.add_column(column, justify="right" if column in ("subjects", "files", "slices") else "left",
+                         no_wrap=column == "site")
     for site in summary["sites"]:
         table.add_row(
             escape(site["name"]), str(site["subjects"]), str(site["files"]), str(site["slices"]),
@@ -27,8 +28,9 @@ def print_partition_summary(summary: dict[str, Any], out: TextIO) -> None:
     console.print("* from the scanner profile (the files do not record it)"
                   f"; files linked: {', '.join(f'{n} {k}' for k, n in summary['links'].items())}")
     if summary["skipped"]:
+        first = summary["skipped"][0]
         console.print(f"[yellow]{len(summary['skipped'])} unreadable file(s) left out[/yellow], first: "
-                      escape(f"{summary['skipped'][0]['file']}: {summary['skipped'][0]['reason']}"))
+                      + escape(f"{first['file']}: {first['reason']}"))
     for warning in summary["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if summary["unassigned_subjects"]:
