@@ -32,32 +32,35 @@ def demo_site(name: str, dataset: str, scanner: dict[str, Any] | None = None, **
     return parse_site_config(data, name)
 
 
-def write_public_layout(root: Path, size: int = 32, subjects: int = 3) -> dict[str, Any]:
+def write_public_layout(
+    root: Path, size: int = 32, subjects: int = 3, datasets: tuple[str, ...] = ("ixi", "brats", "fastmri")
+) -> dict[str, Any]:
     """``root/{ixi,brats,fastmri}`` as downloaded; returns what was written, per dataset and group."""
     generated = root / "generated"
     sites = [demo_site(f"ixi-{h}", "ixi", hospital=h, demo={"subjects": subjects, "seed": k})
              for k, h in enumerate(("HH", "Guys", "IOP"))]
     sites.append(demo_site("brats", "brats", demo={"subjects": 2 * subjects, "seed": 5}))
-    sites += [demo_site(f"fastmri-{name}", "fastmri", contrasts=spec["contrasts"], demo={"subjects": subjects, "seed": 7 + k},
-                        scanner={"field_strength_t": spec["field_strength_t"], "coils": spec["coils"]})
+    sites += [demo_site(f"fastmri-{name}", "fastmri", contrasts=spec["contrasts"],
+                        demo={"subjects": subjects, "seed": 7 + k}, scanner={"field_strength_t": spec["field_strength_t"], "coils": spec["coils"]})
               for k, (name, spec) in enumerate(FASTMRI_SCANNERS.items())]
-    written = generate_demo(generated, size=size, seed=0, sites=sites)
-    layout: dict[str, Any] = {"ixi": {}, "fastmri": {}, "brats": written["brats"]["subjects"]}
-    for hospital in ("HH", "Guys", "IOP"):
+    written = generate_demo(generated, size=size, seed=0, sites=[s for s in sites if s.dataset in datasets])
+    layout: dict[str, Any] = {"ixi": {}, "fastmri": {}, "brats": []}
+    for hospital in ("HH", "Guys", "IOP") if "ixi" in datasets else ():
         info = written[f"ixi-{hospital}"]
         layout["ixi"][hospital] = info["subjects"]
         for name in info["files"]:
             contrast = name.split("-")[-1].split(".")[0]
             _move(Path(info["folder"]) / name, root / "ixi" / f"IXI-{contrast}" / name)
-    for scanner in FASTMRI_SCANNERS:
+    for scanner in FASTMRI_SCANNERS if "fastmri" in datasets else ():
         info = written[f"fastmri-{scanner}"]
         layout["fastmri"][scanner] = info["files"]
         for name in info["files"]:
             dst = root / "fastmri" / "multicoil_train" / name
             _move(Path(info["folder"]) / name, dst)
             set_scanner(dst, "SIEMENS", scanner.capitalize())
-    for subject in written["brats"]["subjects"]:
+    for subject in written["brats"]["subjects"] if "brats" in datasets else ():
         _move(Path(written["brats"]["folder"]) / subject, root / "brats" / subject)
+        layout["brats"].append(subject)
     shutil.rmtree(generated)
     return layout
 

@@ -280,3 +280,29 @@ def test_unreadable_fastmri_files_are_listed_not_fatal(public: tuple[Path, dict]
     assert [s["file"] for s in result.summary["skipped"]] == [f"multicoil_train/{bad.name}"]
     assert "not a readable HDF5 file" in result.summary["skipped"][0]["reason"]
     assert sum(s["files"] for s in result.summary["sites"]) == 5
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_partition_then_check_then_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The three commands of README "Your own data", through the real CLI and a real Flower run."""
+    from server.store import GLOBAL_SITE, RunDir
+
+    layout = write_public_layout(tmp_path / "public", size=64, subjects=3, datasets=("ixi",))
+    out = tmp_path / "sites"
+    assert cli_main(["data", "partition", "--dataset", "ixi", "--root", str(tmp_path / "public" / "ixi"),
+                     "--by", "hospital", "--contrasts", "T2", "--max-slices", "3", "--profile", "3t-4ch",
+                     "--out", str(out)]) == 0
+    tomls = sorted(str(p) for p in out.glob("*.toml"))
+    for toml in tomls:
+        assert cli_main(["data", "check", toml]) == 0
+    run_dir = tmp_path / "run"
+    assert cli_main(["simulate", "--sites", *tomls, "--rounds", "1", "--local-steps", "2", "--run-dir", str(run_dir),
+                     "--set", 'model-args={"chans": 8, "num_pool_layers": 2}', "--set", "batch-size=2",
+                     "--timeout", "600"]) == 0
+    store = RunDir(run_dir)
+    assert store.read_config()["status"] == "finished"
+    evaluated = {r["site"] for r in store.read_metrics() if r["round"] == 1 and r["phase"] == "evaluate"}
+    assert evaluated == {f"ixi-{h.lower()}" for h in layout["ixi"]} | {GLOBAL_SITE}
