@@ -269,6 +269,8 @@ def _manifest_files(
 def print_report(report: CheckReport, out: TextIO | None = None) -> None:
     """The report as rich tables, verdict last."""
     console = Console(file=out or sys.stdout)
+    if not console.is_terminal:  # a file or pipe: wide enough that site names and contrasts stay whole
+        console = Console(file=console.file, width=120)
     console.print(f"[bold]{report.site}[/bold] ({report.dataset})  [dim]{escape(str(report.data_path))}[/dim]")
     contrasts = sorted({c for counts in report.slices.values() for c in counts})
     if contrasts:

@@ -41,6 +41,7 @@ from common.data.readers import (
     find_brats_files,
     find_fastmri_files,
     find_ixi_files,
+    parse_ixi_name,
 )
 from common.data.scanner_header import HeaderError, nominal_field, parse_scanner_header
 from common.errors import ConfigError, DataError
@@ -240,7 +241,9 @@ def _discover_nifti(dataset: str, root: Path, wanted: Sequence[str]) -> tuple[li
         keys: dict[str, str] = {}
         field_t = None
         if dataset == "ixi":
-            hospital = rel.rsplit("/", 1)[-1].split("-")[1]
+            parsed = parse_ixi_name(source.path.name)
+            assert parsed is not None  # find_ixi_files only returns files with IXI names
+            hospital = parsed[1]
             keys["hospital"] = hospital
             field_t = IXI_FIELD_STRENGTH_T[hospital]
         volumes.append(Volume(source.path, rel, source.subject or rel, source.contrast or "unknown", slices,
