@@ -306,3 +306,22 @@ def test_partition_then_check_then_simulate(tmp_path: Path, capsys: pytest.Captu
     assert store.read_config()["status"] == "finished"
     evaluated = {r["site"] for r in store.read_metrics() if r["round"] == 1 and r["phase"] == "evaluate"}
     assert evaluated == {f"ixi-{h.lower()}" for h in layout["ixi"]} | {GLOBAL_SITE}
+
+
+def test_fets_release_names_and_partition_csv(public: tuple[Path, dict], tmp_path: Path) -> None:
+    """FeTS 2022 names its scans FeTS2022_NNNNN_<contrast>.nii.gz; its partition CSV uses those ids."""
+    root, layout = public
+    fets = tmp_path / "FeTS2022"
+    ids = {}
+    for k, subject in enumerate(layout["brats"]):
+        ids[subject] = f"FeTS2022_{k:05d}"
+        for scan in (root / "brats" / subject).glob("*.nii.gz"):
+            target = fets / ids[subject] / scan.name.replace(subject, ids[subject])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(scan, target)
+    csv = tmp_path / "partitioning_2.csv"
+    csv.write_text("Subject_ID,Partition_ID\n" + "".join(f"{fid},{k % 2 + 1}\n" for k, fid in enumerate(ids.values())))
+    out = partition_dataset(PartitionSpec(dataset="brats", root=fets, by="institution", out=tmp_path / "o",
+                                          partition_csv=csv)).out
+    assert _subjects_of(out, "brats-inst-1") == {fid for k, fid in enumerate(ids.values()) if k % 2 == 0}
+    assert _subjects_of(out, "brats-inst-2") == {fid for k, fid in enumerate(ids.values()) if k % 2 == 1}
