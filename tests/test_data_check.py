@@ -131,3 +131,16 @@ def test_server_cli_does_not_import_client_code() -> None:
     code = ("import sys, server.cli; server.cli.build_parser(); "
             "sys.exit(any(m == 'client' or m.startswith('client.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+def test_site_whose_folder_holds_no_data_of_its_kind(public: Path, tmp_path: Path) -> None:
+    out = _sites(public, tmp_path / "s", "ixi", "hospital")
+    toml = out / "ixi-guys.toml"
+    _edit(toml, r'^dataset = "ixi"$', 'dataset = "brats"')
+    _edit(toml, r"^hospital = .*$", "")
+    _edit(toml, r"^contrasts = .*$", "")
+    report = check_site(toml)
+    assert not report.ready and report.manifest is None
+    assert report.problems == [f"{out / 'ixi-guys'}: no BraTS NIfTI files found "
+                               "(e.g. BraTS20_Training_001_flair.nii.gz or BraTS-GLI-00000-000-t2f.nii.gz)"]
+    assert cli_main(["data", "check", str(toml)]) == 1
