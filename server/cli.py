@@ -110,6 +110,30 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_partition(args: argparse.Namespace) -> int:
+    from common.data.partition import PartitionSpec, partition_dataset
+    from server.viewer.partition import print_partition_summary
+
+    spec = PartitionSpec(
+        dataset=args.dataset, root=Path(args.root), by=args.by, out=Path(args.out), sites=args.sites,
+        alpha=args.alpha, label=args.label, partition_csv=Path(args.partition_csv) if args.partition_csv else None,
+        max_subjects=args.max_subjects, contrasts=tuple(args.contrasts or ()), seed=args.seed,
+        profile=args.profile, link="copy" if args.copy else args.link, max_slices_per_volume=args.max_slices,
+    )
+    result = partition_dataset(spec)
+    print_partition_summary(result.summary, sys.stdout)
+    print(f"site configs: {' '.join(str(p) for p in result.site_tomls)}\nsummary: {result.out / 'partition.json'}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    # Site-side code, reached by module name as the ClientApp is ("client.app:app"): server never imports
+    # client statically, so the coordinator's packages stay free of site code and the check runs in-process.
+    import importlib
+
+    return int(importlib.import_module("client.check").run(Path(args.site_config), args.manifest))
+
+
 def cmd_metrics_show(args: argparse.Namespace) -> int:
     from server.viewer.table import show
 
@@ -160,6 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--site-config", action="append", default=[], help="generate only these sites' data")
     p.set_defaults(func=cmd_data_demo)
+
+    p = data.add_parser("partition", help="simulated hospitals from fastMRI / BraTS / IXI: site folders + TOMLs")
+    p.add_argument("--dataset", required=True, choices=("fastmri", "brats", "ixi"))
+    p.add_argument("--root", required=True, help="the downloaded dataset's folder")
+    p.add_argument("--by", required=True, help="ixi: hospital; brats: institution; fastmri: scanner | "
+                   "field-strength | contrast; any: random | dirichlet")
+    p.add_argument("--out", required=True, help="folder for <site>/ (links to the files) and <site>.toml")
+    p.add_argument("--sites", type=int, help="number of sites (random, dirichlet)")
+    p.add_argument("--alpha", type=float, help="Dirichlet concentration (dirichlet; small = more non-IID)")
+    p.add_argument("--label", help="what the Dirichlet split skews (a natural key or 'none'; default per dataset)")
+    p.add_argument("--partition-csv", help="FeTS partition CSV (Subject_ID,Partition_ID) for --by institution")
+    p.add_argument("--max-subjects", type=int, help="at most this many subjects per site (seeded choice)")
+    p.add_argument("--contrasts", nargs="+", help="only these contrasts (e.g. T2 PD, flair, AXT2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="3t-16ch", help="scanner profile for settings the data does not record: "
+                   "3t-16ch | 1.5t-8ch | 3t-4ch | a site TOML whose [scanner] to use")
+    p.add_argument("--link", choices=("auto", "hard", "symlink"), default="auto",
+                   help="how site folders refer to the files (auto: hard link, symlink across filesystems)")
+    p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
+    p.add_argument("--max-slices", type=int, help="max_slices_per_volume of the written site configs")
+    p.set_defaults(func=cmd_data_partition)
+    p = data.add_parser("check", help="(site side) can this site's data train? counts, masks, bad files, manifest")
+    p.add_argument("site_config", help="the site's TOML")
+    p.add_argument("--manifest", type=Path, help="where to write the dataset manifest (default: SITE.manifest.json)")
+    p.set_defaults(func=cmd_data_check)
 
     metrics = sub.add_parser("metrics", help="view a run's per-round metrics").add_subparsers(dest="metrics_command", required=True)
     p = metrics.add_parser("show", help="table of rounds x sites")

@@ -189,6 +189,7 @@ def _ismrmrd_header(
     sub(sub(root, "measurementInformation"), "protocolName", protocol)
     system = sub(root, "acquisitionSystemInformation")
     sub(system, "systemVendor", "FedSense demo")
+    sub(system, "systemModel", f"Synthetic {field_t:g}T")  # real fastMRI headers name the model ("Skyra")
     sub(system, "systemFieldStrength_T", f"{field_t:g}")
     sub(system, "receiverChannels", coils)
     sub(

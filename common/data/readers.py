@@ -50,7 +50,8 @@ _NIFTI_ERRORS = (
 # damaged object table can turn a dataset into another kind of object (TypeError when indexed).
 _H5_ERRORS = (OSError, RuntimeError, ValueError, TypeError, KeyError)
 
-_BRATS_UNDERSCORE = re.compile(r"^(BraTS.+?)_(t1|t1ce|t2|flair)\.nii(?:\.gz)?$")
+# FeTS releases (FeTS2022_00000_flair.nii.gz) name BraTS scans the same way, with their own prefix.
+_BRATS_UNDERSCORE = re.compile(r"^((?:BraTS|FeTS).+?)_(t1|t1ce|t2|flair)\.nii(?:\.gz)?$")
 _BRATS_DASH = re.compile(r"^(BraTS-[A-Za-z]+-\d+)-\d+-(t1n|t1c|t2w|t2f)\.nii(?:\.gz)?$")
 _IXI = re.compile(r"^(IXI\d+)-(Guys|HH|IOP)-\d+-(T1|T2|PD)\.nii(?:\.gz)?$")
 

@@ -1,0 +1,102 @@
+"""The scanner facts of a fastMRI file, read strictly from its ISMRMRD XML header.
+
+Why not the ``ismrmrd`` package: its ``xsd.CreateFromDocument`` (1.15, xsdata bindings) is strict where
+FedSense does not care and lax where it does. A header lacking a schema-required element that partitioning
+never reads (``patientPosition``, ``experimentalConditions``) fails with a bare ``TypeError`` from a
+dataclass constructor that names no element; any element outside that schema version (a vendor
+extension, an element an older or newer converter wrote) fails the whole file; yet a non-numeric
+``systemFieldStrength_T`` only raises a warning and comes back as a string. It would also add xsdata to
+every site's install. This reader validates exactly the fields partitioning uses (types, ranges,
+namespace), names the element in every error, ignores the rest, and refuses DTDs and entity
+declarations, which no ISMRMRD header needs and which are the XML bomb vectors.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from common.data.readers import ISMRMRD_NAMESPACE
+
+_NS = {"ns": ISMRMRD_NAMESPACE}
+_DOCTYPE = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
+# Vendors report the measured field (fastMRI brain: 2.89362 T, 1.494 T); studies group by nominal field.
+NOMINAL_FIELDS_T = (0.35, 0.55, 1.0, 1.5, 3.0, 7.0)
+_NOMINAL_TOLERANCE = 0.1
+
+
+class HeaderError(ValueError):
+    """A header that is not well-formed ISMRMRD XML or has an invalid value; the message names the element."""
+
+
+@dataclass(frozen=True)
+class ScannerHeader:
+    """What partitioning reads from an ISMRMRD header; None where the header does not say."""
+
+    vendor: str | None
+    model: str | None
+    field_strength_t: float | None
+    receiver_channels: int | None
+    protocol: str | None
+    encoded_matrix: tuple[int, int]  # (x, y): readout x phase-encode, as fastMRI's k-space (H, W)
+
+    @property
+    def scanner(self) -> str | None:
+        """``Vendor Model`` (or whichever of the two is present): the scanner partition key."""
+        parts = [p for p in (self.vendor, self.model) if p]
+        return " ".join(parts) if parts else None
+
+
+def nominal_field(field_t: float) -> float:
+    """The nominal field strength a measured one belongs to (2.89362 -> 3.0); the value itself if none is near."""
+    nearest = min(NOMINAL_FIELDS_T, key=lambda f: abs(f - field_t))
+    return nearest if abs(nearest - field_t) <= _NOMINAL_TOLERANCE * nearest else round(field_t, 2)
+
+
+def _text(root: ET.Element, path: str) -> str | None:
+    element = root.find("./" + "/".join(f"ns:{tag}" for tag in path.split("/")), _NS)
+    if element is None or element.text is None or not element.text.strip():
+        return None
+    return element.text.strip()
+
+
+def _number(root: ET.Element, path: str, kind: type[int] | type[float], required: bool) -> float | int | None:
+    text = _text(root, path)
+    if text is None:
+        if required:
+            raise HeaderError(f"ismrmrd_header: {path}: required element is missing")
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise HeaderError(f"ismrmrd_header: {path}: expected {kind.__name__}, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise HeaderError(f"ismrmrd_header: {path}: must be a positive finite number, got {text!r}")
+    return value
+
+
+def parse_scanner_header(xml: bytes | str) -> ScannerHeader:
+    """Parse the header; raises :class:`HeaderError` naming the offending element."""
+    raw = xml.encode("utf-8") if isinstance(xml, str) else bytes(xml)
+    if _DOCTYPE.search(raw):
+        raise HeaderError("ismrmrd_header: <!DOCTYPE>/<!ENTITY>: refused (ISMRMRD headers need none)")
+    try:
+        root = ET.fromstring(raw)
+    except ET.ParseError as exc:
+        raise HeaderError(f"ismrmrd_header: not well-formed XML ({exc})") from None
+    if root.tag != f"{{{ISMRMRD_NAMESPACE}}}ismrmrdHeader":
+        raise HeaderError(f"ismrmrd_header: root element is {root.tag!r}; expected ismrmrdHeader in {ISMRMRD_NAMESPACE}")
+    system = "acquisitionSystemInformation"
+    x = _number(root, "encoding/encodedSpace/matrixSize/x", int, required=True)
+    y = _number(root, "encoding/encodedSpace/matrixSize/y", int, required=True)
+    field = _number(root, f"{system}/systemFieldStrength_T", float, required=False)
+    channels = _number(root, f"{system}/receiverChannels", int, required=False)
+    return ScannerHeader(
+        vendor=_text(root, f"{system}/systemVendor"),
+        model=_text(root, f"{system}/systemModel"),
+        field_strength_t=float(field) if field is not None else None,
+        receiver_channels=int(channels) if channels is not None else None,
+        protocol=_text(root, "measurementInformation/protocolName"),
+        encoded_matrix=(int(x), int(y)),  # type: ignore[arg-type]
+    )
