@@ -87,6 +87,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from server.baseline import Baseline
+    from server.progress import reporting_rounds
+    from server.store import RunDir
     from server.viewer.table import show
 
     run = _run_config(args, _app_defaults())
@@ -94,7 +96,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"run_dir": f"runs/{args.kind}"})
     if args.name is None:
         run = run.model_copy(update={"name": args.kind})
-    store = Baseline(args.kind, run).execute()
+    baseline = Baseline(args.kind, run)
+    print(f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}",
+          flush=True)
+    with reporting_rounds(RunDir(run.run_dir), run.num_server_rounds, lambda line: print(line, flush=True)):
+        store = baseline.execute()
     show(store.path, fmt="table", out=sys.stdout)
     return 0
 

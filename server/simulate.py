@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from typing import Any
 
 from common.errors import ConfigError, FedSenseError
 from common.runconfig import RunConfig
-from server.store import GLOBAL_SITE, RunDir
+from server.progress import reporting_rounds
+from server.store import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -152,25 +152,6 @@ class SimulationSuperLink:
             pass
 
 
-def _follow(store: RunDir, num_rounds: int, stop: threading.Event, report: Callable[[str], None]) -> None:
-    """Report each finished round's global validation metrics as they land in the store."""
-    seen: set[int] = set()
-    while not stop.wait(1.0):
-        try:
-            records = store.read_metrics(dedupe=True)
-        except FedSenseError:
-            continue
-        for r in records:
-            if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate" and r["round"] not in seen:
-                seen.add(r["round"])
-                m = r["metrics"]
-                report(
-                    f"round {r['round']}/{num_rounds}: PSNR {m.get('psnr', float('nan')):.2f} dB, "
-                    f"SSIM {m.get('ssim', float('nan')):.4f}, NMSE {m.get('nmse', float('nan')):.4f} "
-                    f"({', '.join(r.get('sites', []))})"
-                )
-
-
 @dataclass(frozen=True)
 class SimResources:
     """Where the simulated sites run: Flower's local Ray, or an existing Ray cluster, and what each site gets.
@@ -235,8 +216,6 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     home = Path(tempfile.mkdtemp(prefix="fedsense-flwr-"))
     overrides = home / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in absolute.to_flat().items()), encoding="utf-8")
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(store, run.num_server_rounds, stop, report), daemon=True)
     try:
         with SimulationSuperLink(home, project, extra_env=resources.env()) as link:
             command = [
@@ -246,8 +225,7 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
             where = f" on the Ray cluster at {resources.ray_address}" if resources.ray_address else ""
             report(f"simulating {len(sites)} sites x {run.num_server_rounds} rounds ({run.strategy}){where}; "
                    f"log: {run_dir / 'flower.log'}")
-            follower.start()
-            with open(run_dir / "flower.log", "ab") as log:
+            with open(run_dir / "flower.log", "ab") as log, reporting_rounds(store, run.num_server_rounds, report):
                 try:
                     proc = subprocess.run(command, cwd=project, env=link.env(), stdout=log, stderr=subprocess.STDOUT,
                                           timeout=timeout, check=False)
@@ -259,9 +237,6 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
                     f"simulation failed (flwr exit {proc.returncode}, run status {status!r}); see {run_dir / 'flower.log'}"
                 )
     finally:
-        stop.set()
-        if follower.is_alive():
-            follower.join(timeout=5)
         if (home / "superlink.log").exists():
             shutil.copy2(home / "superlink.log", run_dir / "superlink.log")
         shutil.rmtree(home, ignore_errors=True)
