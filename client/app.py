@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
-from client.task import resolve_site_config_path
+from client.node_site import resolve_site_config_path
 from common.data.loaders import load_site, make_loader
 from common.models import build_model
 from common.runconfig import RunConfig
