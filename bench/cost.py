@@ -8,6 +8,8 @@ Sections (run one, or ``all``)::
     python -m bench.cost fp16       # fp16 transport of weights and updates: bytes and quality
     python -m bench.cost parallel   # 4 equal sites: Flower's default 2 CPUs per site vs --client-cpus 1
     python -m bench.cost index      # a 200-volume fastMRI site: time to a ready site, cold vs warm index cache
+    python -m bench.cost clientapps # local deployment (real SuperLink + SuperNodes): Flower's per-message
+                                    # flwr-clientapp processes vs fedsense-superexec's warm forks
 
 ``overhead`` reads everything from the run's metrics.jsonl: the sites' ``compute-seconds`` (their local
 training / evaluation time) and the ServerApp's ``seconds`` and ``overhead_seconds`` per phase.
@@ -272,6 +274,34 @@ def section_index(args: argparse.Namespace) -> None:
           f"{float(rows[1][1]) / float(rows[2][1]):.2f}x")
 
 
+def section_clientapps(args: argparse.Namespace) -> None:
+    """The three demo sites as real SuperNodes, once with Flower's ClientApp processes, once with warm forks."""
+    from tests.deployment import Deployment  # the reliability tests' local deployment (no TLS, loopback only)
+
+    out = args.out / "clientapps"
+    shutil.rmtree(out, ignore_errors=True)
+    sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
+    summary = []
+    for label, warm in (("flwr-clientapp per message (Flower)", False), ("fedsense-superexec (warm fork)", True)):
+        run_dir = out / ("warm" if warm else "cold")
+        run = sim_config(sites, run_dir / "run", args.rounds, args.local_steps, args.batch, OVERHEAD_MODEL)
+        with Deployment(run_dir / "deployment") as deployment:
+            for path in sites:
+                deployment.start_supernode(path.stem, path, warm=warm)
+            run_id = deployment.submit({**run.to_flat(), "max-eval-slices": 4})
+            status = deployment.wait_finished(run_id, 1800)
+        if status != "finished:completed":
+            raise SystemExit(f"clientapps: {label}: run ended {status}; logs in {run_dir / 'deployment' / 'logs'}")
+        print(f"\n### {label}\n")
+        times = print_overhead(RunDir(run.run_dir))
+        steady = [t for rnd, t in times.items() if rnd > 1] or list(times.values())
+        summary.append((label, *(f"{statistics.median(t[k] for t in steady):.2f}"
+                                 for k in ("wall", "train_overhead", "evaluate_overhead"))))
+    print(f"\n### ClientApp start: {len(sites)} sites, {OVERHEAD_MODEL[0]} {OVERHEAD_MODEL[1]}, {args.size}², "
+          f"{args.rounds} rounds x {args.local_steps} local steps; medians over rounds >= 2\n")
+    print(markdown_table(("ClientApps", "round wall s", "train overhead s", "evaluate overhead s"), summary))
+
+
 def section_parallel(args: argparse.Namespace) -> None:
     """Round time of 4 equal sites with Flower's default resources (2 CPUs per site) and with 1 CPU per site."""
     out = args.out / "parallel"
@@ -299,6 +329,7 @@ def section_parallel(args: argparse.Namespace) -> None:
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "overhead": section_overhead, "bytes": section_bytes, "scale": section_scale, "fp16": section_fp16,
     "deployment": section_deployment, "parallel": section_parallel, "index": section_index,
+    "clientapps": section_clientapps,
 }
 
 

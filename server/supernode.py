@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -21,10 +23,17 @@ from common.errors import ConfigError, FedSenseError
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_RUNTIME_PORT = 9094  # Flower's default for the SuperNode's local ClientApp Runtime API
+
+
+def _executable(name: str) -> str:
+    """``name`` from this interpreter's environment, so an unactivated venv still works."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
 def _supernode_executable() -> str:
-    """The ``flower-supernode`` of this interpreter's environment, so an unactivated venv still works."""
-    beside = Path(sys.executable).parent / "flower-supernode"
-    return str(beside) if beside.exists() else (shutil.which("flower-supernode") or "flower-supernode")
+    return _executable("flower-supernode")
 
 
 def _existing_file(path: str | os.PathLike[str], flag: str) -> Path:
@@ -51,11 +60,13 @@ def build_supernode_command(
     runtime_port: int | None = None,
     max_retries: int | None = None,
     max_wait_time: float | None = None,
+    warm: bool = False,
 ) -> list[str]:
     """``flower-supernode`` argv for one site; raises ConfigError for missing files or unsafe combinations.
 
     ``runtime_port`` moves the SuperNode's local (127.0.0.1) ClientApp Runtime API off Flower's
-    default 9094, for hosts that run more than one SuperNode.
+    default 9094, for hosts that run more than one SuperNode. ``warm``: process isolation, the
+    ClientApps then come from :func:`build_superexec_command`'s process instead of Flower's own.
     """
     cmd = [_supernode_executable(), "--superlink", _check_address(superlink)]
     if insecure:
@@ -82,13 +93,21 @@ def build_supernode_command(
         raise ConfigError(f"{site_path}: --site-config: the path must not contain a single quote")
     # A TOML literal string: Flower parses --node-config values as TOML, and literal strings need no escaping.
     cmd += ["--node-config", f"site-config='{site_path}'"]
-    if runtime_port is not None:
+    if warm:
+        cmd += ["--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port or DEFAULT_RUNTIME_PORT)]
+    elif runtime_port is not None:
         cmd += ["--port", str(runtime_port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(max_wait_time)]
     return cmd
+
+
+def build_superexec_command(runtime_port: int | None, supernode_pid: int) -> list[str]:
+    """``fedsense-superexec`` argv serving the SuperNode's loopback Runtime API, ending with the SuperNode."""
+    return [_executable("fedsense-superexec"), "--runtime-api-address",
+            f"127.0.0.1:{runtime_port or DEFAULT_RUNTIME_PORT}", "--insecure", "--parent-pid", str(supernode_pid)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,18 +122,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--insecure", action="store_true",
                         help="plaintext, unauthenticated connection: trusted test networks only")
     parser.add_argument("--runtime-port", type=int, help="local ClientApp Runtime API port (default: Flower's 9094)")
+    parser.add_argument("--cold-clientapps", action="store_true",
+                        help="start every ClientApp as a fresh flwr-clientapp process (Flower's default) instead of "
+                             "forking it from a process with PyTorch and Flower already loaded (fedsense-superexec)")
     return parser
 
 
 def run(args: argparse.Namespace) -> NoReturn:
-    """Replace this process with the SuperNode (signals and exit code then belong to Flower)."""
+    """Run the SuperNode (and, unless ``--cold-clientapps``, the warm SuperExec beside it) until it exits."""
+    warm = not args.cold_clientapps
     cmd = build_supernode_command(
-        args.superlink, args.root_cert, args.auth_key, args.site_config, args.insecure, runtime_port=args.runtime_port
+        args.superlink, args.root_cert, args.auth_key, args.site_config, args.insecure, runtime_port=args.runtime_port,
+        warm=warm,
     )
     logger.info("starting %s", " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvp(cmd[0], cmd)
+    if not warm:
+        os.execvp(cmd[0], cmd)
+    raise SystemExit(_supervise(cmd, args.runtime_port))
+
+
+def _supervise(supernode_cmd: list[str], runtime_port: int | None) -> int:
+    """SuperNode plus warm SuperExec as children; signals go to both; exits with the SuperNode's code."""
+    supernode = subprocess.Popen(supernode_cmd)
+    superexec = subprocess.Popen(build_superexec_command(runtime_port, supernode.pid))
+    logger.info("SuperNode pid %d, warm SuperExec pid %d", supernode.pid, superexec.pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in (supernode, superexec):
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = supernode.wait()
+    if superexec.poll() is None:
+        superexec.terminate()
+        try:
+            superexec.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            superexec.kill()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -196,17 +196,27 @@ class Deployment:
 
     # SuperNodes --------------------------------------------------------------------------------
 
-    def start_supernode(self, name: str, site_config: Path | None = None) -> None:
-        """Start (or restart) site ``name``'s SuperNode; ``site_config`` is needed the first time."""
+    def start_supernode(self, name: str, site_config: Path | None = None, warm: bool = False) -> None:
+        """Start (or restart) site ``name``'s SuperNode; ``site_config`` is needed the first time.
+
+        ``warm``: through ``fedsense client`` (SuperNode in process isolation plus the warm
+        ``fedsense-superexec``) instead of a bare ``flower-supernode`` with Flower's own SuperExec.
+        """
         if site_config is not None:
             self._site_configs[name] = Path(site_config).resolve()
         starts = sum(1 for p in self.logs.glob(f"supernode-{name}-*.log"))
         self._node_logs[name] = self.logs / f"supernode-{name}-{starts + 1}.log"
-        command = [
-            str(_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-            "--node-config", f"site-config='{self._site_configs[name]}'",
-            "--port", str(free_port()),  # this SuperNode's local ClientApp Runtime API
-        ]
+        if warm:
+            command = [
+                sys.executable, "-m", "server.supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--site-config", str(self._site_configs[name]), "--runtime-port", str(free_port()),
+            ]
+        else:
+            command = [
+                str(_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--node-config", f"site-config='{self._site_configs[name]}'",
+                "--port", str(free_port()),  # this SuperNode's local ClientApp Runtime API
+            ]
         self.supernodes[name] = self._spawn(command, self._node_logs[name])
 
     def node_id(self, name: str, timeout: float = 60) -> int:
