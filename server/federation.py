@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
-from server.strategy import Rejection, site_of, validate_updates
+from server.strategy import Rejection, site_of, supervision_of, validate_updates
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message]) 
                 "time": time.time(),
                 "num_examples": n,
                 "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                **supervision_of(msg),
             }
         )
     return records
