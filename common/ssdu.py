@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +41,6 @@ _TRAIN_STREAM, _VALIDATION_STREAM = 0, 1
 #: Keeps the normalised loss finite for a slice whose Θ measurements are all zero.
 _EPS = 1e-12
 
-BatchLoss = Callable[[nn.Module, Batch], Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,13 +51,18 @@ class Split:
     theta: np.ndarray
 
 
+_NO_KSPACE = (
+    "the end-to-end U-Net outputs a magnitude image and ignores the coil maps, so it has no prediction "
+    f"of the held-back k-space to compare; use one of {', '.join(SSDU_MODELS)}"
+)
+
+
 def check_model(model: str, source: str = "run config") -> None:
     """Refuse a model that cannot be trained self-supervised, before any data is touched."""
     if model not in SSDU_MODELS:
         raise ConfigError(
             f"{source}: model: {model!r} cannot train at a self-supervised site (supervision = \"self\"): "
-            "the end-to-end U-Net outputs a magnitude image and ignores the coil maps, so it has no "
-            f"prediction of the held-back k-space to compare; use one of {', '.join(SSDU_MODELS)}"
+            + _NO_KSPACE
         )
 
 
@@ -99,16 +103,16 @@ def gaussian_weights(shape: tuple[int, int]) -> np.ndarray:
 def split_omega(omega: np.ndarray, rho: float, rng: np.random.Generator) -> Split:
     """Draw Θ: ``round(rho·|Ω|)`` locations of Ω outside the calibration region, Gaussian-weighted; Λ = Ω \\ Θ.
 
-    Raises ``ValueError`` when Ω outside the calibration region is too small to hold that many.
+    Raises ``ConfigError`` when Ω outside the calibration region is too small to hold that many.
     """
     if not 0.0 < rho < 1.0:
-        raise ValueError(f"ssdu-rho must lie in (0, 1), got {rho}")
+        raise ConfigError(f"run config: ssdu-rho: must lie in (0, 1), got {rho}")
     omega = np.asarray(omega, dtype=bool)
     count = round(rho * int(omega.sum()))
     candidates = np.flatnonzero(omega & ~calibration_region(omega))
     if count > candidates.size:
-        raise ValueError(
-            f"ssdu-rho={rho:g} asks for {count} of {int(omega.sum())} acquired k-space samples, but only "
+        raise ConfigError(
+            f"run config: ssdu-rho: {rho:g} asks for {count} of {int(omega.sum())} acquired k-space samples, but only "
             f"{candidates.size} lie outside the calibration region; lower ssdu-rho or the centre fraction"
         )
     weights = gaussian_weights(omega.shape).ravel()[candidates]
@@ -153,8 +157,7 @@ def predict_kspace(model: nn.Module, masked_kspace: Tensor, mask: Tensor, sens_m
         return model.reconstruct_kspace(masked_kspace, mask, sens_maps)
     if hasattr(model, "reconstruct"):
         return sense_forward(model.reconstruct(masked_kspace, mask, sens_maps), sens_maps)
-    check_model(type(model).__name__)
-    raise AssertionError("unreachable: check_model refuses every model without a k-space estimate")
+    raise ConfigError(f"run config: model: {type(model).__name__} cannot train self-supervised: " + _NO_KSPACE)
 
 
 def _masks(splits: list[Split], like: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from common.data.selfsup import AcquiredDataset, ReferencedDataset, build_selfsu
 from common.errors import ConfigError
 from common.masks import make_mask
 from common.models import build_model
+from common.runconfig import RunConfig
 from common.ssdu import (
     SSDUTrainLoss,
     calibration_region,
@@ -27,6 +28,7 @@ from common.ssdu import (
     ssdu_loss,
 )
 from common.training import train
+from server.baseline import Baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +85,7 @@ def test_theta_is_drawn_with_a_density_that_falls_off_from_the_centre() -> None:
 
 def test_too_large_rho_is_refused_with_the_reason() -> None:
     omega = make_mask("equispaced", (32, 32), 2.0, 0.4, seed=0).mask > 0
-    with pytest.raises(ValueError, match="calibration region"):
+    with pytest.raises(ConfigError, match="run config: ssdu-rho: .*calibration region"):
         split_omega(omega, 0.9, np.random.default_rng(0))
 
 
@@ -248,3 +250,10 @@ def test_supervision_is_validated_with_the_field_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"bad.toml: supervision: must be 'full' or 'self'"):
         load_site_config(path)
     assert load_site_config(ROOT / "deploy" / "sites" / "site-a.toml").supervision == "full"
+
+
+def test_a_baseline_refuses_the_unet_at_a_self_supervised_site_naming_it(selfsup_site: Path) -> None:
+    run = RunConfig.from_flat({"model": "unet", "sites": str(selfsup_site), "local-steps": 1})
+    with pytest.raises(ConfigError, match=rf"baseline \(site {re.escape(str(selfsup_site))}\): model: 'unet'"):
+        Baseline("local", run)
+    Baseline("zero-filled", run)  # no training: any model name is fine
