@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
+    parser.add_argument("--no-federation", action="store_true",
+                        help="only the site's local arms (e.g. to see how the gap moves with the budget)")
     return parser.parse_args(argv)
 
 
@@ -157,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         with clock.stage(label):
             store = Baseline("local", run).execute()
         states[label] = _final_state(store, args.rounds, prefix=args.site)
-    for label, members in (("FedAvg, this site self-supervised", [selfsup, *others]),
-                           ("FedAvg, all supervised (context)", [supervised, *others])):
+    federations = (("FedAvg, this site self-supervised", [selfsup, *others]),
+                   ("FedAvg, all supervised (context)", [supervised, *others]))
+    for label, members in () if args.no_federation else federations:
         run = run_config(args, members, out / "runs" / ("fedavg-mixed" if "self" in label else "fedavg-supervised"))
         with clock.stage(f"{label} (Flower simulation)"):
             store = simulate(run, timeout=1800, report=logger.info)
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     rows = []
     for text, a, b, target in comparisons:
+        if a not in scores:  # --no-federation
+            continue
         mean, by_slice, by_volume, volumes = paired(scores[a], scores[b], args)
         if target is None:
             goal, status = "-", "-"

@@ -63,7 +63,6 @@ class AcquiredDataset(SiteDataset):
             mask[:, :left] = 0.0
             mask[:, right:] = 0.0
         masked = (kspace * mask).astype(np.complex64)
-        del kspace  # from here on only the acquired samples exist
         if meta.kind == "image":
             sens_maps = acquisition.sens_maps
         else:
