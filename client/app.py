@@ -18,6 +18,7 @@ from common.data.loaders import load_site, make_loader
 from common.models import build_model
 from common.runconfig import RunConfig
 from common.samples import save_samples
+from common.ssdu import SSDUTrainLoss, check_model, evaluate_self_supervised
 from common.training import evaluate as evaluate_model
 from common.training import train as train_model
 
@@ -30,14 +31,19 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, str, torch.nn.Mod
     run = RunConfig.from_flat(dict(context.run_config))
     site_path = resolve_site_config_path(context.node_config, run)
     site, datasets = load_site(str(site_path))
+    if site.supervision == "self":
+        check_model(run.model, f"run config (site {site_path})")
     torch.manual_seed(run.seed + int(msg.content["config"].get("server-round", 0)))
     model = build_model(run.model, **run.model_kwargs)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return run, site.name, model, datasets
 
 
-def _reply(msg: Message, site: str, metrics: dict[str, float], model: torch.nn.Module | None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})
+def _reply(msg: Message, site: str, metrics: dict[str, float], model: torch.nn.Module | None,
+           supervision: str = "full") -> Message:
+    # "supervision" lets the server's tables and dashboard mark self-supervised sites.
+    content = RecordDict({"metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": site, "supervision": supervision})})
     if model is not None:
         content["arrays"] = ArrayRecord(model.state_dict())
     return Message(content=content, reply_to=msg)
@@ -50,6 +56,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
     loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round)
+    supervision = datasets["train"].config.supervision
+    # A self-supervised site's batches carry no reference: its loss is SSDU's, in k-space.
+    batch_loss = (SSDUTrainLoss(run.ssdu_rho, run.ssdu_masks, seed=run.seed, epoch=server_round)
+                  if supervision == "self" else None)
     started = time.perf_counter()
     result = train_model(
         model,
@@ -59,12 +69,13 @@ def train(msg: Message, context: Context) -> Message:
         lr=run.learning_rate,
         loss=run.loss,
         proximal_mu=mu,
+        batch_loss=batch_loss,
     )
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
                "compute-seconds": time.perf_counter() - started}
-    return _reply(msg, site, metrics, model)
+    return _reply(msg, site, metrics, model, supervision)
 
 
 @app.evaluate()
@@ -75,13 +86,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
     num_samples = run.num_samples if run.sample_dir else 0
     started = time.perf_counter()
-    result = evaluate_model(
-        model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples
-    )
+    supervision = datasets["val"].config.supervision
+    if supervision == "self":
+        result = evaluate_self_supervised(
+            model, loader, rho=run.ssdu_rho, seed=run.seed, reference=datasets["val"].has_reference,
+            loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples,
+        )
+    else:
+        result = evaluate_model(
+            model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples
+        )
     if run.sample_dir and result.samples:
         # Sample images stay on this machine: written to a site-local directory, never sent.
         save_samples(run.sample_dir, server_round, site, result.samples)
     logger.info("site %s round %d: %s", site, server_round, result.metrics)
     metrics = {"num-examples": result.num_examples, **result.metrics,
                "compute-seconds": time.perf_counter() - started}
-    return _reply(msg, site, metrics, None)
+    return _reply(msg, site, metrics, None, supervision)

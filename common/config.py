@@ -111,6 +111,8 @@ class SiteConfig(_Strict):
     max_slices_per_volume: int | None = Field(None, ge=1)
     skip_bad_files: bool = False
     demo: DemoConfig = DemoConfig()
+    # "self": the site has no fully sampled data and trains self-supervised (SSDU, common.ssdu).
+    supervision: Literal["full", "self"] = "full"
 
     @field_validator("data_path")
     @classmethod

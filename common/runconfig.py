@@ -50,6 +50,8 @@ class RunConfig(BaseModel):
     seed: int = 0
     norm_outlier_factor: float = Field(0.0, ge=0.0)
     resume: bool = True
+    ssdu_rho: float = Field(0.4, gt=0.0, lt=1.0)
+    ssdu_masks: int = Field(1, ge=1, le=16)
 
     @field_validator("model_args", mode="before")
     @classmethod

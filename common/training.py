@@ -11,7 +11,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, Sized
+from typing import Callable, Iterable, Iterator, Protocol, Sized
 
 import numpy as np
 import torch
@@ -123,8 +123,12 @@ def train(
     loss: str = "l1",
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
+    batch_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Adam on the site's training split for ``steps`` batches (or ``epochs`` passes when steps = 0).
+
+    ``batch_loss(model, batch)`` replaces the image loss against ``target`` (a self-supervised site's
+    batches have none; see :mod:`common.ssdu`); the optimiser, steps and proximal term stay the same.
 
     With ``proximal_mu`` > 0 the FedProx term (mu/2)·||w − w_global||² is added, against
     ``global_params`` — a copy of the global weights taken before the first step (taken here when
@@ -139,8 +143,10 @@ def train(
     running, count = 0.0, 0
     for batch in _cycle(loader, total_steps):
         optimiser.zero_grad(set_to_none=True)
-        pred = predict(model, batch)
-        value = criterion(pred, batch["target"], batch["max_value"])  # type: ignore[arg-type]
+        if batch_loss is not None:
+            value = batch_loss(model, batch)
+        else:
+            value = criterion(predict(model, batch), batch["target"], batch["max_value"])  # type: ignore[arg-type]
         objective = value
         if proximal_mu > 0 and global_params is not None:
             objective = value + 0.5 * proximal_mu * proximal_term(model, global_params)

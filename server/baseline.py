@@ -23,6 +23,7 @@ from common.errors import ConfigError
 from common.models import build_model
 from common.runconfig import RunConfig
 from common.samples import save_samples
+from common.ssdu import SiteLoss, check_model, evaluate_self_supervised
 from common.training import EvalResult, evaluate, train
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 
@@ -52,9 +53,14 @@ class Baseline:
             raise ConfigError("baseline: sites: at least one site config is needed")
         self.kind, self.run = kind, run
         self.sites: dict[str, dict[str, SiteDataset]] = {}
+        self.self_supervised: set[str] = set()
         for path in run.site_list:
             config, datasets = load_site(path)
             self.sites[config.name] = datasets
+            if config.supervision == "self":
+                self.self_supervised.add(config.name)
+                if kind != "zero-filled":
+                    check_model(run.model, f"baseline (site {path})")
         self.store = RunDir(run.run_dir)
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
 
@@ -62,12 +68,28 @@ class Baseline:
         records = []
         for site, datasets in self.sites.items():
             loader = make_loader(datasets["val"], self.run.batch_size, shuffle=False, seed=self.run.seed)
-            result: EvalResult = evaluate(models[site], loader, loss=self.run.loss,
-                                          max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
+            result: EvalResult
+            if site in self.self_supervised:
+                result = evaluate_self_supervised(
+                    models[site], loader, rho=self.run.ssdu_rho, seed=self.run.seed,
+                    reference=datasets["val"].has_reference, loss=self.run.loss,  # type: ignore[attr-defined]
+                    max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
+            else:
+                result = evaluate(models[site], loader, loss=self.run.loss,
+                                  max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
             if result.samples:
                 save_samples(self.sample_dir, rnd, site, result.samples)
-            records.append(_record(self.run, rnd, "evaluate", site, result.num_examples, result.metrics))
+            records.append(_record(self.run, rnd, "evaluate", site, result.num_examples, result.metrics,
+                                   **self._supervision(site)))
         self.store.append_metrics(records + [_weighted(self.run, rnd, "evaluate", records)])
+
+    def _supervision(self, site: str) -> dict[str, str]:
+        """The record key that marks a self-supervised site (as federated runs record it)."""
+        return {"supervision": "self"} if site in self.self_supervised else {}
+
+    def _loss(self, rnd: int) -> SiteLoss:
+        """Per-batch loss: SSDU for self-supervised sites' batches, the image loss for the others."""
+        return SiteLoss(self.run.loss, self.run.ssdu_rho, self.run.ssdu_masks, seed=self.run.seed, epoch=rnd)
 
     def execute(self) -> RunDir:
         """Run the baseline to the end; the run directory holds its metrics and checkpoints."""
@@ -97,8 +119,9 @@ class Baseline:
             for site, datasets in self.sites.items():
                 loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
                 res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
-                            lr=self.run.learning_rate, loss=self.run.loss)
-                records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps}))
+                            lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd))
+                records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
+                                       **self._supervision(site)))
             self.store.append_metrics(records + [_weighted(self.run, rnd, "train", records)])
             self._evaluate(rnd, models)  # type: ignore[arg-type]
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in m.state_dict().items()}
@@ -116,7 +139,8 @@ class Baseline:
                 make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
                 for d in self.sites.values()
             ])
-            res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss)
+            res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
+                        batch_loss=self._loss(rnd))
             self.store.append_metrics([
                 _record(self.run, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
             ])

@@ -21,7 +21,7 @@ from common.errors import FedSenseError
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
-from server.strategy import Rejection, site_of, validate_updates
+from server.strategy import Rejection, site_of, supervision_of, validate_updates
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message]) 
                 "time": time.time(),
                 "num_examples": n,
                 "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                **supervision_of(msg),
             }
         )
     return records

@@ -50,6 +50,14 @@ def site_of(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
+def supervision_of(msg: Message) -> dict[str, str]:
+    """``{"supervision": "self"}`` for a self-supervised site's reply (recorded with its metrics), else ``{}``."""
+    content = msg.content
+    if "site" in content.config_records and content.config_records["site"].get("supervision") == "self":
+        return {"supervision": "self"}
+    return {}
+
+
 @dataclass
 class Rejection:
     """Why one site's update was kept out of a round's aggregate."""

@@ -60,7 +60,7 @@ def expected_rows(run: RunDir) -> list[dict[str, Any]]:
             "phase": r["phase"],
             "site": r["site"],
             "num_examples": r["num_examples"],
-            **{m: r["metrics"].get(m) for m in ("loss", "psnr", "ssim", "nmse")},
+            **{m: r["metrics"].get(m) for m in ("loss", "psnr", "ssim", "nmse", "ssdu-loss")},
         }
         for r in run.read_metrics()
     ]
@@ -81,7 +81,7 @@ def test_csv_matches_the_store_exactly(run: RunDir) -> None:
     out = io.StringIO()
     show(run.path, fmt="csv", out=out, phase="evaluate")
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
-    assert out.getvalue().splitlines()[0] == "round,phase,site,num_examples,loss,psnr,ssim,nmse"
+    assert out.getvalue().splitlines()[0] == "round,phase,site,num_examples,loss,psnr,ssim,nmse,ssdu-loss"
     expected = {(r["round"], r["site"]): r for r in expected_rows(run) if r["phase"] == "evaluate"}
     assert len(rows) == len(expected) == 9
     for row in rows:
@@ -128,3 +128,20 @@ def test_bad_arguments_and_missing_run(run: RunDir, tmp_path: Path) -> None:
         show(run.path, out=io.StringIO(), metrics=["accuracy"])
     with pytest.raises(FedSenseError, match="no such run directory"):
         show(tmp_path / "nope", out=io.StringIO())
+
+
+def test_self_supervised_sites_are_marked_with_their_heldout_loss(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "mixed")
+    run.init({"name": "mixed", "strategy": "fedavg"}, resume=False)
+    run.append_metrics([
+        {"run": "mixed", "round": 1, "phase": "evaluate", "site": "site-a", "time": 1.7e9, "num_examples": 4,
+         "metrics": {"psnr": 30.0, "ssdu-loss": 0.61234}, "supervision": "self"},
+        {"run": "mixed", "round": 1, "phase": "evaluate", "site": "site-b", "time": 1.7e9, "num_examples": 4,
+         "metrics": {"psnr": 31.0}},
+    ])
+    out = io.StringIO()
+    show(run.path, out=out)
+    text = out.getvalue()
+    assert "site-a (self)" in text and "site-b (self)" not in text
+    assert "held-out k-space loss" in text and "0.6123" in text
+    assert "self-supervised site (SSDU)" in text

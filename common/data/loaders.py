@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from common.config import SiteConfig, load_site_config
 from common.data.dataset import SiteDataset, build_site_datasets
+from common.data.selfsup import build_selfsup_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ logger = logging.getLogger(__name__)
 def load_site(path: str) -> tuple[SiteConfig, dict[str, SiteDataset]]:
     """Site config and its train/val/test datasets; cached for the life of the process."""
     config = load_site_config(Path(path))
-    datasets = build_site_datasets(config)
+    if config.supervision == "self":
+        datasets = build_selfsup_datasets(config)
+    else:
+        datasets = build_site_datasets(config)
     logger.info("site %s: %s", config.name, {split: len(ds) for split, ds in datasets.items()})
     return config, datasets
 

@@ -163,6 +163,17 @@ class SliceReader(ABC):
     def read_slice(self, index: int) -> tuple[np.ndarray, SliceMeta]:
         """Read example ``index`` from disk: k-space (C, H, W) or magnitude (H, W), and its metadata."""
 
+    @abstractmethod
+    def read_acquisition(self, index: int) -> tuple[np.ndarray, SliceMeta]:
+        """Like :meth:`read_slice` but never opening a stored reference (``meta.target`` is None).
+
+        The path of a self-supervised site (:mod:`common.data.selfsup`), which must not see one.
+        """
+
+    def has_reference(self, index: int) -> bool:
+        """Whether example ``index`` has a reference image to score against (evaluation only)."""
+        return True
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -299,13 +310,24 @@ class FastMRIReader(SliceReader):
         return [Example(path, k, subject, contrast) for k in range(num_slices)]
 
     def read_slice(self, index: int) -> tuple[np.ndarray, SliceMeta]:
+        return self._read(index, reference=True)
+
+    def read_acquisition(self, index: int) -> tuple[np.ndarray, SliceMeta]:
+        return self._read(index, reference=False)
+
+    def has_reference(self, index: int) -> bool:
+        """Only a stored reconstruction counts: a self-supervised site's k-space may be undersampled,
+        so the RSS of its k-space is no reference."""
+        return self._info[self.examples[index].path].target_key is not None
+
+    def _read(self, index: int, reference: bool) -> tuple[np.ndarray, SliceMeta]:
         example = self.examples[index]
         info = self._info[example.path]
         try:
             with h5py.File(example.path, "r") as f:
                 kspace = np.asarray(f["kspace"][example.slice_idx])
                 target = None
-                if info.target_key is not None:
+                if reference and info.target_key is not None:
                     target = np.asarray(f[info.target_key][example.slice_idx], dtype=np.float32)
         except _H5_ERRORS as exc:
             raise DataError(f"{example.path}: cannot read slice {example.slice_idx}: {exc}") from exc
@@ -495,6 +517,14 @@ class NiftiReader(SliceReader):
         return [Example(source.path, k, subject, contrast) for k in info.nonempty]
 
     def read_slice(self, index: int) -> tuple[np.ndarray, SliceMeta]:
+        return self._read_image(index)
+
+    def read_acquisition(self, index: int) -> tuple[np.ndarray, SliceMeta]:
+        """The magnitude image: for NIfTI data it stands in for the patient the simulated scanner
+        measures (:mod:`common.data.acquisition`); a self-supervised dataset keeps only the samples."""
+        return self._read_image(index)
+
+    def _read_image(self, index: int) -> tuple[np.ndarray, SliceMeta]:
         example = self.examples[index]
         info = self._info[example.path]
         img = _load_nifti(example.path)

@@ -82,10 +82,14 @@ class VarNet(nn.Module):
             return sens_maps
         return self.sens_net(masked_kspace, mask)
 
-    def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
-        """k-space (B,C,H,W) complex, mask (B,1,H,W), maps (B,C,H,W) complex -> magnitude (B,H,W)."""
+    def reconstruct_kspace(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
+        """The final multi-coil k-space estimate (B,C,H,W): what a k-space loss (SSDU) compares."""
         maps = self.sensitivity_maps(masked_kspace, mask, sens_maps)
         kspace = masked_kspace
         for cascade in self.cascades:
             kspace = cascade(kspace, masked_kspace, mask, maps)
-        return rss(ifft2c(kspace), dim=1)
+        return kspace
+
+    def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
+        """k-space (B,C,H,W) complex, mask (B,1,H,W), maps (B,C,H,W) complex -> magnitude (B,H,W)."""
+        return rss(ifft2c(self.reconstruct_kspace(masked_kspace, mask, sens_maps)), dim=1)

@@ -14,12 +14,14 @@ from typing import Any
 from common.errors import FedSenseError
 from server.store import GLOBAL_SITE, PHASES, RunDir
 
-METRICS = ("loss", "psnr", "ssim", "nmse")
+# ssdu-loss: the held-out k-space loss of self-supervised sites (common.ssdu), their only reference-free metric.
+METRICS = ("loss", "psnr", "ssim", "nmse", "ssdu-loss")
 COLUMNS = ("round", "phase", "site", "num_examples", *METRICS)
 # Image quality first: that is what a reader of a reconstruction run looks for.
-DISPLAY_METRICS = ("psnr", "ssim", "nmse", "loss")
-METRIC_LABELS = {"loss": "loss", "psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE"}
-METRIC_FORMATS = {"loss": "{:.4g}", "psnr": "{:.2f}", "ssim": "{:.4f}", "nmse": "{:.4g}"}
+DISPLAY_METRICS = ("psnr", "ssim", "nmse", "loss", "ssdu-loss")
+METRIC_LABELS = {"loss": "loss", "psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE",
+                 "ssdu-loss": "held-out k-space loss (self-supervised sites)"}
+METRIC_FORMATS = {"loss": "{:.4g}", "psnr": "{:.2f}", "ssim": "{:.4f}", "nmse": "{:.4g}", "ssdu-loss": "{:.4g}"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class RunView:
     def rows(self, phase: str | None = None) -> list[dict[str, Any]]:
         """Records flattened to :data:`COLUMNS`, sorted by round, phase, site (global last)."""
         return metric_rows(self.records, phase)
+
+    def self_supervised_sites(self) -> set[str]:
+        """Sites that trained without references (records marked ``"supervision": "self"``)."""
+        return {r["site"] for r in self.records if r.get("supervision") == "self"}
 
     def sites(self) -> list[str]:
         """Site names in display order: alphabetical, the global aggregate last."""

@@ -61,6 +61,7 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         highlight=False,
     )
     sites = view.sites()
+    self_supervised = view.self_supervised_sites()
     printed = False
     for phase in phases:
         rows = view.rows(phase)
@@ -75,10 +76,17 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
             table.add_column("round", justify="right", style="dim")
             for site in sites:
                 is_global = site == GLOBAL_SITE
-                table.add_column("global" if is_global else site, justify="right", style="bold" if is_global else None)
+                name = "global" if is_global else f"{site} (self)" if site in self_supervised else site
+                table.add_column(name, justify="right", style="bold" if is_global else None)
             for round_, values in sorted(cells.items()):
                 table.add_row(str(round_), *(format_metric(metric, values.get(site)) for site in sites))
             console.print(table)
             printed = True
     if not printed:
         console.print("no metrics yet")
+    elif self_supervised:
+        console.print(
+            "(self) = self-supervised site (SSDU): it trains without references; its PSNR/SSIM/NMSE are "
+            "measured against the simulation's reference, which it never trains on.",
+            highlight=False,
+        )
