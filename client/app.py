@@ -49,7 +49,8 @@ def train(msg: Message, context: Context) -> Message:
     run, site, model, datasets = _setup(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
-    loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round)
+    loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round,
+                         augment=run.augment)
     started = time.perf_counter()
     result = train_model(
         model,
