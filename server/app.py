@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.models import build_model, count_parameters
 from common.runconfig import RunConfig
 from server.federation import Federation
+from server.optimisers import load_optimiser_state
 from server.store import RunDir
 from server.strategy import build_strategy
 
@@ -36,7 +37,10 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("resuming %s after round %d", run.run_dir, done)
     logger.info("model %s: %d parameters; strategy %s", run.model, count_parameters(model), run.strategy)
     arrays = ArrayRecord(model.state_dict())
-    federation = Federation(grid, run, build_strategy(run), store, model)
+    strategy = build_strategy(run)
+    if latest is not None and load_optimiser_state(strategy, latest[1].get("server_optimizer")):
+        logger.info("restored the %s server optimiser state of round %d", run.strategy, latest[0])
+    federation = Federation(grid, run, strategy, store, model)
     try:
         if start == 1:
             federation.evaluate_round(0, arrays)

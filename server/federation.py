@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
+from server.optimisers import optimiser_state
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, validate_updates
 
@@ -172,5 +173,8 @@ class Federation:
             arrays = self.train_round(rnd, arrays)
             self.evaluate_round(rnd, arrays)
             state = arrays.to_torch_state_dict()
-            self.store.save_checkpoint(rnd, state, config)
+            # A server optimiser's moments go with the weights, so a resumed run continues the same optimisation.
+            server_optimizer = optimiser_state(self.strategy)
+            extra = {"server_optimizer": server_optimizer} if server_optimizer is not None else None
+            self.store.save_checkpoint(rnd, state, config, extra=extra)
         return arrays
