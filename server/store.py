@@ -33,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 GLOBAL_SITE = "__global__"
-PHASES = ("train", "evaluate")
+PHASES = ("train", "evaluate", "finetune")  # finetune: the sites' personalised models after the last round
 STATUSES = ("running", "finished", "failed")
 REQUIRED_KEYS = ("run", "round", "phase", "site", "time", "num_examples", "metrics")
 # Keys that init/set_status add to config.json; they are not part of a run's identity.
