@@ -84,3 +84,26 @@ def test_fine_tune_never_returns_worse_than_its_start_and_stops_early() -> None:
     assert float(model.gain.detach()) == pytest.approx(1.0)
     assert result.metrics == result.start_metrics
     json.dumps(result.metrics)  # scalars only: what a site may send
+
+
+NEW_KEYS = ("augment", "server-eta", "server-tau", "server-beta-1", "server-beta-2", "server-learning-rate",
+            "server-momentum", "client-optimizer", "local-layers", "site-state-dir", "fine-tune-steps",
+            "fine-tune-eval-every", "fine-tune-patience")
+
+
+def test_new_run_config_keys_have_the_same_defaults_in_pyproject() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from common.runconfig import RunConfig
+
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as fh:
+        flat = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_flat()
+    assert {k: flat[k] for k in NEW_KEYS} == {k: defaults[k] for k in NEW_KEYS}
+    assert RunConfig.from_flat({"local-layers": " unet.up_conv.2.* ,*.dc.eta,"}).local_layer_patterns == (
+        "unet.up_conv.2.*", "*.dc.eta")
+    for key, bad in (("client-optimizer", "sgd"), ("server-beta-1", 1.0), ("fine-tune-steps", -1),
+                     ("strategy", "fedadamw")):
+        with pytest.raises(ConfigError, match=key):
+            RunConfig.from_flat({key: bad})
