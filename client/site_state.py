@@ -106,6 +106,8 @@ class SiteMemory:
         self.context.state[LOCAL_KEY] = ArrayRecord(local)
         self.context.state[META_KEY] = ConfigRecord({"round": rnd, "optimizer": _optimiser_bytes(opt_state)})
         if self.directory is None:
+            logger.warning("site %s: no site-state-dir set; its local state lives in memory only and a resumed "
+                           "run starts it afresh", self.site)
             return
         payload = {"round": rnd, "local": local, "optimizer": opt_state}
         atomic_write(self.directory / f"round-{rnd:04d}.pt", lambda stream: torch.save(payload, stream))
