@@ -14,8 +14,11 @@ from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
 from client.node_site import resolve_site_config_path
+from client.site_state import SavedState, SiteMemory
 from common.data.loaders import load_site, make_loader
+from common.errors import ConfigError
 from common.models import build_model
+from common.personalise import fine_tune
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SSDUTrainLoss, check_model, evaluate_self_supervised
@@ -27,7 +30,11 @@ logger = logging.getLogger(__name__)
 app = ClientApp(mods=[egress_audit_mod])
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, str, torch.nn.Module, dict]:
+def _setup(
+    msg: Message, context: Context, state_round: int
+) -> tuple[RunConfig, str, torch.nn.Module, dict, SiteMemory, SavedState | None]:
+    """The run config, site, datasets, and the model: the server's arrays plus what the site kept
+    (its local layers as of ``state_round``; see :mod:`client.site_state`)."""
     run = RunConfig.from_flat(dict(context.run_config))
     site_path = resolve_site_config_path(context.node_config, run)
     site, datasets = load_site(str(site_path))
@@ -35,27 +42,33 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, str, torch.nn.Mod
         check_model(run.model, f"run config (site {site_path})")
     torch.manual_seed(run.seed + int(msg.content["config"].get("server-round", 0)))
     model = build_model(run.model, **run.model_kwargs)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return run, site.name, model, datasets
+    memory = SiteMemory(context, run, site.name)
+    saved = memory.restore(state_round)
+    model.load_state_dict(memory.model_state(msg.content["arrays"].to_torch_state_dict(), saved))
+    return run, site.name, model, datasets, memory, saved
 
 
-def _reply(msg: Message, site: str, metrics: dict[str, float], model: torch.nn.Module | None,
+def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str, torch.Tensor] | None,
            supervision: str = "full") -> Message:
     # "supervision" lets the server's tables and dashboard mark self-supervised sites.
     content = RecordDict({"metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": site, "supervision": supervision})})
-    if model is not None:
-        content["arrays"] = ArrayRecord(model.state_dict())
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
-    run, site, model, datasets = _setup(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
+    run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
-    loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round)
+    optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
+    if run.client_optimizer == "keep" and saved is not None and saved.optimizer is not None:
+        optimiser.load_state_dict(saved.optimizer)
+    loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round,
+                         augment=run.augment)
     supervision = datasets["train"].config.supervision
     # A self-supervised site's batches carry no reference: its loss is SSDU's, in k-space.
     batch_loss = (SSDUTrainLoss(run.ssdu_rho, run.ssdu_masks, seed=run.seed, epoch=server_round)
@@ -70,19 +83,22 @@ def train(msg: Message, context: Context) -> Message:
         loss=run.loss,
         proximal_mu=mu,
         batch_loss=batch_loss,
+        optimiser=optimiser,
     )
+    memory.remember(server_round, model, optimiser)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
                "compute-seconds": time.perf_counter() - started}
-    return _reply(msg, site, metrics, model, supervision)
+    # Only the shared part leaves the site; local layers (local-layers) stay here.
+    return _reply(msg, site, metrics, memory.shared(model), supervision)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Validation-split PSNR / SSIM / NMSE of the global model at this site."""
-    run, site, model, datasets = _setup(msg, context)
+    """Validation-split PSNR / SSIM / NMSE of the global model at this site (with its own local layers)."""
     server_round = int(msg.content["config"].get("server-round", 0))
+    run, site, model, datasets, _, _ = _setup(msg, context, state_round=server_round)
     loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
     num_samples = run.num_samples if run.sample_dir else 0
     started = time.perf_counter()
@@ -103,3 +119,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.num_examples, **result.metrics,
                "compute-seconds": time.perf_counter() - started}
     return _reply(msg, site, metrics, None, supervision)
+
+
+@app.train("finetune")
+def finetune(msg: Message, context: Context) -> Message:
+    """After the last round: fine-tune the final model on this site's training split, keep the best
+    by validation, write it to the site's state directory, and report only its validation metrics."""
+    server_round = int(msg.content["config"].get("server-round", 0))
+    run, site, model, datasets, memory, _ = _setup(msg, context, state_round=server_round)
+    if datasets["train"].config.supervision == "self":
+        # Fine-tuning selects by validation PSNR against a reference, which a self-supervised site lacks.
+        raise ConfigError(f"fine-tune-steps: not supported at self-supervised site {site}")
+    # A seed past every round's loader seed: fine-tuning draws its own shuffles and augmentations.
+    train_loader = make_loader(datasets["train"], run.batch_size, shuffle=True,
+                               seed=run.seed + run.num_server_rounds + 1, augment=run.augment)
+    val_loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
+    started = time.perf_counter()
+    result = fine_tune(model, train_loader, val_loader, steps=run.fine_tune_steps,
+                       eval_every=run.fine_tune_eval_every, patience=run.fine_tune_patience,
+                       lr=run.learning_rate, loss=run.loss, max_eval_slices=run.max_eval_slices)
+    memory.save_finetuned(server_round, result)
+    logger.info("site %s fine-tuned: best of %d steps at step %d: %s", site, result.steps, result.best_step,
+                result.metrics)
+    metrics = {"num-examples": result.num_examples, **result.metrics, "steps": result.steps,
+               "best-step": result.best_step, "start-psnr": result.start_metrics["psnr"],
+               "compute-seconds": time.perf_counter() - started}
+    return _reply(msg, site, metrics, None)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import ConfigError
 
-STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 
 
 class RunConfig(BaseModel):
@@ -25,7 +25,9 @@ class RunConfig(BaseModel):
 
     name: str = "fedsense-run"
     num_server_rounds: int = Field(3, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedmedian", "fedtrimmedavg"] = "fedprox"
+    strategy: Literal[
+        "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm"
+    ] = "fedprox"
     proximal_mu: float = Field(0.0, ge=0.0)
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
@@ -52,6 +54,19 @@ class RunConfig(BaseModel):
     resume: bool = True
     ssdu_rho: float = Field(0.4, gt=0.0, lt=1.0)
     ssdu_masks: int = Field(1, ge=1, le=16)
+    augment: bool = True
+    server_eta: float = Field(0.01, gt=0.0)
+    server_tau: float = Field(1e-3, gt=0.0)
+    server_beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    server_beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    server_learning_rate: float = Field(1.0, gt=0.0)
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    client_optimizer: Literal["reset", "keep"] = "reset"
+    local_layers: str = ""
+    site_state_dir: str = ""
+    fine_tune_steps: int = Field(0, ge=0)
+    fine_tune_eval_every: int = Field(10, ge=1)
+    fine_tune_patience: int = Field(3, ge=0)
 
     @field_validator("model_args", mode="before")
     @classmethod
@@ -75,6 +90,11 @@ class RunConfig(BaseModel):
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`common.models.build_model`."""
         return dict(json.loads(self.model_args))
+
+    @property
+    def local_layer_patterns(self) -> tuple[str, ...]:
+        """fnmatch patterns of the parameters that stay at each site (``local-layers``)."""
+        return tuple(p.strip() for p in self.local_layers.split(",") if p.strip())
 
     @property
     def site_list(self) -> list[str]:

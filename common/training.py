@@ -124,6 +124,7 @@ def train(
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
     batch_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+    optimiser: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """Adam on the site's training split for ``steps`` batches (or ``epochs`` passes when steps = 0).
 
@@ -133,12 +134,15 @@ def train(
     With ``proximal_mu`` > 0 the FedProx term (mu/2)·||w − w_global||² is added, against
     ``global_params`` — a copy of the global weights taken before the first step (taken here when
     not given). ``proximal_mu == 0`` runs the exact FedAvg computation (the term is not even built).
+    ``optimiser`` continues an existing optimiser over ``model``'s parameters (a site's Adam state kept
+    across rounds, or fine-tuning in chunks); by default each call starts a fresh Adam.
     """
     if global_params is None and proximal_mu > 0:
         global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     total_steps = steps if steps > 0 else epochs * len(loader)
     criterion = ReconLoss(loss)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    if optimiser is None:
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     running, count = 0.0, 0
     for batch in _cycle(loader, total_steps):

@@ -9,8 +9,10 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.models import build_model, count_parameters
+from common.personalise import split_state
 from common.runconfig import RunConfig
 from server.federation import Federation
+from server.optimisers import load_optimiser_state
 from server.store import RunDir
 from server.strategy import build_strategy
 
@@ -23,24 +25,34 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Start (or resume from the last checkpoint) and run the configured number of rounds."""
     run = RunConfig.from_flat(dict(context.run_config))
-    store = RunDir(run.run_dir)
-    store.init(run.to_flat(), resume=run.resume)
     torch.manual_seed(run.seed)
     model = build_model(run.model, **run.model_kwargs)
+    # Local layers (local-layers) stay at the sites: the server aggregates and checkpoints the rest.
+    _, local = split_state(model.state_dict(), run.local_layer_patterns)
+    store = RunDir(run.run_dir)
+    store.init(run.to_flat(), resume=run.resume)
     start = 1
     latest = store.latest_checkpoint() if run.resume else None
     if latest is not None:
         done, payload = latest
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict({**local, **payload["state_dict"]})
         start = done + 1
         logger.info("resuming %s after round %d", run.run_dir, done)
     logger.info("model %s: %d parameters; strategy %s", run.model, count_parameters(model), run.strategy)
-    arrays = ArrayRecord(model.state_dict())
-    federation = Federation(grid, run, build_strategy(run), store, model)
+    if local:
+        logger.info("%d arrays stay at the sites (local-layers %s)", len(local), run.local_layers)
+    shared, _ = split_state(model.state_dict(), run.local_layer_patterns)
+    arrays = ArrayRecord(shared)
+    strategy = build_strategy(run)
+    if latest is not None and load_optimiser_state(strategy, latest[1].get("server_optimizer")):
+        logger.info("restored the %s server optimiser state of round %d", run.strategy, latest[0])
+    federation = Federation(grid, run, strategy, store, model)
     try:
         if start == 1:
             federation.evaluate_round(0, arrays)
-        federation.run_rounds(start, arrays)
+        arrays = federation.run_rounds(start, arrays)
+        if run.fine_tune_steps > 0:
+            federation.fine_tune_round(run.num_server_rounds, arrays)
     except BaseException as exc:
         store.set_status("failed", error=str(exc))
         raise

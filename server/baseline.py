@@ -117,7 +117,8 @@ class Baseline:
         for rnd in range(1, self.run.num_server_rounds + 1):
             records = []
             for site, datasets in self.sites.items():
-                loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
+                loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd,
+                                     augment=self.run.augment)
                 res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
                             lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd))
                 records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
@@ -136,7 +137,7 @@ class Baseline:
         self._evaluate(0, {site: model for site in self.sites})
         for rnd in range(1, self.run.num_server_rounds + 1):
             loader = InterleavedLoader([
-                make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
+                make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd, augment=self.run.augment)
                 for d in self.sites.values()
             ])
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,

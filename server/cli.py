@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run a federation of simulated sites to completion")
     _add_run_options(p)
-    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedmedian", "fedtrimmedavg"))
+    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedmedian", "fedtrimmedavg",
+                                     "fedadam", "fedyogi", "fedadagrad", "fedavgm"))
     p.add_argument("--mu", type=float, help="FedProx proximal weight")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds")
     p.add_argument("--ray-address", help="run the simulated sites on this existing Ray cluster (HOST:PORT of its head)")

@@ -13,17 +13,21 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
+from server.optimisers import optimiser_state
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, supervision_of, validate_updates
 
 logger = logging.getLogger(__name__)
+
+#: The ClientApp's fine-tuning action (``@app.train("finetune")`` in client/app.py).
+FINETUNE_MESSAGE = f"{MessageType.TRAIN}.finetune"
 
 
 class RoundFailed(FedSenseError):
@@ -166,6 +170,28 @@ class Federation:
         self.store.append_metrics(records + [_global_record(self.run, rnd, "train", records, rejected, time.time() - t0)])
         return new_arrays
 
+    def fine_tune_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """Every connected site fine-tunes the final model on its own data (``fine-tune-steps``).
+
+        The sites keep the fine-tuned weights; their validation metrics are recorded as phase
+        ``finetune`` of round ``rnd`` (the last round).
+        """
+        self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
+        t0 = time.time()
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
+        messages = [Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
+                    for node in self.grid.get_node_ids()]
+        ok, failed = self._send(messages)
+        if len(ok) < self.run.min_evaluate_nodes:
+            raise RoundFailed(
+                f"fine-tuning needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
+                + (f" ({'; '.join(f'{r.site}: {r.reason}' for r in failed)})" if failed else "")
+            )
+        records = _site_records(self.run, rnd, "finetune", ok)
+        summary = _global_record(self.run, rnd, "finetune", records, failed, time.time() - t0)
+        self.store.append_metrics(records + [summary])
+        return summary
+
     def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:
         """Rounds ``start..N``; each ends with an atomic checkpoint of the global model."""
         config = self.run.to_flat()
@@ -174,5 +200,8 @@ class Federation:
             arrays = self.train_round(rnd, arrays)
             self.evaluate_round(rnd, arrays)
             state = arrays.to_torch_state_dict()
-            self.store.save_checkpoint(rnd, state, config)
+            # A server optimiser's moments go with the weights, so a resumed run continues the same optimisation.
+            server_optimizer = optimiser_state(self.strategy)
+            extra = {"server_optimizer": server_optimizer} if server_optimizer is not None else None
+            self.store.save_checkpoint(rnd, state, config, extra=extra)
         return arrays

@@ -211,6 +211,8 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
         "run_dir": str(run_dir),
         "sites": ",".join(str(Path(s).resolve()) for s in sites),
         "sample_dir": str(Path(run.sample_dir).resolve()) if run.sample_dir else str(run_dir / "samples"),
+        # Every simulated site lives on this machine: their private state goes under the run directory.
+        "site_state_dir": str(Path(run.site_state_dir).resolve()) if run.site_state_dir else str(run_dir / "site-state"),
     })
     store = RunDir(run_dir)
     home = Path(tempfile.mkdtemp(prefix="fedsense-flwr-"))

@@ -33,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 GLOBAL_SITE = "__global__"
-PHASES = ("train", "evaluate")
+PHASES = ("train", "evaluate", "finetune")  # finetune: the sites' personalised models after the last round
 STATUSES = ("running", "finished", "failed")
 REQUIRED_KEYS = ("run", "round", "phase", "site", "time", "num_examples", "metrics")
 # Keys that init/set_status add to config.json; they are not part of a run's identity.
@@ -301,13 +301,17 @@ class RunDir:
         """Where the checkpoint of ``round`` lives."""
         return self.checkpoint_dir / f"round-{round:04d}.pt"
 
-    def save_checkpoint(self, round: int, state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
-        """Atomically write ``{"round", "state_dict", "config"}`` for ``round``; returns its path."""
+    def save_checkpoint(self, round: int, state_dict: Mapping[str, Any], config: Mapping[str, Any],
+                        extra: Mapping[str, Any] | None = None) -> Path:
+        """Atomically write ``{"round", "state_dict", "config"}`` for ``round``; returns its path.
+
+        ``extra`` adds keys the run needs to resume exactly (e.g. ``"server_optimizer"``).
+        """
         import torch  # imported here so the viewers, which never touch checkpoints, start fast
 
         if not _is_int(round) or round < 0:
             raise FedSenseError(f"{self.checkpoint_dir}: round must be an integer >= 0, got {round!r}")
-        payload = {"round": round, "state_dict": dict(state_dict), "config": dict(config)}
+        payload = {**(extra or {}), "round": round, "state_dict": dict(state_dict), "config": dict(config)}
         path = self.checkpoint_path(round)
         atomic_write(path, lambda stream: torch.save(payload, stream))
         return path

@@ -1,6 +1,7 @@
 """Aggregation strategies and the checks every update passes before it may touch the global model.
 
-Flower's message strategies do the aggregation (FedAvg, FedProx, FedMedian, FedTrimmedAvg);
+Flower's message strategies do the aggregation (FedAvg, FedProx, FedMedian, FedTrimmedAvg, and the
+server optimisers of :mod:`server.optimisers`);
 FedSense adds what a federation of hospitals needs in front of them: an update with the wrong
 keys, shapes or dtypes or a non-finite value is rejected, and so (when ``norm-outlier-factor`` > 0;
 off by default) is an update whose norm is far from the others'; the reason is recorded per site
@@ -17,6 +18,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
 from common.runconfig import RunConfig
+from server.optimisers import SERVER_OPTIMISERS, build_server_optimiser
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ def build_strategy(run: RunConfig) -> FedAvg:
         return FedProx(proximal_mu=run.proximal_mu, **common)
     if run.strategy == "fedmedian":
         return FedMedian(**common)
+    if run.strategy in SERVER_OPTIMISERS:
+        return build_server_optimiser(run, common)
     return FedTrimmedAvg(beta=run.trim_beta, **common)
 
 

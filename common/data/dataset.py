@@ -3,12 +3,16 @@
 Magnitude-only data (BraTS, IXI) is re-acquired with the site's simulated scanner; fastMRI k-space is used
 as stored, with coil maps estimated from its calibration lines. Either way the site's own mask is applied,
 seeded by (site seed, file name, slice) so a slice always gets the same mask, as fastMRI does for
-validation, and a run is reproducible.
+validation, and a run is reproducible. Training slices can instead draw a fresh mask (and, for simulated
+acquisitions, fresh noise and background phase) on every pass over the data, as fastMRI's training does:
+:meth:`SiteDataset.set_epoch` names the pass, and the draw is seeded by (per-slice seed, epoch), so an
+augmented run is reproducible too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,18 @@ class SiteDataset(Dataset):
         self.indices = [i for i, ex in enumerate(self.reader.examples) if ex.subject in members]
         self._read_failures: list[tuple[Path, str]] = []
         self._bad_files: set[Path] = set()
+        self.epoch: tuple[int, ...] | None = None
+
+    def set_epoch(self, epoch: int | Sequence[int] | None) -> None:
+        """Augment training slices for the pass over the data named ``epoch`` (ints); None: fixed draw.
+
+        Only the train split is augmented: validation and test keep their fixed per-slice seeds, so
+        scores stay comparable across rounds and runs.
+        """
+        if epoch is None:
+            self.epoch = None
+        else:
+            self.epoch = (int(epoch),) if isinstance(epoch, int) else tuple(int(e) for e in epoch)
 
     @property
     def skipped(self) -> list[tuple[Path, str]]:
@@ -82,6 +98,8 @@ class SiteDataset(Dataset):
         data, meta = self.reader.read_slice(example_index)
         fname = example.path.name
         seed = seed_for(self.config.seed, fname, example.slice_idx)
+        if self.split == "train" and self.epoch is not None:
+            seed = augmentation_seed(seed, self.epoch)
         scanner = self.config.scanner
 
         if meta.kind == "image":
@@ -131,6 +149,12 @@ class SiteDataset(Dataset):
             "site": self.config.name,
             "slice_idx": int(example.slice_idx),
         }
+
+
+def augmentation_seed(slice_seed: int, epoch: tuple[int, ...]) -> int:
+    """The seed of one slice's draw in one epoch: independent streams for every (slice, epoch) pair."""
+    words = [slice_seed, *(e % (1 << 64) for e in epoch)]  # SeedSequence takes ints >= 0
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def _crop_size(

@@ -10,9 +10,10 @@ import logging
 from functools import lru_cache
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from common.config import SiteConfig, load_site_config
 from common.data.dataset import SiteDataset, build_site_datasets
@@ -33,10 +34,46 @@ def load_site(path: str) -> tuple[SiteConfig, dict[str, SiteDataset]]:
     return config, datasets
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """A single-process loader (sites run on small CPU boxes; workers would only add overhead)."""
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, augment: bool = False) -> DataLoader:
+    """A single-process loader (sites run on small CPU boxes; workers would only add overhead).
+
+    With ``augment`` every pass over a training split draws fresh masks (and simulated noise and
+    phase), seeded by (``seed``, pass number); without it the slices' fixed draws are used.
+    """
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+    return EpochLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0,
+                       augment_seed=seed if augment else None)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset which pass over the data it is starting.
+
+    The datasets are shared (cached per site), so every pass sets the epoch, ``None`` included:
+    a loader without augmentation never inherits another loader's draws.
+    """
+
+    def __init__(self, dataset: Dataset, *, augment_seed: int | None, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.augment_seed = augment_seed
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = None if self.augment_seed is None else (self.augment_seed, self.passes)
+        for dataset in _leaf_datasets(self.dataset):
+            dataset.set_epoch(epoch)
+        self.passes += 1
+        return super().__iter__()
+
+
+def _leaf_datasets(dataset: Dataset) -> list[SiteDataset]:
+    """The SiteDatasets inside ``dataset`` (itself, or the parts of a ConcatDataset / Subset)."""
+    if isinstance(dataset, SiteDataset):
+        return [dataset]
+    if isinstance(dataset, ConcatDataset):
+        return [leaf for part in dataset.datasets for leaf in _leaf_datasets(part)]
+    if isinstance(dataset, Subset):
+        return _leaf_datasets(dataset.dataset)
+    return []
 
 
 class InterleavedLoader:

@@ -28,7 +28,7 @@ def show(
 ) -> None:
     """Write the run's metrics to ``out`` (stdout by default); safe while the run is writing.
 
-    ``phase`` limits the output to ``train`` or ``evaluate`` (default: both). ``metrics`` picks
+    ``phase`` limits the output to ``train``, ``evaluate`` or ``finetune`` (default: all). ``metrics`` picks
     which per-metric tables the ``table`` format prints; CSV and JSON always carry every column
     of :data:`server.viewer.COLUMNS`, so scripts can rely on them.
     """
@@ -47,7 +47,7 @@ def show(
         json.dump(view.rows(phase), stream, indent=2, allow_nan=False)
         stream.write("\n")
     else:
-        _print_tables(view, stream, (phase,) if phase else ("evaluate", "train"), metrics or DISPLAY_METRICS)
+        _print_tables(view, stream, (phase,) if phase else ("evaluate", "finetune", "train"), metrics or DISPLAY_METRICS)
 
 
 def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics: Sequence[str]) -> None:

@@ -1,0 +1,128 @@
+"""Personalisation: parameters that stay at a site, and fine-tuning the global model at a site.
+
+Sites differ (scanner, coils, contrast, anatomy), so one global model is rarely the best model for
+each of them. Two remedies from the federated-MRI literature, both without Flower here:
+
+- *local layers* (FedPer, LG-FedAvg, FedBN; FedMRI's site-specific decoders): parameters whose
+  names match ``local-layers`` patterns (fnmatch, e.g. ``unet.up_conv.2.*``) are trained at the
+  site and never sent; only the rest is shared and aggregated. :func:`split_state` draws that line.
+- *fine-tuning* (:func:`fine_tune`): after federation, each site trains the final model on its own
+  training split, validating every few steps and keeping the best model by validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from common.errors import ConfigError
+from common.training import Batch, BatchSource, evaluate, train
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Validation metrics where lower is better (all others: higher is better).
+LOWER_IS_BETTER = frozenset({"nmse", "loss"})
+
+
+def is_local(name: str, patterns: Sequence[str]) -> bool:
+    """Whether parameter ``name`` matches one of the ``local-layers`` patterns (case-sensitive fnmatch)."""
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def split_state(
+    state: Mapping[str, T], patterns: Sequence[str], source: str = "run config: local-layers"
+) -> tuple[dict[str, T], dict[str, T]]:
+    """``(shared, local)``: the entries of ``state`` that travel, and those that stay at the site.
+
+    A pattern that matches no entry is a ``ConfigError`` (a typo would otherwise silently share
+    everything), and so is a set of patterns that leaves nothing to share.
+    """
+    unmatched = [p for p in patterns if not any(fnmatchcase(name, p) for name in state)]
+    if unmatched:
+        examples = ", ".join(list(state)[:3])
+        raise ConfigError(f"{source}: pattern(s) {unmatched} match no parameter of the model (names look like {examples})")
+    shared = {k: v for k, v in state.items() if not is_local(k, patterns)}
+    local = {k: v for k, v in state.items() if is_local(k, patterns)}
+    if patterns and not shared:
+        raise ConfigError(f"{source}: the patterns {list(patterns)} keep every parameter local; nothing is left to share")
+    return shared, local
+
+
+@dataclass
+class FineTuneResult:
+    """The best model a site's fine-tuning found, by validation."""
+
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float]  # validation metrics of the kept model
+    start_metrics: dict[str, float]  # validation metrics of the model before fine-tuning
+    best_step: int  # 0: fine-tuning never beat the starting model
+    steps: int  # optimisation steps actually run (fewer than asked when stopped early)
+    num_examples: int  # validation slices
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, selection metric)
+
+
+def _better(metric: str, value: float, best: float) -> bool:
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def fine_tune(
+    model: nn.Module,
+    train_loader: BatchSource,
+    val_loader: Iterable[Batch],
+    *,
+    steps: int,
+    eval_every: int,
+    patience: int = 0,
+    lr: float = 1e-3,
+    loss: str = "l1",
+    metric: str = "psnr",
+    max_eval_slices: int = 0,
+) -> FineTuneResult:
+    """Adam on the training split for up to ``steps`` steps, validating every ``eval_every`` steps.
+
+    The model before any step is the first candidate, so the result is never worse on validation
+    than the model it started from. ``patience`` > 0 stops after that many validations in a row
+    without improvement. ``model`` ends holding the kept (best) weights.
+    """
+    if steps < 1 or eval_every < 1:
+        raise ValueError("fine_tune needs steps >= 1 and eval_every >= 1")
+    if metric not in {"psnr", "ssim", "nmse", "loss"}:
+        raise ValueError(f"fine_tune: unknown selection metric {metric!r}")
+    start = evaluate(model, val_loader, loss=loss, max_slices=max_eval_slices)
+    best_value, best_step = start.metrics[metric], 0
+    best_state, best_metrics = copy.deepcopy(model.state_dict()), dict(start.metrics)
+    history = [(0, best_value)]
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    done, stale = 0, 0
+    while done < steps:
+        chunk = min(eval_every, steps - done)
+        train(model, train_loader, steps=chunk, lr=lr, loss=loss, optimiser=optimiser)
+        done += chunk
+        result = evaluate(model, val_loader, loss=loss, max_slices=max_eval_slices)
+        value = result.metrics[metric]
+        history.append((done, value))
+        if _better(metric, value, best_value):
+            best_value, best_step, stale = value, done, 0
+            best_state, best_metrics = copy.deepcopy(model.state_dict()), dict(result.metrics)
+        else:
+            stale += 1
+            if patience and stale >= patience:
+                logger.info("fine-tuning stopped after %d steps: no better %s in %d validations", done, metric, stale)
+                break
+    model.load_state_dict(best_state)
+    return FineTuneResult(state_dict=best_state, metrics=best_metrics, start_metrics=dict(start.metrics),
+                          best_step=best_step, steps=done, num_examples=start.num_examples, history=history)
