@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from client.audit import egress_audit_mod
 from client.task import resolve_site_config_path
 from common.data.loaders import load_site, make_loader
+from common.device import cpu_state_dict, resolve_device, resolve_precision
 from common.models import build_model
 from common.runconfig import RunConfig
 from common.samples import save_samples
@@ -39,7 +40,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, str, torch.nn.Mod
 def _reply(msg: Message, site: str, metrics: dict[str, float], model: torch.nn.Module | None) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})
     if model is not None:
-        content["arrays"] = ArrayRecord(model.state_dict())
+        content["arrays"] = ArrayRecord(cpu_state_dict(model))  # CPU tensors, whatever the device
     return Message(content=content, reply_to=msg)
 
 
@@ -59,6 +60,8 @@ def train(msg: Message, context: Context) -> Message:
         lr=run.learning_rate,
         loss=run.loss,
         proximal_mu=mu,
+        device=(device := resolve_device(run.device, "run config: device")),
+        precision=resolve_precision(run.precision, device, "run config: precision"),
     )
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
@@ -76,7 +79,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     num_samples = run.num_samples if run.sample_dir else 0
     started = time.perf_counter()
     result = evaluate_model(
-        model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples
+        model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples,
+        device=(device := resolve_device(run.device, "run config: device")),
+        precision=resolve_precision(run.precision, device, "run config: precision"),
     )
     if run.sample_dir and result.samples:
         # Sample images stay on this machine: written to a site-local directory, never sent.

@@ -50,6 +50,8 @@ class RunConfig(BaseModel):
     seed: int = 0
     norm_outlier_factor: float = Field(0.0, ge=0.0)
     resume: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
     @field_validator("model_args", mode="before")
     @classmethod
