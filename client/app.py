@@ -51,6 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
     loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round)
+    device = resolve_device(run.device, "run config: device")
     started = time.perf_counter()
     result = train_model(
         model,
@@ -60,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=run.learning_rate,
         loss=run.loss,
         proximal_mu=mu,
-        device=(device := resolve_device(run.device, "run config: device")),
+        device=device,
         precision=resolve_precision(run.precision, device, "run config: precision"),
     )
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
@@ -76,11 +77,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     run, site, model, datasets = _setup(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
     loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
+    device = resolve_device(run.device, "run config: device")
     num_samples = run.num_samples if run.sample_dir else 0
     started = time.perf_counter()
     result = evaluate_model(
         model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples,
-        device=(device := resolve_device(run.device, "run config: device")),
+        device=device,
         precision=resolve_precision(run.precision, device, "run config: precision"),
     )
     if run.sample_dir and result.samples:

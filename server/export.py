@@ -10,7 +10,6 @@ accelerations, matrix sizes, coils the model was trained on).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,26 +19,10 @@ from common.config import SiteConfig, load_site_config
 from common.errors import ConfigError, DataError, FedSenseError
 from common.models import build_model, count_parameters
 from common.runconfig import RunConfig
+from server.best import read_best
 from server.store import GLOBAL_SITE, RunDir
 
 logger = logging.getLogger(__name__)
-
-BEST_FILE = "best.json"
-
-
-def read_best(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's ``best.json`` (shared contract: {"round", "metric", "value", "checkpoint"}); None without one."""
-    path = Path(run_dir) / BEST_FILE
-    try:
-        best = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FedSenseError(f"{path}: unreadable best-round record: {exc}") from exc
-    if not isinstance(best, dict) or not isinstance(best.get("round"), int) or isinstance(best.get("round"), bool):
-        raise FedSenseError(f"{path}: round: expected an integer round number, got {best!r}")
-    return best
-
 
 def select_round(run: RunDir, which: str) -> tuple[int, dict[str, Any] | None]:
     """``best`` (from best.json), ``last`` (newest loadable checkpoint) or a round number -> (round, best)."""

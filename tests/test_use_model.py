@@ -46,7 +46,7 @@ def trained_run(small_sites: list[Path], tmp_path_factory: pytest.TempPathFactor
     run_dir = tmp_path_factory.mktemp("run") / "central"
     run = RunConfig.from_flat({
         "name": "central", "num-server-rounds": 2, "model": "unet", "model-args": '{"chans": 8, "num_pool_layers": 2}',
-        "local-steps": 8, "batch-size": 2, "learning-rate": 0.003, "sites": ",".join(map(str, small_sites)),
+        "local-steps": 5, "batch-size": 2, "learning-rate": 0.003, "sites": ",".join(map(str, small_sites)),
         "run-dir": str(run_dir), "num-samples": 0,
     })
     Baseline("centralized", run).execute()
