@@ -47,7 +47,7 @@ def trained_run(small_sites: list[Path], tmp_path_factory: pytest.TempPathFactor
     run = RunConfig.from_flat({
         "name": "central", "num-server-rounds": 2, "model": "unet", "model-args": '{"chans": 8, "num_pool_layers": 2}',
         "local-steps": 5, "batch-size": 2, "learning-rate": 0.003, "sites": ",".join(map(str, small_sites)),
-        "run-dir": str(run_dir), "num-samples": 0,
+        "run-dir": str(run_dir), "num-samples": 0, "max-eval-slices": 6,
     })
     Baseline("centralized", run).execute()
     return run_dir
