@@ -213,6 +213,8 @@ def write_artifact(out_dir: Path, state_dict: dict[str, torch.Tensor], card_fiel
 def read_card(path: Path) -> ModelCard:
     """The model card of an artifact folder (or the card file itself); errors name the file."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such model folder (export one with `fedsense export`)")
     card_path = path / CARD_FILE if path.is_dir() else path
     try:
         text = card_path.read_text(encoding="utf-8")
