@@ -85,3 +85,14 @@ def test_onnx_refuses_models_with_complex_operations() -> None:
     for name in ("unrolled", "varnet"):
         with pytest.raises(ConfigError, match="cannot be exported.*exportable models: unet"):
             export_onnx(build_model(name))
+
+
+def test_one_flipped_bit_in_the_weights_is_refused(tmp_path: Path) -> None:
+    run, _ = _federated_run(tmp_path / "run")
+    export_run(run.path, tmp_path / "model", which="last")
+    weights = tmp_path / "model" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-3] ^= 0x10
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="does not match the model card"):
+        load_artifact(tmp_path / "model")
