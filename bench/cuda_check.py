@@ -24,7 +24,6 @@ import logging
 import sys
 
 import torch
-from torch import nn
 
 from bench.models import synthetic_batch, training_throughput
 from common.device import autocast, cpu_state_dict

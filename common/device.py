@@ -23,8 +23,6 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["fp32", "bf16", "auto"]
 
 
 def resolve_device(spec: str, source: str = "device") -> torch.device:
