@@ -63,11 +63,11 @@ def _geometry(volume: "Volume") -> tuple[list[np.ndarray], list[float], np.ndarr
 
 def write_series(volume: "Volume", target: Path, card: ModelCard) -> Path:
     """Write ``volume`` as a DICOM series in the folder ``target`` (refused if it exists)."""
-    from client.reconstruct import _display_stack
+    from client.reconstruct import display_stack
 
     if target.exists():
         raise DataError(f"{target}: already exists; choose another --out")
-    images = volume.image if volume.kind == "fastmri" else _display_stack(volume)
+    images = volume.image if volume.kind == "fastmri" else display_stack(volume)
     if not np.all(np.isfinite(images)):
         raise DataError(f"{volume.source}: reconstruction contains NaN or Inf; nothing written")
     images = np.maximum(images, 0.0)

@@ -314,7 +314,7 @@ def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard) -> Pa
     """Write one volume atomically (temp file or folder, then rename); returns the output path."""
     target = out_dir / output_name(volume.source, fmt)
     if fmt == "h5":
-        image = volume.image if volume.kind == "fastmri" else _display_stack(volume)
+        image = volume.image if volume.kind == "fastmri" else display_stack(volume)
 
         def write(stream: object) -> None:
             with h5py.File(stream, "w") as f:
@@ -347,7 +347,7 @@ def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard) -> Pa
     return target
 
 
-def _display_stack(volume: Volume) -> np.ndarray:
+def display_stack(volume: Volume) -> np.ndarray:
     """A NIfTI volume's slices in display orientation, stacked (S, h, w), for h5 / DICOM output."""
     assert volume.info is not None
     axial = volume.info.axial_axis
