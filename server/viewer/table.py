@@ -63,7 +63,7 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
     )
     best = read_best(view.path)
     console.print(f"{best_summary(best) or 'no best round recorded'}  ·  export: "
-                  f"[bold]{export_command(view.path, best)}[/bold]", highlight=False)
+                  f"[bold]{export_command(view.path, best)}[/bold]", highlight=False, soft_wrap=True)  # copy-pasteable
     sites = view.sites()
     printed = False
     for phase in phases:
