@@ -165,9 +165,10 @@ def render(table_rows: Sequence[dict[str, Any]], fmt: str, stream: TextIO, title
         stream.write("\n")
         return
     reference = next((r["method"] for r in table_rows if r["method"] != "model"), None)
-    table = Table(title=title or None, title_justify="left")
+    caption = f"gain: model PSNR − {reference} PSNR at the same site" if reference else None
+    table = Table(title=title or None, title_justify="left", caption=caption, caption_justify="left")
     for name, label in (("site", "site"), ("method", "method"), ("num_examples", "slices"), ("psnr", "PSNR (dB)"),
-                        ("ssim", "SSIM"), ("nmse", "NMSE"), ("gain_psnr", f"gain vs {reference} (dB)" if reference else "gain")):
+                        ("ssim", "SSIM"), ("nmse", "NMSE"), ("gain_psnr", "gain (dB)")):
         table.add_column(label, justify="left" if name in ("site", "method") else "right")
     for row in table_rows:
         cells = [row["site"], row["method"], str(row["num_examples"])]
