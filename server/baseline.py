@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from common.data.dataset import SiteDataset
 from common.data.loaders import InterleavedLoader, load_site, make_loader
+from common.device import cpu_state_dict, resolve_device, resolve_precision
 from common.errors import ConfigError
 from common.models import build_model
 from common.runconfig import RunConfig
@@ -56,6 +57,8 @@ class Baseline:
             config, datasets = load_site(path)
             self.sites[config.name] = datasets
         self.store = RunDir(run.run_dir)
+        self.device = resolve_device(run.device, "run config: device")
+        self.precision = resolve_precision(run.precision, self.device, "run config: precision")
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
 
     def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> None:
@@ -63,7 +66,8 @@ class Baseline:
         for site, datasets in self.sites.items():
             loader = make_loader(datasets["val"], self.run.batch_size, shuffle=False, seed=self.run.seed)
             result: EvalResult = evaluate(models[site], loader, loss=self.run.loss,
-                                          max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
+                                          max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples,
+                                          device=self.device, precision=self.precision)
             if result.samples:
                 save_samples(self.sample_dir, rnd, site, result.samples)
             records.append(_record(self.run, rnd, "evaluate", site, result.num_examples, result.metrics))
@@ -97,11 +101,11 @@ class Baseline:
             for site, datasets in self.sites.items():
                 loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
                 res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
-                            lr=self.run.learning_rate, loss=self.run.loss)
+                            lr=self.run.learning_rate, loss=self.run.loss, device=self.device, precision=self.precision)
                 records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps}))
             self.store.append_metrics(records + [_weighted(self.run, rnd, "train", records)])
             self._evaluate(rnd, models)  # type: ignore[arg-type]
-            state = {f"{site}/{k}": v for site, m in models.items() for k, v in m.state_dict().items()}
+            state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
             self.store.save_checkpoint(rnd, state, self.run.to_flat())
 
     def _centralized(self) -> None:
@@ -116,9 +120,10 @@ class Baseline:
                 make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd)
                 for d in self.sites.values()
             ])
-            res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss)
+            res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
+                        device=self.device, precision=self.precision)
             self.store.append_metrics([
                 _record(self.run, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
             ])
             self._evaluate(rnd, {site: model for site in self.sites})
-            self.store.save_checkpoint(rnd, model.state_dict(), self.run.to_flat())
+            self.store.save_checkpoint(rnd, cpu_state_dict(model), self.run.to_flat())
