@@ -5,6 +5,7 @@ the repository root::
 
     python -m bench.models --size 96 --coils 4 --batch 2 --steps 5
     python -m bench.models --compare-fastmri --steps 10   # ours vs the fastmri package's U-Net and VarNet
+    python -m bench.models --precision-compare           # fp32 vs bf16 autocast: speed and test PSNR
 
 Training throughput counts forward + backward + Adam step; inference is ``eval()`` under ``no_grad``.
 The inputs are synthetic (random image, birdcage maps, column mask): speed does not depend on content.
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from common.coils import birdcage_maps
+from common.device import autocast, cpu_has_bf16
 from common.fft import fft2c
 from common.models import MODEL_NAMES, build_model, count_parameters
 from common.models.unet import Unet
@@ -52,22 +54,34 @@ def synthetic_batch(batch: int, coils: int, size: int, seed: int) -> tuple[Tenso
     return kspace, mask, maps.contiguous(), image.abs()
 
 
-def training_throughput(model: nn.Module, inputs: tuple[Tensor, ...], target: Tensor, steps: int) -> float:
-    """Slices per second of full training steps, after one untimed warm-up step."""
+def training_throughput(model: nn.Module, inputs: tuple[Tensor, ...], target: Tensor, steps: int,
+                        precision: str = "fp32") -> float:
+    """Slices per second of full training steps, after one untimed warm-up step (bf16: autocast network)."""
     model.train()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    device = target.device
 
     def step() -> None:
-        loss = nn.functional.l1_loss(model(*inputs), target)
+        with autocast(device, precision):
+            pred = model(*inputs)
+        loss = nn.functional.l1_loss(pred.float(), target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
 
     step()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync(device)
     return steps * target.shape[0] / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall time measures the GPU's work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def inference_latency(model: nn.Module, inputs: tuple[Tensor, ...], repeats: int) -> float:
@@ -147,6 +161,53 @@ def compare_fastmri(args: argparse.Namespace, argv: list[str]) -> None:
           "> 1 means ours is faster")
 
 
+def precision_quality(name: str, precision: str, sites: list[Path], steps: int, batch: int) -> float:
+    """Example-weighted test PSNR after ``steps`` pooled training steps at ``precision`` (same seed, data, budget)."""
+    from common.data.loaders import InterleavedLoader, load_site, make_loader
+    from common.training import evaluate, train
+
+    loaded = [load_site(str(p)) for p in sites]
+    torch.manual_seed(0)
+    model = build_model(name)
+    loader = InterleavedLoader([make_loader(d["train"], batch, shuffle=True, seed=0) for _, d in loaded])
+    train(model, loader, steps=steps, lr=1e-3, precision=precision)
+    total, weighted = 0, 0.0
+    for _, datasets in loaded:
+        result = evaluate(model, make_loader(datasets["test"], batch, shuffle=False, seed=0), precision=precision)
+        total += result.num_examples
+        weighted += result.metrics["psnr"] * result.num_examples
+    return weighted / total
+
+
+def compare_precision(args: argparse.Namespace) -> None:
+    """fp32 vs bf16 autocast per model: training throughput (synthetic) and test PSNR at equal budget (demo sites)."""
+    import tempfile
+
+    from bench.harness import write_sites
+
+    kspace, mask, maps, target = synthetic_batch(args.batch, args.coils, args.size, seed=0)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedsense-precision-") as tmp:
+        sites = write_sites(Path(tmp), size=args.size, subjects=3, slices=args.quality_slices)
+        for name in args.models:
+            speed, quality = {}, {}
+            for precision in ("fp32", "bf16"):
+                logger.info("%s %s: throughput, then %d training steps for test PSNR ...", name, precision,
+                            args.quality_steps)
+                torch.manual_seed(0)
+                speed[precision] = training_throughput(build_model(name), (kspace, mask, maps), target, args.steps,
+                                                       precision)
+                quality[precision] = precision_quality(name, precision, sites, args.quality_steps, args.batch)
+            rows.append((name, speed["fp32"], speed["bf16"], quality["fp32"], quality["bf16"]))
+    print(f"CPU, {args.threads} thread(s), torch {torch.__version__}, native bf16: {cpu_has_bf16()}: "
+          f"throughput at {args.size}x{args.size} px, {args.coils} coils, batch {args.batch}, {args.steps} timed steps; "
+          f"test PSNR after {args.quality_steps} pooled steps on the three demo sites at {args.size}²")
+    print("| model | train slices/s fp32 | bf16 | speed-up | test PSNR fp32 (dB) | bf16 | bf16 − fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s32, s16, q32, q16 in rows:
+        print(f"| {name} | {s32:.2f} | {s16:.2f} | {s16 / s32:.2f} | {q32:.2f} | {q16:.2f} | {q16 - q32:+.2f} |")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in well under two minutes on two cores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -156,6 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps and inference passes")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    prec = parser.add_argument_group("fp32 vs bf16 autocast (throughput and test PSNR at the same budget)")
+    prec.add_argument("--precision-compare", action="store_true", help="compare fp32 with bf16 autocast")
+    prec.add_argument("--quality-steps", type=int, default=60, help="pooled training steps before the test PSNR")
+    prec.add_argument("--quality-slices", type=int, default=6, help="slices per demo volume")
     ref = parser.add_argument_group("fastMRI comparison (equal configurations of both implementations)")
     ref.add_argument("--compare-fastmri", action="store_true", help="time ours against the fastmri package")
     ref.add_argument("--reference-python", default=str(REFERENCE_PYTHON), help="interpreter that has fastmri")
@@ -183,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.compare_fastmri:
         compare_fastmri(args, argv)
+        return
+    if args.precision_compare:
+        compare_precision(args)
         return
     kspace, mask, maps, target = synthetic_batch(args.batch, args.coils, args.size, seed=0)
     inputs = (kspace, mask, maps)

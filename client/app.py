@@ -17,6 +17,7 @@ from client.node_site import resolve_site_config_path
 from client.site_state import SavedState, SiteMemory
 from common.data.loaders import load_site, make_loader
 from common.errors import ConfigError
+from common.device import cpu_state_dict, resolve_device, resolve_precision
 from common.models import build_model
 from common.personalise import fine_tune
 from common.runconfig import RunConfig
@@ -54,7 +55,7 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str,
     content = RecordDict({"metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": site, "supervision": supervision})})
     if arrays is not None:
-        content["arrays"] = ArrayRecord(arrays)
+        content["arrays"] = ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()})  # CPU, whatever the device
     return Message(content=content, reply_to=msg)
 
 
@@ -64,6 +65,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
+    device = resolve_device(run.device, "run config: device")
+    model.to(device)  # before the optimiser (and any kept state) is bound to the parameters
     optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
     if run.client_optimizer == "keep" and saved is not None and saved.optimizer is not None:
         optimiser.load_state_dict(saved.optimizer)
@@ -84,6 +87,8 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=mu,
         batch_loss=batch_loss,
         optimiser=optimiser,
+        device=device,
+        precision=resolve_precision(run.precision, device, "run config: precision"),
     )
     memory.remember(server_round, model, optimiser)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
@@ -100,6 +105,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, _, _ = _setup(msg, context, state_round=server_round)
     loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
+    device = resolve_device(run.device, "run config: device")
     num_samples = run.num_samples if run.sample_dir else 0
     started = time.perf_counter()
     supervision = datasets["val"].config.supervision
@@ -110,7 +116,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     else:
         result = evaluate_model(
-            model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples
+            model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples,
+            device=device, precision=resolve_precision(run.precision, device, "run config: precision"),
         )
     if run.sample_dir and result.samples:
         # Sample images stay on this machine: written to a site-local directory, never sent.

@@ -47,9 +47,12 @@ def complex_to_channels(x: Tensor) -> Tensor:
 
 
 def channels_to_complex(x: Tensor) -> Tensor:
-    """Real (..., 2, H, W) -> complex (..., H, W); the inverse of :func:`complex_to_channels`."""
+    """Real (..., 2, H, W) -> complex64 (..., H, W); the inverse of :func:`complex_to_channels`."""
     if x.ndim < 3 or x.shape[-3] != 2:
         raise ValueError(f"expected a (..., 2, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dtype in (torch.bfloat16, torch.float16):
+        # A network run under autocast hands back bf16; complex maths (DC, FFT) stays complex64.
+        x = x.float()
     return torch.complex(x[..., 0, :, :], x[..., 1, :, :])
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from common.coils import rss
+from common.device import autocast, batch_to
 from common.fft import center_crop, ifft2c
 from common.metrics import SSIMLoss, nmse, psnr, ssim
 
@@ -92,7 +93,7 @@ class ReconLoss(nn.Module):
 
 def proximal_term(model: nn.Module, global_params: list[torch.Tensor]) -> torch.Tensor:
     """FedProx's ||w − w_global||² — the squared L2 norm over all trainable parameters."""
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=global_params[0].device if global_params else None)
     for p, g in zip((p for p in model.parameters() if p.requires_grad), global_params):
         total = total + torch.sum((p - g) ** 2)
     return total
@@ -125,6 +126,8 @@ def train(
     global_params: list[torch.Tensor] | None = None,
     batch_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
     optimiser: torch.optim.Optimizer | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> TrainResult:
     """Adam on the site's training split for ``steps`` batches (or ``epochs`` passes when steps = 0).
 
@@ -136,7 +139,13 @@ def train(
     not given). ``proximal_mu == 0`` runs the exact FedAvg computation (the term is not even built).
     ``optimiser`` continues an existing optimiser over ``model``'s parameters (a site's Adam state kept
     across rounds, or fine-tuning in chunks); by default each call starts a fresh Adam.
+    The model is moved to ``device`` (it stays there); with ``precision="bf16"`` only its forward pass
+    is autocast, the loss and the proximal term are computed in float32.
     """
+    device = torch.device(device)
+    model.to(device)
+    if global_params is not None:
+        global_params = [g.to(device) for g in global_params]
     if global_params is None and proximal_mu > 0:
         global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     total_steps = steps if steps > 0 else epochs * len(loader)
@@ -146,11 +155,15 @@ def train(
     model.train()
     running, count = 0.0, 0
     for batch in _cycle(loader, total_steps):
+        batch = batch_to(batch, device)
         optimiser.zero_grad(set_to_none=True)
-        if batch_loss is not None:
-            value = batch_loss(model, batch)
-        else:
-            value = criterion(predict(model, batch), batch["target"], batch["max_value"])  # type: ignore[arg-type]
+        with autocast(device, precision):  # the network's forward pass only; losses in float32
+            if batch_loss is not None:
+                value = batch_loss(model, batch).float()
+            else:
+                pred = predict(model, batch)
+        if batch_loss is None:
+            value = criterion(pred.float(), batch["target"], batch["max_value"])  # type: ignore[arg-type]
         objective = value
         if proximal_mu > 0 and global_params is not None:
             objective = value + 0.5 * proximal_mu * proximal_term(model, global_params)
@@ -175,13 +188,18 @@ def evaluate(
     loss: str = "l1",
     max_slices: int = 0,
     num_samples: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> EvalResult:
     """PSNR / SSIM / NMSE per volume (fastMRI definitions), averaged over volumes.
 
     ``model=None`` evaluates the zero-filled reconstruction. Slices are un-scaled back to the
     data's own units before metrics, so a volume's ``maxval`` is the true max of its target.
+    The model runs on ``device`` (bf16-autocast with ``precision="bf16"``); metrics are float32 on the CPU.
     """
+    device = torch.device(device)
     if model is not None:
+        model.to(device)
         model.eval()
     criterion = ReconLoss(loss)
     preds: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
@@ -189,14 +207,17 @@ def evaluate(
     samples: list[dict[str, np.ndarray | float | str]] = []
     loss_sum, n_slices = 0.0, 0
     for batch in loader:
+        batch = batch_to(batch, device)
         target = batch["target"]
         assert isinstance(target, torch.Tensor)
-        pred = zero_filled(batch) if model is None else predict(model, batch)
+        with autocast(device, precision):
+            pred = zero_filled(batch) if model is None else predict(model, batch)
+        pred = pred.float()
         loss_sum += float(criterion(pred, target, batch["max_value"])) * target.shape[0]  # type: ignore[arg-type]
         scale = batch["scale"]
         assert isinstance(scale, torch.Tensor)
-        pred_u, target_u = _unscale(pred, scale).numpy(), _unscale(target, scale).numpy()
-        zf = _unscale(zero_filled(batch), scale).numpy() if len(samples) < num_samples else None
+        pred_u, target_u = _unscale(pred, scale).cpu().numpy(), _unscale(target, scale).cpu().numpy()
+        zf = _unscale(zero_filled(batch), scale).cpu().numpy() if len(samples) < num_samples else None
         for i in range(target.shape[0]):
             key = f"{batch['site'][i]}/{batch['fname'][i]}"  # type: ignore[index]
             slice_idx = int(batch["slice_idx"][i])  # type: ignore[index]

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from common.data.dataset import SiteDataset
 from common.data.loaders import InterleavedLoader, load_site, make_loader
+from common.device import cpu_state_dict, resolve_device, resolve_precision
 from common.errors import ConfigError
 from common.models import build_model
 from common.runconfig import RunConfig
@@ -62,6 +63,8 @@ class Baseline:
                 if kind != "zero-filled":
                     check_model(run.model, f"baseline (site {path})")
         self.store = RunDir(run.run_dir)
+        self.device = resolve_device(run.device, "run config: device")
+        self.precision = resolve_precision(run.precision, self.device, "run config: precision")
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
 
     def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> None:
@@ -76,7 +79,8 @@ class Baseline:
                     max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
             else:
                 result = evaluate(models[site], loader, loss=self.run.loss,
-                                  max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
+                                  max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples,
+                                  device=self.device, precision=self.precision)
             if result.samples:
                 save_samples(self.sample_dir, rnd, site, result.samples)
             records.append(_record(self.run, rnd, "evaluate", site, result.num_examples, result.metrics,
@@ -120,12 +124,13 @@ class Baseline:
                 loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd,
                                      augment=self.run.augment)
                 res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
-                            lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd))
+                            lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd),
+                            device=self.device, precision=self.precision)
                 records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
                                        **self._supervision(site)))
             self.store.append_metrics(records + [_weighted(self.run, rnd, "train", records)])
             self._evaluate(rnd, models)  # type: ignore[arg-type]
-            state = {f"{site}/{k}": v for site, m in models.items() for k, v in m.state_dict().items()}
+            state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
             self.store.save_checkpoint(rnd, state, self.run.to_flat())
 
     def _centralized(self) -> None:
@@ -141,9 +146,9 @@ class Baseline:
                 for d in self.sites.values()
             ])
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
-                        batch_loss=self._loss(rnd))
+                        batch_loss=self._loss(rnd), device=self.device, precision=self.precision)
             self.store.append_metrics([
                 _record(self.run, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
             ])
             self._evaluate(rnd, {site: model for site in self.sites})
-            self.store.save_checkpoint(rnd, model.state_dict(), self.run.to_flat())
+            self.store.save_checkpoint(rnd, cpu_state_dict(model), self.run.to_flat())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +15,14 @@ if TYPE_CHECKING:
     from common.runconfig import RunConfig
 
 logger = logging.getLogger("fedsense")
+
+# Site-side subcommands live in client/cli.py; they are handed over by module name (as Flower loads
+# "client.app:app") so the server package never imports the client package.
+SITE_CLI = "client.cli"
+SITE_COMMANDS = {
+    "evaluate": "score an exported model and baselines on this site's own data (site side)",
+    "reconstruct": "reconstruct fastMRI h5 or NIfTI scans with an exported model (site side)",
+}
 
 
 def _parse_set(pairs: Sequence[str]) -> dict[str, Any]:
@@ -162,6 +171,22 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from server.export import export_run
+
+    card = export_run(Path(args.run_dir), Path(args.out), which=args.round, onnx=args.onnx,
+                      site_configs=[Path(p) for p in args.site_config])
+    print(f"{card.id}: round {card.round} of {card.run_name} -> {args.out}")
+    if card.onnx is not None:
+        print(f"onnx: {card.onnx.file} (max |error| vs PyTorch {card.onnx.max_abs_error:.2e})")
+    return 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    verbose = ["-v"] if args.verbose else []
+    return int(importlib.import_module(SITE_CLI).main([*verbose, args.command, *args.rest]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsense", description="Federated compressed-sensing MRI reconstruction on Flower.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -232,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050)
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("export", help="export a run's model (safetensors + model card, optional ONNX)")
+    p.add_argument("run_dir")
+    p.add_argument("--round", default="best", help="best (the run's best.json), last, or a round number")
+    p.add_argument("--out", required=True, help="new folder for the artifact")
+    p.add_argument("--onnx", action="store_true", help="also export the network as ONNX, checked against PyTorch")
+    p.add_argument("--site-config", action="append", default=[],
+                   help="site TOML(s) whose acquisition goes into the card (default: the run's own sites)")
+    p.set_defaults(func=cmd_export)
+
+    for name, text in SITE_COMMANDS.items():
+        p = sub.add_parser(name, help=text, add_help=False, prefix_chars="\x00")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_site)
 
     from server import pki, supernode
 

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from common.errors import FedSenseError
+from server.best import best_summary, export_command, read_best
 from server.store import RunDir
 from server.viewer import COLUMNS, load_run
 from server.viewer.plots import figure_png, samples_figure
@@ -123,6 +124,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _config(self, query: dict[str, list[str]]) -> None:
         view = load_run(self.server.run_dir, must_exist=False, metrics=False)
+        best = read_best(view.path) if view.path.is_dir() else None
         self._send_json(
             {
                 "path": str(view.path),
@@ -130,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "status": view.status if view.path.is_dir() else "waiting",
                 "num_rounds": view.num_rounds,
                 "config": view.config,
+                "best": best,
+                "best_summary": best_summary(best),
+                "export_command": export_command(view.path, best),
             }
         )
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import FedSenseError
+from server.best import best_summary, export_command, read_best
 from server.store import GLOBAL_SITE
 from server.viewer import COLUMNS, DISPLAY_METRICS, METRIC_LABELS, METRICS, RunView, format_metric, load_run
 
@@ -60,6 +61,9 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         f"rounds evaluated {done}{planned}  [dim]{view.path}[/dim]",
         highlight=False,
     )
+    best = read_best(view.path)
+    console.print(f"{best_summary(best) or 'no best round recorded'}  ·  export: "
+                  f"[bold]{export_command(view.path, best)}[/bold]", highlight=False, soft_wrap=True)  # copy-pasteable
     sites = view.sites()
     self_supervised = view.self_supervised_sites()
     printed = False

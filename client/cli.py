@@ -1,0 +1,125 @@
+"""The site-side subcommands of ``fedsense``: ``evaluate`` and ``reconstruct``.
+
+They run at a hospital on its own files and need only ``common`` and this package. ``server/cli.py``
+hands these subcommands over by name (the module's string, as Flower loads ``client.app:app``), so the
+server package never imports the client package and a site never needs the server's code paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from common.errors import FedSenseError
+
+logger = logging.getLogger("fedsense")
+
+COMMANDS = ("evaluate", "reconstruct")
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the network runs (auto: CUDA when present)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="bf16 autocasts the network only; FFTs, data consistency and metrics stay fp32")
+
+
+def _devices(args: argparse.Namespace) -> tuple["object", str]:
+    from common.device import resolve_device, resolve_precision
+
+    device = resolve_device(args.device, "--device")
+    return device, resolve_precision(args.precision, device, "--precision")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from client.evaluate import evaluate_sites, parse_baselines, render, rows
+    from common.artifact import load_artifact
+
+    device, precision = _devices(args)
+    loaded = load_artifact(args.model, device=device)
+    scores = evaluate_sites(loaded.model, args.sites, split=args.split, baselines=parse_baselines(args.baselines),
+                            batch_size=args.batch_size, device=device, precision=precision,
+                            max_slices=args.max_slices, console=Console(stderr=True))
+    render(rows(scores), args.format, sys.stdout,
+           title=f"{loaded.card.id} · {args.split} split · {device.type} {precision}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from client.reconstruct import MaskSettings, Reconstructor, reconstruct_files
+    from common.artifact import load_artifact
+    from common.config import load_site_config
+
+    device, precision = _devices(args)
+    loaded = load_artifact(args.model, device=device)
+    mask = None
+    given = (args.mask, args.acceleration, args.center_fraction)
+    if any(v is not None for v in given):
+        if any(v is None for v in given):
+            raise FedSenseError("--mask, --acceleration and --center-fraction go together")
+        mask = MaskSettings(args.mask, args.acceleration, args.center_fraction, args.seed)
+    site = load_site_config(args.site_config) if args.site_config else None
+    reconstructor = Reconstructor(loaded, device=device, precision=precision, site=site, mask=mask,
+                                  allow_untrained_mask=args.allow_untrained_mask)
+    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True)):
+        print(path)
+    return 0
+
+
+def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register ``evaluate`` and ``reconstruct`` on a ``fedsense`` subparser set."""
+    p = sub.add_parser("evaluate", help="score an exported model and baselines on this site's own data")
+    p.add_argument("--model", required=True, type=Path, help="exported model folder (fedsense export)")
+    p.add_argument("--sites", nargs="+", required=True, type=Path, help="site config TOML files")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--baselines", default="zero-filled", help="comma-separated: zero-filled, cs (default: zero-filled)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-slices", type=int, default=0, help="stop each site and method after this many slices (0: all)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reconstruct", help="reconstruct fastMRI h5 or NIfTI scans with an exported model")
+    p.add_argument("--model", required=True, type=Path, help="exported model folder (fedsense export)")
+    p.add_argument("inputs", nargs="+", type=Path, help="fastMRI .h5 or NIfTI .nii/.nii.gz files")
+    p.add_argument("--out", required=True, help="output folder (one file or DICOM series per input)")
+    p.add_argument("--format", choices=("h5", "nifti", "dicom"),
+                   help="h5 (fastMRI submission), nifti (NIfTI inputs) or dicom; default: like the input")
+    p.add_argument("--site-config", type=Path, help="site TOML whose scanner re-acquires NIfTI inputs")
+    p.add_argument("--mask", help="undersampling of fully sampled k-space (default: the model's training mask)")
+    p.add_argument("--acceleration", type=float)
+    p.add_argument("--center-fraction", type=float)
+    p.add_argument("--seed", type=int, default=0, help="mask seed (per file and slice, as in training)")
+    p.add_argument("--allow-untrained-mask", action="store_true",
+                   help="reconstruct even when the mask is not one the model was trained for")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsense", description="FedSense site-side commands.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except FedSenseError as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
