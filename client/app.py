@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
+from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from client.task import resolve_site_config_path
 from common.data.loaders import load_site, make_loader
 from common.models import build_model
@@ -43,7 +44,7 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], model: torch.nn.M
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
     run, site, model, datasets = _setup(msg, context)
@@ -51,6 +52,8 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
     loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round)
     started = time.perf_counter()
+    if run.dp_noise_multiplier > 0:
+        return _train_private(msg, context, run, site, model, loader, mu)
     result = train_model(
         model,
         loader,
@@ -63,7 +66,29 @@ def train(msg: Message, context: Context) -> Message:
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
-               "compute-seconds": time.perf_counter() - started}
+               "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run)}
+    return _reply(msg, site, metrics, model)
+
+
+def _client_dp_weight(run: RunConfig) -> dict[str, float]:
+    # Client-level DP averages the clipped updates uniformly (the server weights by this key).
+    return {"dp-weight": 1.0} if run.dp_client_level != "off" else {}
+
+
+def _train_private(msg: Message, context: Context, run: RunConfig, site: str, model: torch.nn.Module,
+                   loader: torch.utils.data.DataLoader, mu: float) -> Message:
+    """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
+    started = time.perf_counter()
+    path = ledger_path(context, run, resolve_site_config_path(context.node_config, run))
+    result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
+    if result is None:
+        metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started}
+        return _reply(msg, site, metrics, None)
+    store_ledger(context, path, ledger)
+    logger.info("site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g", site, result.loss, result.steps,
+                privacy["dp-epsilon"], run.dp_delta)
+    metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
+               "compute-seconds": time.perf_counter() - started, **privacy, **_client_dp_weight(run)}
     return _reply(msg, site, metrics, model)
 
 

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.models import build_model, count_parameters
 from common.runconfig import RunConfig
 from server.federation import Federation
+from server.privacy import wrap_client_dp
 from server.store import RunDir
 from server.strategy import build_strategy
 
@@ -36,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("resuming %s after round %d", run.run_dir, done)
     logger.info("model %s: %d parameters; strategy %s", run.model, count_parameters(model), run.strategy)
     arrays = ArrayRecord(model.state_dict())
-    federation = Federation(grid, run, build_strategy(run), store, model)
+    federation = Federation(grid, run, wrap_client_dp(build_strategy(run), run, start - 1), store, model)
     try:
         if start == 1:
             federation.evaluate_round(0, arrays)

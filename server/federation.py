@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
+from server.privacy import client_dp_metrics
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, validate_updates
 
@@ -162,7 +163,9 @@ class Federation:
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
         records = _site_records(self.run, rnd, "train", valid)
-        self.store.append_metrics(records + [_global_record(self.run, rnd, "train", records, rejected, time.time() - t0)])
+        summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
+        summary["metrics"].update(client_dp_metrics(self.strategy))
+        self.store.append_metrics(records + [summary])
         return new_arrays
 
     def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:
