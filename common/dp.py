@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,10 @@ def train_private(
             value = criterion(pred, batch["target"], batch["max_value"])  # type: ignore[arg-type]
             if not torch.isfinite(value):
                 raise FloatingPointError(f"non-finite training loss at step {count + 1}")
-            value.backward()
+            with warnings.catch_warnings():
+                # Opacus' full backward hooks on the first layer, whose input (the data) needs no grad.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                value.backward()
             if optimiser.pre_step():  # clip each slice's gradient, sum, add noise, average
                 if proximal_mu > 0:
                     with torch.no_grad():

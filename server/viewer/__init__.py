@@ -14,12 +14,16 @@ from typing import Any
 from common.errors import FedSenseError
 from server.store import GLOBAL_SITE, PHASES, RunDir
 
-METRICS = ("loss", "psnr", "ssim", "nmse")
+# ε a site has spent on DP-SGD, and ε of client-level DP (global rows); present only in DP runs.
+PRIVACY_METRICS = ("dp-epsilon", "dp-client-epsilon")
+METRICS = ("loss", "psnr", "ssim", "nmse", *PRIVACY_METRICS)
 COLUMNS = ("round", "phase", "site", "num_examples", *METRICS)
 # Image quality first: that is what a reader of a reconstruction run looks for.
 DISPLAY_METRICS = ("psnr", "ssim", "nmse", "loss")
-METRIC_LABELS = {"loss": "loss", "psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE"}
-METRIC_FORMATS = {"loss": "{:.4g}", "psnr": "{:.2f}", "ssim": "{:.4f}", "nmse": "{:.4g}"}
+METRIC_LABELS = {"loss": "loss", "psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE",
+                 "dp-epsilon": "site ε (DP-SGD)", "dp-client-epsilon": "client-level ε"}
+METRIC_FORMATS = {"loss": "{:.4g}", "psnr": "{:.2f}", "ssim": "{:.4f}", "nmse": "{:.4g}",
+                  "dp-epsilon": "{:.3f}", "dp-client-epsilon": "{:.3f}"}
 
 
 @dataclass(frozen=True)

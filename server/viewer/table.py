@@ -14,7 +14,16 @@ from rich.table import Table
 
 from common.errors import FedSenseError
 from server.store import GLOBAL_SITE
-from server.viewer import COLUMNS, DISPLAY_METRICS, METRIC_LABELS, METRICS, RunView, format_metric, load_run
+from server.viewer import (
+    COLUMNS,
+    DISPLAY_METRICS,
+    METRIC_LABELS,
+    METRICS,
+    PRIVACY_METRICS,
+    RunView,
+    format_metric,
+    load_run,
+)
 
 FORMATS = ("table", "csv", "json")
 
@@ -47,7 +56,7 @@ def show(
         json.dump(view.rows(phase), stream, indent=2, allow_nan=False)
         stream.write("\n")
     else:
-        _print_tables(view, stream, (phase,) if phase else ("evaluate", "train"), metrics or DISPLAY_METRICS)
+        _print_tables(view, stream, (phase,) if phase else ("evaluate", "train"), metrics or (*DISPLAY_METRICS, *PRIVACY_METRICS))
 
 
 def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics: Sequence[str]) -> None:
