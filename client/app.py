@@ -79,7 +79,7 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
                    loader: torch.utils.data.DataLoader, mu: float) -> Message:
     """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
     started = time.perf_counter()
-    path = ledger_path(context, run, resolve_site_config_path(context.node_config, run))
+    path = ledger_path(context, run, resolve_site_config_path(context.node_config, run), site)
     result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
     if result is None:
         metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started}

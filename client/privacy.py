@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 _STATE_KEY = "dp-ledger"
 
 
-def ledger_path(context: Context, run: RunConfig, site_config: Path) -> Path:
-    """Node config ``dp-ledger`` if set, else ``.dp-ledger/<run name>.json`` next to the site config."""
+def ledger_path(context: Context, run: RunConfig, site_config: Path, site: str) -> Path:
+    """Node config ``dp-ledger`` if set, else ``.dp-ledger/<run name>--<site>.json`` next to the site config."""
     if "dp-ledger" in context.node_config:
         return Path(str(context.node_config["dp-ledger"]))
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run.name)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run.name}--{site}")
     return site_config.parent / ".dp-ledger" / f"{safe}.json"
 
 

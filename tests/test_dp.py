@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +25,10 @@ from common.models import build_model
 from common.runconfig import RunConfig
 from common.training import ReconLoss, predict
 from server.privacy import wrap_client_dp
+from server.store import GLOBAL_SITE, RunDir
 from server.strategy import build_strategy
+from server.viewer import COLUMNS
+from server.viewer.table import show
 from tests.test_training import synthetic_samples
 
 SMALL = {
@@ -242,3 +248,25 @@ def test_privacy_combinations_are_refused_at_config_time() -> None:
         RunConfig.from_flat({"dp-client-level": "server-fixed", "strategy": "fedmedian"})
     with pytest.raises(ConfigError, match="dp-noise-multiplier"):
         RunConfig.from_flat({"dp-target-epsilon": 3.0})
+
+
+def test_metrics_show_has_epsilon_columns_only_for_dp_runs(tmp_path: Path) -> None:
+    def record(site: str, metrics: dict[str, float]) -> dict[str, object]:
+        return {"run": "r", "round": 1, "phase": "train", "site": site, "time": 1.0, "num_examples": 4,
+                "metrics": metrics}
+
+    plain, private = RunDir(tmp_path / "plain"), RunDir(tmp_path / "dp")
+    for store in (plain, private):
+        store.init({"name": store.path.name}, resume=False)
+    plain.append_metrics([record("site-a", {"loss": 0.5})])
+    private.append_metrics([record("site-a", {"loss": 0.5, "dp-epsilon": 1.234567}),
+                            record(GLOBAL_SITE, {"loss": 0.5, "dp-client-epsilon": 7.5})])
+    out = io.StringIO()
+    show(plain.path, fmt="csv", out=out)
+    assert out.getvalue().splitlines()[0] == ",".join(COLUMNS)
+    out = io.StringIO()
+    show(private.path, fmt="csv", out=out)
+    assert out.getvalue().splitlines()[0] == ",".join((*COLUMNS, "dp-epsilon", "dp-client-epsilon"))
+    out = io.StringIO()
+    show(private.path, out=out)
+    assert "site ε (DP-SGD)" in out.getvalue() and "1.235" in out.getvalue() and "7.500" in out.getvalue()

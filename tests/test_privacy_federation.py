@@ -40,9 +40,9 @@ def test_dp_run_records_site_and_client_level_epsilon_per_round(small_sites: lis
             expected = PrivacyLedger([(1.0, 2 / n, 2)] * rnd).epsilon(1e-5)
             assert eps[rnd]["metrics"]["dp-epsilon"] == pytest.approx(expected, rel=1e-6)
         assert eps[1]["metrics"]["dp-epsilon"] < eps[2]["metrics"]["dp-epsilon"]
-        # the ledger stays at the site, next to its config
-        ledger = PrivacyLedger.load(small_sites[0].parent / ".dp-ledger" / "dp-it.json")
-        assert len(ledger.history) >= 2
+        # the ledger stays at the site, next to its config, and holds exactly the rounds reported
+        ledger = PrivacyLedger.load(small_sites[0].parent / ".dp-ledger" / f"dp-it--{site}.json")
+        assert ledger.history == [(1.0, 2 / n, 2)] * 2
     glob = {r["round"]: r["metrics"] for r in train if r["site"] == GLOBAL_SITE}
     for rnd in (1, 2):  # client-level ε = Google dp-accounting RDP of rnd Gaussian releases (no amplification)
         acc = rdp.RdpAccountant()

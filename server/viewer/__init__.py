@@ -14,9 +14,9 @@ from typing import Any
 from common.errors import FedSenseError
 from server.store import GLOBAL_SITE, PHASES, RunDir
 
-# ε a site has spent on DP-SGD, and ε of client-level DP (global rows); present only in DP runs.
+METRICS = ("loss", "psnr", "ssim", "nmse")
+# ε a site has spent on DP-SGD, and ε of client-level DP (global rows): columns only of runs that have them.
 PRIVACY_METRICS = ("dp-epsilon", "dp-client-epsilon")
-METRICS = ("loss", "psnr", "ssim", "nmse", *PRIVACY_METRICS)
 COLUMNS = ("round", "phase", "site", "num_examples", *METRICS)
 # Image quality first: that is what a reader of a reconstruction run looks for.
 DISPLAY_METRICS = ("psnr", "ssim", "nmse", "loss")
@@ -87,16 +87,20 @@ def site_sort_key(site: str) -> tuple[bool, str]:
 
 
 def metric_rows(records: list[dict[str, Any]], phase: str | None = None) -> list[dict[str, Any]]:
-    """Flatten records to the stable :data:`COLUMNS` (missing metrics are ``None``)."""
+    """Flatten records to the stable :data:`COLUMNS` (missing metrics are ``None``).
+
+    A run with differential privacy gets its :data:`PRIVACY_METRICS` columns after them.
+    """
     if phase is not None and phase not in PHASES:
         raise FedSenseError(f"phase must be one of {PHASES}, got {phase!r}")
+    metrics = (*METRICS, *(m for m in PRIVACY_METRICS if any(m in r["metrics"] for r in records)))
     rows = [
         {
             "round": r["round"],
             "phase": r["phase"],
             "site": r["site"],
             "num_examples": r["num_examples"],
-            **{m: r["metrics"].get(m) for m in METRICS},
+            **{m: r["metrics"].get(m) for m in metrics},
         }
         for r in records
         if phase is None or r["phase"] == phase

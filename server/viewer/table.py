@@ -43,15 +43,16 @@ def show(
     """
     if fmt not in FORMATS:
         raise FedSenseError(f"format must be one of {FORMATS}, got {fmt!r}")
-    unknown = sorted(set(metrics or ()) - set(METRICS))
+    unknown = sorted(set(metrics or ()) - set(METRICS) - set(PRIVACY_METRICS))
     if unknown:
         raise FedSenseError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     stream = out if out is not None else sys.stdout
     view = load_run(run_dir)
     if fmt == "csv":
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\n")
+        rows = view.rows(phase)
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]) if rows else COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(view.rows(phase))
+        writer.writerows(rows)
     elif fmt == "json":
         json.dump(view.rows(phase), stream, indent=2, allow_nan=False)
         stream.write("\n")
@@ -76,7 +77,7 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         for metric in metrics:
             cells: dict[int, dict[str, Any]] = {}
             for row in rows:
-                if row[metric] is not None:
+                if row.get(metric) is not None:
                     cells.setdefault(row["round"], {})[row["site"]] = row[metric]
             if not cells:
                 continue
