@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dp_accounting import dp_event, rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -24,7 +25,7 @@ from common.fft import fft2c
 from common.models import build_model
 from common.runconfig import RunConfig
 from common.training import ReconLoss, predict
-from server.privacy import wrap_client_dp
+from server.privacy import client_dp_metrics, wrap_client_dp
 from server.store import GLOBAL_SITE, RunDir
 from server.strategy import build_strategy
 from server.viewer import COLUMNS
@@ -270,3 +271,16 @@ def test_metrics_show_has_epsilon_columns_only_for_dp_runs(tmp_path: Path) -> No
     out = io.StringIO()
     show(private.path, out=out)
     assert "site ε (DP-SGD)" in out.getvalue() and "1.235" in out.getvalue() and "7.500" in out.getvalue()
+
+
+def test_a_resumed_run_continues_the_client_level_budget() -> None:
+    run = RunConfig.from_flat({"strategy": "fedavg", "min-train-nodes": 3, "min-available-nodes": 3,
+                               "dp-client-level": "client-fixed", "dp-client-noise": 0.8, "dp-delta": 1e-5})
+    assert client_dp_metrics(wrap_client_dp(build_strategy(run), run)) == {"dp-client-epsilon": 0.0,
+                                                                          "dp-client-delta": 1e-5}
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.GaussianDpEvent(0.8), 2)
+    resumed = client_dp_metrics(wrap_client_dp(build_strategy(run), run, rounds_done=2))
+    assert resumed["dp-client-epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    off = RunConfig.from_flat({"strategy": "fedavg"})
+    assert client_dp_metrics(wrap_client_dp(build_strategy(off), off)) == {}
