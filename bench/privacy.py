@@ -37,14 +37,14 @@ from common.training import train
 
 logger = logging.getLogger("bench.privacy")
 
-MODEL = ("unet", {"chans": 16, "num_pool_layers": 2})
+MODEL = ("unet", {"chans": 16, "num_pool_layers": 2})  # --chans overrides the width
 DELTA = 1e-5
 
 
 def federate(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]], *, sigma: float = 0.0,
              client_sigma: float | None = None) -> tuple[dict[str, torch.Tensor], float, float]:
     """``args.rounds`` rounds of FedAvg; returns the global weights, ε and the median update norm seen."""
-    name, kwargs = MODEL
+    name, kwargs = MODEL[0], {**MODEL[1], "chans": args.chans}
     torch.manual_seed(args.seed)
     state = {k: v.detach().clone() for k, v in build_model(name, **kwargs).state_dict().items()}
     ledgers = {site: PrivacyLedger() for site in data}
@@ -89,9 +89,10 @@ def federate(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]], 
     return state, eps, float(np.median(norms))
 
 
-def pooled_psnr(data: dict[str, dict[str, SiteDataset]], state: dict[str, torch.Tensor]) -> float:
+def pooled_psnr(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]],
+                state: dict[str, torch.Tensor]) -> float:
     """Mean test PSNR over the slices of all sites."""
-    name, kwargs = MODEL
+    name, kwargs = MODEL[0], {**MODEL[1], "chans": args.chans}
     net = build_model(name, **kwargs)
     net.load_state_dict(state)
     scores = [s.psnr for splits in data.values()
@@ -106,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--slices", type=int, default=6)
+    parser.add_argument("--chans", type=int, default=MODEL[1]["chans"], help="U-Net width")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
@@ -127,27 +129,28 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     started = time.perf_counter()
     print(f"# bench.privacy — {machine_line(args.threads)}")
-    print(f"R = 4, {args.size}², {args.subjects} subjects/site, U-Net {MODEL[1]}, {args.rounds} rounds x "
-          f"{args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}, δ = {DELTA:g}")
+    print(f"R = 4, {args.size}², {args.subjects} subjects/site, U-Net {{'chans': {args.chans}, 'num_pool_layers': 2}}, "
+          f"{args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}, "
+          f"δ = {DELTA:g}")
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=4.0)
     data = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
     rows = []
     state, _, median_norm = federate(args, data)
-    rows.append(("none (FedAvg)", "–", "∞", f"{pooled_psnr(data, state):.2f}"))
+    rows.append(("none (FedAvg)", "–", "∞", f"{pooled_psnr(args, data, state):.2f}"))
     logger.info("no DP done; median update norm %.3f", median_norm)
     if args.client_clip <= 0:
         args.client_clip = float(f"{median_norm:.2g}")
     for sigma in args.sigmas:
         state, eps, _ = federate(args, data, sigma=sigma)
         rows.append(("sample-level DP-SGD", f"σ = {sigma:g}, C = {args.clip:g}", f"{eps:.2f}",
-                     f"{pooled_psnr(data, state):.2f}"))
+                     f"{pooled_psnr(args, data, state):.2f}"))
         logger.info("DP-SGD sigma %g done", sigma)
     for sigma in args.client_sigmas:
         state, eps, _ = federate(args, data, client_sigma=sigma)
         rows.append(("client-level, server clipping", f"σ_c = {sigma:g}, C_c = {args.client_clip:g}", f"{eps:.2f}",
-                     f"{pooled_psnr(data, state):.2f}"))
+                     f"{pooled_psnr(args, data, state):.2f}"))
         logger.info("client-level sigma %g done", sigma)
     print(f"\nmedian L2 norm of a site's update without DP: {median_norm:.3f}\n")
     print(markdown_table(("privacy", "setting", f"ε after {args.rounds} rounds", "test PSNR (dB, all sites)"), rows))

@@ -109,9 +109,16 @@ class PrivacyLedger:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
     def accountant(self) -> RDPAccountant:
-        """An Opacus RDP accountant holding this ledger's steps."""
+        """An Opacus RDP accountant holding this ledger's steps.
+
+        Rounds with the same noise and sampling rate are merged (RDP is additive in the steps), so ε
+        costs one RDP evaluation per distinct setting, not one per round.
+        """
+        steps: dict[tuple[float, float], int] = {}
+        for sigma, q, n in self.history:
+            steps[(sigma, q)] = steps.get((sigma, q), 0) + n
         acc = RDPAccountant()
-        acc.history = [tuple(h) for h in self.history]  # type: ignore[misc]
+        acc.history = [(sigma, q, n) for (sigma, q), n in steps.items()]
         return acc
 
     def epsilon(self, delta: float) -> float:

@@ -113,7 +113,7 @@ def independent_epsilon(history: list[tuple[float, float, int]], delta: float) -
 
 def dp_run(**extra: object) -> RunConfig:
     return RunConfig.from_flat({"model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
-                                "local-steps": 3, "batch-size": 2, "dp-noise-multiplier": 1.0,
+                                "local-steps": 1, "batch-size": 2, "dp-noise-multiplier": 1.0,
                                 "dp-max-grad-norm": 1.0, "dp-delta": 1e-5, **extra})
 
 
@@ -124,12 +124,12 @@ def test_epsilon_grows_per_round_and_matches_opacus_rdp_and_the_budget_stops_tra
     model, ledger, eps = small_model("unet"), PrivacyLedger(), []
     for _ in range(3):
         result, ledger, metrics = train_with_budget(run, model, loader, 0.0, ledger)
-        assert result is not None and result.steps == 3
+        assert result is not None and result.steps == 1
         eps.append(metrics["dp-epsilon"])
     assert eps[0] < eps[1] < eps[2]
-    assert ledger.history == [(1.0, 2 / 6, 3)] * 3
+    assert ledger.history == [(1.0, 2 / 6, 1)] * 3
     for k in range(3):
-        assert eps[k] == pytest.approx(independent_epsilon([(1.0, 2 / 6, 3)] * (k + 1), 1e-5), rel=1e-6)
+        assert eps[k] == pytest.approx(independent_epsilon([(1.0, 2 / 6, 1)] * (k + 1), 1e-5), rel=1e-6)
     assert PrivacyLedger.from_json(ledger.to_json()).epsilon(1e-5) == pytest.approx(eps[2])
     # a target between round 2's and round 3's ε: two rounds train, the third is refused, weights untouched
     limited = dp_run(**{"dp-target-epsilon": (eps[1] + eps[2]) / 2})
@@ -169,8 +169,8 @@ def test_fedprox_under_dp_pulls_toward_the_global_weights() -> None:
     for mu in (0.0, 50.0):
         model = small_model("unet")
         torch.manual_seed(1)
-        train_private(model, loader, noise_multiplier=0.5, max_grad_norm=1.0, steps=4, lr=0.01, proximal_mu=mu)
-        dist[mu] = sum(float(((p - q) ** 2).sum()) for p, q in zip(model.parameters(), start.parameters()))
+        train_private(model, loader, noise_multiplier=0.5, max_grad_norm=1.0, steps=2, lr=0.01, proximal_mu=mu)
+        dist[mu] = sum(float(((p.detach() - q.detach()) ** 2).sum()) for p, q in zip(model.parameters(), start.parameters()))
     assert dist[50.0] < dist[0.0]
 
 
