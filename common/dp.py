@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,20 +33,8 @@ from torch import nn
 from common.atomic import atomic_write_bytes
 from common.dc import DataConsistency, GradientDC
 from common.errors import ConfigError
+from common.privacy_config import DP_SGD_REFUSED_MODELS
 from common.training import BatchSource, ReconLoss, TrainResult, _cycle, predict
-
-logger = logging.getLogger(__name__)
-
-# Models DP-SGD cannot train, with the reason (tests/test_dp.py checks the others' per-slice gradients
-# against one backward pass per slice).
-REFUSED_MODELS: dict[str, str] = {
-    "varnet": (
-        "its coil-sensitivity network runs on every coil image as a separate batch element (B·C), so "
-        "Opacus' per-sample gradients would be per coil, not per slice, and clipping would not bound "
-        "a slice's influence; use unet or unrolled"
-    ),
-}
-
 
 @register_grad_sampler([DataConsistency, GradientDC])
 def _multi_input_grad_sample(
@@ -84,8 +71,8 @@ def check_model(name: str, model: nn.Module, source: str = "run config") -> None
     BatchNorm mixes the slices of a batch, so one slice's gradient depends on the others and
     per-sample clipping no longer bounds its influence; ModuleValidator names such layers.
     """
-    if name in REFUSED_MODELS:
-        raise ConfigError(f"{source}: model: {name!r} cannot be trained with DP-SGD: {REFUSED_MODELS[name]}")
+    if name in DP_SGD_REFUSED_MODELS:
+        raise ConfigError(f"{source}: model: {name!r} cannot be trained with DP-SGD: {DP_SGD_REFUSED_MODELS[name]}")
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(f"{source}: model: {name!r} cannot be trained with DP-SGD: {errors[0]}")

@@ -18,11 +18,26 @@ SECAGG_REFUSAL = (
 
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
 
+# Models DP-SGD cannot train, with the reason (tests/test_dp.py checks the others' per-slice gradients
+# against one backward pass per slice).
+DP_SGD_REFUSED_MODELS: dict[str, str] = {
+    "varnet": (
+        "its coil-sensitivity network runs on every coil image as a separate batch element (B·C), so "
+        "Opacus' per-sample gradients would be per coil, not per slice, and clipping would not bound "
+        "a slice's influence; use unet or unrolled"
+    ),
+}
+
 
 def check_privacy(run: Any) -> None:
     """Raise ``ValueError`` (turned into a ConfigError naming the key) for an unsupported combination."""
     if run.secagg:
         raise ValueError(SECAGG_REFUSAL)
+    if run.dp_noise_multiplier > 0 and run.model in DP_SGD_REFUSED_MODELS:
+        raise ValueError(
+            f"dp-noise-multiplier > 0: model {run.model!r} cannot be trained with DP-SGD: "
+            f"{DP_SGD_REFUSED_MODELS[run.model]}"
+        )
     if run.dp_target_epsilon > 0 and run.dp_noise_multiplier == 0:
         raise ValueError("dp-target-epsilon needs dp-noise-multiplier > 0 (without noise ε is unbounded)")
     if run.dp_client_level == "off":

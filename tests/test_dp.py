@@ -249,6 +249,8 @@ def test_privacy_combinations_are_refused_at_config_time() -> None:
         RunConfig.from_flat({"dp-client-level": "server-fixed", "strategy": "fedmedian"})
     with pytest.raises(ConfigError, match="dp-noise-multiplier"):
         RunConfig.from_flat({"dp-target-epsilon": 3.0})
+    with pytest.raises(ConfigError, match="'varnet' cannot be trained with DP-SGD"):
+        RunConfig.from_flat({"model": "varnet", "dp-noise-multiplier": 1.0})
 
 
 def test_metrics_show_has_epsilon_columns_only_for_dp_runs(tmp_path: Path) -> None:
