@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from client.audit import egress_audit_mod
 from client.node_site import resolve_site_config_path
 from client.site_state import SavedState, SiteMemory
+from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from common.data.loaders import load_site, make_loader
 from common.errors import ConfigError
 from common.device import cpu_state_dict, resolve_device, resolve_precision
@@ -59,7 +60,7 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str,
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
     server_round = int(msg.content["config"].get("server-round", 0))
@@ -77,6 +78,8 @@ def train(msg: Message, context: Context) -> Message:
     batch_loss = (SSDUTrainLoss(run.ssdu_rho, run.ssdu_masks, seed=run.seed, epoch=server_round)
                   if supervision == "self" else None)
     started = time.perf_counter()
+    if run.dp_noise_multiplier > 0:
+        return _train_private(msg, context, run, site, model, loader, mu, memory, supervision)
     result = train_model(
         model,
         loader,
@@ -94,8 +97,30 @@ def train(msg: Message, context: Context) -> Message:
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
-               "compute-seconds": time.perf_counter() - started}
+               "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run)}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
+    return _reply(msg, site, metrics, memory.shared(model), supervision)
+
+
+def _client_dp_weight(run: RunConfig) -> dict[str, float]:
+    # Client-level DP averages the clipped updates uniformly (the server weights by this key).
+    return {"dp-weight": 1.0} if run.dp_client_level != "off" else {}
+
+
+def _train_private(msg: Message, context: Context, run: RunConfig, site: str, model: torch.nn.Module,
+                   loader: torch.utils.data.DataLoader, mu: float, memory: SiteMemory, supervision: str) -> Message:
+    """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
+    started = time.perf_counter()
+    path = ledger_path(context, run, resolve_site_config_path(context.node_config, run), site)
+    result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
+    if result is None:
+        metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started}
+        return _reply(msg, site, metrics, None, supervision)
+    store_ledger(context, path, ledger)
+    logger.info("site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g", site, result.loss, result.steps,
+                privacy["dp-epsilon"], run.dp_delta)
+    metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
+               "compute-seconds": time.perf_counter() - started, **privacy, **_client_dp_weight(run)}
     return _reply(msg, site, metrics, memory.shared(model), supervision)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
+from common.privacy_config import check_privacy
 
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 
@@ -69,6 +70,15 @@ class RunConfig(BaseModel):
     fine_tune_patience: int = Field(3, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # Privacy (see README "Privacy"): sample-level DP-SGD at the sites, client-level DP at the server.
+    dp_noise_multiplier: float = Field(0.0, ge=0.0)
+    dp_max_grad_norm: float = Field(1.0, gt=0.0)
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    dp_target_epsilon: float = Field(0.0, ge=0.0)
+    dp_client_level: Literal["off", "server-fixed", "client-fixed"] = "off"
+    dp_client_noise: float = Field(0.0, ge=0.0)
+    dp_client_clip: float = Field(1.0, gt=0.0)
+    secagg: bool = False
 
     @field_validator("model_args", mode="before")
     @classmethod
@@ -86,6 +96,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"model-args is not valid JSON: {exc}") from exc
         if not isinstance(args, dict):
             raise ValueError("model-args must be a JSON object")
+        check_privacy(self)
         return self
 
     @property

@@ -13,6 +13,7 @@ from common.personalise import split_state
 from common.runconfig import RunConfig
 from server.federation import Federation
 from server.optimisers import load_optimiser_state
+from server.privacy import wrap_client_dp
 from server.store import RunDir
 from server.strategy import build_strategy
 
@@ -46,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(run)
     if latest is not None and load_optimiser_state(strategy, latest[1].get("server_optimizer")):
         logger.info("restored the %s server optimiser state of round %d", run.strategy, latest[0])
-    federation = Federation(grid, run, strategy, store, model)
+    federation = Federation(grid, run, wrap_client_dp(strategy, run, start - 1), store, model)
     try:
         if start == 1:
             federation.evaluate_round(0, arrays)

@@ -21,6 +21,7 @@ from common.errors import FedSenseError
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
+from server.privacy import client_dp_metrics
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, supervision_of, validate_updates
 
@@ -167,7 +168,9 @@ class Federation:
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
         records = _site_records(self.run, rnd, "train", valid)
-        self.store.append_metrics(records + [_global_record(self.run, rnd, "train", records, rejected, time.time() - t0)])
+        summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
+        summary["metrics"].update(client_dp_metrics(self.strategy))
+        self.store.append_metrics(records + [summary])
         return new_arrays
 
     def fine_tune_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:

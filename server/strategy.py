@@ -31,7 +31,8 @@ def build_strategy(run: RunConfig) -> FedAvg:
         min_train_nodes=run.min_train_nodes,
         min_evaluate_nodes=run.min_evaluate_nodes,
         min_available_nodes=run.min_available_nodes,
-        weighted_by_key="num-examples",
+        # Client-level DP averages the clipped updates uniformly (each site sends dp-weight = 1).
+        weighted_by_key="dp-weight" if run.dp_client_level != "off" else "num-examples",
     )
     if run.strategy == "fedavg":
         return FedAvg(**common)
@@ -118,6 +119,8 @@ def _check_update(msg: Message, reference: dict[str, np.ndarray]) -> tuple[str, 
     metric_records = list(msg.content.metric_records.values())
     if len(metric_records) != 1:
         return "expected exactly one MetricRecord", 0.0
+    if metric_records[0].get("dp-budget-exhausted"):
+        return f"privacy budget exhausted (ε={metric_records[0].get('dp-epsilon')}); the site no longer trains", 0.0
     n = metric_records[0].get("num-examples")
     if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
         return f"num-examples must be a positive number, got {n!r}", 0.0

@@ -16,12 +16,16 @@ from server.store import GLOBAL_SITE, PHASES, RunDir
 
 # ssdu-loss: the held-out k-space loss of self-supervised sites (common.ssdu), their only reference-free metric.
 METRICS = ("loss", "psnr", "ssim", "nmse", "ssdu-loss")
+# ε a site has spent on DP-SGD, and ε of client-level DP (global rows): columns only of runs that have them.
+PRIVACY_METRICS = ("dp-epsilon", "dp-client-epsilon")
 COLUMNS = ("round", "phase", "site", "num_examples", *METRICS)
 # Image quality first: that is what a reader of a reconstruction run looks for.
 DISPLAY_METRICS = ("psnr", "ssim", "nmse", "loss", "ssdu-loss")
 METRIC_LABELS = {"loss": "loss", "psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE",
-                 "ssdu-loss": "held-out k-space loss (self-supervised sites)"}
-METRIC_FORMATS = {"loss": "{:.4g}", "psnr": "{:.2f}", "ssim": "{:.4f}", "nmse": "{:.4g}", "ssdu-loss": "{:.4g}"}
+                 "ssdu-loss": "held-out k-space loss (self-supervised sites)",
+                 "dp-epsilon": "site ε (DP-SGD)", "dp-client-epsilon": "client-level ε"}
+METRIC_FORMATS = {"loss": "{:.4g}", "psnr": "{:.2f}", "ssim": "{:.4f}", "nmse": "{:.4g}", "ssdu-loss": "{:.4g}",
+                  "dp-epsilon": "{:.3f}", "dp-client-epsilon": "{:.3f}"}
 
 
 @dataclass(frozen=True)
@@ -89,16 +93,20 @@ def site_sort_key(site: str) -> tuple[bool, str]:
 
 
 def metric_rows(records: list[dict[str, Any]], phase: str | None = None) -> list[dict[str, Any]]:
-    """Flatten records to the stable :data:`COLUMNS` (missing metrics are ``None``)."""
+    """Flatten records to the stable :data:`COLUMNS` (missing metrics are ``None``).
+
+    A run with differential privacy gets its :data:`PRIVACY_METRICS` columns after them.
+    """
     if phase is not None and phase not in PHASES:
         raise FedSenseError(f"phase must be one of {PHASES}, got {phase!r}")
+    metrics = (*METRICS, *(m for m in PRIVACY_METRICS if any(m in r["metrics"] for r in records)))
     rows = [
         {
             "round": r["round"],
             "phase": r["phase"],
             "site": r["site"],
             "num_examples": r["num_examples"],
-            **{m: r["metrics"].get(m) for m in METRICS},
+            **{m: r["metrics"].get(m) for m in metrics},
         }
         for r in records
         if phase is None or r["phase"] == phase

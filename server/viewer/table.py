@@ -15,7 +15,16 @@ from rich.table import Table
 from common.errors import FedSenseError
 from server.best import best_summary, export_command, read_best
 from server.store import GLOBAL_SITE
-from server.viewer import COLUMNS, DISPLAY_METRICS, METRIC_LABELS, METRICS, RunView, format_metric, load_run
+from server.viewer import (
+    COLUMNS,
+    DISPLAY_METRICS,
+    METRIC_LABELS,
+    METRICS,
+    PRIVACY_METRICS,
+    RunView,
+    format_metric,
+    load_run,
+)
 
 FORMATS = ("table", "csv", "json")
 
@@ -35,20 +44,22 @@ def show(
     """
     if fmt not in FORMATS:
         raise FedSenseError(f"format must be one of {FORMATS}, got {fmt!r}")
-    unknown = sorted(set(metrics or ()) - set(METRICS))
+    unknown = sorted(set(metrics or ()) - set(METRICS) - set(PRIVACY_METRICS))
     if unknown:
         raise FedSenseError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     stream = out if out is not None else sys.stdout
     view = load_run(run_dir)
     if fmt == "csv":
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\n")
+        rows = view.rows(phase)
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]) if rows else COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(view.rows(phase))
+        writer.writerows(rows)
     elif fmt == "json":
         json.dump(view.rows(phase), stream, indent=2, allow_nan=False)
         stream.write("\n")
     else:
-        _print_tables(view, stream, (phase,) if phase else ("evaluate", "finetune", "train"), metrics or DISPLAY_METRICS)
+        _print_tables(view, stream, (phase,) if phase else ("evaluate", "finetune", "train"),
+                      metrics or (*DISPLAY_METRICS, *PRIVACY_METRICS))
 
 
 def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics: Sequence[str]) -> None:
@@ -72,7 +83,7 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         for metric in metrics:
             cells: dict[int, dict[str, Any]] = {}
             for row in rows:
-                if row[metric] is not None:
+                if row.get(metric) is not None:
                     cells.setdefault(row["round"], {})[row["site"]] = row[metric]
             if not cells:
                 continue
