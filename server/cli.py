@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050)
     p.set_defaults(func=cmd_dashboard)
 
-    from server import pki, supernode
+    from server import operator, pki, supernode
 
     p = sub.add_parser("pki", parents=[pki.build_parser()], add_help=False,
                        help="CA, SuperLink certificate and per-site SuperNode keys (idempotent; --rotate SITE)")
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("client", parents=[supernode.build_parser()], add_help=False,
                        help="run this institution's site against a remote SuperLink (TLS + node authentication)")
     p.set_defaults(func=supernode.run)
+    p = sub.add_parser("operator", parents=[operator.build_parser()], add_help=False,
+                       help="run a flwr command through the front door with an operator client certificate")
+    p.set_defaults(func=operator.run)
     return parser
 
 

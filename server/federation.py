@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
+from server.claims import apply_caps
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, validate_updates
 
@@ -151,7 +152,8 @@ class Federation:
         t0 = time.time()
         replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
         valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
-        rejected = failed + rejected
+        valid, uncapped, clipped = apply_caps(valid, self.run.caps)
+        rejected = failed + rejected + uncapped
         if len(valid) < self.run.min_train_nodes:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no reply in time"
             raise RoundFailed(
@@ -161,7 +163,10 @@ class Federation:
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
         records = _site_records(self.run, rnd, "train", valid)
-        self.store.append_metrics(records + [_global_record(self.run, rnd, "train", records, rejected, time.time() - t0)])
+        summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
+        if clipped:
+            summary["clipped"] = [{"site": c.site, "claimed": c.claimed, "cap": c.cap, "reason": c.reason} for c in clipped]
+        self.store.append_metrics(records + [summary])
         return new_arrays
 
     def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:

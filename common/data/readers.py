@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from common.config import BRATS_ALIASES, SiteConfig
+from common.data import h5check
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -215,14 +216,29 @@ class FastMRIReader(SliceReader):
     expected_names = "*.h5 with a 'kspace' dataset"
 
     def __init__(
-        self, root: Path, files: Sequence[SourceFile], *, contrasts: Sequence[str] = (), **kwargs
+        self,
+        root: Path,
+        files: Sequence[SourceFile],
+        *,
+        contrasts: Sequence[str] = (),
+        check_seconds: float = h5check.DEFAULT_TIMEOUT,
+        **kwargs,
     ) -> None:
         self._contrasts = {c.upper() for c in contrasts}
         self._info: dict[Path, _H5Info] = {}
+        # Every file is first read in a child process with a time limit: a file that hangs or crashes
+        # libhdf5 is a DataError here (or skipped), never a site that stops answering.
+        try:
+            self._verdicts = h5check.check_files([s.path for s in files], timeout=check_seconds)
+        except OSError as exc:
+            raise DataError(f"{root}: cannot check the HDF5 files in a child process: {exc}") from exc
         super().__init__(root, files, **kwargs)
 
     def _index_file(self, source: SourceFile) -> list[Example]:
         path = source.path
+        verdict = self._verdicts.get(path)
+        if verdict is not None:
+            raise DataError(f"{path}: {verdict}")
         try:
             with h5py.File(path, "r") as f:
                 kspace = f.get("kspace")
@@ -543,7 +559,8 @@ def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROU
         raise DataError(f"{root}: data directory does not exist")
     common = {"max_slices_per_volume": config.max_slices_per_volume, "skip_bad_files": config.skip_bad_files}
     if config.dataset == "fastmri":
-        return FastMRIReader(root, find_fastmri_files(root), contrasts=config.contrasts, **common)
+        return FastMRIReader(root, find_fastmri_files(root), contrasts=config.contrasts,
+                             check_seconds=config.file_check_seconds, **common)
     if config.dataset == "brats":
         return BratsReader(
             root, find_brats_files(root, config.contrasts), min_foreground=min_foreground, **common
