@@ -127,7 +127,7 @@ def cmd_metrics_plot(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from server.viewer.dashboard import serve
 
-    serve(Path(args.run_dir), host=args.host, port=args.port)
+    serve(Path(args.run_dir), host=args.host, port=args.port, token_file=args.token_file)
     return 0
 
 
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--token-file", type=Path,
+                   help="require the token in this file (created, and printed once, at first start); needed beyond 127.0.0.1")
     p.set_defaults(func=cmd_dashboard)
 
     from server import operator, pki, supernode

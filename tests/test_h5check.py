@@ -95,3 +95,38 @@ def test_good_files_after_a_hanging_one_are_still_checked(tmp_path: Path) -> Non
     verdicts = h5check.check_files(files, timeout=LIMIT)
     assert verdicts[files[0]] is None and verdicts[files[2]] is None
     assert "did not finish" in str(verdicts[files[1]])
+
+
+@pytest.mark.slow
+def test_a_site_with_a_hanging_file_replies_and_the_round_completes_with_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real (simulated) federation: site-a holds the crafted file and keeps strict checking, so its
+    ClientApp answers every request with an error reply within seconds, well before ``round-timeout``;
+    each round completes with site-b and site-c."""
+    from conftest import write_small_sites
+
+    from common.runconfig import RunConfig
+    from server.simulate import simulate
+    from server.store import GLOBAL_SITE
+
+    sites = write_small_sites(tmp_path / "sites", size=64, slices=2)
+    poisonous_h5(tmp_path / "sites" / "data" / "site-a" / "zz-crafted.h5")
+    sites[0].write_text(sites[0].read_text(encoding="utf-8").replace(
+        "max_slices_per_volume = 2", f"max_slices_per_volume = 2\nfile_check_seconds = {LIMIT}"), encoding="utf-8")
+    timeout = 45.0
+    run = RunConfig.from_flat({
+        "name": "h5", "num-server-rounds": 1, "strategy": "fedavg", "model": "unet",
+        "model-args": '{"chans": 8, "num_pool_layers": 2}', "local-epochs": 0, "local-steps": 1, "batch-size": 2,
+        "max-eval-slices": 2, "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 3,
+        "round-timeout": timeout, "sites": ",".join(map(str, sites)), "run-dir": str(tmp_path / "run"),
+    })
+    store = simulate(run, timeout=900)
+    summaries = [r for r in store.read_metrics() if r["site"] == GLOBAL_SITE]
+    assert [(r["round"], r["phase"]) for r in summaries] == [(0, "evaluate"), (1, "train"), (1, "evaluate")]
+    for summary in summaries:
+        assert summary["sites"] == ["site-b", "site-c"], summary
+        [rejected] = summary["rejected"]
+        # An error reply, not silence: the site answered before round-timeout.
+        assert rejected["reason"].startswith("error reply"), rejected
+        assert summary["seconds"] < timeout, summary
