@@ -73,12 +73,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulate import simulate
-    from server.viewer.table import show
 
     run = _run_config(args, _app_defaults())
     if args.run_dir is None:
         run = run.model_copy(update={"run_dir": f"runs/{run.name}"})
     store = simulate(run, timeout=args.timeout, report=lambda line: print(line, flush=True))
+    from server.viewer.table import show  # after the run: a bad config is refused without loading the viewers
+
     show(store.path, fmt="table", out=sys.stdout)
     print(f"metrics: {store.metrics_path}\ncheckpoints: {store.checkpoint_dir}")
     return 0

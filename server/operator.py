@@ -32,14 +32,17 @@ logger = logging.getLogger(__name__)
 CONNECTION = "fedsense-operator"
 
 
-def client_context(root_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS to the front door: its certificate verified against the CA, ours presented."""
+def client_context(root_cert: Path, cert: Path, key: Path | None) -> ssl.SSLContext:
+    """TLS to the front door: its certificate verified against the CA, ours presented.
+
+    ``key`` may be None when ``cert`` holds the certificate and its key (one PEM bundle).
+    """
     for flag, path in (("--root-cert", root_cert), ("--cert", cert), ("--key", key)):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             raise ConfigError(f"{path}: {flag}: no such file")
     context = ssl.create_default_context(cafile=str(root_cert))
     try:
-        context.load_cert_chain(str(cert), str(key))
+        context.load_cert_chain(str(cert), str(key) if key is not None else None)
     except ssl.SSLError as exc:
         raise ConfigError(f"{cert}: --cert/--key: not a matching certificate and key: {exc}") from exc
     return context
@@ -116,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsense operator", description=__doc__.splitlines()[0])
     parser.add_argument("--front-door", required=True, help="HOST:PORT of the federation's front door")
     parser.add_argument("--root-cert", required=True, type=Path, help="the federation CA certificate (ca.crt)")
-    parser.add_argument("--cert", required=True, type=Path, help="operator certificate (fedsense pki --operator)")
-    parser.add_argument("--key", required=True, type=Path, help="operator private key")
+    parser.add_argument("--cert", required=True, type=Path,
+                        help="operator certificate (fedsense pki --operator), or certificate and key in one PEM")
+    parser.add_argument("--key", type=Path, help="operator private key (if not in --cert)")
     parser.add_argument("flwr_args", nargs=argparse.REMAINDER, help="-- then the flwr command, without a connection name")
     return parser
 
