@@ -9,7 +9,9 @@ child is killed and a fresh one goes on with the next file. Python exceptions in
 verdicts: the in-process reader raises them again, with its precise message.
 
 Verdicts are cached by (path, size, mtime), in this process and on disk (``$FEDSENSE_CACHE_DIR`` or
-``~/.cache/fedsense``), so each version of a file is checked once, not once per round or process.
+``~/.cache/fedsense``), so each version of a file is checked once, not once per round or process. A
+"did not finish" verdict is kept in this process only: an overloaded machine must not condemn a good
+file for good.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common.atomic import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
+TIMED_OUT = "reading it did not finish within"
 CACHE_FILE = "h5-verdicts.json"
 # Started by the parent with the files on stdin (one JSON list); one JSON line per file on stdout.
 _CHILD = "common.data.h5check"
@@ -76,7 +79,7 @@ def check_files(paths: Sequence[Path], timeout: float = DEFAULT_TIMEOUT) -> dict
         found = _run_children(todo, timeout)
         fresh = {keys[p]: found[p] for p in todo if keys[p] is not None}
         _memory.update(fresh)
-        _save_disk_cache(fresh)
+        _save_disk_cache({k: v for k, v in fresh.items() if v is None or not v.startswith(TIMED_OUT)})
     return {p: (_memory.get(k) if k is not None else None) for p, k in keys.items()}
 
 
@@ -131,7 +134,7 @@ def _run_children(paths: list[Path], timeout: float) -> dict[Path, str | None]:
             if proc.returncode is not None and proc.returncode < 0 and time.monotonic() < deadline:
                 verdicts[bad] = f"reading it crashed libhdf5 (signal {-proc.returncode})"
             else:
-                verdicts[bad] = f"reading it did not finish within {timeout:g} s (a damaged file makes libhdf5 loop)"
+                verdicts[bad] = f"{TIMED_OUT} {timeout:g} s (a damaged file makes libhdf5 loop)"
             log.warning("%s: %s", bad, verdicts[bad])
         pending = [p for p in pending[current + 1 :] if p not in verdicts]
     return verdicts
