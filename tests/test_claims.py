@@ -52,3 +52,37 @@ def test_without_caps_every_claim_passes_unchanged() -> None:
 def test_bad_site_caps_fail_at_start_naming_the_key(value: str) -> None:
     with pytest.raises(ConfigError, match="site-caps"):
         RunConfig.from_flat({"site-caps": value})
+
+
+def test_the_serverapp_clips_a_lying_site_and_records_it(small_sites: list, tmp_path) -> None:  # noqa: ANN001
+    """End to end with the real ServerApp and ClientApps (test_reliability_updates' loopback grid): site-c
+    claims ten times its cap; the checkpoint is the aggregate with site-c weighted at its cap."""
+    import copy
+    import json
+
+    from test_reliability_updates import arrays_of, checkpoint, forged, run_serverapp, train_summary, weighted_mean
+
+    lies: list = []
+
+    def liar(request, reply):  # noqa: ANN001, ANN202
+        # Its own direction (every weight +0.1), so that how much it weighs shows in the aggregate.
+        lie = forged(request, reply, {k: v + np.float32(0.1) for k, v in arrays_of(reply).items()})
+        lie.content["metrics"]["num-examples"] = 10 * CAP
+        lies.append(copy.deepcopy(lie))
+        return lie
+
+    caps = {"site-a": 10**6, "site-b": 10**6, "site-c": CAP}
+    grid, store = run_serverapp(small_sites, tmp_path / "run", {(1, "site-c"): liar}, **{"site-caps": json.dumps(caps)})
+    summary = train_summary(store, 1)
+    assert summary["sites"] == ["site-a", "site-b", "site-c"] and summary["rejected"] == []
+    [clipped] = summary["clipped"]
+    assert (clipped["site"], clipped["claimed"], clipped["cap"]) == ("site-c", 10.0 * CAP, CAP)
+    # Independent: FedAvg with site-c's claim cut to its cap, by hand; and the lie, had it been believed.
+    believed = weighted_mean([*grid.received[1].values(), lies[0]])
+    lies[0].content["metrics"]["num-examples"] = CAP
+    expected, got = weighted_mean([*grid.received[1].values(), lies[0]]), checkpoint(store, 1)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert max(float(np.abs(believed[k] - expected[k]).max()) for k in expected) > 1e-2
+    site_c = next(r for r in store.read_metrics() if r["round"] == 1 and r["site"] == "site-c")
+    assert site_c["num_examples"] == CAP
