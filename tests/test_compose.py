@@ -162,7 +162,7 @@ def test_compose_federation_survives_every_site_restarting_once(
         "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
         "FEDSENSE_RUN_CONFIG": (
             f'num-server-rounds={RESTART_ROUNDS} strategy="fedprox" proximal-mu=0.01 '
-            "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=60 node-wait-timeout=120 "
+            "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=120 node-wait-timeout=120 "
             # A small U-Net: this test is about who takes part, not about compute.
             """model-args='{"chans": 8, "num_pool_layers": 2}' """
             "local-epochs=0 local-steps=1 batch-size=2 max-eval-slices=2"
