@@ -110,6 +110,8 @@ class SiteConfig(_Strict):
     scanner: ScannerConfig
     max_slices_per_volume: int | None = Field(None, ge=1)
     skip_bad_files: bool = False
+    # Seconds a child process may take to read each HDF5 file once before it is declared bad (hangs).
+    file_check_seconds: float = Field(10.0, gt=0.0, le=600.0)
     demo: DemoConfig = DemoConfig()
     # "self": the site has no fully sampled data and trains self-supervised (SSDU, common.ssdu).
     supervision: Literal["full", "self"] = "full"

@@ -79,8 +79,9 @@ class RunConfig(BaseModel):
     dp_client_noise: float = Field(0.0, ge=0.0)
     dp_client_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
+    site_caps: str = "{}"
 
-    @field_validator("model_args", mode="before")
+    @field_validator("model_args", "site_caps", mode="before")
     @classmethod
     def _args_as_json(cls, value: Any) -> Any:
         # Flower's run config holds only scalars, so the model's kwargs travel as a JSON string.
@@ -97,7 +98,21 @@ class RunConfig(BaseModel):
         if not isinstance(args, dict):
             raise ValueError("model-args must be a JSON object")
         check_privacy(self)
+        self.caps  # validates site-caps
         return self
+
+    @property
+    def caps(self) -> dict[str, int]:
+        """Per-site caps on the ``num-examples`` an update may claim (``site-caps``; empty: none)."""
+        try:
+            caps = json.loads(self.site_caps)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"site-caps is not valid JSON: {exc}") from exc
+        if not isinstance(caps, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in caps.values()
+        ):
+            raise ValueError('site-caps must be a JSON object of site name -> integer >= 1, e.g. {"site-a": 120}')
+        return {str(k): int(v) for k, v in caps.items()}
 
     @property
     def model_kwargs(self) -> dict[str, Any]:

@@ -82,13 +82,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulate import SimResources, simulate
-    from server.viewer.table import show
 
     run = _run_config(args, _app_defaults())
     if args.run_dir is None:
         run = run.model_copy(update={"run_dir": f"runs/{run.name}"})
     resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
     store = simulate(run, timeout=args.timeout, report=lambda line: print(line, flush=True), resources=resources)
+    from server.viewer.table import show  # after the run: a bad config is refused without loading the viewers
+
     show(store.path, fmt="table", out=sys.stdout)
     print(f"metrics: {store.metrics_path}\ncheckpoints: {store.checkpoint_dir}")
     return 0
@@ -167,7 +168,7 @@ def cmd_metrics_plot(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from server.viewer.dashboard import serve
 
-    serve(Path(args.run_dir), host=args.host, port=args.port)
+    serve(Path(args.run_dir), host=args.host, port=args.port, token_file=args.token_file)
     return 0
 
 
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--token-file", type=Path,
+                   help="require the token in this file (created, and printed once, at first start); needed beyond 127.0.0.1")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("export", help="export a run's model (safetensors + model card, optional ONNX)")
@@ -272,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_site)
 
-    from server import pki, supernode
+    from server import operator, pki, supernode
 
     p = sub.add_parser("pki", parents=[pki.build_parser()], add_help=False,
                        help="CA, SuperLink certificate and per-site SuperNode keys (idempotent; --rotate SITE)")
@@ -280,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("client", parents=[supernode.build_parser()], add_help=False,
                        help="run this institution's site against a remote SuperLink (TLS + node authentication)")
     p.set_defaults(func=supernode.run)
+    p = sub.add_parser("operator", parents=[operator.build_parser()], add_help=False,
+                       help="run a flwr command through the front door with an operator client certificate")
+    p.set_defaults(func=operator.run)
     return parser
 
 

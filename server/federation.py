@@ -22,6 +22,7 @@ from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
 from server.privacy import client_dp_metrics
+from server.claims import apply_caps
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, supervision_of, validate_updates
 
@@ -158,7 +159,8 @@ class Federation:
         t0 = time.time()
         replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
         valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
-        rejected = failed + rejected
+        valid, uncapped, clipped = apply_caps(valid, self.run.caps)
+        rejected = failed + rejected + uncapped
         if len(valid) < self.run.min_train_nodes:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no reply in time"
             raise RoundFailed(
@@ -170,6 +172,8 @@ class Federation:
         records = _site_records(self.run, rnd, "train", valid)
         summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
         summary["metrics"].update(client_dp_metrics(self.strategy))
+        if clipped:
+            summary["clipped"] = [{"site": c.site, "claimed": c.claimed, "cap": c.cap, "reason": c.reason} for c in clipped]
         self.store.append_metrics(records + [summary])
         return new_arrays
 

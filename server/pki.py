@@ -13,6 +13,8 @@ Layout of ``out_dir`` (private keys 0600, everything idempotent: existing keys a
     superexec.secret              shared secret of SuperLink and the ServerApp runtime (process isolation)
     sites/<site>.key <site>.pub   SuperNode auth key pair (P-384; OpenSSH private / public key)
     sites/retired/                key pairs replaced by ``rotate_site_key``
+    operators/<name>.crt .key     an operator's TLS client certificate (clientAuth): the front door
+                                  (nginx) admits the Control API only to these (``--operator NAME``)
 """
 
 from __future__ import annotations
@@ -193,6 +195,61 @@ def _server_cert_current(path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.C
     return cert.public_key() == key.public_key() and sans == _san(names) and not expiring
 
 
+def _operator_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                   name: str) -> x509.Certificate:
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operators"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=SERVER_DAYS), ca.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+
+def issue_operator(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """An operator's client certificate and key (``operators/NAME.crt``, ``.key``), kept while valid.
+
+    Whoever holds them may use the Control API through the front door (register SuperNode keys,
+    submit and stop runs); sites never get one.
+    """
+    out = Path(out_dir)
+    check_site_name(name)
+    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise FedSenseError(f"{out / 'ca.key'}: not an EC private key")
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    cert_path, key_path = out / "operators" / f"{name}.crt", out / "operators" / f"{name}.key"
+    key = _load_or_create_key(key_path)
+    current = False
+    if cert_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        try:
+            cert.verify_directly_issued_by(ca)
+            current = (cert.public_key() == key.public_key()
+                       and cert.not_valid_after_utc - _now() >= dt.timedelta(days=RENEW_BEFORE_DAYS))
+        except (ValueError, TypeError, InvalidSignature):
+            current = False
+    if not current:
+        _write(cert_path, _operator_cert(key, ca, ca_key, name).public_bytes(serialization.Encoding.PEM), private=False)
+        logger.info("issued operator certificate %s", cert_path)
+    return cert_path, key_path
+
+
 def check_site_name(site: str) -> str:
     """Site names become file names: reject anything that could escape ``sites/``."""
     if not _SITE_NAME.match(site):
@@ -277,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="site that gets a SuperNode auth key pair (repeat)")
     parser.add_argument("--rotate", action="append", default=[], metavar="SITE",
                         help="replace this site's key pair (old one kept under sites/retired/)")
+    parser.add_argument("--operator", action="append", dest="operators", default=[], metavar="NAME",
+                        help="issue an operator client certificate (operators/NAME.crt/.key): Control API access "
+                             "through the front door (repeat)")
     return parser
 
 
@@ -285,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
     pki = generate_pki(args.out, args.server_names or DEFAULT_SERVER_NAMES, args.sites)
     for site in args.rotate:
         rotate_site_key(args.out, site)
+    for name in args.operators:
+        issue_operator(args.out, name)
     logger.info("PKI ready in %s (sites: %s)", pki.root, ", ".join(sorted(set(args.sites) | set(args.rotate))) or "none")
     return 0
 

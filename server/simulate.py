@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedSenseError
+from common.preflight import check_sites
 from common.runconfig import RunConfig
 from server.progress import reporting_rounds
 from server.store import RunDir
@@ -204,9 +205,10 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     sites = run.site_list
     if not sites:
         raise ConfigError("simulate: sites: at least one site config is needed")
+    # Everything that can be checked without Flower is checked first: seconds, not a Ray traceback.
+    check_sites(sites)
     project = project_dir or find_project_dir()
     run_dir = Path(run.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     absolute = run.model_copy(update={
         "run_dir": str(run_dir),
         "sites": ",".join(str(Path(s).resolve()) for s in sites),
@@ -215,6 +217,10 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
         "site_state_dir": str(Path(run.site_state_dir).resolve()) if run.site_state_dir else str(run_dir / "site-state"),
     })
     store = RunDir(run_dir)
+    # What the ServerApp would refuse after Flower started, refused now: an unwritable run
+    # directory, or a resume of a run directory that holds another run.
+    store.check_writable()
+    store.check_identity(absolute.to_flat(), resume=absolute.resume)
     home = Path(tempfile.mkdtemp(prefix="fedsense-flwr-"))
     overrides = home / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in absolute.to_flat().items()), encoding="utf-8")

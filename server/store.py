@@ -41,6 +41,12 @@ RUNTIME_KEYS = frozenset({"status", "status_time", "status_detail", "started_at"
 # Config keys that say how to start a run, not which run it is: restarting with another value
 # is still the same run.
 NON_IDENTITY_KEYS = RUNTIME_KEYS | {"resume"}
+# What a run *is*: resuming continues a run directory only when none of these changed (a resume may
+# add rounds or change timeouts, never the model, the data or how updates are combined).
+RESUME_IDENTITY_KEYS = (
+    "name", "model", "model-args", "sites", "site-caps", "strategy", "proximal-mu", "trim-beta", "loss",
+    "learning-rate", "local-epochs", "local-steps", "batch-size", "seed", "fraction-train",
+)
 
 _CHECKPOINT_RE = re.compile(r"^round-(\d{4,})\.pt$")
 _SAMPLE_ARRAYS = ("zero_filled", "recon", "target")
@@ -160,20 +166,66 @@ class RunDir:
         # Round-trip through JSON so the comparison sees what the file would hold (tuples → lists),
         # and an unserialisable config fails before anything touches the disk.
         new = json.loads(_to_json(config, self.config_path))
-        if self.config_path.exists() and not resume:
-            old = {k: v for k, v in self.read_config().items() if k not in NON_IDENTITY_KEYS}
-            new_identity = {k: v for k, v in new.items() if k not in NON_IDENTITY_KEYS}
-            if old != new_identity:
-                changed = sorted(k for k in old.keys() | new_identity.keys() if old.get(k) != new_identity.get(k))
-                raise FedSenseError(
-                    f"{self.config_path}: holds a different run (differs in {', '.join(changed)}); "
-                    "choose another run directory or resume"
-                )
-            logger.warning("%s: restarting the same run config without resume", self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_identity(new, resume)
+        self.check_writable()
         now = time.time()
         new.update(status="running", status_time=now, started_at=now)
         atomic_write_bytes(self.config_path, _to_json(new, self.config_path).encode())
+
+    def check_identity(self, config: Mapping[str, Any], resume: bool) -> None:
+        """Refuse to start ``config`` in a directory that holds another run, naming the keys that differ.
+
+        Without ``resume`` every key outside :data:`NON_IDENTITY_KEYS` must match (so a typo in
+        ``run-dir`` cannot mix two runs' metrics); with ``resume`` the keys of
+        :data:`RESUME_IDENTITY_KEYS` must, since the run continues from the old checkpoints.
+        """
+        if not self.config_path.exists():
+            return
+        stored = self.read_config()
+        new = json.loads(_to_json(config, self.config_path))
+        if resume:
+            # A key the stored run predates (a newer FedSense added it) cannot be compared.
+            keys = set(RESUME_IDENTITY_KEYS) & stored.keys()
+        else:
+            keys = (stored.keys() | new.keys()) - NON_IDENTITY_KEYS
+        changed = sorted(k for k in keys if stored.get(k) != new.get(k))
+        if not changed:
+            if not resume:
+                logger.warning("%s: restarting the same run config without resume", self.path)
+            return
+        detail = ", ".join(f"{k}: {stored.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        if resume:
+            raise FedSenseError(
+                f"{self.config_path}: cannot resume: the run in this directory differs in {', '.join(changed)} "
+                f"({detail}); choose another run directory (run-dir) or set resume=false with a new one"
+            )
+        raise FedSenseError(
+            f"{self.config_path}: holds a different run (differs in {', '.join(changed)}); "
+            "choose another run directory or resume"
+        )
+
+    def check_writable(self) -> None:
+        """Create the directory and prove this process can write in it, or say how to fix it.
+
+        Called before a run starts, so that a run directory created by another user (``make demo``
+        run as one user, the container's ServerApp as another) fails at once with the fix, not
+        after Flower has started.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+            for sub in (self.config_path, self.metrics_path, self.checkpoint_dir):
+                if sub.exists() and not os.access(sub, os.W_OK):
+                    raise PermissionError(f"{sub} is not writable")
+        except OSError as exc:
+            owner = _owner_of(self.path)
+            raise FedSenseError(
+                f"{self.path}: run directory is not writable by uid {os.getuid()} ({owner}): {exc}. Fix: "
+                f"`sudo chown -R {os.getuid()}:{os.getgid()} {self.path}`, or choose another run directory "
+                "(--run-dir / run-dir)"
+            ) from exc
 
     def set_status(self, status: str, **extra: Any) -> None:
         """Record the run's status; ``extra`` (e.g. ``error=...``) goes under ``status_detail``.
@@ -422,6 +474,17 @@ def _numbered_files(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int
         if match and path.is_file():
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
+
+
+def _owner_of(path: Path) -> str:
+    """``owner uid N, mode 0755`` of the nearest existing ``path`` or parent, for error messages."""
+    for candidate in (path, *path.parents):
+        try:
+            info = candidate.stat()
+        except OSError:
+            continue
+        return f"{candidate} is owned by uid {info.st_uid}, mode {info.st_mode & 0o7777:04o}"
+    return "owner unknown"
 
 
 def _to_json(config: Mapping[str, Any], path: Path) -> str:

@@ -1,7 +1,9 @@
 """The compose files, end to end: images built offline (`make images`); the root docker-compose.yml runs a
-TLS federation of three sites through a FedProx study; an institution's deploy/site/docker-compose.yml then
-joins with its own registered key; a separate run restarts each site once while it trains and loses nothing;
-everything created is removed again.
+TLS federation of three sites through a FedProx study, every site reaching the SuperLink only through the
+front door (nginx), which admits the Control API only to operator certificates; the SuperLink is not
+published and the dashboard wants its token; an institution's deploy/site/docker-compose.yml then joins
+(non-root, data read-only) with a key an operator registered through the front door; a separate run restarts
+each site once while it trains and loses nothing; everything created is removed again.
 
 Needs a Docker engine (deploy/ci/setup-docker.sh starts one); skipped, with the reason, without it.
 """
@@ -13,9 +15,12 @@ import logging
 import os
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -153,11 +158,11 @@ def test_compose_federation_survives_every_site_restarting_once(
     env = {
         "FEDSENSE_IMAGE": image,
         "FEDSENSE_RUN_NAME": "restart-test",
-        "FEDSENSE_SUPERLINK_PUBLISH": "127.0.0.1:",
+        "FEDSENSE_FRONTDOOR_PUBLISH": "127.0.0.1:",
         "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
         "FEDSENSE_RUN_CONFIG": (
             f'num-server-rounds={RESTART_ROUNDS} strategy="fedprox" proximal-mu=0.01 '
-            "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=60 node-wait-timeout=120 "
+            "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=120 node-wait-timeout=120 "
             # A small U-Net: this test is about who takes part, not about compute.
             """model-args='{"chans": 8, "num_pool_layers": 2}' """
             "local-epochs=0 local-steps=1 batch-size=2 max-eval-slices=2"
@@ -242,7 +247,7 @@ def federation(compose_cmd: list[str], image: str, tmp_path_factory: pytest.Temp
         "FEDSENSE_IMAGE": image,
         "FEDSENSE_RUN_NAME": "compose-test",
         # Random loopback ports: parallel runs and other services on this host must not collide.
-        "FEDSENSE_SUPERLINK_PUBLISH": "127.0.0.1:",
+        "FEDSENSE_FRONTDOOR_PUBLISH": "127.0.0.1:",
         "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
     }
     with _project(compose_cmd, [ROOT / "docker-compose.yml"], directory, env) as project:
@@ -282,45 +287,142 @@ def test_compose_federation_runs_to_completion(federation: Project) -> None:
         listing = federation.run("exec", "-T", service, "ls", "-A", "/keys").stdout
         assert set(listing.split()) == expected, (service, listing)
 
-    port = federation.run("port", "dashboard", "8050").stdout.strip()
-    with urllib.request.urlopen(f"http://{port}/", timeout=30) as page:
+    # Sites: not root, data read-only, keys read-only, no port.
+    for site in sorted(SITES):
+        container = federation.run("ps", "-q", site).stdout.strip()
+        assert federation.run("exec", "-T", site, "id", "-u").stdout.strip() == str(IMAGE_UID), site
+        mounts = {m["Destination"]: m["RW"] for m in _inspect(container)["Mounts"]}
+        assert mounts == {"/data": False, "/keys": False}, (site, mounts)
+        assert not _published(container), site
+
+    # Only the front door (and the dashboard, on loopback) is published; the SuperLink is not.
+    assert not _published(federation.run("ps", "-q", "superlink").stdout.strip())
+    door = federation.run("port", "frontdoor", "9443").stdout.strip()
+    ca = federation.directory / "ca.crt"
+    ca.write_text(federation.run("exec", "-T", "superlink", "cat", "/keys/ca.crt").stdout)
+    assert _https(door, ca, "/health")[0] == 404  # nothing but the two API prefixes
+    assert _https(door, ca, "/v1/runtime/pull-app-inputs", b"")[0] == 404  # ServerAppIo: internal only
+    assert _https(door, ca, "/v1/control/list-nodes", b"")[0] == 403  # Control: operators only
+
+    dashboard = federation.run("port", "dashboard", "8050").stdout.strip()
+    assert dashboard.startswith("127.0.0.1:")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://{dashboard}/api/config", timeout=30)
+    assert refused.value.code == 401
+    token = _dashboard_token(federation)
+    with urllib.request.urlopen(f"http://{dashboard}/?token={token}", timeout=30) as page:
         assert page.status == 200
 
 
+def _inspect(container: str) -> dict:
+    out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout)[0]
+
+
+def _published(container: str) -> list[str]:
+    """The host ports a container publishes."""
+    ports = _inspect(container)["NetworkSettings"]["Ports"] or {}
+    return [f"{b['HostIp']}:{b['HostPort']}" for bindings in ports.values() for b in (bindings or [])]
+
+
+def _https(address: str, ca: Path, path: str, body: bytes | None = None) -> tuple[int, str]:
+    """Status and body of one request to the front door (its certificate verified against the CA)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(f"https://{address}{path}", data=body,
+                                     headers={"content-type": "application/protobuf"})
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def _dashboard_token(project: Project) -> str:
+    """The token the dashboard printed (once) at its first start."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = re.search(r"dashboard token \(shown once; kept in [^)]*\): (\S+)",
+                          project.run("logs", "--no-color", "dashboard").stdout)
+        if found:
+            return found.group(1)
+        time.sleep(1)
+    pytest.fail("the dashboard printed no token")
+
+
 def test_institution_site_joins_with_its_own_key(federation: Project, compose_cmd: list[str], tmp_path: Path) -> None:
-    """deploy/site/docker-compose.yml as a hospital runs it: host key files, host data dir, registered key."""
+    """deploy/site/docker-compose.yml as a hospital runs it, after an operator registered its key.
+
+    Through the published front door: without an operator certificate the Control API refuses
+    `flwr supernode register` and `flwr run`; with one (`fedsense operator`) both work. The site runs
+    as a non-root user with its data mounted read-only and reaches the federation through the front door.
+    """
     keys = tmp_path / "keys"
     keys.mkdir()
-    (keys / "ca.crt").write_text(federation.run("exec", "-T", "superlink", "cat", "/keys/ca.crt").stdout)
+    ca = keys / "ca.crt"
+    ca.write_text(federation.run("exec", "-T", "superlink", "cat", "/keys/ca.crt").stdout)
     site_keys = generate_pki(tmp_path / "own-pki", ["unused"], ["site-d"]).sites["site-d"]
     shutil.copy2(site_keys.private_key, keys / "auth.key")
+    door = federation.run("port", "frontdoor", "9443").stdout.strip()
 
-    # The centre registers the public key over the published, TLS-protected Control API.
+    # Anyone with the CA certificate (every site has it) but no operator certificate is refused.
     home = tmp_path / "flwr-home"
     home.mkdir()
-    address = federation.run("port", "superlink", "9092").stdout.strip()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "centre"\n\n[superlink.centre]\naddress = "{address}"\n'
-        f'root-certificates = "{keys / "ca.crt"}"\n', encoding="utf-8")
+        f'[superlink]\ndefault = "centre"\n\n[superlink.centre]\naddress = "{door}"\n'
+        f'root-certificates = "{ca}"\n', encoding="utf-8")
     flwr_env = {**os.environ, "FLWR_HOME": str(home)}
 
     def flwr(*args: str) -> dict:
-        out = subprocess.run([str(BIN / "flwr"), *args, "centre", "--format", "json"], env=flwr_env,
-                             capture_output=True, text=True, timeout=60, check=False)
+        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=flwr_env,
+                             capture_output=True, text=True, timeout=120, check=False)
         return json.loads(out.stdout)
 
-    registered = flwr("supernode", "register", str(site_keys.public_key), "--name", "site-d")
+    refused = flwr("supernode", "register", str(site_keys.public_key), "centre", "--name", "site-d")
+    assert not refused.get("success"), refused
+    refused_run = flwr("run", str(ROOT), "centre")
+    assert not refused_run.get("success") and not refused_run.get("run-id"), refused_run
+
+    # An operator: certificate issued by the federation CA (the pki service), used through the bridge.
+    bundle = tmp_path / "operator.pem"
+    issued = federation.run("run", "--rm", "-T", "pki", "operator", "alice").stdout
+    bundle.write_text("".join(re.findall(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----\n", issued, re.S)))
+    bundle.chmod(0o600)
+
+    def operator(*args: str) -> dict:
+        out = subprocess.run([str(BIN / "fedsense"), "operator", "--front-door", door, "--root-cert", str(ca),
+                              "--cert", str(bundle), "--", *args, "--format", "json"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        return json.loads(out.stdout)
+
+    registered = operator("supernode", "register", str(site_keys.public_key), "--name", "site-d")
     assert registered.get("success"), registered
+    started = operator("run", str(ROOT), "--run-config",
+                       'num-server-rounds=1 run-dir="/runs/operator-test" name="operator-test"')
+    assert started.get("success") and started.get("run-id"), started
+    assert operator("stop", str(started["run-id"])).get("success")
 
     config = tmp_path / "site-d.toml"
     config.write_text(re.sub(r'(?m)^name = .*$', 'name = "site-d"',
                              (ROOT / "deploy" / "sites" / "site-b.toml").read_text(encoding="utf-8")), encoding="utf-8")
-    data = tmp_path / "site-d-data"
-    data.mkdir()
-    network = tmp_path / "network.yml"  # a hospital reaches the SuperLink by DNS; here: the demo's network
-    network.write_text(f"networks:\n  default:\n    external: true\n    name: {federation.name}_default\n")
-    env = {"FEDSENSE_IMAGE": IMAGE, "FEDSENSE_SITE": "site-d", "FEDSENSE_SUPERLINK": "superlink:9092",
-           "FEDSENSE_KEYS": str(keys), "FEDSENSE_SITE_CONFIG": str(config), "FEDSENSE_DATA": str(data)}
+    # The hospital's data: written on the host beforehand, then mounted read-only.
+    demo = subprocess.run([str(BIN / "fedsense"), "data", "demo", "--out", str(tmp_path / "demo"), "--size", "64",
+                           "--subjects", "3", "--site-config", str(config)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    data = tmp_path / "demo" / "site-d"
+    user = f"{os.getuid()}:{os.getgid()}"
+    if os.getuid() == 0:  # a site never runs as root: hand the files to the image user, as a hospital would
+        user = f"{IMAGE_UID}:{IMAGE_UID}"
+        for path in (keys, data, *keys.iterdir(), *data.rglob("*")):
+            os.chown(path, IMAGE_UID, IMAGE_UID)
+        for path in (tmp_path, tmp_path / "demo", config):
+            path.chmod(path.stat().st_mode | 0o005)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_uid) for p in data.rglob("*")}
+    network = tmp_path / "network.yml"  # a hospital reaches the front door by DNS; here: the demo's edge network
+    network.write_text(f"networks:\n  default:\n    external: true\n    name: {federation.name}_edge\n")
+    env = {"FEDSENSE_IMAGE": IMAGE, "FEDSENSE_SITE": "site-d", "FEDSENSE_SUPERLINK": "frontdoor:9443",
+           "FEDSENSE_KEYS": str(keys), "FEDSENSE_SITE_CONFIG": str(config), "FEDSENSE_DATA": str(data),
+           "FEDSENSE_USER": user}
     files = [ROOT / "deploy" / "site" / "docker-compose.yml", network]
     with _project(compose_cmd, files, tmp_path, env) as site:
         site.run("up", "-d", timeout=RUN_TIMEOUT)
@@ -328,10 +430,11 @@ def test_institution_site_joins_with_its_own_key(federation: Project, compose_cm
         deadline = time.monotonic() + 300
         status = ""
         while time.monotonic() < deadline and status != "online":
-            nodes = {n["node-id"]: n["status"] for n in flwr("supernode", "list").get("nodes", [])}
+            nodes = {n["node-id"]: n["status"] for n in operator("supernode", "list").get("nodes", [])}
             status = nodes.get(node_id, "")
             time.sleep(2)
         assert status == "online", site.run("logs", "--no-color", check=False).stdout[-6000:]
-        demo = list((data / "demo" / "site-d").iterdir())
-        assert demo, "no demo data generated in the host data directory"
-        assert {p.stat().st_uid for p in demo} == {os.getuid() or IMAGE_UID}
+        assert site.run("exec", "-T", "site", "id", "-u").stdout.strip() == user.split(":")[0] != "0"
+        container = site.run("ps", "-q", "site").stdout.strip()
+        assert {m["Destination"]: m["RW"] for m in _inspect(container)["Mounts"]}["/data"] is False
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_uid) for p in data.rglob("*")} == before

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import FedSenseError
 from common.models import build_model
 from common.runconfig import RunConfig
 from server.simulate import simulate
@@ -104,3 +105,7 @@ def test_resume_continues_after_the_last_checkpoint(small_sites: list[Path], tmp
     assert len(keys) == len(set(keys))
     assert sorted({r["round"] for r in records}) == [0, 1, 2]
     assert store.latest_checkpoint()[0] == 2
+    # Resuming with another model is another run: refused before Flower starts, the keys named.
+    with pytest.raises(FedSenseError, match="cannot resume: the run in this directory differs in model-args"):
+        simulate(small_run(small_sites[:2], run_dir, rounds=3, **{"model-args": '{"chans": 4}'}), timeout=900)
+    assert store.latest_checkpoint()[0] == 2 and store.read_config()["status"] == "finished"

@@ -47,8 +47,10 @@ def test_init_writes_config_with_status_and_refuses_a_different_run(run: RunDir)
     with pytest.raises(FedSenseError, match="different run.*strategy"):
         run.init(CONFIG | {"strategy": "fedavg"}, resume=False)
     assert run.read_config()["strategy"] == "fedprox"
-    run.init(CONFIG | {"strategy": "fedavg"}, resume=True)
-    assert run.read_config()["strategy"] == "fedavg"
+    # A resume continues the run's checkpoints: a different strategy is another run (issue #13).
+    with pytest.raises(FedSenseError, match="cannot resume.*differs in strategy"):
+        run.init(CONFIG | {"strategy": "fedavg"}, resume=True)
+    assert run.read_config()["strategy"] == "fedprox"
 
 
 def test_set_status_keeps_config_and_nests_details(run: RunDir) -> None:

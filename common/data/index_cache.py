@@ -87,8 +87,10 @@ def dataclass_from_json(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def cached(directory: Path | None, key_of: Callable[[], str], build: Callable[[], T],
-           restore: Callable[[dict[str, Any]], T], state_of: Callable[[T], dict[str, Any]]) -> T:
-    """``restore`` the index from the cache when its key matches, else ``build`` it and cache its state."""
+           restore: Callable[[dict[str, Any]], T], state_of: Callable[[T], dict[str, Any]],
+           keep: Callable[[T], bool] = lambda _: True) -> T:
+    """``restore`` the index from the cache when its key matches, else ``build`` it and cache its
+    state (unless ``keep`` says this index should be rebuilt next time)."""
     if directory is None:
         return build()
     key = key_of()
@@ -99,5 +101,6 @@ def cached(directory: Path | None, key_of: Callable[[], str], build: Callable[[]
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("%s: index cache does not fit this FedSense (%s); rebuilding", cache_path(directory, key), exc)
     value = build()
-    save(directory, key, state_of(value))
+    if keep(value):
+        save(directory, key, state_of(value))
     return value

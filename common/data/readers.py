@@ -27,6 +27,7 @@ import numpy as np
 
 from common.config import BRATS_ALIASES, SiteConfig
 from common.data import index_cache
+from common.data import h5check
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -255,14 +256,29 @@ class FastMRIReader(SliceReader):
     _info_type = _H5Info
 
     def __init__(
-        self, root: Path, files: Sequence[SourceFile], *, contrasts: Sequence[str] = (), **kwargs
+        self,
+        root: Path,
+        files: Sequence[SourceFile],
+        *,
+        contrasts: Sequence[str] = (),
+        check_seconds: float = h5check.DEFAULT_TIMEOUT,
+        **kwargs,
     ) -> None:
         self._contrasts = {c.upper() for c in contrasts}
         self._info: dict[Path, _H5Info] = {}
+        # Every file is first read in a child process with a time limit: a file that hangs or crashes
+        # libhdf5 is a DataError here (or skipped), never a site that stops answering.
+        try:
+            self._verdicts = h5check.check_files([s.path for s in files], timeout=check_seconds)
+        except OSError as exc:
+            raise DataError(f"{root}: cannot check the HDF5 files in a child process: {exc}") from exc
         super().__init__(root, files, **kwargs)
 
     def _index_file(self, source: SourceFile) -> list[Example]:
         path = source.path
+        verdict = self._verdicts.get(path)
+        if verdict is not None:
+            raise DataError(f"{path}: {verdict}")
         try:
             with h5py.File(path, "r") as f:
                 kspace = f.get("kspace")
@@ -611,7 +627,8 @@ def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROU
                               "skip_bad_files": config.skip_bad_files}
     reader_cls: type[SliceReader]
     if config.dataset == "fastmri":
-        reader_cls, files, extra = FastMRIReader, find_fastmri_files(root), {"contrasts": config.contrasts}
+        reader_cls, files, extra = FastMRIReader, find_fastmri_files(root), {"contrasts": config.contrasts,
+                                                                     "check_seconds": config.file_check_seconds}
     elif config.dataset == "brats":
         reader_cls, files = BratsReader, find_brats_files(root, config.contrasts)
         extra = {"min_foreground": min_foreground}
@@ -626,4 +643,6 @@ def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROU
         build=lambda: reader_cls(root, files, **extra, **common),
         restore=lambda state: reader_cls.restore(root, state),
         state_of=lambda reader: reader.index_state(),
+        # A time-out may be the machine's load, not the file: such an index is not kept (h5check's rule).
+        keep=lambda reader: not any(h5check.TIMED_OUT in reason for _, reason in reader.skipped),
     )

@@ -3,12 +3,15 @@
 #
 #   pki         create/complete the PKI (/pki) and hand out key material:
 #               /dist/server (SuperLink side) and /dist/<site> (one volume per site)
+#   operator N  issue operator N's client certificate; prints it and its key (PEM) on stdout
 #   superlink   flower-superlink: TLS, SuperNode auth, ServerApp in a separate process
+#   frontdoor   nginx: the only published endpoint; Fleet API for all, Control API for operators
 #   register    register every site's public key with the SuperLink (Control API)
 #   serverapp   ServerApp runtime (flower-superexec against the SuperLink Runtime API)
-#   site SITE   SuperNode + ClientApp runtime for one site; demo data on first start
+#   demo-data   write demo data into each empty site volume under /seed/<site> (one-shot)
+#   site SITE   SuperNode + ClientApp runtime for one site (non-root, data read-only)
 #   submit      submit the FedProx run and wait for it to finish
-#   dashboard   fedsense dashboard of the run in /runs
+#   dashboard   fedsense dashboard of the run in /runs (token in /state, printed once)
 #   anything else is exec'ed as is (e.g. `fedsense metrics show /runs/x`).
 #
 # Settings come from FEDSENSE_* variables (defaults below and in docker-compose.yml).
@@ -17,17 +20,17 @@ set -euo pipefail
 SUPERLINK_PORT="${FEDSENSE_SUPERLINK_PORT:-9092}"
 SUPERLINK="${FEDSENSE_SUPERLINK:-superlink:${SUPERLINK_PORT}}"
 SITES="${FEDSENSE_SITES:-site-a site-b site-c}"
-SERVER_NAMES="${FEDSENSE_SERVER_NAMES:-superlink localhost 127.0.0.1}"
+SERVER_NAMES="${FEDSENSE_SERVER_NAMES:-frontdoor superlink localhost 127.0.0.1}"
+FRONTDOOR_PORT="${FEDSENSE_FRONTDOOR_PORT:-9443}"
 RUNS="${FEDSENSE_RUNS:-/runs}"
-RUN_NAME="${FEDSENSE_RUN_NAME:-fedprox-demo}"
+RUN_NAME="${FEDSENSE_RUN_NAME:-compose-fedprox}"
 HELPERS=/opt/fedsense-docker
 
 log() { echo "[fedsense-entrypoint] $*" >&2; }
 
-# Roles that touch host directories (serverapp: ./runs; an institution's site:
-# its data and key files) may be started as root: they then re-exec as the owner
-# of that directory, so host files stay owned by the host user (a root-owned
-# directory is handed to the image user). Group fedsense is kept to read the
+# The serverapp role writes a host directory (./runs) and may be started as root:
+# it then re-exec's as the owner of that directory, so host files stay owned by
+# the host user (a root-owned directory is handed to the image user). Group fedsense is kept to read the
 # 0640 server key material. Sets HOME to a private directory of that user.
 OWNER_UID="" OWNER_GID=""
 adopt_owner_of() {
@@ -101,36 +104,68 @@ role_serverapp() {
 
 role_site() {
     local site="${1:?usage: site SITE-NAME}"; shift
+    # A site never runs as root and never changes its data: /data is mounted read-only and read as
+    # the user the container runs as (compose `user:`), who must be able to read it and /keys.
     if [[ "$(id -u)" == 0 ]]; then
-        # Key files mounted from the host may belong to anyone: hand the
-        # runtime user private copies (the SuperNode reads them at start only).
-        adopt_owner_of /data
-        install -d -o "$OWNER_UID" -g "$OWNER_GID" -m 0700 "$HOME/keys"
-        install -o "$OWNER_UID" -g "$OWNER_GID" -m 0644 /keys/ca.crt "$HOME/keys/ca.crt"
-        install -o "$OWNER_UID" -g "$OWNER_GID" -m 0600 /keys/auth.key "$HOME/keys/auth.key"
-        export FEDSENSE_KEYS="$HOME/keys"
-        drop_root site "$site" "$@"
+        log "a site does not run as root: set the container's user to one that can read /data and /keys"
+        log "(deploy/site/docker-compose.yml: FEDSENSE_USER=\$(id -u):\$(id -g))"
+        exit 1
     fi
-    local keys="${FEDSENSE_KEYS:-/keys}" config
+    if [[ ! -w "$HOME" ]]; then
+        export HOME="/tmp/fedsense-home-$(id -u)" FLWR_HOME="/tmp/fedsense-home-$(id -u)/.flwr"
+        mkdir -p -m 0700 "$HOME"
+    fi
+    local config
     config="$(python "$HELPERS/prepare_site.py" --site "$site")"
     exec python -m server.supernode --superlink "$SUPERLINK" \
-        --root-cert "$keys/ca.crt" --auth-key "$keys/auth.key" --site-config "$config" "$@"
+        --root-cert /keys/ca.crt --auth-key /keys/auth.key --site-config "$config" "$@"
+}
+
+role_demo_data() {
+    # One-shot, demo only: the site volumes are mounted here read-write (under /seed/<site>) so that
+    # the site containers can mount them read-only.
+    local site
+    for site in $SITES; do
+        python "$HELPERS/prepare_site.py" --site "$site" --data "/seed/$site" --generate-demo \
+            --out "/tmp/seed-$site.toml" >/dev/null
+    done
+}
+
+role_operator() {
+    local name="${1:?usage: operator NAME}"
+    [[ "$(id -u)" == 0 ]] || { log "operator runs as root (it reads the CA key in /pki)"; exit 1; }
+    python -m server.pki --out /pki --operator "$name" >&2
+    cat "/pki/operators/$name.crt" "/pki/operators/$name.key"
+}
+
+role_frontdoor() {
+    local conf=/tmp/nginx/nginx.conf
+    mkdir -p /tmp/nginx
+    sed -e "s|@UPSTREAM@|${SUPERLINK}|g" -e "s|@PORT@|${FRONTDOOR_PORT}|g" \
+        "$HELPERS/nginx.conf.template" >"$conf"
+    nginx -t -c "$conf" -e stderr
+    exec nginx -c "$conf" -e stderr -g 'daemon off;'
 }
 
 role_dashboard() {
-    exec fedsense dashboard "$RUNS/$RUN_NAME" --host 0.0.0.0 --port "${FEDSENSE_DASHBOARD_PORT:-8050}" "$@"
+    # Published (compose maps it to 127.0.0.1 by default): a token, created and printed at first start.
+    exec fedsense dashboard "$RUNS/$RUN_NAME" --host 0.0.0.0 --port "${FEDSENSE_DASHBOARD_PORT:-8050}" \
+        --token-file "${FEDSENSE_DASHBOARD_TOKEN_FILE:-/state/dashboard.token}" "$@"
 }
 
 role="${1:---help}"
 [[ $# -gt 0 ]] && shift
 case "$role" in
     pki) role_pki "$@" ;;
+    operator) role_operator "$@" ;;
     superlink) role_superlink "$@" ;;
+    frontdoor) role_frontdoor "$@" ;;
+    demo-data) role_demo_data "$@" ;;
     register) exec python "$HELPERS/flwr_control.py" register --superlink "$SUPERLINK" --sites "$SITES" "$@" ;;
     serverapp) role_serverapp "$@" ;;
     site) role_site "$@" ;;
     submit) exec python "$HELPERS/flwr_control.py" submit --superlink "$SUPERLINK" --run-dir "$RUNS/$RUN_NAME" "$@" ;;
     dashboard) role_dashboard "$@" ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) exec "$role" "$@" ;;
 esac

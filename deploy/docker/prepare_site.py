@@ -1,9 +1,10 @@
 """Get one site container ready for its SuperNode: choose real or demo data, write the site config.
 
-``/data`` is the site's own volume. Anything in it besides ``demo/`` (and ``lost+found``) is taken
-as the hospital's real data: the config then points at ``/data`` and nothing is generated. An
-empty volume gets demo data for this site only (``fedsense data demo``), once; a marker file
-makes restarts reuse it. Prints the path of the rendered site config on stdout.
+``/data`` is the site's own volume, mounted read-only: a site never writes or re-owns its data.
+Anything in it besides ``demo/`` (and ``lost+found``) is taken as the hospital's real data: the
+config then points at ``/data``. Otherwise ``/data/demo/<site>`` must hold complete demo data,
+written beforehand by the one-shot ``demo-data`` role (``--generate-demo``: ``fedsense data demo``
+for this site only, once; a marker file says it completed). Prints the rendered config's path.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="site TOML (default: $FEDSENSE_SITE_CONFIG, else the image's deploy/sites/SITE.toml)")
     parser.add_argument("--data", type=Path, default=Path("/data"))
     parser.add_argument("--out", type=Path, default=Path.home() / "site.toml")
+    parser.add_argument("--generate-demo", action="store_true",
+                        help="write demo data into an empty --data (the demo-data role; sites never do)")
     args = parser.parse_args(argv)
 
     template = args.template or Path(os.environ.get("FEDSENSE_APP", "/opt/fedsense-app")) / "deploy/sites" / f"{args.site}.toml"
@@ -72,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         demo_root = args.data / "demo"
         name = tomllib.loads(template.read_text(encoding="utf-8"))["name"]
         config = render(template, demo_root / name, args.out)
-        demo_data(config, demo_root, os.environ.get("FEDSENSE_DEMO_SIZE"), os.environ.get("FEDSENSE_DEMO_SUBJECTS"))
+        if args.generate_demo:
+            demo_data(config, demo_root, os.environ.get("FEDSENSE_DEMO_SIZE"), os.environ.get("FEDSENSE_DEMO_SUBJECTS"))
+        elif not (demo_root / f".{name}.complete").exists():
+            logger.error("%s holds no data: mount the site's data there (read-only), or run the demo-data "
+                         "role first for demo data", args.data)
+            return 1
     print(config)
     return 0
 

@@ -2,8 +2,9 @@
 
 Stdlib ``http.server`` only: the page (``static/dashboard.html``, inline JS/CSS, no CDN because
 hospital networks are closed) polls a few JSON endpoints and draws its own SVG curves. The
-server only ever reads the run directory, and serves a fixed set of routes, never files by
-path, so there is nothing to traverse.
+server only ever reads the run directory, and serves a fixed set of routes (GET only), never
+files by path, so there is nothing to traverse. Published beyond 127.0.0.1 it demands a token
+(:mod:`server.viewer.access`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 from common.errors import FedSenseError
 from server.best import best_summary, export_command, read_best
 from server.store import RunDir
-from server.viewer import COLUMNS, load_run
+from server.viewer import COLUMNS, access, load_run
 from server.viewer.plots import figure_png, samples_figure
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,11 @@ class DashboardServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a browser holding a connection open must not block shutdown
 
-    def __init__(self, run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 token: str | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.run_dir = Path(run_dir)
+        self.token = token
         self.page = resources.files("server.viewer").joinpath("static/dashboard.html").read_bytes()
         self._png_cache: dict[tuple[str, int, str, str], bytes] = {}
         self._png_lock = threading.Lock()
@@ -93,6 +96,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
+        self._cookie = ""
+        if self.server.token is not None:
+            given, in_query = access.presented(self.headers, parse_qs(url.query))
+            if not access.matches(self.server.token, given):
+                self._send_json({"error": "this dashboard needs its token (?token=... once, or "
+                                          "Authorization: Bearer ...)"}, HTTPStatus.UNAUTHORIZED)
+                return
+            if in_query:
+                self._cookie = f"{access.COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/"
         routes = {
             "/": self._page,
             "/index.html": self._page,
@@ -162,6 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")  # the page polls; stale data would lie
         self.send_header("X-Content-Type-Options", "nosniff")
+        if getattr(self, "_cookie", ""):
+            self.send_header("Set-Cookie", self._cookie)
         self.end_headers()
         self.wfile.write(body)
 
@@ -169,12 +183,26 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("dashboard %s: " + format, self.address_string(), *args)
 
 
-def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          token_file: Path | None = None) -> None:
     """Serve the dashboard of ``run_dir`` until interrupted (blocking; Ctrl-C stops it).
 
-    The directory may not exist yet: the page then says "waiting" until the run starts.
+    The directory may not exist yet: the page then says "waiting" until the run starts. Beyond
+    127.0.0.1 a ``token_file`` is required; its token is created and printed on first start only.
     """
-    with DashboardServer(run_dir, host, port) as server:
+    token = None
+    if token_file is None and not access.is_loopback(host):
+        raise FedSenseError(f"dashboard: --host {host}: published beyond this machine, the dashboard needs "
+                            "--token-file (a token is generated there at first start)")
+    if token_file is not None:
+        token, created = access.load_or_create_token(Path(token_file))
+        if created:
+            # Printed once, to whoever started it (container logs: `docker compose logs dashboard`).
+            print(f"dashboard token (shown once; kept in {token_file}): {token}\n"
+                  f"open http://HOST:PORT/?token={token} once; the browser keeps it as a cookie", flush=True)
+        else:
+            logger.info("dashboard token: the one in %s", token_file)
+    with DashboardServer(run_dir, host, port, token=token) as server:
         logger.info("dashboard of %s at %s", server.run_dir, server.url)
         try:
             server.serve_forever()

@@ -1,0 +1,140 @@
+"""``fedsense operator``: run a ``flwr`` command through the front door with an operator's client certificate.
+
+The front door (nginx, deploy/docker/nginx.conf.template) admits the Control API (``/v1/control/``)
+only to TLS clients holding a certificate issued by the federation CA (``fedsense pki --operator NAME``).
+Flower's ``flwr`` CLI cannot present a client certificate, so this command opens a private bridge: a
+listener on 127.0.0.1 (a random port, this machine only) whose every connection is carried to the front
+door over TLS with the operator's certificate and the CA verified. ``flwr`` runs with a private
+``FLWR_HOME`` whose default connection is that bridge, e.g.::
+
+    fedsense operator --front-door fl.example.org:443 --root-cert ca.crt \\
+        --cert alice.crt --key alice.key -- supernode register site-d.pub --name site-d
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "fedsense-operator"
+
+
+def client_context(root_cert: Path, cert: Path, key: Path | None) -> ssl.SSLContext:
+    """TLS to the front door: its certificate verified against the CA, ours presented.
+
+    ``key`` may be None when ``cert`` holds the certificate and its key (one PEM bundle).
+    """
+    for flag, path in (("--root-cert", root_cert), ("--cert", cert), ("--key", key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: {flag}: no such file")
+    context = ssl.create_default_context(cafile=str(root_cert))
+    try:
+        context.load_cert_chain(str(cert), str(key) if key is not None else None)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{cert}: --cert/--key: not a matching certificate and key: {exc}") from exc
+    return context
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while chunk := src.recv(65536):
+            dst.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class Bridge:
+    """127.0.0.1:port -> TLS (client certificate) -> ``front_door``; serves until closed."""
+
+    def __init__(self, front_door: str, context: ssl.SSLContext) -> None:
+        host, sep, port = front_door.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"--front-door: expected HOST:PORT, got {front_door!r}")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.context = context
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                local, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._carry, args=(local,), daemon=True).start()
+
+    def _carry(self, local: socket.socket) -> None:
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=30)
+            remote = self.context.wrap_socket(raw, server_hostname=self.host)
+            remote.settimeout(None)
+        except (OSError, ssl.SSLError) as exc:
+            logger.error("front door %s:%d: %s", self.host, self.port, exc)
+            local.close()
+            return
+        threading.Thread(target=_pipe, args=(remote, local), daemon=True).start()
+        _pipe(local, remote)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def run_flwr(front_door: str, context: ssl.SSLContext, flwr_args: Sequence[str]) -> int:
+    """``flwr FLWR_ARGS`` with the bridge as its default connection; returns flwr's exit status."""
+    bridge = Bridge(front_door, context)
+    home = Path(tempfile.mkdtemp(prefix="fedsense-operator-"))
+    try:
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{bridge.address}"\ninsecure = true\n', encoding="utf-8")
+        from server.simulate import _bin, flower_env
+
+        return subprocess.run([_bin("flwr"), *flwr_args], env=flower_env(home), check=False).returncode
+    finally:
+        bridge.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsense operator", description=__doc__.splitlines()[0])
+    parser.add_argument("--front-door", required=True, help="HOST:PORT of the federation's front door")
+    parser.add_argument("--root-cert", required=True, type=Path, help="the federation CA certificate (ca.crt)")
+    parser.add_argument("--cert", required=True, type=Path,
+                        help="operator certificate (fedsense pki --operator), or certificate and key in one PEM")
+    parser.add_argument("--key", type=Path, help="operator private key (if not in --cert)")
+    parser.add_argument("flwr_args", nargs=argparse.REMAINDER, help="-- then the flwr command, without a connection name")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    flwr_args = list(args.flwr_args)
+    if flwr_args[:1] == ["--"]:
+        flwr_args = flwr_args[1:]
+    if not flwr_args:
+        raise ConfigError("operator: give the flwr command after --, e.g. -- supernode list")
+    return run_flwr(args.front_door, client_context(args.root_cert, args.cert, args.key), flwr_args)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(run(build_parser().parse_args()))
