@@ -50,6 +50,8 @@ class RunConfig(BaseModel):
     seed: int = 0
     norm_outlier_factor: float = Field(0.0, ge=0.0)
     resume: bool = True
+    select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
+    patience: int = Field(0, ge=0)
 
     @field_validator("model_args", mode="before")
     @classmethod

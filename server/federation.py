@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
 from common.runconfig import RunConfig
+from server.best import BestTracker
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, validate_updates
 
@@ -89,6 +90,7 @@ class Federation:
 
     def __init__(self, grid: Grid, run: RunConfig, strategy: FedAvg, store: RunDir, model: torch.nn.Module) -> None:
         self.grid, self.run, self.strategy, self.store, self.model = grid, run, strategy, store, model
+        self.best = BestTracker(store, run.select_metric, run.patience)
 
     def wait_for_nodes(self, needed: int) -> None:
         """Block until ``needed`` SuperNodes are connected; fail clearly after ``node-wait-timeout``.
@@ -165,12 +167,22 @@ class Federation:
         return new_arrays
 
     def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:
-        """Rounds ``start..N``; each ends with an atomic checkpoint of the global model."""
+        """Rounds ``start..N``; each ends with an atomic checkpoint of the global model.
+
+        After each evaluated round ``best.json`` is updated (:mod:`server.best`); once ``patience``
+        rounds pass without improvement the loop stops early (see :attr:`BestTracker.exhausted`).
+        """
         config = self.run.to_flat()
+        self.best.resume(start - 1)
         for rnd in range(start, self.run.num_server_rounds + 1):
             logger.info("round %d/%d", rnd, self.run.num_server_rounds)
             arrays = self.train_round(rnd, arrays)
-            self.evaluate_round(rnd, arrays)
+            summary = self.evaluate_round(rnd, arrays)
             state = arrays.to_torch_state_dict()
             self.store.save_checkpoint(rnd, state, config)
+            if summary is not None:
+                self.best.update(rnd, summary["metrics"])
+                if self.best.exhausted:
+                    logger.info("stopping early after round %d: %s", rnd, self.best.stop_detail()["early_stop"])
+                    break
         return arrays

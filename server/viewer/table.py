@@ -60,6 +60,14 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         f"rounds evaluated {done}{planned}  [dim]{view.path}[/dim]",
         highlight=False,
     )
+    best = view.best["round"] if view.best else None
+    if view.best:
+        console.print(
+            f"best round [bold]{best}[/bold] by {view.best['metric']} "
+            f"({format_metric(view.best['metric'], view.best['value'])}), {view.best['checkpoint']}  "
+            "[dim](marked * in the evaluate tables)[/dim]",
+            highlight=False,
+        )
     sites = view.sites()
     printed = False
     for phase in phases:
@@ -77,7 +85,10 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
                 is_global = site == GLOBAL_SITE
                 table.add_column("global" if is_global else site, justify="right", style="bold" if is_global else None)
             for round_, values in sorted(cells.items()):
-                table.add_row(str(round_), *(format_metric(metric, values.get(site)) for site in sites))
+                marked = phase == "evaluate" and round_ == best
+                table.add_row(f"*{round_}" if marked else str(round_),
+                              *(format_metric(metric, values.get(site)) for site in sites),
+                              style="bold yellow" if marked else None)
             console.print(table)
             printed = True
     if not printed:
