@@ -174,6 +174,8 @@ class Federation:
         """
         config = self.run.to_flat()
         self.best.resume(start - 1)
+        if self.best.exhausted:  # a resumed run that had already stopped early stays stopped
+            return arrays
         for rnd in range(start, self.run.num_server_rounds + 1):
             logger.info("round %d/%d", rnd, self.run.num_server_rounds)
             arrays = self.train_round(rnd, arrays)
