@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fully sampled centre of every site's mask (calibration lines = fraction x size)")
     parser.add_argument("--subjects", type=int, default=4, help="demo subjects per site (split 50/25/25)")
     parser.add_argument("--slices", type=int, default=6, help="slices per volume")
-    parser.add_argument("--max-rounds", type=int, default=20, help="budget: rounds at most")
+    parser.add_argument("--max-rounds", type=int, default=12, help="budget: rounds at most")
     parser.add_argument("--patience", type=int, default=3, help="stop after this many rounds without a better val PSNR")
     parser.add_argument("--local-steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
