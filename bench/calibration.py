@@ -21,7 +21,6 @@ from bench.harness import markdown_table, machine_line, score_slices, set_thread
 from bench.quality import cs_recon
 from common.data.acquisition import site_coil_maps
 from common.data.loaders import load_site, make_loader
-from common.fft import center_crop
 
 
 def with_true_maps(batch: dict[str, object]) -> dict[str, object]:
