@@ -32,6 +32,7 @@ def run_config(sites: list[Path], run_dir: Path, **extra: object) -> RunConfig:
 
 
 def assert_stopped_early_at_best(store: RunDir, metric: str = "psnr") -> dict:
+    """Check the run stopped right after patience ran out, at the best round; return that checkpoint."""
     values = {r: v for r, v in global_values(store, metric).items() if r >= 1}
     last = max(values)
     best = store.best()
