@@ -25,7 +25,8 @@ demo: $(STAMP)
 	rm -rf runs/fedprox-demo
 	$(BIN)/fedsense data demo --out $(DEMO_DATA) --size 128 --subjects 4 --seed 0
 	$(BIN)/fedsense simulate --sites deploy/sites/site-a.toml deploy/sites/site-b.toml deploy/sites/site-c.toml \
-		--rounds $(DEMO_ROUNDS) --strategy fedprox --mu 0.01 --name fedprox-demo --run-dir runs/fedprox-demo
+		--rounds $(DEMO_ROUNDS) --strategy fedprox --mu 0.01 --name fedprox-demo --run-dir runs/fedprox-demo \
+		--model unrolled --set 'model-args={"num_cascades": 4, "chans": 32, "num_layers": 5}'
 	@echo "Metrics: runs/fedprox-demo/metrics.jsonl  Checkpoints: runs/fedprox-demo/checkpoints/"
 	@echo "View: $(BIN)/fedsense metrics show runs/fedprox-demo | $(BIN)/fedsense dashboard runs/fedprox-demo"
 

@@ -39,6 +39,16 @@ logger = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_NAMES = ("site-a", "site-b", "site-c")
+# The low-data scenario adds a fourth, benchmark-only site (bench/sites/site-d.toml).
+LOW_DATA_SITE_NAMES = (*SITE_NAMES, "site-d")
+
+
+def site_template(name: str) -> Path:
+    """The TOML a benchmark site is copied from: a product site in deploy/sites, else bench/sites."""
+    for folder in (ROOT / "deploy" / "sites", ROOT / "bench" / "sites"):
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    raise FileNotFoundError(f"no site config {name}.toml in deploy/sites or bench/sites")
 
 Batch = dict[str, object]
 Recon = Callable[[Batch], torch.Tensor]
@@ -60,22 +70,26 @@ def write_sites(
     slices: int,
     acceleration: float | None = None,
     names: Sequence[str] = SITE_NAMES,
+    center_fraction: float | None = None,
 ) -> list[Path]:
     """Copies of ``deploy/sites/<name>.toml`` at ``size``², with demo data written under ``directory/data``.
 
-    ``acceleration`` overrides every site's R (their masks stay different); ``None`` keeps each site's own.
+    ``acceleration`` overrides every site's R (their masks stay different); ``None`` keeps each site's own;
+    ``center_fraction`` likewise overrides the fully sampled centre (the calibration lines at small sizes).
     """
     directory = directory.resolve()  # data_path in a site TOML is relative to the TOML, not to the cwd
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in names:
-        text = (ROOT / "deploy" / "sites" / f"{name}.toml").read_text(encoding="utf-8")
+        text = site_template(name).read_text(encoding="utf-8")
         text = _set(text, "data_path", f'"{(directory / "data" / name).as_posix()}"')
         text = _set(text, "matrix", f"[{size}, {size}]")
         text = _set(text, "max_slices_per_volume", str(slices))
         text = _set(text, "subjects", str(subjects))
         if acceleration is not None:
             text = _set(text, "acceleration", repr(float(acceleration)))
+        if center_fraction is not None:
+            text = _set(text, "center_fraction", repr(float(center_fraction)))
         path = directory / f"{name}.toml"
         path.write_text(text, encoding="utf-8")
         paths.append(path)

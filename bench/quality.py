@@ -1,16 +1,26 @@
 """Reconstruction quality of every method side by side, per site and overall, on the held-out TEST split.
 
-Rows: zero-filled, classical CS (L1-wavelet SENSE, ``common.cs``), and for each learned model (U-Net,
-unrolled-DC at about equal parameter counts) the local-only and centralized baselines
-(``server.baseline``) and FedAvg / FedProx run as real Flower simulations (``server.simulate``), all with
-the same optimisation budget: every site takes ``rounds x local-steps`` steps (local-only: on its own
-model; federated: on the global one), the centralized model takes ``sites x rounds x local-steps``.
-Sites are the three ``deploy/sites`` configs (16/8/4 coils, 3 T/1.5 T, different contrasts, equispaced /
-random / Poisson masks) with every site's R overridden to each requested acceleration. Run::
+Fair by construction:
 
-    python -m bench.quality
+- every learned method (local-only, pooled centralized, site-balanced centralized, FedAvg, FedProx) trains
+  until its *validation* PSNR has not improved for ``--patience`` rounds, up to ``--max-rounds``
+  (``patience`` / ``select-metric`` of the product's run config: the run directory's ``best.json``), and is
+  scored on the test split once, at its best validation round (local-only: each site's model at that
+  site's own best validation round);
+- centralized = one model on the pooled training slices, every slice equally likely (baseline kind
+  ``centralized``); the site-balanced variant is a separate row (``centralized-balanced``);
+- each method's budget is printed: rounds trained, best round, optimisation steps and data passes;
+- every target comparison is a paired per-slice difference with a 95 % bootstrap CI (``common.stats``).
 
-It prints markdown tables (mean ± std over test slices) and the status of the product's targets.
+Scenarios: ``standard`` = the three product sites (``deploy/sites``); ``low-data`` adds ``site-d``
+(``bench/sites``: fastMRI-style, 1.5 T, 12 coils, random mask) with few subjects per site. Every site's R
+is overridden to each requested acceleration (masks stay different). The best federated global model is
+also run on real MR images it never saw (``common.data.heldout``). Run::
+
+    python -m bench.quality                 # the full comparison
+    python -m bench.quality --quick         # a smoke run of the same code path (minutes)
+
+It prints markdown tables and the status of the product's targets.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ import torch
 from torch import nn
 
 from bench.harness import (
+    LOW_DATA_SITE_NAMES,
+    SITE_NAMES,
     Recon,
     SliceScore,
     Stopwatch,
@@ -40,16 +52,20 @@ from bench.harness import (
     set_threads,
     write_sites,
 )
+from common.config import ScannerConfig
 from common.cs import l1_wavelet_sense
 from common.data.dataset import SiteDataset
+from common.data.heldout import score_heldout
 from common.data.loaders import load_site, make_loader
 from common.fft import center_crop
 from common.models import build_model, count_parameters
 from common.runconfig import RunConfig
+from common.stats import PairedDifference, paired_bootstrap
 from common.training import zero_filled
 from server.baseline import Baseline
+from server.best import best_round
 from server.simulate import simulate
-from server.store import RunDir
+from server.store import GLOBAL_SITE, RunDir
 
 logger = logging.getLogger("bench.quality")
 
@@ -58,16 +74,25 @@ MODELS: dict[str, tuple[str, dict[str, int]]] = {
     "U-Net": ("unet", {"chans": 16, "num_pool_layers": 2}),
     "Unrolled-DC": ("unrolled", {"num_cascades": 4, "chans": 32, "num_layers": 5}),
 }
-LEARNED = ("local", "centralized", "FedAvg", "FedProx")
+BASELINES = {"local": "local", "centralized": "centralized (pooled)", "centralized-balanced": "centralized (site-balanced)"}
+STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx"}
 CS_GRID = tuple(itertools.product(("haar", "db4"), (0.003, 0.01, 0.03)))
+SCENARIOS = {"standard": SITE_NAMES, "low-data": LOW_DATA_SITE_NAMES}
 
 
 @dataclass
 class Method:
-    """One row of the tables: a reconstruction per site (learned methods may differ per site)."""
+    """One row of the tables: a reconstruction per site, and what its training cost."""
 
     label: str
     recon: dict[str, Recon]
+    federated: bool = False
+    rounds: int = 0  # rounds trained (early stop included)
+    best: str = "-"  # the selected round(s)
+    steps: int = 0  # optimisation steps up to the selected round, all sites together
+    passes: float = 0.0  # data passes up to the selected round: steps x batch / training slices seen
+    val_psnr: float = float("nan")  # global validation PSNR at the selected round (federated selection)
+    model: nn.Module | None = None  # the one shared model (centralized, federated)
 
 
 def cs_recon(wavelet: str, lam: float, iterations: int) -> Recon:
@@ -98,22 +123,15 @@ def tune_cs(dataset: SiteDataset, iterations: int, batch_size: int, max_slices: 
 
 def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int], sites: Sequence[Path],
                run_dir: Path, strategy: str = "fedavg") -> RunConfig:
-    """The one run config shared by the baselines and both federated strategies of a model."""
+    """The one run config shared by the baselines and the federated strategies of a model."""
     return RunConfig.from_flat({
-        "name": run_dir.name, "num-server-rounds": args.rounds, "strategy": strategy,
+        "name": run_dir.name, "num-server-rounds": args.max_rounds, "strategy": strategy,
         "proximal-mu": args.mu if strategy == "fedprox" else 0.0, "model": model, "model-args": model_args,
         "local-steps": args.local_steps, "batch-size": args.batch, "learning-rate": args.lr, "loss": "l1",
         "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites),
         "sites": ",".join(str(p) for p in sites), "run-dir": str(run_dir), "num-samples": 0, "seed": args.seed,
-        "resume": False,
+        "resume": False, "select-metric": "psnr", "patience": args.patience,
     })
-
-
-def _checkpoint(store: RunDir, rounds: int) -> dict[str, torch.Tensor]:
-    latest = store.latest_checkpoint()
-    if latest is None or latest[0] != rounds:
-        raise RuntimeError(f"{store.path}: expected a checkpoint of round {rounds}, found {latest and latest[0]}")
-    return latest[1]["state_dict"]
 
 
 def _load(model: str, model_args: dict[str, int], state: dict[str, torch.Tensor]) -> nn.Module:
@@ -122,29 +140,75 @@ def _load(model: str, model_args: dict[str, int], state: dict[str, torch.Tensor]
     return net
 
 
-def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path], names: Sequence[str],
+def _state(store: RunDir, rnd: int) -> dict[str, torch.Tensor]:
+    payload = torch.load(store.checkpoint_path(rnd), map_location="cpu", weights_only=True)
+    return payload["state_dict"]
+
+
+def _trained(store: RunDir) -> tuple[int, dict[int, dict[str, float]], dict[tuple[int, str], float]]:
+    """(rounds trained, steps per round and trainer, validation PSNR per (round, site)) from metrics.jsonl.
+
+    Trainers are the sites (local-only, federated) or, for centralized runs, the one ``__global__`` model.
+    """
+    records = store.read_metrics(dedupe=True)
+    steps: dict[int, dict[str, float]] = {}
+    val: dict[tuple[int, str], float] = {}
+    for r in records:
+        if r["phase"] == "train" and "steps" in r["metrics"]:
+            steps.setdefault(r["round"], {})[r["site"]] = r["metrics"]["steps"]
+        if r["phase"] == "evaluate" and r["metrics"].get("psnr") is not None:
+            val[(r["round"], r["site"])] = r["metrics"]["psnr"]
+    for by_site in steps.values():
+        if len(by_site) > 1:  # site records present: the __global__ one holds only their mean
+            by_site.pop(GLOBAL_SITE, None)
+    return max(steps, default=0), steps, val
+
+
+def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path], train_slices: dict[str, int],
                     out: Path, clock: Stopwatch, stage: str) -> list[Method]:
-    """Train the four learned rows of one model; each returns its final-round weights."""
+    """Train every learned row of one model to its best validation round (early stopping)."""
     model, model_args = MODELS[label]
+    names = list(train_slices)
+    total_slices = sum(train_slices.values())
     methods = []
-    for kind in ("local", "centralized"):
+    for kind, row in BASELINES.items():
         run = run_config(args, model, model_args, sites, out / f"{model}-{kind}")
         with clock.stage(f"{stage} {label} {kind}"):
             store = Baseline(kind, run).execute()  # type: ignore[arg-type]
-        state = _checkpoint(store, args.rounds)
+        rounds, steps, val = _trained(store)
         if kind == "local":
-            recon = {n: model_recon(_load(model, model_args, {k.split("/", 1)[1]: v for k, v in state.items()
-                                                              if k.startswith(f"{n}/")})) for n in names}
+            # Each site's own model at that site's best validation round: what a site alone would deploy.
+            chosen = {n: best_round({r: v for (r, s), v in val.items() if s == n and r >= 1}, "psnr") for n in names}
+            recon = {}
+            for n, rnd in chosen.items():
+                state = {k.split("/", 1)[1]: v for k, v in _state(store, rnd).items() if k.startswith(f"{n}/")}
+                recon[n] = model_recon(_load(model, model_args, state))
+            used = sum(steps[r][n] for n, rnd in chosen.items() for r in range(1, rnd + 1))
+            best = ", ".join(f"{n} {rnd}" for n, rnd in chosen.items())
+            val_psnr = float("nan")
         else:
-            shared = model_recon(_load(model, model_args, state))
+            selected = store.best()
+            assert selected is not None, f"{store.path}: no best.json"
+            shared = model_recon(_load(model, model_args, _state(store, selected["round"])))
             recon = {n: shared for n in names}
-        methods.append(Method(f"{label} {kind}", recon))
-    for strategy, row in (("fedavg", "FedAvg"), ("fedprox", "FedProx")):
+            used = sum(sum(steps[r].values()) for r in range(1, selected["round"] + 1))
+            best, val_psnr = str(selected["round"]), selected["value"]
+        methods.append(Method(f"{label} {row}", recon, rounds=rounds, best=best, steps=int(used),
+                              passes=used * args.batch / total_slices, val_psnr=val_psnr))
+    for strategy in args.strategies:
+        row = STRATEGIES[strategy]
         run = run_config(args, model, model_args, sites, out / f"{model}-{strategy}", strategy)
         with clock.stage(f"{stage} {label} {row} (Flower simulation)"):
-            store = simulate(run, timeout=1800, report=logger.info)
-        shared = model_recon(_load(model, model_args, _checkpoint(store, args.rounds)))
-        methods.append(Method(f"{label} {row}", {n: shared for n in names}))
+            store = simulate(run, timeout=3600, report=logger.info)
+        rounds, steps, _ = _trained(store)
+        selected = store.best()
+        assert selected is not None, f"{store.path}: no best.json"
+        net = _load(model, model_args, _state(store, selected["round"]))
+        shared = model_recon(net)
+        used = sum(sum(steps[r].values()) for r in range(1, selected["round"] + 1))
+        methods.append(Method(f"{label} {row}", {n: shared for n in names}, federated=True, rounds=rounds,
+                              best=str(selected["round"]), steps=int(used), passes=used * args.batch / total_slices,
+                              val_psnr=selected["value"], model=net))
     return methods
 
 
@@ -153,65 +217,81 @@ def _cell(scores: Sequence[SliceScore], metric: str) -> str:
     return mean_std([getattr(s, metric) for s in scores], digits)
 
 
-def _mean(scores: Sequence[SliceScore], metric: str = "psnr") -> float:
-    return float(np.mean([getattr(s, metric) for s in scores]))
+def _psnr(scores: Sequence[SliceScore]) -> np.ndarray:
+    return np.array([s.psnr for s in scores])
 
 
-def report(r: float, names: Sequence[str], results: dict[str, dict[str, list[SliceScore]]],
-           params: dict[str, int], smallest: str, cross: dict[str, dict[str, dict[str, list[SliceScore]]]]) -> list[tuple]:
+def _verdict(diff: PairedDifference, threshold: float, need_ci_above_zero: bool) -> str:
+    """Target status of a paired difference: its mean against ``threshold``, optionally its CI against 0."""
+    if diff.mean < threshold:
+        return f"missed by {threshold - diff.mean:.2f} dB"
+    if need_ci_above_zero and diff.low <= 0:
+        return "missed (CI includes 0)"
+    return "met"
+
+
+def report(r: float, names: Sequence[str], methods: list[Method], results: dict[str, dict[str, list[SliceScore]]],
+           heldout: dict[str, tuple[float, float, PairedDifference]]) -> list[tuple]:
     """Print the tables of one acceleration; returns its target rows."""
     print(f"\n### R = {r:g}: all sites pooled (test split, mean ± std over slices)\n")
     rows = []
-    for label, by_site in results.items():
-        pooled = [s for n in names for s in by_site[n]]
-        model = label.split(" ")[0]
-        rows.append((label, f"{params[model]:,}" if model in params else "-", len(pooled),
+    for m in methods:
+        pooled = [s for n in names for s in results[m.label][n]]
+        rows.append((m.label, m.rounds or "-", m.best, f"{m.steps:,}" if m.steps else "-",
+                     f"{m.passes:.1f}" if m.steps else "-", len(pooled),
                      _cell(pooled, "psnr"), _cell(pooled, "ssim"), _cell(pooled, "nmse")))
-    print(markdown_table(("method", "params", "slices", "PSNR (dB)", "SSIM", "NMSE"), rows))
+    print(markdown_table(("method", "rounds trained", "best val. round", "steps to best", "data passes to best",
+                          "slices", "PSNR (dB)", "SSIM", "NMSE"), rows))
 
     print(f"\n### R = {r:g}: per site (test split, mean ± std over slices)\n")
     headers = ["method"] + [f"{n} {m}" for n in names for m in ("PSNR", "SSIM", "NMSE")]
-    print(markdown_table(headers, ([label] + [_cell(by_site[n], m) for n in names for m in ("psnr", "ssim", "nmse")]
-                                   for label, by_site in results.items())))
-
-    for label, table in cross.items():
-        print(f"\n### R = {r:g}: {label} trained at one site, tested at each (test PSNR dB, mean ± std)\n")
-        print(markdown_table(["trained at \\ tested at"] + list(names),
-                             ([row] + [_cell(table[row][n], "psnr") for n in names] for row in table)))
+    print(markdown_table(headers, ([m.label] + [_cell(results[m.label][n], k) for n in names
+                                               for k in ("psnr", "ssim", "nmse")] for m in methods)))
 
     targets = []
-    for model in params:
-        central = _mean([s for n in names for s in results[f"{model} centralized"][n]])
-        for fed in ("FedAvg", "FedProx"):
-            gap = _mean([s for n in names for s in results[f"{model} {fed}"][n]]) - central
-            targets.append((f"R={r:g}", model, f"{fed} − centralized, all sites", "≥ −0.30 dB", f"{gap:+.2f} dB",
-                            "met" if gap >= -0.3 else f"missed by {-0.3 - gap:.2f} dB"))
-        local = _mean(results[f"{model} local"][smallest])
-        for fed in ("FedAvg", "FedProx"):
-            gain = _mean(results[f"{model} {fed}"][smallest]) - local
-            targets.append((f"R={r:g}", model, f"{fed} − local at {smallest} (smallest)", "≥ +1.00 dB",
-                            f"{gain:+.2f} dB", "met" if gain >= 1.0 else f"missed by {1.0 - gain:.2f} dB"))
-    if len(params) != 2:
-        return targets
-    unet, unrolled = params
-    for kind in LEARNED:
-        gap = (_mean([s for n in names for s in results[f"{unrolled} {kind}"][n]])
-               - _mean([s for n in names for s in results[f"{unet} {kind}"][n]]))
-        targets.append((f"R={r:g}", f"{unrolled} vs {unet}", f"{kind}: unrolled − U-Net, all sites", "≥ 0 dB",
-                        f"{gap:+.2f} dB", "met" if gap >= 0 else f"missed by {-gap:.2f} dB"))
+    for model in MODELS:
+        fed = [m for m in methods if m.federated and m.label.startswith(f"{model} ")]
+        if not fed:
+            continue
+        # The best federated method is chosen on validation, never on test.
+        best = max(fed, key=lambda m: m.val_psnr)
+        local = results[f"{model} {BASELINES['local']}"]
+        for n in names:
+            d = paired_bootstrap(_psnr(results[best.label][n]), _psnr(local[n]))
+            targets.append((f"R={r:g}", f"{best.label} − {model} local at {n}", "≥ +1.00 dB, CI > 0", str(d),
+                            _verdict(d, 1.0, True)))
+        central = results[f"{model} {BASELINES['centralized']}"]
+        d = paired_bootstrap(np.concatenate([_psnr(results[best.label][n]) for n in names]),
+                             np.concatenate([_psnr(central[n]) for n in names]))
+        targets.append((f"R={r:g}", f"{best.label} − {model} centralized (pooled), all sites", "≥ −0.30 dB", str(d),
+                        _verdict(d, -0.3, False)))
+        for n in names:
+            d = paired_bootstrap(_psnr(results[best.label][n]), _psnr(results["CS L1-wavelet"][n]))
+            targets.append((f"R={r:g}", f"{best.label} − CS L1-wavelet at {n}", "> 0 dB, CI > 0", str(d),
+                            _verdict(d, 0.0, True)))
+        if best.label in heldout:
+            zf_mean, model_mean, d = heldout[best.label]
+            targets.append((f"R={r:g}", f"{best.label} − zero-filled on held-out real MR "
+                            f"({d.n} images: {zf_mean:.2f} → {model_mean:.2f} dB)",
+                            "≥ +3.00 dB", str(d), _verdict(d, 3.0, False)))
     return targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; the defaults finish in about 15 minutes on two cores."""
+    """Command-line options; ``--quick`` shrinks everything to a smoke run of the same code path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"), help="sites, data and run dirs")
+    parser.add_argument("--scenario", choices=list(SCENARIOS), default="low-data")
     parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     parser.add_argument("--size", type=int, default=64, help="image matrix (pixels per side)")
+    parser.add_argument("--center-fraction", type=float, default=0.16,
+                        help="fully sampled centre of every site's mask (calibration lines = fraction x size)")
     parser.add_argument("--subjects", type=int, default=4, help="demo subjects per site (split 50/25/25)")
     parser.add_argument("--slices", type=int, default=6, help="slices per volume")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--max-rounds", type=int, default=12, help="budget: rounds at most")
+    parser.add_argument("--patience", type=int, default=3, help="stop after this many rounds without a better val PSNR")
     parser.add_argument("--local-steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -220,7 +300,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cs-iterations", type=int, default=60)
     parser.add_argument("--cs-tune-slices", type=int, default=6, help="validation slices per site for CS tuning")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
-    return parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 slices per volume, 1 acceleration, U-Net, FedAvg, 2 rounds (numbers meaningless)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.accelerations, args.models, args.strategies = args.accelerations[:1], ["U-Net"], ["fedavg"]
+        args.size, args.subjects, args.slices = 64, 4, 2
+        args.max_rounds, args.patience, args.local_steps = 2, 1, 2
+        args.cs_iterations, args.cs_tune_slices = 5, 2
+    return args
+
+
+def heldout_scanner(size: int, r: float, center_fraction: float) -> ScannerConfig:
+    """How the held-out images are acquired: 8 coils, 1.5 T noise level, random mask (site-b's scanner)."""
+    return ScannerConfig(field_strength_t=1.5, coils=8, matrix=(size, size), noise_std=0.02, mask="random",
+                         acceleration=r, center_fraction=center_fraction)
 
 
 def run_acceleration(args: argparse.Namespace, r: float, params: dict[str, int], clock: Stopwatch) -> list[tuple]:
@@ -228,37 +322,40 @@ def run_acceleration(args: argparse.Namespace, r: float, params: dict[str, int],
     out = args.out / f"R{r:g}"
     shutil.rmtree(out, ignore_errors=True)
     with clock.stage(f"R={r:g} demo data"):
-        sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=r)
+        sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=r,
+                            names=SCENARIOS[args.scenario], center_fraction=args.center_fraction)
     data = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
     names = list(data)
     print(f"\nR = {r:g}: train/val/test slices per site: "
           + ", ".join(f"{n} {len(d['train'])}/{len(d['val'])}/{len(d['test'])}" for n, d in data.items()))
-    smallest = min(names, key=lambda n: len(data[n]["train"]))
     with clock.stage(f"R={r:g} CS tuning"):
         cs_choice = {n: tune_cs(data[n]["val"], args.cs_iterations, args.batch, args.cs_tune_slices) for n in names}
     print(f"CS (L1-wavelet SENSE, FISTA, {args.cs_iterations} iterations) tuned on validation slices: "
           + ", ".join(f"{n} {w} lam={lam:g} (val {v:.2f} dB)" for n, (w, lam, v) in cs_choice.items()))
     methods = [Method("zero-filled", {n: zero_filled for n in names}),
                Method("CS L1-wavelet", {n: cs_recon(w, lam, args.cs_iterations) for n, (w, lam, _) in cs_choice.items()})]
+    train_slices = {n: len(d["train"]) for n, d in data.items()}
     for label in params:
-        methods += learned_methods(args, label, sites, names, out / "runs", clock, f"R={r:g}")
+        methods += learned_methods(args, label, sites, train_slices, out / "runs", clock, f"R={r:g}")
 
     def test(recon: Recon, site: str) -> list[SliceScore]:
         return score_slices(recon, make_loader(data[site]["test"], 4, shuffle=False, seed=0))
 
-    with clock.stage(f"R={r:g} test scoring (incl. CS and cross-site)"):
+    with clock.stage(f"R={r:g} test scoring (incl. CS)"):
         results = {m.label: {n: test(m.recon[n], n) for n in names} for m in methods}
-        cross = {}
-        for label in params:
-            local = next(m for m in methods if m.label == f"{label} local")
-            table = {f"{label} local @ {a}": {b: test(local.recon[a], b) for b in names} for a in names}
-            table[f"{label} FedAvg (global)"] = results[f"{label} FedAvg"]
-            cross[label] = table
-    return report(r, names, results, params, smallest, cross)
+    heldout = {}
+    with clock.stage(f"R={r:g} held-out real MR"):
+        scanner = heldout_scanner(args.size, r, args.center_fraction)
+        for m in methods:
+            if m.federated and m.model is not None:
+                scores = score_heldout(m.model, scanner, seed=args.seed)
+                zf, rec = np.array([s.zero_filled_psnr for s in scores]), np.array([s.model_psnr for s in scores])
+                heldout[m.label] = (float(zf.mean()), float(rec.mean()), paired_bootstrap(rec, zf))
+    return report(r, names, methods, results, heldout)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run every method at every acceleration and print the tables and the targets' status."""
+def main(argv: list[str] | None = None) -> list[tuple]:
+    """Run every method at every acceleration; print the tables and the targets' status (also returned)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     set_threads(args.threads)
@@ -266,15 +363,19 @@ def main(argv: list[str] | None = None) -> None:
     clock = Stopwatch()
     params = {label: count_parameters(build_model(m, **kw)) for label, (m, kw) in MODELS.items() if label in args.models}
     print(f"# bench.quality — {machine_line(args.threads)}")
-    print(f"{args.size}² images, {args.subjects} subjects/site ({args.slices} slices per volume), {args.rounds} rounds "
-          f"x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}, L1 loss, FedProx mu {args.mu}, "
-          f"seed {args.seed}; parameters: {', '.join(f'{k} {v:,}' for k, v in params.items())}")
+    print(f"scenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}), {args.size}² images, centre fraction "
+          f"{args.center_fraction} ({round(args.center_fraction * args.size)} calibration lines), {args.subjects} "
+          f"subjects/site ({args.slices} slices per volume); up to {args.max_rounds} rounds x {args.local_steps} local "
+          f"steps x batch {args.batch}, early stop after {args.patience} rounds without a better validation PSNR; "
+          f"Adam lr {args.lr}, L1 loss, FedProx mu {args.mu}, seed {args.seed}; "
+          f"parameters: {', '.join(f'{k} {v:,}' for k, v in params.items())}")
     targets = [row for r in args.accelerations for row in run_acceleration(args, r, params, clock)]
-    print("\n### Targets\n")
-    print(markdown_table(("R", "model", "comparison", "target", "measured", "status"), targets))
+    print("\n### Targets (paired per-slice PSNR differences, mean [95 % bootstrap CI])\n")
+    print(markdown_table(("R", "comparison", "target", "measured (dB)", "status"), targets))
     print("\n### Wall time per stage\n")
     print(markdown_table(("stage", "seconds"), ((k, f"{v:.0f}") for k, v in clock.seconds.items())))
     print(f"\ntotal: {time.perf_counter() - started:.0f} s")
+    return targets
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class RunConfig(BaseModel):
     dp_client_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
     site_caps: str = "{}"
+    select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
+    patience: int = Field(0, ge=0)
 
     @field_validator("model_args", "site_caps", mode="before")
     @classmethod

@@ -57,4 +57,4 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException as exc:
         store.set_status("failed", error=str(exc))
         raise
-    store.set_status("finished")
+    store.set_status("finished", **(federation.best.stop_detail() if federation.best.exhausted else {}))

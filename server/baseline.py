@@ -3,11 +3,15 @@
 - ``zero-filled``: no learning, the inverse FFT of the undersampled k-space (round 0 only).
 - ``local``: each site trains its own model on its own data only, for the same number of rounds
   and local steps as a federated run.
-- ``centralized``: one model trained on all sites' data pooled (what federation avoids), with the
-  same total number of optimisation steps per round as a federated round (sites × local steps).
+- ``centralized``: one model trained on all sites' data pooled (what federation avoids), every training
+  slice equally likely (:class:`common.data.pooled.PooledLoader`), with the same total number of
+  optimisation steps per round as a federated round (sites × local steps).
+- ``centralized-balanced``: the same, but the batches come from each site in turn, so every site gets the
+  same number of steps however few slices it has (the older, site-balanced variant).
 
 All three evaluate on each site's validation split with the same code as the ClientApp, so one
-table (``fedsense metrics show``) compares them with FedAvg and FedProx.
+table (``fedsense metrics show``) compares them with FedAvg and FedProx. Like a federated run they keep
+``best.json`` up to date and stop early after ``patience`` rounds without improvement (:mod:`server.best`).
 """
 
 from __future__ import annotations
@@ -20,18 +24,20 @@ import torch
 from common.data.dataset import SiteDataset
 from common.data.loaders import InterleavedLoader, load_site, make_loader
 from common.device import cpu_state_dict, resolve_device, resolve_precision
+from common.data.pooled import PooledLoader
 from common.errors import ConfigError
 from common.models import build_model
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SiteLoss, check_model, evaluate_self_supervised
 from common.training import EvalResult, evaluate, train
+from server.best import BestTracker
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["local", "centralized", "zero-filled"]
-KINDS = ("local", "centralized", "zero-filled")
+Kind = Literal["local", "centralized", "centralized-balanced", "zero-filled"]
+KINDS = ("local", "centralized", "centralized-balanced", "zero-filled")
 
 
 def _record(run: RunConfig, rnd: int, phase: str, site: str, n: int, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -66,8 +72,9 @@ class Baseline:
         self.device = resolve_device(run.device, "run config: device")
         self.precision = resolve_precision(run.precision, self.device, "run config: precision")
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
+        self.best = BestTracker(self.store, run.select_metric, run.patience)
 
-    def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> None:
+    def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> dict[str, Any]:
         records = []
         for site, datasets in self.sites.items():
             loader = make_loader(datasets["val"], self.run.batch_size, shuffle=False, seed=self.run.seed)
@@ -85,7 +92,17 @@ class Baseline:
                 save_samples(self.sample_dir, rnd, site, result.samples)
             records.append(_record(self.run, rnd, "evaluate", site, result.num_examples, result.metrics,
                                    **self._supervision(site)))
-        self.store.append_metrics(records + [_weighted(self.run, rnd, "evaluate", records)])
+        summary = _weighted(self.run, rnd, "evaluate", records)
+        self.store.append_metrics(records + [summary])
+        return summary
+
+    def _checkpoint(self, rnd: int, state: dict[str, Any], summary: dict[str, Any]) -> bool:
+        """Save round ``rnd``, update ``best.json``; True when patience is exhausted (stop)."""
+        self.store.save_checkpoint(rnd, state, self.run.to_flat())
+        self.best.update(rnd, summary["metrics"])
+        if self.best.exhausted:
+            logger.info("%s: stopping early after round %d", self.kind, rnd)
+        return self.best.exhausted
 
     def _supervision(self, site: str) -> dict[str, str]:
         """The record key that marks a self-supervised site (as federated runs record it)."""
@@ -104,11 +121,11 @@ class Baseline:
             elif self.kind == "local":
                 self._local()
             else:
-                self._centralized()
+                self._centralized(pooled=self.kind == "centralized")
         except BaseException as exc:
             self.store.set_status("failed", error=str(exc))
             raise
-        self.store.set_status("finished")
+        self.store.set_status("finished", **(self.best.stop_detail() if self.best.exhausted else {}))
         return self.store
 
     def _new_model(self) -> torch.nn.Module:
@@ -129,11 +146,12 @@ class Baseline:
                 records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
                                        **self._supervision(site)))
             self.store.append_metrics(records + [_weighted(self.run, rnd, "train", records)])
-            self._evaluate(rnd, models)  # type: ignore[arg-type]
+            summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
-            self.store.save_checkpoint(rnd, state, self.run.to_flat())
+            if self._checkpoint(rnd, state, summary):
+                return
 
-    def _centralized(self) -> None:
+    def _centralized(self, pooled: bool) -> None:
         model = self._new_model()
         per_site_steps = [
             self.run.local_steps if self.run.local_steps else self.run.local_epochs * -(-len(d["train"]) // self.run.batch_size)
@@ -141,14 +159,21 @@ class Baseline:
         ]
         self._evaluate(0, {site: model for site in self.sites})
         for rnd in range(1, self.run.num_server_rounds + 1):
-            loader = InterleavedLoader([
-                make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd, augment=self.run.augment)
-                for d in self.sites.values()
-            ])
+            loader: PooledLoader | InterleavedLoader
+            if pooled:
+                loader = PooledLoader([d["train"] for d in self.sites.values()], self.run.batch_size,
+                                      seed=self.run.seed + rnd, augment=self.run.augment)
+            else:
+                loader = InterleavedLoader([
+                    make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd,
+                                augment=self.run.augment)
+                    for d in self.sites.values()
+                ])
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
                         batch_loss=self._loss(rnd), device=self.device, precision=self.precision)
             self.store.append_metrics([
                 _record(self.run, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
             ])
-            self._evaluate(rnd, {site: model for site in self.sites})
-            self.store.save_checkpoint(rnd, cpu_state_dict(model), self.run.to_flat())
+            summary = self._evaluate(rnd, {site: model for site in self.sites})
+            if self._checkpoint(rnd, cpu_state_dict(model), summary):
+                return

@@ -1,34 +1,110 @@
-"""The run's best round (``best.json``, written by the federation) and how to export it.
+"""Best-round tracking and early stopping on the global validation metric.
 
-The file is the shared contract {"round", "metric", "value", "checkpoint"}; this module only reads it,
-so the table, the dashboard and ``fedsense export`` agree on which round is best and on the command
-that exports it.
+Training curves of small federated MRI runs are noisy and often peak before the last round, so the
+model a site should deploy is the one of the round with the best *validation* metric, not the last.
+The ServerApp and the baselines feed every evaluated round's global metric to a :class:`BestTracker`,
+which keeps ``best.json`` in the run directory pointing at that round's checkpoint and says when
+``patience`` rounds have passed without improvement (early stop).
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from common.errors import FedSenseError
+from server.store import GLOBAL_SITE, RunDir
 
-BEST_FILE = "best.json"
+logger = logging.getLogger(__name__)
+
+SELECT_METRICS = ("psnr", "ssim", "nmse")
+# Metrics where a smaller value is better; the others are maximised.
+LOWER_IS_BETTER = frozenset({"nmse", "loss"})
+
+
+def is_better(metric: str, value: float, than: float | None) -> bool:
+    """Whether ``value`` strictly improves on ``than`` (``None``: nothing yet) for ``metric``."""
+    if not math.isfinite(value):
+        return False
+    if than is None:
+        return True
+    return value < than if metric in LOWER_IS_BETTER else value > than
+
+
+def best_round(values: Mapping[int, float], metric: str) -> int | None:
+    """The round with the best value of ``metric``; the earliest one wins a tie. ``None`` if empty."""
+    best: int | None = None
+    for rnd in sorted(values):
+        if is_better(metric, values[rnd], None if best is None else values[best]):
+            best = rnd
+    return best
+
+
+def global_values(store: RunDir, metric: str, phase: str = "evaluate") -> dict[int, float]:
+    """``round -> __global__`` value of ``metric`` in the run's metrics (newest record per round)."""
+    return {
+        r["round"]: r["metrics"][metric]
+        for r in store.read_metrics(dedupe=True)
+        if r["site"] == GLOBAL_SITE and r["phase"] == phase and r["metrics"].get(metric) is not None
+    }
+
+
+class BestTracker:
+    """Keeps ``best.json`` of one run up to date and counts rounds without improvement.
+
+    ``patience`` 0 never stops early. On a resumed run the tracker starts from the existing
+    ``best.json`` (and the rounds evaluated since), so patience carries over a restart.
+    """
+
+    def __init__(self, store: RunDir, metric: str, patience: int) -> None:
+        if metric not in SELECT_METRICS:
+            raise FedSenseError(f"select-metric must be one of {SELECT_METRICS}, got {metric!r}")
+        if patience < 0:
+            raise FedSenseError(f"patience must be >= 0, got {patience}")
+        self.store, self.metric, self.patience = store, metric, patience
+        self.best: dict[str, Any] | None = None
+        self.stale = 0
+
+    def resume(self, last_round: int) -> None:
+        """Continue after ``last_round``: adopt ``best.json`` if it is this metric's, else start over."""
+        best = self.store.best()
+        if best is not None and best["metric"] == self.metric and best["round"] <= last_round:
+            self.best = best
+            self.stale = last_round - best["round"]
+
+    def update(self, rnd: int, metrics: Mapping[str, float | None]) -> bool:
+        """Record round ``rnd``'s global validation ``metrics`` (its checkpoint must exist); True if best.
+
+        A round without the selected metric counts as not improving.
+        """
+        value = metrics.get(self.metric)
+        if value is not None and is_better(self.metric, value, None if self.best is None else self.best["value"]):
+            self.best = self.store.write_best(rnd, self.metric, float(value))
+            self.stale = 0
+            logger.info("round %d is the best so far: %s %.4g", rnd, self.metric, value)
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """True once ``patience`` (> 0) evaluated rounds in a row have not improved the best."""
+        return self.patience > 0 and self.stale >= self.patience
+
+    def stop_detail(self) -> dict[str, Any]:
+        """What ``status_detail`` records when a run stops early."""
+        best = f"best round {self.best['round']}" if self.best is not None else f"no finite {self.metric} at all"
+        return {"early_stop": f"no {self.metric} improvement for {self.stale} round(s) (patience {self.patience}); "
+                              f"{best}"}
 
 
 def read_best(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's ``best.json``; None when the run has none (yet)."""
-    path = Path(run_dir) / BEST_FILE
-    try:
-        best = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FedSenseError(f"{path}: unreadable best-round record: {exc}") from exc
-    if not isinstance(best, dict) or not isinstance(best.get("round"), int) or isinstance(best.get("round"), bool):
-        raise FedSenseError(f"{path}: round: expected an integer round number, got {best!r}")
-    return best
+    """The run's ``best.json`` (:meth:`RunDir.best`); None when the run has none (yet)."""
+    return RunDir(run_dir).best()
 
 
 def export_command(run_dir: str | Path, best: dict[str, Any] | None) -> str:
@@ -41,6 +117,4 @@ def best_summary(best: dict[str, Any] | None) -> str | None:
     """``best round 3 (psnr 31.20)`` for display; None without a best.json."""
     if best is None:
         return None
-    value = best.get("value")
-    shown = f"{value:.4g}" if isinstance(value, (int, float)) else "?"
-    return f"best round {best['round']} ({best.get('metric', '?')} {shown})"
+    return f"best round {best['round']} ({best['metric']} {best['value']:.4g})"

@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("baseline", help="local-only, centralized or zero-filled baseline on the same sites")
-    p.add_argument("kind", choices=("local", "centralized", "zero-filled"))
+    p.add_argument("kind", choices=("local", "centralized", "centralized-balanced", "zero-filled"))
     _add_run_options(p)
     p.set_defaults(func=cmd_baseline)
 

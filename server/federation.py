@@ -23,6 +23,7 @@ from server.collect import send_and_collect
 from server.optimisers import optimiser_state
 from server.privacy import client_dp_metrics
 from server.claims import apply_caps
+from server.best import BestTracker
 from server.store import GLOBAL_SITE, RunDir, weighted_mean
 from server.strategy import Rejection, site_of, supervision_of, validate_updates
 
@@ -97,6 +98,7 @@ class Federation:
 
     def __init__(self, grid: Grid, run: RunConfig, strategy: FedAvg, store: RunDir, model: torch.nn.Module) -> None:
         self.grid, self.run, self.strategy, self.store, self.model = grid, run, strategy, store, model
+        self.best = BestTracker(store, run.select_metric, run.patience)
 
     def wait_for_nodes(self, needed: int) -> None:
         """Block until ``needed`` SuperNodes are connected; fail clearly after ``node-wait-timeout``.
@@ -200,15 +202,27 @@ class Federation:
         return summary
 
     def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:
-        """Rounds ``start..N``; each ends with an atomic checkpoint of the global model."""
+        """Rounds ``start..N``; each ends with an atomic checkpoint of the global model.
+
+        After each evaluated round ``best.json`` is updated (:mod:`server.best`); once ``patience``
+        rounds pass without improvement the loop stops early (see :attr:`BestTracker.exhausted`).
+        """
         config = self.run.to_flat()
+        self.best.resume(start - 1)
+        if self.best.exhausted:  # a resumed run that had already stopped early stays stopped
+            return arrays
         for rnd in range(start, self.run.num_server_rounds + 1):
             logger.info("round %d/%d", rnd, self.run.num_server_rounds)
             arrays = self.train_round(rnd, arrays)
-            self.evaluate_round(rnd, arrays)
+            summary = self.evaluate_round(rnd, arrays)
             state = arrays.to_torch_state_dict()
             # A server optimiser's moments go with the weights, so a resumed run continues the same optimisation.
             server_optimizer = optimiser_state(self.strategy)
             extra = {"server_optimizer": server_optimizer} if server_optimizer is not None else None
             self.store.save_checkpoint(rnd, state, config, extra=extra)
+            if summary is not None:
+                self.best.update(rnd, summary["metrics"])
+                if self.best.exhausted:
+                    logger.info("stopping early after round %d: %s", rnd, self.best.stop_detail()["early_stop"])
+                    break
         return arrays

@@ -32,6 +32,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
+BEST_FILE = "best.json"
 GLOBAL_SITE = "__global__"
 PHASES = ("train", "evaluate", "finetune")  # finetune: the sites' personalised models after the last round
 STATUSES = ("running", "finished", "failed")
@@ -387,6 +388,48 @@ class RunDir:
                 continue
             return round, payload
         return None
+
+    # best.json ---------------------------------------------------------------------------------
+
+    @property
+    def best_path(self) -> Path:
+        """Where the best round so far is recorded (see :mod:`server.best`)."""
+        return self.path / BEST_FILE
+
+    def write_best(self, round: int, metric: str, value: float) -> dict[str, Any]:
+        """Atomically record ``round`` as the best one by ``metric``; returns what was written.
+
+        The checkpoint it names must already exist, so a reader never follows a dangling pointer.
+        """
+        checkpoint = self.checkpoint_path(round)
+        if not checkpoint.is_file():
+            raise FedSenseError(f"{self.best_path}: round {round} has no checkpoint ({checkpoint})")
+        if not math.isfinite(value):
+            raise FedSenseError(f"{self.best_path}: {metric} of round {round} is not finite ({value})")
+        best = {"round": round, "metric": metric, "value": float(value),
+                "checkpoint": checkpoint.relative_to(self.path).as_posix()}
+        atomic_write_bytes(self.best_path, (json.dumps(best, indent=2, allow_nan=False) + "\n").encode())
+        return best
+
+    def best(self) -> dict[str, Any] | None:
+        """The run's best round ``{"round", "metric", "value", "checkpoint"}``; ``None`` before any.
+
+        An unreadable or malformed file raises ``FedSenseError`` naming it.
+        """
+        try:
+            text = self.best_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FedSenseError(f"{self.best_path}: cannot read: {exc}") from exc
+        try:
+            best = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FedSenseError(f"{self.best_path}: invalid JSON: {exc}") from exc
+        if (not isinstance(best, dict) or not _is_int(best.get("round")) or not isinstance(best.get("metric"), str)
+                or not _is_number(best.get("value")) or not isinstance(best.get("checkpoint"), str)):
+            raise FedSenseError(f"{self.best_path}: needs round (int), metric (str), value (number), checkpoint (str)")
+        return best
 
     # samples -----------------------------------------------------------------------------------
 

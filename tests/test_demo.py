@@ -142,3 +142,20 @@ def test_main_with_site_files(tmp_path: Path) -> None:
 
 def test_default_sites_are_the_shipped_ones() -> None:
     assert [site.name for site in default_sites()] == ["site-a", "site-b", "site-c"]
+
+
+def test_anatomy_keeps_the_template_texture_within_a_tissue() -> None:
+    """Inside pure white matter, intensities vary with the real template (not one constant per tissue)."""
+    from common.data.phantom import make_subject
+
+    subject = make_subject(np.random.default_rng(0), 64, 4, slice_thickness_mm=6.0, z_start_mm=10.0)
+    white = subject.tissues["wm"] > 0.95
+    assert white.sum() > 200
+    for contrast in ("T1", "T2", "FLAIR"):
+        values = (subject.image(contrast) / subject.bias)[white]  # the smooth bias field removed
+        relative = values / values.mean()
+        assert relative.std() > 0.01, contrast
+        assert len(np.unique(np.round(relative, 3))) > 50, contrast
+    # T1 keeps the template's texture, T2 inverts it.
+    t1, t2 = (subject.image(c) / subject.bias for c in ("T1", "T2"))
+    assert np.corrcoef(t1[white], t2[white])[0, 1] < -0.5

@@ -2,8 +2,12 @@
 
 The demo data must look like real heads (so reconstructions and metrics behave as on real data) yet be
 made offline and deterministically. The template's grey- and white-matter probability maps, plus CSF as
-the rest of the brain mask, give tissue fractions; each contrast is a weighted sum of them with
-literature-like relative intensities (T1: WM > GM > CSF, T2: CSF > GM > WM, ...). Subjects differ by a
+the rest of the brain mask, give tissue fractions (partial volume); each contrast is a weighted sum of them
+with literature-like relative intensities (T1: WM > GM > CSF, T2: CSF > GM > WM, ...). Constant intensities
+per tissue would be a cartoon (piecewise-constant, which favours sparsity priors and teaches a network no
+texture), so the real template T1 intensities modulate each tissue: the ratio of the template T1 to what
+the tissue fractions alone predict is its texture, and a per-contrast intensity curve (a power of that
+ratio, inverted for T2-like contrasts) carries it into every contrast. Subjects differ by a
 smooth random deformation, head size and pose, slice coverage, tissue-intensity jitter and a bias field;
 optional scalp (non-skull-stripped data) and a ring-enhancing tumour (BraTS-like data) make sites differ.
 
@@ -38,7 +42,7 @@ TISSUES = ("wm", "gm", "csf", "scalp", "necrosis", "enhancing", "oedema")
 # Relative signal per tissue (bone and air give none). Ordering follows textbook contrast behaviour; the
 # tumour classes follow BraTS: oedema bright on T2/FLAIR, enhancing rim bright on T1ce, necrosis dark on T1.
 # fmt: off
-_WEIGHT_TABLE = {  # wm    gm    csf  scalp necrosis enhancing oedema
+_WEIGHT_TABLE = {  # wm    gm    csf  scalp necrosis enhancing oedema  (relative intensities)
     "T1":    (1.00, 0.70, 0.25, 0.95, 0.30, 0.65, 0.50),
     "T1CE":  (1.00, 0.70, 0.25, 0.95, 0.30, 1.30, 0.50),
     "T2":    (0.50, 0.70, 1.00, 0.55, 1.00, 0.75, 0.90),
@@ -50,6 +54,12 @@ CONTRAST_WEIGHTS: dict[str, dict[str, float]] = {
     contrast: dict(zip(TISSUES, row, strict=True)) for contrast, row in _WEIGHT_TABLE.items()
 }
 CONTRASTS = tuple(CONTRAST_WEIGHTS)
+# Exponent of the template-texture ratio per contrast: T1-weighted contrasts keep the template's texture
+# (amplified: the template is an average of 152 brains, smoother than one); T2-like contrasts invert it,
+# as long-T1 tissue is also long-T2; PD shows it weakly.
+TEXTURE_EXPONENT = {"T1": 1.5, "T1CE": 1.5, "T2": -1.2, "PD": -0.5, "FLAIR": -0.8}
+# Tissues whose intensity the template's texture modulates (scalp and tumour are not in the template).
+_TEXTURED = ("wm", "gm", "csf")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Template:
     wm: np.ndarray
     brain: np.ndarray
     affine: np.ndarray
+    texture: np.ndarray  # template T1 / the T1 its tissue fractions predict (1 outside the brain)
 
 
 def template_dir() -> Path:
@@ -84,7 +95,23 @@ def load_template() -> Template:
             raise DataError(f"{path}: cannot read the MNI template: {exc}") from exc
         affine = img.affine
     brain = (arrays["t1"] > _BRAIN_THRESHOLD).astype(np.float32)
-    return Template(gm=arrays["gm"], wm=arrays["wm"], brain=brain, affine=np.asarray(affine))
+    return Template(gm=arrays["gm"], wm=arrays["wm"], brain=brain, affine=np.asarray(affine),
+                    texture=_texture(arrays["t1"], arrays["gm"], arrays["wm"], brain))
+
+
+def _texture(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The template T1's variation *within* tissue classes: T1 / (sum of fractions x class mean T1).
+
+    Class means are fraction-weighted over the brain, so partial volume (already in the fractions) is
+    not counted twice; what remains is the real anatomy's texture (myelination gradients, deep grey
+    nuclei, sulcal detail), clipped to a plausible range.
+    """
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
+    fractions = (gm, wm, csf)
+    means = [float((t1 * f).sum() / max(float(f.sum()), 1e-6)) for f in fractions]
+    predicted = sum(f * m for f, m in zip(fractions, means))
+    ratio = np.where(predicted > 0.05, t1 / np.maximum(predicted, 1e-6), 1.0)
+    return np.clip(ratio, 0.5, 1.6).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ class Subject:
 
     tissues: dict[str, np.ndarray]  # name -> (X, Y, Z) float32 fraction
     bias: np.ndarray  # (X, Y, Z) multiplicative receive/transmit inhomogeneity
+    texture: np.ndarray  # (X, Y, Z) template texture ratio (see load_template), 1 where there is none
     jitter: dict[str, float]  # per-tissue relative intensity factor of this subject
     spacing_mm: tuple[float, float, float]
     origin_mm: tuple[float, float, float]  # world position of voxel (0, 0, 0)
@@ -110,9 +138,11 @@ class Subject:
             weights = CONTRAST_WEIGHTS[contrast.upper()]
         except KeyError as exc:
             raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}") from exc
+        modulation = self.texture ** TEXTURE_EXPONENT[contrast.upper()]
         volume = np.zeros_like(self.bias)
         for tissue, fraction in self.tissues.items():
-            volume += fraction * (weights[tissue] * self.jitter[tissue])
+            value = fraction * (weights[tissue] * self.jitter[tissue])
+            volume += value * modulation if tissue in _TEXTURED else value
         return (volume * self.bias).astype(np.float32)
 
 
@@ -162,8 +192,8 @@ def make_subject(
     voxels = (points - template.affine[:3, 3]) @ np.linalg.inv(template.affine[:3, :3]).T
     coords = np.moveaxis(voxels, -1, 0)
 
-    def sample(volume: np.ndarray) -> np.ndarray:
-        return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
+    def sample(volume: np.ndarray, outside: float = 0.0) -> np.ndarray:
+        return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=outside).astype(np.float32)
 
     gm, wm, brain = sample(template.gm), sample(template.wm), sample(template.brain)
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
@@ -178,6 +208,7 @@ def make_subject(
     return Subject(
         tissues=tissues,
         bias=_bias_field(rng, shape),
+        texture=sample(template.texture, outside=1.0),
         jitter=jitter,
         spacing_mm=spacing,
         origin_mm=origin,

@@ -35,6 +35,7 @@ class RunView:
     path: Path
     config: dict[str, Any]
     records: list[dict[str, Any]]
+    best: dict[str, Any] | None = None  # best.json: the round selected on the validation metric
 
     @property
     def status(self) -> str:
@@ -84,7 +85,7 @@ def load_run(run_dir: str | os.PathLike[str], must_exist: bool = True, metrics: 
         raise FedSenseError(f"{run.path}: no such run directory")
     config = run.read_config() if run.config_path.exists() else {}
     records = run.read_metrics(dedupe=True) if metrics else []
-    return RunView(path=run.path, config=config, records=records)
+    return RunView(path=run.path, config=config, records=records, best=run.best() if metrics else None)
 
 
 def site_sort_key(site: str) -> tuple[bool, str]:

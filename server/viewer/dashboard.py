@@ -131,7 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _metrics(self, query: dict[str, list[str]]) -> None:
         view = load_run(self.server.run_dir, must_exist=False)
-        self._send_json({"columns": COLUMNS, "rows": view.rows(),
+        self._send_json({"columns": COLUMNS, "rows": view.rows(), "best": view.best,
                          "self_supervised": sorted(view.self_supervised_sites())})
 
     def _config(self, query: dict[str, list[str]]) -> None:

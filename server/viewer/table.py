@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import FedSenseError
-from server.best import best_summary, export_command, read_best
+from server.best import export_command
 from server.store import GLOBAL_SITE
 from server.viewer import (
     COLUMNS,
@@ -72,9 +72,16 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         f"rounds evaluated {done}{planned}  [dim]{view.path}[/dim]",
         highlight=False,
     )
-    best = read_best(view.path)
-    console.print(f"{best_summary(best) or 'no best round recorded'}  ·  export: "
-                  f"[bold]{export_command(view.path, best)}[/bold]", highlight=False, soft_wrap=True)  # copy-pasteable
+    best = view.best["round"] if view.best else None
+    if view.best:
+        console.print(
+            f"best round [bold]{best}[/bold] by {view.best['metric']} "
+            f"({format_metric(view.best['metric'], view.best['value'])}), {view.best['checkpoint']}  "
+            "[dim](marked * in the evaluate tables)[/dim]",
+            highlight=False,
+        )
+    console.print(f"export: [bold]{export_command(view.path, view.best)}[/bold]", highlight=False,
+                  soft_wrap=True)  # copy-pasteable
     sites = view.sites()
     self_supervised = view.self_supervised_sites()
     printed = False
@@ -94,7 +101,10 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
                 name = "global" if is_global else f"{site} (self)" if site in self_supervised else site
                 table.add_column(name, justify="right", style="bold" if is_global else None)
             for round_, values in sorted(cells.items()):
-                table.add_row(str(round_), *(format_metric(metric, values.get(site)) for site in sites))
+                marked = phase == "evaluate" and round_ == best
+                table.add_row(f"*{round_}" if marked else str(round_),
+                              *(format_metric(metric, values.get(site)) for site in sites),
+                              style="bold yellow" if marked else None)
             console.print(table)
             printed = True
     if not printed:

@@ -1,0 +1,125 @@
+"""Best-round tracking: selection direction per metric, best.json, patience, and how the viewers mark it."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import FedSenseError
+from server.best import BestTracker, best_round, global_values, is_better
+from server.store import GLOBAL_SITE, RunDir
+from server.viewer import dashboard
+from server.viewer.table import show
+
+
+def _eval(run: RunDir, rnd: int, **metrics: float) -> None:
+    run.append_metrics([{"run": "r", "round": rnd, "phase": "evaluate", "site": GLOBAL_SITE, "time": 0.0,
+                         "num_examples": 4, "metrics": metrics}])
+
+
+def _checkpoint(run: RunDir, rnd: int) -> None:
+    run.save_checkpoint(rnd, {"w": torch.full((2,), float(rnd))}, {"model": "unet"})
+
+
+@pytest.fixture()
+def run(tmp_path: Path) -> RunDir:
+    store = RunDir(tmp_path / "run")
+    store.init({"name": "r", "num-server-rounds": 5}, resume=False)
+    return store
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_round_matches_argmax_for_psnr_and_argmin_for_nmse(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=9)
+    rounds = {i + 1: float(v) for i, v in enumerate(values)}
+    assert best_round(rounds, "psnr") == int(np.argmax(values)) + 1
+    assert best_round(rounds, "ssim") == int(np.argmax(values)) + 1
+    assert best_round(rounds, "nmse") == int(np.argmin(values)) + 1
+
+
+def test_ties_and_non_finite_values() -> None:
+    assert best_round({1: 2.0, 2: 2.0, 3: float("nan")}, "psnr") == 1
+    assert best_round({}, "psnr") is None
+    assert not is_better("psnr", float("nan"), None)
+    assert is_better("nmse", 0.1, 0.2) and not is_better("nmse", 0.2, 0.1)
+    assert is_better("psnr", 30.0, 29.0) and not is_better("psnr", 29.0, 30.0)
+
+
+def test_tracker_writes_best_json_and_stops_after_patience(run: RunDir) -> None:
+    tracker = BestTracker(run, "nmse", patience=2)
+    assert run.best() is None
+    history = {1: 0.30, 2: 0.10, 3: 0.20, 4: 0.15}
+    stopped_at = None
+    for rnd, value in history.items():
+        _eval(run, rnd, nmse=value, psnr=30.0 - rnd)
+        _checkpoint(run, rnd)
+        tracker.update(rnd, {"nmse": value})
+        if tracker.exhausted:
+            stopped_at = rnd
+            break
+    assert stopped_at == 4  # rounds 3 and 4 did not beat round 2's lower NMSE
+    best = run.best()
+    assert best == {"round": 2, "metric": "nmse", "value": 0.10, "checkpoint": "checkpoints/round-0002.pt"}
+    payload = torch.load(run.path / best["checkpoint"], weights_only=True)
+    assert payload["round"] == 2 and torch.equal(payload["state_dict"]["w"], torch.full((2,), 2.0))
+    assert best["round"] == best_round(global_values(run, "nmse"), "nmse")
+    assert "patience 2" in tracker.stop_detail()["early_stop"]
+
+
+def test_patience_zero_never_stops_and_resume_keeps_the_count(run: RunDir) -> None:
+    never = BestTracker(run, "psnr", patience=0)
+    for rnd in range(1, 5):
+        _checkpoint(run, rnd)
+        never.update(rnd, {"psnr": 10.0 if rnd == 1 else 5.0})
+    assert not never.exhausted and never.stale == 3
+    resumed = BestTracker(run, "psnr", patience=4)
+    resumed.resume(last_round=4)
+    assert resumed.best is not None and resumed.best["round"] == 1 and resumed.stale == 3
+    _checkpoint(run, 5)
+    resumed.update(5, {"psnr": 1.0})
+    assert resumed.exhausted
+    other_metric = BestTracker(run, "ssim", patience=4)
+    other_metric.resume(last_round=5)
+    assert other_metric.best is None
+
+
+def test_best_json_needs_the_checkpoint_and_rejects_bad_files(run: RunDir) -> None:
+    with pytest.raises(FedSenseError, match="no checkpoint"):
+        run.write_best(3, "psnr", 20.0)
+    run.best_path.write_text('{"round": "x"}')
+    with pytest.raises(FedSenseError, match="best.json"):
+        run.best()
+    with pytest.raises(FedSenseError, match="select-metric"):
+        BestTracker(run, "loss", patience=0)
+
+
+def test_metrics_show_and_dashboard_mark_the_best_round(run: RunDir) -> None:
+    tracker = BestTracker(run, "psnr", patience=0)
+    for rnd, value in ((1, 20.0), (2, 23.5), (3, 22.0)):
+        _eval(run, rnd, psnr=value)
+        _checkpoint(run, rnd)
+        tracker.update(rnd, {"psnr": value})
+    out = io.StringIO()
+    show(run.path, out=out, metrics=["psnr"])
+    text = out.getvalue()
+    assert "best round 2 by psnr (23.50)" in text and "checkpoints/round-0002.pt" in text
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    marked = [line for line in rows if "*" in line]
+    assert len(marked) == 1 and "*2" in marked[0] and "23.50" in marked[0]
+
+    server = dashboard.start(run.path)
+    try:
+        with urllib.request.urlopen(server.url + "api/metrics", timeout=10) as response:
+            data = json.load(response)
+        page = urllib.request.urlopen(server.url, timeout=10).read().decode()
+    finally:
+        server.stop()
+    assert data["best"]["round"] == 2
+    assert 'id="best-round"' in page and "best-marker" in page

@@ -1,0 +1,63 @@
+"""Early stopping and best.json in a real Flower run, and in the baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.models import build_model
+from common.runconfig import RunConfig
+from server.baseline import Baseline
+from server.best import best_round, global_values
+from server.simulate import simulate
+from server.store import GLOBAL_SITE, RunDir
+
+pytestmark = pytest.mark.slow
+
+MODEL_ARGS = '{"chans": 8, "num_pool_layers": 2}'
+ROUNDS, PATIENCE = 4, 1
+
+
+def run_config(sites: list[Path], run_dir: Path, **extra: object) -> RunConfig:
+    # A learning rate this high makes validation PSNR fall back after an early peak, so patience 1 must
+    # stop the run before its last round (training is deterministic for the seed).
+    return RunConfig.from_flat({
+        "name": "early", "num-server-rounds": ROUNDS, "strategy": "fedavg", "model": "unet", "model-args": MODEL_ARGS,
+        "local-steps": 3, "batch-size": 2, "learning-rate": 0.2, "min-train-nodes": len(sites),
+        "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites), "sites": ",".join(map(str, sites)),
+        "run-dir": str(run_dir), "num-samples": 0, "patience": PATIENCE, "resume": False, **extra,
+    })
+
+
+def assert_stopped_early_at_best(store: RunDir, metric: str = "psnr") -> dict:
+    """Check the run stopped right after patience ran out, at the best round; return that checkpoint."""
+    values = {r: v for r, v in global_values(store, metric).items() if r >= 1}
+    last = max(values)
+    best = store.best()
+    assert best is not None and best["metric"] == metric
+    assert best["round"] == best_round(values, metric)  # independent of the tracker's own bookkeeping
+    assert last == best["round"] + PATIENCE < ROUNDS  # stopped as soon as patience ran out, not at the end
+    assert best["value"] == pytest.approx(values[best["round"]])
+    config = store.read_config()
+    assert config["status"] == "finished" and "patience 1" in config["status_detail"]["early_stop"]
+    payload = torch.load(store.path / best["checkpoint"], weights_only=True)
+    assert payload["round"] == best["round"]
+    return payload
+
+
+def test_flower_run_stops_early_and_best_json_points_at_a_loadable_checkpoint(
+        small_sites: list[Path], tmp_path: Path) -> None:
+    store = simulate(run_config(small_sites[:2], tmp_path / "fed"), timeout=900)
+    payload = assert_stopped_early_at_best(store)
+    model = build_model("unet", chans=8, num_pool_layers=2)
+    model.load_state_dict(payload["state_dict"])
+    assert not store.checkpoint_path(ROUNDS).exists()
+
+
+def test_pooled_centralized_baseline_keeps_best_json_and_stops_early(small_sites: list[Path], tmp_path: Path) -> None:
+    store = Baseline("centralized", run_config(small_sites[:2], tmp_path / "central", **{"select-metric": "nmse"})).execute()
+    assert_stopped_early_at_best(store, "nmse")
+    trained = [r for r in store.read_metrics() if r["phase"] == "train" and r["site"] == GLOBAL_SITE]
+    assert len(trained) == max(global_values(store, "nmse"))
