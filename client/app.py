@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 app = ClientApp(mods=[egress_audit_mod])
 
+#: Metrics of the evaluation a training message asked for first (the server's ``server.federation.CARRIED``).
+CARRIED_PREFIX = "eval/"
+
 
 def _setup(
     msg: Message, context: Context, state_round: int
@@ -66,6 +69,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
+    carried: dict[str, float] = {}
+    if msg.content["config"].get("evaluate-first", False):
+        # evaluate-with-train: the model received is round (server_round - 1)'s; score it before training.
+        carried = {f"{CARRIED_PREFIX}{k}": v for k, v in _validate(run, site, model, datasets, server_round - 1).items()}
     device = resolve_device(run.device, "run config: device")
     model.to(device)  # before the optimiser (and any kept state) is bound to the parameters
     optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
@@ -79,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
                   if supervision == "self" else None)
     started = time.perf_counter()
     if run.dp_noise_multiplier > 0:
-        return _train_private(msg, context, run, site, model, loader, mu, memory, supervision)
+        return _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried)
     result = train_model(
         model,
         loader,
@@ -97,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
-               "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run)}
+               "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
     return _reply(msg, site, metrics, memory.shared(model), supervision)
 
@@ -108,19 +115,20 @@ def _client_dp_weight(run: RunConfig) -> dict[str, float]:
 
 
 def _train_private(msg: Message, context: Context, run: RunConfig, site: str, model: torch.nn.Module,
-                   loader: torch.utils.data.DataLoader, mu: float, memory: SiteMemory, supervision: str) -> Message:
+                   loader: torch.utils.data.DataLoader, mu: float, memory: SiteMemory, supervision: str,
+                   carried: dict[str, float]) -> Message:
     """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
     started = time.perf_counter()
     path = ledger_path(context, run, resolve_site_config_path(context.node_config, run), site)
     result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
     if result is None:
-        metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started}
+        metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started, **carried}
         return _reply(msg, site, metrics, None, supervision)
     store_ledger(context, path, ledger)
     logger.info("site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g", site, result.loss, result.steps,
                 privacy["dp-epsilon"], run.dp_delta)
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
-               "compute-seconds": time.perf_counter() - started, **privacy, **_client_dp_weight(run)}
+               "compute-seconds": time.perf_counter() - started, **privacy, **_client_dp_weight(run), **carried}
     return _reply(msg, site, metrics, memory.shared(model), supervision)
 
 
@@ -129,6 +137,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation-split PSNR / SSIM / NMSE of the global model at this site (with its own local layers)."""
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, _, _ = _setup(msg, context, state_round=server_round)
+    metrics = _validate(run, site, model, datasets, server_round)
+    return _reply(msg, site, metrics, None, datasets["val"].config.supervision)
+
+
+def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict, server_round: int) -> dict[str, float]:
+    """Validation metrics of ``model`` as round ``server_round``'s (samples written site-locally)."""
     loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
     device = resolve_device(run.device, "run config: device")
     num_samples = run.num_samples if run.sample_dir else 0
@@ -148,9 +162,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         # Sample images stay on this machine: written to a site-local directory, never sent.
         save_samples(run.sample_dir, server_round, site, result.samples)
     logger.info("site %s round %d: %s", site, server_round, result.metrics)
-    metrics = {"num-examples": result.num_examples, **result.metrics,
-               "compute-seconds": time.perf_counter() - started}
-    return _reply(msg, site, metrics, None, supervision)
+    return {"num-examples": result.num_examples, **result.metrics, "compute-seconds": time.perf_counter() - started}
 
 
 @app.train("finetune")

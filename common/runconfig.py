@@ -82,6 +82,7 @@ class RunConfig(BaseModel):
     site_caps: str = "{}"
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)
+    evaluate_with_train: bool = False
 
     @field_validator("model_args", "site_caps", mode="before")
     @classmethod

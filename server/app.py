@@ -49,8 +49,8 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("restored the %s server optimiser state of round %d", run.strategy, latest[0])
     federation = Federation(grid, run, wrap_client_dp(strategy, run, start - 1), store, model)
     try:
-        if start == 1:
-            federation.evaluate_round(0, arrays)
+        if start == 1 and not federation.carries_evaluation:
+            federation.evaluate_round(0, arrays)  # (with evaluate-with-train, round 1's training carries it)
         arrays = federation.run_rounds(start, arrays)
         if run.fine_tune_steps > 0:
             federation.fine_tune_round(run.num_server_rounds, arrays)

@@ -37,10 +37,24 @@ class RoundFailed(FedSenseError):
     """Too few sites replied (or survived validation) for a round to be aggregated."""
 
 
-def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message]) -> list[dict[str, Any]]:
+#: Prefix of the metrics a training reply carries for the evaluation it did first (``evaluate-with-train``).
+CARRIED = "eval/"
+
+
+def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], prefix: str = "") -> list[dict[str, Any]]:
+    """One record per reply; ``prefix`` selects (and strips) the metrics of a carried evaluation.
+
+    Without a prefix, carried metrics are left out, so a training record holds training metrics only.
+    """
     records = []
     for msg in replies:
-        metrics = dict(next(iter(msg.content.metric_records.values())))
+        raw = dict(next(iter(msg.content.metric_records.values())))
+        if prefix:
+            metrics = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+            if "num-examples" not in metrics:
+                continue
+        else:
+            metrics = {k: v for k, v in raw.items() if not k.startswith(CARRIED)}
         n = int(metrics.pop("num-examples"))
         records.append(
             {
@@ -98,6 +112,8 @@ class Federation:
 
     def __init__(self, grid: Grid, run: RunConfig, strategy: FedAvg, store: RunDir, model: torch.nn.Module) -> None:
         self.grid, self.run, self.strategy, self.store, self.model = grid, run, strategy, store, model
+        #: The global summary of the evaluation the last training round carried (evaluate-with-train).
+        self.carried: dict[str, Any] | None = None
         self.best = BestTracker(store, run.select_metric, run.patience)
 
     def wait_for_nodes(self, needed: int) -> None:
@@ -133,10 +149,15 @@ class Federation:
         ]
         return ok, failed + silent
 
+    @property
+    def carries_evaluation(self) -> bool:
+        """Whether each training message also asks for the evaluation of the model it carries."""
+        return self.run.evaluate_with_train and self.run.fraction_evaluate > 0.0
+
     def _train_config(self) -> ConfigRecord:
         # FedProx injects its own mu; robust aggregators may still be combined with a proximal term.
         mu = self.run.proximal_mu if self.run.strategy != "fedavg" else 0.0
-        return ConfigRecord({"proximal-mu": mu})
+        return ConfigRecord({"proximal-mu": mu, "evaluate-first": self.carries_evaluation})
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """Federated evaluation of ``arrays`` on every sampled site's validation split."""
@@ -156,10 +177,24 @@ class Federation:
         return summary
 
     def train_round(self, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
-        """One round of local training at the sites and aggregation of the valid updates."""
+        """One round of local training at the sites and aggregation of the valid updates.
+
+        With ``evaluate-with-train`` the sites first evaluate the model they received (round
+        ``rnd - 1``'s global model); that evaluation is recorded as round ``rnd - 1``'s, and its
+        global summary kept in :attr:`carried`.
+        """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_train_nodes))
         t0 = time.time()
         replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
+        self.carried = None
+        if self.carries_evaluation:
+            evaluated = _site_records(self.run, rnd - 1, "evaluate", replies, prefix=CARRIED)
+            if evaluated:
+                # The evaluation rode on the training message: it has no wall time or overhead of its own.
+                compute = max(r["metrics"].get("compute-seconds", 0.0) for r in evaluated)
+                self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, failed, compute)
+                self.carried["carried_by"] = f"round {rnd} train"
+                self.store.append_metrics(evaluated + [self.carried])
         valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
         valid, uncapped, clipped = apply_caps(valid, self.run.caps)
         rejected = failed + rejected + uncapped
@@ -211,18 +246,29 @@ class Federation:
         self.best.resume(start - 1)
         if self.best.exhausted:  # a resumed run that had already stopped early stays stopped
             return arrays
-        for rnd in range(start, self.run.num_server_rounds + 1):
-            logger.info("round %d/%d", rnd, self.run.num_server_rounds)
+        last = self.run.num_server_rounds
+        for rnd in range(start, last + 1):
+            logger.info("round %d/%d", rnd, last)
+            previous = arrays
             arrays = self.train_round(rnd, arrays)
-            summary = self.evaluate_round(rnd, arrays)
+            if self.carried is not None and rnd > 1 and self._stops(rnd - 1, self.carried):
+                # Round rnd - 1 was the last one worth keeping; round rnd is neither evaluated nor saved.
+                arrays = previous
+                break
+            # With evaluate-with-train the next round's training evaluates this round's model.
+            summary = self.evaluate_round(rnd, arrays) if not self.carries_evaluation or rnd == last else None
             state = arrays.to_torch_state_dict()
             # A server optimiser's moments go with the weights, so a resumed run continues the same optimisation.
             server_optimizer = optimiser_state(self.strategy)
             extra = {"server_optimizer": server_optimizer} if server_optimizer is not None else None
             self.store.save_checkpoint(rnd, state, config, extra=extra)
-            if summary is not None:
-                self.best.update(rnd, summary["metrics"])
-                if self.best.exhausted:
-                    logger.info("stopping early after round %d: %s", rnd, self.best.stop_detail()["early_stop"])
-                    break
+            if summary is not None and self._stops(rnd, summary):
+                break
         return arrays
+
+    def _stops(self, rnd: int, summary: dict[str, Any]) -> bool:
+        """Update ``best.json`` with round ``rnd``'s evaluation; True once patience is exhausted."""
+        self.best.update(rnd, summary["metrics"])
+        if self.best.exhausted:
+            logger.info("stopping early after round %d: %s", rnd, self.best.stop_detail()["early_stop"])
+        return self.best.exhausted
