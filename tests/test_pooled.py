@@ -41,3 +41,25 @@ def test_sites_are_drawn_in_proportion_to_their_slices_and_runs_reproduce() -> N
     loader = PooledLoader(datasets, 3, seed=2)
     firsts = [loader.batches()[0][0] for _ in range(2000)]
     assert abs(firsts.count(0) / 2000 - 2 / 20) < 0.03
+
+
+def test_pooled_training_augments_like_the_other_loaders(small_sites) -> None:  # type: ignore[no-untyped-def]
+    """Pooled centralized training sees fresh masks every pass, as federated and local training do."""
+    from common.data.loaders import load_site
+
+    train = [load_site(str(path))[1]["train"] for path in small_sites[1:]]
+
+    def one_pass(loader: PooledLoader) -> dict[tuple[str, str, int], torch.Tensor]:
+        return {(b["site"][i], b["fname"][i], int(b["slice_idx"][i])): b["mask"][i]
+                for b in loader for i in range(len(b["fname"]))}
+
+    def two_passes(augment: bool) -> tuple[dict, dict]:
+        loader = PooledLoader(train, batch_size=4, seed=0, augment=augment)
+        return one_pass(loader), one_pass(loader)
+
+    fixed, augmented, again = two_passes(False), two_passes(True), two_passes(True)
+    assert fixed[0].keys() == augmented[0].keys() and len(fixed[0]) > 4
+    assert all(torch.equal(fixed[0][k], fixed[1][k]) for k in fixed[0]), "no augmentation: each slice's fixed mask"
+    changed = [k for k in augmented[0] if not torch.equal(augmented[0][k], augmented[1][k])]
+    assert len(changed) > len(augmented[0]) // 2, "augmentation: fresh masks on the next pass"
+    assert all(torch.equal(augmented[p][k], again[p][k]) for p in (0, 1) for k in augmented[0]), "reproducible"

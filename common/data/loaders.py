@@ -58,11 +58,15 @@ class EpochLoader(DataLoader):
         self.passes = 0
 
     def __iter__(self) -> Iterator[Any]:
-        epoch = None if self.augment_seed is None else (self.augment_seed, self.passes)
-        for dataset in _leaf_datasets(self.dataset):
-            dataset.set_epoch(epoch)
+        set_pass(self.dataset, None if self.augment_seed is None else (self.augment_seed, self.passes))
         self.passes += 1
         return super().__iter__()
+
+
+def set_pass(dataset: Dataset, epoch: tuple[int, int] | None) -> None:
+    """Tell every SiteDataset inside ``dataset`` which augmented pass starts (``None``: fixed draws)."""
+    for leaf in _leaf_datasets(dataset):
+        leaf.set_epoch(epoch)
 
 
 def _leaf_datasets(dataset: Dataset) -> list[SiteDataset]:

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
+from common.data.loaders import set_pass
+
 
 class PooledLoader:
     """Single-site batches drawn from the pooled slices of ``datasets``; reproducible for a ``seed``.
@@ -22,7 +24,7 @@ class PooledLoader:
     training for more steps than one epoch sees new orders, as a shuffling DataLoader does.
     """
 
-    def __init__(self, datasets: Sequence[Dataset], batch_size: int, seed: int) -> None:
+    def __init__(self, datasets: Sequence[Dataset], batch_size: int, seed: int, augment: bool = False) -> None:
         if not datasets:
             raise ValueError("PooledLoader needs at least one dataset")
         if batch_size < 1:
@@ -31,6 +33,8 @@ class PooledLoader:
         self.batch_size = batch_size
         self.dataset = ConcatDataset(self.datasets)
         self.generator = torch.Generator().manual_seed(seed)
+        # As make_loader's: with augment every pass draws fresh masks (and simulated noise and phase).
+        self.augment_seed, self.passes = (seed if augment else None), 0
 
     def batches(self) -> list[tuple[int, list[int]]]:
         """One epoch's ``(dataset index, slice indices)`` batches in the order they will be served."""
@@ -45,5 +49,7 @@ class PooledLoader:
         return sum(-(-len(d) // self.batch_size) for d in self.datasets)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[dict[str, object]]:
+        set_pass(self.dataset, None if self.augment_seed is None else (self.augment_seed, self.passes))
+        self.passes += 1
         for which, indices in self.batches():
             yield default_collate([self.datasets[which][i] for i in indices])
