@@ -37,7 +37,7 @@ def test_table_and_dashboard_show_best_round_and_export_command(run: RunDir) -> 
     (run.path / "best.json").write_text(json.dumps(
         {"round": 2, "metric": "psnr", "value": 21.0, "checkpoint": "checkpoints/round-0002.pt"}))
     text = " ".join(_table(run).split())
-    assert "best round 2 (psnr 21)" in text and f"fedsense export {run.path} --round best --out model/" in text
+    assert "best round 2 by psnr (21.00)" in text and f"fedsense export {run.path} --round best --out model/" in text
     dashboard = start(run.path)
     try:
         with urllib.request.urlopen(dashboard.url + "api/config", timeout=10) as response:

@@ -80,6 +80,8 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
             "[dim](marked * in the evaluate tables)[/dim]",
             highlight=False,
         )
+    else:
+        console.print("no best round recorded", highlight=False)
     console.print(f"export: [bold]{export_command(view.path, view.best)}[/bold]", highlight=False,
                   soft_wrap=True)  # copy-pasteable
     sites = view.sites()
