@@ -68,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
-    mu = float(msg.content["config"].get("proximal-mu", run.proximal_mu))
+    mu = float(msg.content["config"].get("proximal-mu", run.proximal_term_mu))
     carried: dict[str, float] = {}
     if msg.content["config"].get("evaluate-first", False):
         # evaluate-with-train: the model received is round (server_round - 1)'s; score it before training.

@@ -118,6 +118,15 @@ class RunConfig(BaseModel):
         return {str(k): int(v) for k, v in caps.items()}
 
     @property
+    def proximal_term_mu(self) -> float:
+        """The one rule for FedProx's term: ``proximal-mu`` with ``strategy = fedprox``, 0 otherwise.
+
+        (FedProx is FedAvg plus the term; the robust and server-optimiser strategies aggregate plain
+        local updates, so pyproject's ``proximal-mu`` default never leaks into them.)
+        """
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
+
+    @property
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`common.models.build_model`."""
         return dict(json.loads(self.model_args))

@@ -155,9 +155,7 @@ class Federation:
         return self.run.evaluate_with_train and self.run.fraction_evaluate > 0.0
 
     def _train_config(self) -> ConfigRecord:
-        # FedProx injects its own mu; robust aggregators may still be combined with a proximal term.
-        mu = self.run.proximal_mu if self.run.strategy != "fedavg" else 0.0
-        return ConfigRecord({"proximal-mu": mu, "evaluate-first": self.carries_evaluation})
+        return ConfigRecord({"proximal-mu": self.run.proximal_term_mu, "evaluate-first": self.carries_evaluation})
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """Federated evaluation of ``arrays`` on every sampled site's validation split."""

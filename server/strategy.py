@@ -37,7 +37,7 @@ def build_strategy(run: RunConfig) -> FedAvg:
     if run.strategy == "fedavg":
         return FedAvg(**common)
     if run.strategy == "fedprox":
-        return FedProx(proximal_mu=run.proximal_mu, **common)
+        return FedProx(proximal_mu=run.proximal_term_mu, **common)
     if run.strategy == "fedmedian":
         return FedMedian(**common)
     if run.strategy in SERVER_OPTIMISERS:

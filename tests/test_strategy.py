@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.runconfig import RunConfig
+from server.federation import Federation
 from server.strategy import build_strategy, site_of, validate_updates
 
 
@@ -99,3 +100,21 @@ def test_robust_strategies_resist_one_extreme_update() -> None:
         run = RunConfig(strategy=name, trim_beta=0.25, min_train_nodes=1, min_available_nodes=1)
         arrays, _ = build_strategy(run).aggregate_train(1, replies)
         assert np.allclose(arrays["w"].numpy(), 1.0), name
+
+
+@pytest.mark.parametrize("strategy, expected", [("fedprox", 0.05), ("fedavg", 0.0), ("fedmedian", 0.0),
+                                                ("fedtrimmedavg", 0.0), ("fedadam", 0.0), ("fedavgm", 0.0)])
+def test_only_fedprox_sends_a_proximal_term(strategy: str, expected: float) -> None:
+    """The rule has one owner (RunConfig.proximal_term_mu); what the sites receive is what it says."""
+    run = RunConfig(strategy=strategy, proximal_mu=0.05, min_train_nodes=1, min_available_nodes=1)
+    assert run.proximal_term_mu == expected
+    config = Federation(None, run, build_strategy(run), None, None)._train_config()  # type: ignore[arg-type]
+    msgs = build_strategy(run).configure_train(1, global_record(), config, _OneNodeGrid())
+    assert [float(m.content["config"]["proximal-mu"]) for m in msgs] == [expected]
+
+
+class _OneNodeGrid:
+    """Just enough of a Grid for a strategy to configure one training message."""
+
+    def get_node_ids(self) -> list[int]:
+        return [7]
