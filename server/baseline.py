@@ -17,7 +17,6 @@ table (``fedsense metrics show``) compares them with FedAvg and FedProx. Like a 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Literal
 
 import torch
@@ -32,22 +31,12 @@ from common.samples import save_samples
 from common.ssdu import SiteLoss, check_model, evaluate_self_supervised
 from common.training import EvalResult, evaluate, train
 from server.best import BestTracker
-from server.store import GLOBAL_SITE, RunDir, weighted_mean
+from server.store import GLOBAL_SITE, RunDir, global_record, site_record
 
 logger = logging.getLogger(__name__)
 
 Kind = Literal["local", "centralized", "centralized-balanced", "zero-filled"]
 KINDS = ("local", "centralized", "centralized-balanced", "zero-filled")
-
-
-def _record(run: RunConfig, rnd: int, phase: str, site: str, n: int, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
-    return {"run": run.name, "round": rnd, "phase": phase, "site": site, "time": time.time(),
-            "num_examples": n, "metrics": metrics, **extra}
-
-
-def _weighted(run: RunConfig, rnd: int, phase: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    return _record(run, rnd, phase, GLOBAL_SITE, sum(r["num_examples"] for r in records), weighted_mean(records),
-                   sites=sorted(r["site"] for r in records))
 
 
 class Baseline:
@@ -90,9 +79,9 @@ class Baseline:
                                   device=self.device, precision=self.precision)
             if result.samples:
                 save_samples(self.sample_dir, rnd, site, result.samples)
-            records.append(_record(self.run, rnd, "evaluate", site, result.num_examples, result.metrics,
+            records.append(site_record(self.run.name, rnd, "evaluate", site, result.num_examples, result.metrics,
                                    **self._supervision(site)))
-        summary = _weighted(self.run, rnd, "evaluate", records)
+        summary = global_record(self.run.name, rnd, "evaluate", records)
         self.store.append_metrics(records + [summary])
         return summary
 
@@ -143,9 +132,9 @@ class Baseline:
                 res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
                             lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd),
                             device=self.device, precision=self.precision)
-                records.append(_record(self.run, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
+                records.append(site_record(self.run.name, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
                                        **self._supervision(site)))
-            self.store.append_metrics(records + [_weighted(self.run, rnd, "train", records)])
+            self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
             summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
             if self._checkpoint(rnd, state, summary):
@@ -172,7 +161,7 @@ class Baseline:
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
                         batch_loss=self._loss(rnd), device=self.device, precision=self.precision)
             self.store.append_metrics([
-                _record(self.run, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
+                site_record(self.run.name, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
             ])
             summary = self._evaluate(rnd, {site: model for site in self.sites})
             if self._checkpoint(rnd, cpu_state_dict(model), summary):

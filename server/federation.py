@@ -24,7 +24,7 @@ from server.optimisers import optimiser_state
 from server.privacy import client_dp_metrics
 from server.claims import apply_caps
 from server.best import BestTracker
-from server.store import GLOBAL_SITE, RunDir, weighted_mean
+from server.store import RunDir, global_record, site_record
 from server.strategy import Rejection, site_of, supervision_of, validate_updates
 
 logger = logging.getLogger(__name__)
@@ -56,18 +56,8 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], 
         else:
             metrics = {k: v for k, v in raw.items() if not k.startswith(CARRIED)}
         n = int(metrics.pop("num-examples"))
-        records.append(
-            {
-                "run": run.name,
-                "round": rnd,
-                "phase": phase,
-                "site": site_of(msg),
-                "time": time.time(),
-                "num_examples": n,
-                "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                **supervision_of(msg),
-            }
-        )
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        records.append(site_record(run.name, rnd, phase, site_of(msg), n, numeric, **supervision_of(msg)))
     return records
 
 
@@ -75,20 +65,13 @@ def _global_record(
     run: RunConfig, rnd: int, phase: str, site_records: list[dict[str, Any]], rejected: list[Rejection], seconds: float
 ) -> dict[str, Any]:
     """The example-weighted mean of the sites' metrics, with who contributed and who did not."""
-    return {
-        "run": run.name,
-        "round": rnd,
-        "phase": phase,
-        "site": GLOBAL_SITE,
-        "time": time.time(),
-        "num_examples": sum(r["num_examples"] for r in site_records),
-        "metrics": weighted_mean(site_records),
-        "sites": sorted(r["site"] for r in site_records),
-        "rejected": [{"site": r.site, "reason": r.reason} for r in rejected],
-        "seconds": seconds,
+    slowest = max((r["metrics"].get("compute-seconds", 0.0) for r in site_records), default=0.0)
+    return global_record(
+        run.name, rnd, phase, site_records,
+        rejected=[{"site": r.site, "reason": r.reason} for r in rejected], seconds=seconds,
         # Wall time of the phase beyond the slowest site's own compute: what federation costs.
-        "overhead_seconds": seconds - max((r["metrics"].get("compute-seconds", 0.0) for r in site_records), default=0.0),
-    }
+        overhead_seconds=seconds - slowest,
+    )
 
 
 def _error_rejections(replies: list[Message], sent: Mapping[str, int]) -> tuple[list[Message], list[Rejection]]:

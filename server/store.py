@@ -136,6 +136,20 @@ def weighted_mean(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+def site_record(run: str, rnd: int, phase: str, site: str, num_examples: int, metrics: Mapping[str, float],
+                **extra: Any) -> dict[str, Any]:
+    """One site's metrics.jsonl record of one phase of one round (the contract of ``validate_record``)."""
+    return {"run": run, "round": rnd, "phase": phase, "site": site, "time": time.time(),
+            "num_examples": num_examples, "metrics": dict(metrics), **extra}
+
+
+def global_record(run: str, rnd: int, phase: str, site_records: Sequence[Mapping[str, Any]],
+                  **extra: Any) -> dict[str, Any]:
+    """The ``__global__`` record of a phase: the example-weighted mean of ``site_records`` and who took part."""
+    return site_record(run, rnd, phase, GLOBAL_SITE, sum(r["num_examples"] for r in site_records),
+                       weighted_mean(site_records), sites=sorted(r["site"] for r in site_records), **extra)
+
+
 class RunDir:
     """One run directory. Writers: the ServerApp/baselines (one process); readers: any number."""
 
