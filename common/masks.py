@@ -27,16 +27,6 @@ from common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PATTERNS: tuple[str, ...] = (
-    "random",
-    "equispaced",
-    "gaussian1d",
-    "gaussian2d",
-    "poisson",
-    "radial",
-    "spiral",
-)
-
 #: Largest allowed relative gap between achieved and requested acceleration.
 ACCELERATION_TOLERANCE = 0.05
 #: Gaussian variable-density std as a fraction of the axis length: edges get exp(-2) weight.
@@ -570,3 +560,5 @@ _BUILDERS_2D: dict[str, _Builder2D] = {
     "radial": _radial,
     "spiral": _spiral,
 }
+#: Every sampling pattern a site config may name: the builders' keys, so the two cannot disagree.
+PATTERNS: tuple[str, ...] = (*_BUILDERS_1D, *_BUILDERS_2D)

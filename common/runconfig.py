@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
+from common.registry import MODELS, STRATEGIES
 from common.privacy_config import check_privacy
 
-STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 
 
 class RunConfig(BaseModel):
@@ -26,9 +26,7 @@ class RunConfig(BaseModel):
 
     name: str = "fedsense-run"
     num_server_rounds: int = Field(3, ge=1)
-    strategy: Literal[
-        "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm"
-    ] = "fedprox"
+    strategy: str = "fedprox"
     proximal_mu: float = Field(0.0, ge=0.0)
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
@@ -38,7 +36,7 @@ class RunConfig(BaseModel):
     min_available_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
     node_wait_timeout: float = Field(600.0, gt=0.0)
-    model: Literal["unet", "unrolled", "varnet"] = "unet"
+    model: str = "unet"
     model_args: str = "{}"
     local_epochs: int = Field(1, ge=0)
     local_steps: int = Field(0, ge=0)
@@ -83,6 +81,20 @@ class RunConfig(BaseModel):
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)
     evaluate_with_train: bool = False
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"must be one of {', '.join(STRATEGIES)}, got {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(f"must be one of {', '.join(MODELS)}, got {value!r}")
+        return value
 
     @field_validator("model_args", "site_caps", mode="before")
     @classmethod
@@ -154,4 +166,4 @@ class RunConfig(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p).replace("_", "-") for p in first["loc"]) or "(config)"
-            raise ConfigError(f"{source}: {loc}: {first['msg']}") from exc
+            raise ConfigError(f"{source}: {loc}: {first['msg'].removeprefix('Value error, ')}") from exc

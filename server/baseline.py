@@ -17,7 +17,7 @@ table (``fedsense metrics show``) compares them with FedAvg and FedProx. Like a 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from common.data.dataset import SiteDataset
@@ -26,6 +26,7 @@ from common.device import cpu_state_dict, resolve_device, resolve_precision
 from common.data.pooled import PooledLoader
 from common.errors import ConfigError
 from common.models import build_model
+from common.registry import BASELINES
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SiteLoss, check_model, evaluate_self_supervised
@@ -35,14 +36,13 @@ from server.store import GLOBAL_SITE, RunDir, global_record, site_record
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["local", "centralized", "centralized-balanced", "zero-filled"]
-KINDS = ("local", "centralized", "centralized-balanced", "zero-filled")
+KINDS = BASELINES
 
 
 class Baseline:
     """One baseline run over the sites of ``run.sites``, recorded in ``run.run_dir``."""
 
-    def __init__(self, kind: Kind, run: RunConfig) -> None:
+    def __init__(self, kind: str, run: RunConfig) -> None:
         if kind not in KINDS:
             raise ConfigError(f"baseline: kind: must be one of {KINDS}, got {kind!r}")
         if not run.site_list:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from common.errors import FedSenseError
+from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
     from common.runconfig import RunConfig
@@ -72,7 +73,7 @@ def _app_defaults() -> dict[str, Any]:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", nargs="+", type=Path, required=True, help="site config TOML files, one per site")
     p.add_argument("--rounds", type=int, help="number of federated rounds")
-    p.add_argument("--model", choices=("unet", "unrolled", "varnet"))
+    p.add_argument("--model", choices=MODELS)
     p.add_argument("--local-steps", type=int, help="optimisation steps per site and round (0: use local-epochs)")
     p.add_argument("--run-dir", help="where metrics and checkpoints go (default: runs/<name>)")
     p.add_argument("--name", help="run name shown in tables and plots")
@@ -195,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run a federation of simulated sites to completion")
     _add_run_options(p)
-    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedmedian", "fedtrimmedavg",
-                                     "fedadam", "fedyogi", "fedadagrad", "fedavgm"))
+    p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--mu", type=float, help="FedProx proximal weight")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds")
     p.add_argument("--ray-address", help="run the simulated sites on this existing Ray cluster (HOST:PORT of its head)")
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("baseline", help="local-only, centralized or zero-filled baseline on the same sites")
-    p.add_argument("kind", choices=("local", "centralized", "centralized-balanced", "zero-filled"))
+    p.add_argument("kind", choices=BASELINES)
     _add_run_options(p)
     p.set_defaults(func=cmd_baseline)
 

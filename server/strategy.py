@@ -11,12 +11,15 @@ and round.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
+from common.registry import STRATEGIES, check_implemented
 from common.runconfig import RunConfig
 from server.optimisers import SERVER_OPTIMISERS, build_server_optimiser
 
@@ -34,15 +37,18 @@ def build_strategy(run: RunConfig) -> FedAvg:
         # Client-level DP averages the clipped updates uniformly (each site sends dp-weight = 1).
         weighted_by_key="dp-weight" if run.dp_client_level != "off" else "num-examples",
     )
-    if run.strategy == "fedavg":
-        return FedAvg(**common)
-    if run.strategy == "fedprox":
-        return FedProx(proximal_mu=run.proximal_term_mu, **common)
-    if run.strategy == "fedmedian":
-        return FedMedian(**common)
-    if run.strategy in SERVER_OPTIMISERS:
-        return build_server_optimiser(run, common)
-    return FedTrimmedAvg(beta=run.trim_beta, **common)
+    return _BUILDERS[run.strategy](run, common)
+
+
+#: How each registered strategy is built from the run config and the arguments every strategy takes.
+_BUILDERS: dict[str, Callable[[RunConfig, dict[str, Any]], FedAvg]] = {
+    "fedavg": lambda run, common: FedAvg(**common),
+    "fedprox": lambda run, common: FedProx(proximal_mu=run.proximal_term_mu, **common),
+    "fedmedian": lambda run, common: FedMedian(**common),
+    "fedtrimmedavg": lambda run, common: FedTrimmedAvg(beta=run.trim_beta, **common),
+    **{name: build_server_optimiser for name in SERVER_OPTIMISERS},
+}
+check_implemented("strategy", STRATEGIES, _BUILDERS)
 
 
 def site_of(msg: Message) -> str:

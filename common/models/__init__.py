@@ -10,13 +10,15 @@ import inspect
 from torch import nn
 
 from common.errors import ConfigError
+from common.registry import MODELS, check_implemented
 from common.models.unet import UnetRecon
 from common.models.unrolled import UnrolledNet
 from common.models.varnet import VarNet
 
 _REGISTRY: dict[str, type[nn.Module]] = {"unet": UnetRecon, "unrolled": UnrolledNet, "varnet": VarNet}
 
-MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+check_implemented("model", MODELS, _REGISTRY)
+MODEL_NAMES: tuple[str, ...] = MODELS
 
 
 def build_model(name: str, *, source: str = "<model config>", **kwargs: object) -> nn.Module:
