@@ -27,7 +27,7 @@ class RunConfig(BaseModel):
     name: str = "fedsense-run"
     num_server_rounds: int = Field(3, ge=1)
     strategy: str = "fedprox"
-    proximal_mu: float = Field(0.0, ge=0.0)
+    proximal_mu: float = Field(0.01, ge=0.0)
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
@@ -39,7 +39,7 @@ class RunConfig(BaseModel):
     model: str = "unet"
     model_args: str = "{}"
     local_epochs: int = Field(1, ge=0)
-    local_steps: int = Field(0, ge=0)
+    local_steps: int = Field(8, ge=0)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
     loss: Literal["l1", "ssim", "l1+ssim"] = "l1"

@@ -41,3 +41,17 @@ def test_bad_values_name_the_key(key: str, value: object, fragment: str) -> None
 def test_sites_and_model_args_are_parsed() -> None:
     run = RunConfig.from_flat({"sites": "a.toml, b.toml,", "model-args": '{"chans": 8}'})
     assert run.site_list == ["a.toml", "b.toml"] and run.model_kwargs == {"chans": 8}
+
+
+def test_pyproject_table_and_runconfig_defaults_agree() -> None:
+    """One set of defaults: every RunConfig field is in pyproject's table with the same value.
+
+    The one exception is ``sites``: pyproject lists the demo sites so that ``flwr run .`` works as is,
+    while a RunConfig built in code has none until it is given some.
+    """
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        flat = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    defaults = {name.replace("_", "-"): field.default for name, field in RunConfig.model_fields.items()}
+    assert set(defaults) == set(flat)
+    differing = {k: (defaults[k], flat[k]) for k in defaults if defaults[k] != flat[k]}
+    assert set(differing) == {"sites"}, differing
