@@ -28,7 +28,7 @@ from common.training import ReconLoss, predict
 from server.privacy import client_dp_metrics, wrap_client_dp
 from server.store import GLOBAL_SITE, RunDir
 from server.strategy import build_strategy
-from server.viewer import COLUMNS
+from server.viewer.run_view import COLUMNS
 from server.viewer.table import show
 from tests.test_training import synthetic_samples
 

@@ -16,7 +16,7 @@ import pytest
 from common.runconfig import RunConfig
 from server.simulate import simulate
 from server.store import GLOBAL_SITE, RunDir
-from server.viewer import load_run
+from server.viewer.run_view import load_run
 from tests.conftest import write_small_sites
 
 pytestmark = pytest.mark.slow

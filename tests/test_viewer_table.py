@@ -13,7 +13,7 @@ import pytest
 
 from common.errors import FedSenseError
 from server.store import RunDir
-from server.viewer import COLUMNS
+from server.viewer.run_view import COLUMNS
 from server.viewer.table import show
 
 SITES = ("site-a", "site-b", "__global__")

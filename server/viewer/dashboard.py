@@ -23,7 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 from common.errors import FedSenseError
 from server.best import best_summary, export_command, read_best
 from server.store import RunDir
-from server.viewer import COLUMNS, access, load_run
+from server.viewer import access
+from server.viewer.run_view import COLUMNS, load_run
 from server.viewer.plots import figure_png, samples_figure
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from common.errors import FedSenseError
 from server.store import GLOBAL_SITE, RunDir, Samples
-from server.viewer import DISPLAY_METRICS, METRIC_LABELS, RunView, load_run
+from server.viewer.run_view import DISPLAY_METRICS, METRIC_LABELS, RunView, load_run
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from common.errors import FedSenseError
 from server.best import export_command
 from server.store import GLOBAL_SITE
-from server.viewer import (
+from server.viewer.run_view import (
     COLUMNS,
     DISPLAY_METRICS,
     METRIC_LABELS,
@@ -40,7 +40,7 @@ def show(
 
     ``phase`` limits the output to ``train``, ``evaluate`` or ``finetune`` (default: all). ``metrics`` picks
     which per-metric tables the ``table`` format prints; CSV and JSON always carry every column
-    of :data:`server.viewer.COLUMNS`, so scripts can rely on them.
+    of :data:`server.viewer.run_view.COLUMNS`, so scripts can rely on them.
     """
     if fmt not in FORMATS:
         raise FedSenseError(f"format must be one of {FORMATS}, got {fmt!r}")
