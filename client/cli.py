@@ -72,7 +72,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Register ``evaluate`` and ``reconstruct`` on a ``fedsense`` subparser set."""
+    """Register ``evaluate``, ``reconstruct`` and ``client`` on a ``fedsense`` subparser set."""
     p = sub.add_parser("evaluate", help="score an exported model and baselines on this site's own data")
     p.add_argument("--model", required=True, type=Path, help="exported model folder (fedsense export)")
     p.add_argument("--sites", nargs="+", required=True, type=Path, help="site config TOML files")
@@ -99,6 +99,12 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
                    help="reconstruct even when the mask is not one the model was trained for")
     _add_device_options(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    from client import supernode
+
+    p = sub.add_parser("client", parents=[supernode.build_parser()], add_help=False,
+                       help="run this institution's site against a remote SuperLink (TLS + node authentication)")
+    p.set_defaults(func=supernode.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ SITE_CLI = "client.cli"
 SITE_COMMANDS = {
     "evaluate": "score an exported model and baselines on this site's own data (site side)",
     "reconstruct": "reconstruct fastMRI h5 or NIfTI scans with an exported model (site side)",
+    "client": "run this institution's site against a remote SuperLink (TLS + node authentication; site side)",
 }
 
 
@@ -275,14 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_site)
 
-    from server import operator, pki, supernode
+    from server import operator, pki
 
     p = sub.add_parser("pki", parents=[pki.build_parser()], add_help=False,
                        help="CA, SuperLink certificate and per-site SuperNode keys (idempotent; --rotate SITE)")
     p.set_defaults(func=pki.run)
-    p = sub.add_parser("client", parents=[supernode.build_parser()], add_help=False,
-                       help="run this institution's site against a remote SuperLink (TLS + node authentication)")
-    p.set_defaults(func=supernode.run)
     p = sub.add_parser("operator", parents=[operator.build_parser()], add_help=False,
                        help="run a flwr command through the front door with an operator client certificate")
     p.set_defaults(func=operator.run)

@@ -208,7 +208,7 @@ class Deployment:
         self._node_logs[name] = self.logs / f"supernode-{name}-{starts + 1}.log"
         if warm:
             command = [
-                sys.executable, "-m", "server.supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                sys.executable, "-m", "client.supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                 "--site-config", str(self._site_configs[name]), "--runtime-port", str(free_port()),
             ]
         else:

@@ -2,7 +2,7 @@
 
 The slow tests run the venv's real ``flower-superlink`` / ``flower-supernode`` on 127.0.0.1 (no Docker):
 one SuperLink with TLS and ``--enable-supernode-auth``, site-a's key registered through the Control API
-(``flwr supernode register``), and SuperNodes started with ``server.supernode.build_supernode_command``.
+(``flwr supernode register``), and SuperNodes started with ``client.supernode.build_supernode_command``.
 A registered site that does get in is the control that makes the refusals meaningful.
 """
 
@@ -24,7 +24,7 @@ import pytest
 
 from common.errors import ConfigError
 from server.pki import Pki, generate_pki
-from server.supernode import build_supernode_command
+from client.supernode import build_supernode_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -170,7 +170,7 @@ def test_unregistered_key_is_refused(superlink: SuperLink, processes: list, tmp_
 @pytest.mark.slow
 def test_plaintext_client_is_refused(superlink: SuperLink, processes: list, tmp_path: Path,
                                      caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="server.supernode"):
+    with caplog.at_level(logging.WARNING, logger="client.supernode"):
         cmd = _supernode_cmd(superlink, "site-a", root_cert=None, auth_key=None, insecure=True)
     assert "NOT encrypted" in caplog.text
     log = tmp_path / "plaintext.log"

@@ -10,7 +10,7 @@ import pytest
 
 from deployment import Deployment, alive, process_tree, tiny_run
 from server.store import GLOBAL_SITE, RunDir
-from server.supernode import build_parser, build_superexec_command, build_supernode_command
+from client.supernode import build_parser, build_superexec_command, build_supernode_command
 
 
 def test_the_warm_command_pair(tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ role_site() {
     fi
     local config
     config="$(python "$HELPERS/prepare_site.py" --site "$site")"
-    exec python -m server.supernode --superlink "$SUPERLINK" \
+    exec python -m client.supernode --superlink "$SUPERLINK" \
         --root-cert /keys/ca.crt --auth-key /keys/auth.key --site-config "$config" "$@"
 }
 

@@ -111,7 +111,7 @@ def build_superexec_command(runtime_port: int | None, supernode_pid: int) -> lis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``fedsense client`` / ``python -m server.supernode``."""
+    """Arguments of ``fedsense client`` / ``python -m client.supernode``."""
     parser = argparse.ArgumentParser(
         prog="fedsense client", description="Join the federation as this site's SuperNode (outbound HTTPS only)."
     )
@@ -167,7 +167,7 @@ def _supervise(supernode_cmd: list[str], runtime_port: int | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m server.supernode --superlink HOST:9092 --root-cert ca.crt --auth-key site.key --site-config site.toml``"""
+    """``python -m client.supernode --superlink HOST:9092 --root-cert ca.crt --auth-key site.key --site-config site.toml``"""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(build_parser().parse_args(argv))
