@@ -8,16 +8,15 @@ server package never imports the client package and a site never needs the serve
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
+from common.command import run_command
 from common.errors import FedSenseError
 
-logger = logging.getLogger("fedsense")
 
 COMMANDS = ("evaluate", "reconstruct")
 
@@ -115,16 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except FedSenseError as exc:
-        logger.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from common.command import run_command
 from common.errors import FedSenseError
 from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
     from common.runconfig import RunConfig
 
-logger = logging.getLogger("fedsense")
 
 # Site-side subcommands live in client/cli.py; they are handed over by module name (as Flower loads
 # "client.app:app") so the server package never imports the client package.
@@ -288,16 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except FedSenseError as exc:
-        logger.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
