@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,32 +101,16 @@ class SiteDataset(Dataset):
         seed = seed_for(self.config.seed, fname, example.slice_idx)
         if self.split == "train" and self.epoch is not None:
             seed = augmentation_seed(seed, self.epoch)
-        scanner = self.config.scanner
-
-        if meta.kind == "image":
-            acquisition = simulate_acquisition(data, scanner, seed, image_max=meta.volume_max)
-            kspace, full_target = acquisition.kspace, acquisition.target
+        acquired = acquire(self.config, data, meta, seed)
+        masked, mask, sens_maps = acquired.masked, acquired.mask, acquired.sens_maps
+        if acquired.simulated is not None:
+            full_target = acquired.simulated
             # The simulation divides by the volume maximum, so the clean target volume peaks at (about) 1.
             volume_max: float | None = 1.0
         else:
-            kspace, volume_max = data, meta.volume_max
-            full_target = meta.target if meta.target is not None else rss(ifft2c_np(kspace), dim=0)
-        height, width = kspace.shape[-2:]
-        crop = _crop_size(meta, full_target.shape, (height, width))
-
-        mask = make_mask(
-            scanner.mask, (height, width), scanner.acceleration, scanner.center_fraction, seed
-        ).mask.copy()
-        if meta.acquired_columns is not None:
-            left, right = meta.acquired_columns
-            mask[:, :left] = 0.0
-            mask[:, right:] = 0.0
-        masked = (kspace * mask).astype(np.complex64)
-
-        if meta.kind == "image":
-            sens_maps = acquisition.sens_maps
-        else:
-            sens_maps = estimate_maps_from_acs(masked, mask=mask).astype(np.complex64)
+            volume_max = meta.volume_max
+            full_target = meta.target if meta.target is not None else rss(ifft2c_np(acquired.kspace), dim=0)
+        crop = _crop_size(meta, full_target.shape, masked.shape[-2:])
 
         zero_filled = center_crop(rss(ifft2c_np(masked), dim=0), crop)
         peak = float(zero_filled.max())
@@ -149,6 +134,42 @@ class SiteDataset(Dataset):
             "site": self.config.name,
             "slice_idx": int(example.slice_idx),
         }
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """One slice as the site's scanner acquires it: full and masked k-space, the mask, coil maps."""
+
+    kspace: np.ndarray  # (C, H, W) complex64, before the mask
+    masked: np.ndarray  # (C, H, W) complex64
+    mask: np.ndarray  # (H, W) float32 in {0, 1}
+    sens_maps: np.ndarray  # (C, H, W) complex64
+    simulated: np.ndarray | None  # the simulated magnitude object (image data only)
+
+
+def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int) -> Acquisition:
+    """The site's acquisition of one slice: magnitude data through the scanner simulation, stored
+    k-space as it is; the site's mask (never over columns the scanner did not acquire); coil maps
+    simulated, or estimated from the calibration region of the masked k-space."""
+    scanner = config.scanner
+    simulated = None
+    if meta.kind == "image":
+        simulation = simulate_acquisition(data, scanner, seed, image_max=meta.volume_max)
+        kspace, simulated = simulation.kspace, simulation.target
+    else:
+        kspace = data
+    height, width = kspace.shape[-2:]
+    mask = make_mask(scanner.mask, (height, width), scanner.acceleration, scanner.center_fraction, seed).mask.copy()
+    if meta.acquired_columns is not None:
+        left, right = meta.acquired_columns
+        mask[:, :left] = 0.0
+        mask[:, right:] = 0.0
+    masked = (kspace * mask).astype(np.complex64)
+    if meta.kind == "image":
+        sens_maps = simulation.sens_maps
+    else:
+        sens_maps = estimate_maps_from_acs(masked, mask=mask).astype(np.complex64)
+    return Acquisition(kspace, masked, mask, sens_maps, simulated)
 
 
 def augmentation_seed(slice_seed: int, epoch: tuple[int, ...]) -> int:

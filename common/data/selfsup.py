@@ -19,14 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.coils import estimate_maps_from_acs, rss
+from common.coils import rss
 from common.config import SiteConfig
-from common.data.acquisition import simulate_acquisition
-from common.data.dataset import SiteDataset, _crop_size
+from common.data.dataset import SiteDataset, _crop_size, acquire
 from common.data.readers import SliceMeta, SliceReader, open_reader
 from common.data.splits import SPLITS, Split
 from common.fft import center_crop, ifft2c_np
-from common.masks import make_mask, seed_for
+from common.masks import seed_for
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +45,10 @@ class AcquiredDataset(SiteDataset):
         :class:`ReferencedDataset` uses."""
         example = self.reader.examples[example_index]
         fname = example.path.name
-        seed = seed_for(self.config.seed, fname, example.slice_idx)
-        scanner = self.config.scanner
-        simulated = None
-        if meta.kind == "image":
-            acquisition = simulate_acquisition(data, scanner, seed, image_max=meta.volume_max)
-            kspace, simulated = acquisition.kspace, acquisition.target
-        else:
-            kspace = data
-        height, width = kspace.shape[-2:]
-        mask = make_mask(
-            scanner.mask, (height, width), scanner.acceleration, scanner.center_fraction, seed
-        ).mask.copy()
-        if meta.acquired_columns is not None:
-            left, right = meta.acquired_columns
-            mask[:, :left] = 0.0
-            mask[:, right:] = 0.0
-        masked = (kspace * mask).astype(np.complex64)
-        if meta.kind == "image":
-            sens_maps = acquisition.sens_maps
-        else:
-            sens_maps = estimate_maps_from_acs(masked, mask=mask).astype(np.complex64)
+        # An acquisition is what it is: always the slice's fixed draw, never an augmented one.
+        acquired = acquire(self.config, data, meta, seed_for(self.config.seed, fname, example.slice_idx))
+        masked, mask, sens_maps, simulated = acquired.masked, acquired.mask, acquired.sens_maps, acquired.simulated
+        height, width = masked.shape[-2:]
         # The supervised dataset's scale: 1 / max of the zero-filled image cropped to the recon size.
         crop = _crop_size(meta, meta.target.shape if meta.target is not None else meta.recon_size, (height, width))
         peak = float(center_crop(rss(ifft2c_np(masked), dim=0), crop).max())
