@@ -145,15 +145,23 @@ class Federation:
         if self.run.fraction_evaluate == 0.0:
             return None
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
+        messages = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
+        return self._metrics_phase(rnd, "evaluate", messages, f"round {rnd}: evaluation")
+
+    def _metrics_phase(self, rnd: int, phase: str, messages: Iterable[Message], what: str) -> dict[str, Any]:
+        """Send a phase whose replies carry only metrics; at least ``min-evaluate-nodes`` must answer.
+
+        Records every site's metrics and their global summary as ``phase`` of round ``rnd``.
+        """
         t0 = time.time()
-        ok, failed = self._send(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid))
+        ok, failed = self._send(messages)
         if len(ok) < self.run.min_evaluate_nodes:
             raise RoundFailed(
-                f"round {rnd}: evaluation needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
+                f"{what} needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
                 + (f" ({'; '.join(f'{r.site}: {r.reason}' for r in failed)})" if failed else "")
             )
-        records = _site_records(self.run, rnd, "evaluate", ok)
-        summary = _global_record(self.run, rnd, "evaluate", records, failed, time.time() - t0)
+        records = _site_records(self.run, rnd, phase, ok)
+        summary = _global_record(self.run, rnd, phase, records, failed, time.time() - t0)
         self.store.append_metrics(records + [summary])
         return summary
 
@@ -202,20 +210,10 @@ class Federation:
         ``finetune`` of round ``rnd`` (the last round).
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
-        t0 = time.time()
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
         messages = [Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
-        ok, failed = self._send(messages)
-        if len(ok) < self.run.min_evaluate_nodes:
-            raise RoundFailed(
-                f"fine-tuning needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
-                + (f" ({'; '.join(f'{r.site}: {r.reason}' for r in failed)})" if failed else "")
-            )
-        records = _site_records(self.run, rnd, "finetune", ok)
-        summary = _global_record(self.run, rnd, "finetune", records, failed, time.time() - t0)
-        self.store.append_metrics(records + [summary])
-        return summary
+        return self._metrics_phase(rnd, "finetune", messages, "fine-tuning")
 
     def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:
         """Rounds ``start..N``; each ends with an atomic checkpoint of the global model.

@@ -152,11 +152,19 @@ def _ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 def _server_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
                  names: Sequence[str]) -> x509.Certificate:
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"), x509.NameAttribute(NameOID.COMMON_NAME, names[0])]
+    return _leaf_cert(key, ca, ca_key, subject, ExtendedKeyUsageOID.SERVER_AUTH, _san(names),
+                      x509.SubjectKeyIdentifier.from_public_key(key.public_key()))
+
+
+def _leaf_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+               subject: list[x509.NameAttribute], usage: x509.ObjectIdentifier,
+               *extensions: x509.ExtensionType) -> x509.Certificate:
+    """A certificate signed by the federation CA for one server or client use (``usage``), P-384 / SHA-384."""
     now = _now()
-    return (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -169,12 +177,13 @@ def _server_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: 
                           encipher_only=False, decipher_only=False),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(_san(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                    critical=False)
+    return builder.sign(ca_key, hashes.SHA384())
 
 
 def _server_cert_current(path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
@@ -197,28 +206,10 @@ def _server_cert_current(path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.C
 
 def _operator_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
                    name: str) -> x509.Certificate:
-    now = _now()
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
-                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operators"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + dt.timedelta(days=SERVER_DAYS), ca.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                          encipher_only=False, decipher_only=False),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
+               x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operators"),
+               x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    return _leaf_cert(key, ca, ca_key, subject, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
 def issue_operator(out_dir: str | Path, name: str) -> tuple[Path, Path]:
