@@ -24,11 +24,10 @@ import torch
 
 from bench.harness import (
     emulate_fedavg,
-    machine_line,
     markdown_table,
     model_recon,
     score_slices,
-    set_threads,
+    start_bench,
     write_sites,
 )
 from bench.quality import MODELS, run_config
@@ -88,11 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Train each model for the largest budget, score the test split at every checkpoint, print the gaps."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    set_threads(args.threads)
-    started = time.perf_counter()
-    print(f"# bench.budget — {machine_line(args.threads)}")
+    started = start_bench("budget", args.threads)
     print(f"R = {args.acceleration:g}, {args.size}², {args.subjects} subjects/site, {args.local_steps} local steps x "
           f"batch {args.batch} per round and site (centralized: 3x that per round), Adam lr {args.lr}")
     out = args.out.resolve()

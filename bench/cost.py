@@ -35,15 +35,14 @@ from flwr.common.serde import array_record_to_proto
 from torch import nn
 
 from bench.harness import (
-    TreeMemory,
     emulate_fedavg,
-    machine_line,
     markdown_table,
     mean_std,
     model_recon,
     replicate_sites,
     score_slices,
-    set_threads,
+    start_bench,
+    TreeMemory,
     write_sites,
 )
 from common.data.loaders import load_site, make_loader
@@ -357,10 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the requested sections and print their tables."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    set_threads(args.threads)
-    print(f"# bench.cost — {machine_line(args.threads)}")
+    start_bench("cost", args.threads)
     names = [n for n in SECTIONS if n != "deployment"] if "all" in args.sections else args.sections
     for name in names:
         start = time.perf_counter()

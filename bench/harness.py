@@ -182,6 +182,14 @@ def machine_line(threads: int) -> str:
     )
 
 
+def start_bench(name: str, threads: int) -> float:
+    """What every benchmark does first: log to the terminal, pin threads, print the machine line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    set_threads(threads)
+    print(f"# bench.{name} — {machine_line(threads)}")
+    return time.perf_counter()
+
+
 def set_threads(threads: int) -> None:
     """Pin torch's threads here and, through OMP_NUM_THREADS, in the Flower processes started from here."""
     torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ import torch
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from bench.harness import machine_line, markdown_table, model_recon, score_slices, set_threads, write_sites
+from bench.harness import markdown_table, model_recon, score_slices, start_bench, write_sites
 from common.data.dataset import SiteDataset
 from common.data.loaders import load_site, make_loader
 from common.dp import PrivacyLedger, train_private
@@ -124,11 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Train every variant on the same R = 4 sites, print PSNR against ε."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    set_threads(args.threads)
-    started = time.perf_counter()
-    print(f"# bench.privacy — {machine_line(args.threads)}")
+    started = start_bench("privacy", args.threads)
     print(f"R = 4, {args.size}², {args.subjects} subjects/site, U-Net {{'chans': {args.chans}, 'num_pool_layers': 2}}, "
           f"{args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}, "
           f"δ = {DELTA:g}")

@@ -40,16 +40,15 @@ from torch import nn
 
 from bench.harness import (
     LOW_DATA_SITE_NAMES,
-    SITE_NAMES,
-    Recon,
-    SliceScore,
-    Stopwatch,
-    machine_line,
     markdown_table,
     mean_std,
     model_recon,
+    Recon,
     score_slices,
-    set_threads,
+    SITE_NAMES,
+    SliceScore,
+    start_bench,
+    Stopwatch,
     write_sites,
 )
 from common.config import ScannerConfig
@@ -356,13 +355,10 @@ def run_acceleration(args: argparse.Namespace, r: float, params: dict[str, int],
 
 def main(argv: list[str] | None = None) -> list[tuple]:
     """Run every method at every acceleration; print the tables and the targets' status (also returned)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    set_threads(args.threads)
-    started = time.perf_counter()
+    started = start_bench("quality", args.threads)
     clock = Stopwatch()
     params = {label: count_parameters(build_model(m, **kw)) for label, (m, kw) in MODELS.items() if label in args.models}
-    print(f"# bench.quality — {machine_line(args.threads)}")
     print(f"scenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}), {args.size}² images, centre fraction "
           f"{args.center_fraction} ({round(args.center_fraction * args.size)} calibration lines), {args.subjects} "
           f"subjects/site ({args.slices} slices per volume); up to {args.max_rounds} rounds x {args.local_steps} local "

@@ -27,14 +27,13 @@ import torch
 from torch import nn
 
 from bench.harness import (
-    SliceScore,
-    Stopwatch,
-    machine_line,
     markdown_table,
     mean_std,
     model_recon,
     score_slices,
-    set_threads,
+    SliceScore,
+    start_bench,
+    Stopwatch,
     write_sites,
 )
 from common.data.loaders import load_site, make_loader
@@ -130,12 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Train the arms, score the site's test split, print the tables and the targets' status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    set_threads(args.threads)
-    started = time.perf_counter()
+    started = start_bench("ssdu", args.threads)
     clock = Stopwatch()
-    print(f"# bench.ssdu — {machine_line(args.threads)}")
     print(f"{args.size}² images, R = {args.acceleration:g}, {args.subjects} subjects/site ({args.slices} slices per "
           f"volume), {args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}; "
           f"model {MODEL} {MODEL_ARGS} ({count_parameters(build_model(MODEL, **MODEL_ARGS)):,} parameters); "
