@@ -37,7 +37,7 @@ def finished_run(small_sites: list[Path], tmp_path_factory: pytest.TempPathFacto
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDSENSE_AUDIT_LOG", str(audit))
     try:
-        store = simulate(small_run(small_sites, run_dir, rounds=2), timeout=900)
+        store = simulate(small_run(small_sites, run_dir, rounds=2, **{"local-steps": 12}), timeout=900)
     finally:
         mp.undo()
     return store, audit
