@@ -9,6 +9,7 @@ every message and the federation must go on without it and say so. The run also 
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -43,9 +44,11 @@ def write_sites(directory: Path, demo_sites: list[Path]) -> list[Path]:
     # site-14: the IXI data plus one corrupt volume, skipped by configuration.
     shutil.copytree(ixi_data, directory / "site-14-data")
     (directory / "site-14-data" / "IXI999-Guys-0001-T1.nii.gz").write_bytes(b"\x1f\x8b" + bytes(500))
-    # site-15: nothing but a corrupt volume.
+    # site-15: nothing but a truncated volume. Its NIfTI header is intact, so `simulate`'s preflight
+    # (which refuses a site with no file of its kind at all) lets it through and it fails at run time.
     (directory / "site-15-data").mkdir()
-    (directory / "site-15-data" / "IXI998-Guys-0001-T1.nii.gz").write_bytes(b"not a nifti volume")
+    volume = gzip.decompress(next(ixi_data.rglob("*.nii.gz")).read_bytes())
+    (directory / "site-15-data" / "IXI998-Guys-0001-T1.nii.gz").write_bytes(gzip.compress(volume[:400]))
     injected = {
         14: "skip_bad_files = true\n" + with_data_path(ixi, directory / "site-14-data"),
         15: with_data_path(ixi, directory / "site-15-data"),
