@@ -38,7 +38,7 @@ from common.atomic import atomic_write, fsync_dir
 from common.coils import estimate_maps_from_acs, rss
 from common.config import SiteConfig
 from common.data.acquisition import resize_image
-from common.data.dataset import SiteDataset
+from common.data.dataset import SiteDataset, acquired_mask
 from common.data.readers import (
     FastMRIReader,
     NiftiInfo,
@@ -50,7 +50,7 @@ from common.data.readers import (
 from common.device import autocast, batch_to
 from common.errors import ConfigError, DataError
 from common.fft import center_crop, ifft2c_np
-from common.masks import PATTERNS, make_mask, seed_for
+from common.masks import PATTERNS, seed_for
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,8 @@ def _fastmri_slices(reader: FastMRIReader, own_mask: np.ndarray | None, mask: Ma
         else:
             assert mask is not None
             seed = seed_for(mask.seed, example.path.name, example.slice_idx)
-            sampling = make_mask(mask.pattern, (height, width), mask.acceleration, mask.center_fraction, seed).mask.copy()
-            if meta.acquired_columns is not None:
-                left, right = meta.acquired_columns
-                sampling[:, :left] = 0.0
-                sampling[:, right:] = 0.0
+            sampling = acquired_mask(mask.pattern, (height, width), mask.acceleration, mask.center_fraction, seed,
+                                     meta.acquired_columns)
         masked = (kspace * sampling).astype(np.complex64)
         maps = estimate_maps_from_acs(masked, mask=sampling).astype(np.complex64)
         size = meta.target.shape[-2:] if meta.target is not None else meta.recon_size

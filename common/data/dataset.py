@@ -147,6 +147,17 @@ class Acquisition:
     simulated: np.ndarray | None  # the simulated magnitude object (image data only)
 
 
+def acquired_mask(pattern: str, shape: tuple[int, int], acceleration: float, center_fraction: float, seed: int,
+                  acquired_columns: tuple[int, int] | None) -> np.ndarray:
+    """The sampling mask of one slice, never over k-space columns the scanner did not acquire."""
+    mask = make_mask(pattern, tuple(shape), acceleration, center_fraction, seed).mask.copy()
+    if acquired_columns is not None:
+        left, right = acquired_columns
+        mask[:, :left] = 0.0
+        mask[:, right:] = 0.0
+    return mask
+
+
 def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int) -> Acquisition:
     """The site's acquisition of one slice: magnitude data through the scanner simulation, stored
     k-space as it is; the site's mask (never over columns the scanner did not acquire); coil maps
@@ -158,12 +169,8 @@ def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int) ->
         kspace, simulated = simulation.kspace, simulation.target
     else:
         kspace = data
-    height, width = kspace.shape[-2:]
-    mask = make_mask(scanner.mask, (height, width), scanner.acceleration, scanner.center_fraction, seed).mask.copy()
-    if meta.acquired_columns is not None:
-        left, right = meta.acquired_columns
-        mask[:, :left] = 0.0
-        mask[:, right:] = 0.0
+    mask = acquired_mask(scanner.mask, kspace.shape[-2:], scanner.acceleration, scanner.center_fraction, seed,
+                         meta.acquired_columns)
     masked = (kspace * mask).astype(np.complex64)
     if meta.kind == "image":
         sens_maps = simulation.sens_maps
