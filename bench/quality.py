@@ -51,6 +51,7 @@ from bench.harness import (
     Stopwatch,
     write_sites,
 )
+from client.site_state import FINETUNED_FILE
 from common.config import ScannerConfig
 from common.cs import l1_wavelet_sense
 from common.data.dataset import SiteDataset
@@ -63,7 +64,7 @@ from common.stats import PairedDifference, paired_bootstrap
 from common.training import zero_filled
 from server.baseline import Baseline
 from server.best import best_round
-from server.simulate import simulate
+from server.simulate import SimResources, simulate
 from server.store import GLOBAL_SITE, RunDir
 
 logger = logging.getLogger("bench.quality")
@@ -74,7 +75,8 @@ MODELS: dict[str, tuple[str, dict[str, int]]] = {
     "Unrolled-DC": ("unrolled", {"num_cascades": 4, "chans": 32, "num_layers": 5}),
 }
 BASELINES = {"local": "local", "centralized": "centralized (pooled)", "centralized-balanced": "centralized (site-balanced)"}
-STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx"}
+STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
+FINE_TUNED = "+ fine-tune"  # suffix of a federated strategy's personalised row (each site fine-tunes it)
 CS_GRID = tuple(itertools.product(("haar", "db4"), (0.003, 0.01, 0.03)))
 SCENARIOS = {"standard": SITE_NAMES, "low-data": LOW_DATA_SITE_NAMES}
 
@@ -91,7 +93,12 @@ class Method:
     steps: int = 0  # optimisation steps up to the selected round, all sites together
     passes: float = 0.0  # data passes up to the selected round: steps x batch / training slices seen
     val_psnr: float = float("nan")  # global validation PSNR at the selected round (federated selection)
-    model: nn.Module | None = None  # the one shared model (centralized, federated)
+    model: nn.Module | None = None  # the one shared model (centralized, federated global); None: per-site models
+
+    @property
+    def personalised(self) -> bool:
+        """A federated row whose sites each use their own model (fine-tuned from the global one)."""
+        return self.federated and self.model is None
 
 
 def cs_recon(wavelet: str, lam: float, iterations: int) -> Recon:
@@ -121,8 +128,12 @@ def tune_cs(dataset: SiteDataset, iterations: int, batch_size: int, max_slices: 
 
 
 def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int], sites: Sequence[Path],
-               run_dir: Path, strategy: str = "fedavg") -> RunConfig:
-    """The one run config shared by the baselines and the federated strategies of a model."""
+               run_dir: Path, strategy: str = "fedavg", fine_tune_steps: int = 0) -> RunConfig:
+    """The one run config shared by the baselines and the federated strategies of a model.
+
+    ``fine_tune_steps`` > 0 (federated runs): after the last round each site fine-tunes the selected
+    global model on its own training split, validation-stopped (the personalised row).
+    """
     return RunConfig.from_flat({
         "name": run_dir.name, "num-server-rounds": args.max_rounds, "strategy": strategy,
         "proximal-mu": args.mu if strategy == "fedprox" else 0.0, "model": model, "model-args": model_args,
@@ -130,6 +141,8 @@ def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int],
         "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites),
         "sites": ",".join(str(p) for p in sites), "run-dir": str(run_dir), "num-samples": 0, "seed": args.seed,
         "resume": False, "select-metric": "psnr", "patience": args.patience,
+        "fine-tune-steps": fine_tune_steps,
+        "fine-tune-eval-every": args.fine_tune_eval_every, "fine-tune-patience": args.fine_tune_patience,
     })
 
 
@@ -196,9 +209,9 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
                               passes=used * args.batch / total_slices, val_psnr=val_psnr))
     for strategy in args.strategies:
         row = STRATEGIES[strategy]
-        run = run_config(args, model, model_args, sites, out / f"{model}-{strategy}", strategy)
+        run = run_config(args, model, model_args, sites, out / f"{model}-{strategy}", strategy, args.fine_tune_steps)
         with clock.stage(f"{stage} {label} {row} (Flower simulation)"):
-            store = simulate(run, timeout=3600, report=logger.info)
+            store = simulate(run, timeout=3600, report=logger.info, resources=SimResources(client_cpus=args.client_cpus))
         rounds, steps, _ = _trained(store)
         selected = store.best()
         assert selected is not None, f"{store.path}: no best.json"
@@ -208,6 +221,33 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
         methods.append(Method(f"{label} {row}", {n: shared for n in names}, federated=True, rounds=rounds,
                               best=str(selected["round"]), steps=int(used), passes=used * args.batch / total_slices,
                               val_psnr=selected["value"], model=net))
+        if args.fine_tune_steps:
+            methods.append(_fine_tuned(f"{label} {row} {FINE_TUNED}", store, model, model_args, names,
+                                       selected["round"], used, args.batch / total_slices))
+    return methods
+
+
+def _fine_tuned(label: str, store: RunDir, model: str, model_args: dict[str, int], names: Sequence[str],
+                selected: int, used: int, passes_per_step: float) -> Method:
+    """The personalised row of a federated run: each site's fine-tuned model, read from its site-local file.
+
+    Selected like everything else on validation: each site kept its best fine-tuning step, and the row's
+    validation PSNR is the run's aggregated ``finetune`` record (weighted as the global evaluation).
+    """
+    records = [r for r in store.read_metrics(dedupe=True) if r["phase"] == "finetune"]
+    by_site = {r["site"]: r["metrics"] for r in records}
+    missing = [n for n in [*names, GLOBAL_SITE] if n not in by_site]
+    assert not missing, f"{store.path}: no finetune record for {missing}"
+    recon = {}
+    for n in names:
+        saved = torch.load(store.path / "site-state" / n / FINETUNED_FILE, map_location="cpu", weights_only=True)
+        recon[n] = model_recon(_load(model, model_args, saved["state_dict"]))
+    tuned = sum(int(by_site[n]["best-step"]) for n in names)
+    best = f"{selected}, then steps " + ", ".join(f"{n} {int(by_site[n]['best-step'])}" for n in names)
+    return Method(label, recon, federated=True, rounds=int(records[0]["round"]), best=best, steps=used + tuned,
+                  passes=(used + tuned) * passes_per_step, val_psnr=float(by_site[GLOBAL_SITE]["psnr"]))
+
+
     return methods
 
 
@@ -252,25 +292,27 @@ def report(r: float, names: Sequence[str], methods: list[Method], results: dict[
         fed = [m for m in methods if m.federated and m.label.startswith(f"{model} ")]
         if not fed:
             continue
-        # The best federated method is chosen on validation, never on test.
+        # The best federated method (global or personalised) and the best global model are chosen on
+        # validation, never on test.
         best = max(fed, key=lambda m: m.val_psnr)
+        best_global = max((m for m in fed if not m.personalised), key=lambda m: m.val_psnr)
         local = results[f"{model} {BASELINES['local']}"]
         for n in names:
             d = paired_bootstrap(_psnr(results[best.label][n]), _psnr(local[n]))
             targets.append((f"R={r:g}", f"{best.label} − {model} local at {n}", "≥ +1.00 dB, CI > 0", str(d),
                             _verdict(d, 1.0, True)))
         central = results[f"{model} {BASELINES['centralized']}"]
-        d = paired_bootstrap(np.concatenate([_psnr(results[best.label][n]) for n in names]),
+        d = paired_bootstrap(np.concatenate([_psnr(results[best_global.label][n]) for n in names]),
                              np.concatenate([_psnr(central[n]) for n in names]))
-        targets.append((f"R={r:g}", f"{best.label} − {model} centralized (pooled), all sites", "≥ −0.30 dB", str(d),
+        targets.append((f"R={r:g}", f"{best_global.label} − {model} centralized (pooled), all sites", "≥ −0.30 dB", str(d),
                         _verdict(d, -0.3, False)))
         for n in names:
             d = paired_bootstrap(_psnr(results[best.label][n]), _psnr(results["CS L1-wavelet"][n]))
             targets.append((f"R={r:g}", f"{best.label} − CS L1-wavelet at {n}", "> 0 dB, CI > 0", str(d),
                             _verdict(d, 0.0, True)))
-        if best.label in heldout:
-            zf_mean, model_mean, d = heldout[best.label]
-            targets.append((f"R={r:g}", f"{best.label} − zero-filled on held-out real MR "
+        if best_global.label in heldout:
+            zf_mean, model_mean, d = heldout[best_global.label]
+            targets.append((f"R={r:g}", f"{best_global.label} − zero-filled on held-out real MR "
                             f"({d.n} images: {zf_mean:.2f} → {model_mean:.2f} dB)",
                             "≥ +3.00 dB", str(d), _verdict(d, 3.0, False)))
     return targets
@@ -295,6 +337,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
+    parser.add_argument("--fine-tune-steps", type=int, default=60,
+                        help="after each federated run every site fine-tunes its selected model (0: no personalised rows)")
+    parser.add_argument("--fine-tune-eval-every", type=int, default=10, help="fine-tuning: validate every N steps")
+    parser.add_argument("--fine-tune-patience", type=int, default=3, help="fine-tuning: stop after N validations without gain")
+    parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated site (1: two sites at once on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cs-iterations", type=int, default=60)
     parser.add_argument("--cs-tune-slices", type=int, default=6, help="validation slices per site for CS tuning")
@@ -307,6 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.size, args.subjects, args.slices = 64, 4, 2
         args.max_rounds, args.patience, args.local_steps = 2, 1, 2
         args.cs_iterations, args.cs_tune_slices = 5, 2
+        args.fine_tune_steps, args.fine_tune_eval_every = 2, 1
     return args
 
 

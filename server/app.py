@@ -53,8 +53,25 @@ def main(grid: Grid, context: Context) -> None:
             federation.evaluate_round(0, arrays)  # (with evaluate-with-train, round 1's training carries it)
         arrays = federation.run_rounds(start, arrays)
         if run.fine_tune_steps > 0:
-            federation.fine_tune_round(run.num_server_rounds, arrays)
+            last, selected = _fine_tune_start(store, arrays)
+            federation.fine_tune_round(last, selected)
     except BaseException as exc:
         store.set_status("failed", error=str(exc))
         raise
     store.set_status("finished", **(federation.best.stop_detail() if federation.best.exhausted else {}))
+
+
+def _fine_tune_start(store: RunDir, last_arrays: ArrayRecord) -> tuple[int, ArrayRecord]:
+    """(last round trained, the global model the sites fine-tune): the run's best round when it has one.
+
+    The best round is the model the run selected on validation (what ``fedsense export`` ships); after
+    an early stop it is not the last one. The phase is recorded under the last round trained.
+    """
+    latest = store.latest_checkpoint()
+    last = latest[0] if latest is not None else 0
+    best = store.best()
+    if best is None or best["round"] == last:
+        return last, last_arrays
+    payload = torch.load(store.checkpoint_path(best["round"]), map_location="cpu", weights_only=True)
+    logger.info("fine-tuning starts from round %d, the best by %s (%.4g)", best["round"], best["metric"], best["value"])
+    return last, ArrayRecord(payload["state_dict"])

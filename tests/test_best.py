@@ -123,3 +123,23 @@ def test_metrics_show_and_dashboard_mark_the_best_round(run: RunDir) -> None:
         server.stop()
     assert data["best"]["round"] == 2
     assert 'id="best-round"' in page and "best-marker" in page
+
+
+def test_fine_tuning_starts_from_the_best_round_not_the_last(tmp_path: Path) -> None:
+    """After an early stop the sites fine-tune the selected model; the phase is filed under the last round."""
+    from flwr.app import ArrayRecord
+
+    from server.app import _fine_tune_start
+
+    store = RunDir(tmp_path / "run")
+    store.init({"name": "x"}, resume=False)
+    weights = {rnd: {"w": torch.full((3,), float(rnd))} for rnd in (1, 2, 3)}
+    for rnd, state in weights.items():
+        store.save_checkpoint(rnd, state, {"name": "x"})
+    last_arrays = ArrayRecord(weights[3])
+    assert _fine_tune_start(store, last_arrays) == (3, last_arrays)  # no best.json yet: the last model
+    store.write_best(1, "psnr", 30.0)
+    last, start = _fine_tune_start(store, last_arrays)
+    assert last == 3 and torch.equal(start.to_torch_state_dict()["w"], weights[1]["w"])
+    store.write_best(3, "psnr", 31.0)
+    assert _fine_tune_start(store, last_arrays) == (3, last_arrays)
