@@ -87,11 +87,11 @@ def render_markdown(text: str, source: str) -> tuple[str, set[str]]:
         marker = f"registry:{kind}{':names' if inline else ''}"
         return f"<!-- {marker} -->{body}<!-- /{marker} -->"
 
-    rendered = _REGION.sub(replace, text)
+    new_text = _REGION.sub(replace, text)
     opened, closed = len(_OPENING.findall(text)), len(_REGION.findall(text))
     if opened != closed:
         raise DocsError(f"{source}: {opened - closed} registry region(s) opened but not closed")
-    return rendered, kinds
+    return new_text, kinds
 
 
 def render_pyproject(text: str, source: str = PYPROJECT) -> str:
