@@ -9,7 +9,7 @@ DEMO_DATA := demo-data
 DEMO_ROUNDS ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast docs clean
 venv: $(STAMP)
 
 # torch is installed first and pinned: 2.13.0 is a CPU wheel on this machine's disk; an unpinned
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The docs' lists of strategies, models, baselines, mask patterns and losses, from their registries.
+docs: $(STAMP)
+	$(BIN)/python -m common.docs_gen
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache

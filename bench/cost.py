@@ -45,21 +45,20 @@ from bench.harness import (
     TreeMemory,
     write_sites,
 )
+from bench.quality import MODELS as QUALITY_MODELS
 from common.data.loaders import load_site, make_loader
 from common.models import build_model, count_parameters
+from common.registry import MODELS
 from common.runconfig import RunConfig
 from server.simulate import SimResources, simulate
 from server.store import GLOBAL_SITE, RunDir
 
 logger = logging.getLogger("bench.cost")
 
-# The quality benchmark's models (about equal parameter counts) and the product's defaults.
+# The quality benchmark's models (about equal parameter counts) and every product model at its defaults.
 BYTES_MODELS: dict[str, tuple[str, dict[str, int]]] = {
-    "U-Net (bench)": ("unet", {"chans": 16, "num_pool_layers": 2}),
-    "Unrolled-DC (bench)": ("unrolled", {"num_cascades": 4, "chans": 32, "num_layers": 5}),
-    "unet (default)": ("unet", {}),
-    "unrolled (default)": ("unrolled", {}),
-    "varnet (default)": ("varnet", {}),
+    **{f"{label} (bench)": spec for label, spec in QUALITY_MODELS.items()},
+    **{f"{name} (default)": (name, {}) for name in MODELS},
 }
 OVERHEAD_MODEL = BYTES_MODELS["U-Net (bench)"]
 SCALE_MODEL = ("unet", {"chans": 8, "num_pool_layers": 2})

@@ -29,6 +29,7 @@ from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, Sa
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from bench.harness import markdown_table, model_recon, score_slices, start_bench, write_sites
+from bench.quality import MODELS as QUALITY_MODELS
 from common.data.dataset import SiteDataset
 from common.data.loaders import load_site, make_loader
 from common.dp import PrivacyLedger, train_private
@@ -37,7 +38,7 @@ from common.training import train
 
 logger = logging.getLogger("bench.privacy")
 
-MODEL = ("unet", {"chans": 16, "num_pool_layers": 2})  # --chans overrides the width
+MODEL = QUALITY_MODELS["U-Net"]  # the quality benchmark's U-Net; --chans overrides the width
 DELTA = 1e-5
 
 

@@ -10,8 +10,6 @@ axial stack at 1 mm spacing. The folder is built under a hidden temporary name a
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +18,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from common.artifact import ModelCard
-from common.atomic import fsync_dir
+from common.atomic import atomic_dir
 from common.data.readers import to_display
 from common.errors import DataError
 
@@ -77,10 +75,7 @@ def write_series(volume: "Volume", target: Path, card: ModelCard) -> Path:
     positions, cosines, spacing, thickness = _geometry(volume)
     now = dt.datetime.now(dt.timezone.utc)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(target) as tmp:  # target is absent, checked above
         for number, (plane, position) in enumerate(zip(pixels, positions), start=1):
             instance = generate_uid()
             meta = FileMetaDataset()
@@ -111,12 +106,4 @@ def write_series(volume: "Volume", target: Path, card: ModelCard) -> Path:
             ds.WindowCenter, ds.WindowWidth = f"{peak / 2:.6g}", f"{peak:.6g}"
             ds.PixelData = np.ascontiguousarray(plane).tobytes()
             ds.save_as(path, enforce_file_format=True)
-        for path in tmp.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(target.parent)
     return target

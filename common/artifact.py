@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,7 +29,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.atomic import fsync_dir
+from common.atomic import atomic_dir
 from common.errors import DataError
 from common.models import build_model, count_parameters
 
@@ -189,24 +188,11 @@ def write_artifact(out_dir: Path, state_dict: dict[str, torch.Tensor], card_fiel
         weights=WeightsInfo(sha256=hashlib.sha256(blob).hexdigest()),
         **card_fields,
     )
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:  # out_dir is absent or empty, checked above
         (tmp / WEIGHTS_FILE).write_bytes(blob)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        for path in tmp.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out_dir.parent)
     return card
 
 

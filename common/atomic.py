@@ -1,13 +1,15 @@
 """Atomic file replacement: readers and crashes see the old file or the new one, never a part.
 
-Used for everything FedSense rewrites in place (run config, checkpoints, sample images), by the
-server and by the sites alike.
+Used for everything FedSense rewrites in place (run config, checkpoints, sample images) and for the
+folders it writes whole (exported models, DICOM series), by the server and by the sites alike.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,6 +37,31 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically."""
     atomic_write(Path(path), lambda stream: stream.write(data))
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Fill a folder built as ``.NAME.tmp`` next to ``target``; on success it is renamed onto ``target``.
+
+    Its files are fsynced before the rename and an exception removes it, so readers see no folder or
+    the whole one, never a part. ``target`` must be absent or an empty folder (the caller checks).
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            with open(path, "rb") as stream:
+                os.fsync(stream.fileno())
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -23,6 +23,7 @@ from pydantic import (
 
 from common.errors import ConfigError
 from common.masks import PATTERNS
+from common.registry import known_name
 
 DatasetKind = Literal["fastmri", "brats", "ixi"]
 
@@ -85,9 +86,7 @@ class ScannerConfig(_Strict):
     @field_validator("mask")
     @classmethod
     def _known_pattern(cls, value: str) -> str:
-        if value not in PATTERNS:
-            raise ValueError(f"must be one of {', '.join(PATTERNS)}, got {value!r}")
-        return value
+        return known_name(value, PATTERNS)
 
 
 class DemoConfig(_Strict):

@@ -20,6 +20,7 @@ import numbers
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -192,7 +193,7 @@ def _build(
                 f"{width} columns but the ACS (center_fraction={center_fraction:g}) alone needs "
                 f"{nlf}; lower center_fraction or acceleration"
             )
-        columns = _BUILDERS_1D[pattern](width, acceleration, nlf, rng)
+        columns = _BUILDERS_1D[pattern].build(width, acceleration, nlf, rng)
         mask = np.broadcast_to(columns, shape)
     else:
         calib = _calibration_box(shape, center_fraction)
@@ -204,7 +205,7 @@ def _build(
                 f"samples but the calibration box (center_fraction={center_fraction:g}) alone "
                 f"has {calib_count}; lower center_fraction or acceleration"
             )
-        mask = _BUILDERS_2D[pattern](shape, budget, calib, rng)
+        mask = _BUILDERS_2D[pattern].build(shape, budget, calib, rng)
 
     sampled = int(np.count_nonzero(mask))
     achieved = height * width / sampled if sampled else math.inf
@@ -549,16 +550,39 @@ def _spiral(
 
 _Builder1D = Callable[[int, float, int, np.random.Generator], np.ndarray]
 _Builder2D = Callable[[tuple[int, int], int, np.ndarray, np.random.Generator], np.ndarray]
-_BUILDERS_1D: dict[str, _Builder1D] = {
-    "random": _random_1d,
-    "equispaced": _equispaced_1d,
-    "gaussian1d": _gaussian_1d,
+
+
+class _Pattern1D(NamedTuple):
+    build: _Builder1D
+    description: str  # one line, for the docs (common.docs_gen)
+
+
+class _Pattern2D(NamedTuple):
+    build: _Builder2D
+    description: str
+
+
+_BUILDERS_1D: dict[str, _Pattern1D] = {
+    "random": _Pattern1D(_random_1d, "Cartesian columns: the ACS centre plus outer columns drawn uniformly "
+                                     "(fastMRI's RandomMaskFunc, exact column count)"),
+    "equispaced": _Pattern1D(_equispaced_1d, "Cartesian columns: the ACS centre plus equally spaced lines "
+                                             "(fastMRI's EquispacedMaskFractionFunc)"),
+    "gaussian1d": _Pattern1D(_gaussian_1d, "Cartesian columns: the ACS centre plus outer columns drawn with a "
+                                           "Gaussian density around DC"),
 }
-_BUILDERS_2D: dict[str, _Builder2D] = {
-    "gaussian2d": _gaussian_2d,
-    "poisson": _poisson,
-    "radial": _radial,
-    "spiral": _spiral,
+_BUILDERS_2D: dict[str, _Pattern2D] = {
+    "gaussian2d": _Pattern2D(_gaussian_2d, "2-D points: a calibration box plus points drawn with a Gaussian "
+                                           "density around DC"),
+    "poisson": _Pattern2D(_poisson, "2-D points: a calibration box plus variable-density Poisson-disc points "
+                                    "(denser at DC)"),
+    "radial": _Pattern2D(_radial, "non-Cartesian: a calibration box plus equally spaced full spokes through "
+                                  "DC, randomly rotated, rasterised"),
+    "spiral": _Pattern2D(_spiral, "non-Cartesian: a calibration box plus variable-density spiral "
+                                  "interleaves, rasterised"),
 }
 #: Every sampling pattern a site config may name: the builders' keys, so the two cannot disagree.
 PATTERNS: tuple[str, ...] = (*_BUILDERS_1D, *_BUILDERS_2D)
+#: Each pattern's one-line description (the docs' list of patterns), from the same tables.
+PATTERN_DESCRIPTIONS: dict[str, str] = {
+    name: pattern.description for name, pattern in {**_BUILDERS_1D, **_BUILDERS_2D}.items()
+}

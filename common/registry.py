@@ -1,20 +1,56 @@
 """The names of every pluggable kind, in one place that needs neither PyTorch nor Flower.
 
-Run-config validation, the CLI's choices and the error messages read the names from here; each
-implementation (the model classes, the strategy builders, the baselines) is keyed by the same names
-and checked against them when its module is imported, so a name cannot exist in one list only.
-(Mask patterns are derived from their builders in :mod:`common.masks`.)
+Run-config validation, the CLI's choices, the error messages and the docs (README, ARCHITECTURE,
+pyproject's comments: :mod:`common.docs_gen`) read the names from here; each implementation (the model
+classes, the strategy builders, the baselines, the losses) is keyed by the same names and checked against them
+when its module is imported, so a name cannot exist in one list only. Each name carries the one-line
+description the docs show, so a description is written once, next to its name.
+(Mask patterns are derived from their builders in :mod:`common.masks`, which carry theirs.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-STRATEGIES: tuple[str, ...] = (
-    "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-)
-MODELS: tuple[str, ...] = ("unet", "unrolled", "varnet")
-BASELINES: tuple[str, ...] = ("local", "centralized", "centralized-balanced", "zero-filled")
+#: Aggregation strategies (run-config ``strategy``): name -> what it does, for the docs.
+STRATEGY_DESCRIPTIONS: dict[str, str] = {
+    "fedavg": "FedAvg: the example-weighted mean of the sites' updated weights (McMahan et al. 2017)",
+    "fedprox": "FedProx: FedAvg, with each site's local training held near the global model by the "
+               "proximal term (μ/2)·‖w − w_global‖², μ = `proximal-mu` (Li et al. 2020)",
+    "fedmedian": "FedMedian: the coordinate-wise median of the sites' weights; robust to a faulty or hostile site",
+    "fedtrimmedavg": "FedTrimmedAvg: the coordinate-wise mean after dropping the `trim-beta` fraction at each end",
+    "fedadam": "FedAdam: an Adam step of the server on the mean update taken as a pseudo-gradient (Reddi et al. 2021)",
+    "fedyogi": "FedYogi: FedAdam with Yogi's additive second-moment update",
+    "fedadagrad": "FedAdagrad: FedAdam with Adagrad's accumulated second moment",
+    "fedavgm": "FedAvgM: server SGD with momentum on the mean update (Hsu et al. 2019)",
+}
+#: Reconstruction models (run-config ``model``): name -> what it is, for the docs.
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    "unet": "end-to-end U-Net on the coil-combined zero-filled image (fastMRI's baseline)",
+    "unrolled": "unrolled cascade of small residual CNNs, each followed by a closed-form data-consistency "
+                "layer (after Schlemper et al.'s DC-CNN)",
+    "varnet": "end-to-end VarNet: gradient data consistency in multi-coil k-space with coil maps estimated by "
+              "the model (after Sriram et al. 2020)",
+}
+#: Baselines (``fedsense baseline KIND``): name -> what it trains, for the docs.
+BASELINE_DESCRIPTIONS: dict[str, str] = {
+    "local": "each site trains its own model on its own data only, for the same rounds and local steps",
+    "centralized": "one model on all sites' training slices pooled, every slice equally likely, with as many "
+                   "steps per round as all sites of a federated round together",
+    "centralized-balanced": "the same, with the batches drawn from each site in turn, so every site gets equal steps",
+    "zero-filled": "no learning: the inverse FFT of the undersampled k-space (round 0 only)",
+}
+#: Training losses (run-config ``loss``): name -> what it compares, for the docs.
+LOSS_DESCRIPTIONS: dict[str, str] = {
+    "l1": "mean absolute error between the reconstruction and the target image",
+    "ssim": "1 − SSIM (fastMRI's 7×7 window) at the target volume's range",
+    "l1+ssim": "the sum of the two",
+}
+
+STRATEGIES: tuple[str, ...] = tuple(STRATEGY_DESCRIPTIONS)
+MODELS: tuple[str, ...] = tuple(MODEL_DESCRIPTIONS)
+BASELINES: tuple[str, ...] = tuple(BASELINE_DESCRIPTIONS)
+LOSSES: tuple[str, ...] = tuple(LOSS_DESCRIPTIONS)
 
 
 def check_implemented(kind: str, names: Iterable[str], implemented: Iterable[str]) -> None:
@@ -22,3 +58,11 @@ def check_implemented(kind: str, names: Iterable[str], implemented: Iterable[str
     missing, extra = set(names) - set(implemented), set(implemented) - set(names)
     if missing or extra:
         raise RuntimeError(f"{kind} registry mismatch: not implemented {sorted(missing)}, unregistered {sorted(extra)}")
+
+
+def known_name(value: str, names: Iterable[str]) -> str:
+    """``value`` if it is one of ``names``; else ``ValueError`` listing them (the validators' one message)."""
+    names = tuple(names)
+    if value not in names:
+        raise ValueError(f"must be one of {', '.join(names)}, got {value!r}")
+    return value

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
-from common.registry import MODELS, STRATEGIES
+from common.registry import LOSSES, MODELS, STRATEGIES, known_name
 from common.privacy_config import check_privacy
 
 
@@ -42,7 +42,7 @@ class RunConfig(BaseModel):
     local_steps: int = Field(8, ge=0)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
-    loss: Literal["l1", "ssim", "l1+ssim"] = "l1"
+    loss: str = "l1"
     run_dir: str = "runs/latest"
     sites: str = ""
     sample_dir: str = ""
@@ -85,16 +85,17 @@ class RunConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"must be one of {', '.join(STRATEGIES)}, got {value!r}")
-        return value
+        return known_name(value, STRATEGIES)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"must be one of {', '.join(MODELS)}, got {value!r}")
-        return value
+        return known_name(value, MODELS)
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        return known_name(value, LOSSES)
 
     @field_validator("model_args", "site_caps", mode="before")
     @classmethod

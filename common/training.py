@@ -21,6 +21,7 @@ from common.coils import rss
 from common.device import autocast, batch_to
 from common.fft import center_crop, ifft2c
 from common.metrics import SSIMLoss, nmse, psnr, ssim
+from common.registry import LOSSES
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class ReconLoss(nn.Module):
 
     def __init__(self, kind: str) -> None:
         super().__init__()
-        if kind not in ("l1", "ssim", "l1+ssim"):
+        if kind not in LOSSES:
             raise ValueError(f"loss: unknown loss {kind!r}")
         self.kind = kind
         self.ssim = SSIMLoss()

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-gpus", type=float, help="GPUs (or fractions) per simulated site (default: 0)")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("baseline", help="local-only, centralized or zero-filled baseline on the same sites")
+    p = sub.add_parser("baseline", help=f"a baseline on the same sites: {', '.join(BASELINES)}")
     p.add_argument("kind", choices=BASELINES)
     _add_run_options(p)
     p.set_defaults(func=cmd_baseline)
