@@ -59,8 +59,10 @@ class _ServerOptimiser:
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is None:
             return arrays, metrics
+        # np.array(order="C"), not np.ascontiguousarray: the latter turns a 0-d array (a scalar parameter
+        # such as a data-consistency weight) into shape (1,), which the next round's updates would not match.
         cast = ArrayRecord({
-            k: Array(np.ascontiguousarray(a.numpy().astype(self._sent_dtypes.get(k, a.numpy().dtype), copy=False)))
+            k: Array(np.array(a.numpy(), dtype=self._sent_dtypes.get(k, a.numpy().dtype), order="C"))
             for k, a in arrays.items()
         })
         return cast, metrics

@@ -28,11 +28,13 @@ class TwoNodes:
 
 
 RNG = np.random.default_rng(0)
-START = {"w": RNG.standard_normal((3, 2)).astype(np.float32), "b": RNG.standard_normal(2).astype(np.float32)}
+# "s": a 0-d parameter, like the unrolled network's data-consistency weights.
+START = {"w": RNG.standard_normal((3, 2)).astype(np.float32), "b": RNG.standard_normal(2).astype(np.float32),
+         "s": np.array(0.3, dtype=np.float32)}
 
 
 def record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()})
 
 
 def reply(arrays: dict[str, np.ndarray], n: int) -> Message:
@@ -97,7 +99,7 @@ def test_fedavgm_is_sgd_with_momentum_on_the_averaged_pseudo_gradient() -> None:
         expected = {k: current[k] - lr * buf[k] for k in grad}
         got = server_round(strategy, rnd, current)
         for k in grad:
-            assert got[k].dtype == np.float32
+            assert got[k].dtype == np.float32 and got[k].shape == START[k].shape
             np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6)
         current = got
 
@@ -129,3 +131,13 @@ def test_a_restored_optimiser_continues_exactly_where_the_run_stopped(name: str)
 def test_plain_strategies_have_no_optimiser_state() -> None:
     assert optimiser_state(build_strategy(run_config("fedavg"))) is None
     assert not load_optimiser_state(build_strategy(run_config("fedprox")), {"m_t": {}, "v_t": {}})
+
+
+@pytest.mark.parametrize("name", SERVER_OPTIMISERS)
+def test_aggregates_keep_every_array_shape_and_dtype(name: str) -> None:
+    """A 0-d parameter must come back 0-d, or the next round's updates fail the shape check."""
+    current = dict(START)
+    for rnd in (1, 2):
+        got = server_round(build_strategy(run_config(name)), rnd, current)
+        assert {k: (a.shape, a.dtype) for k, a in got.items()} == {k: (a.shape, a.dtype) for k, a in START.items()}
+        current = got
