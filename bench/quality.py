@@ -10,7 +10,11 @@ Fair by construction:
 - centralized = one model on the pooled training slices, every slice equally likely (baseline kind
   ``centralized``); the site-balanced variant is a separate row (``centralized-balanced``);
 - each method's budget is printed: rounds trained, best round, optimisation steps and data passes;
-- every target comparison is a paired per-slice difference with a 95 % bootstrap CI (``common.stats``).
+- every target comparison is a paired per-slice difference with a 95 % bootstrap CI (``common.stats``);
+- personalisation: every federated run ends with each site fine-tuning the selected global model on its
+  own training split (``fine-tune-steps``, validation-stopped); the sites' fine-tuned models are the
+  "+ fine-tune" row. The best federated method (global or personalised) and the best global model are
+  chosen on validation PSNR, never on test.
 
 Scenarios: ``standard`` = the three product sites (``deploy/sites``); ``low-data`` adds ``site-d``
 (``bench/sites``: fastMRI-style, 1.5 T, 12 coils, random mask) with few subjects per site. Every site's R
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -141,6 +146,9 @@ def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int],
         "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites),
         "sites": ",".join(str(p) for p in sites), "run-dir": str(run_dir), "num-samples": 0, "seed": args.seed,
         "resume": False, "select-metric": "psnr", "patience": args.patience,
+        # Federated runs: each training message also scores the model it carries (half the messages), and
+        # each site keeps its Adam state across rounds (chosen on validation PSNR in a pilot: see BENCHMARKS.md).
+        "evaluate-with-train": True, "client-optimizer": "keep",
         "fine-tune-steps": fine_tune_steps,
         "fine-tune-eval-every": args.fine_tune_eval_every, "fine-tune-patience": args.fine_tune_patience,
     })
@@ -211,7 +219,7 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
         row = STRATEGIES[strategy]
         run = run_config(args, model, model_args, sites, out / f"{model}-{strategy}", strategy, args.fine_tune_steps)
         with clock.stage(f"{stage} {label} {row} (Flower simulation)"):
-            store = simulate(run, timeout=3600, report=logger.info, resources=SimResources(client_cpus=args.client_cpus))
+            store = simulate_sites(run, args.client_cpus)
         rounds, steps, _ = _trained(store)
         selected = store.best()
         assert selected is not None, f"{store.path}: no best.json"
@@ -225,6 +233,19 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
             methods.append(_fine_tuned(f"{label} {row} {FINE_TUNED}", store, model, model_args, names,
                                        selected["round"], used, args.batch / total_slices))
     return methods
+
+
+def simulate_sites(run: RunConfig, client_cpus: int) -> RunDir:
+    """The Flower simulation, each site pinned to ``client_cpus`` cores and as many torch threads."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(client_cpus)  # inherited by the Ray workers that run the sites
+    try:
+        return simulate(run, timeout=3600, report=logger.info, resources=SimResources(client_cpus=client_cpus))
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
 
 
 def _fine_tuned(label: str, store: RunDir, model: str, model_args: dict[str, int], names: Sequence[str],
@@ -329,11 +350,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="image matrix (pixels per side)")
     parser.add_argument("--center-fraction", type=float, default=0.16,
                         help="fully sampled centre of every site's mask (calibration lines = fraction x size)")
-    parser.add_argument("--subjects", type=int, default=4, help="demo subjects per site (split 50/25/25)")
-    parser.add_argument("--slices", type=int, default=6, help="slices per volume")
-    parser.add_argument("--max-rounds", type=int, default=12, help="budget: rounds at most")
-    parser.add_argument("--patience", type=int, default=3, help="stop after this many rounds without a better val PSNR")
-    parser.add_argument("--local-steps", type=int, default=6)
+    # 8 subjects of 4 slices, not 4 of 8: one subject is one contrast at the fastMRI-style sites, so a
+    # 1-subject validation split would select models on a contrast the test split does not have.
+    parser.add_argument("--subjects", type=int, default=8, help="demo subjects per site (split 50/25/25)")
+    parser.add_argument("--slices", type=int, default=4, help="slices per volume")
+    parser.add_argument("--max-rounds", type=int, default=20, help="budget: rounds at most")
+    parser.add_argument("--patience", type=int, default=4, help="stop after this many rounds without a better val PSNR")
+    parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
@@ -345,7 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cs-iterations", type=int, default=60)
     parser.add_argument("--cs-tune-slices", type=int, default=6, help="validation slices per site for CS tuning")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch intra-op threads of the in-process baselines (each simulated site: --client-cpus)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 slices per volume, 1 acceleration, U-Net, FedAvg, 2 rounds (numbers meaningless)")
     args = parser.parse_args(argv)

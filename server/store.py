@@ -256,15 +256,9 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         """The run config with its ``status``; ``FedSenseError`` if missing or unreadable."""
         try:
-            text = self.config_path.read_text(encoding="utf-8")
+            config = _read_json(self.config_path)
         except FileNotFoundError:
             raise FedSenseError(f"{self.config_path}: not found (not a FedSense run directory?)") from None
-        except OSError as exc:
-            raise FedSenseError(f"{self.config_path}: cannot read: {exc}") from exc
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FedSenseError(f"{self.config_path}: invalid JSON: {exc}") from exc
         if not isinstance(config, dict):
             raise FedSenseError(f"{self.config_path}: must hold a JSON object")
         return config
@@ -431,15 +425,9 @@ class RunDir:
         An unreadable or malformed file raises ``FedSenseError`` naming it.
         """
         try:
-            text = self.best_path.read_text(encoding="utf-8")
+            best = _read_json(self.best_path)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise FedSenseError(f"{self.best_path}: cannot read: {exc}") from exc
-        try:
-            best = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FedSenseError(f"{self.best_path}: invalid JSON: {exc}") from exc
         if (not isinstance(best, dict) or not _is_int(best.get("round")) or not isinstance(best.get("metric"), str)
                 or not _is_number(best.get("value")) or not isinstance(best.get("checkpoint"), str)):
             raise FedSenseError(f"{self.best_path}: needs round (int), metric (str), value (number), checkpoint (str)")
@@ -549,3 +537,17 @@ def _to_json(config: Mapping[str, Any], path: Path) -> str:
         return json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except (TypeError, ValueError) as exc:
         raise FedSenseError(f"{path}: config is not JSON-serialisable: {exc}") from exc
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``; ``FileNotFoundError`` passes through, other failures name the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FedSenseError(f"{path}: cannot read: {exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FedSenseError(f"{path}: invalid JSON: {exc}") from exc
