@@ -346,10 +346,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenario", choices=list(SCENARIOS), default="low-data")
     parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=["fedavg", "fedprox"],
+                        help="federated strategies (each also gives a fine-tuned row); fedadam: a server optimiser")
     parser.add_argument("--size", type=int, default=64, help="image matrix (pixels per side)")
-    parser.add_argument("--center-fraction", type=float, default=0.16,
-                        help="fully sampled centre of every site's mask (calibration lines = fraction x size)")
+    parser.add_argument("--center-fraction", type=float, default=None,
+                        help="fully sampled centre of every site's mask (calibration lines = fraction x size); "
+                             "default 0.64 / R: fastMRI's pairs (R 4: 0.08, R 8: 0.04) doubled for 64², i.e. "
+                             "10 calibration lines at R 4 and 5 at R 8 (an R 8 mask of 64 columns has 8 in all)")
     # 8 subjects of 4 slices, not 4 of 8: one subject is one contrast at the fastMRI-style sites, so a
     # 1-subject validation split would select models on a contrast the test split does not have.
     parser.add_argument("--subjects", type=int, default=8, help="demo subjects per site (split 50/25/25)")
@@ -382,6 +385,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def center_fraction(args: argparse.Namespace, r: float) -> float:
+    """The fully sampled centre at acceleration ``r``: ``--center-fraction``, else 0.64 / R (see its help)."""
+    return args.center_fraction if args.center_fraction is not None else 0.64 / r
+
+
 def heldout_scanner(size: int, r: float, center_fraction: float) -> ScannerConfig:
     """How the held-out images are acquired: 8 coils, 1.5 T noise level, random mask (site-b's scanner)."""
     return ScannerConfig(field_strength_t=1.5, coils=8, matrix=(size, size), noise_std=0.02, mask="random",
@@ -394,7 +402,7 @@ def run_acceleration(args: argparse.Namespace, r: float, params: dict[str, int],
     shutil.rmtree(out, ignore_errors=True)
     with clock.stage(f"R={r:g} demo data"):
         sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=r,
-                            names=SCENARIOS[args.scenario], center_fraction=args.center_fraction)
+                            names=SCENARIOS[args.scenario], center_fraction=center_fraction(args, r))
     data = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
     names = list(data)
     print(f"\nR = {r:g}: train/val/test slices per site: "
@@ -416,7 +424,7 @@ def run_acceleration(args: argparse.Namespace, r: float, params: dict[str, int],
         results = {m.label: {n: test(m.recon[n], n) for n in names} for m in methods}
     heldout = {}
     with clock.stage(f"R={r:g} held-out real MR"):
-        scanner = heldout_scanner(args.size, r, args.center_fraction)
+        scanner = heldout_scanner(args.size, r, center_fraction(args, r))
         for m in methods:
             if m.federated and m.model is not None:
                 scores = score_heldout(m.model, scanner, seed=args.seed)
@@ -431,12 +439,15 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     started = start_bench("quality", args.threads)
     clock = Stopwatch()
     params = {label: count_parameters(build_model(m, **kw)) for label, (m, kw) in MODELS.items() if label in args.models}
-    print(f"scenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}), {args.size}² images, centre fraction "
-          f"{args.center_fraction} ({round(args.center_fraction * args.size)} calibration lines), {args.subjects} "
-          f"subjects/site ({args.slices} slices per volume); up to {args.max_rounds} rounds x {args.local_steps} local "
-          f"steps x batch {args.batch}, early stop after {args.patience} rounds without a better validation PSNR; "
-          f"Adam lr {args.lr}, L1 loss, FedProx mu {args.mu}, seed {args.seed}; "
-          f"parameters: {', '.join(f'{k} {v:,}' for k, v in params.items())}")
+    calibration = ", ".join(f"R {r:g}: centre fraction {center_fraction(args, r):g} "
+                            f"({round(center_fraction(args, r) * args.size)} calibration lines)" for r in args.accelerations)
+    print(f"scenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}), {args.size}² images, {calibration}; "
+          f"{args.subjects} subjects/site ({args.slices} slices per volume); up to {args.max_rounds} rounds x "
+          f"{args.local_steps} local steps x batch {args.batch}, early stop after {args.patience} rounds without a "
+          f"better validation PSNR; Adam lr {args.lr}, L1 loss, FedProx mu {args.mu}, seed {args.seed}; federated: "
+          f"{', '.join(STRATEGIES[k] for k in args.strategies)}, sites keep their Adam state, then each fine-tunes up to "
+          f"{args.fine_tune_steps} steps (validated every {args.fine_tune_eval_every}, patience "
+          f"{args.fine_tune_patience}); parameters: {', '.join(f'{k} {v:,}' for k, v in params.items())}")
     targets = [row for r in args.accelerations for row in run_acceleration(args, r, params, clock)]
     print("\n### Targets (paired per-slice PSNR differences, mean [95 % bootstrap CI])\n")
     print(markdown_table(("R", "comparison", "target", "measured (dB)", "status"), targets))
