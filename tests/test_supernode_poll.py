@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from client import supernode_poll
-from client.supernode import build_supernode_command
+from client.supernode import build_parser, build_supernode_command
 from client.supernode_poll import superexec_env
 from common.errors import ConfigError
 
@@ -168,6 +168,8 @@ def test_the_site_runs_the_short_poll_supernode(tmp_path) -> None:
     assert "--poll-interval" not in build_supernode_command("link:9092", None, None, site, insecure=True)
     with pytest.raises(ConfigError, match="--poll-interval"):
         build_supernode_command("link:9092", None, None, site, insecure=True, poll_interval="never")
+    args = build_parser().parse_args(["--superlink", "a:1", "--site-config", "s", "--poll-interval", "0.3"])
+    assert args.poll_interval == "0.3"
 
 
 def test_the_warm_superexec_polls_its_supernode_often_unless_told() -> None:
