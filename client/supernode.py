@@ -1,9 +1,11 @@
-"""The one command a hospital runs: ``fedsense client`` execs a ``flower-supernode`` that joins the federation.
+"""The one command a hospital runs: ``fedsense client`` starts a ``flower-supernode`` that joins the federation.
 
 The SuperNode opens a single outbound HTTPS connection to the SuperLink's Fleet API, verifies it
 with the deployment CA (``--root-certificates``), signs its requests with the site's registered
 key (``--auth-supernode-private-key``), and runs the ClientApp in a subprocess next to the data
 (``--node-config site-config=...``). Plaintext is available only through an explicit ``insecure``.
+The SuperNode is Flower's own, run through :mod:`client.supernode_poll` so that an idle site pulls
+again within ``--poll-interval`` (default 1 s) instead of Flower's fixed 3 s.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from client.supernode_poll import parse_poll_interval, superexec_env
 from common.errors import ConfigError, FedSenseError
 
 logger = logging.getLogger(__name__)
@@ -30,10 +33,6 @@ def _executable(name: str) -> str:
     """``name`` from this interpreter's environment, so an unactivated venv still works."""
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.exists() else (shutil.which(name) or name)
-
-
-def _supernode_executable() -> str:
-    return _executable("flower-supernode")
 
 
 def _existing_file(path: str | os.PathLike[str], flag: str) -> Path:
@@ -61,14 +60,17 @@ def build_supernode_command(
     max_retries: int | None = None,
     max_wait_time: float | None = None,
     warm: bool = False,
+    poll_interval: str | None = None,
 ) -> list[str]:
     """``flower-supernode`` argv for one site; raises ConfigError for missing files or unsafe combinations.
 
     ``runtime_port`` moves the SuperNode's local (127.0.0.1) ClientApp Runtime API off Flower's
     default 9094, for hosts that run more than one SuperNode. ``warm``: process isolation, the
     ClientApps then come from :func:`build_superexec_command`'s process instead of Flower's own.
+    ``poll_interval``: the longest wait between two pulls of an idle site (seconds, or ``flower``
+    for Flower's fixed 3 s); without it ``FEDSENSE_POLL_INTERVAL`` or the default applies.
     """
-    cmd = [_supernode_executable(), "--superlink", _check_address(superlink)]
+    cmd = [sys.executable, "-m", "client.supernode_poll", "--superlink", _check_address(superlink)]
     if insecure:
         if root_cert or auth_key:
             # Flower refuses both combinations too; say why before it does.
@@ -101,6 +103,9 @@ def build_supernode_command(
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(max_wait_time)]
+    if poll_interval is not None:
+        parse_poll_interval(poll_interval, "--poll-interval")
+        cmd += ["--poll-interval", poll_interval]
     return cmd
 
 
@@ -125,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cold-clientapps", action="store_true",
                         help="start every ClientApp as a fresh flwr-clientapp process (Flower's default) instead of "
                              "forking it from a process with PyTorch and Flower already loaded (fedsense-superexec)")
+    parser.add_argument("--poll-interval", metavar="SECONDS",
+                        help="longest wait between two pulls of the SuperLink while idle (default 1; the first wait "
+                             "is 0.1 s, doubling, and short again after each message; 'flower' keeps Flower's "
+                             "fixed 3 s). Environment: FEDSENSE_POLL_INTERVAL")
     return parser
 
 
@@ -133,20 +142,21 @@ def run(args: argparse.Namespace) -> NoReturn:
     warm = not args.cold_clientapps
     cmd = build_supernode_command(
         args.superlink, args.root_cert, args.auth_key, args.site_config, args.insecure, runtime_port=args.runtime_port,
-        warm=warm,
+        warm=warm, poll_interval=args.poll_interval,
     )
     logger.info("starting %s", " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    if not warm:
-        os.execvp(cmd[0], cmd)
-    raise SystemExit(_supervise(cmd, args.runtime_port))
+    if not warm:  # Flower's own SuperExec, started by the SuperNode, inherits the short task poll
+        os.execvpe(cmd[0], cmd, superexec_env(args.poll_interval, os.environ))
+    raise SystemExit(_supervise(cmd, args.runtime_port, args.poll_interval))
 
 
-def _supervise(supernode_cmd: list[str], runtime_port: int | None) -> int:
+def _supervise(supernode_cmd: list[str], runtime_port: int | None, poll_interval: str | None) -> int:
     """SuperNode plus warm SuperExec as children; signals go to both; exits with the SuperNode's code."""
+    superexec_environ = superexec_env(poll_interval, os.environ)  # refused before anything starts
     supernode = subprocess.Popen(supernode_cmd)
-    superexec = subprocess.Popen(build_superexec_command(runtime_port, supernode.pid))
+    superexec = subprocess.Popen(build_superexec_command(runtime_port, supernode.pid), env=superexec_environ)
     logger.info("SuperNode pid %d, warm SuperExec pid %d", supernode.pid, superexec.pid)
 
     def forward(signum: int, _frame: object) -> None:

@@ -15,7 +15,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 FIRST_INTERVAL = 0.05
-MAX_INTERVAL = 0.5
+MAX_INTERVAL = 0.25  # s: a phase ends at most this long after its last reply reached the SuperLink
 
 
 def send_and_collect(

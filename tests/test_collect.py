@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.collect import send_and_collect
+from server.collect import MAX_INTERVAL, send_and_collect
 
 
 @pytest.fixture(autouse=True)
@@ -69,9 +69,9 @@ def test_returns_within_one_short_poll_of_the_last_reply() -> None:
     grid = DelayedGrid(clock, {1: 0.3, 2: 7.0, 3: 7.2})
     replies = send_and_collect(grid, asks([1, 2, 3]), timeout=3600.0, clock=clock, sleep=clock.sleep)
     assert len(replies) == 3
-    # Flower's grid would finish on its 3 s grid (9 s); the back-off is capped at 0.5 s.
-    assert 7.2 <= clock.now <= 7.2 + 0.5
-    assert max(clock.sleeps) <= 0.5 and min(clock.sleeps) == pytest.approx(0.05)
+    # Flower's grid would finish on its 3 s grid (9 s); the back-off is capped at MAX_INTERVAL (0.25 s).
+    assert 7.2 <= clock.now <= 7.2 + MAX_INTERVAL <= 7.2 + 0.25
+    assert max(clock.sleeps) <= MAX_INTERVAL and min(clock.sleeps) == pytest.approx(0.05)
 
 
 def test_a_silent_node_costs_exactly_the_timeout() -> None:
@@ -80,8 +80,8 @@ def test_a_silent_node_costs_exactly_the_timeout() -> None:
     replies = send_and_collect(grid, asks([1, 2]), timeout=60.0, clock=clock, sleep=clock.sleep)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert clock.now == pytest.approx(60.0)
-    # Bounded polling: at most one pull per 0.5 s once back-off has saturated, not a busy loop.
-    assert grid.pulls <= 60.0 / 0.5 + 10
+    # Bounded polling: at most one pull per MAX_INTERVAL once back-off has saturated, not a busy loop.
+    assert grid.pulls <= 60.0 / MAX_INTERVAL + 10
 
 
 def test_all_replies_already_there_means_no_sleep() -> None:

@@ -208,8 +208,8 @@ def test_command_for_a_site(tmp_path: Path) -> None:
     ca.write_text("ca")
     key.write_text("key")
     cmd = build_supernode_command("fl.example.org:9092", ca, key, SITE_CONFIG)
-    assert Path(cmd[0]).name == "flower-supernode"
-    assert cmd[1:] == ["--superlink", "fl.example.org:9092", "--root-certificates", str(ca),
+    assert cmd[:3] == [sys.executable, "-m", "client.supernode_poll"]  # Flower's flower-supernode, short poll
+    assert cmd[3:] == ["--superlink", "fl.example.org:9092", "--root-certificates", str(ca),
                        "--auth-supernode-private-key", str(key), "--node-config", f"site-config='{SITE_CONFIG}'"]
 
 
