@@ -265,11 +265,8 @@ def _fine_tuned(label: str, store: RunDir, model: str, model_args: dict[str, int
         recon[n] = model_recon(_load(model, model_args, saved["state_dict"]))
     tuned = sum(int(by_site[n]["best-step"]) for n in names)
     best = f"{selected}, then steps " + ", ".join(f"{n} {int(by_site[n]['best-step'])}" for n in names)
-    return Method(label, recon, federated=True, rounds=int(records[0]["round"]), best=best, steps=used + tuned,
+    return Method(label, recon, federated=True, rounds=int(records[0]["round"]), best=best, steps=int(used + tuned),
                   passes=(used + tuned) * passes_per_step, val_psnr=float(by_site[GLOBAL_SITE]["psnr"]))
-
-
-    return methods
 
 
 def _cell(scores: Sequence[SliceScore], metric: str) -> str:
