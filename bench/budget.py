@@ -43,7 +43,7 @@ logger = logging.getLogger("bench.budget")
 
 
 def _checkpoint_state(store: RunDir, rnd: int) -> dict[str, torch.Tensor]:
-    return torch.load(store.checkpoint_path(rnd), map_location="cpu", weights_only=True)["state_dict"]
+    return store.load_checkpoint(rnd)["state_dict"]
 
 
 def _variant(run: RunConfig, out: Path, kind: str, **update: object) -> RunConfig:

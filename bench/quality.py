@@ -161,8 +161,7 @@ def _load(model: str, model_args: dict[str, int], state: dict[str, torch.Tensor]
 
 
 def _state(store: RunDir, rnd: int) -> dict[str, torch.Tensor]:
-    payload = torch.load(store.checkpoint_path(rnd), map_location="cpu", weights_only=True)
-    return payload["state_dict"]
+    return store.load_checkpoint(rnd)["state_dict"]
 
 
 def _trained(store: RunDir) -> tuple[int, dict[int, dict[str, float]], dict[tuple[int, str], float]]:

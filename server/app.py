@@ -51,27 +51,23 @@ def main(grid: Grid, context: Context) -> None:
     try:
         if start == 1 and not federation.carries_evaluation:
             federation.evaluate_round(0, arrays)  # (with evaluate-with-train, round 1's training carries it)
-        arrays = federation.run_rounds(start, arrays)
+        last, arrays = federation.run_rounds(start, arrays)
         if run.fine_tune_steps > 0:
-            last, selected = _fine_tune_start(store, arrays)
-            federation.fine_tune_round(last, selected)
+            federation.fine_tune_round(last, _fine_tune_start(store, last, arrays))
     except BaseException as exc:
         store.set_status("failed", error=str(exc))
         raise
     store.set_status("finished", **(federation.best.stop_detail() if federation.best.exhausted else {}))
 
 
-def _fine_tune_start(store: RunDir, last_arrays: ArrayRecord) -> tuple[int, ArrayRecord]:
-    """(last round trained, the global model the sites fine-tune): the run's best round when it has one.
+def _fine_tune_start(store: RunDir, last: int, last_arrays: ArrayRecord) -> ArrayRecord:
+    """The global model the sites fine-tune: the run's best round when it has one, else round ``last``'s.
 
     The best round is the model the run selected on validation (what ``fedsense export`` ships); after
     an early stop it is not the last one. The phase is recorded under the last round trained.
     """
-    latest = store.latest_checkpoint()
-    last = latest[0] if latest is not None else 0
     best = store.best()
     if best is None or best["round"] == last:
-        return last, last_arrays
-    payload = torch.load(store.checkpoint_path(best["round"]), map_location="cpu", weights_only=True)
+        return last_arrays
     logger.info("fine-tuning starts from round %d, the best by %s (%.4g)", best["round"], best["metric"], best["value"])
-    return last, ArrayRecord(payload["state_dict"])
+    return ArrayRecord(store.load_checkpoint(best["round"])["state_dict"])

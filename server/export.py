@@ -45,22 +45,6 @@ def select_round(run: RunDir, which: str) -> tuple[int, dict[str, Any] | None]:
     return number, None
 
 
-def _load_checkpoint(run: RunDir, round: int) -> dict[str, Any]:
-    import torch
-
-    path = run.checkpoint_path(round)
-    if not path.is_file():
-        have = sorted(p.name for p in run.checkpoint_dir.glob("round-*.pt")) if run.checkpoint_dir.is_dir() else []
-        raise FedSenseError(f"{path}: no checkpoint for round {round} (have: {', '.join(have) or 'none'})")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise DataError(f"{path}: unreadable checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("round") != round or not isinstance(payload.get("state_dict"), dict):
-        raise DataError(f"{path}: not a round-{round} checkpoint with a state_dict")
-    return payload
-
-
 def _acquisition(config: SiteConfig) -> Acquisition:
     scanner = config.scanner
     return Acquisition(
@@ -140,7 +124,7 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", onnx: 
     if not run.path.is_dir():
         raise FedSenseError(f"{run.path}: no such run directory")
     round, best = select_round(run, which)
-    payload = _load_checkpoint(run, round)
+    payload = run.load_checkpoint(round)
     fields = build_card_fields(run, round, which, best, dict(payload.get("config") or {}), site_configs or [])
     state = payload["state_dict"]
     architecture: Architecture = fields["architecture"]

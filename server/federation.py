@@ -215,16 +215,18 @@ class Federation:
                     for node in self.grid.get_node_ids()]
         return self._metrics_phase(rnd, "finetune", messages, "fine-tuning")
 
-    def run_rounds(self, start: int, arrays: ArrayRecord) -> ArrayRecord:
+    def run_rounds(self, start: int, arrays: ArrayRecord) -> tuple[int, ArrayRecord]:
         """Rounds ``start..N``; each ends with an atomic checkpoint of the global model.
 
         After each evaluated round ``best.json`` is updated (:mod:`server.best`); once ``patience``
         rounds pass without improvement the loop stops early (see :attr:`BestTracker.exhausted`).
+        Returns the last round checkpointed and its global model.
         """
         config = self.run.to_flat()
         self.best.resume(start - 1)
+        done = start - 1
         if self.best.exhausted:  # a resumed run that had already stopped early stays stopped
-            return arrays
+            return done, arrays
         last = self.run.num_server_rounds
         for rnd in range(start, last + 1):
             logger.info("round %d/%d", rnd, last)
@@ -241,9 +243,10 @@ class Federation:
             server_optimizer = optimiser_state(self.strategy)
             extra = {"server_optimizer": server_optimizer} if server_optimizer is not None else None
             self.store.save_checkpoint(rnd, state, config, extra=extra)
+            done = rnd
             if summary is not None and self._stops(rnd, summary):
                 break
-        return arrays
+        return done, arrays
 
     def _stops(self, rnd: int, summary: dict[str, Any]) -> bool:
         """Update ``best.json`` with round ``rnd``'s evaluation; True once patience is exhausted."""

@@ -377,6 +377,22 @@ class RunDir:
         atomic_write(path, lambda stream: torch.save(payload, stream))
         return path
 
+    def load_checkpoint(self, round: int) -> dict[str, Any]:
+        """The checkpoint payload of ``round``; an error naming the file (and the rounds there are) if it is not one."""
+        import torch  # see save_checkpoint
+
+        path = self.checkpoint_path(round)
+        if not path.is_file():
+            have = sorted(p.name for p in self.checkpoint_dir.glob("round-*.pt")) if self.checkpoint_dir.is_dir() else []
+            raise FedSenseError(f"{path}: no checkpoint for round {round} (have: {', '.join(have) or 'none'})")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt files
+            raise DataError(f"{path}: unreadable checkpoint: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("round") != round or not isinstance(payload.get("state_dict"), dict):
+            raise DataError(f"{path}: not a round-{round} checkpoint with a state_dict")
+        return payload
+
     def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
         """The highest-round checkpoint that loads, as ``(round, payload)``; ``None`` if none does.
 

@@ -126,7 +126,7 @@ def test_metrics_show_and_dashboard_mark_the_best_round(run: RunDir) -> None:
 
 
 def test_fine_tuning_starts_from_the_best_round_not_the_last(tmp_path: Path) -> None:
-    """After an early stop the sites fine-tune the selected model; the phase is filed under the last round."""
+    """After an early stop the sites fine-tune the selected model, not the last round's."""
     from flwr.app import ArrayRecord
 
     from server.app import _fine_tune_start
@@ -137,9 +137,9 @@ def test_fine_tuning_starts_from_the_best_round_not_the_last(tmp_path: Path) -> 
     for rnd, state in weights.items():
         store.save_checkpoint(rnd, state, {"name": "x"})
     last_arrays = ArrayRecord(weights[3])
-    assert _fine_tune_start(store, last_arrays) == (3, last_arrays)  # no best.json yet: the last model
+    assert _fine_tune_start(store, 3, last_arrays) is last_arrays  # no best.json yet: the last model
     store.write_best(1, "psnr", 30.0)
-    last, start = _fine_tune_start(store, last_arrays)
-    assert last == 3 and torch.equal(start.to_torch_state_dict()["w"], weights[1]["w"])
+    start = _fine_tune_start(store, 3, last_arrays)
+    assert torch.equal(start.to_torch_state_dict()["w"], weights[1]["w"])
     store.write_best(3, "psnr", 31.0)
-    assert _fine_tune_start(store, last_arrays) == (3, last_arrays)
+    assert _fine_tune_start(store, 3, last_arrays) is last_arrays
