@@ -10,6 +10,8 @@ Sections (run one, or ``all``)::
     python -m bench.cost index      # a 200-volume fastMRI site: time to a ready site, cold vs warm index cache
     python -m bench.cost clientapps # local deployment (real SuperLink + SuperNodes): Flower's per-message
                                     # flwr-clientapp processes vs fedsense-superexec's warm forks
+    python -m bench.cost local      # the same with each site on cores of its own (when the machine has
+                                    # enough), Flower's waits vs FedSense's, short and >= 30 s training
 
 ``overhead`` reads everything from the run's metrics.jsonl: the sites' ``compute-seconds`` (their local
 training / evaluation time) and the ServerApp's ``seconds`` and ``overhead_seconds`` per phase.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord
 from flwr.common.serde import array_record_to_proto
 from torch import nn
@@ -107,6 +111,32 @@ def site_compute(store: RunDir) -> dict[str, tuple[float, float]]:
     return {site: (statistics.median(v["train"]), statistics.median(v["evaluate"])) for site, v in sorted(values.items())}
 
 
+#: Where one reply's time went, from the phase's push to its arrival at the ServerApp.
+BREAKDOWN = ("reply s", "outside the ClientApp s", "set-up s", "compute s", "rest of the handler s")
+
+
+def reply_breakdown(store: RunDir) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Per phase and site, medians over rounds >= 2 (all rounds if there is only one) of :data:`BREAKDOWN`.
+
+    ``reply`` is the ServerApp's ``reply_seconds`` (push to arrival); ``outside the ClientApp`` is that
+    minus the site's ``handler-seconds``: the SuperNode's pull, the task's start (fork, FAB, app load),
+    the reply's way back and the ServerApp's poll. Records without these fields (older runs, carried
+    evaluations) are skipped.
+    """
+    records = [r for r in store.read_metrics(dedupe=True) if r["site"] != GLOBAL_SITE and "reply_seconds" in r
+               and "handler-seconds" in r["metrics"]]
+    late = [r for r in records if r["round"] >= 2] or records
+    values: dict[str, dict[str, list[tuple[float, ...]]]] = {}
+    for rec in late:
+        m = rec["metrics"]
+        reply, handler, setup, compute = (float(rec["reply_seconds"]), m["handler-seconds"], m["setup-seconds"],
+                                          m["compute-seconds"])
+        row = (reply, reply - handler, setup, compute, handler - setup - compute)
+        values.setdefault(rec["phase"], {}).setdefault(rec["site"], []).append(row)
+    return {phase: {site: tuple(statistics.median(col) for col in zip(*rows)) for site, rows in sorted(sites.items())}
+            for phase, sites in values.items()}
+
+
 def wire_bytes(model: nn.Module) -> tuple[int, int]:
     """(tensor bytes of the state dict, bytes of its serialised Flower ArrayRecord protobuf)."""
     state = model.state_dict()
@@ -163,6 +193,9 @@ def print_overhead(store: RunDir) -> dict[int, dict[str, float]]:
                           "all sites s", "train overhead (recorded)", "train − all sites",
                           "evaluate overhead (recorded)", "wall − all site compute"), rows))
     last = max(times, default=1)
+    for phase, sites in reply_breakdown(store).items():
+        print(f"\n{phase}: where each site's reply time went (medians over rounds >= 2)\n")
+        print(markdown_table(("site", *BREAKDOWN), ((site, *(f"{v:.2f}" for v in row)) for site, row in sites.items())))
     medians = [statistics.median(o[i] for o in steady) for i in range(4)] if steady else [float("nan")] * 4
     print(f"\nmedian over rounds 2..{last} (round 1 is the first training pass in the ClientApp process): "
           f"train overhead {medians[0]:.2f} s, train − all sites {medians[1]:.2f} s, evaluate overhead "
@@ -300,6 +333,95 @@ def section_clientapps(args: argparse.Namespace) -> None:
     print(markdown_table(("ClientApps", "round wall s", "train overhead s", "evaluate overhead s"), summary))
 
 
+def core_plan(sites: int) -> tuple[list[set[int]], set[int]] | None:
+    """Cores of this process split into one block per site plus the rest for the SuperLink and ServerApp;
+    ``None`` when there are fewer cores than sites + 1 (the sites then share them)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per_site = len(cores) // (sites + 1)
+    if per_site < 1:
+        return None
+    return [set(cores[i * per_site:(i + 1) * per_site]) for i in range(sites)], set(cores[sites * per_site:])
+
+
+def calibrate_steps(site: Path, run: RunConfig, cpus: set[int] | None, seconds: float) -> int:
+    """Local steps that take about ``seconds`` of training at ``site`` on ``cpus`` (one thread per core)."""
+    from common.training import train
+
+    own, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+    try:
+        _, datasets = load_site(str(site))
+        model = build_model(run.model, **run.model_kwargs)
+        loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=0)
+        train(model, loader, steps=1)  # first step: allocations, lazy initialisation
+        start = time.perf_counter()
+        train(model, loader, steps=3)
+        per_step = (time.perf_counter() - start) / 3
+    finally:
+        os.sched_setaffinity(0, own)
+        torch.set_num_threads(threads)
+    return max(1, math.ceil(seconds / per_step))
+
+
+#: ``local`` section: (label, warm ClientApps through ``fedsense client``, FEDSENSE_POLL_INTERVAL, long training).
+LOCAL_VARIANTS = {
+    "flower": ("Flower: flwr-clientapp per message, Flower's waits", False, "flower", False),
+    "flower-waits": ("fedsense client, Flower's waits", True, "flower", False),
+    "fedsense": ("fedsense client", True, None, False),
+    "flower-long": ("Flower: flwr-clientapp per message, Flower's waits, ≥ 30 s training", False, "flower", True),
+    "fedsense-long": ("fedsense client, ≥ 30 s training", True, None, True),
+}
+
+
+def section_local(args: argparse.Namespace) -> None:
+    """A deployment on this machine: a real SuperLink and one SuperNode per site on loopback, each site
+    pinned to cores of its own when there are enough (a machine per site, as hospitals have), so a phase's
+    overhead above its slowest site is the federation's and not the sites' competition for cores."""
+    from tests.deployment import Deployment  # the reliability tests' local deployment (no TLS, loopback only)
+
+    out = args.out / "local"
+    shutil.rmtree(out, ignore_errors=True)
+    sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
+    plan = core_plan(len(sites))
+    base = RunConfig.from_flat({**sim_config(sites, out / "unused", args.rounds, args.local_steps, args.batch,
+                                             ("unet", {})).to_flat(), "max-eval-slices": 4,
+                                "device": args.device})
+    long_steps = calibrate_steps(sites[0], base, plan[0][0] if plan else None, args.train_seconds)
+    where = (f"{len(plan[0][0])} cores per site, {len(plan[1])} for the SuperLink and ServerApp" if plan else
+             f"the sites share {os.cpu_count()} cores (fewer than sites + 1)")
+    summary = []
+    for key in args.variants:
+        label, warm, poll, long = LOCAL_VARIANTS[key]
+        run_dir = out / key
+        steps, rounds = (long_steps, args.long_rounds) if long else (args.local_steps, args.rounds)
+        run = {**base.to_flat(), "local-steps": steps, "num-server-rounds": rounds, "run-dir": str(run_dir / "run"),
+               "name": key}
+        with Deployment(run_dir / "deployment", superlink_cpus=plan[1] if plan else None) as deployment:
+            for i, path in enumerate(sites):
+                cpus = plan[0][i] if plan else None
+                env = {"OMP_NUM_THREADS": str(len(cpus) if cpus else args.threads),
+                       **({"FEDSENSE_POLL_INTERVAL": poll} if poll else {})}
+                deployment.start_supernode(path.stem, path, warm=warm, env=env, cpus=cpus)
+            status = deployment.wait_finished(deployment.submit(run), 3600)
+        if status != "finished:completed":
+            raise SystemExit(f"local: {label}: run ended {status}; logs in {run_dir / 'deployment' / 'logs'}")
+        print(f"\n### {label} ({steps} local steps, {rounds} rounds)\n")
+        times = print_overhead(RunDir(run["run-dir"]))
+        steady = [t for rnd, t in times.items() if rnd > 1] or list(times.values())
+        med = {k: statistics.median(t[k] for t in steady)
+               for k in ("wall", "train_max", "evaluate_max", "train_overhead", "evaluate_overhead")}
+        share = (med["wall"] - med["train_max"] - med["evaluate_max"]) / med["wall"]
+        summary.append((label, steps, f"{med['wall']:.2f}", f"{med['train_max']:.2f}", f"{med['train_overhead']:.2f}",
+                        f"{med['evaluate_overhead']:.2f}", f"{100 * share:.0f} %"))
+    print(f"\n### Local deployment: {len(sites)} sites, unet (defaults), {args.size}², batch {args.batch}, "
+          f"device {args.device}, {where}; medians over rounds >= 2\n")
+    print(markdown_table(("ClientApps and waits", "local steps", "round wall s", "slowest site's training s",
+                          "train phase − slowest site s", "evaluate phase − slowest site s",
+                          "overhead share of the round"), summary))
+
+
 def section_parallel(args: argparse.Namespace) -> None:
     """Round time of 4 equal sites with Flower's default resources (2 CPUs per site) and with 1 CPU per site."""
     out = args.out / "parallel"
@@ -327,7 +449,7 @@ def section_parallel(args: argparse.Namespace) -> None:
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "overhead": section_overhead, "bytes": section_bytes, "scale": section_scale, "fp16": section_fp16,
     "deployment": section_deployment, "parallel": section_parallel, "index": section_index,
-    "clientapps": section_clientapps,
+    "clientapps": section_clientapps, "local": section_local,
 }
 
 
@@ -348,6 +470,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
     parser.add_argument("--run-dir", type=Path, help="finished run directory read by 'deployment'")
     parser.add_argument("--volumes", type=int, default=200, help="fastMRI volumes of the 'index' site")
+    parser.add_argument("--variants", nargs="+", choices=list(LOCAL_VARIANTS), default=list(LOCAL_VARIANTS),
+                        help="deployments the 'local' section runs")
+    parser.add_argument("--train-seconds", type=float, default=32.0,
+                        help="'local': the long variants' local training per site and round")
+    parser.add_argument("--long-rounds", type=int, default=2, help="'local': rounds of the long variants")
+    parser.add_argument("--device", choices=("cpu", "auto", "cuda"), default="cpu",
+                        help="'local': where the sites compute (cpu: as the compose deployment's sites do)")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     return args

@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from client.audit import egress_audit_mod
 from client.node_site import resolve_site_config_path
 from client.site_state import SavedState, SiteMemory
+from client.transport import packed_transport_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from common.data.loaders import load_site, make_loader
 from common.errors import ConfigError
@@ -29,7 +30,8 @@ from common.training import train as train_model
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp(mods=[egress_audit_mod])
+# Outermost: the other mods, the audit and the handlers see the arrays unpacked (server.transport packs them).
+app = ClientApp(mods=[packed_transport_mod, egress_audit_mod])
 
 #: Metrics of the evaluation a training message asked for first (the server's ``server.federation.CARRIED``).
 CARRIED_PREFIX = "eval/"
@@ -66,8 +68,10 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str,
 @app.train(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
+    entered = time.perf_counter()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
+    setup_seconds = time.perf_counter() - entered
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_term_mu))
     carried: dict[str, float] = {}
     if msg.content["config"].get("evaluate-first", False):
@@ -106,7 +110,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
                "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
-    return _reply(msg, site, metrics, memory.shared(model), supervision)
+    return _reply(msg, site, _timed(metrics, entered, setup_seconds), memory.shared(model), supervision)
+
+
+def _timed(metrics: dict[str, float], entered: float, setup_seconds: float) -> dict[str, float]:
+    """``metrics`` plus where the handler's time went, so the server can split a reply's latency into
+    set-up (run config, site, model and weights), compute, and what lies outside the ClientApp
+    (message delivery, task start, reply transport)."""
+    return {**metrics, "setup-seconds": setup_seconds, "handler-seconds": time.perf_counter() - entered}
 
 
 def _client_dp_weight(run: RunConfig) -> dict[str, float]:
@@ -135,10 +146,12 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation-split PSNR / SSIM / NMSE of the global model at this site (with its own local layers)."""
+    entered = time.perf_counter()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, _, _ = _setup(msg, context, state_round=server_round)
+    setup_seconds = time.perf_counter() - entered
     metrics = _validate(run, site, model, datasets, server_round)
-    return _reply(msg, site, metrics, None, datasets["val"].config.supervision)
+    return _reply(msg, site, _timed(metrics, entered, setup_seconds), None, datasets["val"].config.supervision)
 
 
 def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict, server_round: int) -> dict[str, float]:

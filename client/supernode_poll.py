@@ -58,6 +58,12 @@ FLOWER_WAITS = "flower"  # the --poll-interval value that keeps Flower's own wai
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting (run_superexec.py)
 _MIN_INTERVAL, _MAX_INTERVAL = 0.01, 60.0
 _PATCHED = "__fedsense_poll__"
+#: Where Flower's ``pull_objects`` is looked up: by the ClientApp's pull of its message (through
+#: ``pull_and_inflate_object_from_tree``) and by the SuperNode's pull from the SuperLink.
+OBJECT_PULL_MODULES = ("flwr.supercore.inflatable.inflatable_utils", FLOWER_MODULE)
+OBJECT_PULL_FIRST = 0.05  # s: the first retry of an object that is not there yet (Flower: 1 s)
+OBJECT_PULL_LONGEST = 1.0  # s: the longest (Flower: 10 s)
+_BACKOFF_PARAMETERS = ("initial_backoff", "backoff_cap", "max_tries_per_object")
 
 
 def parse_poll_interval(value: str | float | None, source: str) -> float | None:
@@ -146,6 +152,50 @@ def pull_until_message(flower_pull: Callable[..., int | None], first: float, lon
     return pull
 
 
+def object_pulls_with_backoff(flower_pull_objects: Callable[..., Any], first: float, longest: float
+                              ) -> Callable[..., Any]:
+    """``flower_pull_objects`` (Flower's ``pull_objects``) retrying a missing object after ``first`` s, doubling
+    up to ``longest``.
+
+    Flower's SuperNode creates a message's task before it has pulled the message's objects from the
+    SuperLink, so the ClientApp's first pull of them usually finds some missing and, at Flower's
+    back-off, waits 1 s, then 2 s more: seconds per message. Flower also gives up after 500 tries
+    (about 80 minutes at its own waits); at short waits that count would run out in minutes, so only
+    Flower's time bound (``max_time``, 2 h) is kept.
+    """
+
+    @functools.wraps(flower_pull_objects)
+    def pull(*args: Any, **kwargs: Any) -> Any:
+        kwargs["initial_backoff"] = min(kwargs.get("initial_backoff", first), first)
+        kwargs["backoff_cap"] = min(kwargs.get("backoff_cap", longest), longest)
+        kwargs["max_tries_per_object"] = None
+        return flower_pull_objects(*args, **kwargs)
+
+    setattr(pull, _PATCHED, True)
+    return pull
+
+
+def install_object_pulls(first: float = OBJECT_PULL_FIRST, longest: float = OBJECT_PULL_LONGEST,
+                         modules: Sequence[ModuleType | Any] | None = None) -> bool:
+    """Shorten Flower's object-pull back-off in this process; False (and a warning) if Flower's code does not fit."""
+    version = flower_version()
+    if not version.startswith(TESTED_FLOWER):
+        logger.warning("object pulls left as Flower has them (1 s, doubling): flwr %s is installed, the change "
+                       "is for %sx", version, TESTED_FLOWER)
+        return False
+    targets = list(modules) if modules is not None else [importlib.import_module(m) for m in OBJECT_PULL_MODULES]
+    for module in targets:
+        current = getattr(module, "pull_objects", None)
+        if getattr(current, _PATCHED, False):
+            continue
+        if not callable(current) or not set(_BACKOFF_PARAMETERS) <= set(inspect.signature(current).parameters):
+            logger.warning("object pulls left as Flower has them (1 s, doubling): %s.pull_objects does not take %s",
+                           getattr(module, "__name__", module), ", ".join(_BACKOFF_PARAMETERS))
+            return False
+        module.pull_objects = object_pulls_with_backoff(current, first, longest)
+    return True
+
+
 def install(longest: float, *, first: float = FIRST_POLL, reply_step: float = REPLY_STEP,
             module: ModuleType | Any | None = None) -> bool:
     """Shorten the waits of Flower's SuperNode loop in this process; False (and a warning) if it does not fit."""
@@ -161,6 +211,7 @@ def install(longest: float, *, first: float = FIRST_POLL, reply_step: float = RE
     setattr(module, _PATCHED, True)
     logger.info("SuperNode poll: %.2g s after an empty pull, doubling up to %.2g s; reply steps %.2g s",
                 min(first, longest), longest, reply_step)
+    install_object_pulls(modules=[module])
     return True
 
 
@@ -175,7 +226,9 @@ def superexec_env(poll_interval: str | None, environ: Mapping[str, str]) -> dict
     """``environ`` for the site's warm SuperExec: a short task poll, unless set already or Flower's waits are asked for."""
     longest = resolve_poll_interval(poll_interval, environ)
     env = dict(environ)
-    if longest is not None and not env.get(SUPEREXEC_POLL_ENV, "").strip():
+    if longest is None:
+        env[POLL_INTERVAL_ENV] = FLOWER_WAITS  # its forked ClientApps keep Flower's object-pull waits too
+    elif not env.get(SUPEREXEC_POLL_ENV, "").strip():
         env[SUPEREXEC_POLL_ENV] = str(min(SUPEREXEC_TASK_POLL, longest))
     return env
 

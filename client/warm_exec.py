@@ -29,19 +29,36 @@ from flwr.supercore.superexec import run_superexec as flower_superexec_loop
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
+from client.supernode_poll import install_object_pulls, resolve_poll_interval
+
 logger = logging.getLogger(__name__)
 
 #: What a ClientApp process would otherwise import on every message (the expensive part of its start).
-WARM_MODULES = ("numpy", "scipy.ndimage", "torch", "h5py", "nibabel", "pydantic",
+#: Opacus (``client.app`` imports it through ``common.dp``) alone took 1.4 s per message on an idle
+#: core: it pulls in ``torch.distributed.tensor`` and SymPy.
+WARM_MODULES = ("numpy", "scipy.ndimage", "torch", "h5py", "nibabel", "pydantic", "opacus",
                 "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
 
 
 def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> float:
-    """Import ``modules`` in this process (before any task is forked); returns the seconds it took."""
+    """Import ``modules`` in this process (before any task is forked) and make PyTorch's first optimiser
+    step; returns the seconds it took."""
     started = time.perf_counter()
     for name in modules:
         importlib.import_module(name)
+    _first_optimiser_step()
     return time.perf_counter() - started
+
+
+def _first_optimiser_step() -> None:
+    """One Adam step on a throwaway tensor: a process's first optimiser imports ``torch._dynamo`` and
+    ``torch._inductor`` (0.5 s per training message when every task paid it again)."""
+    import torch
+
+    weight = torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.Adam([weight])
+    weight.sum().backward()
+    optimiser.step()
 
 
 class ForkExecutor(SubprocessExecutor):
@@ -105,8 +122,12 @@ def main() -> None:
     """``fedsense-superexec``: Flower's ``flower-superexec`` (same flags) with warm, forked ClientApps."""
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
-    seconds = warm_up()
+    # Before warm_up: an imported library (Opacus) configures the root logger at WARNING otherwise.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    seconds = warm_up()
+    if resolve_poll_interval(None, os.environ) is not None:  # FEDSENSE_POLL_INTERVAL=flower keeps Flower's waits
+        # Inherited by every forked task: its pull of the message it was started for.
+        install_object_pulls()
     logger.info("fedsense-superexec: libraries loaded once in %.1f s; ClientApp tasks are forked from here", seconds)
     flower_superexec_loop.get_executor = lambda *args, **kwargs: ForkExecutor()  # type: ignore[assignment]
     flower_superexec()

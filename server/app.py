@@ -11,10 +11,12 @@ from flwr.serverapp import Grid, ServerApp
 from common.models import build_model, count_parameters
 from common.personalise import split_state
 from common.runconfig import RunConfig
+from server.collect import quick_reply_object_pulls
 from server.federation import Federation
 from server.optimisers import load_optimiser_state
 from server.privacy import wrap_client_dp
 from server.store import RunDir
+from server.transport import PackedGrid
 from server.strategy import build_strategy
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Start (or resume from the last checkpoint) and run the configured number of rounds."""
     run = RunConfig.from_flat(dict(context.run_config))
+    quick_reply_object_pulls()
+    grid = PackedGrid(grid)  # the ClientApp's packed_transport_mod unpacks at the site
     torch.manual_seed(run.seed)
     model = build_model(run.model, **run.model_kwargs)
     # Local layers (local-layers) stay at the sites: the server aggregates and checkpoints the rest.

@@ -8,14 +8,31 @@ arrives and drops back to short after each reply, bounded by ``round-timeout``.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+logger = logging.getLogger(__name__)
+
 FIRST_INTERVAL = 0.05
 MAX_INTERVAL = 0.25  # s: a phase ends at most this long after its last reply reached the SuperLink
+#: The deployed ServerApp's grid, which pulls each reply's objects (its arrays) with Flower's ``pull_objects``.
+REPLY_OBJECTS_MODULE = "flwr.superlink.grid.http_grid"
+REPLY_OBJECT_LONGEST = 1.0  # s: the longest wait for a reply object that is not there yet (Flower: 10 s)
+
+
+class Arrival(NamedTuple):
+    """A reply and when it was pulled, in seconds after the phase's messages were pushed."""
+
+    message: Message
+    seconds: float
 
 
 def send_and_collect(
@@ -27,21 +44,23 @@ def send_and_collect(
     max_interval: float = MAX_INTERVAL,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> list[Message]:
+) -> list[Arrival]:
     """Push ``messages``, then pull until every one is answered or ``timeout`` seconds have passed.
 
     The grid stamps each message with its id while pushing it (callers rely on that to name the
-    nodes that stayed silent). Returns the replies in arrival order.
+    nodes that stayed silent). Returns the replies in arrival order, each with its arrival time.
     """
+    pushed = clock()
     pending = set(grid.push_messages(messages))
-    deadline = clock() + timeout
+    deadline = pushed + timeout
     interval = first_interval
-    replies: list[Message] = []
+    replies: list[Arrival] = []
     while pending:
         arrived = list(grid.pull_messages(sorted(pending)))
+        now = clock()
         for reply in arrived:
             pending.discard(reply.metadata.reply_to_message_id)
-        replies.extend(arrived)
+        replies.extend(Arrival(reply, now - pushed) for reply in arrived)
         remaining = deadline - clock()
         if not pending or remaining <= 0:
             break
@@ -49,3 +68,25 @@ def send_and_collect(
         interval = first_interval if arrived else min(2 * interval, max_interval)
         sleep(min(interval, remaining))
     return replies
+
+
+def quick_reply_object_pulls() -> bool:
+    """Retry a reply's missing objects after ``FIRST_INTERVAL`` s, doubling up to ``REPLY_OBJECT_LONGEST``.
+
+    A site sends its reply's message before its objects, so a pull that sees the reply early finds
+    the weights still uploading; Flower's grid then waits 1 s, then 2 s more. Flower's 500-try limit
+    is lifted (at short waits it would run out in minutes); its 2 h time limit stays. False, with a
+    warning, when the installed Flower's grid does not pull that way.
+    """
+    module = importlib.import_module(REPLY_OBJECTS_MODULE)
+    current = getattr(module, "pull_objects", None)
+    if isinstance(current, functools.partial):
+        return True
+    wanted = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
+    if not callable(current) or not wanted <= set(inspect.signature(current).parameters):
+        logger.warning("reply objects are pulled with Flower's own back-off: %s.pull_objects does not take %s",
+                       REPLY_OBJECTS_MODULE, ", ".join(sorted(wanted)))
+        return False
+    module.pull_objects = functools.partial(current, initial_backoff=FIRST_INTERVAL,
+                                            backoff_cap=REPLY_OBJECT_LONGEST, max_tries_per_object=None)
+    return True

@@ -41,10 +41,14 @@ class RoundFailed(FedSenseError):
 CARRIED = "eval/"
 
 
-def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], prefix: str = "") -> list[dict[str, Any]]:
+def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], prefix: str = "",
+                  reply_seconds: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """One record per reply; ``prefix`` selects (and strips) the metrics of a carried evaluation.
 
     Without a prefix, carried metrics are left out, so a training record holds training metrics only.
+    ``reply_seconds`` (request message id -> seconds from the phase's push to its arrival) becomes the
+    record's ``reply_seconds``: with the site's own ``setup-seconds`` and ``handler-seconds`` it splits
+    a phase's overhead into the site's set-up and everything outside the ClientApp.
     """
     records = []
     for msg in replies:
@@ -57,7 +61,9 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], 
             metrics = {k: v for k, v in raw.items() if not k.startswith(CARRIED)}
         n = int(metrics.pop("num-examples"))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        records.append(site_record(run.name, rnd, phase, site_of(msg), n, numeric, **supervision_of(msg)))
+        seconds = (reply_seconds or {}).get(msg.metadata.reply_to_message_id)
+        timing = {"reply_seconds": seconds} if seconds is not None else {}
+        records.append(site_record(run.name, rnd, phase, site_of(msg), n, numeric, **supervision_of(msg), **timing))
     return records
 
 
@@ -97,6 +103,8 @@ class Federation:
         self.grid, self.run, self.strategy, self.store, self.model = grid, run, strategy, store, model
         #: The global summary of the evaluation the last training round carried (evaluate-with-train).
         self.carried: dict[str, Any] | None = None
+        #: Seconds from the last phase's push to each reply's arrival, by the id of the message it answers.
+        self.reply_seconds: dict[str, float] = {}
         self.best = BestTracker(store, run.select_metric, run.patience)
 
     def wait_for_nodes(self, needed: int) -> None:
@@ -120,7 +128,9 @@ class Federation:
         or nothing in time (so the round's record accounts for every site it asked).
         """
         messages = list(messages)
-        replies = send_and_collect(self.grid, messages, self.run.round_timeout)
+        arrivals = send_and_collect(self.grid, messages, self.run.round_timeout)
+        replies = [a.message for a in arrivals]
+        self.reply_seconds = {a.message.metadata.reply_to_message_id: a.seconds for a in arrivals}
         # The grid stamps each message with its id while sending it.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok, failed = _error_rejections(replies, sent)
@@ -160,7 +170,7 @@ class Federation:
                 f"{what} needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
                 + (f" ({'; '.join(f'{r.site}: {r.reason}' for r in failed)})" if failed else "")
             )
-        records = _site_records(self.run, rnd, phase, ok)
+        records = _site_records(self.run, rnd, phase, ok, reply_seconds=self.reply_seconds)
         summary = _global_record(self.run, rnd, phase, records, failed, time.time() - t0)
         self.store.append_metrics(records + [summary])
         return summary
@@ -195,7 +205,7 @@ class Federation:
         new_arrays, _ = self.strategy.aggregate_train(rnd, valid)
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
-        records = _site_records(self.run, rnd, "train", valid)
+        records = _site_records(self.run, rnd, "train", valid, reply_seconds=self.reply_seconds)
         summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
         summary["metrics"].update(client_dp_metrics(self.strategy))
         if clipped:

@@ -118,8 +118,9 @@ def kill_tree(process: subprocess.Popen[bytes]) -> set[int]:
 class Deployment:
     """An insecure local SuperLink plus named SuperNodes; everything it started is SIGKILLed on exit."""
 
-    def __init__(self, workdir: Path, project: Path | None = None) -> None:
+    def __init__(self, workdir: Path, project: Path | None = None, superlink_cpus: set[int] | None = None) -> None:
         self.workdir = workdir
+        self.superlink_cpus = superlink_cpus  # the SuperLink and the ServerApp it starts run on these cores
         self.home = workdir / "flwr-home"
         self.logs = workdir / "logs"
         self.project = project or find_project_dir()
@@ -160,10 +161,13 @@ class Deployment:
         """Environment of every Flower process: the same as ``fedsense simulate`` gives its own."""
         return flower_env(self.home)
 
-    def _spawn(self, command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, command: list[str], log: Path, env: Mapping[str, str] | None = None,
+               cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``command`` logging to ``log``; ``cpus`` pins it (and all it starts) to those cores."""
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with open(log, "ab") as stream:
-            process = subprocess.Popen(command, cwd=self.workdir, env=self.env(), stdout=stream,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(command, cwd=self.workdir, env={**self.env(), **(env or {})}, stdout=stream,
+                                       stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
         self.started.append(process)
         return process
 
@@ -176,7 +180,7 @@ class Deployment:
             "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.home / "state.db"),
             "--disable-runtime-dependency-installation",
         ]
-        link = self.superlink = self._spawn(command, self.logs / "superlink.log")
+        link = self.superlink = self._spawn(command, self.logs / "superlink.log", cpus=self.superlink_cpus)
 
         def listening() -> bool:
             if link.poll() is not None:
@@ -196,11 +200,14 @@ class Deployment:
 
     # SuperNodes --------------------------------------------------------------------------------
 
-    def start_supernode(self, name: str, site_config: Path | None = None, warm: bool = False) -> None:
+    def start_supernode(self, name: str, site_config: Path | None = None, warm: bool = False,
+                        env: Mapping[str, str] | None = None, cpus: set[int] | None = None) -> None:
         """Start (or restart) site ``name``'s SuperNode; ``site_config`` is needed the first time.
 
         ``warm``: through ``fedsense client`` (SuperNode in process isolation plus the warm
         ``fedsense-superexec``) instead of a bare ``flower-supernode`` with Flower's own SuperExec.
+        ``env`` adds to its environment; ``cpus`` confines the site to those cores, as if it had a
+        machine of its own.
         """
         if site_config is not None:
             self._site_configs[name] = Path(site_config).resolve()
@@ -217,7 +224,7 @@ class Deployment:
                 "--node-config", f"site-config='{self._site_configs[name]}'",
                 "--port", str(free_port()),  # this SuperNode's local ClientApp Runtime API
             ]
-        self.supernodes[name] = self._spawn(command, self._node_logs[name])
+        self.supernodes[name] = self._spawn(command, self._node_logs[name], env, cpus)
 
     def node_id(self, name: str, timeout: float = 60) -> int:
         """The SuperLink's id of site ``name``'s current SuperNode (a restart registers a new one)."""

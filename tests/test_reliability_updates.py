@@ -36,6 +36,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app
 import server.app
+from client.transport import pack_content, unpack_content
 from common.runconfig import RunConfig
 from server.federation import RoundFailed
 from server.store import GLOBAL_SITE, RunDir
@@ -152,6 +153,8 @@ class LoopbackGrid(Grid):
             self._sent += 1
             request = copy.deepcopy(message)
             reply = copy.deepcopy(client.app.app(request, self.contexts[request.metadata.dst_node_id]))
+            if reply.has_content():  # packed at the site (client.transport): tampered and kept unpacked
+                reply.content = unpack_content(reply.content)
             rnd = int(request.content["config"]["server-round"])
             site = str(reply.content["site"]["name"]) if reply.has_content() else ""
             if request.metadata.message_type == MessageType.TRAIN:
@@ -160,6 +163,8 @@ class LoopbackGrid(Grid):
                 else:
                     self.received.setdefault(rnd, {})[site] = copy.deepcopy(reply)
             if reply is not None:
+                if reply.has_content() and reply.content.array_records:
+                    reply.content = pack_content(reply.content)  # on the wire, as the site sends it
                 self._replies[request.metadata.message_id] = reply
             ids.append(request.metadata.message_id)
         return ids

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import inspect
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from client.supernode_poll import superexec_env
 from common.errors import ConfigError
 
 flower = importlib.import_module(supernode_poll.FLOWER_MODULE)
+objects = importlib.import_module(supernode_poll.OBJECT_PULL_MODULES[0])
 
 
 class _Done(Exception):
@@ -34,7 +37,7 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     recorded: list[float] = []
     monkeypatch.setattr(time, "sleep", recorded.append)
     for name in ("time", "_pull_and_store_message", "_push_messages", "_init_connection",
-                 "register_signal_handlers"):
+                 "register_signal_handlers", "pull_objects"):
         monkeypatch.setattr(flower, name, getattr(flower, name))  # undone at teardown, whatever install() did
     monkeypatch.delattr(flower, "__fedsense_poll__", raising=False)
     return recorded
@@ -179,3 +182,63 @@ def test_the_warm_superexec_polls_its_supernode_often_unless_told() -> None:
     assert superexec_env(None, {supernode_poll.SUPEREXEC_POLL_ENV: "2"})[supernode_poll.SUPEREXEC_POLL_ENV] == "2"
     assert superexec_env(None, {"FEDSENSE_POLL_INTERVAL": "flower"}).get(
         supernode_poll.SUPEREXEC_POLL_ENV) is None
+    # Told through the environment, the SuperExec's forked ClientApps keep Flower's object-pull waits too.
+    assert superexec_env("flower", {})["FEDSENSE_POLL_INTERVAL"] == "flower"
+
+
+@pytest.fixture()
+def object_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every back-off wait of Flower's real ``pull_objects``, recorded instead of waited; patches undone afterwards."""
+    waits: list[float] = []
+
+    class Event(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(float(timeout or 0.0))
+            return False
+
+    monkeypatch.setattr(objects, "threading", types.SimpleNamespace(Lock=threading.Lock, Event=Event))
+    for module in (objects, flower):
+        monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    return waits
+
+
+def _pull_missing_three_times(module: types.ModuleType) -> dict[str, bytes]:
+    """One object that is not there for three tries, pulled as Flower's ClientApp pulls its message
+    (``pull_and_inflate_object_from_tree`` passes Flower's back-off explicitly)."""
+    tries = iter([None, None, None, b"weights"])
+
+    def pull_object(object_id: str) -> bytes:
+        if (content := next(tries)) is None:
+            raise objects.ObjectUnavailableError(object_id)
+        return content
+
+    return module.pull_objects(["a"], pull_object, initial_backoff=1, backoff_cap=10, max_tries_per_object=500)
+
+
+def test_object_pulls_retry_after_tenths_of_a_second_with_the_patch(object_waits: list[float]) -> None:
+    assert "pull_objects(" in inspect.getsource(objects.pull_and_inflate_object_from_tree)  # looked up at call time
+    assert supernode_poll.install_object_pulls()
+    assert _pull_missing_three_times(objects) == {"a": b"weights"}
+    assert object_waits == pytest.approx([0.05, 0.1, 0.2], rel=0.21)  # Flower adds ±20 % jitter
+    assert flower.pull_objects is not objects.pull_objects and getattr(flower.pull_objects, "__fedsense_poll__")
+    assert supernode_poll.install_object_pulls()  # idempotent: not wrapped twice
+    assert flower.pull_objects.__wrapped__.__name__ == "pull_objects" and not hasattr(
+        flower.pull_objects.__wrapped__, "__fedsense_poll__")
+
+
+def test_without_the_patch_object_pulls_wait_seconds(object_waits: list[float]) -> None:
+    assert _pull_missing_three_times(objects) == {"a": b"weights"}
+    assert object_waits == pytest.approx([1, 2, 4], rel=0.21)
+
+
+def test_object_pulls_fall_back_on_another_flower(object_waits: list[float], monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(supernode_poll, "flower_version", lambda: "1.42.0")
+    with caplog.at_level(logging.WARNING, logger="client.supernode_poll"):
+        assert not supernode_poll.install_object_pulls()
+    assert "flwr 1.42.0" in caplog.text
+    monkeypatch.undo()
+    module = types.SimpleNamespace(__name__="changed", pull_objects=lambda object_ids, pull_object_fn: {})
+    with caplog.at_level(logging.WARNING, logger="client.supernode_poll"):
+        assert not supernode_poll.install_object_pulls(modules=[module])
+    assert "changed.pull_objects does not take initial_backoff" in caplog.text

@@ -1,0 +1,106 @@
+"""Packed messages at the ServerApp: every array of a message travels as one buffer (``common.packing``).
+
+Flower sends each array of a message as objects of their own, one request per object on every hop;
+:class:`PackedGrid` packs the arrays of what the ServerApp sends and unpacks the sites' replies, so
+the federation, the strategies and the checkpoints see ordinary named arrays. The ClientApp's
+``client.transport`` mod does the same at the site. (Its two record functions mirror these: ``common``
+knows no Flower, and client and server never import each other.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.packing import Manifest, pack, unpack
+
+#: The ConfigRecord of a packed message: the manifest of each of its packed ArrayRecords.
+MANIFEST = "fedsense.packing"
+PACKED = "packed"  # the one array of a packed ArrayRecord
+
+
+def pack_content(content: RecordDict) -> RecordDict:
+    """``content`` with each ArrayRecord replaced by one packed array, plus the manifest record."""
+    out, manifests = RecordDict(), {}
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            buffer, manifest = pack({name: array.numpy() for name, array in record.items()})
+            out[key], manifests = ArrayRecord({PACKED: Array(buffer)}), {**manifests, **manifest.to_config(key)}
+        else:
+            out[key] = record
+    out[MANIFEST] = ConfigRecord(manifests)
+    return out
+
+
+def unpack_content(content: RecordDict) -> RecordDict:
+    """What :func:`pack_content` packed, as it was; content without a manifest is returned unchanged."""
+    if MANIFEST not in content.config_records:
+        return content
+    manifests = content.config_records[MANIFEST]
+    out = RecordDict()
+    for key, record in content.items():
+        if key == MANIFEST:
+            continue
+        if isinstance(record, ArrayRecord):
+            arrays = unpack(record[PACKED].numpy(), Manifest.from_config(manifests, key))
+            out[key] = ArrayRecord({name: Array(a) for name, a in arrays.items()})
+        else:
+            out[key] = record
+    return out
+
+
+class PackedGrid(Grid):
+    """``grid`` with the arrays of every pushed message packed and those of every pulled reply unpacked."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # Flower's Run
+        return self.grid.run
+
+    def set_run(self, run_id: int) -> None:
+        self.grid.set_run(run_id)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(_packed(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return _unpacked(self.grid.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return _unpacked(self.grid.send_and_receive(_packed(messages), timeout=timeout))
+
+
+def _packed(messages: Iterable[Message]) -> list[Message]:
+    """``messages`` packed in place (the grid stamps its ids on these same objects, as callers expect).
+
+    A strategy gives every site the same content object: it is packed once.
+    """
+    messages = list(messages)
+    done: dict[int, tuple[RecordDict, RecordDict]] = {}  # id -> (original, packed); the original kept alive
+    for msg in messages:
+        if msg.content.array_records:
+            original = msg.content
+            if id(original) not in done:
+                done[id(original)] = (original, pack_content(original))
+            msg.content = done[id(original)][1]
+    return messages
+
+
+def _unpacked(replies: Iterable[Message]) -> list[Message]:
+    """``replies`` with their arrays unpacked in place (an error reply has no content)."""
+    replies = list(replies)
+    for reply in replies:
+        if not reply.has_error():
+            reply.content = unpack_content(reply.content)
+    return replies

@@ -1,0 +1,131 @@
+"""Packed messages: every array of a message as one buffer on the wire, unpacked exactly as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import transport as site
+from common.errors import FedSenseError
+from common.models import build_model
+from common.packing import Manifest, pack, unpack
+from server import transport as hub
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def _arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "transposed": rng.standard_normal((3, 5)).astype(np.float32).T,  # not C-contiguous
+        "dc.weight": np.array(0.5, dtype=np.float32),  # 0-d, as the unrolled networks' DC weights are
+        "bn.num_batches_tracked": np.array([7], dtype=np.int64),
+        "empty": np.zeros((0, 2), dtype=np.float64),
+        "half": np.arange(5, dtype=np.float16),
+    }
+
+
+def test_pack_round_trip_keeps_names_order_dtypes_shapes_and_values() -> None:
+    arrays = _arrays()
+    buffer, manifest = pack(arrays)
+    assert buffer.dtype == np.uint8 and buffer.ndim == 1
+    assert buffer.size == sum(a.nbytes for a in arrays.values())
+    back = unpack(buffer, Manifest.from_config(manifest.to_config("arrays"), "arrays"))
+    assert list(back) == list(arrays)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape
+        np.testing.assert_array_equal(back[name], array)
+    assert not np.shares_memory(back["conv.weight"], buffer)
+
+
+def test_a_manifest_that_does_not_fit_the_buffer_is_refused() -> None:
+    buffer, manifest = pack(_arrays())
+    with pytest.raises(FedSenseError, match="runs past the end"):
+        unpack(buffer[:-3], manifest)
+    with pytest.raises(FedSenseError, match="bytes left over"):
+        unpack(np.concatenate([buffer, np.zeros(4, np.uint8)]), manifest)
+    with pytest.raises(FedSenseError, match="no valid manifest for 'arrays'"):
+        Manifest.from_config({"arrays.names": ["a"]}, "arrays")
+
+
+def _content(state: dict[str, torch.Tensor]) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 2})})
+
+
+def test_server_packing_is_what_the_site_unpacks_and_back() -> None:
+    state = build_model("unrolled").state_dict()  # 0-d DC weights included
+    packed = hub.pack_content(_content(state))
+    assert len(packed["arrays"]) == 1 and packed["config"]["server-round"] == 2
+    at_site = site.unpack_content(packed)["arrays"].to_torch_state_dict()
+    assert list(at_site) == list(state) and all(torch.equal(at_site[k], state[k]) for k in state)
+    reply = site.pack_content(RecordDict({"arrays": ArrayRecord(at_site), "metrics": MetricRecord({"loss": 1.0})}))
+    back = hub.unpack_content(reply)
+    assert back["metrics"]["loss"] == 1.0 and hub.MANIFEST not in back
+    assert all(torch.equal(back["arrays"].to_torch_state_dict()[k], state[k]) for k in state)
+    # Content that was never packed passes through untouched.
+    plain = RecordDict({"metrics": MetricRecord({"psnr": 30.0})})
+    assert hub.unpack_content(plain) is plain and site.unpack_content(plain) is plain
+
+
+class RecordingGrid:
+    """Stands in for Flower's grid: stamps ids on what it is pushed, answers with scripted replies."""
+
+    def __init__(self, replies: list[Message]) -> None:
+        self.pushed: list[Message] = []
+        self.replies = replies
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            self.pushed.append(msg)
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return self.replies
+
+
+def test_the_packed_grid_packs_shared_content_once_and_unpacks_replies() -> None:
+    state = build_model("unet", chans=4, num_pool_layers=2).state_dict()
+    content = _content(state)
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
+    ask = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    reply = Message(site.pack_content(_content(state)), reply_to=ask)
+    failed = Message(Error(code=0, reason="site down"), reply_to=ask)
+    inner = RecordingGrid([reply, failed])
+    grid = hub.PackedGrid(inner)  # type: ignore[arg-type]
+    assert list(grid.push_messages(messages)) == ["m0", "m1"]
+    assert [m.metadata.message_id for m in messages] == ["m0", "m1"]  # stamped on the caller's objects
+    assert messages[0].content is messages[1].content and len(messages[0].content["arrays"]) == 1
+    got = list(grid.pull_messages(["m0", "m1"]))
+    assert got[1].has_error()
+    pulled = got[0].content["arrays"].to_torch_state_dict()
+    assert list(pulled) == list(state) and all(torch.equal(pulled[k], state[k]) for k in state)
+
+
+def test_the_site_mod_unpacks_for_the_clientapp_and_packs_its_reply() -> None:
+    state = build_model("unet", chans=4, num_pool_layers=2).state_dict()
+    msg = Message(hub.pack_content(_content(state)), dst_node_id=1, message_type=MessageType.TRAIN)
+    seen: dict[str, torch.Tensor] = {}
+
+    def clientapp(message: Message, context: Context) -> Message:
+        seen.update(message.content["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"arrays": ArrayRecord(seen)}), reply_to=message)
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = site.packed_transport_mod(msg, context, clientapp)
+    assert list(seen) == list(state)
+    assert len(reply.content["arrays"]) == 1 and site.MANIFEST in reply.content
+    assert all(torch.equal(hub.unpack_content(reply.content)["arrays"].to_torch_state_dict()[k], state[k])
+               for k in state)
