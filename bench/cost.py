@@ -197,9 +197,13 @@ def print_overhead(store: RunDir) -> dict[int, dict[str, float]]:
         print(f"\n{phase}: where each site's reply time went (medians over rounds >= 2)\n")
         print(markdown_table(("site", *BREAKDOWN), ((site, *(f"{v:.2f}" for v in row)) for site, row in sites.items())))
     medians = [statistics.median(o[i] for o in steady) for i in range(4)] if steady else [float("nan")] * 4
+    shares = [(t["wall"] - t["train_max"] - t.get("evaluate_max", 0.0)) / t["wall"] for rnd, t in times.items()
+              if rnd > 1 and "train_max" in t]
     print(f"\nmedian over rounds 2..{last} (round 1 is the first training pass in the ClientApp process): "
           f"train overhead {medians[0]:.2f} s, train − all sites {medians[1]:.2f} s, evaluate overhead "
-          f"{medians[2]:.2f} s, wall − all site compute {medians[3]:.2f} s per round. 'overhead' is the "
+          f"{medians[2]:.2f} s, wall − all site compute {medians[3]:.2f} s per round; the round's wall time beyond "
+          f"its slowest site's training and validation: "
+          f"{100 * statistics.median(shares) if shares else float('nan'):.0f} % of the round. 'overhead' is the "
           f"ServerApp's overhead_seconds (phase minus the slowest site's compute-seconds): what a round costs "
           f"above local work when sites run in parallel, as hospitals do. Flower's default of 2 CPUs per "
           f"simulated client lets this {os.cpu_count()}-core machine run one site at a time, so in a simulation "
