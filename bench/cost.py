@@ -54,6 +54,7 @@ from common.data.loaders import load_site, make_loader
 from common.models import build_model, count_parameters
 from common.registry import MODELS
 from common.runconfig import RunConfig
+from common.training import train
 from server.simulate import SimResources, simulate
 from server.store import GLOBAL_SITE, RunDir
 
@@ -349,8 +350,6 @@ def core_plan(sites: int) -> tuple[list[set[int]], set[int]] | None:
 
 def calibrate_steps(site: Path, run: RunConfig, cpus: set[int] | None, seconds: float) -> int:
     """Local steps that take about ``seconds`` of training at ``site`` on ``cpus`` (one thread per core)."""
-    from common.training import train
-
     own, threads = os.sched_getaffinity(0), torch.get_num_threads()
     if cpus:
         os.sched_setaffinity(0, cpus)

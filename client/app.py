@@ -68,10 +68,10 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str,
 @app.train(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
-    entered = time.perf_counter()
+    clock = HandlerClock()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
-    setup_seconds = time.perf_counter() - entered
+    clock.setup_done()
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_term_mu))
     carried: dict[str, float] = {}
     if msg.content["config"].get("evaluate-first", False):
@@ -90,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
                   if supervision == "self" else None)
     started = time.perf_counter()
     if run.dp_noise_multiplier > 0:
-        return _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried)
+        return _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried, clock)
     result = train_model(
         model,
         loader,
@@ -110,14 +110,24 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
                "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
-    return _reply(msg, site, _timed(metrics, entered, setup_seconds), memory.shared(model), supervision)
+    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision)
 
 
-def _timed(metrics: dict[str, float], entered: float, setup_seconds: float) -> dict[str, float]:
-    """``metrics`` plus where the handler's time went, so the server can split a reply's latency into
-    set-up (run config, site, model and weights), compute, and what lies outside the ClientApp
-    (message delivery, task start, reply transport)."""
-    return {**metrics, "setup-seconds": setup_seconds, "handler-seconds": time.perf_counter() - entered}
+class HandlerClock:
+    """Where a handler's time went, sent with its metrics so the server can split a reply's latency into
+    set-up (run config, site, model and weights), compute, and what lies outside the ClientApp (message
+    delivery, task start, reply transport)."""
+
+    def __init__(self) -> None:
+        self.entered = time.perf_counter()
+        self.setup_seconds = 0.0
+
+    def setup_done(self) -> None:
+        self.setup_seconds = time.perf_counter() - self.entered
+
+    def stamp(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``metrics`` plus ``setup-seconds`` and ``handler-seconds`` (entry until now)."""
+        return {**metrics, "setup-seconds": self.setup_seconds, "handler-seconds": time.perf_counter() - self.entered}
 
 
 def _client_dp_weight(run: RunConfig) -> dict[str, float]:
@@ -127,31 +137,31 @@ def _client_dp_weight(run: RunConfig) -> dict[str, float]:
 
 def _train_private(msg: Message, context: Context, run: RunConfig, site: str, model: torch.nn.Module,
                    loader: torch.utils.data.DataLoader, mu: float, memory: SiteMemory, supervision: str,
-                   carried: dict[str, float]) -> Message:
+                   carried: dict[str, float], clock: HandlerClock) -> Message:
     """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
     started = time.perf_counter()
     path = ledger_path(context, run, resolve_site_config_path(context.node_config, run), site)
     result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
     if result is None:
         metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started, **carried}
-        return _reply(msg, site, metrics, None, supervision)
+        return _reply(msg, site, clock.stamp(metrics), None, supervision)
     store_ledger(context, path, ledger)
     logger.info("site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g", site, result.loss, result.steps,
                 privacy["dp-epsilon"], run.dp_delta)
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
                "compute-seconds": time.perf_counter() - started, **privacy, **_client_dp_weight(run), **carried}
-    return _reply(msg, site, metrics, memory.shared(model), supervision)
+    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation-split PSNR / SSIM / NMSE of the global model at this site (with its own local layers)."""
-    entered = time.perf_counter()
+    clock = HandlerClock()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, _, _ = _setup(msg, context, state_round=server_round)
-    setup_seconds = time.perf_counter() - entered
+    clock.setup_done()
     metrics = _validate(run, site, model, datasets, server_round)
-    return _reply(msg, site, _timed(metrics, entered, setup_seconds), None, datasets["val"].config.supervision)
+    return _reply(msg, site, clock.stamp(metrics), None, datasets["val"].config.supervision)
 
 
 def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict, server_round: int) -> dict[str, float]:
@@ -182,8 +192,10 @@ def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict,
 def finetune(msg: Message, context: Context) -> Message:
     """After the last round: fine-tune the final model on this site's training split, keep the best
     by validation, write it to the site's state directory, and report only its validation metrics."""
+    clock = HandlerClock()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, _ = _setup(msg, context, state_round=server_round)
+    clock.setup_done()
     if datasets["train"].config.supervision == "self":
         # Fine-tuning selects by validation PSNR against a reference, which a self-supervised site lacks.
         raise ConfigError(f"fine-tune-steps: not supported at self-supervised site {site}")
@@ -201,4 +213,4 @@ def finetune(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.num_examples, **result.metrics, "steps": result.steps,
                "best-step": result.best_step, "start-psnr": result.start_metrics["psnr"],
                "compute-seconds": time.perf_counter() - started}
-    return _reply(msg, site, metrics, None)
+    return _reply(msg, site, clock.stamp(metrics), None)

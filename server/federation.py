@@ -124,7 +124,7 @@ class Federation:
     def _send(self, messages: Iterable[Message]) -> tuple[list[Message], list[Rejection]]:
         """Send one phase's messages and collect the replies until ``round-timeout``.
 
-        Returns the replies that are not errors, and a rejection for every node that sent an error
+        Returns the replies that are not errors, in site order, and a rejection for every node that sent an error
         or nothing in time (so the round's record accounts for every site it asked).
         """
         messages = list(messages)
@@ -134,6 +134,9 @@ class Federation:
         # The grid stamps each message with its id while sending it.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok, failed = _error_rejections(replies, sent)
+        # In site order, not arrival order: floating-point sums (the aggregate, the metrics' means) then
+        # do not depend on which site answered first.
+        ok.sort(key=site_of)
         answered = {m.metadata.reply_to_message_id for m in replies}
         silent = [
             Rejection(f"node-{node}", f"no reply within round-timeout ({self.run.round_timeout:g} s)")
