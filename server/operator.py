@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -84,16 +85,28 @@ class Bridge:
             threading.Thread(target=self._carry, args=(local,), daemon=True).start()
 
     def _carry(self, local: socket.socket) -> None:
-        try:
-            raw = socket.create_connection((self.host, self.port), timeout=30)
-            remote = self.context.wrap_socket(raw, server_hostname=self.host)
-            remote.settimeout(None)
-        except (OSError, ssl.SSLError) as exc:
-            logger.error("front door %s:%d: %s", self.host, self.port, exc)
+        remote = self._connect()
+        if remote is None:
             local.close()
             return
         threading.Thread(target=_pipe, args=(remote, local), daemon=True).start()
         _pipe(local, remote)
+
+    def _connect(self, waits: tuple[float, ...] = (0.5, 1.0)) -> ssl.SSLSocket | None:
+        """A TLS connection to the front door; a failed connect or handshake is tried again after each of
+        ``waits`` (nothing has been read from flwr yet, so a retry is safe). None after the last failure."""
+        for attempt, wait in enumerate((*waits, None)):
+            try:
+                raw = socket.create_connection((self.host, self.port), timeout=30)
+                remote = self.context.wrap_socket(raw, server_hostname=self.host)
+                remote.settimeout(None)
+                return remote
+            except (OSError, ssl.SSLError) as exc:
+                logger.error("front door %s:%d (attempt %d): %s", self.host, self.port, attempt + 1, exc)
+                if wait is None:
+                    return None
+                time.sleep(wait)
+        return None
 
     def close(self) -> None:
         self.listener.close()

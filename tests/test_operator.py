@@ -77,3 +77,15 @@ def test_missing_or_mismatched_operator_files_are_config_errors(tmp_path: Path) 
         client_context(tmp_path / "ca.crt", tmp_path / "nope.pem", None)
     with pytest.raises(ConfigError, match="not a matching certificate and key"):
         client_context(tmp_path / "ca.crt", cert, tmp_path / "server.key")
+
+
+def test_the_bridge_tries_the_front_door_again_before_giving_up(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        closed_port = probe.getsockname()[1]  # nothing listens here once the probe is closed
+    bridge = Bridge(f"127.0.0.1:{closed_port}", ssl.create_default_context())
+    try:
+        with caplog.at_level("ERROR", logger="server.operator"):
+            assert bridge._connect(waits=(0.01, 0.01)) is None
+    finally:
+        bridge.close()
+    assert [r.getMessage().split("(attempt ")[1][0] for r in caplog.records] == ["1", "2", "3"]
