@@ -29,40 +29,33 @@ def test_the_warm_command_pair(tmp_path: Path) -> None:
     assert not build_parser().parse_args(["--superlink", "a:1", "--site-config", "s"]).cold_clientapps
 
 
+def _modules_around(task: str) -> tuple[set[str], set[str]]:
+    """``sys.modules`` names in a fresh process after ``warm_up()``, before and after running ``task`` (Python
+    source): what they differ by, a forked ClientApp task would import again on every message."""
+    code = ("import json, sys\nfrom client.warm_exec import warm_up\nwarm_up()\nbefore = sorted(sys.modules)\n"
+            f"{task}\nprint(json.dumps([before, sorted(sys.modules)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    return set(before), set(after)
+
+
 def test_a_forked_clientapp_imports_no_third_party_library_the_warm_process_lacks() -> None:
     # Whatever client.app pulls in beyond the warm list is imported again by every task (Opacus did:
     # 1.4 s per message).
-    code = (
-        "import json, sys\n"
-        "from client.warm_exec import warm_up\n"
-        "warm_up()\n"
-        "before = {name.split('.')[0] for name in sys.modules}\n"
-        "import client.app\n"
-        "after = {name.split('.')[0] for name in sys.modules}\n"
-        "print(json.dumps(sorted(after - before - set(sys.stdlib_module_names))))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
-    new = set(json.loads(out.stdout.strip().splitlines()[-1])) - {"client", "common"}
+    before, after = ({name.split(".")[0] for name in names} for names in _modules_around("import client.app"))
+    new = after - before - set(sys.stdlib_module_names) - {"client", "common"}
     assert not new, f"imported per task, not warm: {sorted(new)}"
 
 
 def test_a_forked_task_s_first_optimiser_imports_nothing() -> None:
-    code = (
-        "import json, sys\n"
-        "from client.warm_exec import warm_up\n"
-        "warm_up()\n"
+    before, after = _modules_around(
         "import torch\n"
-        "before = set(sys.modules)\n"
         "model = torch.nn.Conv2d(1, 1, 3)\n"
         "optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)\n"
         "model(torch.zeros(1, 1, 8, 8)).sum().backward()\n"
-        "optimiser.step()\n"
-        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
-    new = json.loads(out.stdout.strip().splitlines()[-1])
+        "optimiser.step()")
+    new = sorted(after - before)
     assert not new, f"imported by every task's first training step: {new[:10]} ({len(new)} modules)"
 
 
