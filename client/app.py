@@ -19,7 +19,7 @@ from client.transport import packed_transport_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from common.data.loaders import load_site, make_loader
 from common.errors import ConfigError
-from common.device import cpu_state_dict, resolve_device, resolve_precision
+from common.device import cpu_state_dict, resolve_device
 from common.models import build_model
 from common.personalise import fine_tune
 from common.runconfig import RunConfig
@@ -56,10 +56,11 @@ def _setup(
 
 
 def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str, torch.Tensor] | None,
-           supervision: str = "full") -> Message:
-    # "supervision" lets the server's tables and dashboard mark self-supervised sites.
-    content = RecordDict({"metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": site, "supervision": supervision})})
+           supervision: str = "full", precision: str = "") -> Message:
+    # "supervision" lets the server's tables and dashboard mark self-supervised sites; "precision" records
+    # what the site's network trained at (precision = auto resolves per site).
+    facts = {"name": site, "supervision": supervision, **({"precision": precision} if precision else {})}
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(facts)})
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()})  # CPU, whatever the device
     return Message(content=content, reply_to=msg)
@@ -102,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_loss=batch_loss,
         optimiser=optimiser,
         device=device,
-        precision=resolve_precision(run.precision, device, "run config: precision"),
+        precision=run.precision,
     )
     memory.remember(server_round, model, optimiser)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
@@ -110,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
                "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
-    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision)
+    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision)
 
 
 class HandlerClock:
@@ -179,7 +180,7 @@ def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict,
     else:
         result = evaluate_model(
             model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples,
-            device=device, precision=resolve_precision(run.precision, device, "run config: precision"),
+            device=device, precision=run.precision,
         )
     if run.sample_dir and result.samples:
         # Sample images stay on this machine: written to a site-local directory, never sent.

@@ -51,6 +51,7 @@ from common.device import autocast, batch_to
 from common.errors import ConfigError, DataError
 from common.fft import center_crop, ifft2c_np
 from common.masks import PATTERNS, seed_for
+from common.precision import choose_precision
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,13 @@ class Reconstructor:
             raise ConfigError(f"--mask: must be one of {', '.join(PATTERNS)}, got {self.mask.pattern!r}")
         self.model = None if zero_filled_only else loaded.model.to(device).eval()
 
+    def _precision(self, batch: dict[str, object]) -> str:
+        """The precision to run at; ``auto`` is measured on the first slice (and cached per machine)."""
+        if self.precision == "auto" and self.model is not None:
+            self.precision = choose_precision("auto", self.model, batch_to(batch, self.device), self.device, "infer",
+                                              source="--precision")
+        return self.precision
+
     def check(self, path: Path) -> object:
         """Validate ``path`` before anything is written; returns what :meth:`volume` needs."""
         if not path.is_file():
@@ -274,7 +282,7 @@ class Reconstructor:
         task = progress.add_task(path.name, total=len(reader.examples)) if progress else None
         images = []
         for batch, crop, scale in _fastmri_slices(reader, own, self.mask):
-            images.append(center_crop(_run(self.model, batch, self.device, self.precision)[0], crop) / scale)
+            images.append(center_crop(_run(self.model, batch, self.device, self._precision(batch))[0], crop) / scale)
             if progress is not None and task is not None:
                 progress.advance(task)
         return Volume(path, "fastmri", np.stack(images).astype(np.float32), slice_indices=[e.slice_idx for e in reader.examples])
@@ -292,7 +300,7 @@ class Reconstructor:
             batch = {k: sample[k][None] for k in ("masked_kspace", "mask", "sens_maps")}
             # Undo the sample's scaling and the simulation's division by the volume maximum.
             units = info.volume_max / sample["scale"]
-            recon = _run(self.model, batch, self.device, self.precision)[0] * units
+            recon = _run(self.model, batch, self.device, self._precision(batch))[0] * units
             index_3d: list[slice | int] = [slice(None)] * 3
             index_3d[info.axial_axis] = int(sample["slice_idx"])
             volume[tuple(index_3d)] = from_display(unresize(recon, display_shape), info)

@@ -21,6 +21,7 @@ from common.coils import rss
 from common.device import autocast, batch_to
 from common.fft import center_crop, ifft2c
 from common.metrics import SSIMLoss, nmse, psnr, ssim
+from common.precision import choose_precision
 from common.registry import LOSSES
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class TrainResult:
     loss: float
     steps: int
     num_examples: int
+    precision: str = "fp32"  # what the network ran at ("auto" resolved)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class EvalResult:
     num_examples: int
     num_volumes: int
     samples: list[dict[str, np.ndarray | float | str]] = field(default_factory=list)
+    precision: str = "fp32"  # what the network ran at ("auto" resolved)
 
 
 def zero_filled(batch: Batch) -> torch.Tensor:
@@ -141,7 +144,8 @@ def train(
     ``optimiser`` continues an existing optimiser over ``model``'s parameters (a site's Adam state kept
     across rounds, or fine-tuning in chunks); by default each call starts a fresh Adam.
     The model is moved to ``device`` (it stays there); with ``precision="bf16"`` only its forward pass
-    is autocast, the loss and the proximal term are computed in float32.
+    is autocast, the loss and the proximal term are computed in float32. ``precision="auto"`` picks fp32
+    or bf16 on the first batch (:func:`common.precision.choose_precision`); the result says which ran.
     """
     device = torch.device(device)
     model.to(device)
@@ -157,6 +161,8 @@ def train(
     running, count = 0.0, 0
     for batch in _cycle(loader, total_steps):
         batch = batch_to(batch, device)
+        if precision == "auto":
+            precision = choose_precision(precision, model, batch, device, "train")
         optimiser.zero_grad(set_to_none=True)
         with autocast(device, precision):  # the network's forward pass only; losses in float32
             if batch_loss is not None:
@@ -174,7 +180,8 @@ def train(
         optimiser.step()
         running += float(value.detach())
         count += 1
-    return TrainResult(loss=running / max(count, 1), steps=count, num_examples=len(loader.dataset))  # type: ignore[arg-type]
+    return TrainResult(loss=running / max(count, 1), steps=count, num_examples=len(loader.dataset),  # type: ignore[arg-type]
+                       precision=precision)
 
 
 def _unscale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -196,7 +203,8 @@ def evaluate(
 
     ``model=None`` evaluates the zero-filled reconstruction. Slices are un-scaled back to the
     data's own units before metrics, so a volume's ``maxval`` is the true max of its target.
-    The model runs on ``device`` (bf16-autocast with ``precision="bf16"``); metrics are float32 on the CPU.
+    The model runs on ``device`` (bf16-autocast with ``precision="bf16"``, measured on the first batch
+    with ``"auto"``); metrics are float32 on the CPU.
     """
     device = torch.device(device)
     if model is not None:
@@ -211,6 +219,8 @@ def evaluate(
         batch = batch_to(batch, device)
         target = batch["target"]
         assert isinstance(target, torch.Tensor)
+        if precision == "auto":
+            precision = "fp32" if model is None else choose_precision(precision, model, batch, device, "infer")
         with autocast(device, precision):
             pred = zero_filled(batch) if model is None else predict(model, batch)
         pred = pred.float()
@@ -254,4 +264,5 @@ def evaluate(
     for k, v in metrics.items():
         if not math.isfinite(v):
             logger.warning("evaluation metric %s is not finite (%s)", k, v)
-    return EvalResult(metrics=metrics, num_examples=n_slices, num_volumes=len(preds), samples=samples)
+    return EvalResult(metrics=metrics, num_examples=n_slices, num_volumes=len(preds), samples=samples,
+                      precision=precision)

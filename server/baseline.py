@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from common.data.dataset import SiteDataset
 from common.data.loaders import InterleavedLoader, load_site, make_loader
-from common.device import cpu_state_dict, resolve_device, resolve_precision
+from common.device import cpu_state_dict, resolve_device
 from common.data.pooled import PooledLoader
 from common.errors import ConfigError
 from common.models import build_model
@@ -59,7 +59,7 @@ class Baseline:
                     check_model(run.model, f"baseline (site {path})")
         self.store = RunDir(run.run_dir)
         self.device = resolve_device(run.device, "run config: device")
-        self.precision = resolve_precision(run.precision, self.device, "run config: precision")
+        self.precision = run.precision  # "auto" is measured by train()/evaluate(); records say what ran
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
         self.best = BestTracker(self.store, run.select_metric, run.patience)
 
@@ -133,7 +133,7 @@ class Baseline:
                             lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd),
                             device=self.device, precision=self.precision)
                 records.append(site_record(self.run.name, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
-                                       **self._supervision(site)))
+                                       **self._supervision(site), precision=res.precision))
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
             summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
@@ -161,7 +161,8 @@ class Baseline:
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
                         batch_loss=self._loss(rnd), device=self.device, precision=self.precision)
             self.store.append_metrics([
-                site_record(self.run.name, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps})
+                site_record(self.run.name, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps},
+                            precision=res.precision)
             ])
             summary = self._evaluate(rnd, {site: model for site in self.sites})
             if self._checkpoint(rnd, cpu_state_dict(model), summary):

@@ -25,7 +25,7 @@ from server.privacy import client_dp_metrics
 from server.claims import apply_caps
 from server.best import BestTracker
 from server.store import RunDir, global_record, site_record
-from server.strategy import Rejection, site_of, supervision_of, validate_updates
+from server.strategy import Rejection, precision_of, site_of, supervision_of, validate_updates
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], 
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         seconds = (reply_seconds or {}).get(msg.metadata.reply_to_message_id)
         timing = {"reply_seconds": seconds} if seconds is not None else {}
-        records.append(site_record(run.name, rnd, phase, site_of(msg), n, numeric, **supervision_of(msg), **timing))
+        records.append(site_record(run.name, rnd, phase, site_of(msg), n, numeric, **supervision_of(msg),
+                                   **precision_of(msg), **timing))
     return records
 
 

@@ -69,6 +69,13 @@ def supervision_of(msg: Message) -> dict[str, str]:
     return {}
 
 
+def precision_of(msg: Message) -> dict[str, str]:
+    """``{"precision": "bf16"}`` (or fp32): what the site's network trained at, recorded with its metrics."""
+    content = msg.content
+    value = content.config_records["site"].get("precision") if "site" in content.config_records else None
+    return {"precision": value} if value in ("fp32", "bf16") else {}
+
+
 @dataclass
 class Rejection:
     """Why one site's update was kept out of a round's aggregate."""

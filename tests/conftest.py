@@ -34,9 +34,14 @@ def write_small_sites(directory: Path, names: tuple[str, ...] = SITE_NAMES, size
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_index_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Site index caches of this test session (and the Flower processes it starts) in a private directory."""
+    """Site index and precision caches of this test session (and the Flower processes it starts) in private
+    directories; ``precision = auto`` pinned to fp32."""
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDSENSE_INDEX_CACHE", str(tmp_path_factory.mktemp("index-cache")))
+    # precision = auto (the default) would time fp32 against bf16 and pick by the machine's load: tests
+    # pin it to fp32 so their numbers are exact; tests of the choice itself unset the pin.
+    mp.setenv("FEDSENSE_PRECISION_CACHE", str(tmp_path_factory.mktemp("precision-cache")))
+    mp.setenv("FEDSENSE_AUTO_PRECISION", "fp32")
     yield
     mp.undo()
 

@@ -1,0 +1,198 @@
+"""``precision = auto``: fp32 or bf16 autocast of the network, whichever this machine runs faster.
+
+Whether bf16 autocast pays depends on the CPU (native AVX-512 BF16 / AMX or emulation), the model's layer
+mix (a U-Net's instance norms and a cascade's small convolutions gain differently), the slice shape and the
+batch. A fixed rule gets some of these wrong, so ``auto`` times a few real training (or inference) steps of
+the model on the first batch in each precision, once, and keeps the decision on disk keyed by everything it
+depends on: torch version, device (GPU name, or CPU model, capability and bf16 flags), thread count, the
+model's architecture, the batch's shapes and the mode. bf16 is used where it is at least
+:data:`MIN_SPEEDUP` times faster; fp32 otherwise (a tie is not worth bf16's rounding).
+
+The cache lives in ``$FEDSENSE_PRECISION_CACHE`` (``off`` disables it: every process measures again),
+else ``$XDG_CACHE_HOME/fedsense/precision``. ``$FEDSENSE_AUTO_PRECISION`` (``fp32`` or ``bf16``) pins what
+``auto`` means on a machine without measuring: for an operator who measured already, or a test session
+that must reproduce exact fp32 numbers. Timing runs on a copy of the model with its own optimiser and
+the global RNG state restored afterwards, so choosing never changes what training computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from common.atomic import atomic_write_bytes
+from common.device import PRECISIONS, autocast, cpu_has_bf16
+from common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "fedsense-precision/1"
+ENV_DIR = "FEDSENSE_PRECISION_CACHE"
+ENV_PIN = "FEDSENSE_AUTO_PRECISION"
+#: bf16 must be at least this much faster than fp32 to be chosen.
+MIN_SPEEDUP = 1.1
+
+Mode = Literal["train", "infer"]
+Precision = Literal["fp32", "bf16"]
+#: ``measure(model, batch, device, mode) -> {"fp32": seconds per step, "bf16": seconds per step}``
+Measure = Callable[[nn.Module, Mapping[str, Any], torch.device, str], dict[str, float]]
+
+_decided: dict[str, Precision] = {}
+
+
+def default_cache_dir() -> Path | None:
+    """``$FEDSENSE_PRECISION_CACHE`` (``off`` disables it), else ``$XDG_CACHE_HOME/fedsense/precision``."""
+    value = os.environ.get(ENV_DIR)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "none") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedsense" / "precision"
+
+
+def machine_facts(device: torch.device) -> dict[str, Any]:
+    """What the speed of either precision depends on, besides the model and the data."""
+    facts: dict[str, Any] = {"torch": torch.__version__, "device": device.type, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        return facts
+    facts["cpu"] = platform.processor() or platform.machine()
+    facts["capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            info = fh.read()
+    except OSError:
+        info = ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    facts["cpu"] = names[0] if names else facts["cpu"]
+    facts["bf16_flags"] = sorted({f for f in info.split() if f in ("avx512_bf16", "amx_bf16", "amx_tile")})
+    return facts
+
+
+def decision_key(facts: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any], mode: str) -> str:
+    """SHA-256 over the machine, the model's architecture (its repr), the batch's tensor shapes and the mode."""
+    shapes = {k: [list(v.shape), str(v.dtype)] for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor)}
+    payload = json.dumps({"format": FORMAT, "facts": dict(facts), "model": repr(model), "shapes": shapes,
+                          "mode": mode}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def decide(timings: Mapping[str, float], min_speedup: float = MIN_SPEEDUP) -> Precision:
+    """bf16 when fp32's seconds per step are at least ``min_speedup`` times bf16's, else fp32."""
+    return "bf16" if timings["fp32"] >= min_speedup * timings["bf16"] else "fp32"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: nn.Module, batch: Mapping[str, Any], device: torch.device, mode: str, *, repeats: int = 3,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Best-of-``repeats`` seconds per step in each precision, after one untimed warm-up step each.
+
+    A training step is forward, a stand-in loss (the output's mean magnitude: the loss itself runs in
+    fp32 either way), backward and an Adam step, on a copy of ``model``; an inference step is a
+    ``no_grad`` forward pass in eval mode. The precisions alternate, so a burst of load elsewhere on a
+    shared machine slows both alike, and the best repeat is kept (load only ever slows a step down).
+    """
+    twin = copy.deepcopy(model).to(device)
+    inputs = tuple(batch[k] for k in ("masked_kspace", "mask", "sens_maps"))
+    optimiser = torch.optim.Adam(twin.parameters(), lr=1e-6) if mode == "train" else None
+    twin.train(mode == "train")
+
+    def step(precision: str) -> None:
+        if optimiser is None:
+            with torch.no_grad(), autocast(device, precision):
+                twin(*inputs)
+            return
+        optimiser.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            out = twin(*inputs)
+        out.float().abs().mean().backward()
+        optimiser.step()
+
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for precision in best:
+            step(precision)  # warm-up: allocator, kernel selection, bf16 weight casts
+        for _ in range(repeats):
+            for precision in best:
+                _sync(device)
+                start = clock()
+                step(precision)
+                _sync(device)
+                best[precision] = min(best[precision], clock() - start)
+    return best
+
+
+def bf16_candidate(device: torch.device) -> bool:
+    """Whether bf16 could win here at all: a bf16-capable GPU, or a CPU with native bf16 (emulation never does)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu_has_bf16()
+
+
+def choose_precision(spec: str, model: nn.Module, batch: Mapping[str, Any], device: torch.device | str,
+                     mode: Mode = "train", *, source: str = "precision",
+                     measure_fn: Measure | None = None) -> Precision:
+    """The precision to run ``model`` at: ``spec`` itself, or for ``auto`` the measured (cached) choice."""
+    if spec not in PRECISIONS:
+        raise ConfigError(f"{source}: must be one of {', '.join(PRECISIONS)}, got {spec!r}")
+    if spec != "auto":
+        return spec  # type: ignore[return-value]
+    device = torch.device(device)
+    if not bf16_candidate(device):
+        return "fp32"
+    pinned = os.environ.get(ENV_PIN, "").strip().lower()
+    if pinned:
+        if pinned not in ("fp32", "bf16"):
+            raise ConfigError(f"${ENV_PIN}: must be fp32 or bf16, got {pinned!r}")
+        return pinned  # type: ignore[return-value]
+    key = decision_key(machine_facts(device), model, batch, mode)
+    if key in _decided:
+        return _decided[key]
+    directory = default_cache_dir()
+    cached = _load(directory, key) if directory is not None else None
+    if cached is not None:
+        _decided[key] = cached
+        return cached
+    timings = (measure_fn or measure)(model, batch, device, mode)
+    choice = decide(timings)
+    logger.info("precision auto (%s, %s): fp32 %.3f s/step, bf16 %.3f s/step (%.2fx) -> %s", mode, device.type,
+                timings["fp32"], timings["bf16"], timings["fp32"] / timings["bf16"], choice)
+    _decided[key] = choice
+    if directory is not None:
+        _store(directory, key, {"format": FORMAT, "choice": choice, "seconds_per_step": timings, "mode": mode,
+                                "facts": machine_facts(device)})
+    return choice
+
+
+def _load(directory: Path, key: str) -> Precision | None:
+    """The cached choice for ``key``; None when absent, unreadable or not ours (then it is measured again)."""
+    try:
+        data = json.loads((directory / f"{key}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("choice") not in ("fp32", "bf16"):
+        return None
+    return data["choice"]
+
+
+def _store(directory: Path, key: str, record: dict[str, Any]) -> None:
+    """Write the decision atomically; a read-only or full cache directory only costs a re-measurement."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / f"{key}.json", json.dumps(record, indent=1, sort_keys=True).encode())
+    except OSError as exc:
+        logger.warning("precision cache %s not written: %s", directory, exc)
