@@ -82,17 +82,12 @@ def site_coil_maps(num_coils: int, shape: tuple[int, int]) -> np.ndarray:
     return maps
 
 
-def simulate_acquisition(
-    image: np.ndarray,
-    scanner: ScannerConfig,
-    seed: int,
-    image_max: float | None = None,
-) -> Acquisition:
-    """Fully sampled noisy multi-coil k-space of a magnitude ``image`` (H0, W0) on ``scanner``.
+def scanner_magnitude(image: np.ndarray, scanner: ScannerConfig, image_max: float | None = None) -> np.ndarray:
+    """The magnitude ``image`` (H0, W0) divided by ``image_max`` and resampled to the scanner's matrix.
 
-    The image is divided by ``image_max`` (the volume maximum, so slices keep their relative brightness;
-    defaults to the image's own maximum) before simulation, so the noise level means the same for every
-    source intensity scale. Deterministic for a given ``seed``.
+    The part of the simulation no seed changes, so a data cache can keep it (:mod:`common.data.slice_cache`).
+    ``image_max`` is the volume maximum (so slices keep their relative brightness); defaults to the
+    image's own maximum.
     """
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D magnitude image, got shape {image.shape}")
@@ -100,7 +95,12 @@ def simulate_acquisition(
     if not reference > 0:
         reference = 1.0
     shape = (int(scanner.matrix[0]), int(scanner.matrix[1]))
-    magnitude = resize_image(np.abs(image) / reference, shape)
+    return resize_image(np.abs(image) / reference, shape)
+
+
+def acquire_magnitude(magnitude: np.ndarray, scanner: ScannerConfig, seed: int) -> Acquisition:
+    """Fully sampled noisy multi-coil k-space of a :func:`scanner_magnitude` image; deterministic per ``seed``."""
+    shape = magnitude.shape
     phase = smooth_phase(shape, np.random.default_rng([seed, _PHASE_STREAM]))
     maps = site_coil_maps(scanner.coils, shape)
     coil_images = maps * (magnitude * np.exp(1j * phase))
@@ -114,3 +114,18 @@ def simulate_acquisition(
         sens_maps=maps.copy(),
         target=rss(coil_images, dim=0).astype(np.float32),
     )
+
+
+def simulate_acquisition(
+    image: np.ndarray,
+    scanner: ScannerConfig,
+    seed: int,
+    image_max: float | None = None,
+) -> Acquisition:
+    """Fully sampled noisy multi-coil k-space of a magnitude ``image`` (H0, W0) on ``scanner``.
+
+    The image is divided by ``image_max`` (the volume maximum, so slices keep their relative brightness;
+    defaults to the image's own maximum) before simulation, so the noise level means the same for every
+    source intensity scale. Deterministic for a given ``seed``.
+    """
+    return acquire_magnitude(scanner_magnitude(image, scanner, image_max), scanner, seed)

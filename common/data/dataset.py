@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 
 from common.coils import estimate_maps_from_acs, rss
 from common.config import SiteConfig
-from common.data.acquisition import simulate_acquisition
+from common.data.acquisition import acquire_magnitude, scanner_magnitude, simulate_acquisition
 from common.data.readers import SliceMeta, SliceReader, open_reader
+from common.data.slice_cache import new_owner, shared_cache
 from common.data.splits import SPLITS, Split, split_subjects
 from common.errors import DataError
 from common.fft import center_crop, ifft2c_np
@@ -56,6 +57,7 @@ class SiteDataset(Dataset):
         self._read_failures: list[tuple[Path, str]] = []
         self._bad_files: set[Path] = set()
         self.epoch: tuple[int, ...] | None = None
+        self._cache_owner = new_owner()
 
     def set_epoch(self, epoch: int | Sequence[int] | None) -> None:
         """Augment training slices for the pass over the data named ``epoch`` (ints); None: fixed draw.
@@ -67,6 +69,10 @@ class SiteDataset(Dataset):
             self.epoch = None
         else:
             self.epoch = (int(epoch),) if isinstance(epoch, int) else tuple(int(e) for e in epoch)
+
+    def fixed_draw(self) -> bool:
+        """Whether every read of a slice gives the same sample (no augmented pass), so it can be cached whole."""
+        return not (self.split == "train" and self.epoch is not None)
 
     @property
     def skipped(self) -> list[tuple[Path, str]]:
@@ -85,7 +91,7 @@ class SiteDataset(Dataset):
             if path in self._bad_files:
                 continue
             try:
-                return self._sample(example_index)
+                return self._cached_sample(example_index)
             except DataError as exc:
                 if not self.config.skip_bad_files:
                     raise
@@ -94,14 +100,37 @@ class SiteDataset(Dataset):
                 self._read_failures.append((path, str(exc)))
         raise DataError(f"{self.config.data_path}: no readable slice left in the {self.split} split")
 
+    def _cached_sample(self, example_index: int) -> dict[str, Any]:
+        """A fixed draw from the slice cache (tensors copied: a caller may change them), else a fresh one."""
+        cache = shared_cache()
+        if cache is None or not self.fixed_draw():
+            return self._sample(example_index)
+        sample = cache.get((self._cache_owner, "sample", example_index), lambda: self._sample(example_index))
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+
+    def _source(self, example_index: int) -> tuple[np.ndarray, SliceMeta]:
+        """The slice as read, a magnitude image already on the scanner's matrix; from the slice cache.
+
+        This is what every augmented draw of the slice starts from: only the mask, noise and phase differ.
+        """
+        def read() -> tuple[np.ndarray, SliceMeta]:
+            data, meta = self.reader.read_slice(example_index)
+            if meta.kind == "image":
+                data = scanner_magnitude(data, self.config.scanner, meta.volume_max)
+            data.setflags(write=False)
+            return data, meta
+
+        cache = shared_cache()
+        return read() if cache is None else cache.get((self._cache_owner, "source", example_index), read)
+
     def _sample(self, example_index: int) -> dict[str, Any]:
         example = self.reader.examples[example_index]
-        data, meta = self.reader.read_slice(example_index)
+        data, meta = self._source(example_index)
         fname = example.path.name
         seed = seed_for(self.config.seed, fname, example.slice_idx)
         if self.split == "train" and self.epoch is not None:
             seed = augmentation_seed(seed, self.epoch)
-        acquired = acquire(self.config, data, meta, seed)
+        acquired = acquire(self.config, data, meta, seed, on_matrix=True)
         masked, mask, sens_maps = acquired.masked, acquired.mask, acquired.sens_maps
         if acquired.simulated is not None:
             full_target = acquired.simulated
@@ -158,14 +187,18 @@ def acquired_mask(pattern: str, shape: tuple[int, int], acceleration: float, cen
     return mask
 
 
-def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int) -> Acquisition:
+def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int, *, on_matrix: bool = False) -> Acquisition:
     """The site's acquisition of one slice: magnitude data through the scanner simulation, stored
     k-space as it is; the site's mask (never over columns the scanner did not acquire); coil maps
-    simulated, or estimated from the calibration region of the masked k-space."""
+    simulated, or estimated from the calibration region of the masked k-space.
+
+    ``on_matrix``: magnitude ``data`` is already :func:`~common.data.acquisition.scanner_magnitude`'s output.
+    """
     scanner = config.scanner
     simulated = None
     if meta.kind == "image":
-        simulation = simulate_acquisition(data, scanner, seed, image_max=meta.volume_max)
+        simulation = (acquire_magnitude(data, scanner, seed) if on_matrix
+                      else simulate_acquisition(data, scanner, seed, image_max=meta.volume_max))
         kspace, simulated = simulation.kspace, simulation.target
     else:
         kspace = data

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 class AcquiredDataset(SiteDataset):
     """Slices of one split as acquired: undersampled k-space Ω, its mask and coil maps; no reference."""
 
+    def fixed_draw(self) -> bool:
+        """An acquisition is what it is: every read is the same sample."""
+        return True
+
     def _sample(self, example_index: int) -> dict[str, Any]:
         data, meta = self.reader.read_acquisition(example_index)
         sample, _ = self._acquire(example_index, data, meta)
