@@ -6,6 +6,7 @@ the repository root::
     python -m bench.models --size 96 --coils 4 --batch 2 --steps 5
     python -m bench.models --compare-fastmri --steps 10   # ours vs the fastmri package's U-Net and VarNet
     python -m bench.models --precision-compare           # fp32 vs bf16 autocast: speed and test PSNR
+    python -m bench.models --limit --size 128 --coils 16 --batch 4   # FLOPs vs peak, federated round (bench.limit)
 
 Training throughput counts forward + backward + Adam step; inference is ``eval()`` under ``no_grad``.
 The inputs are synthetic (random image, birdcage maps, column mask): speed does not depend on content.
@@ -232,6 +233,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ref.add_argument("--varnet-pools", type=int, default=2)
     ref.add_argument("--varnet-sens-chans", type=int, default=4)
     ref.add_argument("--varnet-sens-pools", type=int, default=2)
+    from bench import limit
+
+    limit.add_arguments(parser)
     args = parser.parse_args(argv)
     if min(args.size, args.coils, args.batch, args.steps, args.threads, args.repeats) < 1:
         parser.error("--size, --coils, --batch, --steps, --threads and --repeats must all be >= 1")
@@ -248,6 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.compare_fastmri:
         compare_fastmri(args, argv)
+        return
+    if args.limit:
+        from bench import limit
+
+        limit.run(args)
         return
     if args.precision_compare:
         compare_precision(args)

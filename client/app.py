@@ -104,6 +104,7 @@ def train(msg: Message, context: Context) -> Message:
         optimiser=optimiser,
         device=device,
         precision=run.precision,
+        compile=run.compile,
     )
     memory.remember(server_round, model, optimiser)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)

@@ -68,6 +68,7 @@ class RunConfig(BaseModel):
     fine_tune_patience: int = Field(3, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "auto"] = "auto"
+    compile: bool = False
     # Privacy (see README "Privacy"): sample-level DP-SGD at the sites, client-level DP at the server.
     dp_noise_multiplier: float = Field(0.0, ge=0.0)
     dp_max_grad_norm: float = Field(1.0, gt=0.0)

@@ -132,6 +132,7 @@ def train(
     optimiser: torch.optim.Optimizer | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    compile: bool = False,
 ) -> TrainResult:
     """Adam on the site's training split for ``steps`` batches (or ``epochs`` passes when steps = 0).
 
@@ -146,6 +147,8 @@ def train(
     The model is moved to ``device`` (it stays there); with ``precision="bf16"`` only its forward pass
     is autocast, the loss and the proximal term are computed in float32. ``precision="auto"`` picks fp32
     or bf16 on the first batch (:func:`common.precision.choose_precision`); the result says which ran.
+    ``compile`` runs the steps through ``torch.compile`` (the weights stay ``model``'s own): it pays only
+    where its compile time (about a minute per process on a CPU) is won back (docs/BENCHMARKS.md).
     """
     device = torch.device(device)
     model.to(device)
@@ -158,6 +161,7 @@ def train(
     if optimiser is None:
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
+    stepper: nn.Module = torch.compile(model) if compile else model  # type: ignore[assignment]
     running, count = 0.0, 0
     for batch in _cycle(loader, total_steps):
         batch = batch_to(batch, device)
@@ -166,9 +170,9 @@ def train(
         optimiser.zero_grad(set_to_none=True)
         with autocast(device, precision):  # the network's forward pass only; losses in float32
             if batch_loss is not None:
-                value = batch_loss(model, batch).float()
+                value = batch_loss(stepper, batch).float()
             else:
-                pred = predict(model, batch)
+                pred = predict(stepper, batch)
         if batch_loss is None:
             value = criterion(pred.float(), batch["target"], batch["max_value"])  # type: ignore[arg-type]
         objective = value

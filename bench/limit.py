@@ -1,0 +1,250 @@
+"""Training at the machine's limit: counted FLOPs against this CPU's measured peak, fp32 / bf16 / compile.
+
+``python -m bench.models --limit`` runs all of it in one process, side by side, and prints markdown tables:
+
+1. the CPU's fp32 and bf16 matmul peak (GFLOP/s, 1024² ``torch.mm``, best of repeats);
+2. for both default models at 128² (the U-Net of the run config's default, the unrolled-DC configuration of
+   ``make demo``), 16 coils, batch 4: FLOPs per training slice (forward + backward, counted by
+   ``torch.utils.flop_counter``: convolutions and matmuls; FFTs and element-wise maths are not counted),
+   slices/s in fp32, bf16 autocast and bf16 + ``torch.compile``, the achieved GFLOP/s and its fraction of
+   the peak of the same precision;
+3. test PSNR after an equal step budget in fp32 and bf16, over several seeds, with the paired difference
+   and its 95 % bootstrap interval over (seed, slice) pairs;
+4. a real federated round (``fedsense simulate``, 3 sites, unrolled-DC): training steps/s per site
+   before (``precision = fp32``, slice cache off) and after (``precision = auto``, slice cache on);
+5. ``fedsense reconstruct``'s volumes/s on a 128², 16-slice (BraTS-style NIfTI) volume, fp32 and auto,
+   with the model the "after" run trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.harness import markdown_table, model_recon, score_slices, write_sites
+from bench.models import synthetic_batch, training_throughput
+from common.data.loaders import InterleavedLoader, load_site, make_loader
+from common.device import autocast, cpu_has_bf16
+from common.models import build_model
+from common.stats import paired_bootstrap
+from common.training import train
+
+logger = logging.getLogger("bench.limit")
+
+#: The two default models: the run config's default and ``make demo``'s unrolled-DC configuration.
+MODELS = {"unet": {}, "unrolled": {"num_cascades": 4, "chans": 32, "num_layers": 5}}
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
+    """GFLOP/s of a square ``torch.mm`` in ``dtype``: the best of ``repeats`` (load only slows a repeat)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def training_flops(model: nn.Module, inputs: tuple[Tensor, ...], target: Tensor) -> int:
+    """FLOPs of one training step's forward and backward (fp32; the count is the same under bf16)."""
+    twin = copy.deepcopy(model).train()
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.l1_loss(twin(*inputs), target).backward()
+    return int(counter.get_total_flops())
+
+
+def speed_table(args: argparse.Namespace, peaks: dict[str, float]) -> str:
+    """FLOPs per slice, slices/s and the fraction of the measured peak, per model and precision."""
+    kspace, mask, maps, target = synthetic_batch(args.batch, args.coils, args.size, seed=0)
+    inputs = (kspace, mask, maps)
+    rows = []
+    for name, kwargs in MODELS.items():
+        torch.manual_seed(0)
+        model = build_model(name, **kwargs)
+        flops = training_flops(model, inputs, target) / args.batch
+        variants = [("fp32", "fp32", False), ("bf16", "bf16", False)]
+        if args.compile:
+            variants.append(("bf16 + compile", "bf16", True))
+        for label, precision, compiled in variants:
+            logger.info("%s %s: timing %d training steps ...", name, label, args.steps)
+            net = copy.deepcopy(model)
+            started = time.perf_counter()
+            runner = torch.compile(net) if compiled else net
+            rate = max(training_throughput(runner, inputs, target, args.steps, precision)
+                       for _ in range(args.limit_repeats))
+            gflops = rate * flops / 1e9
+            rows.append((name, label, f"{flops / 1e9:.2f}", f"{rate:.2f}", f"{gflops:.1f}",
+                         f"{100 * gflops / peaks[precision]:.0f} %",
+                         f"{time.perf_counter() - started:.0f} s" if compiled else ""))
+    return markdown_table(["model", "precision", "GFLOP / training slice", "slices/s", "GFLOP/s",
+                           "of this CPU's peak (same precision)", "compile + timing"], rows)
+
+
+def quality_table(args: argparse.Namespace, sites: list[Path]) -> str:
+    """Test PSNR after ``quality_steps`` pooled training steps, fp32 against bf16, over ``seeds`` seeds."""
+    loaded = [load_site(str(p)) for p in sites]
+    rows = []
+    for name, kwargs in MODELS.items():
+        scores: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        per_seed: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for seed in range(args.seeds):
+            for precision in scores:
+                logger.info("%s %s seed %d: %d training steps, then test PSNR ...", name, precision, seed,
+                            args.quality_steps)
+                torch.manual_seed(seed)
+                model = build_model(name, **kwargs)
+                loader = InterleavedLoader([make_loader(d["train"], args.batch, shuffle=True, seed=seed, augment=True)
+                                            for _, d in loaded])
+                train(model, loader, steps=args.quality_steps, lr=1e-3, precision=precision)
+                model.eval()
+                slices = [s.psnr for _, d in loaded
+                          for s in score_slices(_at(model, precision), make_loader(d["test"], args.batch, False, 0))]
+                scores[precision] += slices
+                per_seed[precision].append(float(np.mean(slices)))
+        diff = paired_bootstrap(scores["bf16"], scores["fp32"])
+        rows.append((name, args.quality_steps, args.seeds, " / ".join(f"{v:.2f}" for v in per_seed["fp32"]),
+                     " / ".join(f"{v:.2f}" for v in per_seed["bf16"]), f"{diff} (n = {diff.n})"))
+    return markdown_table(["model", "steps", "seeds", "test PSNR fp32 per seed (dB)", "bf16 per seed",
+                           "bf16 − fp32, mean [95 % CI] over (seed, slice)"], rows)
+
+
+def _at(model: nn.Module, precision: str):  # noqa: ANN202 - a Recon callable
+    """The model's evaluation reconstruction at ``precision`` (bf16: autocast network, metrics fp32)."""
+    recon = model_recon(model)
+
+    def run(batch: dict[str, object]) -> Tensor:
+        with autocast(torch.device("cpu"), precision):
+            return recon(batch).float()
+
+    return run
+
+
+def simulate(sites: list[Path], run_dir: Path, label: str, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
+    """One ``fedsense simulate`` of the unrolled-DC demo configuration; its training records."""
+    model_args = json.dumps(MODELS["unrolled"])
+    command = [str(Path(sys.executable).with_name("fedsense")), "simulate", "--sites", *map(str, sites), "--rounds",
+               str(args.rounds), "--strategy", "fedavg", "--name", label, "--run-dir", str(run_dir),
+               "--client-cpus", "1", "--model", "unrolled", "--set", f"model-args={model_args}",
+               "--set", f"local-steps={args.local_steps}", "--set", "client-optimizer=keep",
+               "--set", f"precision={env['FEDSENSE_BENCH_PRECISION']}"]
+    logger.info("%s: %s", label, " ".join(command))
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+                   stdout=subprocess.DEVNULL)
+    logger.info("%s: %.0f s", label, time.perf_counter() - started)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r["phase"] == "train" and r["site"] != "__global__"]
+
+
+def federated_table(args: argparse.Namespace, sites: list[Path], root: Path) -> tuple[str, Path]:
+    """Training steps/s per site and round, before and after, from the runs' own compute-seconds."""
+    # A fresh precision cache: round 1 of "after" pays auto's one-off timing, as on a new machine.
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]),
+            "FEDSENSE_PRECISION_CACHE": str(root / "precision-cache")}
+    runs = {
+        "before: fp32, no slice cache": {**base, "FEDSENSE_BENCH_PRECISION": "fp32", "FEDSENSE_SLICE_CACHE_MB": "0"},
+        "after: auto, slice cache": {**base, "FEDSENSE_BENCH_PRECISION": "auto"},
+    }
+    rates: dict[str, dict[tuple[int, str], float]] = {}
+    precisions: dict[str, set[str]] = {}
+    for i, (label, env) in enumerate(runs.items()):
+        records = simulate(sites, root / f"run{i}", f"limit-{i}", args, env)
+        rates[label] = {(r["round"], r["site"]): r["metrics"]["steps"] / r["metrics"]["compute-seconds"] for r in records}
+        precisions[label] = {str(r.get("precision", "?")) for r in records}
+    before, after = rates.values()
+    rows = []
+    for key in sorted(before):
+        rows.append((key[0], key[1], f"{before[key]:.2f}", f"{after[key]:.2f}", f"{after[key] / before[key]:.2f}x"))
+    last = max(k[0] for k in before)
+    b_mean = np.mean([v for k, v in before.items() if k[0] == last])
+    a_mean = np.mean([v for k, v in after.items() if k[0] == last])
+    rows.append((f"{last} (mean)", "all", f"{b_mean:.2f}", f"{a_mean:.2f}", f"{a_mean / b_mean:.2f}x"))
+    labels = list(runs)
+    table = markdown_table(["round", "site", f"steps/s {labels[0]}", f"steps/s {labels[1]}", "after ÷ before"], rows)
+    table += (f"\n\nprecision recorded per site: before {sorted(precisions[labels[0]])}, after "
+              f"{sorted(precisions[labels[1]])}; round 1 of 'after' includes auto's one-off timing of fp32 "
+              "against bf16 where the precision cache was empty")
+    return table, root / "run1"
+
+
+def reconstruct_table(args: argparse.Namespace, run_dir: Path, site: Path, root: Path) -> str:
+    """``fedsense reconstruct``'s Reconstructor on one 128², 16-slice NIfTI volume (re-acquired by ``site``'s
+    scanner, as the CLI does with --site-config): volumes/s at fp32 and at auto, best of the repeats."""
+    from client.reconstruct import Reconstructor
+    from common.artifact import load_artifact
+    from server.export import export_run
+
+    export_run(run_dir, root / "model", which="last")
+    config, datasets = load_site(str(site))
+    volume = datasets["test"].reader.examples[datasets["test"].indices[0]].path
+    rows = []
+    rates = {}
+    for precision in ("fp32", "auto"):
+        recon = Reconstructor(load_artifact(root / "model"), device=torch.device("cpu"), precision=precision,
+                              site=config)
+        prepared = recon.check(volume)
+        recon.volume(volume, prepared)  # warm-up (and auto's one-off timing when uncached)
+        best = float("inf")
+        for _ in range(args.limit_repeats):
+            started = time.perf_counter()
+            result = recon.volume(volume, prepared)
+            best = min(best, time.perf_counter() - started)
+        rates[precision] = 1.0 / best
+        rows.append((precision, recon.precision, len(prepared), f"{best:.2f}", f"{1.0 / best:.2f}"))  # type: ignore[arg-type]
+    rows.append(("auto ÷ fp32", "", "", "", f"{rates['auto'] / rates['fp32']:.2f}x"))
+    return markdown_table(["--precision", "ran at", "slices", "s / volume", "volumes/s"], rows)
+
+
+def run(args: argparse.Namespace) -> None:
+    """All five parts, in one process on one warm machine; prints the tables as it goes."""
+    started = time.perf_counter()
+    print(f"load average at start {os.getloadavg()[0]:.2f}; {args.size}² px, {args.coils} coils, batch {args.batch}, "
+          f"{torch.get_num_threads()} thread(s), native bf16 {cpu_has_bf16()}")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"\nmatmul peak (1024² torch.mm, best of 8): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} "
+          f"GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}x)\n")
+    if "speed" in args.parts:
+        print(speed_table(args, peaks), flush=True)
+    with tempfile.TemporaryDirectory(prefix="fedsense-limit-") as tmp:
+        root = Path(tmp)
+        sites = write_sites(root / "sites", size=args.size, subjects=3, slices=args.slices)
+        if "quality" in args.parts:
+            print("\n" + quality_table(args, sites), flush=True)
+        if "federated" in args.parts:
+            table, after_run = federated_table(args, sites, root)
+            print("\n" + table, flush=True)
+            if "reconstruct" in args.parts:
+                print("\n" + reconstruct_table(args, after_run, sites[1], root), flush=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--limit`` options of ``python -m bench.models``."""
+    group = parser.add_argument_group("machine limit (--limit): FLOPs vs peak, precisions, federated round")
+    group.add_argument("--limit", action="store_true", help="run the machine-limit benchmark")
+    group.add_argument("--parts", nargs="+", default=["speed", "quality", "federated", "reconstruct"],
+                       choices=["speed", "quality", "federated", "reconstruct"])
+    group.add_argument("--no-compile", dest="compile", action="store_false", help="skip bf16 + torch.compile")
+    group.add_argument("--limit-repeats", type=int, default=2, help="timing repeats (best kept)")
+    group.add_argument("--seeds", type=int, default=3, help="seeds of the equal-budget PSNR comparison")
+    group.add_argument("--limit-quality-steps", dest="quality_steps", type=int, default=30)
+    group.add_argument("--slices", type=int, default=16, help="slices per demo volume")
+    group.add_argument("--rounds", type=int, default=2, help="rounds of each federated run")
+    group.add_argument("--local-steps", type=int, default=6, help="training steps per site and round")
