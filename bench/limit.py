@@ -142,6 +142,7 @@ def simulate(sites: list[Path], run_dir: Path, label: str, args: argparse.Namesp
                str(args.rounds), "--strategy", "fedavg", "--name", label, "--run-dir", str(run_dir),
                "--client-cpus", "1", "--model", "unrolled", "--set", f"model-args={model_args}",
                "--set", f"local-steps={args.local_steps}", "--set", "client-optimizer=keep",
+               "--set", f"max-eval-slices={args.eval_slices}",
                "--set", f"precision={env['FEDSENSE_BENCH_PRECISION']}"]
     logger.info("%s: %s", label, " ".join(command))
     started = time.perf_counter()
@@ -248,3 +249,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slices", type=int, default=16, help="slices per demo volume")
     group.add_argument("--rounds", type=int, default=2, help="rounds of each federated run")
     group.add_argument("--local-steps", type=int, default=6, help="training steps per site and round")
+    group.add_argument("--eval-slices", type=int, default=4, help="validation slices per site and round")

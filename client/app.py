@@ -19,7 +19,7 @@ from client.transport import packed_transport_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from common.data.loaders import load_site, make_loader
 from common.errors import ConfigError
-from common.device import cpu_state_dict, resolve_device
+from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
 from common.personalise import fine_tune
 from common.runconfig import RunConfig
@@ -43,6 +43,7 @@ def _setup(
     """The run config, site, datasets, and the model: the server's arrays plus what the site kept
     (its local layers as of ``state_round``; see :mod:`client.site_state`)."""
     run = RunConfig.from_flat(dict(context.run_config))
+    use_cpu_allotment()  # torch's threads = the site's CPUs (Ray's --client-cpus, a container's quota)
     site_path = resolve_site_config_path(context.node_config, run)
     site, datasets = load_site(str(site_path))
     if site.supervision == "self":

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
+from pathlib import Path
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -71,6 +74,35 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def cpu_allotment(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: ``OMP_NUM_THREADS`` when set (Ray sets it to a simulated site's
+    ``--client-cpus``), else the smaller of the CPU affinity and the container's cgroup quota.
+
+    torch sizes its thread pool by the machine's cores, so a site container limited to 2 of 32 CPUs
+    (``docker run --cpus 2``) would run 32 threads on 2 CPUs' worth of time slices.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text(encoding="ascii").split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+
+
+def use_cpu_allotment() -> int:
+    """Size torch's intra-op thread pool to :func:`cpu_allotment` (once per process); returns the count."""
+    threads = cpu_allotment()
+    if torch.get_num_threads() != threads:
+        logger.info("torch threads: %d -> %d (the site's CPU allotment)", torch.get_num_threads(), threads)
+        torch.set_num_threads(threads)
+    return threads
 
 
 def batch_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

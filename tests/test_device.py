@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -88,3 +90,19 @@ class _Listed(list):
     """A list of batches with the ``dataset`` attribute ``train`` reports example counts from."""
 
     dataset = [0, 1, 2]
+
+
+def test_cpu_allotment_follows_omp_then_cgroup_quota(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.device import cpu_allotment
+
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_allotment(tmp_path) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_allotment(tmp_path) == affinity  # no cgroup file: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu_allotment(tmp_path) == affinity
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: one thread
+    assert cpu_allotment(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text(f"{(affinity + 4) * 100000} 100000\n")  # quota above the affinity
+    assert cpu_allotment(tmp_path) == affinity

@@ -52,6 +52,9 @@ def test_every_site_and_round_is_recorded_with_checkpoints(finished_run: tuple[R
             got = {r["site"] for r in records if r["round"] == rnd and r["phase"] == phase}
             assert got == sites | {GLOBAL_SITE}, (rnd, phase)
     assert {r["site"] for r in records if r["round"] == 0} == sites | {GLOBAL_SITE}
+    # precision = auto (the default; this test session pins it to fp32): each site records what it ran.
+    trained = [r for r in records if r["phase"] == "train" and r["site"] != GLOBAL_SITE]
+    assert trained and all(r["precision"] == "fp32" for r in trained)
     for rnd in (1, 2):
         payload = torch.load(store.checkpoint_path(rnd), weights_only=True)
         assert payload["round"] == rnd and payload["config"]["model"] == "unet"
