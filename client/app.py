@@ -90,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     # A self-supervised site's batches carry no reference: its loss is SSDU's, in k-space.
     batch_loss = (SSDUTrainLoss(run.ssdu_rho, run.ssdu_masks, seed=run.seed, epoch=server_round)
                   if supervision == "self" else None)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if run.dp_noise_multiplier > 0:
         return _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried, clock)
     result = train_model(
@@ -111,7 +111,9 @@ def train(msg: Message, context: Context) -> Message:
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
-               "compute-seconds": time.perf_counter() - started, **_client_dp_weight(run), **carried}
+               "compute-seconds": time.perf_counter() - started,
+               # CPU time of this process: the step rate on a shared machine, whatever else runs there.
+               "compute-cpu-seconds": time.process_time() - cpu_started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
     return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision)
 

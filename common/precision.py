@@ -98,14 +98,19 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(model: nn.Module, batch: Mapping[str, Any], device: torch.device, mode: str, *, repeats: int = 3,
-            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+            clock: Callable[[], float] | None = None) -> dict[str, float]:
     """Best-of-``repeats`` seconds per step in each precision, after one untimed warm-up step each.
+
+    On a CPU the clock is this process's CPU time (``time.process_time``), not wall time: a site's
+    server is often shared, and other processes' load would otherwise decide the precision (and the
+    decision is cached). On CUDA it is wall time around synchronised steps.
 
     A training step is forward, a stand-in loss (the output's mean magnitude: the loss itself runs in
     fp32 either way), backward and an Adam step, on a copy of ``model``; an inference step is a
     ``no_grad`` forward pass in eval mode. The precisions alternate, so a burst of load elsewhere on a
     shared machine slows both alike, and the best repeat is kept (load only ever slows a step down).
     """
+    clock = clock or (time.perf_counter if device.type == "cuda" else time.process_time)
     twin = copy.deepcopy(model).to(device)
     inputs = tuple(batch[k] for k in ("masked_kspace", "mask", "sens_maps"))
     optimiser = torch.optim.Adam(twin.parameters(), lr=1e-6) if mode == "train" else None
