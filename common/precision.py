@@ -79,10 +79,20 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     return facts
 
 
+def architecture(model: nn.Module) -> list[Any]:
+    """The model's structure without its values: module types and every weight's name, shape and dtype.
+
+    (Not ``repr(model)``: it prints learned values such as a DC layer's lambda, which change every round.)
+    """
+    modules = [[name, type(m).__qualname__] for name, m in model.named_modules()]
+    weights = [[name, list(t.shape), str(t.dtype)] for name, t in model.state_dict().items()]
+    return [modules, weights]
+
+
 def decision_key(facts: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any], mode: str) -> str:
-    """SHA-256 over the machine, the model's architecture (its repr), the batch's tensor shapes and the mode."""
+    """SHA-256 over the machine, the model's architecture, the batch's tensor shapes and the mode."""
     shapes = {k: [list(v.shape), str(v.dtype)] for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor)}
-    payload = json.dumps({"format": FORMAT, "facts": dict(facts), "model": repr(model), "shapes": shapes,
+    payload = json.dumps({"format": FORMAT, "facts": dict(facts), "model": architecture(model), "shapes": shapes,
                           "mode": mode}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -146,3 +146,17 @@ def test_train_with_auto_reports_the_choice_and_matches_that_precision(unpinned:
     result = train(build_model("unrolled", num_cascades=2, chans=4, num_layers=2), _Listed(batches), steps=1,
                    precision="auto")
     assert result.precision == "bf16"
+
+
+def test_learned_values_do_not_change_the_key_but_the_architecture_does() -> None:
+    """A site's model after a round (new lambda, new weights) is the same question; another size is not."""
+    facts = auto.machine_facts(CPU)
+    batch = _batches(1)[0]
+    model = build_model("unrolled", num_cascades=2, chans=4, num_layers=2)
+    key = auto.decision_key(facts, model, batch, "train")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # the DC weights' log-lambda too: repr(model) changes, the key must not
+    assert auto.decision_key(facts, model, batch, "train") == key
+    assert auto.decision_key(facts, build_model("unrolled", num_cascades=2, chans=8, num_layers=2), batch,
+                             "train") != key
