@@ -135,3 +135,16 @@ def hierarchical_bootstrap(
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return PairedDifference(float(diff.mean()), float(low), float(high), int(diff.shape[1]), level,
                             seeds=int(diff.shape[0]), subjects=len(set(subjects)))
+
+
+def join_verdict(gain: PairedDifference) -> str:
+    """Should a site join? ``gain`` = its best personalised federated model − its own local model (PSNR).
+
+    "join" when the whole interval is above zero, "harmful" when it is all below, else "no benefit": a
+    site's data-governance board should not be asked to join on a gain its own test data cannot tell from 0.
+    """
+    if gain.low > 0:
+        return "join"
+    if gain.high < 0:
+        return "harmful"
+    return "no benefit"

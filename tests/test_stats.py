@@ -109,3 +109,11 @@ def test_correlated_slices_widen_the_interval_over_the_slice_bootstrap() -> None
     flat = paired_bootstrap(diff, np.zeros(48))
     nested = hierarchical_bootstrap(diff, np.zeros(48), subjects)
     assert (nested.high - nested.low) > 2 * (flat.high - flat.low)
+
+
+def test_join_verdict_reads_the_interval_not_the_mean() -> None:
+    from common.stats import PairedDifference, join_verdict
+
+    assert join_verdict(PairedDifference(1.2, 0.1, 2.0, 8, 0.95)) == "join"
+    assert join_verdict(PairedDifference(1.2, -0.1, 2.0, 8, 0.95)) == "no benefit"
+    assert join_verdict(PairedDifference(-0.5, -0.9, -0.2, 8, 0.95)) == "harmful"
