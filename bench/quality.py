@@ -41,6 +41,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -766,7 +767,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     started = start_bench("quality", args.threads)
     out(f"bench.quality: {os.uname().machine}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.2f} at start; command: python -m bench.quality "
-        + " ".join(argv if argv is not None else []))
+        + " ".join(argv if argv is not None else sys.argv[1:]))
     clock = Stopwatch()
     params = {label: count_parameters(build_model(m, **kw)) for label, (m, kw) in MODELS.items() if label in args.models}
     out(f"\nScenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}) plus the unseen-acquisition site "
