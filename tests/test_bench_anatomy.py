@@ -31,3 +31,15 @@ def test_an_affine_copy_is_close_and_a_different_anatomy_is_not() -> None:
     unaligned = float(((a - moved / 1.7) ** 2).sum() / (a**2).sum())
     assert affine_nmse(a, different) > 5 * affine_nmse(a, moved)
     assert unaligned > 5 * affine_nmse(a, moved)  # the alignment did the work
+
+
+def test_patient_like_subjects_spread_wider_than_template_warps() -> None:
+    """The claim of docs/BENCHMARKS.md ("Demo anatomy"), at a small size: more inter-subject NMSE, more CSF
+    spread, and white-matter lesions only in the patient-like model."""
+    from bench.anatomy import spread, subjects
+    from common.data.phantom import PATIENTS, WARPS
+
+    warps, patients = (spread(subjects(v, 5, 48, seed=0)) for v in (WARPS, PATIENTS))
+    assert np.median(patients["nmse"]) > 1.15 * np.median(warps["nmse"])
+    assert np.ptp(patients["csf"]) > np.ptp(warps["csf"])
+    assert warps["wmh"].max() == 0 and patients["wmh"].max() > 0
