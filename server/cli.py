@@ -187,7 +187,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verdict(args: argparse.Namespace) -> int:
     from server.verdict import table, verdicts
 
-    print(table(verdicts(Path(args.run_dir), Path(args.local), args.site, args.split), args.split))
+    rows = verdicts(Path(args.run_dir), Path(args.local), args.site, args.split,
+                    site_state_dir=Path(args.site_state_dir) if args.site_state_dir else None)
+    print(table(rows, args.split))
     return 0
 
 
@@ -282,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", required=True, help="the local baseline run of the same sites (fedsense baseline local)")
     p.add_argument("--site", action="append", default=[], help="only this site (repeatable; default: every site)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split of each site to score")
+    p.add_argument("--site-state-dir", help="where the sites' fine-tuned models are (default: the run's site-state-dir)")
     p.set_defaults(func=cmd_verdict)
 
     for name, text in SITE_COMMANDS.items():

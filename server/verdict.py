@@ -98,8 +98,12 @@ def _scores(model: torch.nn.Module, loader: Any) -> tuple[list[float], list[str]
 
 
 def verdicts(run_dir: Path, local_dir: Path, sites: Sequence[str] = (), split: str = "test",
-             seed: int = 0) -> list[SiteVerdict]:
-    """One :class:`SiteVerdict` per site of the federated run (or per name in ``sites``)."""
+             seed: int = 0, site_state_dir: Path | None = None) -> list[SiteVerdict]:
+    """One :class:`SiteVerdict` per site of the federated run (or per name in ``sites``).
+
+    ``site_state_dir`` is where the sites' fine-tuned models are (a deployed site keeps them on its own
+    disk); by default the run's own ``site-state-dir``.
+    """
     fed, fed_config = _run(run_dir, "federated")
     if fed_config.get("baseline") not in (None, "centralized", "centralized-balanced"):
         raise FedSenseError(f"{run_dir}: is a {fed_config['baseline']!r} baseline run, not a federated (or pooled) one")
@@ -112,7 +116,9 @@ def verdicts(run_dir: Path, local_dir: Path, sites: Sequence[str] = (), split: s
         raise FedSenseError(f"{run_dir}: no best.json (the run has not finished a validated round)")
     global_model = _model(fed_config, fed.load_checkpoint(selected["round"])["state_dict"],
                           fed.checkpoint_path(selected["round"]))
-    state_dir = Path(fed_config.get("site-state-dir") or fed.path / "site-state")
+    state_dir = site_state_dir or Path(fed_config.get("site-state-dir") or fed.path / "site-state")
+    if site_state_dir is not None and not site_state_dir.is_dir():
+        raise FedSenseError(f"{site_state_dir}: --site-state-dir not found")
     paths = [p for p in str(fed_config.get("sites", "")).split(",") if p]
     if not paths:
         raise FedSenseError(f"{run_dir}: its config names no sites")

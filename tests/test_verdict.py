@@ -26,6 +26,10 @@ def test_errors_name_the_bad_run_directory(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.ERROR):
         assert main(["verdict", str(empty), "--local", str(tmp_path)]) == 2
     assert f"{empty / 'config.json'}: not found" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["verdict", str(empty), "--local", str(tmp_path), "--site-state-dir", str(missing)]) == 2
+    assert f"{empty / 'config.json'}: not found" in caplog.text  # the run is checked first
 
 
 @pytest.mark.slow
@@ -51,7 +55,8 @@ def test_verdict_on_real_runs_and_a_personalised_model_equal_to_the_local_one(
              if k.startswith("site-a/")}
     (pooled / "site-state" / "site-a").mkdir(parents=True)
     torch.save({"state_dict": state}, pooled / "site-state" / "site-a" / FINETUNED_FILE)
-    assert main(["verdict", str(pooled), "--local", str(local), "--site", "site-a"]) == 0
+    assert main(["verdict", str(pooled), "--local", str(local), "--site", "site-a",
+                 "--site-state-dir", str(pooled / "site-state")]) == 0
     out = capsys.readouterr().out
     assert "| site-a | personalised (fine-tuned) |" in out and "+0.00 [+0.00, +0.00]" in out and "no benefit" in out
     assert set(rows) == {"site-a", "site-b", "site-c"}
