@@ -26,14 +26,13 @@ from torch import nn
 
 from common.atomic import atomic_write
 from common.models import build_model
-from common.personalise import FineTuneResult, split_state
+from common.personalise import FINETUNED_FILE, FineTuneResult, split_state
 from common.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
 
 LOCAL_KEY = "fedsense.local-layers"  # Context.state ArrayRecord: the local layers
 META_KEY = "fedsense.site-state"  # Context.state ConfigRecord: round, optimiser state (torch.save bytes)
-FINETUNED_FILE = "finetuned.pt"
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.pt$")
 
 

@@ -92,6 +92,26 @@ def l1_wavelet_sense(
     image peaks at 1, which is what makes one ``lam`` serve every site. ``lam = 0`` is a least-squares
     SENSE reconstruction (FISTA on the data term only). Starts from the zero-filled SENSE image A^H y.
     """
+    if iterations < 1:
+        raise ValueError(f"need lam >= 0 and iterations >= 1, got {lam} and {iterations}")
+    return l1_wavelet_sense_iterates(masked_kspace, mask, sens_maps, lam=lam, iterations=(iterations,),
+                                     wavelet=wavelet, levels=levels)[iterations]
+
+
+def l1_wavelet_sense_iterates(
+    masked_kspace: Tensor,
+    mask: Tensor,
+    sens_maps: Tensor,
+    *,
+    lam: float,
+    iterations: tuple[int, ...],
+    wavelet: str = "db4",
+    levels: int = 3,
+) -> dict[int, Tensor]:
+    """The FISTA iterate after each of ``iterations`` (e.g. 50, 100, 200) from one run of the longest.
+
+    Tuning the iteration count on validation then costs one run per ``lam``, not one per (lam, count).
+    """
     if masked_kspace.dim() != 4 or sens_maps.shape != masked_kspace.shape:
         raise ValueError(
             f"expected k-space and maps of equal shape (B, C, H, W), got {tuple(masked_kspace.shape)} "
@@ -99,7 +119,7 @@ def l1_wavelet_sense(
         )
     if mask.dim() != 4 or mask.shape[-2:] != masked_kspace.shape[-2:]:
         raise ValueError(f"expected a mask (B, 1, H, W) matching the k-space, got {tuple(mask.shape)}")
-    if lam < 0 or iterations < 1:
+    if lam < 0 or not iterations or min(iterations) < 1:
         raise ValueError(f"need lam >= 0 and iterations >= 1, got {lam} and {iterations}")
     kspace = masked_kspace.to(torch.complex64)
     maps = sens_maps.to(torch.complex64)
@@ -108,13 +128,16 @@ def l1_wavelet_sense(
     step = 1.0 / max(lipschitz(mask, maps), 1e-12)
     x = _adjoint(kspace, mask, maps)
     z, t = x, 1.0
-    for _ in range(iterations):
+    kept: dict[int, Tensor] = {}
+    for done in range(1, max(iterations) + 1):
         gradient = _adjoint(_forward(z, mask, maps) - kspace, mask, maps)
         x_next = prox(z - step * gradient, step * lam) if lam > 0 else z - step * gradient
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         z = x_next + ((t - 1.0) / t_next) * (x_next - x)
         x, t = x_next, t_next
-    return x
+        if done in iterations:
+            kept[done] = x
+    return kept
 
 
 def data_residual(image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> float:
@@ -123,4 +146,4 @@ def data_residual(image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps:
     return float(torch.linalg.vector_norm(residual) / torch.linalg.vector_norm(masked_kspace * mask).clamp_min(1e-30))
 
 
-__all__ = ["WaveletProx", "data_residual", "l1_wavelet_sense", "lipschitz"]
+__all__ = ["WaveletProx", "data_residual", "l1_wavelet_sense", "l1_wavelet_sense_iterates", "lipschitz"]

@@ -28,6 +28,10 @@ from common.training import Batch, BatchSource, evaluate, train
 
 logger = logging.getLogger(__name__)
 
+# A site's fine-tuned model: ``<site-state-dir>/<site>/finetuned.pt`` (written by the site, read by anyone
+# who judges it, e.g. ``fedsense verdict``).
+FINETUNED_FILE = "finetuned.pt"
+
 T = TypeVar("T")
 
 #: Validation metrics where lower is better (all others: higher is better).

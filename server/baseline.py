@@ -9,6 +9,10 @@
 - ``centralized-balanced``: the same, but the batches come from each site in turn, so every site gets the
   same number of steps however few slices it has (the older, site-balanced variant).
 
+Optimiser semantics follow the run's ``client-optimizer``, as a federated site's do: ``reset`` builds a
+fresh Adam every round, ``keep`` carries each model's Adam state from round to round, so a comparison
+with a federated run trains every arm alike.
+
 All three evaluate on each site's validation split with the same code as the ClientApp, so one
 table (``fedsense metrics show``) compares them with FedAvg and FedProx. Like a federated run they keep
 ``best.json`` up to date and stop early after ``patience`` rounds without improvement (:mod:`server.best`).
@@ -121,8 +125,15 @@ class Baseline:
         torch.manual_seed(self.run.seed)
         return build_model(self.run.model, **self.run.model_kwargs)
 
+    def _optimiser(self, model: torch.nn.Module) -> torch.optim.Optimizer | None:
+        """The Adam that persists across rounds with ``client-optimizer = keep``; None: a fresh one per round."""
+        if self.run.client_optimizer != "keep":
+            return None
+        return torch.optim.Adam(model.parameters(), lr=self.run.learning_rate)
+
     def _local(self) -> None:
         models = {site: self._new_model() for site in self.sites}
+        optimisers = {site: self._optimiser(model) for site, model in models.items()}
         self._evaluate(0, models)  # type: ignore[arg-type]
         for rnd in range(1, self.run.num_server_rounds + 1):
             records = []
@@ -131,7 +142,7 @@ class Baseline:
                                      augment=self.run.augment)
                 res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
                             lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd),
-                            device=self.device, precision=self.precision)
+                            device=self.device, precision=self.precision, optimiser=optimisers[site])
                 records.append(site_record(self.run.name, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
                                        **self._supervision(site), precision=res.precision))
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
@@ -142,6 +153,7 @@ class Baseline:
 
     def _centralized(self, pooled: bool) -> None:
         model = self._new_model()
+        optimiser = self._optimiser(model)
         per_site_steps = [
             self.run.local_steps if self.run.local_steps else self.run.local_epochs * -(-len(d["train"]) // self.run.batch_size)
             for d in self.sites.values()
@@ -159,7 +171,7 @@ class Baseline:
                     for d in self.sites.values()
                 ])
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
-                        batch_loss=self._loss(rnd), device=self.device, precision=self.precision)
+                        batch_loss=self._loss(rnd), device=self.device, precision=self.precision, optimiser=optimiser)
             self.store.append_metrics([
                 site_record(self.run.name, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps},
                             precision=res.precision)

@@ -184,6 +184,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verdict(args: argparse.Namespace) -> int:
+    from server.verdict import table, verdicts
+
+    rows = verdicts(Path(args.run_dir), Path(args.local), args.site, args.split,
+                    site_state_dir=Path(args.site_state_dir) if args.site_state_dir else None)
+    print(table(rows, args.split))
+    return 0
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     verbose = ["-v"] if args.verbose else []
     return int(importlib.import_module(SITE_CLI).main([*verbose, args.command, *args.rest]))
@@ -269,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-config", action="append", default=[],
                    help="site TOML(s) whose acquisition goes into the card (default: the run's own sites)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verdict", help="should each site join? its best federated model vs its local baseline, with a CI")
+    p.add_argument("run_dir", help="a finished federated run (or a pooled centralized baseline run)")
+    p.add_argument("--local", required=True, help="the local baseline run of the same sites (fedsense baseline local)")
+    p.add_argument("--site", action="append", default=[], help="only this site (repeatable; default: every site)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which split of each site to score")
+    p.add_argument("--site-state-dir", help="where the sites' fine-tuned models are (default: the run's site-state-dir)")
+    p.set_defaults(func=cmd_verdict)
 
     for name, text in SITE_COMMANDS.items():
         p = sub.add_parser(name, help=text, add_help=False, prefix_chars="\x00")

@@ -47,3 +47,29 @@ def test_zero_filled_local_and_centralized_write_comparable_runs(small_sites: li
         return max(rows, key=lambda r: r["round"])["metrics"]["psnr"]
     assert final_psnr(stores["centralized"]) > final_psnr(stores["zero-filled"])
     assert stores["local"].latest_checkpoint()[0] == 2
+
+
+@pytest.mark.parametrize("kind", ["local", "centralized"])
+def test_client_optimizer_keep_carries_adam_state_across_rounds(small_sites: list[Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """With ``client-optimizer = keep`` each model's Adam is the same object every round and its step count
+    grows round after round (as a federated site's does); with ``reset`` every round starts a fresh Adam."""
+    import server.baseline as baseline
+
+    seen: list[tuple[int, int]] = []  # (id of the optimiser, Adam steps done when the round starts)
+    real_train = baseline.train
+
+    def spy(model, loader, **kwargs):  # type: ignore[no-untyped-def]
+        opt = kwargs.get("optimiser")
+        state = opt.state[next(iter(model.parameters()))] if opt is not None else {}
+        seen.append((id(opt) if opt is not None else 0, int(state["step"]) if "step" in state else 0))
+        return real_train(model, loader, **kwargs)
+
+    monkeypatch.setattr(baseline, "train", spy)
+    config = run_config(small_sites[:1], tmp_path / "keep", "keep").to_flat()
+    Baseline(kind, RunConfig.from_flat({**config, "client-optimizer": "keep"})).execute()
+    assert len({opt for opt, _ in seen}) == 1 and seen[0][0] != 0
+    assert [steps for _, steps in seen] == [0, 3]  # round 2 continues round 1's 3 Adam steps
+    seen.clear()
+    Baseline(kind, RunConfig.from_flat({**config, "run-dir": str(tmp_path / "reset")})).execute()
+    assert seen == [(0, 0), (0, 0)]

@@ -14,22 +14,35 @@ pytestmark = pytest.mark.slow
 
 def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    targets = quality.main(["--quick", "--out", str(tmp_path)])
+    docs = tmp_path / "BENCH.md"
+    docs.write_text(f"# before\n{quality.DOC_BEGIN}\nold numbers\n{quality.DOC_END}\n# after\n", encoding="utf-8")
+    targets = quality.main(["--quick", "--out", str(tmp_path), "--docs", str(docs)])
     out = capsys.readouterr().out
-    for row in ("zero-filled", "CS L1-wavelet", "U-Net local", "U-Net centralized (pooled)",
-                "U-Net centralized (site-balanced)", "U-Net FedAvg", "U-Net FedAvg + fine-tune"):
+    for row in ("zero-filled", "CS L1-wavelet (tuned)", "U-Net local", "U-Net centralized (pooled)",
+                "U-Net FedAvg", "U-Net FedAvg + fine-tune"):
         assert f"| {row} |" in out
     assert "site-d" in out  # the low-data scenario's fourth site
+    assert "unseen acquisition (site-x: 1 T, 20 coils" in out and "gaussian2d mask" in out
+    assert "should this site join?" in out and "| converged |" in out
+    # CS was tuned over the 7-value log grid 1e-4 ... 1e-1.
+    assert "lambda in 0.0001, 0.00032, 0.001, 0.0032, 0.01, 0.032, 0.1" in out
     # Every learned method stopped at or before the budget and was selected on a validation round.
     runs = tmp_path / "R4" / "runs"
-    for name in ("unet-centralized", "unet-centralized-balanced", "unet-fedavg"):
+    for name in ("unet-centralized-s0", "unet-fedavg-s0"):
         assert (runs / name / "best.json").is_file()
     # The personalised row's models are the sites' own fine-tuned files, never a shared checkpoint.
     for site in ("site-a", "site-b", "site-c", "site-d"):
-        assert (runs / "unet-fedavg" / "site-state" / site / "finetuned.pt").is_file()
+        assert (runs / "unet-fedavg-s0" / "site-state" / site / "finetuned.pt").is_file()
+    assert (tmp_path / "quality-curves.png").stat().st_size > 10_000
     comparisons = [row[1] for row in targets]
     assert sum("local at site-" in c for c in comparisons) == 4
-    assert any("held-out real MR" in c for c in comparisons)
+    assert any("unseen anatomy" in c for c in comparisons)
+    assert any("wall time of" in c for c in comparisons)
     for row in targets:
-        mean, low, high = (float(x.strip("[],")) for x in row[3].split())
-        assert low <= mean <= high and all(math.isfinite(v) for v in (mean, low, high))
+        if row[3].startswith(("+", "-")) and "[" in row[3]:
+            mean, low, high = (float(x.strip("[],")) for x in row[3].split())
+            assert low <= mean <= high and all(math.isfinite(v) for v in (mean, low, high))
+    # The docs section between the markers is the run's own output; the rest of the file is untouched.
+    text = docs.read_text(encoding="utf-8")
+    assert text.startswith("# before\n") and text.endswith("# after\n") and "old numbers" not in text
+    assert "### Targets" in text and "| U-Net FedAvg + fine-tune |" in text

@@ -85,3 +85,12 @@ def test_bad_arguments_are_refused() -> None:
         l1_wavelet_sense(kspace, mask, maps, lam=-1.0)
     with pytest.raises(ValueError, match="not orthogonal"):
         l1_wavelet_sense(kspace, mask, maps, wavelet="bior2.2")
+
+
+def test_iterates_of_one_run_equal_separate_runs_of_each_length() -> None:
+    from common.cs import l1_wavelet_sense_iterates
+
+    kspace, mask, maps = acquire(block_phantom(), coils=4, pattern="random", acceleration=4)
+    kept = l1_wavelet_sense_iterates(kspace, mask, maps, lam=0.01, iterations=(3, 7))
+    for count in (3, 7):
+        assert torch.allclose(kept[count], l1_wavelet_sense(kspace, mask, maps, lam=0.01, iterations=count))

@@ -68,7 +68,7 @@ def test_brats_and_ixi_files(demo: tuple[Path, dict]) -> None:
     folders = sorted(p.name for p in (out / "bratssite").iterdir() if p.is_dir())
     assert folders == ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"]
     names = sorted(p.name for p in (out / "bratssite" / folders[0]).iterdir())
-    assert names == [f"BraTS20_Training_001_{c}.nii.gz" for c in ("flair", "t1", "t1ce", "t2")]
+    assert names == [f"BraTS20_Training_001_{c}.nii.gz" for c in ("flair", "seg", "t1", "t1ce", "t2")]
     img = nib.load(out / "bratssite" / folders[0] / names[0])
     assert img.shape == (32, 32, 16) and img.get_data_dtype() == np.int16
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
@@ -136,7 +136,7 @@ def test_main_with_site_files(tmp_path: Path) -> None:
     assert (
         main(["--out", str(tmp_path / "out"), "--size", "32", "--subjects", "1", "--sites", str(toml)]) == 0
     )
-    assert len(list((tmp_path / "out" / "s").rglob("*.nii.gz"))) == 4
+    assert len(list((tmp_path / "out" / "s").rglob("*.nii.gz"))) == 5  # four contrasts and the label map
     assert main(["--out", str(tmp_path / "out"), "--size", "8", "--sites", str(toml)]) == 2
 
 
@@ -159,3 +159,52 @@ def test_anatomy_keeps_the_template_texture_within_a_tissue() -> None:
     # T1 keeps the template's texture, T2 inverts it.
     t1, t2 = (subject.image(c) / subject.bias for c in ("T1", "T2"))
     assert np.corrcoef(t1[white], t2[white])[0, 1] < -0.5
+
+
+def test_brats_label_map_marks_the_tumour_and_the_reader_ignores_it(demo: tuple[Path, dict]) -> None:
+    """``_seg`` holds BraTS labels where the tumour is (T1CE-bright rim = 4); the reader serves only images."""
+    out, _ = demo
+    folder = out / "bratssite" / "BraTS20_Training_001"
+    seg = np.asarray(nib.load(folder / "BraTS20_Training_001_seg.nii.gz").dataobj)
+    t1ce = np.asarray(nib.load(folder / "BraTS20_Training_001_t1ce.nii.gz").dataobj).astype(float)
+    assert set(np.unique(seg)) <= {0, 1, 2, 4} and (seg > 0).any()
+    if (seg == 4).any():
+        assert t1ce[seg == 4].mean() > t1ce[(seg == 0) & (t1ce > 0)].mean()
+    from common.data.readers import find_brats_files
+
+    found = find_brats_files(out / "bratssite")
+    assert len(found) == 12 and not any("seg" in f.path.name for f in found)  # 3 subjects x 4 contrasts
+    assert len(open_reader(tiny_sites(out)[1]).subjects) == 3
+
+
+def test_atrophy_enlarges_csf_and_labels_follow_tumour_fractions() -> None:
+    """Same draws, atrophy 0 vs 1: more CSF, less grey matter; labels are the majority tumour class."""
+    from dataclasses import replace
+
+    from common.data.phantom import PATIENTS, make_subject
+
+    young, old = (
+        make_subject(np.random.default_rng(3), 48, 8, slice_thickness_mm=6.0, z_start_mm=0.0, lesion=True,
+                     variation=replace(PATIENTS, atrophy=(a, a), wmh_per_atrophy=0.0))
+        for a in (0.0, 1.0)
+    )
+    assert old.volume_ml("csf") > 1.2 * young.volume_ml("csf")
+    assert old.volume_ml("gm") < young.volume_ml("gm")
+    labels = old.labels()
+    assert (labels[old.tissues["necrosis"] > 0.5] == 1).all()
+    assert (labels[old.tissues["oedema"] > 0.5] == 2).all()
+    tumour = old.tissues["necrosis"] + old.tissues["enhancing"] + old.tissues["oedema"]
+    assert (labels[tumour < 0.5] == 0).all()
+
+
+def test_patient_model_has_white_matter_lesions_bright_on_flair() -> None:
+    from dataclasses import replace
+
+    from common.data.phantom import PATIENTS, make_subject
+
+    subject = make_subject(np.random.default_rng(1), 64, 8, slice_thickness_mm=6.0, z_start_mm=0.0,
+                           variation=replace(PATIENTS, atrophy=(1.0, 1.0)))
+    lesion, white = subject.tissues["wmh"] > 0.8, subject.tissues["wm"] > 0.9
+    assert lesion.sum() > 3 and subject.volume_ml("wmh") > 0
+    flair = subject.image("FLAIR") / subject.bias
+    assert flair[lesion].mean() > 1.4 * flair[white].mean()

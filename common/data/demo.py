@@ -248,9 +248,10 @@ def _nifti_subject(rng: np.random.Generator, size: int, *, scalp: bool, lesion: 
 def _write_brats(
     site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
-    """BraTS 2020 layout: ``BraTS20_Training_00K/BraTS20_Training_00K_{t1,t1ce,t2,flair}.nii.gz``.
+    """BraTS 2020 layout: ``BraTS20_Training_00K/BraTS20_Training_00K_{t1,t1ce,t2,flair,seg}.nii.gz``.
 
-    Skull-stripped (no scalp), with a glioma, stored LPS like the BraTS releases.
+    Skull-stripped (no scalp), with a glioma and its label map (``_seg``: 1 necrosis, 2 oedema,
+    4 enhancing), stored LPS like the BraTS releases.
     """
     files, subjects = [], []
     for i in range(count):
@@ -263,6 +264,9 @@ def _write_brats(
                 _to_int16(subject.image(contrast), rng), subject, ("L", "P", "S"), site_dir / name / fname
             )
             files.append(f"{name}/{fname}")
+        seg = f"{name}_seg.nii.gz"
+        _save_nifti(subject.labels(), subject, ("L", "P", "S"), site_dir / name / seg)
+        files.append(f"{name}/{seg}")
         subjects.append(name)
     return files, subjects
 
