@@ -50,10 +50,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from client.reconstruct import MaskSettings, Reconstructor, reconstruct_files
+    from client.reconstruct import MaskSettings, Reconstructor, check_outputs, reconstruct_files
     from common.artifact import load_artifact
     from common.config import load_site_config
 
+    check_outputs(args.inputs, Path(args.out), args.format, args.overwrite)  # seconds, before the model loads
     device, precision = _devices(args)
     loaded = load_artifact(args.model, device=device)
     mask = None
@@ -65,7 +66,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     site = load_site_config(args.site_config) if args.site_config else None
     reconstructor = Reconstructor(loaded, device=device, precision=precision, site=site, mask=mask,
                                   allow_untrained_mask=args.allow_untrained_mask)
-    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True)):
+    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True),
+                                  overwrite=args.overwrite):
         print(path)
     return 0
 
@@ -94,6 +96,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     p.add_argument("--acceleration", type=float)
     p.add_argument("--center-fraction", type=float)
     p.add_argument("--seed", type=int, default=0, help="mask seed (per file and slice, as in training)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs an earlier run wrote in --out")
     p.add_argument("--allow-untrained-mask", action="store_true",
                    help="reconstruct even when the mask is not one the model was trained for")
     _add_device_options(p)

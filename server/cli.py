@@ -119,9 +119,13 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from common.config import load_site_config
     from common.data.demo import generate_demo
+    from common.outputs import check_not_input
 
     sites = [load_site_config(p) for p in args.site_config] or None
-    written = generate_demo(Path(args.out), size=args.size, subjects=args.subjects, seed=args.seed, sites=sites)
+    for site in sites or ():
+        check_not_input(Path(args.out) / site.name, [Path(p) for p in args.site_config])
+    written = generate_demo(Path(args.out), size=args.size, subjects=args.subjects, seed=args.seed, sites=sites,
+                            overwrite=args.overwrite)
     for name, info in written.items():
         print(f"{name}: {info.get('folder', '')}")
     return 0
@@ -161,7 +165,7 @@ def cmd_metrics_show(args: argparse.Namespace) -> int:
 def cmd_metrics_plot(args: argparse.Namespace) -> int:
     from server.viewer.plots import plot
 
-    for path in plot([Path(p) for p in args.run_dirs], Path(args.out)):
+    for path in plot([Path(p) for p in args.run_dirs], Path(args.out), overwrite=args.overwrite):
         print(path)
     return 0
 
@@ -177,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from server.export import export_run
 
     card = export_run(Path(args.run_dir), Path(args.out), which=args.round, onnx=args.onnx,
-                      site_configs=[Path(p) for p in args.site_config])
+                      site_configs=[Path(p) for p in args.site_config], overwrite=args.overwrite)
     print(f"{card.id}: round {card.round} of {card.run_name} -> {args.out}")
     if card.onnx is not None:
         print(f"onnx: {card.onnx.file} (max |error| vs PyTorch {card.onnx.max_abs_error:.2e})")
@@ -216,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, help="subjects per site (default: each site config's demo.subjects)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--site-config", action="append", default=[], help="generate only these sites' data")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier demo site folders in --out")
     p.set_defaults(func=cmd_data_demo)
 
     p = data.add_parser("partition", help="simulated hospitals from fastMRI / BraTS / IXI: site folders + TOMLs")
@@ -250,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_metrics_show)
     p = metrics.add_parser("plot", help="PNG curves and sample reconstructions")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its figures")
     p.set_defaults(func=cmd_metrics_plot)
 
     p = sub.add_parser("dashboard", help="live web dashboard of a run")
@@ -266,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", default="best", help="best (the run's best.json), last, or a round number")
     p.add_argument("--out", required=True, help="new folder for the artifact")
     p.add_argument("--onnx", action="store_true", help="also export the network as ONNX, checked against PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier exported model in --out")
     p.add_argument("--site-config", action="append", default=[],
                    help="site TOML(s) whose acquisition goes into the card (default: the run's own sites)")
     p.set_defaults(func=cmd_export)
