@@ -140,6 +140,7 @@ def cmd_data_partition(args: argparse.Namespace) -> int:
         alpha=args.alpha, label=args.label, partition_csv=Path(args.partition_csv) if args.partition_csv else None,
         max_subjects=args.max_subjects, contrasts=tuple(args.contrasts or ()), seed=args.seed,
         profile=args.profile, link="copy" if args.copy else args.link, max_slices_per_volume=args.max_slices,
+        overwrite=args.overwrite,
     )
     result = partition_dataset(spec)
     print_partition_summary(result.summary, sys.stdout)
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how site folders refer to the files (auto: hard link, symlink across filesystems)")
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     p.add_argument("--max-slices", type=int, help="max_slices_per_volume of the written site configs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier partition in --out (only the files it wrote; edited ones are refused)")
     p.set_defaults(func=cmd_data_partition)
     p = data.add_parser("check", help="(site side) can this site's data train? counts, masks, bad files, manifest")
     p.add_argument("site_config", help="the site's TOML")
