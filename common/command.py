@@ -102,6 +102,18 @@ def _os_message(exc: OSError) -> str:
     return f"{where}: {reason}" if where else reason
 
 
+def _os_cause(exc: BaseException) -> OSError | None:
+    """The file-system error a library wrapped in another exception, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _quiet_stdout() -> None:
     """After a broken pipe, point stdout at /dev/null so the interpreter's final flush stays silent."""
     try:
@@ -126,7 +138,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         return code
 
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the boundary: a reader that went away is a broken pipe here, not at exit
+        return code
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
@@ -143,5 +157,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
 
         if isinstance(exc, ValidationError):
             return fail(EXIT_USAGE, str(exc).replace("\n", "; "))
+        cause = _os_cause(exc)
+        if cause is not None:  # e.g. h5py writing through a Python file: a full disk surfaces as SystemError
+            return fail(EXIT_OS, _os_message(cause))
         return fail(EXIT_INTERNAL, f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the "
                                    "traceback, and report it)")

@@ -67,6 +67,8 @@ def generate_demo(
         raise ConfigError(f"demo: subjects: must be >= 1, got {subjects}")
     if seed < 0:
         raise ConfigError(f"demo: seed: must be >= 0, got {seed}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise OutputError(f"--out: {out} is an existing file; --out names the folder the site folders go to")
     sites = list(sites) if sites is not None else default_sites()
     writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
     summary: dict[str, dict[str, Any]] = {}
