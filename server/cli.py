@@ -123,15 +123,37 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="replace an earlier run in the run directory (its own files only) instead of refusing")
 
 
+def _site_places(run: "RunConfig") -> dict[str, list[Path]]:
+    """Each site's name -> its data folder and config (absolute), to name the site of an error message."""
+    from common.config import load_site_config
+
+    places = {}
+    for site in run.site_list:
+        config = load_site_config(site)
+        places[config.name] = [config.data_path, config.data_path.resolve(), Path(site).resolve()]
+    return places
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from common.preflight import check_sites
+    from server.readiness import check_readiness
     from server.simulate import SimResources, simulate
+    from server.site_errors import reporting_site_errors
 
     run = _run_config(args, _app_defaults())
     if args.run_dir is None:
         run = run.model_copy(update={"run_dir": f"runs/{run.name}"})
     _claim_run_dir(run, run.resume, args.overwrite)
+    report = lambda line: print(line, flush=True)  # noqa: E731
+    check_sites(run.site_list)  # every config problem at once, before any data is read
+    if not args.skip_data_check:
+        check_readiness(run.site_list, report)
     resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-    store = simulate(run, timeout=args.timeout, report=lambda line: print(line, flush=True), resources=resources)
+    with reporting_site_errors(Path(run.run_dir) / "flower.log", _site_places(run), report) as site_errors:
+        try:
+            store = simulate(run, timeout=args.timeout, report=report, resources=resources)
+        except FedSenseError as exc:  # with what the sites said, on screen, not only in flower.log
+            raise FedSenseError("\n".join([str(exc), *site_errors])) from exc
     from server.viewer.table import show  # after the run: a bad config is refused without loading the viewers
 
     show(store.path, fmt="table", out=sys.stdout)
@@ -252,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="run the simulated sites on this existing Ray cluster (HOST:PORT of its head)")
     p.add_argument("--client-cpus", type=positive_int, help="CPUs per simulated site (Flower's default: 2)")
     p.add_argument("--client-gpus", type=nonnegative_float, help="GPUs (or fractions) per simulated site (default: 0)")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="start even if a site fails the `fedsense data check` readiness test run first")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("baseline", help=f"a baseline on the same sites: {', '.join(BASELINES)}")
