@@ -1,0 +1,85 @@
+"""README's example commands: every ``fedsense`` line parses with the real CLI, and the "Using the trained
+model" block runs as written on the demo data (``fedsense data demo`` and a short run standing in for
+``make demo``'s ``runs/demo``), each line through bash in a fresh folder, so globs expand as a user's would.
+
+The simulate / baseline / dashboard / ``flwr run`` lines of "Using it" are parsed, not run: minutes of
+training, or a server that runs until stopped; test_partition and the Flower tests run those commands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import cli as site_cli
+from common.command import prepare_parser
+from common.runconfig import RunConfig
+from server import cli
+from server.baseline import Baseline
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def readme_commands(section: str | None = None) -> list[str]:
+    """The ``fedsense ...`` commands of README's bash blocks (of one ``## section``), comments and ``[...]`` dropped."""
+    text = README.read_text(encoding="utf-8")
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).strip()
+            if line.startswith("fedsense "):
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def test_every_readme_command_parses() -> None:
+    commands = readme_commands()
+    assert len(commands) >= 15
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        try:
+            args = prepare_parser(cli.build_parser()).parse_args(argv)
+            if args.command in cli.SITE_COMMANDS:
+                prepare_parser(site_cli.build_parser()).parse_args([args.command, *args.rest])
+        except SystemExit as exc:
+            pytest.fail(f"README: `{command}` does not parse (exit {exc.code})")
+
+
+@pytest.mark.slow
+def test_using_the_trained_model_runs_as_written(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "deploy" / "sites", tmp_path / "deploy" / "sites")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def bash(command: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, f"README: `{command}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr
+        return proc
+
+    demo = next(c for c in readme_commands("Using it") if c.startswith("fedsense data demo"))
+    bash(demo)
+    sites = sorted(str(p) for p in (tmp_path / "deploy" / "sites").glob("*.toml"))
+    Baseline("centralized", RunConfig.from_flat({  # what `make demo` leaves in runs/demo, in seconds
+        "name": "demo", "num-server-rounds": 1, "model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
+        "local-steps": 1, "batch-size": 2, "sites": ",".join(sites), "run-dir": str(tmp_path / "runs" / "demo"),
+        "num-samples": 0, "max-eval-slices": 1,
+    })).execute()
+    commands = readme_commands("Using the trained model")
+    assert len(commands) == 5
+    for command in commands:
+        bash(command)
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert len(list((tmp_path / "recon").glob("*.h5"))) == len(list((tmp_path / "demo-data" / "site-a").glob("*.h5")))
+    assert list((tmp_path / "recon-t2").glob("*-T2.nii.gz"))
