@@ -1,9 +1,11 @@
 """README's example commands: every ``fedsense`` line parses with the real CLI, and the "Using the trained
-model" block runs as written on the demo data (``fedsense data demo`` and a short run standing in for
-``make demo``'s ``runs/demo``), each line through bash in a fresh folder, so globs expand as a user's would.
+model" block runs as written, each line through bash in a fresh folder (globs expand as a user's would), on
+a small stand-in for what ``make demo`` leaves: ``demo-data/`` at 64² with 2 slices per volume and the
+site TOMLs' matrix to match, and a 1-step ``runs/demo``.
 
-The simulate / baseline / dashboard / ``flwr run`` lines of "Using it" are parsed, not run: minutes of
-training, or a server that runs until stopped; test_partition and the Flower tests run those commands.
+The simulate / baseline / data demo / dashboard / ``flwr run`` lines of "Using it" are parsed, not run here:
+minutes of training at the README's sizes, or a server that runs until stopped; test_demo, test_partition
+and the Flower tests run those commands.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 
 from client import cli as site_cli
 from common.command import prepare_parser
+from common.config import load_site_config
+from common.data.demo import generate_demo
 from common.runconfig import RunConfig
 from server import cli
 from server.baseline import Baseline
@@ -57,7 +60,13 @@ def test_every_readme_command_parses() -> None:
 
 @pytest.mark.slow
 def test_using_the_trained_model_runs_as_written(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "deploy" / "sites", tmp_path / "deploy" / "sites")
+    (tmp_path / "deploy" / "sites").mkdir(parents=True)
+    for toml in sorted((ROOT / "deploy" / "sites").glob("*.toml")):
+        text = re.sub(r"(?m)^matrix = .*$", "matrix = [64, 64]", toml.read_text(encoding="utf-8"))
+        text = re.sub(r"(?m)^max_slices_per_volume = .*$", "max_slices_per_volume = 2", text)
+        (tmp_path / "deploy" / "sites" / toml.name).write_text(text, encoding="utf-8")
+    sites = sorted(str(p) for p in (tmp_path / "deploy" / "sites").glob("*.toml"))
+    generate_demo(tmp_path / "demo-data", size=64, subjects=3, sites=[load_site_config(p) for p in sites])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
@@ -68,9 +77,6 @@ def test_using_the_trained_model_runs_as_written(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
         return proc
 
-    demo = next(c for c in readme_commands("Using it") if c.startswith("fedsense data demo"))
-    bash(demo)
-    sites = sorted(str(p) for p in (tmp_path / "deploy" / "sites").glob("*.toml"))
     Baseline("centralized", RunConfig.from_flat({  # what `make demo` leaves in runs/demo, in seconds
         "name": "demo", "num-server-rounds": 1, "model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
         "local-steps": 1, "batch-size": 2, "sites": ",".join(sites), "run-dir": str(tmp_path / "runs" / "demo"),
