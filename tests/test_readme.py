@@ -84,8 +84,8 @@ def test_using_the_trained_model_runs_as_written(tmp_path: Path) -> None:
     })).execute()
     commands = readme_commands("Using the trained model")
     assert len(commands) == 5
-    for command in commands:
-        bash(command)
+    done = [bash(command) for command in commands]
+    assert "evaluating cs on site-a (test split)" in done[2].stderr  # progress, also when stderr is a log file
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert len(list((tmp_path / "recon").glob("*.h5"))) == len(list((tmp_path / "demo-data" / "site-a").glob("*.h5")))
     assert list((tmp_path / "recon-t2").glob("*-T2.nii.gz"))
