@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # keeping its Adam state, then every site fine-tunes the selected global model (its personalised model).
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/fedsense data demo --out $(DEMO_DATA) --size 128 --subjects 4 --seed 0
+	$(BIN)/fedsense data demo --out $(DEMO_DATA) --size 128 --subjects 4 --seed 0 --overwrite
 	$(BIN)/fedsense simulate --sites deploy/sites/site-a.toml deploy/sites/site-b.toml deploy/sites/site-c.toml \
 		--rounds $(DEMO_ROUNDS) --strategy fedavg --name demo --run-dir runs/demo --client-cpus 1 \
 		--model unrolled --set 'model-args={"num_cascades": 4, "chans": 32, "num_layers": 5}' \

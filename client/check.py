@@ -103,8 +103,9 @@ def _reason(message: str, path: Path) -> str:
     return message.removeprefix(f"{path}: ")
 
 
-def check_site(site_toml: Path, manifest_path: Path | None = None) -> CheckReport:
-    """Check one site; writes its manifest (to ``manifest_path`` or beside the TOML) unless indexing failed."""
+def check_site(site_toml: Path, manifest_path: Path | None = None, write_manifest_file: bool = True) -> CheckReport:
+    """Check one site; writes its manifest (to ``manifest_path`` or beside the TOML) unless indexing failed or
+    ``write_manifest_file`` is off (the readiness test ``fedsense simulate`` runs leaves the site's files alone)."""
     site_toml = Path(site_toml)
     config = load_site_config(site_toml)
     report = CheckReport(config.name, config.dataset, config.data_path)
@@ -122,6 +123,8 @@ def check_site(site_toml: Path, manifest_path: Path | None = None) -> CheckRepor
     _check_masks(config, report, geometries)
     if report.ready:
         _sample_each_split(reader, config, report)
+    if not write_manifest_file:
+        return report
     files = _manifest_files(reader, good, split_of, root)
     skipped = [SkippedFile(name=name, reason=reason) for name, reason in report.skipped]
     report.manifest = build_manifest(config.name, config.dataset, files, skipped)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.command import run_command
+from common.command import nonnegative_int, positive_float, positive_int, run_command
 from common.errors import FedSenseError
 
 
@@ -51,10 +51,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from client.reconstruct import MaskSettings, Reconstructor, reconstruct_files
+    from client.reconstruct import MaskSettings, Reconstructor, check_outputs, reconstruct_files
     from common.artifact import load_artifact
     from common.config import load_site_config
 
+    check_outputs(args.inputs, Path(args.out), args.format, args.overwrite)  # seconds, before the model loads
     device, precision = _devices(args)
     loaded = load_artifact(args.model, device=device)
     mask = None
@@ -66,7 +67,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     site = load_site_config(args.site_config) if args.site_config else None
     reconstructor = Reconstructor(loaded, device=device, precision=precision, site=site, mask=mask,
                                   allow_untrained_mask=args.allow_untrained_mask)
-    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True)):
+    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True),
+                                  overwrite=args.overwrite):
         print(path)
     return 0
 
@@ -78,8 +80,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     p.add_argument("--sites", nargs="+", required=True, type=Path, help="site config TOML files")
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--baselines", default="zero-filled", help="comma-separated: zero-filled, cs (default: zero-filled)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-slices", type=int, default=0, help="stop each site and method after this many slices (0: all)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--max-slices", type=nonnegative_int, default=0, help="stop each site and method after this many slices (0: all)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     _add_device_options(p)
     p.set_defaults(func=cmd_evaluate)
@@ -92,9 +94,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
                    help="h5 (fastMRI submission), nifti (NIfTI inputs) or dicom; default: like the input")
     p.add_argument("--site-config", type=Path, help="site TOML whose scanner re-acquires NIfTI inputs")
     p.add_argument("--mask", help="undersampling of fully sampled k-space (default: the model's training mask)")
-    p.add_argument("--acceleration", type=float)
-    p.add_argument("--center-fraction", type=float)
-    p.add_argument("--seed", type=int, default=0, help="mask seed (per file and slice, as in training)")
+    p.add_argument("--acceleration", type=positive_float, help="with --mask: the undersampling factor R")
+    p.add_argument("--center-fraction", type=positive_float, help="with --mask: fraction of central lines kept")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="mask seed (per file and slice, as in training)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs an earlier run wrote in --out")
     p.add_argument("--allow-untrained-mask", action="store_true",
                    help="reconstruct even when the mask is not one the model was trained for")
     _add_device_options(p)

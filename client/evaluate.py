@@ -113,6 +113,8 @@ def evaluate_sites(
         for config, datasets in sites:
             for method, candidate in methods:
                 progress.update(task, description=f"{config.name} · {method}")
+                if console is not None and not console.is_terminal:  # no live bar in a log file: one line each
+                    logger.info("evaluating %s on %s (%s split)", method, config.name, split)
                 loader = make_loader(datasets[split], batch_size, shuffle=False, seed=seed)
                 result = evaluate(candidate, _tracked(loader, progress, task), device=device, max_slices=max_slices,
                                   precision=precision if method == "model" else "fp32")

@@ -13,14 +13,16 @@ Inputs, prepared exactly as in training (:mod:`common.data.dataset`):
 - ``--format dicom``: one MR Image Storage series per volume (:mod:`client.dicom`).
 
 Every input is checked before any output is made (k-space present, coil count and mask among those the
-model was trained on, finite values); outputs are written to hidden temp files and renamed, so a failure
-never leaves a half-written file.
+model was trained on, finite values), and so is every output (:mod:`common.outputs`: never an input,
+never inside or around one, an existing one only with ``--overwrite``); outputs are written to hidden temp
+files and renamed, so a failure never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +50,11 @@ from common.data.readers import (
     to_display,
 )
 from common.device import autocast, batch_to
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, OutputError
 from common.fft import center_crop, ifft2c_np
 from common.masks import PATTERNS, seed_for
 from common.precision import choose_precision
+from common.outputs import check_new_file, check_new_folder, check_not_input
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +319,10 @@ def output_name(source: Path, fmt: str) -> str:
 
 
 def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard) -> Path:
-    """Write one volume atomically (temp file or folder, then rename); returns the output path."""
+    """Write one volume atomically (temp file or folder, then rename); returns the output path.
+
+    The target was checked by :func:`check_outputs`: absent, or an earlier output ``--overwrite`` replaces.
+    """
     target = out_dir / output_name(volume.source, fmt)
     if fmt == "h5":
         image = volume.image if volume.kind == "fastmri" else display_stack(volume)
@@ -346,7 +352,16 @@ def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard) -> Pa
     elif fmt == "dicom":
         from client.dicom import write_series
 
-        write_series(volume, target, card)
+        if not target.exists():
+            write_series(volume, target, card)
+        else:  # --overwrite: the new series is complete before the old one goes
+            fresh = target.with_name(f".{target.name}.new")
+            shutil.rmtree(fresh, ignore_errors=True)
+            write_series(volume, fresh, card)
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(fresh, target)
+            shutil.rmtree(old)
     else:
         raise ConfigError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     return target
@@ -359,11 +374,36 @@ def display_stack(volume: Volume) -> np.ndarray:
     return np.stack([to_display(np.take(volume.image, k, axis=axial), volume.info) for k in volume.slice_indices])
 
 
+def check_outputs(inputs: Sequence[Path], out_dir: Path, fmt: str | None, overwrite: bool) -> None:
+    """Refuse, before any work, an ``--out`` that is, holds or lies in an input, a file where the output folder
+    goes, two inputs that would write the same output, and existing outputs without ``overwrite``."""
+    check_not_input(out_dir, inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out: {out_dir} is an existing file; --out names the folder the outputs go to")
+    targets: dict[Path, Path] = {}
+    for path in inputs:
+        chosen = fmt or ("nifti" if is_nifti(path) else "h5")
+        target = out_dir / output_name(path, chosen)
+        if target in targets:
+            raise OutputError(f"{path}: would write {target}, as {targets[target]} does; reconstruct them into "
+                              "separate --out folders")
+        targets[target] = path
+        check_not_input(target, inputs)
+        if chosen == "dicom":
+            if target.exists() and not target.is_dir():
+                raise OutputError(f"--out: {target} is a file, where the DICOM series folder would go")
+            check_new_folder(target, overwrite)
+        else:
+            check_new_file(target, overwrite)
+
+
 def reconstruct_files(reconstructor: Reconstructor, inputs: Sequence[Path], out_dir: Path, fmt: str | None,
-                      console: Console | None = None) -> list[Path]:
-    """Check every input first, then reconstruct and write them one by one; returns the written paths."""
+                      console: Console | None = None, overwrite: bool = False) -> list[Path]:
+    """Check every output and input first, then reconstruct and write them one by one; returns the written paths."""
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    inputs = [Path(p) for p in inputs]
+    check_outputs(inputs, out_dir, fmt, overwrite)
     prepared = [(Path(p), reconstructor.check(Path(p))) for p in inputs]
     for path, _ in prepared:
         chosen = fmt or ("nifti" if is_nifti(path) else "h5")

@@ -30,8 +30,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.atomic import atomic_dir
-from common.errors import DataError
+from common.errors import DataError, OutputError
 from common.models import build_model, count_parameters
+from common.outputs import check_new_folder
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ ARTIFACT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model-card.json"
 ONNX_FILE = "model.onnx"
+ARTIFACT_FILES = frozenset({WEIGHTS_FILE, CARD_FILE, ONNX_FILE})
 # safetensors metadata key tying the weights to their card (a card copied next to other weights is refused).
 CARD_ID_KEY = "fedsense-card-id"
 
@@ -168,17 +170,22 @@ def card_id(run_name: str, round: int, state_dict: dict[str, torch.Tensor]) -> s
 
 
 def write_artifact(out_dir: Path, state_dict: dict[str, torch.Tensor], card_fields: dict[str, Any],
-                   extra_files: dict[str, bytes] | None = None) -> ModelCard:
+                   extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> ModelCard:
     """Write weights + card (+ ``extra_files``) into ``out_dir`` all at once or not at all.
 
     ``card_fields`` are the :class:`ModelCard` fields other than ``id``, ``created``, ``versions`` and
     ``weights``, which are filled in here. Everything is written to a hidden sibling folder that is
     renamed onto ``out_dir`` at the end, so a crash never leaves an artifact without its card; an existing
-    non-empty ``out_dir`` is refused rather than mixed with.
+    non-empty ``out_dir`` is refused rather than mixed with, unless ``overwrite`` and it is an earlier
+    artifact (nothing in it but artifact files): then it is replaced whole.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DataError(f"{out_dir}: already exists and is not an empty folder; choose a new --out")
+    check_new_folder(out_dir, overwrite)
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ARTIFACT_FILES)
+        if foreign:
+            raise OutputError(f"--out: {out_dir} holds files that are not an exported model ({', '.join(foreign[:3])}); "
+                              "not replacing it, choose a new folder")
     identifier = card_id(str(card_fields.get("run_name", "run")), int(card_fields["round"]), state_dict)
     blob = weights_bytes(state_dict, identifier)
     card = ModelCard(
@@ -188,7 +195,7 @@ def write_artifact(out_dir: Path, state_dict: dict[str, torch.Tensor], card_fiel
         weights=WeightsInfo(sha256=hashlib.sha256(blob).hexdigest()),
         **card_fields,
     )
-    with atomic_dir(out_dir) as tmp:  # out_dir is absent or empty, checked above
+    with atomic_dir(out_dir, replace=overwrite) as tmp:  # absent, empty, or an earlier artifact (checked above)
         (tmp / WEIGHTS_FILE).write_bytes(blob)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

@@ -40,11 +40,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
     """Fill a folder built as ``.NAME.tmp`` next to ``target``; on success it is renamed onto ``target``.
 
     Its files are fsynced before the rename and an exception removes it, so readers see no folder or
-    the whole one, never a part. ``target`` must be absent or an empty folder (the caller checks).
+    the whole one, never a part. ``target`` must be absent or an empty folder (the caller checks), unless
+    ``replace``: then an existing ``target`` (the caller has checked it holds only its own earlier output)
+    is moved aside, the new folder renamed in, and the old one removed only after that.
     """
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -52,15 +54,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        for path in tmp.iterdir():
-            with open(path, "rb") as stream:
-                os.fsync(stream.fileno())
-        if target.exists():
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as stream:
+                    os.fsync(stream.fileno())
+        old = target.with_name(f".{target.name}.old")
+        if target.exists() and replace:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        elif target.exists():
             target.rmdir()
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     fsync_dir(target.parent)
 
 

@@ -1,25 +1,164 @@
-"""How every ``fedsense`` command line runs: logging set up once, user errors as one line and exit 2."""
+"""How every ``fedsense`` command line runs: one error boundary, so a user sees one line, never a traceback.
+
+Exit codes (README "Exit codes"): 0 done; 1 ``data check``: the site cannot train; 2 bad command line,
+configuration or data (:class:`FedSenseError`, a pydantic validation error); 3 an output refused (it is or
+holds an input, or exists and ``--overwrite`` was not given); 4 the file system said no (missing or
+unreadable file, permission, disk full); 70 an internal error (a bug: ``--debug`` shows its traceback);
+130 interrupted; 141 the reader of the output went away (``fedsense metrics show RUN | head``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import sys
 from collections.abc import Sequence
+from importlib import metadata
 
-from common.errors import FedSenseError
+from common.errors import FedSenseError, OutputError
 
 logger = logging.getLogger("fedsense")
 
+EXIT_USAGE = 2
+EXIT_OUTPUT = 3
+EXIT_OS = 4
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` names each option's default, except the uninformative ones (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default in (argparse.SUPPRESS, []):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fedsense")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--debug`` and ``--version``, and make every (sub)command's ``--help`` show the defaults."""
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        current.formatter_class = DefaultsHelpFormatter
+        for action in current._actions:
+            if action.help is None and action.option_strings and not (
+                    action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)):
+                action.help = "(default: %(default)s)"
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    return parser
+
+
+def _number(kind: type, minimum: float, inclusive: bool = True):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < minimum or (not inclusive and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {'>=' if inclusive else '>'} {minimum:g}"
+    return parse
+
+
+positive_int = _number(int, 1)
+nonnegative_int = _number(int, 0)
+positive_float = _number(float, 0, inclusive=False)
+nonnegative_float = _number(float, 0)
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1 to 65535 (0 would be a random one, which nobody could find)."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {text}")
+    return value
+
+
+def _os_message(exc: OSError) -> str:
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        reason += " (free space or choose another output folder)"
+    return f"{where}: {reason}" if where else reason
+
+
+def _os_cause(exc: BaseException) -> OSError | None:
+    """The file-system error a library wrapped in another exception, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush stays silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run the chosen subcommand's ``func``; a ``FedSenseError`` is logged, not a traceback."""
-    args = parser.parse_args(argv)
+    """Parse ``argv`` and run the chosen subcommand's ``func`` inside the error boundary; returns the exit code."""
+    args = prepare_parser(parser).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = bool(getattr(args, "debug", False))
+
+    def fail(code: int, message: str) -> int:
+        if debug:
+            logger.exception("%s", message)
+        else:
+            print(f"fedsense: error: {message}", file=sys.stderr, flush=True)
+        return code
+
     try:
-        return int(args.func(args))
-    except FedSenseError as exc:
-        logger.error("%s", exc)
-        return 2
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the boundary: a reader that went away is a broken pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except OutputError as exc:
+        return fail(EXIT_OUTPUT, str(exc))
+    except FedSenseError as exc:
+        return fail(EXIT_USAGE, str(exc))
+    except OSError as exc:
+        return fail(EXIT_OS, _os_message(exc))
+    except Exception as exc:  # the boundary: pydantic validation errors, and bugs, as one line
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            return fail(EXIT_USAGE, str(exc).replace("\n", "; "))
+        cause = _os_cause(exc)
+        if cause is not None:  # e.g. h5py writing through a Python file: a full disk surfaces as SystemError
+            return fail(EXIT_OS, _os_message(cause))
+        return fail(EXIT_INTERNAL, f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the "
+                                   "traceback, and report it)")

@@ -11,3 +11,7 @@ class ConfigError(FedSenseError, ValueError):
 
 class DataError(FedSenseError, ValueError):
     """An unreadable or invalid data file; the message starts with the file path."""
+
+
+class OutputError(FedSenseError):
+    """An output that would replace or lie inside an input, or replace an old output without ``--overwrite``."""

@@ -70,6 +70,7 @@ class Baseline:
     def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> dict[str, Any]:
         records = []
         for site, datasets in self.sites.items():
+            logger.info("%s: round %d: evaluating %s", self.kind, rnd, site)  # progress while the table waits
             loader = make_loader(datasets["val"], self.run.batch_size, shuffle=False, seed=self.run.seed)
             result: EvalResult
             if site in self.self_supervised:
@@ -138,6 +139,7 @@ class Baseline:
         for rnd in range(1, self.run.num_server_rounds + 1):
             records = []
             for site, datasets in self.sites.items():
+                logger.info("%s: round %d/%d: training %s", self.kind, rnd, self.run.num_server_rounds, site)
                 loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd,
                                      augment=self.run.augment)
                 res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
@@ -170,6 +172,8 @@ class Baseline:
                                 augment=self.run.augment)
                     for d in self.sites.values()
                 ])
+            logger.info("%s: round %d/%d: training %d steps on all sites", self.kind, rnd, self.run.num_server_rounds,
+                        sum(per_site_steps))
             res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
                         batch_loss=self._loss(rnd), device=self.device, precision=self.precision, optimiser=optimiser)
             self.store.append_metrics([

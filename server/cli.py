@@ -8,8 +8,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from common.command import run_command
-from common.errors import FedSenseError
+from common.command import (
+    nonnegative_float,
+    nonnegative_int,
+    port_number,
+    positive_float,
+    positive_int,
+    run_command,
+)
+from common.errors import ConfigError, FedSenseError
 from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
@@ -42,10 +49,26 @@ def _parse_set(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _check_set_keys(overrides: dict[str, Any]) -> None:
+    """A ``--set`` key that is no run-config key is refused with the nearest ones (a typo, most likely)."""
+    import difflib
+
+    from common.runconfig import RunConfig
+
+    known = sorted(name.replace("_", "-") for name in RunConfig.model_fields)
+    for key in overrides:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(near)}?" if near else "see [tool.flwr.app.config] in pyproject.toml"
+            raise ConfigError(f"--set {key}: no such run-config key; {hint}")
+
+
 def _run_config(args: argparse.Namespace, defaults: dict[str, Any]) -> "RunConfig":
     """Defaults from pyproject's [tool.flwr.app.config], then command-line options, then --set."""
     from common.runconfig import RunConfig
 
+    overrides = _parse_set(args.set or [])
+    _check_set_keys(overrides)
     flat = dict(defaults)
     flat["sites"] = ",".join(str(p) for p in args.sites)
     for option, key in (("rounds", "num-server-rounds"), ("strategy", "strategy"), ("mu", "proximal-mu"),
@@ -54,11 +77,28 @@ def _run_config(args: argparse.Namespace, defaults: dict[str, Any]) -> "RunConfi
         value = getattr(args, option, None)
         if value is not None:
             flat[key] = value
-    flat.update(_parse_set(args.set or []))
+    flat.update(overrides)
     n = len(args.sites)
     for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
         flat[key] = min(int(flat.get(key, n)), n)
-    return RunConfig.from_flat(flat, source="fedsense")
+    return RunConfig.from_flat(flat, source="run config")
+
+
+def _claim_run_dir(run: "RunConfig", resume: bool, overwrite: bool) -> None:
+    """Before any data is read: the run directory is no site config or data folder, nor holds or lies in one,
+    and an earlier run there is continued (``resume``) or replaced only with ``--overwrite``."""
+    from common.config import load_site_config
+    from common.outputs import check_not_input
+    from server.store import RunDir
+
+    inputs = [Path(site) for site in run.site_list]
+    for site in run.site_list:
+        try:
+            inputs.append(load_site_config(site).data_path)
+        except FedSenseError:
+            pass  # the site checks that follow name what is wrong with it
+    check_not_input(Path(run.run_dir), inputs, "--run-dir")
+    RunDir(run.run_dir).check_fresh(resume, overwrite)
 
 
 def _app_defaults() -> dict[str, Any]:
@@ -72,23 +112,48 @@ def _app_defaults() -> dict[str, Any]:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", nargs="+", type=Path, required=True, help="site config TOML files, one per site")
-    p.add_argument("--rounds", type=int, help="number of federated rounds")
+    p.add_argument("--rounds", type=positive_int, help="number of federated rounds")
     p.add_argument("--model", choices=MODELS)
-    p.add_argument("--local-steps", type=int, help="optimisation steps per site and round (0: use local-epochs)")
+    p.add_argument("--local-steps", type=nonnegative_int, help="optimisation steps per site and round (0: use local-epochs)")
     p.add_argument("--run-dir", help="where metrics and checkpoints go (default: runs/<name>)")
     p.add_argument("--name", help="run name shown in tables and plots")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=nonnegative_int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in the run directory (its own files only) instead of refusing")
+
+
+def _site_places(run: "RunConfig") -> dict[str, list[Path]]:
+    """Each site's name -> its data folder and config (absolute), to name the site of an error message."""
+    from common.config import load_site_config
+
+    places = {}
+    for site in run.site_list:
+        config = load_site_config(site)
+        places[config.name] = [config.data_path, config.data_path.resolve(), Path(site).resolve()]
+    return places
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from common.preflight import check_sites
+    from server.readiness import check_readiness
     from server.simulate import SimResources, simulate
+    from server.site_errors import reporting_site_errors
 
     run = _run_config(args, _app_defaults())
     if args.run_dir is None:
         run = run.model_copy(update={"run_dir": f"runs/{run.name}"})
+    _claim_run_dir(run, run.resume, args.overwrite)
+    report = lambda line: print(line, flush=True)  # noqa: E731
+    check_sites(run.site_list)  # every config problem at once, before any data is read
+    if not args.skip_data_check:
+        check_readiness(run.site_list, report)
     resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-    store = simulate(run, timeout=args.timeout, report=lambda line: print(line, flush=True), resources=resources)
+    with reporting_site_errors(Path(run.run_dir) / "flower.log", _site_places(run), report) as site_errors:
+        try:
+            store = simulate(run, timeout=args.timeout, report=report, resources=resources)
+        except FedSenseError as exc:  # with what the sites said, on screen, not only in flower.log
+            raise FedSenseError("\n".join([str(exc), *site_errors])) from exc
     from server.viewer.table import show  # after the run: a bad config is refused without loading the viewers
 
     show(store.path, fmt="table", out=sys.stdout)
@@ -107,6 +172,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"run_dir": f"runs/{args.kind}"})
     if args.name is None:
         run = run.model_copy(update={"name": args.kind})
+    _claim_run_dir(run, resume=False, overwrite=args.overwrite)  # a baseline always starts afresh
     baseline = Baseline(args.kind, run)
     print(f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}",
           flush=True)
@@ -119,9 +185,13 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from common.config import load_site_config
     from common.data.demo import generate_demo
+    from common.outputs import check_not_input
 
     sites = [load_site_config(p) for p in args.site_config] or None
-    written = generate_demo(Path(args.out), size=args.size, subjects=args.subjects, seed=args.seed, sites=sites)
+    for site in sites or ():
+        check_not_input(Path(args.out) / site.name, [Path(p) for p in args.site_config])
+    written = generate_demo(Path(args.out), size=args.size, subjects=args.subjects, seed=args.seed, sites=sites,
+                            overwrite=args.overwrite)
     for name, info in written.items():
         print(f"{name}: {info.get('folder', '')}")
     return 0
@@ -136,6 +206,7 @@ def cmd_data_partition(args: argparse.Namespace) -> int:
         alpha=args.alpha, label=args.label, partition_csv=Path(args.partition_csv) if args.partition_csv else None,
         max_subjects=args.max_subjects, contrasts=tuple(args.contrasts or ()), seed=args.seed,
         profile=args.profile, link="copy" if args.copy else args.link, max_slices_per_volume=args.max_slices,
+        overwrite=args.overwrite,
     )
     result = partition_dataset(spec)
     print_partition_summary(result.summary, sys.stdout)
@@ -161,7 +232,7 @@ def cmd_metrics_show(args: argparse.Namespace) -> int:
 def cmd_metrics_plot(args: argparse.Namespace) -> int:
     from server.viewer.plots import plot
 
-    for path in plot([Path(p) for p in args.run_dirs], Path(args.out)):
+    for path in plot([Path(p) for p in args.run_dirs], Path(args.out), overwrite=args.overwrite):
         print(path)
     return 0
 
@@ -169,7 +240,7 @@ def cmd_metrics_plot(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from server.viewer.dashboard import serve
 
-    serve(Path(args.run_dir), host=args.host, port=args.port, token_file=args.token_file)
+    serve(Path(args.run_dir), host=args.host, port=args.port, token_file=args.token_file, wait=args.wait)
     return 0
 
 
@@ -177,7 +248,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from server.export import export_run
 
     card = export_run(Path(args.run_dir), Path(args.out), which=args.round, onnx=args.onnx,
-                      site_configs=[Path(p) for p in args.site_config])
+                      site_configs=[Path(p) for p in args.site_config], overwrite=args.overwrite)
     print(f"{card.id}: round {card.round} of {card.run_name} -> {args.out}")
     if card.onnx is not None:
         print(f"onnx: {card.onnx.file} (max |error| vs PyTorch {card.onnx.max_abs_error:.2e})")
@@ -195,7 +266,8 @@ def cmd_verdict(args: argparse.Namespace) -> int:
 
 def cmd_site(args: argparse.Namespace) -> int:
     verbose = ["-v"] if args.verbose else []
-    return int(importlib.import_module(SITE_CLI).main([*verbose, args.command, *args.rest]))
+    debug = ["--debug"] if args.debug else []
+    return int(importlib.import_module(SITE_CLI).main([*verbose, *debug, args.command, *args.rest]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,11 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run a federation of simulated sites to completion")
     _add_run_options(p)
     p.add_argument("--strategy", choices=STRATEGIES)
-    p.add_argument("--mu", type=float, help="FedProx proximal weight")
-    p.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds")
+    p.add_argument("--mu", type=nonnegative_float, help="FedProx proximal weight")
+    p.add_argument("--timeout", type=positive_float, default=6 * 3600, help="give up after this many seconds")
     p.add_argument("--ray-address", help="run the simulated sites on this existing Ray cluster (HOST:PORT of its head)")
-    p.add_argument("--client-cpus", type=int, help="CPUs per simulated site (Flower's default: 2)")
-    p.add_argument("--client-gpus", type=float, help="GPUs (or fractions) per simulated site (default: 0)")
+    p.add_argument("--client-cpus", type=positive_int, help="CPUs per simulated site (Flower's default: 2)")
+    p.add_argument("--client-gpus", type=nonnegative_float, help="GPUs (or fractions) per simulated site (default: 0)")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="start even if a site fails the `fedsense data check` readiness test run first")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("baseline", help=f"a baseline on the same sites: {', '.join(BASELINES)}")
@@ -221,10 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="site data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("demo", help="write offline demo data (real file formats, MNI anatomy)")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--subjects", type=int, help="subjects per site (default: each site config's demo.subjects)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=positive_int, default=128, help="in-plane matrix of the written data (>= 16)")
+    p.add_argument("--subjects", type=positive_int, help="subjects per site (default: each site config's demo.subjects)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--site-config", action="append", default=[], help="generate only these sites' data")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier demo site folders in --out")
     p.set_defaults(func=cmd_data_demo)
 
     p = data.add_parser("partition", help="simulated hospitals from fastMRI / BraTS / IXI: site folders + TOMLs")
@@ -233,19 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", required=True, help="ixi: hospital; brats: institution; fastmri: scanner | "
                    "field-strength | contrast; any: random | dirichlet")
     p.add_argument("--out", required=True, help="folder for <site>/ (links to the files) and <site>.toml")
-    p.add_argument("--sites", type=int, help="number of sites (random, dirichlet)")
-    p.add_argument("--alpha", type=float, help="Dirichlet concentration (dirichlet; small = more non-IID)")
+    p.add_argument("--sites", type=positive_int, help="number of sites (random, dirichlet)")
+    p.add_argument("--alpha", type=positive_float, help="Dirichlet concentration (dirichlet; small = more non-IID)")
     p.add_argument("--label", help="what the Dirichlet split skews (a natural key or 'none'; default per dataset)")
     p.add_argument("--partition-csv", help="FeTS partition CSV (Subject_ID,Partition_ID) for --by institution")
-    p.add_argument("--max-subjects", type=int, help="at most this many subjects per site (seeded choice)")
+    p.add_argument("--max-subjects", type=positive_int, help="at most this many subjects per site (seeded choice)")
     p.add_argument("--contrasts", nargs="+", help="only these contrasts (e.g. T2 PD, flair, AXT2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--profile", default="3t-16ch", help="scanner profile for settings the data does not record: "
                    "3t-16ch | 1.5t-8ch | 3t-4ch | a site TOML whose [scanner] to use")
     p.add_argument("--link", choices=("auto", "hard", "symlink"), default="auto",
                    help="how site folders refer to the files (auto: hard link, symlink across filesystems)")
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
-    p.add_argument("--max-slices", type=int, help="max_slices_per_volume of the written site configs")
+    p.add_argument("--max-slices", type=positive_int, help="max_slices_per_volume of the written site configs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier partition in --out (only the files it wrote; edited ones are refused)")
     p.set_defaults(func=cmd_data_partition)
     p = data.add_parser("check", help="(site side) can this site's data train? counts, masks, bad files, manifest")
     p.add_argument("site_config", help="the site's TOML")
@@ -259,15 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_metrics_show)
     p = metrics.add_parser("plot", help="PNG curves and sample reconstructions")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its figures")
     p.set_defaults(func=cmd_metrics_plot)
 
     p = sub.add_parser("dashboard", help="live web dashboard of a run")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--port", type=port_number, default=8050)
     p.add_argument("--token-file", type=Path,
                    help="require the token in this file (created, and printed once, at first start); needed beyond 127.0.0.1")
+    p.add_argument("--wait", action="store_true", help="wait for a run directory that does not exist yet")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("export", help="export a run's model (safetensors + model card, optional ONNX)")
@@ -275,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", default="best", help="best (the run's best.json), last, or a round number")
     p.add_argument("--out", required=True, help="new folder for the artifact")
     p.add_argument("--onnx", action="store_true", help="also export the network as ONNX, checked against PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier exported model in --out")
     p.add_argument("--site-config", action="append", default=[],
                    help="site TOML(s) whose acquisition goes into the card (default: the run's own sites)")
     p.set_defaults(func=cmd_export)

@@ -18,6 +18,7 @@ from common.artifact import ONNX_FILE, Acquisition, Architecture, ModelCard, Sit
 from common.config import SiteConfig, load_site_config
 from common.errors import ConfigError, DataError, FedSenseError
 from common.models import build_model, count_parameters
+from common.outputs import check_new_folder, check_not_input
 from common.runconfig import RunConfig
 from server.best import read_best
 from server.store import GLOBAL_SITE, RunDir
@@ -118,11 +119,17 @@ def build_card_fields(run: RunDir, round: int, selection: str, best: dict[str, A
 
 
 def export_run(run_dir: str | Path, out: str | Path, which: str = "best", onnx: bool = False,
-               site_configs: list[Path] | None = None) -> ModelCard:
-    """Export round ``which`` of ``run_dir`` into the artifact folder ``out``; returns its card."""
+               site_configs: list[Path] | None = None, overwrite: bool = False) -> ModelCard:
+    """Export round ``which`` of ``run_dir`` into the artifact folder ``out``; returns its card.
+
+    ``out`` may not be, hold or lie in the run directory or a site config; an earlier artifact there is
+    replaced only with ``overwrite``.
+    """
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise FedSenseError(f"{run.path}: no such run directory")
+    check_not_input(Path(out), [run.path, *(site_configs or [])])
+    check_new_folder(Path(out), overwrite)
     round, best = select_round(run, which)
     payload = run.load_checkpoint(round)
     fields = build_card_fields(run, round, which, best, dict(payload.get("config") or {}), site_configs or [])
@@ -139,4 +146,4 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", onnx: 
 
         acquisitions = [s.acquisition for s in fields["sites"] if s.acquisition is not None]
         extra[ONNX_FILE], fields["onnx"] = export_onnx(model, acquisitions)
-    return write_artifact(Path(out), state, fields, extra_files=extra)
+    return write_artifact(Path(out), state, fields, extra_files=extra, overwrite=overwrite)

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 
 from common import samples as common_samples
 from common.atomic import atomic_write, atomic_write_bytes
-from common.errors import DataError, FedSenseError
+from common.errors import DataError, FedSenseError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 BEST_FILE = "best.json"
+# Everything a run writes into its directory (simulate adds the logs and, by default, site-state/):
+# all that ``--overwrite`` removes before a run starts again; anything else there is left alone.
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, BEST_FILE, CHECKPOINT_DIR, SAMPLES_DIR, "site-state", "flower.log",
+               "superlink.log")
 GLOBAL_SITE = "__global__"
 PHASES = ("train", "evaluate", "finetune")  # finetune: the sites' personalised models after the last round
 STATUSES = ("running", "finished", "failed")
@@ -218,6 +223,23 @@ class RunDir:
             f"{self.config_path}: holds a different run (differs in {', '.join(changed)}); "
             "choose another run directory or resume"
         )
+
+    def check_fresh(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to start a new run over an earlier one unless it is resumed or ``overwrite`` is given;
+        with ``overwrite`` the earlier run's own files (:data:`RUN_ENTRIES`) are removed first."""
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"--run-dir: {self.path} is an existing file, not a folder")
+        if resume or not self.config_path.exists():
+            return
+        if not overwrite:
+            raise OutputError(f"--run-dir: {self.path} holds an earlier run; pass --overwrite to replace it, "
+                              "--set resume=true to continue it, or choose another --run-dir")
+        for name in RUN_ENTRIES:
+            entry = self.path / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
 
     def check_writable(self) -> None:
         """Create the directory and prove this process can write in it, or say how to fix it.

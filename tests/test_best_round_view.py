@@ -33,6 +33,9 @@ def _table(run: RunDir) -> str:
 
 def test_table_and_dashboard_show_best_round_and_export_command(run: RunDir) -> None:
     assert "no best round recorded" in _table(run)
+    assert "no checkpoint saved: nothing to export yet" in _table(run) and "fedsense export" not in _table(run)
+    run.checkpoint_dir.mkdir()
+    (run.checkpoint_dir / "round-0003.pt").write_bytes(b"")
     assert f"fedsense export {run.path} --round last --out model/" in " ".join(_table(run).split())
     (run.path / "best.json").write_text(json.dumps(
         {"round": 2, "metric": "psnr", "value": 21.0, "checkpoint": "checkpoints/round-0002.pt"}))

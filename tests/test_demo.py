@@ -10,7 +10,7 @@ import pytest
 from common.config import SiteConfig, parse_site_config
 from common.data.demo import MARKER, default_sites, generate_demo, main
 from common.data.readers import open_reader, parse_ismrmrd_header
-from common.errors import DataError
+from common.errors import DataError, OutputError
 
 
 def tiny_site(name: str, dataset: str, data_path: Path, **extra: object) -> SiteConfig:
@@ -115,7 +115,9 @@ def test_deterministic_for_a_seed(tmp_path: Path, demo: tuple[Path, dict]) -> No
 def test_rerun_replaces_only_demo_folders(tmp_path: Path) -> None:
     site = tiny_site("ixisite", "ixi", tmp_path / "ixisite")
     generate_demo(tmp_path, size=32, subjects=1, sites=[site])
-    generate_demo(tmp_path, size=32, subjects=1, sites=[site])
+    with pytest.raises(OutputError, match="ixisite: holds earlier demo data; pass --overwrite"):
+        generate_demo(tmp_path, size=32, subjects=1, sites=[site])
+    generate_demo(tmp_path, size=32, subjects=1, sites=[site], overwrite=True)
     assert (tmp_path / "ixisite" / MARKER).exists() and len(
         list((tmp_path / "ixisite").glob("*.nii.gz"))
     ) == 3

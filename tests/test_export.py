@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.artifact import CARD_FILE, load_artifact
-from common.errors import ConfigError, DataError, FedSenseError
+from common.errors import ConfigError, DataError, FedSenseError, OutputError
 from common.models import build_model
 from common.onnx_export import export_onnx
 from server.export import export_run
@@ -51,8 +51,12 @@ def test_card_holds_each_sites_examples_and_validation_at_the_round(tmp_path: Pa
     loaded = load_artifact(tmp_path / "model")
     for key, value in round1.items():
         assert torch.equal(loaded.model.state_dict()[key], value)
-    with pytest.raises(DataError, match="not an empty folder"):
+    with pytest.raises(OutputError, match="already exists and is not empty; pass --overwrite"):
         export_run(run.path, tmp_path / "model", which="last")
+    assert export_run(run.path, tmp_path / "model", which="last", overwrite=True).round == 2
+    assert load_artifact(tmp_path / "model").card.round == 2
+    with pytest.raises(OutputError, match="contains the input"):
+        export_run(run.path, tmp_path, which="last", overwrite=True)
     with pytest.raises(FedSenseError, match="no checkpoint for round 7"):
         export_run(run.path, tmp_path / "seven", which="7")
     assert not (tmp_path / "seven").exists()

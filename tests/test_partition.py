@@ -22,7 +22,7 @@ from common.data.partition import (
     random_assignment,
 )
 from common.data.scanner_header import HeaderError, nominal_field, parse_scanner_header
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, OutputError
 from server.cli import main as cli_main
 from public_layout import FASTMRI_SCANNERS, set_scanner, write_public_layout
 
@@ -224,12 +224,25 @@ def test_output_is_never_written_over_foreign_data_or_into_the_dataset(public: t
     with pytest.raises(DataError, match="mine: exists and was not written by fedsense data partition"):
         partition_dataset(_spec(root, "ixi", "hospital", foreign))
     assert (foreign / "notes.txt").read_text() == "keep"
-    with pytest.raises(ConfigError, match="must lie outside the dataset root"):
+    with pytest.raises(OutputError, match="is inside the input folder"):
         partition_dataset(_spec(root, "ixi", "hospital", root / "ixi" / "sites"))
+    with pytest.raises(OutputError, match="contains the input"):
+        partition_dataset(PartitionSpec(dataset="ixi", root=root / "ixi", by="hospital", out=root))
     out = tmp_path / "sites"
-    partition_dataset(_spec(root, "ixi", "hospital", out))
-    partition_dataset(_spec(root, "ixi", "random", out, sites=2))  # an earlier partition is replaced whole
+    first = partition_dataset(_spec(root, "ixi", "hospital", out))
+    (out / "my-notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="holds an earlier partition; pass --overwrite"):
+        partition_dataset(_spec(root, "ixi", "random", out, sites=2))
+    edited = first.site_tomls[0]
+    original = edited.read_text()
+    edited.write_text(original + "# my edit\n")
+    with pytest.raises(OutputError, match=f"{edited.name}: edited since fedsense data partition wrote it"):
+        partition_dataset(_spec(root, "ixi", "random", out, sites=2, overwrite=True))
+    edited.write_text(original)
+    partition_dataset(_spec(root, "ixi", "random", out, sites=2, overwrite=True))  # only its own files go
     assert sorted(p.name for p in out.glob("*.toml")) == ["ixi-random-0.toml", "ixi-random-1.toml"]
+    assert (out / "my-notes.txt").read_text() == "keep"
+    assert not any((out / name).exists() for name in ("ixi-hh", "ixi-guys", "ixi-iop"))
 
 
 def test_cli_prints_the_summary_table(public: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -26,7 +25,8 @@ from common.config import SiteConfig, load_site_config
 from common.data.acquisition import simulate_acquisition
 from common.data.phantom import Subject, make_subject
 from common.data.readers import ISMRMRD_NAMESPACE
-from common.errors import ConfigError, DataError, FedSenseError
+from common.atomic import atomic_dir
+from common.errors import ConfigError, DataError, FedSenseError, OutputError
 from common.fft import ifft2c_np
 from common.masks import seed_for
 
@@ -50,8 +50,12 @@ def generate_demo(
     subjects: int | None = None,
     seed: int = 0,
     sites: Sequence[SiteConfig] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Write demo data for ``sites`` (default: ``deploy/sites/*.toml``) under ``out/<site name>``.
+
+    Each site folder is built under a temporary name and renamed into place; an earlier demo folder is
+    replaced only with ``overwrite``, a folder the generator did not write never.
 
     ``size`` is the in-plane matrix of the written images and k-space; ``subjects`` overrides each site's
     ``demo.subjects``; ``seed`` is combined with each site's ``demo.seed``. Returns, per site, its folder,
@@ -63,15 +67,21 @@ def generate_demo(
         raise ConfigError(f"demo: subjects: must be >= 1, got {subjects}")
     if seed < 0:
         raise ConfigError(f"demo: seed: must be >= 0, got {seed}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise OutputError(f"--out: {out} is an existing file; --out names the folder the site folders go to")
     sites = list(sites) if sites is not None else default_sites()
     writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
     summary: dict[str, dict[str, Any]] = {}
     for site in sites:
+        _check_replaceable(Path(out) / site.name, overwrite)
+    for site in sites:
         started = time.perf_counter()
-        site_dir = _fresh_site_dir(Path(out) / site.name)
+        site_dir = Path(out) / site.name
         rng = np.random.default_rng([seed, site.demo.seed])
         count = subjects if subjects is not None else site.demo.subjects
-        files, subject_ids = writers[site.dataset](site_dir, site, size, count, rng)
+        with atomic_dir(site_dir, replace=True) as building:  # an old folder there was checked above
+            (building / MARKER).write_text("synthetic demo data written by common.data.demo; safe to delete\n")
+            files, subject_ids = writers[site.dataset](building, site, size, count, rng)
         summary[site.name] = {
             "folder": str(site_dir),
             "dataset": site.dataset,
@@ -98,15 +108,16 @@ def default_sites() -> list[SiteConfig]:
     return [load_site_config(p) for p in paths]
 
 
-def _fresh_site_dir(site_dir: Path) -> Path:
-    """An empty folder for one site, replacing an earlier demo output but never anything else."""
-    if site_dir.exists():
-        if not (site_dir / MARKER).exists() and any(site_dir.iterdir()):
-            raise DataError(f"{site_dir}: exists and was not written by the demo generator; not overwriting")
-        shutil.rmtree(site_dir)
-    site_dir.mkdir(parents=True)
-    (site_dir / MARKER).write_text("synthetic demo data written by common.data.demo; safe to delete\n")
-    return site_dir
+def _check_replaceable(site_dir: Path, overwrite: bool) -> None:
+    """A site folder may be written if absent or empty, or an earlier demo output with ``overwrite``."""
+    if site_dir.exists() and not site_dir.is_dir():
+        raise OutputError(f"{site_dir}: is an existing file, where the demo site folder goes; not overwriting")
+    if not site_dir.is_dir() or not any(site_dir.iterdir()):
+        return
+    if not (site_dir / MARKER).exists():
+        raise DataError(f"{site_dir}: exists and was not written by the demo generator; not overwriting")
+    if not overwrite:
+        raise OutputError(f"{site_dir}: holds earlier demo data; pass --overwrite to replace it")
 
 
 def _axial_slices(volume: np.ndarray) -> np.ndarray:
@@ -308,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--subjects", type=int, default=None, help="subjects per site (default: each site's demo.subjects)"
     )
     parser.add_argument("--seed", type=int, default=0, help="combined with each site's demo.seed")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier demo site folders")
     parser.add_argument(
         "--sites", type=Path, nargs="*", help=f"site TOMLs (default: {DEFAULT_SITES_DIR}/*.toml)"
     )
@@ -315,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         sites = [load_site_config(p) for p in args.sites] if args.sites else None
-        generate_demo(args.out, size=args.size, subjects=args.subjects, seed=args.seed, sites=sites)
+        generate_demo(args.out, size=args.size, subjects=args.subjects, seed=args.seed, sites=sites,
+                      overwrite=args.overwrite)
     except FedSenseError as exc:
         log.error("%s", exc)
         return 2

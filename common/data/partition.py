@@ -8,8 +8,10 @@ header keys of fastMRI, which are per file, a patient scanned on two systems is 
 
 Site folders hold hard links (or symlinks) to the original files: patient data is never duplicated unless
 ``copy`` is asked for. Output is built in a hidden folder beside ``out`` and renamed into place, so a
-failed run leaves nothing half-written; an existing ``out`` is replaced only if an earlier partition
-wrote it. Pure data code: no Flower.
+failed run leaves nothing half-written. The marker file lists every file a partition wrote (with the
+SHA-256 of the TOMLs and summary); a later partition into the same ``out`` needs ``overwrite``, removes only
+those files, refuses when one was edited since, and leaves anything else there alone. A non-empty folder
+without the marker is never written into. Pure data code: no Flower.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from common.data.readers import (
     parse_ixi_name,
 )
 from common.data.scanner_header import HeaderError, nominal_field, parse_scanner_header
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, OutputError
+from common.outputs import check_not_input
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ class PartitionSpec:
     profile: str = DEFAULT_PROFILE
     link: LinkMode = "auto"
     max_slices_per_volume: int | None = None
+    overwrite: bool = False
 
 
 # --------------------------------------------------------------------------- discovery
@@ -518,8 +522,9 @@ class PartitionResult:
 def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | None = None) -> PartitionResult:
     """Index, assign, link and write one validated site TOML per partition plus ``partition.json``."""
     root, out = Path(spec.root).resolve(), Path(spec.out).resolve()
-    if out == root or root in out.parents or out in root.parents:
-        raise ConfigError(f"partition: --out: {out} must lie outside the dataset root {root} (and not contain it)")
+    inputs = [root, *([Path(spec.partition_csv)] if spec.partition_csv else []),
+              *([Path(spec.profile)] if spec.profile.endswith(".toml") else [])]
+    check_not_input(out, inputs)
     for name, value in (("--max-subjects", spec.max_subjects), ("--max-slices", spec.max_slices_per_volume)):
         if value is not None and value < 1:
             raise ConfigError(f"partition: {name}: must be >= 1, got {value}")
@@ -528,12 +533,11 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
     profile = load_profile(spec.profile)
     inventory = discover(spec.dataset, root, spec.contrasts)
     groups = assign(inventory, spec)
-    _check_replaceable(out)
+    earlier = _earlier_partition(out, spec.overwrite)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        (staging / MARKER).write_text("site folders written by fedsense data partition; links, safe to delete\n")
         sites, tomls, methods = [], [], Counter()
         for index, (name, volumes) in enumerate(groups.items()):
             for v in volumes:
@@ -563,7 +567,8 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
                          for site in sites if site["subjects"] < MIN_SUBJECTS_TO_EVALUATE],
         }
         atomic_write_bytes(staging / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
-        _swap_into_place(staging, out)
+        _write_marker(staging)
+        _install(staging, out, earlier)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -610,16 +615,71 @@ def _shared_subjects(groups: Mapping[str, Sequence[Volume]]) -> dict[str, list[s
     return {s: sorted(names) for s, names in sorted(sites_of.items()) if len(names) > 1}
 
 
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not (out / MARKER).exists() and (not out.is_dir() or any(out.iterdir())):
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _written_files(folder: Path) -> dict[str, str]:
+    """Every file of a partition folder but the marker: relative path -> SHA-256 (TOMLs, summary) or "link"."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.name == MARKER or path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = _sha256(path) if path.parent == folder else "link"
+    return files
+
+
+def _write_marker(staging: Path) -> None:
+    marker = {"written_by": "fedsense data partition; the files below are links or generated, safe to delete",
+              "files": _written_files(staging)}
+    (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+def _earlier_partition(out: Path, overwrite: bool) -> dict[str, str]:
+    """The files an earlier partition wrote in ``out`` (empty if none), checked replaceable; else refused."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out: {out} is an existing file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return {}
+    marker = out / MARKER
+    if not marker.exists():
         raise DataError(f"{out}: exists and was not written by fedsense data partition; not overwriting")
+    if not overwrite:
+        raise OutputError(f"--out: {out} holds an earlier partition; pass --overwrite to replace the files it wrote")
+    try:
+        files = dict(json.loads(marker.read_text(encoding="utf-8"))["files"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{marker}: does not list the files an earlier partition wrote (an older FedSense?); "
+                        f"not knowing which files are its own, nothing is replaced: remove {out} yourself") from exc
+    for rel, digest in files.items():
+        path = out / rel
+        if digest != "link" and path.is_file() and _sha256(path) != digest:
+            raise OutputError(f"{path}: edited since fedsense data partition wrote it; move it away (or use "
+                              "another --out) to replace the partition")
+    return files
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Replace ``out`` by the finished staging folder; an old partition is removed only after the rename."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+def _install(staging: Path, out: Path, earlier: dict[str, str]) -> None:
+    """Move the finished staging folder into ``out``: whole when ``out`` is new, else file by file, removing
+    only the files of the earlier partition and never a file someone else put there."""
+    if not out.exists() or (not earlier and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+        return
+    new = _written_files(staging)
+    in_the_way = [out / rel for rel in new if rel not in earlier and (out / rel).exists()]
+    if in_the_way:
+        raise OutputError(f"{in_the_way[0]}: not written by fedsense data partition and in the way; move it away")
+    for rel in earlier:
+        (out / rel).unlink(missing_ok=True)
+    for rel in sorted({str(Path(rel).parent) for rel in earlier} - {"."}, key=len, reverse=True):
+        for folder in (out / rel, *(out / rel).parents):
+            if folder == out or not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    for rel in [*new, MARKER]:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out / rel)
+    shutil.rmtree(staging)

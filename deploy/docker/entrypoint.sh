@@ -149,7 +149,7 @@ role_frontdoor() {
 
 role_dashboard() {
     # Published (compose maps it to 127.0.0.1 by default): a token, created and printed at first start.
-    exec fedsense dashboard "$RUNS/$RUN_NAME" --host 0.0.0.0 --port "${FEDSENSE_DASHBOARD_PORT:-8050}" \
+    exec fedsense dashboard "$RUNS/$RUN_NAME" --wait --host 0.0.0.0 --port "${FEDSENSE_DASHBOARD_PORT:-8050}" \
         --token-file "${FEDSENSE_DASHBOARD_TOKEN_FILE:-/state/dashboard.token}" "$@"
 }
 

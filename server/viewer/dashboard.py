@@ -9,6 +9,7 @@ files by path, so there is nothing to traverse. Published beyond 127.0.0.1 it de
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -185,12 +186,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          token_file: Path | None = None) -> None:
+          token_file: Path | None = None, wait: bool = False) -> None:
     """Serve the dashboard of ``run_dir`` until interrupted (blocking; Ctrl-C stops it).
 
-    The directory may not exist yet: the page then says "waiting" until the run starts. Beyond
+    A missing directory is an error (a typo would otherwise wait for ever), unless ``wait``: then the
+    page says "waiting" until the run starts (a dashboard started beside a run, as in compose). Beyond
     127.0.0.1 a ``token_file`` is required; its token is created and printed on first start only.
     """
+    if not wait and not Path(run_dir).is_dir():
+        raise FedSenseError(f"{run_dir}: no such run directory (pass --wait to wait for a run that has not "
+                            "started yet)")
     token = None
     if token_file is None and not access.is_loopback(host):
         raise FedSenseError(f"dashboard: --host {host}: published beyond this machine, the dashboard needs "
@@ -203,7 +208,14 @@ def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int =
                   f"open http://HOST:PORT/?token={token} once; the browser keeps it as a cookie", flush=True)
         else:
             logger.info("dashboard token: the one in %s", token_file)
-    with DashboardServer(run_dir, host, port, token=token) as server:
+    try:
+        server = DashboardServer(run_dir, host, port, token=token)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise FedSenseError(f"dashboard: --port {port}: already in use on {host}; stop what uses it or "
+                                "choose another --port") from exc
+        raise
+    with server:
         logger.info("dashboard of %s at %s", server.run_dir, server.url)
         try:
             server.serve_forever()

@@ -17,7 +17,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from common.atomic import atomic_write_bytes
 from common.errors import FedSenseError
+from common.outputs import check_output_folder
 from server.store import GLOBAL_SITE, RunDir, Samples
 from server.viewer.run_view import DISPLAY_METRICS, METRIC_LABELS, RunView, load_run
 
@@ -28,8 +30,12 @@ MAX_SAMPLE_ROWS = 4  # images per site in a samples figure; more makes panels un
 _CURVES = tuple((phase, metric) for phase in ("evaluate", "train") for metric in DISPLAY_METRICS)
 
 
-def plot(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> list[Path]:
+def plot(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], overwrite: bool = False
+         ) -> list[Path]:
     """Write PNG figures to ``out_dir`` and return their paths.
+
+    ``out_dir`` may not be, hold or lie in a run directory; a non-empty one is written into only with
+    ``overwrite``.
 
     One run: a figure per (phase, metric) with one line per site and the global aggregate, plus
     one figure per site of its latest sample reconstructions. Several runs: a figure per
@@ -37,6 +43,7 @@ def plot(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[
     """
     if not run_dirs:
         raise FedSenseError("plot needs at least one run directory")
+    check_output_folder(Path(out_dir), [Path(r) for r in run_dirs], overwrite)
     views = [load_run(run_dir) for run_dir in run_dirs]
     empty = [str(v.path) for v in views if not v.records]
     if empty:
@@ -170,5 +177,5 @@ def figure_png(fig: Figure) -> bytes:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    path.write_bytes(figure_png(fig))
+    atomic_write_bytes(path, figure_png(fig))
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from common.errors import FedSenseError
 from server.best import export_command
-from server.store import GLOBAL_SITE
+from server.store import CONFIG_FILE, GLOBAL_SITE, METRICS_FILE, RunDir
 from server.viewer.run_view import (
     COLUMNS,
     DISPLAY_METRICS,
@@ -49,6 +49,9 @@ def show(
         raise FedSenseError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     stream = out if out is not None else sys.stdout
     view = load_run(run_dir)
+    if not view.config and not RunDir(view.path).metrics_path.exists():
+        raise FedSenseError(f"{view.path}: not a run directory (no {CONFIG_FILE} or {METRICS_FILE}); give the folder "
+                            "`fedsense simulate` or `fedsense baseline` wrote (--run-dir)")
     if fmt == "csv":
         rows = view.rows(phase)
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]) if rows else COLUMNS, lineterminator="\n")
@@ -62,10 +65,35 @@ def show(
                       metrics or (*DISPLAY_METRICS, *PRIVACY_METRICS))
 
 
+def next_steps(view: RunView) -> list[str]:
+    """What the user can do next with this run: only commands that can work for it (no export without a
+    checkpoint, nor of a local baseline's per-site models), and where a failed run says why."""
+    run = RunDir(view.path)
+    lines = []
+    if view.status in ("failed", "interrupted"):
+        error = view.config.get("error")
+        lines.append(f"[bold red]{view.status}[/bold red]" + (f": {error}" if error else ""))
+        logs = [str(run.path / name) for name in ("flower.log", "superlink.log") if (run.path / name).exists()]
+        if logs:
+            lines.append(f"logs: {' '.join(logs)}")
+    kind = view.config.get("baseline")
+    if kind == "zero-filled":
+        lines.append("zero-filled baseline: no model to export")
+    elif kind == "local":
+        lines.append("local baseline: one model per site (checkpoint keys site/...), no single model to export")
+    elif not any(run.checkpoint_dir.glob("round-*.pt")):
+        lines.append("no checkpoint saved: nothing to export yet")
+    else:
+        lines.append(f"export: [bold]{export_command(view.path, view.best)}[/bold]")
+    return lines
+
+
 def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics: Sequence[str]) -> None:
     """One table per (phase, metric) that has values: rounds down, sites across, global last."""
     console = Console(file=stream)
-    done = sum(1 for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate")
+    # Round 0 is the evaluation before training, not one of the planned rounds.
+    done = len({r["round"] for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"
+                and r["round"] >= 1})
     planned = f"/{view.num_rounds}" if view.num_rounds is not None else ""
     console.print(
         f"[bold]{view.label}[/bold]  status [bold]{view.status}[/bold]  "
@@ -82,8 +110,8 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         )
     else:
         console.print("no best round recorded", highlight=False)
-    console.print(f"export: [bold]{export_command(view.path, view.best)}[/bold]", highlight=False,
-                  soft_wrap=True)  # copy-pasteable
+    for line in next_steps(view):
+        console.print(line, highlight=False, soft_wrap=True)  # copy-pasteable
     sites = view.sites()
     self_supervised = view.self_supervised_sites()
     printed = False

@@ -1,0 +1,199 @@
+"""Every ``fedsense`` command, run with the mistakes users make: one line naming the bad thing, a non-zero
+exit code, no traceback, and every input file byte-identical afterwards.
+
+Commands run in this process (``server.cli.main``, the real argument parsing and error boundary; an
+exception escaping the boundary fails the test), except where only a real process shows the behaviour:
+a closed pipe and a file-size limit. One tiny centralized run and its exported model are the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.command import EXIT_BROKEN_PIPE, EXIT_OS, EXIT_OUTPUT, EXIT_USAGE
+from common.runconfig import RunConfig
+from server import cli
+from server.baseline import Baseline
+
+FEDSENSE = Path(sys.executable).parent / "fedsense"
+MASK = ["--mask", "equispaced", "--acceleration", "4", "--center-fraction", "0.08"]
+
+
+def _hashes(*roots: Path) -> dict[Path, str]:
+    files = [p for root in roots for p in ([root] if root.is_file() else sorted(root.rglob("*"))) if p.is_file()]
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def world(small_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The inputs: three demo sites, a 1-round centralized run of a tiny U-Net, and its exported model."""
+    base = tmp_path_factory.mktemp("adversarial")
+    run_dir = base / "run"
+    Baseline("centralized", RunConfig.from_flat({
+        "name": "central", "num-server-rounds": 1, "model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
+        "local-steps": 1, "batch-size": 2, "sites": ",".join(map(str, small_sites)), "run-dir": str(run_dir),
+        "num-samples": 0, "max-eval-slices": 1,
+    })).execute()
+    model = base / "model"
+    assert cli.main(["export", str(run_dir), "--round", "last", "--out", str(model)]) == 0
+    return {"run": run_dir, "model": model, "sites": small_sites[0].parent, "h5": next(
+        (small_sites[0].parent / "data" / "site-a").glob("*.h5"))}
+
+
+@pytest.fixture(autouse=True)
+def inputs_unchanged(world: dict[str, Path]) -> Iterator[None]:
+    """After every test, every input file still exists with the same bytes."""
+    before = _hashes(world["sites"], world["run"], world["model"])
+    yield
+    after = _hashes(world["sites"], world["run"], world["model"])
+    assert {p: after.get(p) for p in before} == before
+
+
+def fedsense(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """Run ``fedsense ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: usage errors, --help, --version
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def refused(result: tuple[int, str, str], code: int, *names: object) -> None:
+    rc, out, err = result
+    assert rc == code, (rc, out, err)
+    for name in names:
+        assert str(name) in err, (name, err)
+
+
+def test_reconstruct_never_writes_over_inputs_or_old_outputs(world: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    h5, model = world["h5"], world["model"]
+    base = ["reconstruct", "--model", model, h5, *MASK]
+    refused(fedsense(capsys, *base, "--out", h5.parent), EXIT_OUTPUT, f"{h5.parent} contains the input {h5}")
+    refused(fedsense(capsys, *base, "--out", h5), EXIT_OUTPUT, f"{h5} is the input")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.link(h5, linked / h5.name)  # the same file under another folder: found by inode, not by name
+    refused(fedsense(capsys, "reconstruct", "--model", model, linked / h5.name, *MASK, "--out", h5.parent),
+            EXIT_OUTPUT, f"{h5} is the input {linked / h5.name}")
+    (tmp_path / "afile").write_text("mine")
+    refused(fedsense(capsys, *base, "--out", tmp_path / "afile"), EXIT_OUTPUT, "afile is an existing file")
+    assert (tmp_path / "afile").read_text() == "mine"
+    refused(fedsense(capsys, "reconstruct", "--model", model, h5, h5, *MASK, "--out", tmp_path / "o"),
+            EXIT_OUTPUT, f"would write {tmp_path / 'o' / h5.name}")
+    missing = tmp_path / "nope.h5"
+    refused(fedsense(capsys, "reconstruct", "--model", model, missing, *MASK, "--out", tmp_path / "o"),
+            EXIT_USAGE, missing)
+    refused(fedsense(capsys, "reconstruct", "--model", tmp_path / "nomodel", h5, "--out", tmp_path / "o"),
+            EXIT_USAGE, tmp_path / "nomodel")
+    refused(fedsense(capsys, *base, "--acceleration", "-4", "--out", tmp_path / "o"), EXIT_USAGE,
+            "--acceleration: must be > 0")
+    assert fedsense(capsys, *base, "--out", tmp_path / "o")[0] == 0
+    first = (tmp_path / "o" / h5.name).read_bytes()
+    refused(fedsense(capsys, *base, "--out", tmp_path / "o"), EXIT_OUTPUT,
+            f"{tmp_path / 'o' / h5.name} already exists; pass --overwrite")
+    assert (tmp_path / "o" / h5.name).read_bytes() == first
+    assert fedsense(capsys, *base, "--out", tmp_path / "o", "--overwrite")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [h5.name]  # no temp file left behind
+
+
+def test_export_plot_and_demo_refuse_to_replace(world: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = world["run"]
+    refused(fedsense(capsys, "export", run, "--out", run / "model"), EXIT_OUTPUT, "is inside the input folder")
+    refused(fedsense(capsys, "export", run, "--out", world["model"]), EXIT_OUTPUT,
+            f"{world['model']} already exists and is not empty; pass --overwrite")
+    refused(fedsense(capsys, "export", run, "--round", "7", "--out", tmp_path / "m"), EXIT_USAGE, "round 7")
+    assert not (tmp_path / "m").exists()
+    refused(fedsense(capsys, "metrics", "plot", run, "--out", run), EXIT_OUTPUT, f"{run} is the input")
+    assert fedsense(capsys, "metrics", "plot", run, "--out", tmp_path / "plots")[0] == 0
+    refused(fedsense(capsys, "metrics", "plot", run, "--out", tmp_path / "plots"), EXIT_OUTPUT, "--overwrite")
+    site = world["sites"] / "site-a.toml"
+    demo = ["data", "demo", "--size", "16", "--subjects", "1", "--site-config", site]
+    refused(fedsense(capsys, *demo, "--out", world["sites"] / "data"), EXIT_OUTPUT,
+            f"{world['sites'] / 'data' / 'site-a'}: holds earlier demo data; pass --overwrite")
+    refused(fedsense(capsys, *demo, "--out", site), EXIT_OUTPUT, "is an existing file")
+    refused(fedsense(capsys, *demo[:-1], tmp_path / "missing.toml", "--out", tmp_path / "d"), EXIT_USAGE,
+            tmp_path / "missing.toml")
+
+
+def test_bad_numbers_typos_and_missing_arguments_are_one_line(world: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    sites = sorted(map(str, world["sites"].glob("*.toml")))
+    refused(fedsense(capsys, "evaluate", "--model", world["model"], "--sites", *sites, "--batch-size", "0"),
+            EXIT_USAGE, "--batch-size: must be >= 1, got 0")
+    refused(fedsense(capsys, "evaluate", "--model", world["model"], "--sites", *sites, "--max-slices", "-1"),
+            EXIT_USAGE, "--max-slices: must be >= 0, got -1")
+    refused(fedsense(capsys, "data", "partition", "--dataset", "ixi", "--root", tmp_path, "--by", "hospital",
+                     "--out", tmp_path / "p", "--max-slices", "-1"), EXIT_USAGE, "--max-slices: must be >= 1")
+    refused(fedsense(capsys, "simulate", "--sites", *sites, "--rounds", "0"), EXIT_USAGE, "--rounds: must be >= 1")
+    refused(fedsense(capsys, "simulate", "--sites", *sites, "--rounds", "two"), EXIT_USAGE, "expected an integer")
+    refused(fedsense(capsys, "simulate", "--sites", *sites, "--set", "learnig-rate=0.1"), EXIT_USAGE,
+            "--set learnig-rate: no such run-config key; did you mean learning-rate")
+    refused(fedsense(capsys, "simulate", "--sites", *sites, "--set", "learning-rate=-1"), EXIT_USAGE,
+            "learning-rate")
+    refused(fedsense(capsys, "simulate", "--sites", tmp_path / "ghost.toml", "--run-dir", tmp_path / "r"),
+            EXIT_USAGE, tmp_path / "ghost.toml")
+    refused(fedsense(capsys, "export", world["run"]), EXIT_USAGE, "--out")
+    refused(fedsense(capsys, "reconstruct", "--model", world["model"]), EXIT_USAGE, "inputs")
+    refused(fedsense(capsys, "data", "check", tmp_path / "ghost.toml"), EXIT_USAGE, tmp_path / "ghost.toml")
+    refused(fedsense(capsys, "dashboard", world["run"], "--port", "70000"), EXIT_USAGE, "--port: must be <= 65535")
+    assert fedsense(capsys, "--version")[1].startswith("fedsense ")
+    assert "--batch-size BATCH_SIZE (default: 4)" in " ".join(fedsense(capsys, "evaluate", "--help")[1].split())
+    assert "(>= 16) (default: 128)" in " ".join(fedsense(capsys, "data", "demo", "--help")[1].split())
+
+
+def test_viewers_refuse_what_is_not_a_run(world: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    refused(fedsense(capsys, "metrics", "show", world["sites"]), EXIT_USAGE, f"{world['sites']}: not a run directory")
+    refused(fedsense(capsys, "metrics", "show", tmp_path / "ghost"), EXIT_USAGE, tmp_path / "ghost")
+    refused(fedsense(capsys, "dashboard", tmp_path / "ghost"), EXIT_USAGE, f"{tmp_path / 'ghost'}: no such run")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused(fedsense(capsys, "dashboard", world["run"], "--port", port), EXIT_USAGE, f"--port {port}: already in use")
+    shown = fedsense(capsys, "metrics", "show", world["run"])[1]
+    assert "rounds evaluated 1/1" in shown and "fedsense export" in shown
+
+
+def test_a_baseline_into_an_existing_run_is_refused_before_it_trains(world: dict[str, Path],
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    sites = sorted(map(str, world["sites"].glob("*.toml")))
+    code, out, err = fedsense(capsys, "baseline", "local", "--sites", *sites, "--run-dir", world["run"])
+    refused((code, out, err), EXIT_OUTPUT, f"--run-dir: {world['run']} holds an earlier run; pass --overwrite")
+    assert "round" not in out  # nothing of the old run printed as if it were this one's
+    refused(fedsense(capsys, "baseline", "local", "--sites", *sites, "--run-dir", world["sites"] / "data"),
+            EXIT_OUTPUT, "contains the input")
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_full_disk_and_closed_pipe_in_real_processes(world: dict[str, Path], tmp_path: Path) -> None:
+    """A file-size limit (what a full disk looks like to a writer) and ``| head``: real processes only."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([str(FEDSENSE), "reconstruct", "--model", str(world["model"]), str(world["h5"]), *MASK,
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env,
+                          preexec_fn=_limit_file_size, timeout=300, check=False)
+    assert proc.returncode == EXIT_OS, proc.stderr
+    assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [p for p in (tmp_path / "o").iterdir()]  # the partial file was removed, nothing half-written
+    show = subprocess.Popen([str(FEDSENSE), "metrics", "show", str(world["run"]), "--format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert show.stdout is not None and show.stderr is not None
+    show.stdout.close()  # the reader is gone before the table is written, as with a quick `| head`
+    err = show.stderr.read().decode()
+    assert show.wait(timeout=120) == EXIT_BROKEN_PIPE and err == "", err

@@ -1,0 +1,91 @@
+"""README's example commands: every ``fedsense`` line parses with the real CLI, and the "Using the trained
+model" block runs as written, each line through bash in a fresh folder (globs expand as a user's would), on
+a small stand-in for what ``make demo`` leaves: ``demo-data/`` at 64² with 2 slices per volume and the
+site TOMLs' matrix to match, and a 1-step ``runs/demo``.
+
+The simulate / baseline / data demo / dashboard / ``flwr run`` lines of "Using it" are parsed, not run here:
+minutes of training at the README's sizes, or a server that runs until stopped; test_demo, test_partition
+and the Flower tests run those commands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import cli as site_cli
+from common.command import prepare_parser
+from common.config import load_site_config
+from common.data.demo import generate_demo
+from common.runconfig import RunConfig
+from server import cli
+from server.baseline import Baseline
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def readme_commands(section: str | None = None) -> list[str]:
+    """The ``fedsense ...`` commands of README's bash blocks (of one ``## section``), comments and ``[...]`` dropped."""
+    text = README.read_text(encoding="utf-8")
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).strip()
+            if line.startswith("fedsense "):
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def test_every_readme_command_parses() -> None:
+    commands = readme_commands()
+    assert len(commands) >= 15
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        try:
+            args = prepare_parser(cli.build_parser()).parse_args(argv)
+            if args.command in cli.SITE_COMMANDS:
+                prepare_parser(site_cli.build_parser()).parse_args([args.command, *args.rest])
+        except SystemExit as exc:
+            pytest.fail(f"README: `{command}` does not parse (exit {exc.code})")
+
+
+@pytest.mark.slow
+def test_using_the_trained_model_runs_as_written(tmp_path: Path) -> None:
+    (tmp_path / "deploy" / "sites").mkdir(parents=True)
+    for toml in sorted((ROOT / "deploy" / "sites").glob("*.toml")):
+        text = re.sub(r"(?m)^matrix = .*$", "matrix = [64, 64]", toml.read_text(encoding="utf-8"))
+        text = re.sub(r"(?m)^max_slices_per_volume = .*$", "max_slices_per_volume = 2", text)
+        (tmp_path / "deploy" / "sites" / toml.name).write_text(text, encoding="utf-8")
+    sites = sorted(str(p) for p in (tmp_path / "deploy" / "sites").glob("*.toml"))
+    generate_demo(tmp_path / "demo-data", size=64, subjects=3, sites=[load_site_config(p) for p in sites])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def bash(command: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, f"README: `{command}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr
+        return proc
+
+    Baseline("centralized", RunConfig.from_flat({  # what `make demo` leaves in runs/demo, in seconds
+        "name": "demo", "num-server-rounds": 1, "model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
+        "local-steps": 1, "batch-size": 2, "sites": ",".join(sites), "run-dir": str(tmp_path / "runs" / "demo"),
+        "num-samples": 0, "max-eval-slices": 1,
+    })).execute()
+    commands = readme_commands("Using the trained model")
+    assert len(commands) == 5
+    done = [bash(command) for command in commands]
+    assert "evaluating cs on site-a (test split)" in done[2].stderr  # progress, also when stderr is a log file
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert len(list((tmp_path / "recon").glob("*.h5"))) == len(list((tmp_path / "demo-data" / "site-a").glob("*.h5")))
+    assert list((tmp_path / "recon-t2").glob("*-T2.nii.gz"))
