@@ -50,10 +50,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from client.dicom import PatientIdPolicy
     from client.reconstruct import MaskSettings, Reconstructor, reconstruct_files
     from common.artifact import load_artifact
     from common.config import load_site_config
 
+    patient_ids = PatientIdPolicy.from_options(args.patient_id, args.pseudonym_salt_file)
     device, precision = _devices(args)
     loaded = load_artifact(args.model, device=device)
     mask = None
@@ -65,7 +67,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     site = load_site_config(args.site_config) if args.site_config else None
     reconstructor = Reconstructor(loaded, device=device, precision=precision, site=site, mask=mask,
                                   allow_untrained_mask=args.allow_untrained_mask)
-    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True)):
+    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True),
+                                  patient_ids):
         print(path)
     return 0
 
@@ -96,6 +99,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     p.add_argument("--seed", type=int, default=0, help="mask seed (per file and slice, as in training)")
     p.add_argument("--allow-untrained-mask", action="store_true",
                    help="reconstruct even when the mask is not one the model was trained for")
+    p.add_argument("--patient-id", help="DICOM PatientID to write (default: a random pseudonym per input)")
+    p.add_argument("--pseudonym-salt-file", type=Path,
+                   help="secret file (>= 16 bytes): DICOM PatientID = salted hash of the input's identity, "
+                        "the same in every run")
     _add_device_options(p)
     p.set_defaults(func=cmd_reconstruct)
 
