@@ -8,8 +8,9 @@ server package never imports the client package and a site never needs the serve
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -35,6 +36,18 @@ def _devices(args: argparse.Namespace) -> tuple["object", str]:
     return device, resolve_precision(args.precision, device, "--precision")
 
 
+def _stops_children(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``command`` so that Ctrl-C or SIGTERM leaves none of its child processes (loaders, file checks) behind."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from common.proctree import ProcessTree
+
+        with ProcessTree():
+            return command(args)
+    return run
+
+
+@_stops_children
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from client.evaluate import evaluate_sites, parse_baselines, render, rows
     from common.artifact import load_artifact
@@ -49,6 +62,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_stops_children
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from client.dicom import PatientIdPolicy
     from client.reconstruct import MaskSettings, Reconstructor, reconstruct_files
