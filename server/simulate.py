@@ -41,9 +41,13 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def find_project_dir() -> Path:
-    """The Flower app directory (the one holding FedSense's pyproject.toml)."""
+    """The Flower app directory (the one holding FedSense's pyproject.toml).
+
+    A checkout's root; in an installed wheel, the copy shipped as package data (``server/flwr_app``,
+    written by setup.py), whose app components import the installed packages.
+    """
     candidates = [Path(os.environ["FEDSENSE_APP_DIR"])] if "FEDSENSE_APP_DIR" in os.environ else []
-    candidates += [Path(__file__).resolve().parent.parent, Path.cwd()]
+    candidates += [Path(__file__).resolve().parent.parent, Path(__file__).resolve().parent / "flwr_app", Path.cwd()]
     for path in candidates:
         toml = path / "pyproject.toml"
         if toml.is_file() and "[tool.flwr.app]" in toml.read_text(encoding="utf-8"):
