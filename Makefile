@@ -10,7 +10,7 @@ DEMO_ROUNDS ?= 3
 DEMO_FINE_TUNE_STEPS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast docs clean
+.PHONY: venv demo test test-fast docs clean compose-up
 venv: $(STAMP)
 
 # torch is installed first and pinned: 2.13.0 is a CPU wheel on this machine's disk; an unpinned
@@ -46,5 +46,10 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache
+
+# The compose demo with ./runs owned by you: created first, and its owner passed in case it is recreated.
+compose-up:
+	mkdir -p runs
+	FEDSENSE_HOST_UID=$$(id -u) FEDSENSE_HOST_GID=$$(id -g) docker compose up
 
 -include deploy/images.mk

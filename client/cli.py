@@ -8,8 +8,9 @@ server package never imports the client package and a site never needs the serve
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -36,6 +37,18 @@ def _devices(args: argparse.Namespace) -> tuple["object", str]:
     return resolve_device(args.device, "--device"), args.precision
 
 
+def _stops_children(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``command`` so that Ctrl-C or SIGTERM leaves none of its child processes (loaders, file checks) behind."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from common.proctree import ProcessTree
+
+        with ProcessTree():
+            return command(args)
+    return run
+
+
+@_stops_children
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from client.evaluate import evaluate_sites, parse_baselines, render, rows
     from common.artifact import load_artifact
@@ -50,12 +63,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_stops_children
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from client.dicom import PatientIdPolicy
     from client.reconstruct import MaskSettings, Reconstructor, check_outputs, reconstruct_files
     from common.artifact import load_artifact
     from common.config import load_site_config
 
     check_outputs(args.inputs, Path(args.out), args.format, args.overwrite)  # seconds, before the model loads
+    patient_ids = PatientIdPolicy.from_options(args.patient_id, args.pseudonym_salt_file)
     device, precision = _devices(args)
     loaded = load_artifact(args.model, device=device)
     mask = None
@@ -68,7 +84,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     reconstructor = Reconstructor(loaded, device=device, precision=precision, site=site, mask=mask,
                                   allow_untrained_mask=args.allow_untrained_mask)
     for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True),
-                                  overwrite=args.overwrite):
+                                  overwrite=args.overwrite, patient_ids=patient_ids):
         print(path)
     return 0
 
@@ -100,6 +116,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     p.add_argument("--overwrite", action="store_true", help="replace outputs an earlier run wrote in --out")
     p.add_argument("--allow-untrained-mask", action="store_true",
                    help="reconstruct even when the mask is not one the model was trained for")
+    p.add_argument("--patient-id", help="DICOM PatientID to write (default: a random pseudonym per input)")
+    p.add_argument("--pseudonym-salt-file", type=Path,
+                   help="secret file (>= 16 bytes): DICOM PatientID = salted hash of the input's identity, "
+                        "the same in every run")
     _add_device_options(p)
     p.set_defaults(func=cmd_reconstruct)
 

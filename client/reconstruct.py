@@ -35,6 +35,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from client import dicom
 from common.artifact import LoadedModel, ModelCard
 from common.atomic import atomic_write, fsync_dir
 from common.coils import estimate_maps_from_acs, rss
@@ -84,6 +85,7 @@ class Volume:
     nifti: nib.Nifti1Image | None = None
     info: NiftiInfo | None = None
     slice_indices: list[int] = field(default_factory=list)
+    field_strength_t: float | None = None  # the site scanner's, for NIfTI inputs (their header has none)
 
 
 def is_nifti(path: Path) -> bool:
@@ -310,7 +312,8 @@ class Reconstructor:
             if progress is not None and task is not None:
                 progress.advance(task)
         return Volume(path, "nifti", volume, nifti=img, info=info,
-                      slice_indices=list(range(shape[info.axial_axis])))
+                      slice_indices=list(range(shape[info.axial_axis])),
+                      field_strength_t=self.site.scanner.field_strength_t if self.site else None)
 
 
 def output_name(source: Path, fmt: str) -> str:
@@ -318,10 +321,12 @@ def output_name(source: Path, fmt: str) -> str:
     return {"h5": f"{stem}.h5", "nifti": f"{stem}.nii.gz", "dicom": stem}[fmt]
 
 
-def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard) -> Path:
+def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard,
+                 pseudonyms: dicom.Pseudonymiser | None = None) -> Path:
     """Write one volume atomically (temp file or folder, then rename); returns the output path.
 
     The target was checked by :func:`check_outputs`: absent, or an earlier output ``--overwrite`` replaces.
+    ``pseudonyms`` chooses DICOM PatientIDs (default: random pseudonyms, see :class:`client.dicom.PatientIdPolicy`).
     """
     target = out_dir / output_name(volume.source, fmt)
     if fmt == "h5":
@@ -350,14 +355,13 @@ def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard) -> Pa
             tmp.unlink(missing_ok=True)
         fsync_dir(target.parent)
     elif fmt == "dicom":
-        from client.dicom import write_series
-
+        ids = pseudonyms or dicom.Pseudonymiser(dicom.PatientIdPolicy())
         if not target.exists():
-            write_series(volume, target, card)
+            write_dicom(volume, target, card, ids)
         else:  # --overwrite: the new series is complete before the old one goes
             fresh = target.with_name(f".{target.name}.new")
             shutil.rmtree(fresh, ignore_errors=True)
-            write_series(volume, fresh, card)
+            write_dicom(volume, fresh, card, ids)
             old = target.with_name(f".{target.name}.old")
             os.replace(target, old)
             os.replace(fresh, target)
@@ -365,6 +369,20 @@ def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard) -> Pa
     else:
         raise ConfigError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     return target
+
+
+def write_dicom(volume: Volume, target: Path, card: ModelCard, pseudonyms: dicom.Pseudonymiser) -> Path:
+    """One DICOM series with the geometry and scanner facts of the volume's own input header."""
+    if volume.kind == "fastmri":
+        header = dicom.read_fastmri_header(volume.source)
+        geometry = dicom.fastmri_geometry(header, volume.image.shape[1:], len(volume.image))
+        return dicom.write_series(volume.image, geometry, dicom.fastmri_acquisition(header),
+                                  pseudonyms(dicom.fastmri_identity(volume.source)), target, card)
+    assert volume.nifti is not None and volume.info is not None
+    shape = tuple(int(n) for n in volume.image.shape[:3])
+    geometry = dicom.nifti_geometry(volume.nifti.affine, volume.info, shape, volume.slice_indices)  # type: ignore[arg-type]
+    acquisition = dicom.Acquisition(field_strength_t=volume.field_strength_t)
+    return dicom.write_series(display_stack(volume), geometry, acquisition, pseudonyms(volume.source.name), target, card)
 
 
 def display_stack(volume: Volume) -> np.ndarray:
@@ -398,7 +416,8 @@ def check_outputs(inputs: Sequence[Path], out_dir: Path, fmt: str | None, overwr
 
 
 def reconstruct_files(reconstructor: Reconstructor, inputs: Sequence[Path], out_dir: Path, fmt: str | None,
-                      console: Console | None = None, overwrite: bool = False) -> list[Path]:
+                      console: Console | None = None, overwrite: bool = False,
+                      patient_ids: dicom.PatientIdPolicy | None = None) -> list[Path]:
     """Check every output and input first, then reconstruct and write them one by one; returns the written paths."""
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -409,12 +428,16 @@ def reconstruct_files(reconstructor: Reconstructor, inputs: Sequence[Path], out_
         chosen = fmt or ("nifti" if is_nifti(path) else "h5")
         if chosen == "nifti" and not is_nifti(path):
             raise ConfigError(f"{path}: --format nifti needs a NIfTI input; use h5 or dicom for k-space")
+        if chosen == "dicom" and not is_nifti(path):
+            dicom.read_fastmri_header(path)  # refuses an input without geometry before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
+    pseudonyms = dicom.Pseudonymiser(patient_ids or dicom.PatientIdPolicy())
     written = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=console is None) as progress:
         for path, item in prepared:
             volume = reconstructor.volume(path, item, progress)
-            written.append(write_volume(volume, out_dir, fmt or ("nifti" if is_nifti(path) else "h5"), reconstructor.card))
+            written.append(write_volume(volume, out_dir, fmt or ("nifti" if is_nifti(path) else "h5"), reconstructor.card,
+                                        pseudonyms))
             logger.info("%s -> %s", path.name, written[-1])
     return written

@@ -30,6 +30,7 @@ from common.device import cpu_state_dict, resolve_device
 from common.data.pooled import PooledLoader
 from common.errors import ConfigError
 from common.models import build_model
+from common.proctree import ProcessTree
 from common.registry import BASELINES
 from common.runconfig import RunConfig
 from common.samples import save_samples
@@ -110,12 +111,16 @@ class Baseline:
         """Run the baseline to the end; the run directory holds its metrics and checkpoints."""
         self.store.init({**self.run.to_flat(), "baseline": self.kind}, resume=False)
         try:
-            if self.kind == "zero-filled":
-                self._evaluate(0, {site: None for site in self.sites})
-            elif self.kind == "local":
-                self._local()
-            else:
-                self._centralized(pooled=self.kind == "centralized")
+            with ProcessTree():  # Ctrl-C / SIGTERM: data-loading workers stop with it
+                if self.kind == "zero-filled":
+                    self._evaluate(0, {site: None for site in self.sites})
+                elif self.kind == "local":
+                    self._local()
+                else:
+                    self._centralized(pooled=self.kind == "centralized")
+        except KeyboardInterrupt:
+            self.store.mark_interrupted("baselines do not resume: run the same command again to start it over")
+            raise
         except BaseException as exc:
             self.store.set_status("failed", error=str(exc))
             raise

@@ -193,7 +193,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     written = generate_demo(Path(args.out), size=args.size, subjects=args.subjects, seed=args.seed, sites=sites,
                             overwrite=args.overwrite)
     for name, info in written.items():
-        print(f"{name}: {info.get('folder', '')}")
+        print(f"{name}: {info.get('folder', '')}" + (f" (site config {info['config']})" if "config" in info else ""))
     return 0
 
 

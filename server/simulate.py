@@ -27,6 +27,7 @@ from typing import Any
 
 from common.errors import ConfigError, FedSenseError
 from common.preflight import check_sites
+from common.proctree import ProcessTree
 from common.runconfig import RunConfig
 from server.progress import reporting_rounds
 from server.store import RunDir
@@ -40,9 +41,13 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def find_project_dir() -> Path:
-    """The Flower app directory (the one holding FedSense's pyproject.toml)."""
+    """The Flower app directory (the one holding FedSense's pyproject.toml).
+
+    A checkout's root; in an installed wheel, the copy shipped as package data (``server/flwr_app``,
+    written by setup.py), whose app components import the installed packages.
+    """
     candidates = [Path(os.environ["FEDSENSE_APP_DIR"])] if "FEDSENSE_APP_DIR" in os.environ else []
-    candidates += [Path(__file__).resolve().parent.parent, Path.cwd()]
+    candidates += [Path(__file__).resolve().parent.parent, Path(__file__).resolve().parent / "flwr_app", Path.cwd()]
     for path in candidates:
         toml = path / "pyproject.toml"
         if toml.is_file() and "[tool.flwr.app]" in toml.read_text(encoding="utf-8"):
@@ -199,7 +204,9 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
              report: Callable[[str], None] = logger.info, resources: SimResources | None = None) -> RunDir:
     """Run ``run`` with one simulated SuperNode per site; returns the finished run directory.
 
-    Raises ``FedSenseError`` when the run fails or does not finish within ``timeout`` seconds.
+    Raises ``FedSenseError`` when the run fails or does not finish within ``timeout`` seconds. On
+    Ctrl-C or SIGTERM every process the run started is stopped, the run is recorded as ``interrupted``
+    with its last complete round, and ``KeyboardInterrupt`` propagates; running it again resumes.
     """
     resources = resources or SimResources()
     sites = run.site_list
@@ -221,6 +228,22 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     # directory, or a resume of a run directory that holds another run.
     store.check_writable()
     store.check_identity(absolute.to_flat(), resume=absolute.resume)
+    try:
+        with ProcessTree():  # Ctrl-C / SIGTERM: the SuperLink, the simulation and Ray all stop
+            _simulate(run, absolute, store, project, timeout, report, resources)
+    except KeyboardInterrupt:
+        last = store.mark_interrupted("run the same command again: it resumes after this round (resume=true)")
+        if last is not None:
+            report(f"interrupted; every process of the run stopped; {run_dir} resumes after round {last} "
+                   "when the same command is run again")
+        raise
+    return store
+
+
+def _simulate(run: RunConfig, absolute: RunConfig, store: RunDir, project: Path, timeout: float,
+              report: Callable[[str], None], resources: SimResources) -> None:
+    """Start the private SuperLink, submit the run and follow it to its end."""
+    sites, run_dir = run.site_list, store.path
     home = Path(tempfile.mkdtemp(prefix="fedsense-flwr-"))
     overrides = home / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in absolute.to_flat().items()), encoding="utf-8")
@@ -248,7 +271,6 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
         if (home / "superlink.log").exists():
             shutil.copy2(home / "superlink.log", run_dir / "superlink.log")
         shutil.rmtree(home, ignore_errors=True)
-    return store
 
 
 def _run_status(link: SimulationSuperLink) -> str:

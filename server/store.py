@@ -40,7 +40,7 @@ RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, BEST_FILE, CHECKPOINT_DIR, SAMPLES_DIR
                "superlink.log")
 GLOBAL_SITE = "__global__"
 PHASES = ("train", "evaluate", "finetune")  # finetune: the sites' personalised models after the last round
-STATUSES = ("running", "finished", "failed")
+STATUSES = ("running", "finished", "failed", "interrupted")  # interrupted: stopped by a signal, resumable
 REQUIRED_KEYS = ("run", "round", "phase", "site", "time", "num_examples", "metrics")
 # Keys that init/set_status add to config.json; they are not part of a run's identity.
 RUNTIME_KEYS = frozenset({"status", "status_time", "status_detail", "started_at"})
@@ -274,6 +274,18 @@ class RunDir:
         config = self.read_config()
         config.update(status=status, status_time=time.time(), status_detail=extra)
         atomic_write_bytes(self.config_path, _to_json(config, self.config_path).encode())
+
+    def mark_interrupted(self, resume_hint: str) -> int | None:
+        """Record a run stopped by Ctrl-C / SIGTERM with the last round a resume continues from (None: no run yet).
+
+        Called once every process of the run has stopped, so no writer can overwrite it afterwards.
+        """
+        if not self.config_path.is_file():
+            return None
+        latest = self.latest_checkpoint()
+        last = latest[0] if latest is not None else 0
+        self.set_status("interrupted", last_complete_round=last, resume=resume_hint)
+        return last
 
     def read_config(self) -> dict[str, Any]:
         """The run config with its ``status``; ``FedSenseError`` if missing or unreadable."""

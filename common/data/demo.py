@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import shutil
 import time
+import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,8 @@ import nibabel as nib
 import numpy as np
 
 from common.coils import rss
-from common.config import SiteConfig, load_site_config
+from common.atomic import atomic_write_bytes
+from common.config import SiteConfig, load_site_config, parse_site_config
 from common.data.acquisition import simulate_acquisition
 from common.data.phantom import Subject, make_subject
 from common.data.readers import ISMRMRD_NAMESPACE
@@ -32,9 +37,15 @@ from common.masks import seed_for
 
 log = logging.getLogger(__name__)
 
+# The example sites: deploy/sites in a checkout; in an installed wheel the same files as package data
+# (setup.py copies them into common/data/demo_sites), so the demo works without the repository.
 DEFAULT_SITES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "sites"
+SITES_PACKAGE_DIR = "demo_sites"
 # Written into each generated site folder; only folders carrying it are ever replaced by a later run.
 MARKER = ".fedsense-demo"
+# First line of each site config the demo writes beside its data; only such files are ever replaced.
+SITE_FILE_HEADER = "# Written by `fedsense data demo`: an example site whose data is the folder beside this file.\n"
+_DATA_PATH_LINE = re.compile(r"(?m)^data_path\s*=.*$")
 FOV_MM = 240.0
 GYROMAGNETIC_MHZ_PER_T = 42.577478
 
@@ -52,7 +63,9 @@ def generate_demo(
     sites: Sequence[SiteConfig] | None = None,
     overwrite: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Write demo data for ``sites`` (default: ``deploy/sites/*.toml``) under ``out/<site name>``.
+    """Write demo data for ``sites`` (default: the example sites) under ``out/<site name>``.
+
+    With the example sites, their configs are written beside the data (:func:`write_site_files`).
 
     Each site folder is built under a temporary name and renamed into place; an earlier demo folder is
     replaced only with ``overwrite``, a folder the generator did not write never.
@@ -69,7 +82,8 @@ def generate_demo(
         raise ConfigError(f"demo: seed: must be >= 0, got {seed}")
     if Path(out).exists() and not Path(out).is_dir():
         raise OutputError(f"--out: {out} is an existing file; --out names the folder the site folders go to")
-    sites = list(sites) if sites is not None else default_sites()
+    site_files = write_site_files(Path(out)) if sites is None else {}
+    sites = list(sites) if sites is not None else [load_site_config(p) for p in site_files.values()]
     writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
     summary: dict[str, dict[str, Any]] = {}
     for site in sites:
@@ -87,6 +101,7 @@ def generate_demo(
             "dataset": site.dataset,
             "files": files,
             "subjects": subject_ids,
+            **({"config": str(site_files[site.name])} if site.name in site_files else {}),
         }
         log.info(
             "%s: wrote %d %s file(s) for %d subject(s) to %s in %.1f s",
@@ -100,12 +115,39 @@ def generate_demo(
     return summary
 
 
+def default_site_files() -> dict[str, str]:
+    """File name -> TOML text of the example sites: ``deploy/sites`` in a checkout, else the packaged copies."""
+    folder = DEFAULT_SITES_DIR if DEFAULT_SITES_DIR.is_dir() else resources.files("common.data") / SITES_PACKAGE_DIR
+    texts = {f.name: f.read_text(encoding="utf-8") for f in folder.iterdir() if f.name.endswith(".toml")}
+    if not texts:
+        raise ConfigError(f"{folder}: <file>: no site configs found; pass sites explicitly")
+    return dict(sorted(texts.items()))
+
+
 def default_sites() -> list[SiteConfig]:
-    """The example site configs shipped in ``deploy/sites``."""
-    paths = sorted(DEFAULT_SITES_DIR.glob("*.toml"))
-    if not paths:
-        raise ConfigError(f"{DEFAULT_SITES_DIR}: <file>: no site configs found; pass sites explicitly")
-    return [load_site_config(p) for p in paths]
+    """The example site configs (see :func:`default_site_files`), validated."""
+    return [parse_site_config(tomllib.loads(text), name) for name, text in default_site_files().items()]
+
+
+def write_site_files(out: Path) -> dict[str, Path]:
+    """Write each example site's config as ``out/<name>.toml`` with ``data_path`` = its demo folder.
+
+    So ``fedsense simulate --sites out/*.toml`` works wherever FedSense is installed. A file of that name
+    that the demo did not write is never replaced. Returns site name -> config path.
+    """
+    written = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for file_name, text in default_site_files().items():
+        name = parse_site_config(tomllib.loads(text), file_name).name
+        if not _DATA_PATH_LINE.search(text):
+            raise ConfigError(f"{file_name}: data_path: missing in the example site config")
+        target = out / f"{name}.toml"
+        if target.exists() and not target.read_text(encoding="utf-8").startswith(SITE_FILE_HEADER):
+            raise DataError(f"{target}: exists and was not written by the demo generator; not overwriting")
+        atomic_write_bytes(target, (SITE_FILE_HEADER + _DATA_PATH_LINE.sub(f'data_path = "{name}"', text, count=1)
+                                    ).encode("utf-8"))
+        written[name] = target
+    return written
 
 
 def _check_replaceable(site_dir: Path, overwrite: bool) -> None:

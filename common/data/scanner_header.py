@@ -1,5 +1,8 @@
 """The scanner facts of a fastMRI file, read strictly from its ISMRMRD XML header.
 
+Partitioning reads the scanner (vendor, model, field, coils, protocol); DICOM output reads the
+geometry (reconstructed field of view and matrix) and the sequence timing (TE, TR, TI, flip angle).
+
 Why not the ``ismrmrd`` package: its ``xsd.CreateFromDocument`` (1.15, xsdata bindings) is strict where
 FedSense does not care and lax where it does. A header lacking a schema-required element that partitioning
 never reads (``patientPosition``, ``experimentalConditions``) fails with a bare ``TypeError`` from a
@@ -32,7 +35,7 @@ class HeaderError(ValueError):
 
 @dataclass(frozen=True)
 class ScannerHeader:
-    """What partitioning reads from an ISMRMRD header; None where the header does not say."""
+    """What partitioning and DICOM output read from an ISMRMRD header; None where the header does not say."""
 
     vendor: str | None
     model: str | None
@@ -40,6 +43,13 @@ class ScannerHeader:
     receiver_channels: int | None
     protocol: str | None
     encoded_matrix: tuple[int, int]  # (x, y): readout x phase-encode, as fastMRI's k-space (H, W)
+    recon_matrix: tuple[int, int, int] | None = None  # reconSpace (x, y, z): the image grid fastMRI crops to
+    recon_fov_mm: tuple[float, float, float] | None = None  # reconSpace field of view; z is the slab per slice
+    echo_time_ms: float | None = None
+    repetition_time_ms: float | None = None
+    inversion_time_ms: float | None = None
+    flip_angle_deg: float | None = None
+    imaging_frequency_hz: float | None = None
 
     @property
     def scanner(self) -> str | None:
@@ -76,6 +86,27 @@ def _number(root: ET.Element, path: str, kind: type[int] | type[float], required
     return value
 
 
+def _timing(root: ET.Element, path: str) -> float | None:
+    """An optional sequence parameter (first value when the header lists several); 0 is allowed (no TI)."""
+    text = _text(root, path)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise HeaderError(f"ismrmrd_header: {path}: expected float, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise HeaderError(f"ismrmrd_header: {path}: must be a non-negative finite number, got {text!r}")
+    return value
+
+
+def _triple(root: ET.Element, path: str, kind: type[int] | type[float]) -> tuple | None:
+    """An optional x/y/z element (matrixSize, fieldOfView_mm); all three axes or none."""
+    if root.find("./" + "/".join(f"ns:{tag}" for tag in path.split("/")), _NS) is None:
+        return None
+    return tuple(_number(root, f"{path}/{axis}", kind, required=True) for axis in "xyz")
+
+
 def parse_scanner_header(xml: bytes | str) -> ScannerHeader:
     """Parse the header; raises :class:`HeaderError` naming the offending element."""
     raw = xml.encode("utf-8") if isinstance(xml, str) else bytes(xml)
@@ -99,4 +130,11 @@ def parse_scanner_header(xml: bytes | str) -> ScannerHeader:
         receiver_channels=int(channels) if channels is not None else None,
         protocol=_text(root, "measurementInformation/protocolName"),
         encoded_matrix=(int(x), int(y)),  # type: ignore[arg-type]
+        recon_matrix=_triple(root, "encoding/reconSpace/matrixSize", int),
+        recon_fov_mm=_triple(root, "encoding/reconSpace/fieldOfView_mm", float),
+        echo_time_ms=_timing(root, "sequenceParameters/TE"),
+        repetition_time_ms=_timing(root, "sequenceParameters/TR"),
+        inversion_time_ms=_timing(root, "sequenceParameters/TI"),
+        flip_angle_deg=_timing(root, "sequenceParameters/flipAngle_deg"),
+        imaging_frequency_hz=_timing(root, "experimentalConditions/H1resonanceFrequency_Hz"),
     )

@@ -38,8 +38,12 @@ adopt_owner_of() {
     mkdir -p "$dir"
     OWNER_UID="$(stat -c %u "$dir")"; OWNER_GID="$(stat -c %g "$dir")"
     if [[ "$OWNER_UID" == 0 ]]; then
-        chown fedsense:fedsense "$dir" 2>/dev/null || log "$dir is read-only and root-owned: it must be readable by uid $(id -u fedsense)"
-        OWNER_UID="$(id -u fedsense)"; OWNER_GID="$(id -g fedsense)"
+        # Docker created it (it did not exist on the host): hand it to the invoking host user when compose
+        # passed FEDSENSE_HOST_UID/GID (Makefile `compose-up`), else to the image user.
+        local uid="${FEDSENSE_HOST_UID:-}" gid="${FEDSENSE_HOST_GID:-}"
+        [[ "$uid" =~ ^[1-9][0-9]*$ && "$gid" =~ ^[0-9]+$ ]] || { uid="$(id -u fedsense)"; gid="$(id -g fedsense)"; }
+        chown "$uid:$gid" "$dir" 2>/dev/null || log "$dir is read-only and root-owned: it must be readable by uid $uid"
+        OWNER_UID="$uid"; OWNER_GID="$gid"
     fi
     export HOME="/tmp/fedsense-home-$OWNER_UID" FLWR_HOME="/tmp/fedsense-home-$OWNER_UID/.flwr"
     install -d -o "$OWNER_UID" -g "$OWNER_GID" -m 0700 "$HOME"

@@ -1,0 +1,126 @@
+"""Ctrl-C and SIGTERM: no process of a run survives it, the run says ``interrupted``, and it resumes.
+
+The fast tests use a child that detaches a grandchild into a session of its own (what Flower's SuperLink
+and Ray do); the slow test interrupts a real ``fedsense simulate`` after its first checkpoint. Both
+check the process table itself: the test process is made a child subreaper for the duration, so any
+process that escaped the command re-parents to the test and shows up among its descendants.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.proctree import ProcessTree, descendants
+from tests.conftest import ROOT, write_small_sites
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process-tree handling is Linux-specific")
+
+# A child that starts a grandchild in a new session, prints its pid and exits: an orphan, like Ray's raylet.
+DETACH = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True,\n"
+    "                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "print(p.pid, flush=True)\n"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+@pytest.fixture
+def subreaper() -> Iterator[set[int]]:
+    """Make this process a subreaper; yields the descendants it had before (not the test's business)."""
+    _LIBC.prctl(36, 1)
+    before = set(descendants())
+    try:
+        yield before
+    finally:
+        _LIBC.prctl(36, 0)
+        for pid in set(descendants()) - before:  # leave nothing behind even when the test failed
+            os.kill(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def test_detached_grandchildren_are_stopped_on_exit() -> None:
+    with ProcessTree(grace=2.0):
+        out = subprocess.run([sys.executable, "-c", DETACH], capture_output=True, text=True, check=True)
+        orphan = int(out.stdout)
+        assert _alive(orphan) and orphan in descendants()  # re-parented to us, not to init
+    assert not _alive(orphan)
+
+
+def test_sigterm_raises_keyboard_interrupt_and_stops_children() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with ProcessTree(grace=2.0):
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert child.wait(timeout=5) == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def _simulate_command(sites: list[Path], run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "server.cli", "simulate", "--sites", *map(str, sites), "--rounds", "3",
+            "--model", "unet", "--set", 'model-args={"chans": 4, "num_pool_layers": 1}', "--local-steps", "1",
+            "--run-dir", str(run_dir), "--set", "batch-size=1", "--set", "max-eval-slices=2",
+            "--set", "num-samples=0"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_simulate_leaves_no_process_and_the_run_resumes(tmp_path: Path, subreaper: set[int]) -> None:
+    sites = write_small_sites(tmp_path / "sites", ("site-a", "site-c"), size=32, slices=2)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = _simulate_command(sites, run_dir)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = run_dir / "checkpoints" / "round-0001.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert checkpoint.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "no checkpoint"
+    running = set(descendants()) - subreaper - {proc.pid}
+    assert running, "the simulation's processes should be running now"
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "interrupted" in output
+
+    left = set(descendants()) - subreaper
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left if _alive(p)]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["status"] == "interrupted", config.get("status_detail")
+    last = config["status_detail"]["last_complete_round"]
+    assert 1 <= last < 3
+
+    kept = (run_dir / "checkpoints" / f"round-{last:04d}.pt").stat().st_mtime_ns
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert json.loads((run_dir / "config.json").read_text())["status"] == "finished"
+    # Resumed, not restarted: the rounds done before Ctrl-C were neither trained nor checkpointed again.
+    assert (run_dir / "checkpoints" / f"round-{last:04d}.pt").stat().st_mtime_ns == kept
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["round"] for r in records if r["site"] == "__global__" and r["phase"] == "train"]
+    before = [r for r in trained if r <= last]
+    assert sorted(before) == list(range(1, last + 1)) and set(trained) == {1, 2, 3}
+    assert (run_dir / "checkpoints" / "round-0003.pt").exists()
+    assert not set(descendants()) - subreaper
