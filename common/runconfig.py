@@ -77,6 +77,11 @@ class RunConfig(BaseModel):
     dp_client_noise: float = Field(0.0, ge=0.0)
     dp_client_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
+    secagg_num_shares: int = Field(3, ge=3)
+    secagg_reconstruction_threshold: int = Field(2, ge=2)
+    secagg_clipping_range: float = Field(1.0, gt=0.0)
+    secagg_quantization_range: int = Field(2**22, ge=2, lt=2**32)
+    secagg_max_weight: float = Field(1000.0, gt=0.0)
     site_caps: str = "{}"
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)
