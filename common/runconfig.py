@@ -73,6 +73,7 @@ class RunConfig(BaseModel):
     dp_max_grad_norm: float = Field(1.0, gt=0.0)
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
     dp_target_epsilon: float = Field(0.0, ge=0.0)
+    dp_unit: Literal["subject", "sample"] = "subject"
     dp_client_level: Literal["off", "server-fixed", "client-fixed"] = "off"
     dp_client_noise: float = Field(0.0, ge=0.0)
     dp_client_clip: float = Field(1.0, gt=0.0)

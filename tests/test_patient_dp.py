@@ -93,3 +93,22 @@ def test_patient_epsilon_matches_opacus_and_an_independent_accountant(train_set)
     google = dp_accounting.rdp.RdpAccountant()
     google.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps)
     assert ours == pytest.approx(google.get_epsilon(delta), rel=0.05)
+
+
+def test_the_site_reports_epsilon_per_patient(train_set) -> None:  # type: ignore[no-untyped-def]
+    """The ClientApp's DP path with ``dp-unit = subject``: q = batch-size / patients, ε per patient."""
+    from client.privacy import train_with_budget
+    from common.data.loaders import make_loader
+    from common.runconfig import RunConfig
+
+    run = RunConfig.from_flat({"model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}', "local-steps": 2,
+                               "batch-size": 2, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5})
+    assert run.dp_unit == "subject"  # the default privacy unit is the patient
+    loader = make_loader(train_set, run.batch_size, shuffle=True, seed=0)
+    result, ledger, metrics = train_with_budget(run, model(), loader, 0.0, PrivacyLedger())
+    patients = len(subject_groups(train_set))
+    assert result is not None and result.steps == 2 and metrics["dp-subject-level"] == 1.0
+    assert ledger.history == [(1.0, 2 / patients, 2)]
+    assert metrics["dp-epsilon"] == pytest.approx(PrivacyLedger([(1.0, 2 / patients, 2)]).epsilon(1e-5))
+    # per patient is weaker than per slice at the same σ and steps: fewer units, a larger sampling rate
+    assert metrics["dp-epsilon"] > PrivacyLedger([(1.0, 2 / len(train_set), 2)]).epsilon(1e-5)
