@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid
@@ -256,3 +256,14 @@ def test_fedsense_simulate_with_secagg_runs_to_completion(small_sites: list[Path
     assert trains[0]["metrics"]["secagg-clipped-fraction"] == 0.0
     first, last = (store.load_checkpoint(r)["state_dict"] for r in (1, 2))
     assert any(not np.array_equal(first[k].numpy(), last[k].numpy()) for k in first)
+
+
+def test_the_egress_audit_logs_masked_vectors_by_size() -> None:
+    """A site's audit log names what SecAgg+ sends (masked vectors, key shares) by size, not by content."""
+    from client.audit import describe
+
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [b"\x01" * 40, b"\x02" * 8],
+                                                            Key.PUBLIC_KEY_1: b"k" * 32, "stage": "setup"})})
+    entry = describe(Message(content, dst_node_id=1, message_type=MessageType.TRAIN))
+    assert entry["configs"][RECORD_KEY_CONFIGS] == {Key.MASKED_PARAMETERS: {"bytes": [40, 8]},
+                                                   Key.PUBLIC_KEY_1: {"bytes": 32}, "stage": "setup"}
