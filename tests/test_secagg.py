@@ -267,3 +267,13 @@ def test_the_egress_audit_logs_masked_vectors_by_size() -> None:
     entry = describe(Message(content, dst_node_id=1, message_type=MessageType.TRAIN))
     assert entry["configs"][RECORD_KEY_CONFIGS] == {Key.MASKED_PARAMETERS: {"bytes": [40, 8]},
                                                    Key.PUBLIC_KEY_1: {"bytes": 32}, "stage": "setup"}
+
+
+def test_secagg_with_patient_level_dp_at_the_sites(small_sites: list[Path], tmp_path: Path) -> None:
+    """The allowed combination: each site trains with patient-level DP-SGD, SecAgg+ hides its update."""
+    _, start, after = one_round(small_sites, tmp_path / "run", secagg=True,
+                                **{"dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "batch-size": 1})
+    assert any(not np.array_equal(start[k], after[k]) for k in start)
+    sites = [r for r in RunDir(tmp_path / "run").read_metrics() if r["phase"] == "train" and r["site"] != "__global__"]
+    assert len(sites) == 3
+    assert all(r["metrics"]["dp-subject-level"] == 1.0 and r["metrics"]["dp-epsilon"] > 0 for r in sites)
