@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--chans", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--unprotected", action=argparse.BooleanOptionalAction, default=True,
+                        help="audit the model trained without DP too (--no-unprotected: the DP settings only)")
     args = parser.parse_args()
     start_bench("privacy_audit", args.threads)
     model_args = {"chans": args.chans, "num_pool_layers": 2}
@@ -102,7 +104,7 @@ def main() -> None:
         print(f"site-a at {args.size}², {args.slices} slices/volume: {patients} member patients "
               f"({len(members_set)} slices), {len(others_set)} non-member slices; U-Net {model_args}; "
               f"{args.steps} steps of Adam lr 1e-3, batch {args.batch}, no augmentation; δ = {DELTA}")
-        settings = [("none", None)] + [(f"patient-level DP, ε ≤ {e:g}", e) for e in args.epsilons]
+        settings = [("none", None)] * args.unprotected + [(f"patient-level DP, ε ≤ {e:g}", e) for e in args.epsilons]
         for label, epsilon in settings:
             for seed in args.seeds:
                 torch.manual_seed(seed)
