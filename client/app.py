@@ -16,6 +16,7 @@ from client.audit import egress_audit_mod
 from client.node_site import resolve_site_config_path
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
+from client.secagg import secagg_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from common.data.loaders import load_site, make_loader
 from common.errors import ConfigError
@@ -67,7 +68,8 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str,
     return Message(content=content, reply_to=msg)
 
 
-@app.train(mods=[client_dp_mod])
+# secagg_mod answers SecAgg+'s stages and masks the reply; plain training messages pass through it.
+@app.train(mods=[secagg_mod, client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
     clock = HandlerClock()

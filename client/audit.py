@@ -34,8 +34,17 @@ def describe(msg: Message) -> dict[str, Any]:
         for name, record in content.array_records.items()
     }
     entry["metrics"] = {name: dict(record) for name, record in content.metric_records.items()}
-    entry["configs"] = {name: dict(record) for name, record in content.config_records.items()}
+    entry["configs"] = {name: {k: _brief(v) for k, v in record.items()} for name, record in content.config_records.items()}
     return entry
+
+
+def _brief(value: Any) -> Any:
+    """A config value as logged: bytes (SecAgg+'s masked vectors, keys, shares) as their size, not their content."""
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return {"bytes": [len(v) for v in value]}
+    return value
 
 
 def audit_log_path(context: Context) -> Path | None:

@@ -8,6 +8,7 @@ continues the budget instead of starting from ε = 0. Only the resulting ε is r
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.dp import PrivacyLedger, check_model, train_private
+from common.patient_dp import subject_groups, train_patient_private
 from common.runconfig import RunConfig
 from common.training import BatchSource, TrainResult
 
@@ -53,25 +55,39 @@ def train_with_budget(
 ) -> tuple[TrainResult | None, PrivacyLedger, dict[str, float]]:
     """One round of DP-SGD, unless it would take the site past ``dp-target-epsilon``.
 
+    ``dp-unit = subject``: patient-level DP-SGD (:mod:`common.patient_dp`), ``batch-size`` patients
+    expected per step, ε per patient; ``sample``: Opacus' per-slice DP-SGD, ε per slice.
     Returns the training result (``None`` when the budget forbids training: the model is left as
     the global one), the updated ledger and the privacy metrics to report.
     """
     check_model(run.model, model)
     batch_size = getattr(loader, "batch_size", None) or run.batch_size
-    n = len(loader.dataset)
-    steps = run.local_steps if run.local_steps > 0 else run.local_epochs * len(loader)
-    planned = ledger.with_round(run.dp_noise_multiplier, min(1.0, batch_size / n), steps)
+    if run.dp_unit == "subject":
+        units = len(subject_groups(loader.dataset))
+        steps = run.local_steps if run.local_steps > 0 else run.local_epochs * math.ceil(units / batch_size)
+    else:
+        units = len(loader.dataset)
+        steps = run.local_steps if run.local_steps > 0 else run.local_epochs * len(loader)
+    unit = {"dp-subject-level": float(run.dp_unit == "subject")}
+    planned = ledger.with_round(run.dp_noise_multiplier, min(1.0, batch_size / units), steps)
     if run.dp_target_epsilon > 0 and planned.epsilon(run.dp_delta) > run.dp_target_epsilon:
         spent = ledger.epsilon(run.dp_delta)
         logger.warning("privacy budget: another round would exceed ε=%g (spent %.3f); not training",
                        run.dp_target_epsilon, spent)
-        return None, ledger, {"dp-epsilon": spent, "dp-delta": run.dp_delta, "dp-budget-exhausted": 1}
-    result, sample_rate = train_private(
-        model, loader, noise_multiplier=run.dp_noise_multiplier, max_grad_norm=run.dp_max_grad_norm,
-        epochs=run.local_epochs, steps=run.local_steps, lr=run.learning_rate, loss=run.loss, proximal_mu=mu,
-    )
+        return None, ledger, {"dp-epsilon": spent, "dp-delta": run.dp_delta, "dp-budget-exhausted": 1, **unit}
+    if run.dp_unit == "subject":
+        result, sample_rate = train_patient_private(
+            model, loader.dataset, noise_multiplier=run.dp_noise_multiplier, max_grad_norm=run.dp_max_grad_norm,
+            subjects_per_step=batch_size, steps=steps, lr=run.learning_rate, loss=run.loss, proximal_mu=mu,
+            chunk=batch_size, seed=int(torch.randint(0, 2**31 - 1, (1,))),  # the round's seeded generator
+        )
+    else:
+        result, sample_rate = train_private(
+            model, loader, noise_multiplier=run.dp_noise_multiplier, max_grad_norm=run.dp_max_grad_norm,
+            epochs=run.local_epochs, steps=run.local_steps, lr=run.learning_rate, loss=run.loss, proximal_mu=mu,
+        )
     ledger = ledger.with_round(run.dp_noise_multiplier, sample_rate, result.steps)
-    return result, ledger, {"dp-epsilon": ledger.epsilon(run.dp_delta), "dp-delta": run.dp_delta}
+    return result, ledger, {"dp-epsilon": ledger.epsilon(run.dp_delta), "dp-delta": run.dp_delta, **unit}
 
 
 def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# Flower 1.41's SecAgg+ is a legacy-API workflow; see README "Privacy" for the source lines.
-SECAGG_REFUSAL = (
-    "secagg: not supported: Flower 1.41's SecAggPlusWorkflow requires a LegacyContext and a legacy "
-    "flwr.server.strategy (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py:185, :286, :665) "
-    "and secaggplus_mod reads the legacy 'fitres.*' reply layout (flwr/client/mod/secure_aggregation/"
-    "secaggplus_mod.py:169), while FedSense's ServerApp drives Message-API strategies itself and "
-    "validates each update; see README 'Privacy'"
-)
+#: Strategies that need each site's own update, which secure aggregation hides from the server.
+SECAGG_REFUSED_STRATEGIES: dict[str, str] = {
+    "fedmedian": "the coordinate-wise median needs every site's update",
+    "fedtrimmedavg": "trimming the extremes needs every site's update",
+}
 
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -32,7 +29,7 @@ DP_SGD_REFUSED_MODELS: dict[str, str] = {
 def check_privacy(run: Any) -> None:
     """Raise ``ValueError`` (turned into a ConfigError naming the key) for an unsupported combination."""
     if run.secagg:
-        raise ValueError(SECAGG_REFUSAL)
+        check_secagg(run)
     if run.dp_noise_multiplier > 0 and run.model in DP_SGD_REFUSED_MODELS:
         raise ValueError(
             f"dp-noise-multiplier > 0: model {run.model!r} cannot be trained with DP-SGD: "
@@ -51,4 +48,39 @@ def check_privacy(run: Any) -> None:
         raise ValueError(
             f"dp-client-level={run.dp_client_level} needs fraction-train = 1 and min-train-nodes = "
             "min-available-nodes: Flower's fixed-clipping wrapper expects exactly that many sites every round"
+        )
+
+
+def check_secagg(run: Any) -> None:
+    """SecAgg+ gives the server only the sum of the sites' updates: refuse what needs them one by one."""
+    if run.strategy in SECAGG_REFUSED_STRATEGIES:
+        raise ValueError(
+            f"secagg = true cannot run with strategy {run.strategy}: {SECAGG_REFUSED_STRATEGIES[run.strategy]}, "
+            "and the server sees only their sum (use fedavg, fedprox or a server optimiser)"
+        )
+    if run.norm_outlier_factor > 0:
+        raise ValueError(
+            "secagg = true cannot run with norm-outlier-factor > 0: the norm check compares each site's "
+            "update with the others', and the server sees only their sum"
+        )
+    if run.caps:
+        raise ValueError(
+            "secagg = true cannot run with site-caps: each site weights its own masked update, so the server "
+            "cannot clip a claim; bound every site's weight with secagg-max-weight instead"
+        )
+    if run.dp_client_level != "off":
+        raise ValueError(
+            f"secagg = true with dp-client-level={run.dp_client_level} is not supported yet: Flower's "
+            "client-level DP wrappers clip (server-fixed) or check (client-fixed) each site's update at the "
+            "server, which secure aggregation hides"
+        )
+    if run.secagg_reconstruction_threshold >= run.secagg_num_shares:
+        raise ValueError(
+            f"secagg-reconstruction-threshold ({run.secagg_reconstruction_threshold}) must be less than "
+            f"secagg-num-shares ({run.secagg_num_shares}), so that a site may drop out and be unmasked"
+        )
+    if run.min_train_nodes < run.secagg_reconstruction_threshold:
+        raise ValueError(
+            f"secagg = true needs min-train-nodes >= secagg-reconstruction-threshold "
+            f"({run.min_train_nodes} < {run.secagg_reconstruction_threshold}): fewer sites cannot unmask a sum"
         )

@@ -74,10 +74,16 @@ class RunConfig(BaseModel):
     dp_max_grad_norm: float = Field(1.0, gt=0.0)
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
     dp_target_epsilon: float = Field(0.0, ge=0.0)
+    dp_unit: Literal["subject", "sample"] = "subject"
     dp_client_level: Literal["off", "server-fixed", "client-fixed"] = "off"
     dp_client_noise: float = Field(0.0, ge=0.0)
     dp_client_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
+    secagg_num_shares: int = Field(3, ge=3)
+    secagg_reconstruction_threshold: int = Field(2, ge=2)
+    secagg_clipping_range: float = Field(1.0, gt=0.0)
+    secagg_quantization_range: int = Field(2**22, ge=2, lt=2**32)
+    secagg_max_weight: float = Field(1000.0, gt=0.0)
     site_caps: str = "{}"
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)

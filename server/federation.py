@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -22,6 +23,7 @@ from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
 from server.privacy import client_dp_metrics
+from server.secagg import apply_update, secure_mean_update
 from server.claims import apply_caps
 from server.best import BestTracker
 from server.store import RunDir, global_record, site_record
@@ -188,6 +190,8 @@ class Federation:
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_train_nodes))
         t0 = time.time()
+        if self.run.secagg:
+            return self._secure_train_round(rnd, arrays, t0)
         replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
         self.carried = None
         if self.carries_evaluation:
@@ -214,6 +218,46 @@ class Federation:
         summary["metrics"].update(client_dp_metrics(self.strategy))
         if clipped:
             summary["clipped"] = [{"site": c.site, "claimed": c.claimed, "cap": c.cap, "reason": c.reason} for c in clipped]
+        self.store.append_metrics(records + [summary])
+        return new_arrays
+
+    def _secure_train_round(self, rnd: int, arrays: ArrayRecord, t0: float) -> ArrayRecord:
+        """Round ``rnd``'s training through SecAgg+ (:mod:`server.secagg`): only the sum is ever unmasked.
+
+        The sites FedSense's strategy samples train; their example-weighted mean update, added to the
+        global weights, goes to the strategy as one reply, so FedAvg / FedProx keep it and the server
+        optimisers take it as their pseudo-gradient. Per-site checks of the update cannot run (the
+        server never sees one); the aggregate must be finite.
+        """
+        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
+        if not messages:
+            raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
+        nodes = [m.metadata.dst_node_id for m in messages]
+        secure = secure_mean_update(self.grid, self.run, rnd, arrays, nodes, messages[0].content["config"])
+        self.carried = None
+        if self.carries_evaluation:
+            evaluated = _site_records(self.run, rnd - 1, "evaluate", secure.replies, prefix=CARRIED)
+            if evaluated:
+                compute = max(r["metrics"].get("compute-seconds", 0.0) for r in evaluated)
+                self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, [], compute)
+                self.carried["carried_by"] = f"round {rnd} train"
+                self.store.append_metrics(evaluated + [self.carried])
+        dropped = [Rejection(f"node-{n}", "dropped out of the SecAgg+ round") for n in secure.dropped]
+        reasons = "; ".join(f"{r.site}: {r.reason}" for r in dropped)
+        if secure.mean_update is None or len(secure.replies) < self.run.min_train_nodes:
+            raise RoundFailed(f"round {rnd}: SecAgg+ unmasked no sum of {self.run.min_train_nodes} sites ({reasons})")
+        if not all(np.all(np.isfinite(v)) for v in secure.mean_update.values()):
+            raise RoundFailed(f"round {rnd}: the SecAgg+ aggregate is not finite (every site's weight was 0?)")
+        total = sum(float(dict(r.content["metrics"]).get("num-examples", 0)) for r in secure.replies)
+        mean = Message(RecordDict({"arrays": apply_update(arrays, secure.mean_update),
+                                   "metrics": MetricRecord({"num-examples": max(total, 1.0)})}),
+                       dst_node_id=0, message_type=MessageType.TRAIN)
+        new_arrays, _ = self.strategy.aggregate_train(rnd, [mean])
+        if new_arrays is None:
+            raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
+        records = _site_records(self.run, rnd, "train", secure.replies)
+        summary = _global_record(self.run, rnd, "train", records, dropped, time.time() - t0)
+        summary["secagg"] = {"stage_seconds": secure.stage_seconds, "sites_summed": len(secure.replies)}
         self.store.append_metrics(records + [summary])
         return new_arrays
 

@@ -113,7 +113,7 @@ def independent_epsilon(history: list[tuple[float, float, int]], delta: float) -
 
 def dp_run(**extra: object) -> RunConfig:
     return RunConfig.from_flat({"model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
-                                "local-steps": 1, "batch-size": 2, "dp-noise-multiplier": 1.0,
+                                "local-steps": 1, "batch-size": 2, "dp-noise-multiplier": 1.0, "dp-unit": "sample",
                                 "dp-max-grad-norm": 1.0, "dp-delta": 1e-5, **extra})
 
 
@@ -243,8 +243,8 @@ def test_client_side_clipping_bounds_the_update_norm(task_identity: None) -> Non
 
 
 def test_privacy_combinations_are_refused_at_config_time() -> None:
-    with pytest.raises(ConfigError, match="secaggplus_workflow.py"):
-        RunConfig.from_flat({"secagg": True})
+    with pytest.raises(ConfigError, match="sees only their sum"):
+        RunConfig.from_flat({"secagg": True, "strategy": "fedmedian"})
     with pytest.raises(ConfigError, match="fedavg or fedprox"):
         RunConfig.from_flat({"dp-client-level": "server-fixed", "strategy": "fedmedian"})
     with pytest.raises(ConfigError, match="dp-noise-multiplier"):

@@ -22,7 +22,7 @@ def test_dp_run_records_site_and_client_level_epsilon_per_round(small_sites: lis
     sites = small_sites[:2]
     run = small_run(sites, run_dir, rounds=2, **{
         "name": "dp-it", "local-steps": 2, "max-eval-slices": 4,
-        "dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "dp-delta": 1e-5,
+        "dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "dp-delta": 1e-5, "dp-unit": "sample",
         "dp-client-level": "server-fixed", "dp-client-noise": 0.5, "dp-client-clip": 5.0,
     })
     mp = pytest.MonkeyPatch()

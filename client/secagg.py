@@ -1,0 +1,83 @@
+"""SecAgg+ at the site: the training reply leaves only as a masked, quantised update.
+
+Flower's ``secaggplus_mod`` runs the four SecAgg+ stages (keys, key shares, masked vector,
+unmasking shares). For the masked-vector stage it calls the app and reads the reply in the legacy
+``fitins.*`` / ``fitres.*`` record layout; :func:`secagg_mod` translates between that layout and
+FedSense's (``arrays`` + ``config`` in, ``arrays`` + ``metrics`` + ``site`` out), so the training
+handler is the same with and without secure aggregation.
+
+What the site masks is its *update* (its trained weights minus the global weights it received),
+not its weights: updates are small, so a small ``secagg-clipping-range`` quantises them finely.
+The weight of the update is ``min(num-examples, secagg-max-weight)``; ``secaggplus_mod`` multiplies
+the update by weight / max-weight before masking and the server divides the unmasked sum by the
+summed weights, which gives FedAvg's example-weighted mean (see README "Privacy").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from common.runconfig import RunConfig
+
+logger = logging.getLogger(__name__)
+
+#: The array names of the legacy FitIns, as a JSON list the server's bridge sends (``server.secagg`` writes the same names).
+KEYS = "fedsense-keys"
+#: Legacy fit metrics are one flat dict of scalars: the site's name and supervision travel in it.
+SITE_NAME, SITE_SUPERVISION = "fedsense-site", "fedsense-supervision"
+#: Metric: the fraction of the weighted update's entries that ``secagg-clipping-range`` clipped.
+CLIPPED = "secagg-clipped-fraction"
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Route the server's SecAgg+ messages through Flower's ``secaggplus_mod``; others pass through."""
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, lambda m, c: _legacy_train(m, c, call_next))
+
+
+def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the training handler on a legacy FitIns and answer with the update as a legacy FitRes."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    keys = [str(k) for k in json.loads(str(config.pop(KEYS)))]
+    received = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    msg.content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in received.items()}), "config": ConfigRecord(config)})
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    run = RunConfig.from_flat(dict(context.run_config))
+    metrics = dict(reply.content["metrics"])
+    site = reply.content["site"]
+    trained = reply.content.array_records.get("arrays")
+    if trained is None:
+        # No weights (a DP budget exhausted): take part with a zero update of weight 0, so the round's
+        # masks still cancel and the sum is the other sites'.
+        update = [np.zeros_like(received[k], dtype=np.float64) for k in keys]
+        weight = 0
+    else:
+        update = [trained[k].numpy().astype(np.float64) - received[k].astype(np.float64) for k in keys]
+        weight = int(min(float(metrics["num-examples"]), run.secagg_max_weight))
+        if weight < metrics["num-examples"]:
+            logger.warning("num-examples %s above secagg-max-weight: the update weighs %d", metrics["num-examples"],
+                           weight)
+    scale = weight / run.secagg_max_weight
+    total = sum(u.size for u in update)
+    clipped = sum(int(np.count_nonzero(np.abs(u * scale) > run.secagg_clipping_range)) for u in update)
+    if clipped:
+        logger.warning("%d of %d update entries exceed secagg-clipping-range %g and are clipped",
+                       clipped, total, run.secagg_clipping_range)
+    legacy_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    legacy_metrics.update({SITE_NAME: str(site.get("name", "")), SITE_SUPERVISION: str(site.get("supervision", "full")),
+                           CLIPPED: clipped / max(total, 1)})
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, legacy_metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
