@@ -16,6 +16,7 @@ from server.federation import Federation
 from server.optimisers import load_optimiser_state
 from server.privacy import wrap_client_dp
 from server.store import RunDir
+from server.tracking.tracked import tracked_store
 from server.transport import PackedGrid
 from server.strategy import build_strategy
 
@@ -34,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(run.model, **run.model_kwargs)
     # Local layers (local-layers) stay at the sites: the server aggregates and checkpoints the rest.
     _, local = split_state(model.state_dict(), run.local_layer_patterns)
-    store = RunDir(run.run_dir)
+    store = tracked_store(run)  # metrics.jsonl, plus the trackers of `tracking`
     store.init(run.to_flat(), resume=run.resume)
     start = 1
     latest = store.latest_checkpoint() if run.resume else None
