@@ -28,6 +28,7 @@ from common.errors import ConfigError
 from server.store import GLOBAL_SITE, RunDir
 from server.tracking.base import Observer
 from server.tracking.images import sample_panel
+from server.tracking.records import record_values
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,11 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 #: MLflow's limits per log_batch call.
 MAX_PARAMS, MAX_METRICS = 100, 1000
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
 def default_uri(run_dir: Path) -> str:
     """The SQLite store under the run directory."""
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-
-
-def metric_key(site: str, phase: str, name: str) -> str:
-    """``<site>/<phase>/<metric>`` (the ``__global__`` row as ``global``), in MLflow's key alphabet."""
-    who = "global" if site == GLOBAL_SITE else site
-    return _UNSAFE.sub("_", f"{who}/{phase}/{name}")
 
 
 def site_tags(site_paths: Sequence[str]) -> dict[str, str]:
@@ -142,19 +136,11 @@ class MlflowTracker(Observer):
         run_id = self._run()
         metrics = []
         for record in records:
-            rnd, phase, site = int(record["round"]), record["phase"], record["site"]
+            rnd, site = int(record["round"]), record["site"]
             stamp = int(record["time"] * 1000)
-            values = {k: v for k, v in record["metrics"].items() if v is not None}
-            values["num-examples"] = float(record["num_examples"])
-            for extra in ("seconds", "overhead_seconds", "reply_seconds"):  # wall times of the phase
-                if isinstance(record.get(extra), (int, float)):
-                    values[extra.replace("_", "-")] = float(record[extra])
-            if site == GLOBAL_SITE:
-                values["sites-replied"] = float(len(record.get("sites", [])))
-                values["sites-rejected"] = float(len(record.get("rejected", [])))
-            else:
+            if site != GLOBAL_SITE:
                 self.sites.add(site)
-            metrics += [Metric(metric_key(site, phase, k), float(v), stamp, rnd) for k, v in values.items()]
+            metrics += [Metric(key, value, stamp, rnd) for key, value in record_values(record).items()]
         for i in range(0, len(metrics), MAX_METRICS):
             self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS])
         self.client.set_tag(run_id, "fedsense.sites", ",".join(sorted(self.sites)))
@@ -194,7 +180,7 @@ class MlflowTracker(Observer):
         with tempfile.TemporaryDirectory(prefix="fedsense-mlflow-") as tmp:
             card = export_run(self.store.path, Path(tmp) / "model", which=which)
             self.client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
-        name = _UNSAFE.sub("_", f"fedsense-{self.run_name}").replace(" ", "_").replace("/", "_")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"fedsense-{self.run_name}")
         from mlflow.exceptions import MlflowException
 
         try:
