@@ -199,6 +199,38 @@ def test_server_metrics_follow_the_run_directory(tmp_path: Path) -> None:
     assert value("fedsense_phase", fedsense_phase="failed") == 1.0
 
 
+def test_dashboard_metrics_describe_the_run_directory_before_during_and_after_a_run(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.viewer.dashboard import start
+
+    def scraped(url: str) -> dict[tuple[str, str], float]:
+        with urllib.request.urlopen(url + "metrics", timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = response.read().decode()
+        return {(s.name, s.labels.get("status", "")): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    store = RunDir(tmp_path / "run")
+    server = start(store.path)
+    try:
+        before = scraped(server.url)  # the dashboard may start before the run does
+        assert before[("fedsense_run_rounds_completed", "")] == 0.0
+        assert before[("fedsense_run_status", "running")] == 0.0
+        _one_round(store)
+        records = [site_record("r", 2, "evaluate", "site-a", 4, {"psnr": 21.5, "ssim": 0.7})]
+        store.append_metrics(records + [global_record("r", 2, "evaluate", records)])
+        after = scraped(server.url)
+    finally:
+        server.stop()
+    assert after[("fedsense_run_rounds_completed", "")] == 2.0
+    assert after[("fedsense_run_global_psnr_db", "")] == 21.5 and after[("fedsense_run_global_ssim", "")] == 0.7
+    assert after[("fedsense_run_status", "finished")] == 1.0 and after[("fedsense_run_status", "running")] == 0.0
+    assert after[("fedsense_run_best_round", "")] == 1.0
+    assert after[("fedsense_run_last_record_timestamp_seconds", "")] == pytest.approx(
+        max(r["time"] for r in store.read_metrics()))
+
+
 # --- integration: a real mlflow server and a real Flower simulation ---------------------------------
 
 
