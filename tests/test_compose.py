@@ -255,6 +255,8 @@ def federation(compose_cmd: list[str], image: str, tmp_path_factory: pytest.Temp
     """The root docker-compose.yml, up; its ./runs is a temporary directory."""
     directory = tmp_path_factory.mktemp("compose")
     (directory / "runs").mkdir()  # exists before compose starts, so it belongs to the test's user
+    # The monitoring profile mounts ./deploy/prometheus (scrape config, alert rules) of the project directory.
+    shutil.copytree(ROOT / "deploy" / "prometheus", directory / "deploy" / "prometheus")
     env = {
         "FEDSENSE_IMAGE": image,
         "FEDSENSE_RUN_NAME": "compose-test",
