@@ -26,7 +26,8 @@ from pathlib import Path
 
 from common.atomic import atomic_write_bytes
 from common.masks import PATTERN_DESCRIPTIONS
-from common.registry import BASELINE_DESCRIPTIONS, LOSS_DESCRIPTIONS, MODEL_DESCRIPTIONS, STRATEGY_DESCRIPTIONS
+from common.registry import (BASELINE_DESCRIPTIONS, LOSS_DESCRIPTIONS, MODEL_DESCRIPTIONS, STRATEGY_DESCRIPTIONS,
+                             TRACKER_DESCRIPTIONS)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ KINDS: dict[str, tuple[str, str, Mapping[str, str]]] = {
     "baselines": ("baseline", "what it trains", BASELINE_DESCRIPTIONS),
     "mask-patterns": ("mask", "what it samples", PATTERN_DESCRIPTIONS),
     "losses": ("loss", "what it compares", LOSS_DESCRIPTIONS),
+    "trackers": ("tracker", "what the server writes", TRACKER_DESCRIPTIONS),
 }
 #: The Markdown files that hold regions (paths from the repository root).
 DOCS: tuple[str, ...] = ("README.md", "docs/ARCHITECTURE.md")

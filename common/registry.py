@@ -46,11 +46,20 @@ LOSS_DESCRIPTIONS: dict[str, str] = {
     "ssim": "1 − SSIM (fastMRI's 7×7 window) at the target volume's range",
     "l1+ssim": "the sum of the two",
 }
+#: Experiment trackers (run-config ``tracking``, comma-separated): name -> what the server writes, for the docs.
+TRACKER_DESCRIPTIONS: dict[str, str] = {
+    "mlflow": "an MLflow run: the flattened run config as params, sites' scanners as tags, per-site and global "
+              "metrics with step = round, phase wall times, the best round, sample images, the exported model "
+              "as an artifact and a registered model version",
+    "tensorboard": "TensorBoard event files under the run directory's `tensorboard/`: per-site and global "
+                   "scalars per round, sample images, the run config as text",
+}
 
 STRATEGIES: tuple[str, ...] = tuple(STRATEGY_DESCRIPTIONS)
 MODELS: tuple[str, ...] = tuple(MODEL_DESCRIPTIONS)
 BASELINES: tuple[str, ...] = tuple(BASELINE_DESCRIPTIONS)
 LOSSES: tuple[str, ...] = tuple(LOSS_DESCRIPTIONS)
+TRACKERS: tuple[str, ...] = tuple(TRACKER_DESCRIPTIONS)
 
 
 def check_implemented(kind: str, names: Iterable[str], implemented: Iterable[str]) -> None:

@@ -14,9 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
-from common.registry import LOSSES, MODELS, STRATEGIES, known_name
+from common.registry import LOSSES, MODELS, STRATEGIES, TRACKERS, known_name
 from common.privacy_config import check_privacy
-
 
 
 class RunConfig(BaseModel):
@@ -88,6 +87,10 @@ class RunConfig(BaseModel):
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)
     evaluate_with_train: bool = False
+    # Experiment tracking, written by the server only (README "Tracking and monitoring").
+    tracking: str = ""
+    tracking_uri: str = ""
+    metrics_port: int = Field(0, ge=0, le=65535)
 
     @field_validator("strategy")
     @classmethod
@@ -103,6 +106,15 @@ class RunConfig(BaseModel):
     @classmethod
     def _known_loss(cls, value: str) -> str:
         return known_name(value, LOSSES)
+
+    @field_validator("tracking")
+    @classmethod
+    def _known_trackers(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+        return ",".join(dict.fromkeys(names))
 
     @field_validator("model_args", "site_caps", mode="before")
     @classmethod
@@ -155,6 +167,11 @@ class RunConfig(BaseModel):
     def local_layer_patterns(self) -> tuple[str, ...]:
         """fnmatch patterns of the parameters that stay at each site (``local-layers``)."""
         return tuple(p.strip() for p in self.local_layers.split(",") if p.strip())
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The experiment trackers of ``tracking``, in the order given."""
+        return tuple(n for n in self.tracking.split(",") if n)
 
     @property
     def site_list(self) -> list[str]:

@@ -12,3 +12,10 @@ images: $(STAMP)
 	bash deploy/wheelhouse.sh
 	BASE_IMAGE=$(BASE_IMAGE) bash deploy/ci/build-base-image.sh
 	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) bash deploy/docker/build-image.sh
+
+# `make monitoring-image`: Debian's prometheus package as an image of its own (debootstrap, like the base
+# image), for `docker compose --profile monitoring up` (README "Tracking and monitoring").
+PROMETHEUS_IMAGE ?= fedsense/prometheus:bookworm
+.PHONY: monitoring-image
+monitoring-image:
+	BASE_IMAGE=$(PROMETHEUS_IMAGE) BASE_PACKAGES="prometheus ca-certificates" bash deploy/ci/build-base-image.sh

@@ -16,6 +16,8 @@ from server.federation import Federation
 from server.optimisers import load_optimiser_state
 from server.privacy import wrap_client_dp
 from server.store import RunDir
+from server.tracking.prometheus import MonitoredGrid, server_metrics
+from server.tracking.tracked import tracked_store
 from server.transport import PackedGrid
 from server.strategy import build_strategy
 
@@ -29,12 +31,14 @@ def main(grid: Grid, context: Context) -> None:
     """Start (or resume from the last checkpoint) and run the configured number of rounds."""
     run = RunConfig.from_flat(dict(context.run_config))
     quick_reply_object_pulls()
-    grid = PackedGrid(grid)  # the ClientApp's packed_transport_mod unpacks at the site
+    monitor = server_metrics(run)  # Prometheus /metrics on metrics-port (None: off)
+    # The ClientApp's packed_transport_mod unpacks at the site.
+    grid = PackedGrid(grid) if monitor is None else MonitoredGrid(grid, monitor)
     torch.manual_seed(run.seed)
     model = build_model(run.model, **run.model_kwargs)
     # Local layers (local-layers) stay at the sites: the server aggregates and checkpoints the rest.
     _, local = split_state(model.state_dict(), run.local_layer_patterns)
-    store = RunDir(run.run_dir)
+    store = tracked_store(run, [monitor] if monitor else [])  # metrics.jsonl, plus trackers and /metrics
     store.init(run.to_flat(), resume=run.resume)
     start = 1
     latest = store.latest_checkpoint() if run.resume else None

@@ -38,6 +38,7 @@ from common.ssdu import SiteLoss, check_model, evaluate_self_supervised
 from common.training import EvalResult, evaluate, train
 from server.best import BestTracker
 from server.store import GLOBAL_SITE, RunDir, global_record, site_record
+from server.tracking.tracked import tracked_store
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class Baseline:
                 self.self_supervised.add(config.name)
                 if kind != "zero-filled":
                     check_model(run.model, f"baseline (site {path})")
-        self.store = RunDir(run.run_dir)
+        self.store = tracked_store(run)  # metrics.jsonl, plus the trackers of `tracking`
         self.device = resolve_device(run.device, "run config: device")
         self.precision = run.precision  # "auto" is measured by train()/evaluate(); records say what ran
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")

@@ -73,7 +73,8 @@ def _run_config(args: argparse.Namespace, defaults: dict[str, Any]) -> "RunConfi
     flat["sites"] = ",".join(str(p) for p in args.sites)
     for option, key in (("rounds", "num-server-rounds"), ("strategy", "strategy"), ("mu", "proximal-mu"),
                         ("model", "model"), ("run_dir", "run-dir"), ("local_steps", "local-steps"),
-                        ("name", "name"), ("seed", "seed")):
+                        ("name", "name"), ("seed", "seed"), ("tracking", "tracking"),
+                        ("tracking_uri", "tracking-uri")):
         value = getattr(args, option, None)
         if value is not None:
             flat[key] = value
@@ -118,6 +119,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="where metrics and checkpoints go (default: runs/<name>)")
     p.add_argument("--name", help="run name shown in tables and plots")
     p.add_argument("--seed", type=nonnegative_int)
+    p.add_argument("--tracking", help="server-side experiment trackers: mlflow, tensorboard or both, comma-separated")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the run directory)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in the run directory (its own files only) instead of refusing")

@@ -46,7 +46,7 @@ REQUIRED_KEYS = ("run", "round", "phase", "site", "time", "num_examples", "metri
 RUNTIME_KEYS = frozenset({"status", "status_time", "status_detail", "started_at"})
 # Config keys that say how to start a run, not which run it is: restarting with another value
 # is still the same run.
-NON_IDENTITY_KEYS = RUNTIME_KEYS | {"resume"}
+NON_IDENTITY_KEYS = RUNTIME_KEYS | {"resume", "tracking", "tracking-uri", "metrics-port"}
 # What a run *is*: resuming continues a run directory only when none of these changed (a resume may
 # add rounds or change timeouts, never the model, the data or how updates are combined).
 RESUME_IDENTITY_KEYS = (

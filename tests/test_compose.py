@@ -1,7 +1,8 @@
 """The compose files, end to end: images built offline (`make images`); the root docker-compose.yml runs a
 TLS federation of three sites through a FedProx study, every site reaching the SuperLink only through the
 front door (nginx), which admits the Control API only to operator certificates; the SuperLink is not
-published and the dashboard wants its token; an institution's deploy/site/docker-compose.yml then joins
+published and the dashboard wants its token; the `monitoring` profile's Prometheus saw the ServerApp's round
+counter advance; an institution's deploy/site/docker-compose.yml then joins
 (non-root, data read-only) with a key an operator registered through the front door; a separate run restarts
 each site once while it trains and loses nothing; everything created is removed again.
 
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -78,8 +80,9 @@ def compose_cmd() -> list[str]:
 def image(compose_cmd: list[str]) -> str:
     """`make images`: wheelhouse, base image if missing, image build (layer cache makes reruns fast)."""
     started = time.monotonic()
-    proc = subprocess.run(["make", "-C", str(ROOT), "images", f"IMAGE={IMAGE}"], capture_output=True, text=True,
-                          timeout=BUILD_TIMEOUT, check=False)
+    # monitoring-image: Debian's Prometheus for the `monitoring` profile (built once, then skipped).
+    proc = subprocess.run(["make", "-C", str(ROOT), "images", "monitoring-image", f"IMAGE={IMAGE}"],
+                          capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
     assert proc.returncode == 0, f"make images failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     logger.info("make images: %.0f s", time.monotonic() - started)
     return IMAGE
@@ -252,12 +255,16 @@ def federation(compose_cmd: list[str], image: str, tmp_path_factory: pytest.Temp
     """The root docker-compose.yml, up; its ./runs is a temporary directory."""
     directory = tmp_path_factory.mktemp("compose")
     (directory / "runs").mkdir()  # exists before compose starts, so it belongs to the test's user
+    # The monitoring profile mounts ./deploy/prometheus (scrape config, alert rules) of the project directory.
+    shutil.copytree(ROOT / "deploy" / "prometheus", directory / "deploy" / "prometheus")
     env = {
         "FEDSENSE_IMAGE": image,
         "FEDSENSE_RUN_NAME": "compose-test",
         # Random loopback ports: parallel runs and other services on this host must not collide.
         "FEDSENSE_FRONTDOOR_PUBLISH": "127.0.0.1:",
         "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
+        "FEDSENSE_PROMETHEUS_PUBLISH": "127.0.0.1:",
+        "COMPOSE_PROFILES": "monitoring",  # every compose command (up, logs, down) includes Prometheus
     }
     with _project(compose_cmd, [ROOT / "docker-compose.yml"], directory, env) as project:
         started = time.monotonic()
@@ -321,6 +328,22 @@ def test_compose_federation_runs_to_completion(federation: Project) -> None:
     token = _dashboard_token(federation)
     with urllib.request.urlopen(f"http://{dashboard}/?token={token}", timeout=30) as page:
         assert page.status == 200
+
+    # The monitoring profile's Prometheus scraped the ServerApp's /metrics while the run went on: its
+    # round counter started at 0 and advanced (the last round may end between two scrapes).
+    prometheus = federation.run("port", "prometheus", "9090").stdout.strip()
+    seen = {q: _prometheus_value(prometheus, f"{q}_over_time(fedsense_rounds_finished_total[1h])")
+            for q in ("min", "max")}
+    assert seen["min"] == 0 and 1 <= seen["max"] <= ROUNDS, seen
+
+
+def _prometheus_value(address: str, query: str) -> float:
+    """The one value of an instant ``query`` through Prometheus' HTTP API."""
+    url = f"http://{address}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        result = json.load(response)["data"]["result"]
+    assert len(result) == 1, (query, result)
+    return float(result[0]["value"][1])
 
 
 def _inspect(container: str) -> dict:

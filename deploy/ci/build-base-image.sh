@@ -9,12 +9,14 @@
 # without nginx is rebuilt).
 #
 # Env: BASE_IMAGE (default fedsense/base:bookworm), DEBIAN_MIRROR (default: the
-# first Debian mirror in the host's apt sources), FORCE=1 to rebuild.
+# first Debian mirror in the host's apt sources), FORCE=1 to rebuild,
+# BASE_PACKAGES (default: the list below) for another image of Debian packages,
+# e.g. the monitoring profile's Prometheus (deploy/images.mk, monitoring-image).
 set -euo pipefail
 
 BASE_IMAGE="${BASE_IMAGE:-fedsense/base:bookworm}"
 SUITE=bookworm
-PACKAGES="python3 python3-venv python3-pip ca-certificates passwd nginx"
+PACKAGES="${BASE_PACKAGES:-python3 python3-venv python3-pip ca-certificates passwd nginx}"
 
 log() { echo "[build-base-image] $*" >&2; }
 

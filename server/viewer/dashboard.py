@@ -114,6 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/config": self._config,
             "/api/samples": self._samples,
             "/api/samples/latest.png": self._samples_png,
+            "/metrics": self._prometheus,
         }
         handler = routes.get(url.path)
         if handler is None:
@@ -135,6 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
         view = load_run(self.server.run_dir, must_exist=False)
         self._send_json({"columns": COLUMNS, "rows": view.rows(), "best": view.best,
                          "self_supervised": sorted(view.self_supervised_sites())})
+
+    def _prometheus(self, query: dict[str, list[str]]) -> None:
+        from server.viewer.run_metrics import run_metrics_text  # only when Prometheus scrapes
+
+        self._send(run_metrics_text(self.server.run_dir), "text/plain; version=0.0.4; charset=utf-8")
 
     def _config(self, query: dict[str, list[str]]) -> None:
         view = load_run(self.server.run_dir, must_exist=False, metrics=False)
