@@ -162,41 +162,59 @@ def toeplitz_normal(image: Tensor, kernel: Tensor) -> Tensor:
 
 
 class SenseNufft:
-    """Multi-coil non-Cartesian SENSE operator of one slice: A x = NUFFT(S_c x) at the site's trajectory.
+    """Multi-coil non-Cartesian SENSE operator of a batch: A x = NUFFT(S_c x) along each slice's trajectory.
 
-    ``maps`` (C, H, W) complex, ``coords`` (K, 2), ``dcf`` (K,) density weights D. Provides the forward and
-    adjoint, the density-compensated adjoint A^H D y (the zero-filled image), and the Toeplitz normal
-    operator A^H D A (its kernel is built once, on first use, and shared by every coil).
+    ``maps`` (B, C, H, W) complex, ``coords`` (B, K, 2), ``dcf`` (B, K) density weights D. Provides the
+    forward and adjoint, the density-compensated adjoint A^H D y (the zero-filled image) and the Toeplitz
+    normal operator A^H D A (kernels built once, on first use, shared by the coils). Slices with the same
+    trajectory (a site's fixed protocol) go through FINUFFT together.
     """
 
     def __init__(self, maps: Tensor, coords: Tensor, dcf: Tensor) -> None:
-        _check_coords(coords)
-        if maps.ndim != 3 or not torch.is_complex(maps):
-            raise ValueError(f"maps must be complex (C, H, W), got {tuple(maps.shape)} {maps.dtype}")
-        if dcf.shape != (coords.shape[0],):
-            raise ValueError(f"dcf must be ({coords.shape[0]},), got {tuple(dcf.shape)}")
+        if maps.ndim != 4 or not torch.is_complex(maps):
+            raise ValueError(f"maps must be complex (B, C, H, W), got {tuple(maps.shape)} {maps.dtype}")
+        if coords.ndim != 3 or coords.shape[0] != maps.shape[0] or coords.shape[-1] != 2:
+            raise ValueError(f"coords must be (B, K, 2) with B = {maps.shape[0]}, got {tuple(coords.shape)}")
+        if dcf.shape != coords.shape[:2]:
+            raise ValueError(f"dcf must be {tuple(coords.shape[:2])}, got {tuple(dcf.shape)}")
         self.maps, self.coords, self.dcf = maps, coords, dcf
         self.shape = (int(maps.shape[-2]), int(maps.shape[-1]))
+        shared = bool(torch.equal(coords, coords[:1].expand_as(coords)) and torch.equal(dcf, dcf[:1].expand_as(dcf)))
+        self._groups = [slice(None)] if shared else [slice(b, b + 1) for b in range(coords.shape[0])]
         self._kernel: Tensor | None = None
 
+    @classmethod
+    def from_batch(cls, trajectory: Tensor, maps: Tensor) -> "SenseNufft":
+        """The operator of a batch whose ``mask`` entry is a trajectory tensor (B, K, 3): ky, kx, dcf."""
+        return cls(maps, trajectory[..., :2], trajectory[..., 2])
+
     def forward(self, image: Tensor) -> Tensor:
-        """Image (H, W) -> coil samples (C, K)."""
-        return nufft(image.unsqueeze(-3) * self.maps, self.coords)
+        """Images (B, H, W) -> coil samples (B, C, K)."""
+        coil_images = image.unsqueeze(-3) * self.maps
+        return torch.cat([nufft(coil_images[g], self.coords[g][0]) for g in self._groups])
 
     def adjoint(self, samples: Tensor) -> Tensor:
-        """Coil samples (C, K) -> combined image (H, W): sum_c conj(S_c) NUFFT^H y_c."""
-        return torch.sum(self.maps.conj() * nufft_adjoint(samples, self.coords, self.shape), dim=-3)
+        """Coil samples (B, C, K) -> combined images (B, H, W): sum_c conj(S_c) NUFFT^H y_c."""
+        images = torch.cat([nufft_adjoint(samples[g], self.coords[g][0], self.shape) for g in self._groups])
+        return torch.sum(self.maps.conj() * images, dim=-3)
 
     def gridded(self, samples: Tensor) -> Tensor:
-        """The density-compensated adjoint A^H D y: the non-Cartesian zero-filled image (H, W)."""
-        return self.adjoint(samples * self.dcf)
+        """The density-compensated adjoint A^H D y: the non-Cartesian zero-filled images (B, H, W)."""
+        return self.adjoint(samples * self.dcf.unsqueeze(-2))
 
     def normal(self, image: Tensor) -> Tensor:
-        """A^H D A x through the Toeplitz kernel (H, W) -> (H, W)."""
+        """A^H D A x through the Toeplitz kernels: (B, H, W) -> (B, H, W), differentiable in x and maps."""
         if self._kernel is None:
-            self._kernel = toeplitz_kernel(self.coords, self.shape, self.dcf)
-        coil_images = toeplitz_normal(image.unsqueeze(-3) * self.maps, self._kernel)
+            self._kernel = torch.cat(
+                [toeplitz_kernel(self.coords[g][0], self.shape, self.dcf[g][0]).unsqueeze(0) for g in self._groups]
+            )
+        coil_images = toeplitz_normal(image.unsqueeze(-3) * self.maps, self._kernel.unsqueeze(-3))
         return torch.sum(self.maps.conj() * coil_images, dim=-3)
+
+
+def is_non_cartesian(kspace: Tensor) -> bool:
+    """Whether a batch's k-space is non-Cartesian samples (B, C, K) rather than a Cartesian grid (B, C, H, W)."""
+    return kspace.ndim == 3
 
 
 def coil_images(samples: Tensor, coords: Tensor, dcf: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -230,6 +248,7 @@ def estimate_maps_from_centre(
 __all__ = [
     "SenseNufft",
     "coil_images",
+    "is_non_cartesian",
     "density_compensation",
     "estimate_maps_from_centre",
     "nufft",

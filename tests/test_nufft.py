@@ -126,12 +126,12 @@ def test_gridded_recovers_smooth_image_and_maps_are_normalised():
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     obj = torch.exp(-(xx**2 + yy**2) / 0.2).to(torch.complex64)
     maps = torch.stack([torch.ones(size, size), torch.exp(1j * xx)]).to(torch.complex64) / math.sqrt(2.0)
-    operator = SenseNufft(maps, coords, dcf)
-    recon = operator.gridded(operator.forward(obj))
+    operator = SenseNufft(maps[None], coords[None], dcf[None])
+    recon = operator.gridded(operator.forward(obj[None]))[0]
     assert torch.linalg.vector_norm(recon - obj) / torch.linalg.vector_norm(obj) < 0.06
-    normal = operator.normal(obj)
+    normal = operator.normal(obj[None])[0]
     assert torch.linalg.vector_norm(normal - recon) / torch.linalg.vector_norm(recon) < 1e-4
-    estimated = estimate_maps_from_centre(operator.forward(obj), coords, dcf, (size, size))
+    estimated = estimate_maps_from_centre(operator.forward(obj[None])[0], coords, dcf, (size, size))
     energy = (estimated.abs() ** 2).sum(dim=0)
     assert torch.allclose(energy[8:24, 8:24], torch.ones(16, 16), atol=1e-4)
 
