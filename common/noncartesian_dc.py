@@ -25,17 +25,22 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.sum(a.conj() * b, dim=(-2, -1))
 
 
-def gradient_dc(image: Tensor, samples: Tensor, operator: SenseNufft, lam: Tensor) -> Tensor:
-    """One density-weighted gradient step towards the measurement: (B, H, W) -> (B, H, W)."""
+def gradient_dc(image: Tensor, data_adjoint: Tensor, operator: SenseNufft, lam: Tensor) -> Tensor:
+    """One density-weighted gradient step towards the measurement: (B, H, W) -> (B, H, W).
+
+    ``data_adjoint`` is A^H D y (``operator.gridded(samples)``), computed once per batch by the caller:
+    every cascade needs it and it costs a NUFFT, while the rest runs on the Toeplitz kernel.
+    """
     step = lam / (1.0 + lam)
-    return image - step * (operator.normal(image) - operator.gridded(samples))
+    return image - step * (operator.normal(image) - data_adjoint)
 
 
 def cg_sense_dc(
-    image: Tensor, samples: Tensor, operator: SenseNufft, lam: Tensor, iterations: int = 5, tol: float = 1e-6
+    image: Tensor, data_adjoint: Tensor, operator: SenseNufft, lam: Tensor, iterations: int = 5, tol: float = 1e-6
 ) -> Tensor:
     """argmin_x ||x - z||^2 + lam ||D^(1/2) (A x - y)||^2 by ``iterations`` CG steps from x = z.
 
+    ``data_adjoint`` is A^H D y, as for :func:`gradient_dc`.
     Stops early (per batch, differentiably: the update is masked, not skipped) once the residual is
     ``tol`` relative to the right-hand side, so an already consistent estimate is left as it is.
     """
@@ -45,7 +50,7 @@ def cg_sense_dc(
     def system(x: Tensor) -> Tensor:
         return x + lam * operator.normal(x)
 
-    rhs = image + lam * operator.gridded(samples)
+    rhs = image + lam * data_adjoint
     x = image
     residual = rhs - system(x)
     direction = residual

@@ -28,6 +28,13 @@ from common.coils import rss
 
 # FINUFFT's requested relative accuracy per precision: well below what the tests demand (1e-4 / 1e-5).
 _EPS = {torch.complex64: 1e-6, torch.complex128: 1e-12}
+# Below this many (points x transforms) FINUFFT is fastest on one thread: a slice's transform takes
+# milliseconds, and waking threads costs more than it saves (5-10x slower measured on a busy 2-core host).
+_SERIAL_WORK = 1 << 20
+
+
+def _threads(points: int, transforms: int) -> int:
+    return 1 if points * transforms < _SERIAL_WORK else torch.get_num_threads()
 
 
 def _radians(coords: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +54,10 @@ def _type2(image: Tensor, coords: Tensor) -> Tensor:
     lead, (height, width) = image.shape[:-2], image.shape[-2:]
     ky, kx = _radians(coords, image.dtype)
     flat = image.detach().cpu().resolve_conj().numpy().reshape(-1, height, width)
-    out = finufft.nufft2d2(ky, kx, np.ascontiguousarray(flat), isign=-1, eps=_EPS[image.dtype])
+    out = finufft.nufft2d2(
+        ky, kx, np.ascontiguousarray(flat), isign=-1, eps=_EPS[image.dtype],
+        nthreads=_threads(coords.shape[0], flat.shape[0]),
+    )
     out = torch.from_numpy(np.asarray(out).reshape(*lead, coords.shape[0])) / math.sqrt(height * width)
     return out.to(image.device)
 
@@ -57,7 +67,10 @@ def _type1(samples: Tensor, coords: Tensor, shape: tuple[int, int]) -> Tensor:
     lead = samples.shape[:-1]
     ky, kx = _radians(coords, samples.dtype)
     flat = samples.detach().cpu().resolve_conj().numpy().reshape(-1, samples.shape[-1])
-    out = finufft.nufft2d1(ky, kx, np.ascontiguousarray(flat), shape, isign=1, eps=_EPS[samples.dtype])
+    out = finufft.nufft2d1(
+        ky, kx, np.ascontiguousarray(flat), shape, isign=1, eps=_EPS[samples.dtype],
+        nthreads=_threads(coords.shape[0], flat.shape[0]),
+    )
     out = torch.from_numpy(np.asarray(out).reshape(*lead, *shape)) / math.sqrt(shape[0] * shape[1])
     return out.to(samples.device)
 
@@ -197,6 +210,11 @@ class SenseNufft:
         """Coil samples (B, C, K) -> combined images (B, H, W): sum_c conj(S_c) NUFFT^H y_c."""
         images = torch.cat([nufft_adjoint(samples[g], self.coords[g][0], self.shape) for g in self._groups])
         return torch.sum(self.maps.conj() * images, dim=-3)
+
+    def coil_gridded(self, samples: Tensor) -> Tensor:
+        """Density-compensated coil images (B, C, H, W): NUFFT^H D y_c per coil (their RSS is the zero-filled)."""
+        weighted = samples * self.dcf.unsqueeze(-2)
+        return torch.cat([nufft_adjoint(weighted[g], self.coords[g][0], self.shape) for g in self._groups])
 
     def gridded(self, samples: Tensor) -> Tensor:
         """The density-compensated adjoint A^H D y: the non-Cartesian zero-filled images (B, H, W)."""

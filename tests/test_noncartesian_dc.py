@@ -46,7 +46,7 @@ def test_cg_sense_solves_the_regularised_normal_equations():
     operator, maps, coords, dcf, image, samples = _problem()
     lam = 0.7
     expected, _, _ = _dense_solution(maps, coords, dcf, image, samples, lam)
-    got = cg_sense_dc(image, samples, operator, torch.tensor(lam), iterations=60).numpy().reshape(-1)
+    got = cg_sense_dc(image, operator.gridded(samples), operator, torch.tensor(lam), iterations=60).numpy().reshape(-1)
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
 
 
@@ -56,7 +56,7 @@ def test_gradient_dc_is_one_weighted_gradient_step():
     _, a, d = _dense_solution(maps, coords, dcf, image, samples, lam)
     x = image[0].numpy().reshape(-1)
     expected = x - lam / (1 + lam) * a.conj().T @ (d * (a @ x - samples[0].numpy().reshape(-1)))
-    got = gradient_dc(image, samples, operator, torch.tensor(lam)).numpy().reshape(-1)
+    got = gradient_dc(image, operator.gridded(samples), operator, torch.tensor(lam)).numpy().reshape(-1)
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
 
 
@@ -75,9 +75,10 @@ def test_both_equal_the_cartesian_closed_form_on_a_full_grid():
     kspace = fft2c(truth)[:, None]
     expected = DataConsistency(lam=1.5)(image, kspace, torch.ones(1, 1, height, width))
     samples = kspace.reshape(1, 1, -1)
+    data_adjoint = operator.gridded(samples)
     for got in (
-        gradient_dc(image, samples, operator, torch.tensor(1.5)),
-        cg_sense_dc(image, samples, operator, torch.tensor(1.5), iterations=3),
+        gradient_dc(image, data_adjoint, operator, torch.tensor(1.5)),
+        cg_sense_dc(image, data_adjoint, operator, torch.tensor(1.5), iterations=3),
     ):
         assert torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected) < 1e-5
 
@@ -87,10 +88,13 @@ def test_gradcheck_through_cg_sense_dc():
     operator.dcf = operator.dcf.double()
     image = image.requires_grad_()
     lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    data_adjoint = operator.gridded(samples)
     assert torch.autograd.gradcheck(
-        lambda x, weight: cg_sense_dc(x, samples, operator, weight, iterations=3), (image, lam), atol=1e-6, fast_mode=True
+        lambda x, weight: cg_sense_dc(x, data_adjoint, operator, weight, iterations=3), (image, lam),
+        atol=1e-6, fast_mode=True,
     )
-    assert torch.autograd.gradcheck(lambda x, weight: gradient_dc(x, samples, operator, weight), (image, lam), atol=1e-6, fast_mode=True
+    assert torch.autograd.gradcheck(
+        lambda x, weight: gradient_dc(x, data_adjoint, operator, weight), (image, lam), atol=1e-6, fast_mode=True
     )
 
 

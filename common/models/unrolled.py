@@ -53,15 +53,15 @@ class Cascade(nn.Module):
         """Complex image (B, H, W) -> complex image (B, H, W) (Cartesian k-space (B, C, H, W))."""
         return self.dc(self.cnn(image), masked_kspace, mask, sens_maps)
 
-    def forward_non_cartesian(self, image: Tensor, samples: Tensor, operator: SenseNufft) -> Tensor:
-        """The same CNN, then DC against non-Cartesian samples (B, C, K) with this cascade's ``lam``."""
+    def forward_non_cartesian(self, image: Tensor, data_adjoint: Tensor, operator: SenseNufft) -> Tensor:
+        """The same CNN, then DC against non-Cartesian samples (given as A^H D y) with this cascade's ``lam``."""
         lam = self.dc.lam
         if lam is None:
             raise ValueError("non-Cartesian data needs a finite DC weight: set model lam (hard DC is Cartesian only)")
         refined = self.cnn(image)
         if self.nc_dc == "gradient":
-            return gradient_dc(refined, samples, operator, lam)
-        return cg_sense_dc(refined, samples, operator, lam, self.cg_iterations)
+            return gradient_dc(refined, data_adjoint, operator, lam)
+        return cg_sense_dc(refined, data_adjoint, operator, lam, self.cg_iterations)
 
 
 class UnrolledNet(nn.Module):
@@ -99,9 +99,10 @@ class UnrolledNet(nn.Module):
         """The coil-combined complex reconstruction (B, H, W), before taking the magnitude."""
         if is_non_cartesian(masked_kspace):
             operator = SenseNufft.from_batch(mask, sens_maps)
-            image = operator.gridded(masked_kspace)
+            data_adjoint = operator.gridded(masked_kspace)
+            image = data_adjoint
             for cascade in self.cascades:
-                image = cascade.forward_non_cartesian(image, masked_kspace, operator)
+                image = cascade.forward_non_cartesian(image, data_adjoint, operator)
             return image
         image = sense_adjoint(masked_kspace, sens_maps)
         for cascade in self.cascades:

@@ -1,0 +1,111 @@
+"""A non-Cartesian (radial, spiral) site's acquisition of a slice, and its training sample.
+
+The scanner simulation of :mod:`common.data.acquisition` is reused up to the coil images (resampled
+magnitude, smooth background phase, the site's coil sensitivities); the k-space is then *measured* along
+the site's trajectory with the NUFFT of the coil images (not by gridding a Cartesian FFT), and complex
+Gaussian noise of the site's ``noise_std`` is added to those samples. The coil maps the site uses are
+estimated from the densely sampled centre of its own k-space, as a real radial/spiral site must.
+
+A sample stores the non-Cartesian samples (C, K) as ``masked_kspace`` and, as ``mask``, the trajectory
+tensor (K, 3) = (ky, kx, density weight); :func:`common.nufft.is_non_cartesian` tells the two apart.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from common.coils import rss
+from common.config import ScannerConfig, SiteConfig
+from common.data.acquisition import resize_image, site_coil_maps, smooth_phase
+from common.data.readers import SliceMeta
+from common.errors import DataError
+from common.nufft import coil_images, density_compensation, estimate_maps_from_centre, nufft
+from common.trajectories import TrajectorySpec, trajectory_spec
+
+# Sub-streams of one slice's seed; the phase stream matches the Cartesian simulation's.
+_PHASE_STREAM = 1
+_NOISE_STREAM = 2
+
+
+@lru_cache(maxsize=16)
+def site_trajectory(spec: TrajectorySpec, shape: tuple[int, int]) -> torch.Tensor:
+    """The site's trajectory tensor (K, 3): coordinates and Voronoi density weights, made once per site."""
+    coords = spec.coords()
+    dcf = density_compensation(coords, shape)
+    table = torch.cat((coords, dcf[:, None]), dim=-1)
+    table.requires_grad_(False)
+    return table
+
+
+def scanner_trajectory(scanner: ScannerConfig) -> torch.Tensor:
+    """The trajectory tensor (K, 3) of a non-Cartesian scanner at its matrix."""
+    shape = (int(scanner.matrix[0]), int(scanner.matrix[1]))
+    return site_trajectory(trajectory_spec(scanner), shape)
+
+
+def simulate_noncartesian(
+    image: np.ndarray, scanner: ScannerConfig, seed: int, image_max: float | None = None
+) -> dict[str, np.ndarray]:
+    """Noisy non-Cartesian multi-coil samples of a magnitude ``image`` on ``scanner``.
+
+    Returns ``samples`` (C, K) complex64, ``trajectory`` (K, 3) float32, ``sens_maps`` (C, H, W) estimated
+    from the k-space centre, and ``target`` (H, W): the RSS of the noise-free coil images.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D magnitude image, got shape {image.shape}")
+    reference = float(image_max) if image_max is not None else float(np.max(image))
+    if not reference > 0:
+        reference = 1.0
+    shape = (int(scanner.matrix[0]), int(scanner.matrix[1]))
+    magnitude = resize_image(np.abs(image) / reference, shape)
+    phase = smooth_phase(shape, np.random.default_rng([seed, _PHASE_STREAM]))
+    coils = site_coil_maps(scanner.coils, shape) * (magnitude * np.exp(1j * phase))
+    trajectory = scanner_trajectory(scanner)
+    coords, dcf = trajectory[:, :2], trajectory[:, 2]
+    samples = nufft(torch.from_numpy(coils.astype(np.complex64)), coords)
+    if scanner.noise_std > 0:
+        rng = np.random.default_rng([seed, _NOISE_STREAM])
+        noise = rng.standard_normal(samples.shape) + 1j * rng.standard_normal(samples.shape)
+        samples = samples + torch.from_numpy((noise * (scanner.noise_std / np.sqrt(2.0))).astype(np.complex64))
+    maps = estimate_maps_from_centre(samples, coords, dcf, shape)
+    return {
+        "samples": samples.numpy().astype(np.complex64),
+        "trajectory": trajectory.numpy(),
+        "sens_maps": maps.numpy().astype(np.complex64),
+        "target": rss(coils, dim=0).astype(np.float32),
+    }
+
+
+def zero_filled_rss(samples: torch.Tensor, trajectory: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """RSS of the density-compensated coil images of one slice (C, K), (K, 3): its zero-filled image."""
+    return rss(coil_images(samples, trajectory[:, :2], trajectory[:, 2], shape), dim=0)
+
+
+def noncartesian_sample(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int) -> dict[str, object]:
+    """The tensors of one training sample of a non-Cartesian site (the dataset adds its provenance).
+
+    Scaled, as at Cartesian sites, so that the zero-filled image peaks at 1; ``max_value`` is the clean
+    volume's maximum (1 before scaling: the simulation divides by the volume maximum).
+    """
+    if meta.kind != "image":
+        raise DataError(
+            f"{config.data_path}: a {config.scanner.trajectory} site simulates its scans from magnitude images "
+            f"(brats, ixi); this {config.dataset} file holds Cartesian k-space"
+        )
+    acquired = simulate_noncartesian(data, config.scanner, seed, image_max=meta.volume_max)
+    samples = torch.from_numpy(acquired["samples"])
+    trajectory = torch.from_numpy(acquired["trajectory"])
+    shape = acquired["target"].shape
+    peak = float(zero_filled_rss(samples, trajectory, shape).max())
+    scale = 1.0 / peak if peak > 0 else 1.0
+    return {
+        "masked_kspace": samples * np.float32(scale),
+        "mask": trajectory,
+        "sens_maps": torch.from_numpy(acquired["sens_maps"]),
+        "target": torch.from_numpy(acquired["target"] * np.float32(scale)),
+        "scale": float(scale),
+        "max_value": float(scale),
+    }
