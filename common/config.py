@@ -145,6 +145,19 @@ class SiteConfig(_Strict):
     # "self": the site has no fully sampled data and trains self-supervised (SSDU, common.ssdu).
     supervision: Literal["full", "self"] = "full"
 
+    @model_validator(mode="after")
+    def _non_cartesian_support(self) -> SiteConfig:
+        if self.scanner.trajectory == "cartesian":
+            return self
+        if self.dataset == "fastmri":
+            raise ValueError(
+                f"scanner.trajectory = {self.scanner.trajectory!r} needs magnitude images to simulate from "
+                "(dataset brats or ixi); fastMRI files hold Cartesian k-space"
+            )
+        if self.supervision == "self":
+            raise ValueError("supervision = \"self\" (SSDU) splits a Cartesian mask; use it on Cartesian sites only")
+        return self
+
     @field_validator("data_path")
     @classmethod
     def _resolve(cls, value: Path, info: ValidationInfo) -> Path:
