@@ -149,11 +149,6 @@ class SiteConfig(_Strict):
     def _non_cartesian_support(self) -> SiteConfig:
         if self.scanner.trajectory == "cartesian":
             return self
-        if self.dataset == "fastmri":
-            raise ValueError(
-                f"scanner.trajectory = {self.scanner.trajectory!r} needs magnitude images to simulate from "
-                "(dataset brats or ixi); fastMRI files hold Cartesian k-space"
-            )
         if self.supervision == "self":
             raise ValueError("supervision = \"self\" (SSDU) splits a Cartesian mask; use it on Cartesian sites only")
         return self

@@ -3,7 +3,7 @@
 A radial or spiral scanner measures k-space off the Cartesian grid, so its forward model is a NUFFT, not
 ``fft2c`` followed by a mask. The transforms are FINUFFT's (Flatiron Institute; type 2 = image ->
 samples, type 1 = its exact adjoint), wrapped in a ``torch.autograd.Function`` so that unrolled networks
-train through them; Voronoi density compensation comes from mri-nufft.
+train through them.
 
 Conventions, chosen so that a non-Cartesian operator sampled on the Cartesian grid *is* ``fft2c``:
 
@@ -22,6 +22,7 @@ from typing import Any
 import finufft
 import numpy as np
 import torch
+from scipy.spatial import Voronoi
 from torch import Tensor
 
 from common.coils import rss
@@ -124,22 +125,44 @@ def nufft_adjoint(samples: Tensor, coords: Tensor, shape: tuple[int, int]) -> Te
     return _NufftAdjoint.apply(_complex(samples, "samples"), coords, (int(shape[0]), int(shape[1])))
 
 
+def voronoi_areas(coords: np.ndarray, guard_spacing: float) -> np.ndarray:
+    """Area of each sample's Voronoi cell (K,), in (cycles per pixel)^2, with coincident samples sharing one.
+
+    A ring of guard points ``guard_spacing`` beyond the outermost sample closes the edge cells, which
+    would otherwise be unbounded (mri-nufft extrapolates those, and for spirals the interleave ends came
+    out ~100x too large, streaking the whole image); coincident samples (k = 0 of every spiral
+    interleave or radial spoke) split their cell evenly.
+    """
+    unique, inverse, counts = np.unique(np.round(coords, 9), axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    radius = float(np.max(np.hypot(unique[:, 0], unique[:, 1]))) + guard_spacing
+    ring = max(16, int(np.ceil(2.0 * np.pi * radius / (0.5 * guard_spacing))))
+    angles = 2.0 * np.pi * np.arange(ring) / ring
+    points = np.concatenate((unique, radius * np.stack((np.sin(angles), np.cos(angles)), axis=-1)))
+    diagram = Voronoi(points)
+    areas = np.empty(len(unique))
+    for index in range(len(unique)):
+        vertices = diagram.vertices[diagram.regions[diagram.point_region[index]]]
+        centred = vertices - vertices.mean(axis=0)
+        order = np.argsort(np.arctan2(centred[:, 0], centred[:, 1]))
+        y, x = centred[order, 0], centred[order, 1]
+        areas[index] = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    return (areas / counts)[inverse]
+
+
 def density_compensation(coords: Tensor, shape: tuple[int, int]) -> Tensor:
     """Voronoi density compensation weights (K,) float32, scaled so that A^H D A reproduces smooth objects.
 
-    Each sample is weighted by the area of its Voronoi cell (mri-nufft's implementation of Fessler's MIRT
-    method: open outer cells extrapolated from their neighbours, duplicates of k = 0 sharing one cell).
-    Pipe-Menon iterations on FINUFFT's spreading kernel were tried and over-weight the innermost radial
-    samples about twofold, which puts a bias on every pixel; Voronoi areas do not. The weights are then
-    scaled by a least-squares fit of A^H D A x to x for a smooth (band-limited) Gaussian blob, so that D
-    carries the same units at every site and the zero-filled image has the object's intensity.
+    Each sample is weighted by the area of its Voronoi cell (:func:`voronoi_areas`). Pipe-Menon iterations
+    on FINUFFT's spreading kernel (mri-nufft) were tried and over-weight the innermost radial samples
+    about twofold, which puts a bias on every pixel; Voronoi areas do not. The weights are then scaled
+    by a least-squares fit of A^H D A x to x for a smooth (band-limited) Gaussian blob, so that D carries
+    the same units at every site and the zero-filled image has the object's intensity.
     """
     _check_coords(coords)
-    from mrinufft.density import voronoi  # heavy import (matplotlib), only where weights are made
-
-    weights = voronoi(coords.detach().cpu().numpy().astype(np.float64))
-    dcf = torch.from_numpy(np.abs(weights).astype(np.float32))
     height, width = int(shape[0]), int(shape[1])
+    points = coords.detach().cpu().numpy().astype(np.float64)
+    dcf = torch.from_numpy(voronoi_areas(points, guard_spacing=1.0 / max(height, width)).astype(np.float32))
     rows = (torch.arange(height) - height // 2) / (height / 8.0)
     cols = (torch.arange(width) - width // 2) / (width / 8.0)
     blob = torch.exp(-0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2)).to(torch.complex64)
@@ -273,4 +296,5 @@ __all__ = [
     "nufft_adjoint",
     "toeplitz_kernel",
     "toeplitz_normal",
+    "voronoi_areas",
 ]

@@ -15,6 +15,7 @@ from common.nufft import (
     nufft_adjoint,
     toeplitz_kernel,
     toeplitz_normal,
+    voronoi_areas,
 )
 
 
@@ -141,3 +142,15 @@ def test_refuses_bad_shapes():
         nufft(_rand_complex(8, 8), torch.zeros(5, 3))
     with pytest.raises(TypeError, match="complex"):
         nufft(torch.zeros(8, 8), torch.zeros(5, 2))
+
+
+def test_voronoi_areas_of_a_grid_and_of_coincident_samples():
+    """Interior cells of a Cartesian grid are 1/N^2; coincident samples split their cell evenly."""
+    size = 16
+    grid = np.stack(np.meshgrid(np.arange(size) - size // 2, np.arange(size) - size // 2, indexing="ij"), -1)
+    points = grid.reshape(-1, 2) / size
+    areas = voronoi_areas(points, guard_spacing=1.0 / size)
+    interior = np.all(np.abs(grid.reshape(-1, 2)) <= size // 2 - 2, axis=1)
+    assert np.allclose(areas[interior], 1.0 / size**2)
+    doubled = voronoi_areas(np.concatenate((points, points[:1])), guard_spacing=1.0 / size)
+    assert doubled[0] == pytest.approx(areas[0] / 2) and doubled[-1] == pytest.approx(areas[0] / 2)

@@ -12,6 +12,7 @@ tensor (K, 3) = (ky, kx, density weight); :func:`common.nufft.is_non_cartesian` 
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 
 import numpy as np
@@ -87,25 +88,54 @@ def zero_filled_rss(samples: torch.Tensor, trajectory: torch.Tensor, shape: tupl
 def noncartesian_sample(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int) -> dict[str, object]:
     """The tensors of one training sample of a non-Cartesian site (the dataset adds its provenance).
 
-    Scaled, as at Cartesian sites, so that the zero-filled image peaks at 1; ``max_value`` is the clean
-    volume's maximum (1 before scaling: the simulation divides by the volume maximum).
+    Magnitude images are re-acquired on the site's simulated scanner; raw non-Cartesian files
+    (:mod:`common.data.noncartesian_h5`) are used as stored, with their own trajectory and reference.
+    Scaled, as at Cartesian sites, so that the zero-filled image peaks at 1.
     """
-    if meta.kind != "image":
-        raise DataError(
-            f"{config.data_path}: a {config.scanner.trajectory} site simulates its scans from magnitude images "
-            f"(brats, ixi); this {config.dataset} file holds Cartesian k-space"
-        )
-    acquired = simulate_noncartesian(data, config.scanner, seed, image_max=meta.volume_max)
-    samples = torch.from_numpy(acquired["samples"])
-    trajectory = torch.from_numpy(acquired["trajectory"])
-    shape = acquired["target"].shape
+    if meta.kind == "image":
+        acquired = simulate_noncartesian(data, config.scanner, seed, image_max=meta.volume_max)
+        samples = torch.from_numpy(acquired["samples"])
+        trajectory = torch.from_numpy(acquired["trajectory"])
+        maps, target = torch.from_numpy(acquired["sens_maps"]), acquired["target"]
+        volume_max = 1.0  # the simulation divides by the volume maximum
+    elif meta.kind == "noncartesian" and meta.trajectory is not None:
+        if meta.target is None:
+            raise DataError(f"{config.data_path}: a slice without 'reconstruction_rss': supervised training "
+                            "needs a reference image")
+        target = meta.target
+        shape = (int(target.shape[-2]), int(target.shape[-1]))
+        samples = torch.from_numpy(np.ascontiguousarray(data, dtype=np.complex64))
+        trajectory = file_trajectory(meta.trajectory, shape)
+        maps = estimate_maps_from_centre(samples, trajectory[:, :2], trajectory[:, 2], shape)
+        volume_max = meta.volume_max if meta.volume_max is not None else float(target.max())
+    else:
+        raise DataError(f"{config.data_path}: a {config.scanner.trajectory} site needs magnitude images or "
+                        "non-Cartesian HDF5 files; this file holds Cartesian k-space")
+    shape = (int(target.shape[-2]), int(target.shape[-1]))
     peak = float(zero_filled_rss(samples, trajectory, shape).max())
     scale = 1.0 / peak if peak > 0 else 1.0
     return {
         "masked_kspace": samples * np.float32(scale),
         "mask": trajectory,
-        "sens_maps": torch.from_numpy(acquired["sens_maps"]),
-        "target": torch.from_numpy(acquired["target"] * np.float32(scale)),
+        "sens_maps": maps.to(torch.complex64),
+        "target": torch.from_numpy(np.asarray(target, dtype=np.float32) * np.float32(scale)),
         "scale": float(scale),
-        "max_value": float(scale),
+        "max_value": float(volume_max * scale),
     }
+
+
+_FILE_TRAJECTORIES: dict[tuple[bytes, tuple[int, int]], torch.Tensor] = {}
+
+
+def file_trajectory(coords: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """Trajectory tensor (K, 3) of a stored trajectory; density weights cached per distinct trajectory.
+
+    A site's files normally share one protocol, so the Voronoi weights are computed once, not per slice.
+    """
+    key = (hashlib.sha1(np.ascontiguousarray(coords, dtype=np.float32).tobytes()).digest(), shape)
+    if key not in _FILE_TRAJECTORIES:
+        if len(_FILE_TRAJECTORIES) >= 16:
+            _FILE_TRAJECTORIES.pop(next(iter(_FILE_TRAJECTORIES)))
+        coords_t = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32))
+        _FILE_TRAJECTORIES[key] = torch.cat((coords_t, density_compensation(coords_t, shape)[:, None]), dim=-1)
+    return _FILE_TRAJECTORIES[key]
