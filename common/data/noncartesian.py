@@ -103,17 +103,15 @@ def noncartesian_sample(config: SiteConfig, data: np.ndarray, meta: SliceMeta, s
             raise DataError(f"{config.data_path}: a slice without 'reconstruction_rss': supervised training "
                             "needs a reference image")
         target = meta.target
-        shape = (int(target.shape[-2]), int(target.shape[-1]))
-        samples = torch.from_numpy(np.ascontiguousarray(data, dtype=np.complex64))
-        trajectory = file_trajectory(meta.trajectory, shape)
-        maps = estimate_maps_from_centre(samples, trajectory[:, :2], trajectory[:, 2], shape)
+        prepared = prepare_stored(data, meta.trajectory, meta.recon_size)
         volume_max = meta.volume_max if meta.volume_max is not None else float(target.max())
+        scale = float(prepared["scale"])
+        return {**prepared, "target": torch.from_numpy(np.asarray(target, dtype=np.float32) * np.float32(scale)),
+                "max_value": float(volume_max * scale)}
     else:
         raise DataError(f"{config.data_path}: a {config.scanner.trajectory} site needs magnitude images or "
                         "non-Cartesian HDF5 files; this file holds Cartesian k-space")
-    shape = (int(target.shape[-2]), int(target.shape[-1]))
-    peak = float(zero_filled_rss(samples, trajectory, shape).max())
-    scale = 1.0 / peak if peak > 0 else 1.0
+    scale = _scale(samples, trajectory, (int(target.shape[-2]), int(target.shape[-1])))
     return {
         "masked_kspace": samples * np.float32(scale),
         "mask": trajectory,
@@ -122,6 +120,26 @@ def noncartesian_sample(config: SiteConfig, data: np.ndarray, meta: SliceMeta, s
         "scale": float(scale),
         "max_value": float(volume_max * scale),
     }
+
+
+def _scale(samples: torch.Tensor, trajectory: torch.Tensor, shape: tuple[int, int]) -> float:
+    """1 / peak of the zero-filled image: every site's inputs are scaled the same way."""
+    peak = float(zero_filled_rss(samples, trajectory, shape).max())
+    return 1.0 / peak if peak > 0 else 1.0
+
+
+def prepare_stored(samples: np.ndarray, coords: np.ndarray, shape: tuple[int, int]) -> dict[str, object]:
+    """Model inputs of one stored non-Cartesian slice (training and ``fedsense reconstruct`` alike).
+
+    ``samples`` (C, K) and ``coords`` (K, 2) as read from the file; returns scaled samples, the trajectory
+    tensor, coil maps estimated from the k-space centre and the ``scale`` applied.
+    """
+    samples_t = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.complex64))
+    trajectory = file_trajectory(coords, shape)
+    maps = estimate_maps_from_centre(samples_t, trajectory[:, :2], trajectory[:, 2], shape)
+    scale = _scale(samples_t, trajectory, shape)
+    return {"masked_kspace": samples_t * np.float32(scale), "mask": trajectory,
+            "sens_maps": maps.to(torch.complex64), "scale": float(scale)}
 
 
 _FILE_TRAJECTORIES: dict[tuple[bytes, tuple[int, int]], torch.Tensor] = {}
