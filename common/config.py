@@ -147,9 +147,7 @@ class SiteConfig(_Strict):
 
     @model_validator(mode="after")
     def _non_cartesian_support(self) -> SiteConfig:
-        if self.scanner.trajectory == "cartesian":
-            return self
-        if self.supervision == "self":
+        if self.scanner.trajectory != "cartesian" and self.supervision == "self":
             raise ValueError("supervision = \"self\" (SSDU) splits a Cartesian mask; use it on Cartesian sites only")
         return self
 

@@ -36,9 +36,7 @@ def site_trajectory(spec: TrajectorySpec, shape: tuple[int, int]) -> torch.Tenso
     """The site's trajectory tensor (K, 3): coordinates and Voronoi density weights, made once per site."""
     coords = spec.coords()
     dcf = density_compensation(coords, shape)
-    table = torch.cat((coords, dcf[:, None]), dim=-1)
-    table.requires_grad_(False)
-    return table
+    return torch.cat((coords, dcf[:, None]), dim=-1)
 
 
 def scanner_trajectory(scanner: ScannerConfig) -> torch.Tensor:
