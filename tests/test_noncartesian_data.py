@@ -119,3 +119,11 @@ def test_simulated_radial_site_from_magnitude_images(tmp_path: Path):
     batch = {k: (v[None] if isinstance(v, torch.Tensor) else v) for k, v in sample.items()}
     baseline = zero_filled(batch)
     assert psnr(sample["target"].numpy(), baseline[0].numpy(), sample["max_value"]) > 15.0
+
+
+def test_self_supervision_is_refused_on_a_radial_site(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"^r.toml: <root>: .*SSDU"):
+        parse_site_config({
+            "name": "r", "dataset": "ixi", "data_path": str(tmp_path), "supervision": "self",
+            "scanner": {"field_strength_t": 3.0, "coils": 4, "trajectory": "radial-ga", "acceleration": 4},
+        }, "r.toml")
