@@ -43,6 +43,7 @@ from common.data.readers import SliceReader, open_reader
 from common.data.splits import SPLITS, split_subjects
 from common.errors import ConfigError, DataError, FedSenseError
 from common.masks import ACCELERATION_TOLERANCE, make_mask
+from common.trajectories import trajectory_spec
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class CheckReport:
     coils: Counter[int] = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     masks: list[MaskCheck] = field(default_factory=list)
+    trajectory: str | None = None  # a radial / spiral site's protocol, in words
+    samples_per_coil: Counter[int] = field(default_factory=Counter)  # of stored non-Cartesian slices
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     manifest: DatasetManifest | None = None
@@ -164,6 +167,12 @@ def _read_every_slice(
             continue
         good[example.path] += 1
         report.slices[split_of[example.subject]][example.contrast] += 1
+        if meta.kind == "noncartesian":  # samples (C, K) of a raw radial / spiral file: no mask to check
+            report.stored_matrices[meta.recon_size] += 1
+            report.kspace_matrices[meta.recon_size] += 1
+            report.coils[int(data.shape[0])] += 1
+            report.samples_per_coil[int(data.shape[-1])] += 1
+            continue
         report.stored_matrices[(int(data.shape[-2]), int(data.shape[-1]))] += 1
         if meta.kind == "kspace":
             shape, coils = (int(data.shape[-2]), int(data.shape[-1])), int(data.shape[0])
@@ -209,6 +218,9 @@ def _judge(config: SiteConfig, report: CheckReport, split_of: dict[str, str]) ->
 def _check_masks(config: SiteConfig, report: CheckReport, geometries: set[MaskKey]) -> None:
     """The site's mask on every (matrix, acquired range) it will train on, as SiteDataset builds it."""
     scanner = config.scanner
+    if scanner.trajectory != "cartesian":
+        _check_trajectory(config, report)
+        return
     report.masks = [effective_acceleration(config, shape, acquired)
                     for shape, acquired in sorted(geometries, key=lambda g: (g[0], g[1] or (-1, -1)))]
     for check in report.masks:
@@ -217,6 +229,19 @@ def _check_masks(config: SiteConfig, report: CheckReport, geometries: set[MaskKe
                                      f"{ACCELERATION_TOLERANCE:.0%} away from the requested {check.requested:g}")
             report.problems.append(f"mask {scanner.mask} at R={scanner.acceleration:g} on "
                                    f"{check.matrix[0]}x{check.matrix[1]}: {detail}")
+
+
+def _check_trajectory(config: SiteConfig, report: CheckReport) -> None:
+    """A radial / spiral site's protocol in words; raw files whose sample count differs are flagged."""
+    spec = trajectory_spec(config.scanner)
+    unit = "spokes" if spec.kind == "radial-ga" else "interleaves"
+    report.trajectory = (f"{spec.kind}: {spec.count} {unit} x {spec.readout_samples} samples "
+                         f"({spec.oversampling:g}x readout oversampling), R = {spec.acceleration:.2f} "
+                         f"at {spec.matrix}x{spec.matrix}")
+    stored = set(report.samples_per_coil)
+    if stored and stored != {spec.num_samples}:
+        report.warnings.append(f"the files hold {sorted(stored)} samples per coil and slice, the site's protocol "
+                               f"{spec.num_samples}: the files' own trajectories are used")
 
 
 def effective_acceleration(
@@ -289,6 +314,8 @@ def print_report(report: CheckReport, out: TextIO | None = None) -> None:
     kspace = ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(report.kspace_matrices.items()))
     coils = ", ".join(f"{c} ({n})" for c, n in sorted(report.coils.items()))
     console.print(f"stored slices: {sizes or '-'}\nk-space matrices: {kspace or '-'}\ncoils: {coils or '-'}")
+    if report.trajectory is not None:
+        console.print(f"trajectory {report.trajectory}")
     for check in report.masks:
         where = f" acquired columns {check.acquired_columns[0]}-{check.acquired_columns[1]}" if check.acquired_columns else ""
         got = f"{check.effective:.2f}" if check.effective is not None else "-"

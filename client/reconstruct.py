@@ -10,6 +10,8 @@ Inputs, prepared exactly as in training (:mod:`common.data.dataset`):
 - NIfTI magnitude volumes with a site config: every slice is re-acquired by the site's scanner
   simulation (for studies), reconstructed, and written back on the input's voxel grid with its affine
   and header, in its intensity units.
+- Raw radial / spiral HDF5 (:mod:`common.data.noncartesian_h5`: samples and their trajectory): used as
+  acquired (no mask), coil maps from the k-space centre, output as for fastMRI at the recon matrix.
 - ``--format dicom``: one MR Image Storage series per volume (:mod:`client.dicom`).
 
 Every input is checked before any output is made (k-space present, coil count and mask among those the
@@ -42,6 +44,8 @@ from common.coils import estimate_maps_from_acs, rss
 from common.config import SiteConfig
 from common.data.acquisition import resize_image
 from common.data.dataset import SiteDataset, acquired_mask
+from common.data.noncartesian import prepare_stored, zero_filled_rss
+from common.data.noncartesian_h5 import NonCartesianReader
 from common.data.readers import (
     FastMRIReader,
     NiftiInfo,
@@ -56,6 +60,7 @@ from common.fft import center_crop, ifft2c_np
 from common.masks import PATTERNS, seed_for
 from common.precision import choose_precision
 from common.outputs import check_new_file, check_new_folder, check_not_input
+from common.nufft import is_non_cartesian
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +99,7 @@ def is_nifti(path: Path) -> bool:
 
 def default_mask(card: ModelCard) -> MaskSettings | None:
     """The training acquisition's mask when all training sites used one setting."""
-    settings = {(a.mask, a.acceleration, a.center_fraction) for a in card.acquisitions()}
+    settings = {(a.mask, a.acceleration, a.center_fraction) for a in card.acquisitions() if a.mask is not None}
     if len(settings) != 1:
         return None
     pattern, acceleration, center_fraction = settings.pop()
@@ -110,7 +115,7 @@ def check_coils(path: Path, coils: int, card: ModelCard) -> None:
 
 def check_mask(path: Path, pattern: str | None, acceleration: float, card: ModelCard, allow: bool) -> None:
     """Refuse an undersampling the model was not trained for (pattern unknown for a file's own mask)."""
-    trained = card.acquisitions()
+    trained = [a for a in card.acquisitions() if a.mask is not None]  # radial / spiral sites have no mask
     if not trained or allow:
         return
     for a in trained:
@@ -128,7 +133,11 @@ def _run(model: torch.nn.Module | None, batch: dict[str, object], device: torch.
     """Model (or zero-filled RSS when ``model`` is None) on one prepared slice batch -> (B, H, W) float32."""
     batch = batch_to(batch, device)
     if model is None:
-        return rss(ifft2c_np(batch["masked_kspace"].cpu().numpy()), dim=1).astype(np.float32)  # type: ignore[union-attr]
+        kspace = batch["masked_kspace"]
+        if is_non_cartesian(kspace):  # type: ignore[arg-type]
+            return torch.stack([zero_filled_rss(y, t, tuple(m.shape[-2:])) for y, t, m in zip(  # type: ignore[call-overload]
+                kspace, batch["mask"], batch["sens_maps"], strict=True)]).cpu().numpy().astype(np.float32)
+        return rss(ifft2c_np(kspace.cpu().numpy()), dim=1).astype(np.float32)  # type: ignore[union-attr]
     with autocast(device, precision):
         out = model(batch["masked_kspace"], batch["mask"], batch["sens_maps"])
     out = out.float().cpu().numpy()
@@ -196,6 +205,15 @@ def _fastmri_slices(reader: FastMRIReader, own_mask: np.ndarray | None, mask: Ma
             "sens_maps": torch.from_numpy(np.ascontiguousarray(maps))[None],
         }
         yield batch, crop, scale
+
+
+def prepare_noncartesian(path: Path, card: ModelCard) -> NonCartesianReader:
+    """Index and check one raw radial / spiral file (:mod:`common.data.noncartesian_h5`)."""
+    reader = NonCartesianReader(path.parent, [SourceFile(path)])
+    with h5py.File(path, "r") as f:
+        coils = int(f["kspace"].shape[1])
+    check_coils(path, coils, card)
+    return reader
 
 
 # ------------------------------------------------------------------------------- NIfTI
@@ -271,6 +289,13 @@ class Reconstructor:
             return _VolumeDataset(self.site, path)
         if path.suffix != ".h5":
             raise DataError(f"{path}: not a fastMRI .h5 or a NIfTI .nii/.nii.gz file")
+        try:
+            with h5py.File(path, "r") as f:
+                non_cartesian = "trajectory" in f
+        except OSError as exc:
+            raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+        if non_cartesian:  # samples along a trajectory: reconstructed as acquired, no mask
+            return prepare_noncartesian(path, self.card)
         return prepare_fastmri(path, self.card, self.mask, self.allow)
 
     def volume(self, path: Path, prepared: object, progress: Progress | None = None) -> Volume:
@@ -278,6 +303,8 @@ class Reconstructor:
         try:
             if isinstance(prepared, _VolumeDataset):
                 return self._nifti(path, prepared, progress)
+            if isinstance(prepared, NonCartesianReader):
+                return self._noncartesian(path, prepared, progress)
             reader, own = prepared  # type: ignore[misc]
             return self._fastmri(path, reader, own, progress)
         except FloatingPointError as exc:
@@ -291,6 +318,20 @@ class Reconstructor:
             if progress is not None and task is not None:
                 progress.advance(task)
         return Volume(path, "fastmri", np.stack(images).astype(np.float32), slice_indices=[e.slice_idx for e in reader.examples])
+
+    def _noncartesian(self, path: Path, reader: NonCartesianReader, progress: Progress | None) -> Volume:
+        task = progress.add_task(path.name, total=len(reader.examples)) if progress else None
+        images = []
+        for index in range(len(reader.examples)):
+            samples, meta = reader.read_acquisition(index)
+            assert meta.trajectory is not None
+            prepared = prepare_stored(samples, meta.trajectory, meta.recon_size)
+            batch = {k: prepared[k][None] for k in ("masked_kspace", "mask", "sens_maps")}  # type: ignore[index]
+            images.append(_run(self.model, batch, self.device, self.precision)[0] / float(prepared["scale"]))
+            if progress is not None and task is not None:
+                progress.advance(task)
+        return Volume(path, "fastmri", np.stack(images).astype(np.float32),
+                      slice_indices=[e.slice_idx for e in reader.examples])
 
     def _nifti(self, path: Path, dataset: _VolumeDataset, progress: Progress | None) -> Volume:
         img = nib.load(path)

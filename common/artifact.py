@@ -61,9 +61,10 @@ class Acquisition(_Card):
     """One training site's acquisition, from its site config (what the model has seen)."""
 
     dataset: str
-    mask: str
+    mask: str | None = None  # Cartesian sites; radial / spiral sites have a trajectory instead
     acceleration: float
-    center_fraction: float
+    center_fraction: float | None = None
+    trajectory: str = "cartesian"
     coils: int
     matrix: tuple[int, int] | None = None  # simulated (NIfTI) sites; fastMRI data keeps its stored size
     field_strength_t: float | None = None

@@ -79,14 +79,44 @@ class ScannerConfig(_Strict):
     coils: int = Field(ge=1, le=MAX_COILS)
     matrix: tuple[MatrixSide, MatrixSide] = (128, 128)
     noise_std: float = Field(0.0, ge=0.0)
-    mask: str
+    # Cartesian sites: the undersampling mask and its fully sampled centre (required for them).
+    mask: str | None = None
     acceleration: float = Field(ge=1.0)
-    center_fraction: float = Field(gt=0.0, lt=1.0)
+    center_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    # Non-Cartesian sites (common.trajectories): the readout, and spokes / interleaves (derived from
+    # ``acceleration`` when not given; when given they must agree with it).
+    trajectory: Literal["cartesian", "radial-ga", "spiral"] = "cartesian"
+    spokes: int | None = Field(None, ge=1, le=4096)
+    interleaves: int | None = Field(None, ge=1, le=1024)
+    readout_samples: int | None = Field(None, ge=8, le=8192)
+    oversampling: float = Field(2.0, ge=1.0, le=4.0)
 
     @field_validator("mask")
     @classmethod
-    def _known_pattern(cls, value: str) -> str:
-        return known_name(value, PATTERNS)
+    def _known_pattern(cls, value: str | None) -> str | None:
+        return None if value is None else known_name(value, PATTERNS)
+
+    @model_validator(mode="after")
+    def _sampling_fits_trajectory(self) -> ScannerConfig:
+        if self.trajectory == "cartesian":
+            for key in ("spokes", "interleaves", "readout_samples"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to non-Cartesian trajectories only (trajectory = \"cartesian\")")
+            missing = [key for key in ("mask", "center_fraction") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"{missing[0]} is required for a Cartesian site (or set trajectory)")
+            return self
+        from common.trajectories import non_cartesian_check  # the trajectory maths lives there
+
+        for key in ("mask", "center_fraction"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to Cartesian sites only, not trajectory = {self.trajectory!r}")
+        if self.trajectory == "radial-ga" and self.interleaves is not None:
+            raise ValueError("interleaves applies to spiral trajectories; a radial-ga site sets spokes")
+        if self.trajectory == "spiral" and self.spokes is not None:
+            raise ValueError("spokes applies to radial-ga trajectories; a spiral site sets interleaves")
+        non_cartesian_check(self)
+        return self
 
 
 class DemoConfig(_Strict):
@@ -114,6 +144,12 @@ class SiteConfig(_Strict):
     demo: DemoConfig = DemoConfig()
     # "self": the site has no fully sampled data and trains self-supervised (SSDU, common.ssdu).
     supervision: Literal["full", "self"] = "full"
+
+    @model_validator(mode="after")
+    def _non_cartesian_support(self) -> SiteConfig:
+        if self.scanner.trajectory != "cartesian" and self.supervision == "self":
+            raise ValueError("supervision = \"self\" (SSDU) splits a Cartesian mask; use it on Cartesian sites only")
+        return self
 
     @field_validator("data_path")
     @classmethod

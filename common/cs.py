@@ -14,6 +14,7 @@ training data, so it is the same at every site and is a fair "no learning, but n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pywt
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from common.coils import sense_adjoint, sense_forward
+from common.nufft import SenseNufft, is_non_cartesian
 
 
 def _forward(image: Tensor, mask: Tensor, maps: Tensor) -> Tensor:
@@ -39,12 +41,19 @@ def lipschitz(mask: Tensor, maps: Tensor, iterations: int = 20, seed: int = 0) -
     For maps normalised to sum_c |S_c|^2 = 1 it is at most 1, but maps estimated from a calibration region
     (or simulated ones clipped to a support) need not be, and too large a step makes FISTA diverge.
     """
-    generator = torch.Generator().manual_seed(seed)
     shape = (maps.shape[0], *maps.shape[-2:])
+    return _power_iteration(lambda x: _adjoint(_forward(x, mask, maps), mask, maps), shape, iterations, seed)
+
+
+def _power_iteration(
+    normal: Callable[[Tensor], Tensor], shape: tuple[int, ...], iterations: int = 20, seed: int = 0
+) -> float:
+    """Largest eigenvalue of a Hermitian positive operator on complex images of ``shape``."""
+    generator = torch.Generator().manual_seed(seed)
     x = torch.complex(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
     value = 1.0
     for _ in range(iterations):
-        y = _adjoint(_forward(x, mask, maps), mask, maps)
+        y = normal(x)
         value = float(torch.linalg.vector_norm(y) / torch.linalg.vector_norm(x).clamp_min(1e-30))
         x = y / torch.linalg.vector_norm(y).clamp_min(1e-30)
     return value
@@ -88,8 +97,10 @@ def l1_wavelet_sense(
 ) -> Tensor:
     """FISTA for L1-wavelet SENSE: k-space (B,C,H,W), mask (B,1,H,W), maps (B,C,H,W) -> complex (B,H,W).
 
-    ``lam`` is absolute, in the units of the k-space: FedSense samples are scaled so the zero-filled
-    image peaks at 1, which is what makes one ``lam`` serve every site. ``lam = 0`` is a least-squares
+    Non-Cartesian batches (samples (B, C, K) with a trajectory (B, K, 3) as ``mask``) run on the
+    SENSE-NUFFT operator with the density-weighted data term. ``lam`` is absolute, in the units of the
+    k-space: FedSense samples are scaled so the zero-filled image peaks at 1, which is what makes one
+    ``lam`` serve every site. ``lam = 0`` is a least-squares
     SENSE reconstruction (FISTA on the data term only). Starts from the zero-filled SENSE image A^H y.
     """
     if iterations < 1:
@@ -98,6 +109,7 @@ def l1_wavelet_sense(
                                      wavelet=wavelet, levels=levels)[iterations]
 
 
+@torch.no_grad()
 def l1_wavelet_sense_iterates(
     masked_kspace: Tensor,
     mask: Tensor,
@@ -112,26 +124,47 @@ def l1_wavelet_sense_iterates(
 
     Tuning the iteration count on validation then costs one run per ``lam``, not one per (lam, count).
     """
-    if masked_kspace.dim() != 4 or sens_maps.shape != masked_kspace.shape:
+    if sens_maps.dim() != 4 or sens_maps.shape[:2] != masked_kspace.shape[:2] or (
+        masked_kspace.dim() == 4 and sens_maps.shape != masked_kspace.shape
+    ):
         raise ValueError(
-            f"expected k-space and maps of equal shape (B, C, H, W), got {tuple(masked_kspace.shape)} "
-            f"and {tuple(sens_maps.shape)}"
+            f"expected k-space (B, C, H, W) or samples (B, C, K) and maps (B, C, H, W) of equal shape, got "
+            f"{tuple(masked_kspace.shape)} and {tuple(sens_maps.shape)}"
         )
-    if mask.dim() != 4 or mask.shape[-2:] != masked_kspace.shape[-2:]:
-        raise ValueError(f"expected a mask (B, 1, H, W) matching the k-space, got {tuple(mask.shape)}")
     if lam < 0 or not iterations or min(iterations) < 1:
         raise ValueError(f"need lam >= 0 and iterations >= 1, got {lam} and {iterations}")
-    kspace = masked_kspace.to(torch.complex64)
     maps = sens_maps.to(torch.complex64)
+    prox = WaveletProx(wavelet, levels, tuple(maps.shape[-2:]))
+    if is_non_cartesian(masked_kspace):
+        # Radial / spiral site: the density-weighted data term 1/2 ||D^(1/2) (A x - y)||^2 on the NUFFT
+        # operator (the weighting the non-Cartesian DC layers use), through the Toeplitz normal operator.
+        operator = SenseNufft.from_batch(mask.to(torch.float32), maps)
+        data_adjoint = operator.gridded(masked_kspace.to(torch.complex64))
+        step = 1.0 / max(_power_iteration(operator.normal, data_adjoint.shape), 1e-12)
+        return _fista(data_adjoint, lambda z: operator.normal(z) - data_adjoint, prox, step, lam, iterations)
+    if mask.dim() != 4 or mask.shape[-2:] != masked_kspace.shape[-2:]:
+        raise ValueError(f"expected a mask (B, 1, H, W) matching the k-space, got {tuple(mask.shape)}")
+    kspace = masked_kspace.to(torch.complex64)
     mask = mask.to(torch.float32)
-    prox = WaveletProx(wavelet, levels, tuple(kspace.shape[-2:]))
     step = 1.0 / max(lipschitz(mask, maps), 1e-12)
-    x = _adjoint(kspace, mask, maps)
+    return _fista(
+        _adjoint(kspace, mask, maps), lambda z: _adjoint(_forward(z, mask, maps) - kspace, mask, maps),
+        prox, step, lam, iterations,
+    )
+
+
+def _fista(
+    x: Tensor, gradient: Callable[[Tensor], Tensor], prox: WaveletProx, step: float, lam: float,
+    iterations: tuple[int, ...],
+) -> dict[int, Tensor]:
+    """FISTA from ``x`` with the data-term ``gradient`` and the wavelet prox (plain gradient steps at lam 0);
+    the iterate after each count in ``iterations``."""
     z, t = x, 1.0
     kept: dict[int, Tensor] = {}
     for done in range(1, max(iterations) + 1):
-        gradient = _adjoint(_forward(z, mask, maps) - kspace, mask, maps)
-        x_next = prox(z - step * gradient, step * lam) if lam > 0 else z - step * gradient
+        x_next = z - step * gradient(z)
+        if lam > 0:
+            x_next = prox(x_next, step * lam)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         z = x_next + ((t - 1.0) / t_next) * (x_next - x)
         x, t = x_next, t_next

@@ -22,6 +22,7 @@ from common.device import autocast, batch_to
 from common.fft import center_crop, ifft2c
 from common.metrics import SSIMLoss, nmse, psnr, ssim
 from common.precision import choose_precision
+from common.nufft import SenseNufft, is_non_cartesian
 from common.registry import LOSSES
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,12 @@ class EvalResult:
 
 def zero_filled(batch: Batch) -> torch.Tensor:
     """RSS of the inverse FFT of the masked k-space, cropped to the target: the no-learning baseline."""
-    image = rss(ifft2c(batch["masked_kspace"]), dim=1)  # type: ignore[arg-type]
+    kspace = batch["masked_kspace"]
+    assert isinstance(kspace, torch.Tensor)
+    if is_non_cartesian(kspace):  # radial / spiral site: density-compensated adjoint (common.nufft)
+        image = rss(SenseNufft.from_batch(batch["mask"], batch["sens_maps"]).coil_gridded(kspace), dim=1)  # type: ignore[arg-type]
+    else:
+        image = rss(ifft2c(kspace), dim=1)
     target = batch["target"]
     assert isinstance(target, torch.Tensor)
     return center_crop(image, tuple(target.shape[-2:]))

@@ -53,6 +53,7 @@ def _acquisition(config: SiteConfig) -> Acquisition:
         mask=scanner.mask,
         acceleration=scanner.acceleration,
         center_fraction=scanner.center_fraction,
+        trajectory=scanner.trajectory,
         coils=scanner.coils,
         matrix=None if config.dataset == "fastmri" else tuple(scanner.matrix),
         field_strength_t=scanner.field_strength_t,

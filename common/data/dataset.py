@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from common.coils import estimate_maps_from_acs, rss
 from common.config import SiteConfig
 from common.data.acquisition import acquire_magnitude, scanner_magnitude, simulate_acquisition
+from common.data.noncartesian import noncartesian_sample
 from common.data.readers import SliceMeta, SliceReader, open_reader
 from common.data.slice_cache import new_owner, shared_cache
 from common.data.splits import SPLITS, Split, split_subjects
@@ -130,6 +131,10 @@ class SiteDataset(Dataset):
         seed = seed_for(self.config.seed, fname, example.slice_idx)
         if self.split == "train" and self.epoch is not None:
             seed = augmentation_seed(seed, self.epoch)
+        if self.config.scanner.trajectory != "cartesian":
+            sample = noncartesian_sample(self.config, data, meta, seed)
+            return {**sample, "fname": fname, "subject": example.subject, "site": self.config.name,
+                    "slice_idx": int(example.slice_idx)}
         acquired = acquire(self.config, data, meta, seed, on_matrix=True)
         masked, mask, sens_maps = acquired.masked, acquired.mask, acquired.sens_maps
         if acquired.simulated is not None:

@@ -28,6 +28,8 @@ from common.coils import rss
 from common.atomic import atomic_write_bytes
 from common.config import SiteConfig, load_site_config, parse_site_config
 from common.data.acquisition import simulate_acquisition
+from common.data.noncartesian import simulate_noncartesian
+from common.data.noncartesian_h5 import ISMRMRD_TRAJECTORY, write_noncartesian_h5
 from common.data.phantom import Subject, make_subject
 from common.data.readers import ISMRMRD_NAMESPACE
 from common.atomic import atomic_dir
@@ -202,6 +204,19 @@ def _write_fastmri(
         volume_max = float(volume.max())
         patient_id = f"{rng.integers(16**12):012x}"
         fname = f"file_brain_{acquisition}_{200 + i}_{6000000 + int(rng.integers(1000000))}.h5"
+        if scanner.trajectory != "cartesian":  # raw radial / spiral samples (common.data.noncartesian_h5)
+            scans = [simulate_noncartesian(image, scanner, seed_for(base_seed, fname, k), image_max=volume_max)
+                     for k, image in enumerate(volume)]
+            header = _ismrmrd_header(size, num_slices, thickness, scanner.coils, scanner.field_strength_t,
+                                     acquisition, trajectory=ISMRMRD_TRAJECTORY[scanner.trajectory])
+            write_noncartesian_h5(
+                site_dir / fname, np.stack([s["samples"] for s in scans]),
+                np.stack([s["trajectory"][:, :2] for s in scans]), header,
+                target=np.stack([s["target"] for s in scans]), acquisition=acquisition, patient_id=patient_id,
+            )
+            files.append(fname)
+            patients.append(patient_id)
+            continue
         kspace = np.stack(
             [
                 simulate_acquisition(
@@ -227,7 +242,8 @@ def _write_fastmri(
 
 
 def _ismrmrd_header(
-    size: int, num_slices: int, thickness: float, coils: int, field_t: float, protocol: str
+    size: int, num_slices: int, thickness: float, coils: int, field_t: float, protocol: str,
+    trajectory: str = "cartesian",
 ) -> bytes:
     """An ISMRMRD XML header with the fields fastMRI's loaders read (matrix sizes, encoding limits)."""
     ET.register_namespace("", ISMRMRD_NAMESPACE)
@@ -265,7 +281,7 @@ def _ismrmrd_header(
         sub(limit, "minimum", 0)
         sub(limit, "maximum", maximum)
         sub(limit, "center", (maximum + 1) // 2)
-    sub(encoding, "trajectory", "cartesian")
+    sub(encoding, "trajectory", trajectory)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 

@@ -86,13 +86,16 @@ class SliceMeta:
     ``target`` is the stored reconstruction slice (fastMRI ``reconstruction_*``), if any.
     ``acquired_columns`` is the [left, right) range of k-space columns the scanner acquired; columns
     outside it are zero padding and must not count as sampled (fastMRI ``encodingLimits``).
+    ``"noncartesian"`` slices are radial/spiral samples (C, K) taken at ``trajectory``
+    (:mod:`common.data.noncartesian_h5`).
     """
 
-    kind: Literal["kspace", "image"]
+    kind: Literal["kspace", "image", "noncartesian"]
     recon_size: tuple[int, int]
     volume_max: float | None
     target: np.ndarray | None = None
     acquired_columns: tuple[int, int] | None = None
+    trajectory: np.ndarray | None = None  # (K, 2) sample coordinates of "noncartesian" samples (C, K)
 
 
 class SliceReader(ABC):
@@ -629,6 +632,10 @@ def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROU
     if config.dataset == "fastmri":
         reader_cls, files, extra = FastMRIReader, find_fastmri_files(root), {"contrasts": config.contrasts,
                                                                      "check_seconds": config.file_check_seconds}
+        if config.scanner.trajectory != "cartesian":  # raw radial / spiral k-space files
+            from common.data.noncartesian_h5 import NonCartesianReader  # it builds on this module
+
+            reader_cls = NonCartesianReader
     elif config.dataset == "brats":
         reader_cls, files = BratsReader, find_brats_files(root, config.contrasts)
         extra = {"min_foreground": min_foreground}

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from common.coils import rss
 from common.fft import channels_to_complex, complex_to_channels, ifft2c
+from common.nufft import SenseNufft, is_non_cartesian
 
 # fastMRI's U-Net baseline clamps the normalised input so a few bright outliers cannot dominate.
 _INPUT_CLAMP = 6.0
@@ -152,7 +153,8 @@ class UnetRecon(nn.Module):
     federated round gives each site only a few local steps.
     The output is not clipped at zero, so the loss sees the network's raw magnitude estimate.
     ``mask`` and ``sens_maps`` are ignored: the k-space is already masked, and the zero-filled image is
-    coil-combined by RSS, as in fastMRI.
+    coil-combined by RSS, as in fastMRI. Non-Cartesian samples (B,C,K) start from their density-compensated
+    adjoint instead (their ``mask`` is the trajectory tensor), so one U-Net serves both kinds of site.
     """
 
     def __init__(
@@ -170,7 +172,11 @@ class UnetRecon(nn.Module):
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """k-space (B,C,H,W) complex, mask (B,1,H,W), maps (B,C,H,W) (both unused) -> magnitude (B,H,W)."""
-        zero_filled = rss(ifft2c(masked_kspace), dim=1).unsqueeze(1)
+        if is_non_cartesian(masked_kspace):  # radial / spiral site: density-compensated NUFFT adjoint
+            coil_images = SenseNufft.from_batch(mask, sens_maps).coil_gridded(masked_kspace)
+        else:
+            coil_images = ifft2c(masked_kspace)
+        zero_filled = rss(coil_images, dim=1).unsqueeze(1)
         x, mean, std = _normalise(zero_filled, self.eps)
         x = x.clamp(-_INPUT_CLAMP, _INPUT_CLAMP)
         out = x + self.unet(x) if self.residual else self.unet(x)

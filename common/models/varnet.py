@@ -12,6 +12,7 @@ from common.coils import estimate_maps_from_acs, rss, sense_adjoint, sense_forwa
 from common.dc import GradientDC
 from common.fft import ifft2c
 from common.models.unet import NormUnet
+from common.nufft import is_non_cartesian
 
 
 class SensitivityModel(nn.Module):
@@ -84,6 +85,8 @@ class VarNet(nn.Module):
 
     def reconstruct_kspace(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """The final multi-coil k-space estimate (B,C,H,W): what a k-space loss (SSDU) compares."""
+        if is_non_cartesian(masked_kspace):
+            raise ValueError("varnet works on Cartesian k-space only; a radial/spiral site needs model unrolled or unet")
         maps = self.sensitivity_maps(masked_kspace, mask, sens_maps)
         kspace = masked_kspace
         for cascade in self.cascades:

@@ -1,0 +1,232 @@
+"""What non-Cartesian sites cost and how exact their operator is (issue #28).
+
+Sections (run one, or ``all``)::
+
+    python -m bench.nufft accuracy   # NUFFT vs an exact NDFT (float64) and vs torchkbnufft, adjointness
+    python -m bench.nufft cost       # per slice: forward / adjoint / normal operator, NUFFT vs Cartesian FFT;
+                                     # per training step of the unrolled model: radial batch vs Cartesian batch
+    python -m bench.nufft quality    # the raw radial site-r next to the Cartesian site-a at R = 4 and 8:
+                                     # zero-filled, CS (lam tuned on val), local, federated (FedAvg) on test
+
+Everything is measured side by side in one process, so ratios compare like with like on the same load.
+Times are medians over ``--repeats`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.harness import emulate_fedavg, markdown_table, mean_std, model_recon, score_slices, write_sites
+from common.coils import birdcage_maps, sense_adjoint, sense_forward
+from common.config import load_site_config
+from common.cs import l1_wavelet_sense
+from common.data.dataset import build_site_datasets
+from common.data.loaders import make_loader
+from common.fft import center_crop
+from common.models import build_model
+from common.runconfig import RunConfig
+from common.training import train, zero_filled
+from common.nufft import SenseNufft, density_compensation, nufft, nufft_adjoint
+from common.trajectories import golden_angle_radial, radial_spokes_for
+
+logger = logging.getLogger(__name__)
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: plans, caches, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _ndft(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    height, width = image.shape
+    rows, cols = np.arange(height) - height // 2, np.arange(width) - width // 2
+    phase_y = np.exp(-2j * np.pi * np.outer(coords[:, 0], rows))
+    phase_x = np.exp(-2j * np.pi * np.outer(coords[:, 1], cols))
+    return np.einsum("kh,hw,kw->k", phase_y, image, phase_x) / math.sqrt(height * width)
+
+
+def _relative(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def accuracy(sizes: list[int]) -> None:
+    """Relative errors of our NUFFT (FINUFFT, eps 1e-6, complex64) on golden-angle radial trajectories."""
+    import torchkbnufft as tkbn
+
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for size in sizes:
+        coords = golden_angle_radial(radial_spokes_for(size, 4.0), 2 * size, size, 2.0)
+        image = torch.randn(size, size, dtype=torch.complex64, generator=generator)
+        samples = torch.randn(coords.shape[0], dtype=torch.complex64, generator=generator)
+        ours = nufft(image, coords)
+        exact = _ndft(image.numpy().astype(np.complex128), coords.numpy().astype(np.float64))
+        omega = (2.0 * math.pi * coords).T.contiguous()
+        kb_forward = tkbn.KbNufft(im_size=(size, size))(image[None, None], omega)[0, 0] / size
+        kb_adjoint = tkbn.KbNufftAdjoint(im_size=(size, size))(samples[None, None], omega)[0, 0] / size
+        adjoint = nufft_adjoint(samples, coords, (size, size))
+        lhs = complex(torch.sum(ours * samples.conj()))
+        rhs = complex(torch.sum(image * adjoint.conj()))
+        rows.append([f"{size}²", f"{coords.shape[0]}", f"{_relative(ours.numpy(), exact):.1e}",
+                     f"{_relative(ours, kb_forward):.1e}", f"{_relative(adjoint, kb_adjoint):.1e}",
+                     f"{abs(lhs - rhs) / abs(lhs):.1e}"])
+    print(f"\n#### NUFFT accuracy: golden-angle radial at R = 4 (2x readout oversampling), complex64\n")
+    print(markdown_table(["matrix", "samples", "forward vs exact NDFT", "forward vs torchkbnufft",
+                          "adjoint vs torchkbnufft", "adjointness gap (relative)"], rows))
+
+
+def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, object]) -> None:
+    """Operator times per slice and training-step times per batch, radial vs Cartesian at one matrix."""
+    torch.manual_seed(0)
+    shape = (size, size)
+    maps = torch.from_numpy(birdcage_maps(coils, shape))
+    coords = golden_angle_radial(radial_spokes_for(size, 4.0), 2 * size, size, 2.0)
+    dcf = density_compensation(coords, shape)
+    image = torch.randn(1, size, size, dtype=torch.complex64)
+    mask = (torch.rand(1, 1, size, size) < 0.25).float()
+    operator = SenseNufft(maps[None], coords[None], dcf[None])
+    samples = operator.forward(image)
+    kspace = sense_forward(image, maps[None]) * mask
+
+    ops = {
+        "forward A x": (lambda: sense_forward(image, maps[None]) * mask, lambda: operator.forward(image)),
+        "adjoint A^H y": (lambda: sense_adjoint(kspace * mask, maps[None]), lambda: operator.adjoint(samples)),
+        "normal A^H A x": (lambda: sense_adjoint(sense_forward(image, maps[None]) * mask, maps[None]),
+                           lambda: operator.normal(image)),
+        "normal via NUFFT pair": (None, lambda: operator.adjoint(dcf * operator.forward(image))),
+    }
+    rows = []
+    for name, (cartesian, radial) in ops.items():
+        t_radial = _median_seconds(radial, repeats)
+        if cartesian is None:
+            rows.append([name, "-", f"{t_radial * 1e3:.2f}", "-"])
+            continue
+        t_cart = _median_seconds(cartesian, repeats)
+        rows.append([name, f"{t_cart * 1e3:.2f}", f"{t_radial * 1e3:.2f}", f"{t_radial / t_cart:.1f}x"])
+    print(f"\n#### Operator time per slice: {size}², {coils} coils, radial {coords.shape[0]} samples "
+          f"(R = 4) vs Cartesian FFT + mask; ms, median of {repeats}\n")
+    print(markdown_table(["operator", "Cartesian (ms)", "radial NUFFT (ms)", "ratio"], rows))
+
+    def step(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], model: torch.nn.Module,
+             optimiser: torch.optim.Optimizer) -> None:
+        optimiser.zero_grad()
+        loss = model(*inputs).mean()
+        loss.backward()
+        optimiser.step()
+
+    batch_maps = maps[None].expand(batch, -1, -1, -1).contiguous()
+    images = torch.randn(batch, size, size, dtype=torch.complex64)
+    cart_mask = mask.expand(batch, -1, -1, -1).contiguous()
+    cart_inputs = (sense_forward(images, batch_maps) * cart_mask, cart_mask, batch_maps)
+    batch_operator = SenseNufft(batch_maps, coords[None].expand(batch, -1, -1), dcf[None].expand(batch, -1))
+    trajectory = torch.cat((coords, dcf[:, None]), dim=-1)[None].expand(batch, -1, -1).contiguous()
+    radial_inputs = (batch_operator.forward(images), trajectory, batch_maps)
+    rows = []
+    for dc in ("cg", "gradient"):
+        model = build_model("unrolled", **{**model_args, "nc_dc": dc})
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+        t_cart = _median_seconds(lambda: step(cart_inputs, model, optimiser), repeats)
+        t_radial = _median_seconds(lambda: step(radial_inputs, model, optimiser), repeats)
+        rows.append([f"unrolled, radial DC = {dc}", f"{t_cart:.3f}", f"{t_radial:.3f}", f"{t_radial / t_cart:.1f}x"])
+    print(f"\n#### Training step (forward + backward + Adam), unrolled {model_args}, batch {batch}, {size}², "
+          f"{coils} coils; s, median of {repeats}\n")
+    print(markdown_table(["model", "Cartesian (s)", "radial (s)", "ratio"], rows))
+
+
+CS_LAMS = (0.001, 0.003, 0.01, 0.03)
+
+
+def _cs(lam: float) -> Callable[[dict[str, object]], torch.Tensor]:
+    def recon(batch: dict[str, object]) -> torch.Tensor:
+        image = l1_wavelet_sense(batch["masked_kspace"], batch["mask"], batch["sens_maps"],  # type: ignore[arg-type]
+                                 lam=lam, iterations=30).abs()
+        return center_crop(image, tuple(batch["target"].shape[-2:]))  # type: ignore[union-attr]
+    return recon
+
+
+def quality(size: int, accelerations: list[float], seeds: list[int], rounds: int, steps: int,
+            model_args: dict[str, object]) -> None:
+    """Test PSNR / SSIM of the radial site (and the Cartesian site beside it) per method, short runs."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-nufft-"))
+    cartesian = write_sites(workdir / "cartesian", size=size, subjects=5, slices=6, names=("site-a",))[0]
+    rows = []
+    for acceleration in accelerations:
+        radial = write_sites(workdir / f"radial-r{acceleration:g}", size=size, subjects=5, slices=6,
+                             acceleration=acceleration, names=("site-r",))[0]
+        datasets = {p.stem: build_site_datasets(load_site_config(p)) for p in (cartesian, radial)}
+        test = {name: make_loader(splits["test"], 2, shuffle=False, seed=0) for name, splits in datasets.items()}
+        val_r = make_loader(datasets["site-r"]["val"], 2, shuffle=False, seed=0)
+        best_lam = max(CS_LAMS, key=lambda lam: float(np.mean([s.psnr for s in score_slices(_cs(lam), val_r)])))
+        scores: dict[tuple[str, str], list] = {}
+        scores[("site-r", "zero-filled")] = score_slices(zero_filled, test["site-r"])
+        scores[("site-r", f"CS (lam {best_lam:g})")] = score_slices(_cs(best_lam), test["site-r"])
+        for seed in seeds:
+            run = RunConfig.from_flat({"name": "q", "model": "unrolled", "model-args": json.dumps(model_args),
+                                       "num-server-rounds": rounds, "local-steps": steps, "batch-size": 2,
+                                       "learning-rate": 1e-3, "seed": seed, "sites": ""})
+            for name, splits in datasets.items():  # local: the same number of steps on one site alone
+                torch.manual_seed(seed)
+                model = build_model("unrolled", **model_args)
+                train(model, make_loader(splits["train"], 2, shuffle=True, seed=seed), steps=rounds * steps, lr=1e-3)
+                scores.setdefault((name, "local"), []).extend(score_slices(model_recon(model), test[name]))
+            *_, (_, state) = emulate_fedavg(run, datasets)
+            model = build_model("unrolled", **model_args)
+            model.load_state_dict(state)
+            for name in datasets:
+                scores.setdefault((name, "federated (FedAvg)"), []).extend(score_slices(model_recon(model), test[name]))
+        for (site, method), values in scores.items():
+            rows.append([f"{acceleration:g}", site, method, mean_std([v.psnr for v in values], 2),
+                         mean_std([v.ssim for v in values], 3), len(values)])
+    print(f"\n#### Radial site-r (raw golden-angle radial h5) beside Cartesian site-a (equispaced R = 4): {size}², "
+          f"unrolled {model_args}, {rounds} rounds x {steps} steps x batch 2 (local: the same {rounds * steps} "
+          f"steps alone), seeds {seeds}; test split, mean ± std over slices (and seeds)\n")
+    print(markdown_table(["R (site-r)", "site", "method", "PSNR (dB)", "SSIM", "slices"], rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.nufft", description=__doc__.splitlines()[0])
+    parser.add_argument("section", choices=("accuracy", "cost", "quality", "all"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128], help="accuracy: matrices")
+    parser.add_argument("--size", type=int, default=128, help="cost: matrix")
+    parser.add_argument("--coils", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cascades", type=int, default=5)
+    parser.add_argument("--chans", type=int, default=32)
+    parser.add_argument("--quality-size", type=int, default=64)
+    parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.section in ("accuracy", "all"):
+        accuracy(args.sizes)
+    if args.section in ("cost", "all"):
+        cost(args.size, args.coils, args.batch, args.repeats,
+             {"num_cascades": args.cascades, "chans": args.chans, "lam": 1.0})
+    if args.section in ("quality", "all"):
+        quality(args.quality_size, args.accelerations, args.seeds, args.rounds, args.steps,
+                {"num_cascades": 3, "chans": 16, "num_layers": 4, "lam": 1.0})
+
+
+if __name__ == "__main__":
+    main()
