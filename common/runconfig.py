@@ -78,6 +78,7 @@ class RunConfig(BaseModel):
     dp_client_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
     site_caps: str = "{}"
+    site_keys: str = ""  # site-keys.json of `fedsense pki` (key fingerprint -> site); "": names are not key-bound
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)
     evaluate_with_train: bool = False

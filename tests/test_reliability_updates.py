@@ -165,6 +165,7 @@ class LoopbackGrid(Grid):
             if reply is not None:
                 if reply.has_content() and reply.content.array_records:
                     reply.content = pack_content(reply.content)  # on the wire, as the site sends it
+                reply.metadata.__dict__["_message_id"] = reply.object_id  # as the SuperNode stamps its reply
                 self._replies[request.metadata.message_id] = reply
             ids.append(request.metadata.message_id)
         return ids
