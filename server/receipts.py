@@ -65,10 +65,12 @@ class Receipts:
         """Append one phase's verdicts: each reply received (accepted, or the reason it was not) and each silence."""
         reasons = {r.message_id: r.reason for r in rejected if r.message_id}
         taken = {m.metadata.message_id for m in accepted}
+        unclaimed = set(taken)  # a duplicate carries its original's id: only the first one received is the accepted one
         lines: list[dict[str, Any]] = []
         for msg in received:
             own = msg.metadata.message_id
-            ok = own in taken
+            ok = own in unclaimed
+            unclaimed.discard(own)
             lines.append({
                 "round": rnd, "phase": phase, "message_id": own, "reply_to": msg.metadata.reply_to_message_id,
                 "node": msg.metadata.src_node_id, "site": site_of(msg), "accepted": ok,
