@@ -56,8 +56,8 @@ class Receipts:
                 answered.add(answers)
                 kept.append(msg)
                 continue
-            rejected.append(Rejection(site_of(msg), reason, own))
-            logger.warning("rejected reply from %s: %s", site_of(msg), reason)
+            rejected.append(Rejection(_name(msg), reason, own))
+            logger.warning("rejected reply from %s: %s", _name(msg), reason)
         return kept, rejected
 
     def record(self, rnd: int, phase: str, sent: Mapping[str, int], received: list[Message],
@@ -73,7 +73,7 @@ class Receipts:
             unclaimed.discard(own)
             lines.append({
                 "round": rnd, "phase": phase, "message_id": own, "reply_to": msg.metadata.reply_to_message_id,
-                "node": msg.metadata.src_node_id, "site": site_of(msg), "accepted": ok,
+                "node": msg.metadata.src_node_id, "site": _name(msg), "accepted": ok,
                 "reason": "" if ok else reasons.get(own, "not aggregated"),
             })
         answered = {m.metadata.reply_to_message_id for m in received}
@@ -87,6 +87,11 @@ class Receipts:
             stream.writelines(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
             stream.flush()
             os.fsync(stream.fileno())
+
+
+def _name(msg: Message) -> str:
+    """The site a reply names; an error reply has no content, so its node stands in."""
+    return site_of(msg) if msg.has_content() else f"node-{msg.metadata.src_node_id}"
 
 
 def read_receipts(path: str | Path) -> list[dict[str, Any]]:
