@@ -84,6 +84,7 @@ class RunConfig(BaseModel):
     secagg_quantization_range: int = Field(2**22, ge=2, lt=2**32)
     secagg_max_weight: float = Field(1000.0, gt=0.0)
     site_caps: str = "{}"
+    site_keys: str = ""  # site-keys.json of `fedsense pki` (key fingerprint -> site); "": names are not key-bound
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)
     evaluate_with_train: bool = False

@@ -36,11 +36,14 @@ class Clipped:
         return f"num-examples {self.claimed:g} > cap {self.cap}: clipped to {self.cap}"
 
 
-def apply_caps(replies: list[Message], caps: Mapping[str, int]) -> tuple[list[Message], list[Rejection], list[Clipped]]:
-    """Clip each reply's ``num-examples`` to its site's cap (in place); reject uncapped sites.
+def apply_caps(replies: list[Message], caps: Mapping[str, int], key: str = WEIGHT_KEY
+               ) -> tuple[list[Message], list[Rejection], list[Clipped]]:
+    """Clip each reply's ``key`` (``num-examples``) to its site's cap (in place); reject uncapped sites.
 
-    Returns the replies that may be aggregated, the rejected ones and the clipped claims. With no
-    caps configured every reply passes unchanged.
+    Evaluation replies are capped the same way (their ``num-examples`` weigh the global validation
+    metrics); ``key`` names the claim, e.g. ``eval/num-examples`` for an evaluation carried by a
+    training reply (a reply without that key claims nothing and passes). Returns the replies that may
+    be counted, the rejected ones and the clipped claims. With no caps configured every reply passes unchanged.
     """
     if not caps:
         return replies, [], []
@@ -51,12 +54,16 @@ def apply_caps(replies: list[Message], caps: Mapping[str, int]) -> tuple[list[Me
         site = site_of(msg)
         cap = caps.get(site)
         if cap is None:
-            rejected.append(Rejection(site, "no num-examples cap registered for this site (site-caps)"))
+            rejected.append(Rejection(site, "no num-examples cap registered for this site (site-caps)",
+                                      msg.metadata.message_id))
             continue
         record = next(iter(msg.content.metric_records.values()))
-        claimed = float(record[WEIGHT_KEY])
+        if key not in record:
+            kept.append(msg)
+            continue
+        claimed = float(record[key])
         if claimed > cap:
-            record[WEIGHT_KEY] = int(cap)
+            record[key] = int(cap)
             clipped.append(Clipped(site, claimed, int(cap)))
             logger.warning("site %s: %s", site, clipped[-1].reason)
         kept.append(msg)

@@ -24,8 +24,10 @@ from server.collect import send_and_collect
 from server.optimisers import optimiser_state
 from server.privacy import client_dp_metrics
 from server.secagg import apply_update, secure_mean_update
-from server.claims import apply_caps
+from server.claims import Clipped, apply_caps
 from server.best import BestTracker
+from server.identity import SiteIdentity
+from server.receipts import Receipts
 from server.store import RunDir, global_record, site_record
 from server.strategy import Rejection, precision_of, site_of, supervision_of, validate_updates
 
@@ -93,10 +95,16 @@ def _error_rejections(replies: list[Message], sent: Mapping[str, int]) -> tuple[
     for msg in replies:
         if msg.has_error():
             node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            bad.append(Rejection(f"node-{node}", f"error reply: {msg.error.reason}"))
+            bad.append(Rejection(f"node-{node}", f"error reply: {msg.error.reason}", msg.metadata.message_id))
         else:
             ok.append(msg)
     return ok, bad
+
+
+def _note_clipped(summary: dict[str, Any], clipped: list[Clipped]) -> None:
+    """Name in a phase's global record the claims that were cut to their site's cap."""
+    if clipped:
+        summary["clipped"] = [{"site": c.site, "claimed": c.claimed, "cap": c.cap, "reason": c.reason} for c in clipped]
 
 
 class Federation:
@@ -109,6 +117,12 @@ class Federation:
         #: Seconds from the last phase's push to each reply's arrival, by the id of the message it answers.
         self.reply_seconds: dict[str, float] = {}
         self.best = BestTracker(store, run.select_metric, run.patience)
+        #: Replies are taken from the site their node's key was registered for (``site-keys``).
+        self.identity = SiteIdentity.from_file(run.site_keys)
+        #: Every reply received and its verdict (``received.jsonl``): each accepted exactly once.
+        self.receipts = Receipts(run.run_dir, resume=run.resume)
+        #: The last phase's messages (id -> node) and every reply it received, for :meth:`_record`.
+        self.phase: tuple[dict[str, int], list[Message]] = ({}, [])
 
     def wait_for_nodes(self, needed: int) -> None:
         """Block until ``needed`` SuperNodes are connected; fail clearly after ``node-wait-timeout``.
@@ -128,7 +142,9 @@ class Federation:
         """Send one phase's messages and collect the replies until ``round-timeout``.
 
         Returns the replies that are not errors, in site order, and a rejection for every node that sent an error
-        or nothing in time (so the round's record accounts for every site it asked).
+        or nothing in time (so the round's record accounts for every site it asked), for every late, duplicate
+        or replayed reply (:mod:`server.receipts`) and every reply from a site other than its key's
+        (:mod:`server.identity`).
         """
         messages = list(messages)
         arrivals = send_and_collect(self.grid, messages, self.run.round_timeout)
@@ -136,17 +152,26 @@ class Federation:
         self.reply_seconds = {a.message.metadata.reply_to_message_id: a.seconds for a in arrivals}
         # The grid stamps each message with its id while sending it.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-        ok, failed = _error_rejections(replies, sent)
+        self.phase = (sent, replies)
+        fresh, stale = self.receipts.screen(sent, replies)
+        ok, failed = _error_rejections(fresh, sent)
+        self.identity.refresh(self.grid)
+        ok, impostors = self.identity.check(ok)
         # In site order, not arrival order: floating-point sums (the aggregate, the metrics' means) then
         # do not depend on which site answered first.
         ok.sort(key=site_of)
-        answered = {m.metadata.reply_to_message_id for m in replies}
+        answered = {m.metadata.reply_to_message_id for m in fresh}
         silent = [
             Rejection(f"node-{node}", f"no reply within round-timeout ({self.run.round_timeout:g} s)")
             for message_id, node in sent.items()
             if message_id not in answered
         ]
-        return ok, failed + silent
+        return ok, failed + silent + stale + impostors
+
+    def _record(self, rnd: int, phase: str, accepted: list[Message], rejected: list[Rejection]) -> None:
+        """Append the last phase's verdicts to ``received.jsonl`` (:class:`server.receipts.Receipts`)."""
+        sent, received = self.phase
+        self.receipts.record(rnd, phase, sent, received, accepted, rejected)
 
     @property
     def carries_evaluation(self) -> bool:
@@ -171,6 +196,10 @@ class Federation:
         """
         t0 = time.time()
         ok, failed = self._send(messages)
+        # Evaluation claims are capped like training ones: they weigh the global validation metrics.
+        ok, uncapped, clipped = apply_caps(ok, self.run.caps)
+        failed += uncapped
+        self._record(rnd, phase, ok, failed)
         if len(ok) < self.run.min_evaluate_nodes:
             raise RoundFailed(
                 f"{what} needs {self.run.min_evaluate_nodes} sites, {len(ok)} replied"
@@ -178,6 +207,7 @@ class Federation:
             )
         records = _site_records(self.run, rnd, phase, ok, reply_seconds=self.reply_seconds)
         summary = _global_record(self.run, rnd, phase, records, failed, time.time() - t0)
+        _note_clipped(summary, clipped)
         self.store.append_metrics(records + [summary])
         return summary
 
@@ -195,16 +225,19 @@ class Federation:
         replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
         self.carried = None
         if self.carries_evaluation:
-            evaluated = _site_records(self.run, rnd - 1, "evaluate", replies, prefix=CARRIED)
+            carriers, _, eval_clipped = apply_caps(list(replies), self.run.caps, key=f"{CARRIED}num-examples")
+            evaluated = _site_records(self.run, rnd - 1, "evaluate", carriers, prefix=CARRIED)
             if evaluated:
                 # The evaluation rode on the training message: it has no wall time or overhead of its own.
                 compute = max(r["metrics"].get("compute-seconds", 0.0) for r in evaluated)
                 self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, failed, compute)
                 self.carried["carried_by"] = f"round {rnd} train"
+                _note_clipped(self.carried, eval_clipped)
                 self.store.append_metrics(evaluated + [self.carried])
         valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
         valid, uncapped, clipped = apply_caps(valid, self.run.caps)
         rejected = failed + rejected + uncapped
+        self._record(rnd, "train", valid, rejected)
         if len(valid) < self.run.min_train_nodes:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no reply in time"
             raise RoundFailed(
@@ -216,8 +249,7 @@ class Federation:
         records = _site_records(self.run, rnd, "train", valid, reply_seconds=self.reply_seconds)
         summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
         summary["metrics"].update(client_dp_metrics(self.strategy))
-        if clipped:
-            summary["clipped"] = [{"site": c.site, "claimed": c.claimed, "cap": c.cap, "reason": c.reason} for c in clipped]
+        _note_clipped(summary, clipped)
         self.store.append_metrics(records + [summary])
         return new_arrays
 

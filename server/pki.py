@@ -13,6 +13,7 @@ Layout of ``out_dir`` (private keys 0600, everything idempotent: existing keys a
     superexec.secret              shared secret of SuperLink and the ServerApp runtime (process isolation)
     sites/<site>.key <site>.pub   SuperNode auth key pair (P-384; OpenSSH private / public key)
     sites/retired/                key pairs replaced by ``rotate_site_key``
+    site-keys.json                fingerprint of each current site key -> site (run config ``site-keys``)
     operators/<name>.crt .key     an operator's TLS client certificate (clientAuth): the front door
                                   (nginx) admits the Control API only to these (``--operator NAME``)
 """
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +50,7 @@ CURVE = ec.SECP384R1()  # Flower's docs and `flwr supernode register` name P-384
 CA_DAYS = 3650
 SERVER_DAYS = 825
 RENEW_BEFORE_DAYS = 30
+SITE_KEYS_FILE = "site-keys.json"  # key fingerprint -> site, for the ServerApp (write_site_keys)
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # same rule as SiteConfig.name
 
 
@@ -241,6 +246,47 @@ def issue_operator(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def key_fingerprint(public_key: bytes) -> str:
+    """``sha256:<hex>`` of the key's DER SubjectPublicKeyInfo, whatever text form it came in.
+
+    The SuperLink stores a node's key as PEM (Flower's ``public_key_to_bytes``); ``fedsense pki``
+    writes OpenSSH ``.pub`` files. Both forms of one key give one fingerprint.
+    """
+    text = public_key.strip()
+    try:
+        key = (serialization.load_ssh_public_key(text) if text.startswith(b"ecdsa-") or text.startswith(b"ssh-")
+               else serialization.load_pem_public_key(text))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a PEM or OpenSSH public key: {exc}") from exc
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def site_keys_of(pub_files: Iterable[Path]) -> dict[str, str]:
+    """Fingerprint -> site for the ``<site>.pub`` files given (the file stem is the site)."""
+    mapping: dict[str, str] = {}
+    for path in sorted(pub_files):
+        try:
+            mapping[key_fingerprint(path.read_bytes())] = path.stem
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    return mapping
+
+
+def write_site_keys(out_dir: str | Path) -> Path:
+    """``site-keys.json``: the fingerprint of every current ``sites/<site>.pub`` -> its site.
+
+    The ServerApp (run config ``site-keys``) takes a reply's site from its node's authenticated key
+    through this file, not from the name the reply reports (server/identity.py). Retired keys are
+    left out, so a rotated-away key no longer speaks for its site.
+    """
+    out = Path(out_dir)
+    path = out / SITE_KEYS_FILE
+    _write(path, (json.dumps(site_keys_of((out / "sites").glob("*.pub")), indent=1, sort_keys=True) + "\n").encode(),
+           private=False)
+    return path
+
+
 def check_site_name(site: str) -> str:
     """Site names become file names: reject anything that could escape ``sites/``."""
     if not _SITE_NAME.match(site):
@@ -291,6 +337,7 @@ def generate_pki(out_dir: str | Path, server_names: Sequence[str] = DEFAULT_SERV
 
     for site_paths in paths.sites.values():
         _site_keys(site_paths)
+    write_site_keys(out)
     return paths
 
 
@@ -310,6 +357,7 @@ def rotate_site_key(out_dir: str | Path, site: str) -> SiteKeys:
                 path.rename(retired / f"{path.stem}-{stamp}{path.suffix}")
         logger.info("retired the old %s key pair to %s", site, retired)
     _site_keys(keys)
+    write_site_keys(out_dir)
     return keys
 
 

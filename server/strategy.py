@@ -82,6 +82,7 @@ class Rejection:
 
     site: str
     reason: str
+    message_id: str = ""  # the rejected reply's, when there was one (server.receipts records it)
 
 
 def _arrays_of(msg: Message) -> ArrayRecord | None:
@@ -104,12 +105,13 @@ def validate_updates(
     rejected: list[Rejection] = []
     for msg in replies:
         if msg.has_error():
-            rejected.append(Rejection(f"node-{msg.metadata.src_node_id}", f"error reply: {msg.error.reason}"))
+            rejected.append(Rejection(f"node-{msg.metadata.src_node_id}", f"error reply: {msg.error.reason}",
+                                      msg.metadata.message_id))
             continue
         site = site_of(msg)
         reason, distance = _check_update(msg, reference)
         if reason:
-            rejected.append(Rejection(site, reason))
+            rejected.append(Rejection(site, reason, msg.metadata.message_id))
         else:
             accepted.append((msg, distance))
     if norm_outlier_factor > 0 and len(accepted) >= 3:
@@ -118,7 +120,8 @@ def validate_updates(
         for msg, distance in accepted:
             if median > 0 and distance > norm_outlier_factor * median:
                 rejected.append(
-                    Rejection(site_of(msg), f"update norm {distance:.4g} > {norm_outlier_factor} x median {median:.4g}")
+                    Rejection(site_of(msg), f"update norm {distance:.4g} > {norm_outlier_factor} x median {median:.4g}",
+                              msg.metadata.message_id)
                 )
             else:
                 kept.append((msg, distance))

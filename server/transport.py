@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
 from common.packing import Manifest, pack, unpack
@@ -70,6 +71,9 @@ class PackedGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(_packed(messages))

@@ -201,26 +201,29 @@ class Deployment:
     # SuperNodes --------------------------------------------------------------------------------
 
     def start_supernode(self, name: str, site_config: Path | None = None, warm: bool = False,
-                        env: Mapping[str, str] | None = None, cpus: set[int] | None = None) -> None:
+                        env: Mapping[str, str] | None = None, cpus: set[int] | None = None,
+                        superlink: str | None = None) -> None:
         """Start (or restart) site ``name``'s SuperNode; ``site_config`` is needed the first time.
 
         ``warm``: through ``fedsense client`` (SuperNode in process isolation plus the warm
         ``fedsense-superexec``) instead of a bare ``flower-supernode`` with Flower's own SuperExec.
         ``env`` adds to its environment; ``cpus`` confines the site to those cores, as if it had a
-        machine of its own.
+        machine of its own. ``superlink`` is the address it dials instead of the SuperLink's own (a link
+        proxy in front of it, deploy/wan/proxy.py).
         """
+        address = superlink or f"127.0.0.1:{self.port}"
         if site_config is not None:
             self._site_configs[name] = Path(site_config).resolve()
         starts = sum(1 for p in self.logs.glob(f"supernode-{name}-*.log"))
         self._node_logs[name] = self.logs / f"supernode-{name}-{starts + 1}.log"
         if warm:
             command = [
-                sys.executable, "-m", "client.supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                sys.executable, "-m", "client.supernode", "--insecure", "--superlink", address,
                 "--site-config", str(self._site_configs[name]), "--runtime-port", str(free_port()),
             ]
         else:
             command = [
-                str(_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                str(_BIN / "flower-supernode"), "--insecure", "--superlink", address,
                 "--node-config", f"site-config='{self._site_configs[name]}'",
                 "--port", str(free_port()),  # this SuperNode's local ClientApp Runtime API
             ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import ssl
 import stat
@@ -65,8 +66,11 @@ def test_new_site_added_without_touching_existing_material(pki) -> None:
     before = _snapshot(pki.root)
     again = generate_pki(pki.root, NAMES, [*SITES, "site-c"])
     after = _snapshot(pki.root)
-    assert {k: v for k, v in after.items() if k in before} == before
+    # site-keys.json is an index of the keys (key fingerprint -> site): it gains site-c, nothing else changes.
+    index = "site-keys.json"
+    assert {k: v for k, v in after.items() if k in before and k != index} == {k: v for k, v in before.items() if k != index}
     assert again.sites["site-c"].private_key.exists() and again.sites["site-c"].public_key.exists()
+    assert sorted(json.loads((pki.root / index).read_text()).values()) == [*sorted(SITES), "site-c"]
 
 
 def test_new_server_name_reissues_certificate_for_the_same_key(pki) -> None:

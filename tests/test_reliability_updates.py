@@ -39,6 +39,7 @@ import server.app
 from client.transport import pack_content, unpack_content
 from common.runconfig import RunConfig
 from server.federation import RoundFailed
+from server.receipts import RECEIVED_FILE, read_receipts
 from server.store import GLOBAL_SITE, RunDir
 
 MODEL_ARGS = {"chans": 4, "num_pool_layers": 2}
@@ -165,6 +166,9 @@ class LoopbackGrid(Grid):
             if reply is not None:
                 if reply.has_content() and reply.content.array_records:
                     reply.content = pack_content(reply.content)  # on the wire, as the site sends it
+                # As the SuperNode stamps its reply (an error reply, which has no content to hash, by its request).
+                reply_id = reply.object_id if reply.has_content() else f"error-{request.metadata.message_id}"
+                reply.metadata.__dict__["_message_id"] = reply_id
                 self._replies[request.metadata.message_id] = reply
             ids.append(request.metadata.message_id)
         return ids
@@ -264,6 +268,11 @@ def test_rejections_are_recorded_per_site_and_round(small_sites: list[Path], tmp
     # A crashed or silent site sends no name: the record names its node, and what happened.
     assert rejected[3] == [{"site": f"node-{node['site-b']}", "reason": "error reply: ClientApp raised: out of memory"}]
     assert rejected[4] == [{"site": f"node-{node['site-c']}", "reason": "no reply within round-timeout (2 s)"}]
+    # The ledger of replies (server.receipts) names the same: the error reply received, the silence.
+    refused = {(r["round"], r["site"], r["reason"]) for r in read_receipts(store.path / RECEIVED_FILE)
+               if r["round"] in (3, 4) and not r["accepted"]}
+    assert refused == {(3, f"node-{node['site-b']}", "error reply: ClientApp raised: out of memory"),
+                       (4, f"node-{node['site-c']}", "no reply")}
     # The server waited out round-timeout for the lost reply before closing the round.
     assert train_summary(store, 4)["seconds"] >= 2.0
     assert [train_summary(store, rnd)["sites"] for rnd in (1, 2, 3, 4)] == [
