@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 #: What a ClientApp process would otherwise import on every message (the expensive part of its start).
 #: Opacus (``client.app`` imports it through ``common.dp``) alone took 1.4 s per message on an idle
 #: core: it pulls in ``torch.distributed.tensor`` and SymPy.
-WARM_MODULES = ("numpy", "scipy.ndimage", "torch", "h5py", "nibabel", "pydantic", "opacus",
+WARM_MODULES = ("numpy", "scipy.ndimage", "torch", "h5py", "nibabel", "pydantic", "opacus", "finufft",
                 "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
 
 

@@ -174,10 +174,10 @@ def test_salted_pseudonym_is_stable_and_header_without_geometry_is_refused(
     assert not (tmp_path / "three" / "bare").exists()
 
 
-def test_cli_checks_patient_options_before_anything_else(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_checks_patient_options_before_anything_else(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     salt = tmp_path / "salt"
     salt.write_bytes(b"0123456789abcdef")
     code = client_main(["reconstruct", "--model", str(tmp_path / "no-model"), str(tmp_path / "x.h5"),
                         "--out", str(tmp_path / "o"), "--patient-id", "P1", "--pseudonym-salt-file", str(salt)])
-    assert code == 2 and "--patient-id, --pseudonym-salt-file: give at most one" in caplog.text
+    assert code == 2 and "--patient-id, --pseudonym-salt-file: give at most one" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -15,21 +15,18 @@ from server.cli import main
 from server.verdict import verdicts
 
 
-def test_errors_name_the_bad_run_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_errors_name_the_bad_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope"
-    with caplog.at_level(logging.ERROR):
-        assert main(["verdict", str(missing), "--local", str(tmp_path)]) == 2
-    assert f"{missing}: federated run directory not found" in caplog.text
+    assert main(["verdict", str(missing), "--local", str(tmp_path)]) == 2
+    assert f"{missing}: federated run directory not found" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main(["verdict", str(empty), "--local", str(tmp_path)]) == 2
-    assert f"{empty / 'config.json'}: not found" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main(["verdict", str(empty), "--local", str(tmp_path), "--site-state-dir", str(missing)]) == 2
-    assert f"{empty / 'config.json'}: not found" in caplog.text  # the run is checked first
+    capsys.readouterr()
+    assert main(["verdict", str(empty), "--local", str(tmp_path)]) == 2
+    assert f"{empty / 'config.json'}: not found" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["verdict", str(empty), "--local", str(tmp_path), "--site-state-dir", str(missing)]) == 2
+    assert f"{empty / 'config.json'}: not found" in capsys.readouterr().err  # the run is checked first
 
 
 @pytest.mark.slow
