@@ -35,7 +35,7 @@ demo: $(STAMP)
 	@echo "View: $(BIN)/fedsense metrics show runs/demo | $(BIN)/fedsense dashboard runs/demo"
 
 test: $(STAMP)
-	$(BIN)/pytest -v $(PYTEST_ARGS)
+	$(BIN)/pytest -v --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
