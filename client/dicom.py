@@ -320,6 +320,7 @@ def write_series(images: np.ndarray, geometry: SeriesGeometry, acquisition: Acqu
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
             ds.BurnedInAnnotation, ds.LossyImageCompression = "NO", "00"
             ds.WindowCenter, ds.WindowWidth = _ds(peak / 2), _ds(peak)
+            ds.VOILUTFunction = "LINEAR_EXACT"  # the window is in rescaled units, where the peak may be < 1
             ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", _ds(slope, 8), "US"
             ds.ImageComments = derivation[:10240]
             ds.PixelData = np.ascontiguousarray(plane).tobytes()
