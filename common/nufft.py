@@ -32,6 +32,8 @@ _EPS = {torch.complex64: 1e-6, torch.complex128: 1e-12}
 # Below this many (points x transforms) FINUFFT is fastest on one thread: a slice's transform takes
 # milliseconds, and waking threads costs more than it saves (5-10x slower measured on a busy 2-core host).
 _SERIAL_WORK = 1 << 20
+#: Largest density weight: one Nyquist cell of k-space, the weight of a Cartesian sample (orthonormal FFT).
+MAX_DENSITY_WEIGHT = 1.0
 
 
 def _threads(points: int, transforms: int) -> int:
@@ -150,6 +152,22 @@ def voronoi_areas(coords: np.ndarray, guard_spacing: float) -> np.ndarray:
     return (areas / counts)[inverse]
 
 
+def weight_caps(coords: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Largest density weight each sample may get (K,): min(1, N * readout step), N = max(H, W).
+
+    A sample a readout step d from its neighbours, with the next readout at most Nyquist's 1 / N away,
+    stands for a cell of d / N, i.e. N d Nyquist cells (1/2 on a radial spoke with 2x readout
+    oversampling). The readout step is the distance to the nearer of the previous and next sample in
+    the stored order (the scanner's order: spoke by spoke, interleave by interleave); samples stored in
+    another order get larger steps, so only the one-cell cap then applies.
+    """
+    points = coords.detach().to(torch.float32)
+    step = torch.linalg.vector_norm(points[1:] - points[:-1], dim=-1)
+    far = torch.full((1,), math.inf)
+    nearest = torch.minimum(torch.cat((far, step)), torch.cat((step, far)))
+    return (nearest * max(int(shape[0]), int(shape[1]))).clamp_max(MAX_DENSITY_WEIGHT).cpu()
+
+
 def density_compensation(coords: Tensor, shape: tuple[int, int]) -> Tensor:
     """Voronoi density compensation weights (K,) float32, scaled so that A^H D A reproduces smooth objects.
 
@@ -157,7 +175,18 @@ def density_compensation(coords: Tensor, shape: tuple[int, int]) -> Tensor:
     on FINUFFT's spreading kernel (mri-nufft) were tried and over-weight the innermost radial samples
     about twofold, which puts a bias on every pixel; Voronoi areas do not. The weights are then scaled
     by a least-squares fit of A^H D A x to x for a smooth (band-limited) Gaussian blob, so that D carries
-    the same units at every site and the zero-filled image has the object's intensity.
+    the same units at every site and the zero-filled image has the object's intensity: a fully sampled
+    Cartesian grid gets weight 1.
+
+    Finally each weight is capped at what the sample can stand for (:func:`weight_caps`): at most one
+    Nyquist cell (1, the weight of a Cartesian sample), and at most its readout step times the Nyquist
+    spacing 1 / N across the readout. Where a trajectory samples more sparsely than Nyquist (an
+    undersampled radial scan beyond radius spokes / (pi N), a spiral's outer turns), a Voronoi cell spans
+    the gap to the next spoke and its area grows with it; weighting the sample by that area multiplies
+    the aliasing it carries (the streaks) by the gap width instead of filling the gap. Cartesian
+    zero-filling never does that (a sampled line keeps weight 1 at any R), and with the cap a trajectory
+    that lies on the grid gives exactly the Cartesian zero-filled image. Uncapped, the radial demo site's
+    zero-filled image was 16.3 dB at R = 4 (NMSE 0.15), 2-5 dB below torchkbnufft's Pipe-Menon gridding.
     """
     _check_coords(coords)
     height, width = int(shape[0]), int(shape[1])
@@ -168,7 +197,7 @@ def density_compensation(coords: Tensor, shape: tuple[int, int]) -> Tensor:
     blob = torch.exp(-0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2)).to(torch.complex64)
     response = nufft_adjoint(dcf * nufft(blob, coords), coords, (height, width))
     scale = torch.sum(response.conj() * blob).real / torch.sum(response.abs() ** 2).clamp_min(1e-30)
-    return dcf * scale
+    return torch.minimum(dcf * scale, weight_caps(coords, shape))
 
 
 def toeplitz_kernel(coords: Tensor, shape: tuple[int, int], weights: Tensor | None = None) -> Tensor:
@@ -287,6 +316,7 @@ def estimate_maps_from_centre(
 
 
 __all__ = [
+    "MAX_DENSITY_WEIGHT",
     "SenseNufft",
     "coil_images",
     "is_non_cartesian",
@@ -297,4 +327,5 @@ __all__ = [
     "toeplitz_kernel",
     "toeplitz_normal",
     "voronoi_areas",
+    "weight_caps",
 ]
