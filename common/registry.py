@@ -26,11 +26,14 @@ STRATEGY_DESCRIPTIONS: dict[str, str] = {
 }
 #: Reconstruction models (run-config ``model``): name -> what it is, for the docs.
 MODEL_DESCRIPTIONS: dict[str, str] = {
-    "unet": "end-to-end U-Net on the coil-combined zero-filled image (fastMRI's baseline)",
+    "unet": "end-to-end U-Net on the coil-combined zero-filled image (fastMRI's baseline); at radial / spiral "
+            "sites on the density-compensated NUFFT adjoint",
     "unrolled": "unrolled cascade of small residual CNNs, each followed by a closed-form data-consistency "
-                "layer (after Schlemper et al.'s DC-CNN)",
+                "layer (after Schlemper et al.'s DC-CNN); at radial / spiral sites the DC is CG-SENSE "
+                "(`nc_dc = \"cg\"`) or a gradient step on the NUFFT",
     "varnet": "end-to-end VarNet: gradient data consistency in multi-coil k-space with coil maps estimated by "
-              "the model (after Sriram et al. 2020)",
+              "the model (after Sriram et al. 2020); at radial / spiral sites each cascade runs its image-domain "
+              "twin (gradient DC on the NUFFT, the same weights) with the site's own maps",
 }
 #: Baselines (``fedsense baseline KIND``): name -> what it trains, for the docs.
 BASELINE_DESCRIPTIONS: dict[str, str] = {

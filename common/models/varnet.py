@@ -4,6 +4,14 @@ The model works in multi-coil k-space. Each cascade takes a gradient DC step and
 refinement computed by a small U-Net on the coil-combined image and expanded back with the maps.
 The maps are estimated by the model itself from the fully sampled k-space centre and refined by a
 U-Net, so it does not depend on how a site computed (or simulated) its maps.
+
+Non-Cartesian (radial, spiral) batches have no grid to hold multi-coil k-space, so each cascade runs its
+image-domain twin, ``x - eta (A^H D A x - A^H D y) - U(x)`` with the NUFFT SENSE operator of
+:mod:`common.nufft` (the Cartesian cascade projected onto the coil-combined image: with S^H S = 1 they are
+equal, and tests/test_noncartesian_dc.py checks that on a full grid). The cascades' ``eta`` and U-Nets are
+the same parameters, so one VarNet serves a mixed federation; at such a site the maps are the site's
+own (estimated from its k-space centre), and the sensitivity network, which reads a Cartesian ACS, is
+left as received.
 """
 
 from torch import Tensor, nn
@@ -12,7 +20,7 @@ from common.coils import estimate_maps_from_acs, rss, sense_adjoint, sense_forwa
 from common.dc import GradientDC
 from common.fft import ifft2c
 from common.models.unet import NormUnet
-from common.nufft import is_non_cartesian
+from common.nufft import SenseNufft, is_non_cartesian
 
 
 class SensitivityModel(nn.Module):
@@ -50,6 +58,13 @@ class VarNetBlock(nn.Module):
         refinement = sense_forward(self.refine(sense_adjoint(kspace, sens_maps)), sens_maps)
         return self.dc(kspace, masked_kspace, mask) - refinement
 
+    def forward_non_cartesian(self, image: Tensor, data_adjoint: Tensor, operator: SenseNufft) -> Tensor:
+        """Coil-combined image (B,H,W) -> updated image: ``x - eta (A^H D A x - A^H D y) - U(x)``.
+
+        ``data_adjoint`` is A^H D y, computed once per batch; A^H D A runs on the Toeplitz kernel.
+        """
+        return image - self.dc.eta * (operator.normal(image) - data_adjoint) - self.refine(image)
+
 
 class VarNet(nn.Module):
     """Cascades of :class:`VarNetBlock` on k-space; the output is the RSS of the final coil images.
@@ -86,7 +101,8 @@ class VarNet(nn.Module):
     def reconstruct_kspace(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """The final multi-coil k-space estimate (B,C,H,W): what a k-space loss (SSDU) compares."""
         if is_non_cartesian(masked_kspace):
-            raise ValueError("varnet works on Cartesian k-space only; a radial/spiral site needs model unrolled or unet")
+            raise ValueError("non-Cartesian samples have no multi-coil k-space grid to return (a k-space loss, "
+                             "SSDU, is Cartesian only); forward() reconstructs them")
         maps = self.sensitivity_maps(masked_kspace, mask, sens_maps)
         kspace = masked_kspace
         for cascade in self.cascades:
@@ -94,5 +110,16 @@ class VarNet(nn.Module):
         return kspace
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
-        """k-space (B,C,H,W) complex, mask (B,1,H,W), maps (B,C,H,W) complex -> magnitude (B,H,W)."""
+        """k-space (B,C,H,W) complex, mask (B,1,H,W), maps (B,C,H,W) complex -> magnitude (B,H,W).
+
+        Non-Cartesian: samples (B,C,K) and trajectory (B,K,3) (ky, kx, dcf) in place of the mask; the
+        given maps are used (normalised to sum_c |S_c|^2 = 1, so |x| is the RSS of the coil images S x).
+        """
+        if is_non_cartesian(masked_kspace):
+            operator = SenseNufft.from_batch(mask, sens_maps)
+            data_adjoint = operator.gridded(masked_kspace)
+            image = data_adjoint
+            for cascade in self.cascades:
+                image = cascade.forward_non_cartesian(image, data_adjoint, operator)
+            return image.abs()
         return rss(ifft2c(self.reconstruct_kspace(masked_kspace, mask, sens_maps)), dim=1)
