@@ -5,9 +5,8 @@ Sections (run one, or ``all``)::
     python -m bench.nufft accuracy   # NUFFT vs an exact NDFT (float64) and vs torchkbnufft, adjointness
     python -m bench.nufft cost       # per slice: forward / adjoint / normal operator, NUFFT vs Cartesian FFT;
                                      # per training step of the unrolled model: radial batch vs Cartesian batch
-    python -m bench.nufft quality    # the raw radial site-r next to the Cartesian site-a at R = 4 and 8:
-                                     # zero-filled, CS (lam tuned on val), local, federated (FedAvg) on test
 
+Quality (zero-filled, CS, local, federated) is ``bench.noncartesian_quality``.
 Everything is measured side by side in one process, so ratios compare like with like on the same load.
 Times are medians over ``--repeats`` runs after one warm-up.
 """
@@ -15,28 +14,18 @@ Times are medians over ``--repeats`` runs after one warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.harness import emulate_fedavg, markdown_table, mean_std, model_recon, score_slices, write_sites
+from bench.harness import markdown_table
 from common.coils import birdcage_maps, sense_adjoint, sense_forward
-from common.config import load_site_config
-from common.cs import l1_wavelet_sense
-from common.data.dataset import build_site_datasets
-from common.data.loaders import make_loader
-from common.fft import center_crop
 from common.models import build_model
-from common.runconfig import RunConfig
-from common.training import train, zero_filled
 from common.nufft import SenseNufft, density_compensation, nufft, nufft_adjoint
 from common.trajectories import golden_angle_radial, radial_spokes_for
 
@@ -150,59 +139,9 @@ def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, 
     print(markdown_table(["model", "Cartesian (s)", "radial (s)", "ratio"], rows))
 
 
-CS_LAMS = (0.001, 0.003, 0.01, 0.03)
-
-
-def _cs(lam: float) -> Callable[[dict[str, object]], torch.Tensor]:
-    def recon(batch: dict[str, object]) -> torch.Tensor:
-        image = l1_wavelet_sense(batch["masked_kspace"], batch["mask"], batch["sens_maps"],  # type: ignore[arg-type]
-                                 lam=lam, iterations=30).abs()
-        return center_crop(image, tuple(batch["target"].shape[-2:]))  # type: ignore[union-attr]
-    return recon
-
-
-def quality(size: int, accelerations: list[float], seeds: list[int], rounds: int, steps: int,
-            model_args: dict[str, object]) -> None:
-    """Test PSNR / SSIM of the radial site (and the Cartesian site beside it) per method, short runs."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-nufft-"))
-    cartesian = write_sites(workdir / "cartesian", size=size, subjects=5, slices=6, names=("site-a",))[0]
-    rows = []
-    for acceleration in accelerations:
-        radial = write_sites(workdir / f"radial-r{acceleration:g}", size=size, subjects=5, slices=6,
-                             acceleration=acceleration, names=("site-r",))[0]
-        datasets = {p.stem: build_site_datasets(load_site_config(p)) for p in (cartesian, radial)}
-        test = {name: make_loader(splits["test"], 2, shuffle=False, seed=0) for name, splits in datasets.items()}
-        val_r = make_loader(datasets["site-r"]["val"], 2, shuffle=False, seed=0)
-        best_lam = max(CS_LAMS, key=lambda lam: float(np.mean([s.psnr for s in score_slices(_cs(lam), val_r)])))
-        scores: dict[tuple[str, str], list] = {}
-        scores[("site-r", "zero-filled")] = score_slices(zero_filled, test["site-r"])
-        scores[("site-r", f"CS (lam {best_lam:g})")] = score_slices(_cs(best_lam), test["site-r"])
-        for seed in seeds:
-            run = RunConfig.from_flat({"name": "q", "model": "unrolled", "model-args": json.dumps(model_args),
-                                       "num-server-rounds": rounds, "local-steps": steps, "batch-size": 2,
-                                       "learning-rate": 1e-3, "seed": seed, "sites": ""})
-            for name, splits in datasets.items():  # local: the same number of steps on one site alone
-                torch.manual_seed(seed)
-                model = build_model("unrolled", **model_args)
-                train(model, make_loader(splits["train"], 2, shuffle=True, seed=seed), steps=rounds * steps, lr=1e-3)
-                scores.setdefault((name, "local"), []).extend(score_slices(model_recon(model), test[name]))
-            *_, (_, state) = emulate_fedavg(run, datasets)
-            model = build_model("unrolled", **model_args)
-            model.load_state_dict(state)
-            for name in datasets:
-                scores.setdefault((name, "federated (FedAvg)"), []).extend(score_slices(model_recon(model), test[name]))
-        for (site, method), values in scores.items():
-            rows.append([f"{acceleration:g}", site, method, mean_std([v.psnr for v in values], 2),
-                         mean_std([v.ssim for v in values], 3), len(values)])
-    print(f"\n#### Radial site-r (raw golden-angle radial h5) beside Cartesian site-a (equispaced R = 4): {size}², "
-          f"unrolled {model_args}, {rounds} rounds x {steps} steps x batch 2 (local: the same {rounds * steps} "
-          f"steps alone), seeds {seeds}; test split, mean ± std over slices (and seeds)\n")
-    print(markdown_table(["R (site-r)", "site", "method", "PSNR (dB)", "SSIM", "slices"], rows))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.nufft", description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=("accuracy", "cost", "quality", "all"))
+    parser.add_argument("section", choices=("accuracy", "cost", "all"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128], help="accuracy: matrices")
     parser.add_argument("--size", type=int, default=128, help="cost: matrix")
     parser.add_argument("--coils", type=int, default=8)
@@ -210,11 +149,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cascades", type=int, default=5)
     parser.add_argument("--chans", type=int, default=32)
-    parser.add_argument("--quality-size", type=int, default=64)
-    parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -223,9 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.section in ("cost", "all"):
         cost(args.size, args.coils, args.batch, args.repeats,
              {"num_cascades": args.cascades, "chans": args.chans, "lam": 1.0})
-    if args.section in ("quality", "all"):
-        quality(args.quality_size, args.accelerations, args.seeds, args.rounds, args.steps,
-                {"num_cascades": 3, "chans": 16, "num_layers": 4, "lam": 1.0})
 
 
 if __name__ == "__main__":
