@@ -3,6 +3,8 @@
 Sections (run one, or ``all``)::
 
     python -m bench.nufft accuracy   # NUFFT vs an exact NDFT (float64) and vs torchkbnufft, adjointness
+    python -m bench.nufft density    # zero-filled PSNR of radial / spiral demo slices: capped density weights
+                                     # vs uncapped Voronoi vs torchkbnufft's Pipe-Menon (best intensity scale)
     python -m bench.nufft cost       # per slice: forward / adjoint / normal operator, NUFFT vs Cartesian FFT;
                                      # per training step of the unrolled model: radial batch vs Cartesian batch
 
@@ -17,17 +19,21 @@ import argparse
 import logging
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.harness import markdown_table
-from common.coils import birdcage_maps, sense_adjoint, sense_forward
+from bench.harness import markdown_table, write_sites
+from common.coils import birdcage_maps, rss, sense_adjoint, sense_forward
+from common.data.acquisition import site_coil_maps
+from common.metrics import psnr
 from common.models import build_model
 from common.nufft import SenseNufft, density_compensation, nufft, nufft_adjoint
-from common.trajectories import golden_angle_radial, radial_spokes_for
+from common.trajectories import golden_angle_radial, make_trajectory, radial_spokes_for, spiral_interleaves_for
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,55 @@ def accuracy(sizes: list[int]) -> None:
     print(f"\n#### NUFFT accuracy: golden-angle radial at R = 4 (2x readout oversampling), complex64\n")
     print(markdown_table(["matrix", "samples", "forward vs exact NDFT", "forward vs torchkbnufft",
                           "adjoint vs torchkbnufft", "adjointness gap (relative)"], rows))
+
+
+DENSITY_CASES = (("radial-ga", 1.0), ("radial-ga", 4.0), ("radial-ga", 8.0), ("spiral", 4.0), ("spiral", 8.0))
+
+
+def density(size: int, coils: int) -> None:
+    """Zero-filled (density-compensated adjoint, RSS) PSNR of noise-free demo brain slices, per weighting.
+
+    The slices are the radial demo site's references (``bench.harness.write_sites``), measured along each
+    trajectory with the NUFFT; torchkbnufft's Pipe-Menon weights get their least-squares intensity scale
+    per slice (a reference that knows the answer's scale), ours do not.
+    """
+    import h5py
+    import torchkbnufft as tkbn
+
+    with tempfile.TemporaryDirectory(prefix="bench-density-") as tmp:
+        write_sites(Path(tmp), size=size, subjects=4, slices=4, names=("site-r",))
+        volumes = []
+        for path in sorted(Path(tmp, "data", "site-r").glob("*.h5")):
+            with h5py.File(path, "r") as f:
+                volumes.append(np.asarray(f["reconstruction_rss"], dtype=np.float32))
+    maps = site_coil_maps(coils, (size, size)).astype(np.complex64)
+    rows = []
+    for kind, acceleration in DENSITY_CASES:
+        readout = 2 * size if kind == "radial-ga" else 4 * size
+        count = (radial_spokes_for(size, acceleration) if kind == "radial-ga"
+                 else spiral_interleaves_for(size, acceleration, readout, 2.0))
+        coords = make_trajectory(kind, count, readout, size, 2.0)
+        omega = (2.0 * math.pi * coords).T.contiguous()
+        weights = {"capped (ours)": density_compensation(coords, (size, size)),
+                   "uncapped Voronoi": density_compensation(coords, (size, size), capped=False),
+                   "Pipe-Menon (torchkbnufft)": tkbn.calc_density_compensation_function(
+                       ktraj=omega, im_size=(size, size))[0, 0].real}
+        scores: dict[str, list[float]] = {name: [] for name in weights}
+        for volume in volumes:
+            for image in volume:
+                coil_images = torch.from_numpy(maps * image)
+                target = rss(coil_images, dim=0).numpy()
+                samples = nufft(coil_images, coords)
+                for name, dcf in weights.items():
+                    recon = rss(nufft_adjoint(samples * dcf, coords, (size, size)), dim=0).numpy()
+                    if name.startswith("Pipe-Menon"):
+                        recon = recon * float(np.sum(recon * target) / np.sum(recon**2))
+                    scores[name].append(psnr(target, recon, float(volume.max())))
+        rows.append([kind, f"{acceleration:g}", coords.shape[0],
+                     *(f"{np.mean(scores[name]):.2f}" for name in weights)])
+    print(f"\n#### Zero-filled PSNR (dB) by density weighting: {len(volumes)} demo volumes x 4 slices, {size}², "
+          f"{coils} coils, noise-free, readout oversampling 2\n")
+    print(markdown_table(["trajectory", "R", "samples", *weights], rows))
 
 
 def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, object]) -> None:
@@ -141,9 +196,10 @@ def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.nufft", description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=("accuracy", "cost", "all"))
+    parser.add_argument("section", choices=("accuracy", "density", "cost", "all"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128], help="accuracy: matrices")
     parser.add_argument("--size", type=int, default=128, help="cost: matrix")
+    parser.add_argument("--density-size", type=int, default=64, help="density: matrix")
     parser.add_argument("--coils", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -154,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.section in ("accuracy", "all"):
         accuracy(args.sizes)
+    if args.section in ("density", "all"):
+        density(args.density_size, args.coils)
     if args.section in ("cost", "all"):
         cost(args.size, args.coils, args.batch, args.repeats,
              {"num_cascades": args.cascades, "chans": args.chans, "lam": 1.0})

@@ -168,7 +168,7 @@ def weight_caps(coords: Tensor, shape: tuple[int, int]) -> Tensor:
     return (nearest * max(int(shape[0]), int(shape[1]))).clamp_max(MAX_DENSITY_WEIGHT).cpu()
 
 
-def density_compensation(coords: Tensor, shape: tuple[int, int]) -> Tensor:
+def density_compensation(coords: Tensor, shape: tuple[int, int], *, capped: bool = True) -> Tensor:
     """Voronoi density compensation weights (K,) float32, scaled so that A^H D A reproduces smooth objects.
 
     Each sample is weighted by the area of its Voronoi cell (:func:`voronoi_areas`). Pipe-Menon iterations
@@ -187,6 +187,7 @@ def density_compensation(coords: Tensor, shape: tuple[int, int]) -> Tensor:
     zero-filling never does that (a sampled line keeps weight 1 at any R), and with the cap a trajectory
     that lies on the grid gives exactly the Cartesian zero-filled image. Uncapped, the radial demo site's
     zero-filled image was 16.3 dB at R = 4 (NMSE 0.15), 2-5 dB below torchkbnufft's Pipe-Menon gridding.
+    ``capped=False`` gives those uncapped weights (``python -m bench.nufft density`` compares them).
     """
     _check_coords(coords)
     height, width = int(shape[0]), int(shape[1])
@@ -197,7 +198,8 @@ def density_compensation(coords: Tensor, shape: tuple[int, int]) -> Tensor:
     blob = torch.exp(-0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2)).to(torch.complex64)
     response = nufft_adjoint(dcf * nufft(blob, coords), coords, (height, width))
     scale = torch.sum(response.conj() * blob).real / torch.sum(response.abs() ** 2).clamp_min(1e-30)
-    return torch.minimum(dcf * scale, weight_caps(coords, shape))
+    scaled = dcf * scale
+    return torch.minimum(scaled, weight_caps(coords, shape)) if capped else scaled
 
 
 def toeplitz_kernel(coords: Tensor, shape: tuple[int, int], weights: Tensor | None = None) -> Tensor:
