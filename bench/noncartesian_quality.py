@@ -47,6 +47,7 @@ from common.data.dataset import SiteDataset, build_site_datasets
 from common.data.loaders import make_loader
 from common.fft import center_crop
 from common.models import build_model
+from common.personalise import fine_tune
 from common.stats import hierarchical_bootstrap, hierarchical_resamples
 from common.training import train, zero_filled
 
@@ -110,15 +111,30 @@ def cs_recon(lam: float, iterations: int) -> Recon:
 
 
 def _local(args: argparse.Namespace, splits: Splits, seed: int) -> torch.nn.Module:
-    """One site alone: the same steps (rounds x local steps) and learning rate as it takes federated."""
+    """One site alone: the same steps (rounds x local steps + fine-tuning) and learning rate as federated."""
     torch.manual_seed(seed)
     model = build_model("unrolled", **args.model_args)
-    train(model, make_loader(splits["train"], args.batch, shuffle=True, seed=seed), steps=args.rounds * args.steps,
-          lr=args.lr)
+    train(model, make_loader(splits["train"], args.batch, shuffle=True, seed=seed),
+          steps=args.rounds * args.steps + args.fine_tune_steps, lr=args.lr)
     return model
 
 
-def _federated(args: argparse.Namespace, datasets: dict[str, Splits], seed: int) -> torch.nn.Module:
+def _fine_tuned(args: argparse.Namespace, state: dict[str, torch.Tensor], splits: Splits, seed: int) -> torch.nn.Module:
+    """The site's fine-tuned copy of the global model, as ``fine-tune-steps`` makes it in the ClientApp.
+
+    Up to ``--fine-tune-steps`` Adam steps on the site's training split, validated every 10; the best
+    validation step is kept (the unmodified global model included).
+    """
+    model = build_model("unrolled", **args.model_args)
+    model.load_state_dict(state)
+    torch.manual_seed(seed + args.rounds + 1)
+    fine_tune(model, make_loader(splits["train"], args.batch, shuffle=True, seed=seed + args.rounds + 1),
+              make_loader(splits["val"], args.batch, shuffle=False, seed=seed), steps=args.fine_tune_steps,
+              eval_every=10, lr=args.lr)
+    return model
+
+
+def _federated(args: argparse.Namespace, datasets: dict[str, Splits], seed: int) -> dict[str, torch.Tensor]:
     """FedAvg with ``client-optimizer = keep`` (README: the best federated setting of bench.quality).
 
     Each round every site loads the global weights, trains ``steps`` with its own Adam, kept across
@@ -142,9 +158,20 @@ def _federated(args: argparse.Namespace, datasets: dict[str, Splits], seed: int)
             weights.append(result.num_examples)
         total = float(sum(weights))
         state = {k: sum(w / total * s[k].float() for s, w in zip(sent, weights)).to(sent[0][k].dtype) for k in state}
+    return state
+
+
+def _score_federation(args: argparse.Namespace, datasets: dict[str, Splits], seed: int, label: str,
+                      scores: Scores) -> None:
+    """Test scores of one federation's global model (and, with fine-tuning, of each site's copy)."""
+    state = _federated(args, datasets, seed)
     model = build_model("unrolled", **args.model_args)
     model.load_state_dict(state)
-    return model
+    for name, splits in datasets.items():
+        scores.setdefault((name, label), []).append(_test(splits["test"], model_recon(model)))
+        if args.fine_tune_steps:
+            scores.setdefault((name, f"{label} + fine-tune"), []).append(
+                _test(splits["test"], model_recon(_fine_tuned(args, state, splits, seed))))
 
 
 def _matrix(runs: list[list[SliceScore]], metric: str) -> tuple[np.ndarray, list[str], list[tuple[str, int]]]:
@@ -195,10 +222,7 @@ def run_acceleration(args: argparse.Namespace, acceleration: float, cartesian: d
         log.info("site-r R=%g seed %d: local, then the mixed federation", acceleration, seed)
         scores.setdefault((RADIAL, f"{tag} local"), []).append(
             _test(splits["test"], model_recon(_local(args, splits, seed))))
-        model = _federated(args, mixed, seed)
-        for name, site_splits in mixed.items():
-            scores.setdefault((name, f"{tag} federated (mixed)"), []).append(
-                _test(site_splits["test"], model_recon(model)))
+        _score_federation(args, mixed, seed, f"{tag} federated (mixed)", scores)
     return f"R = {acceleration:g}: lambda {lam:g}, {iterations} iterations"
 
 
@@ -213,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=15, help="local steps per round")
+    parser.add_argument("--fine-tune-steps", type=int, default=0,
+                        help="each site then fine-tunes the global model (best of every 10 steps on validation); "
+                             "local models get these steps too")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--nc-dc", choices=("cg", "gradient"), default="cg", help="the radial site's DC")
@@ -229,21 +256,22 @@ def main(argv: list[str] | None = None) -> None:
         log.info("seed %d: Cartesian sites' local models and their federation without site-r", seed)
         for name, splits in cartesian.items():
             scores.setdefault((name, "local"), []).append(_test(splits["test"], model_recon(_local(args, splits, seed))))
-        model = _federated(args, cartesian, seed)
-        for name, splits in cartesian.items():
-            scores.setdefault((name, "federated (Cartesian only)"), []).append(
-                _test(splits["test"], model_recon(model)))
+        _score_federation(args, cartesian, seed, "federated (Cartesian only)", scores)
     cs_choices = [run_acceleration(args, r, cartesian, scores, workdir) for r in args.accelerations]
 
     caption = (f"{args.size}², {args.subjects} subjects per site ({args.val_fraction:g} validation, "
                f"{args.test_fraction:g} test), {args.slices} slices per volume; unrolled {args.model_args}, "
                f"FedAvg {args.rounds} rounds x {args.steps} steps x batch {args.batch}, each site keeping its Adam state, "
                f"lr {args.lr:g} (local: the same "
-               f"{args.rounds * args.steps} steps alone); seeds {args.seeds}; mean [95 % CI: seeds, test subjects, "
+               f"{args.rounds * args.steps + args.fine_tune_steps} steps alone), fine-tune {args.fine_tune_steps} "
+               f"steps; seeds {args.seeds}; mean [95 % CI: seeds, test subjects, "
                "slices]")
+    def tuned(label: str) -> tuple[str, ...]:
+        return (f"{label} + fine-tune",) if args.fine_tune_steps else ()
+
     rows = []
     for r in args.accelerations:
-        for method in ("zero-filled", "CS", "local", "federated (mixed)"):
+        for method in ("zero-filled", "CS", "local", "federated (mixed)", *tuned("federated (mixed)")):
             runs = scores[(RADIAL, f"R{r:g} {method}")]
             values, subjects, _ = _matrix(runs, "psnr")
             rows.append([f"{r:g}", method, mean_ci(runs, "psnr", 2), mean_ci(runs, "ssim", 3),
@@ -259,19 +287,26 @@ def main(argv: list[str] | None = None) -> None:
                                                                           f"{tag} local")])
         rows.append([f"{r:g}", RADIAL, "federated (mixed) − CS", gain(scores, RADIAL, f"{tag} federated (mixed)",
                                                                        f"{tag} CS")])
+        for arm in tuned("federated (mixed)"):
+            rows.append([f"{r:g}", RADIAL, f"{arm} − local", gain(scores, RADIAL, f"{tag} {arm}", f"{tag} local")])
         for name in CARTESIAN:
             rows.append([f"{r:g}", name, "federated (mixed) − federated (Cartesian only)",
                          gain(scores, name, f"{tag} federated (mixed)", "federated (Cartesian only)")])
             rows.append([f"{r:g}", name, "federated (mixed) − local",
                          gain(scores, name, f"{tag} federated (mixed)", "local")])
+            for arm in tuned("federated (mixed)"):
+                rows.append([f"{r:g}", name, f"{arm} − {arm.replace('mixed', 'Cartesian only')}",
+                             gain(scores, name, f"{tag} {arm}", arm.replace("mixed", "Cartesian only"))])
+                rows.append([f"{r:g}", name, f"{arm} − local", gain(scores, name, f"{tag} {arm}", "local")])
     print("\n#### What federating gives the radial site, and what admitting it costs the Cartesian sites: PSNR "
           "difference (dB), paired on the same test slices, mean [95 % CI: seeds, test subjects, slices]\n")
     print(markdown_table(["R (site-r)", "site", "comparison", "PSNR gain (dB)"], rows))
 
     rows = [[name, method, mean_ci(scores[(name, method)], "psnr", 2), mean_ci(scores[(name, method)], "ssim", 3)]
             for name in CARTESIAN
-            for method in ("local", "federated (Cartesian only)",
-                           *(f"R{r:g} federated (mixed)" for r in args.accelerations))]
+            for method in ("local", "federated (Cartesian only)", *tuned("federated (Cartesian only)"),
+                           *(f"R{r:g} {arm}" for r in args.accelerations
+                             for arm in ("federated (mixed)", *tuned("federated (mixed)"))))]
     print("\n#### Cartesian sites on their test subjects (mixed: with site-r at the R named)\n")
     print(markdown_table(["site", "method", "PSNR (dB)", "SSIM"], rows))
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
