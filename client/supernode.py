@@ -22,6 +22,7 @@ from typing import NoReturn, Sequence
 
 from client.monitoring import serve_site_metrics
 from client.supernode_poll import parse_poll_interval, superexec_env
+from common.command import port_number
 from common.errors import ConfigError, FedSenseError
 
 logger = logging.getLogger(__name__)
@@ -135,18 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest wait between two pulls of the SuperLink while idle (default 1; the first wait "
                              "is 0.1 s, doubling, and short again after each message; 'flower' keeps Flower's "
                              "fixed 3 s). Environment: FEDSENSE_POLL_INTERVAL")
-    parser.add_argument("--metrics-port", type=_port, default=0,
+    parser.add_argument("--metrics-port", type=port_number, default=0,
                         help="serve this site's Prometheus /metrics (train step time, steps, data read errors, last "
                              "round trained; counts and times only) on this port (default 0: off)")
     parser.add_argument("--metrics-host", default="127.0.0.1",
                         help="interface of --metrics-port (default 127.0.0.1; 0.0.0.0 inside a container)")
     return parser
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
 
 
 def run(args: argparse.Namespace) -> NoReturn:
