@@ -107,19 +107,23 @@ def test_sites_serve_their_steps_during_a_real_deployment_run(small_sites: list[
 
     rounds = 2
     store = RunDir(tmp_path / "run")
-    config = tiny_run(store.path, rounds, **{"min-available-nodes": 2, "min-train-nodes": 2, "local-steps": 2})
+    server_port = free_port()  # the ServerApp's own /metrics (server.tracking.prometheus), in the same run
+    config = tiny_run(store.path, rounds, **{"min-available-nodes": 2, "min-train-nodes": 2, "local-steps": 2,
+                                             "metrics-port": server_port})
     ports = {"site-a": free_port(), "site-b": free_port()}
-    seen: dict[str, list[float]] = {name: [] for name in ports}  # each site's step counter, in time order
+    counters = {"site-a": "fedsense_site_train_steps_total", "site-b": "fedsense_site_train_steps_total",
+                "server": "fedsense_rounds_finished_total"}
+    seen: dict[str, list[float]] = {name: [] for name in counters}  # each counter, in time order
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.wait(0.2):
-            for name, port in ports.items():
+            for name, port in {**ports, "server": server_port}.items():
                 try:
-                    value = scraped(port).get(("fedsense_site_train_steps_total", ()), 0.0)
+                    value = scraped(port).get((counters[name], ()))
                 except OSError:
-                    continue  # not listening yet
-                if not seen[name] or value != seen[name][-1]:
+                    continue  # not listening (yet, or any more)
+                if value is not None and (not seen[name] or value != seen[name][-1]):
                     seen[name].append(value)
 
     with Deployment(tmp_path / "deployment") as deployment:
@@ -142,3 +146,6 @@ def test_sites_serve_their_steps_during_a_real_deployment_run(small_sites: list[
         assert values[("fedsense_site_last_round_trained", ())] == rounds, name
         # Scraped while the run went on: the counter was seen at intermediate values, only ever growing.
         assert seen[name] == sorted(seen[name]) and len(set(seen[name]) - {0.0, rounds * 2.0}) >= 1, (name, seen)
+    # The ServerApp's round counter, scraped in deployment mode too: from 0, advancing (the last round may
+    # end as the ServerApp exits, between two scrapes).
+    assert seen["server"] == sorted(seen["server"]) and {0.0, 1.0} <= set(seen["server"]), seen
