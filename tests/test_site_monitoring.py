@@ -2,7 +2,7 @@
 
 The unit tests record from real separate processes (as Flower's per-message ClientApps are) and
 scrape the real HTTP endpoint; the integration test scrapes two sites (one forking warm ClientApps,
-one running Flower's own) during a real deployment run and sees their step counters advance.
+one running Flower's own) and the ServerApp during a real deployment run and sees their counters advance.
 """
 
 from __future__ import annotations
