@@ -9,6 +9,8 @@ long-lived process of a site, ``fedsense client --metrics-port``, *serves* their
 (:class:`SiteMetricsServer`). One server per site process, whatever runs below it: no ClientApp
 ever binds a port, so Flower simulation (several ClientApps in one Ray worker) cannot start a server
 twice or clash on a port; there nothing is served and :func:`site_monitor` records nothing.
+Each ClientApp process leaves three small files (a scrape reads one page of each) until the site
+process exits: a 500-round study leaves about 3,000.
 """
 
 from __future__ import annotations
