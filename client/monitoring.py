@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: prometheus-client's switch to multiprocess mode; set for the site's processes by :class:`SiteMetricsServer`.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Name of a serving process's directory, followed by its pid (so that a later start can sweep it).
+DIR_PREFIX = "fedsense-site-metrics-"
 #: One step of a small CPU model on a 64² demo slice up to a full-size cascade step on a slow site.
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -131,7 +134,8 @@ class SiteMetricsServer:
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.directory = tempfile.mkdtemp(prefix="fedsense-site-metrics-")
+        _sweep_stale_directories()
+        self.directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.directory)
         try:
@@ -150,6 +154,20 @@ class SiteMetricsServer:
         self._server.shutdown()
         self._server.server_close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _sweep_stale_directories() -> None:
+    """Remove the directories of site processes that ended without :meth:`SiteMetricsServer.close` (SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*-*"):
+        pid = path.name[len(DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its process is gone: nothing will read or write there again
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            continue
 
 
 def serve_site_metrics(port: int, host: str) -> SiteMetricsServer | None:

@@ -1,9 +1,9 @@
 """The compose files, end to end: images built offline (`make images`); the root docker-compose.yml runs a
 TLS federation of three sites through a FedProx study, every site reaching the SuperLink only through the
 front door (nginx), which admits the Control API only to operator certificates; the SuperLink is not
-published and the dashboard wants its token; the `monitoring` profile's Prometheus saw the ServerApp's and the sites' round
-counters advance and the dashboard's tokenless run gauges; an institution's deploy/site/docker-compose.yml then joins
-(non-root, data read-only) with a key an operator registered through the front door; a separate run restarts
+published and the dashboard wants its token; the `monitoring` profile's Prometheus saw the ServerApp's and the
+sites' round counters advance and the dashboard's tokenless run gauges; an institution's
+deploy/site/docker-compose.yml then joins (non-root, data read-only) with a key an operator registered through the front door; a separate run restarts
 each site once while it trains and loses nothing; everything created is removed again.
 
 Needs a Docker engine (deploy/ci/setup-docker.sh starts one); skipped, with the reason, without it.

@@ -8,9 +8,11 @@ one running Flower's own) and the ServerApp during a real deployment run and see
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from pathlib import Path
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.monitoring import MULTIPROC_ENV, SiteMetricsServer, counting_read_errors, serve_site_metrics, site_monitor
+from client.monitoring import (DIR_PREFIX, MULTIPROC_ENV, SiteMetricsServer, counting_read_errors, serve_site_metrics,
+                               site_monitor)
 from common.errors import DataError
 from server.store import RunDir
 
@@ -77,8 +80,9 @@ def test_a_read_error_that_ends_a_task_is_counted_and_still_raised() -> None:
     try:
         record_in_a_process(server.env, "from client.monitoring import counting_read_errors\n"
                                         "from common.errors import DataError\n"
-                                        "task = counting_read_errors(lambda: (_ for _ in ()).throw(DataError('x.h5')))\n"
-                                        "try:\n    task()\nexcept DataError:\n    pass\nelse:\n    raise SystemExit(1)\n"
+                                        "def fails():\n    raise DataError('x.h5')\n"
+                                        "try:\n    counting_read_errors(fails)()\nexcept DataError:\n    pass\n"
+                                        "else:\n    raise SystemExit(1)\n"
                                         "counting_read_errors(lambda: None)()")  # a task that ends well counts nothing
         values = scraped(server.port)
     finally:
@@ -97,6 +101,22 @@ def test_a_taken_port_leaves_the_site_running_without_metrics() -> None:
         leaked = {n for n in set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) - before
                   if n.startswith("fedsense-site-metrics-")}
     assert not leaked
+
+
+def test_a_start_sweeps_the_files_of_site_processes_killed_before_they_could_remove_them(tmp_path: Path) -> None:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale = Path(tempfile.gettempdir()) / f"{DIR_PREFIX}{ended.pid}-x"
+    alive = Path(tempfile.gettempdir()) / f"{DIR_PREFIX}{os.getpid()}-x"  # this process: still alive
+    for directory in (stale, alive):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"")
+    try:
+        SiteMetricsServer(0).close()
+        assert not stale.exists() and alive.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
 
 
 @pytest.mark.slow
