@@ -148,8 +148,13 @@ def test_sites_serve_their_steps_during_a_real_deployment_run(small_sites: list[
 
     with Deployment(tmp_path / "deployment") as deployment:
         # site-a forks warm ClientApps, site-b runs Flower's own flwr-clientapp processes: both record.
-        deployment.start_supernode("site-a", small_sites[0], warm=True, args=["--metrics-port", str(ports["site-a"])])
-        deployment.start_supernode("site-b", small_sites[1], warm=True,
+        # Their metrics directories in the test's own temporary directory: the harness SIGKILLs the sites.
+        temp = {name: tmp_path / f"tmp-{name}" for name in ports}
+        for directory in temp.values():
+            directory.mkdir()
+        deployment.start_supernode("site-a", small_sites[0], warm=True, env={"TMPDIR": str(temp["site-a"])},
+                                   args=["--metrics-port", str(ports["site-a"])])
+        deployment.start_supernode("site-b", small_sites[1], warm=True, env={"TMPDIR": str(temp["site-b"])},
                                    args=["--cold-clientapps", "--metrics-port", str(ports["site-b"])])
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -160,6 +165,7 @@ def test_sites_serve_their_steps_during_a_real_deployment_run(small_sites: list[
             stop.set()
             watcher.join(timeout=10)
     assert status == "finished:completed"
+    assert all(any(directory.glob(f"{DIR_PREFIX}*/counter_*.db")) for directory in temp.values())  # recorded there
     for name, values in final.items():
         assert values[("fedsense_site_train_steps_total", ())] == rounds * 2, name
         assert values[("fedsense_site_train_step_seconds_count", ())] == rounds * 2, name
