@@ -631,7 +631,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="learning-curve PNG (--quick: <out>/quality-curves.png unless given)")
     parser.add_argument("--tracking-uri", default="",
                         help="also log every learned arm to this MLflow tracking server or store (experiment "
-                             "$MLFLOW_EXPERIMENT_NAME, default fedsense-bench-quality); default: no tracking")
+                             "$MLFLOW_EXPERIMENT_NAME, default fedsense-bench-quality; with a sqlite: store MLflow "
+                             "puts a new experiment's artifacts in ./mlruns); default: no tracking")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: R 4, U-Net, FedAvg, 1 seed, 2-3 rounds, few subjects (numbers meaningless)")
     argv = list(argv) if argv is not None else None
