@@ -235,6 +235,8 @@ def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int],
         "evaluate-with-train": True, "client-optimizer": "keep",
         "fine-tune-steps": fine_tune_steps,
         "fine-tune-eval-every": args.fine_tune_eval_every, "fine-tune-patience": args.fine_tune_patience,
+        # --tracking-uri: every arm and seed is an MLflow run of its own, named after its run directory.
+        **({"tracking": "mlflow", "tracking-uri": args.tracking_uri} if args.tracking_uri else {}),
     })
 
 
@@ -627,6 +629,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(between the markers); --quick writes none unless given explicitly")
     parser.add_argument("--curves", type=Path, default=ROOT / "docs" / "quality-curves.png",
                         help="learning-curve PNG (--quick: <out>/quality-curves.png unless given)")
+    parser.add_argument("--tracking-uri", default="",
+                        help="also log every learned arm to this MLflow tracking server or store (experiment "
+                             "$MLFLOW_EXPERIMENT_NAME, default fedsense-bench-quality; with a sqlite: store MLflow "
+                             "puts a new experiment's artifacts in ./mlruns); default: no tracking")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: R 4, U-Net, FedAvg, 1 seed, 2-3 rounds, few subjects (numbers meaningless)")
     argv = list(argv) if argv is not None else None
@@ -763,6 +769,8 @@ def write_docs(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> list[tuple]:
     """Run every method at every acceleration; print the tables and the targets' status (also returned)."""
     args = parse_args(argv)
+    if args.tracking_uri:  # inherited by the simulations' processes; MLflow reads it (server.tracking.mlflow)
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "fedsense-bench-quality")
     out = Output()
     started = start_bench("quality", args.threads)
     out(f"bench.quality: {os.uname().machine}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
+from client.monitoring import SiteMonitor, counting_read_errors, site_monitor
 from client.node_site import resolve_site_config_path
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
@@ -70,12 +71,15 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str,
 
 # secagg_mod answers SecAgg+'s stages and masks the reply; plain training messages pass through it.
 @app.train(mods=[secagg_mod, client_dp_mod])
+@counting_read_errors
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
     clock = HandlerClock()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
     clock.setup_done()
+    monitor = site_monitor()
+    monitor.watch(datasets)
     mu = float(msg.content["config"].get("proximal-mu", run.proximal_term_mu))
     carried: dict[str, float] = {}
     if msg.content["config"].get("evaluate-first", False):
@@ -94,7 +98,10 @@ def train(msg: Message, context: Context) -> Message:
                   if supervision == "self" else None)
     started, cpu_started = time.perf_counter(), time.process_time()
     if run.dp_noise_multiplier > 0:
-        return _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried, clock)
+        reply = _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried, clock,
+                               monitor)
+        monitor.finished(datasets)
+        return reply
     result = train_model(
         model,
         loader,
@@ -108,7 +115,10 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         precision=run.precision,
         compile=run.compile,
+        on_step=monitor.step_timer(),
     )
+    monitor.trained(server_round)
+    monitor.finished(datasets)
     memory.remember(server_round, model, optimiser)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
@@ -144,7 +154,7 @@ def _client_dp_weight(run: RunConfig) -> dict[str, float]:
 
 def _train_private(msg: Message, context: Context, run: RunConfig, site: str, model: torch.nn.Module,
                    loader: torch.utils.data.DataLoader, mu: float, memory: SiteMemory, supervision: str,
-                   carried: dict[str, float], clock: HandlerClock) -> Message:
+                   carried: dict[str, float], clock: HandlerClock, monitor: SiteMonitor) -> Message:
     """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
     started = time.perf_counter()
     path = ledger_path(context, run, resolve_site_config_path(context.node_config, run), site)
@@ -153,6 +163,7 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
         metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started, **carried}
         return _reply(msg, site, clock.stamp(metrics), None, supervision)
     store_ledger(context, path, ledger)
+    monitor.trained(int(msg.content["config"].get("server-round", 0)), steps=result.steps)
     logger.info("site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g", site, result.loss, result.steps,
                 privacy["dp-epsilon"], run.dp_delta)
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
@@ -161,13 +172,17 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
 
 
 @app.evaluate()
+@counting_read_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation-split PSNR / SSIM / NMSE of the global model at this site (with its own local layers)."""
     clock = HandlerClock()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, _, _ = _setup(msg, context, state_round=server_round)
     clock.setup_done()
+    monitor = site_monitor()
+    monitor.watch(datasets)
     metrics = _validate(run, site, model, datasets, server_round)
+    monitor.finished(datasets)
     return _reply(msg, site, clock.stamp(metrics), None, datasets["val"].config.supervision)
 
 
@@ -196,6 +211,7 @@ def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict,
 
 
 @app.train("finetune")
+@counting_read_errors
 def finetune(msg: Message, context: Context) -> Message:
     """After the last round: fine-tune the final model on this site's training split, keep the best
     by validation, write it to the site's state directory, and report only its validation metrics."""

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from client.monitoring import serve_site_metrics
 from client.supernode_poll import parse_poll_interval, superexec_env
+from common.command import port_number
 from common.errors import ConfigError, FedSenseError
 
 logger = logging.getLogger(__name__)
@@ -134,45 +136,63 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest wait between two pulls of the SuperLink while idle (default 1; the first wait "
                              "is 0.1 s, doubling, and short again after each message; 'flower' keeps Flower's "
                              "fixed 3 s). Environment: FEDSENSE_POLL_INTERVAL")
+    parser.add_argument("--metrics-port", type=port_number, default=0,
+                        help="serve this site's Prometheus /metrics (train step time, steps, data read errors, last "
+                             "round trained; counts and times only) on this port (default 0: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="interface of --metrics-port (default 127.0.0.1; 0.0.0.0 inside a container)")
     return parser
 
 
 def run(args: argparse.Namespace) -> NoReturn:
-    """Run the SuperNode (and, unless ``--cold-clientapps``, the warm SuperExec beside it) until it exits."""
+    """Run the SuperNode (and, unless ``--cold-clientapps``, the warm SuperExec beside it) until it exits.
+
+    With ``--metrics-port`` this process stays as the supervisor and serves the site's ``/metrics``
+    (:mod:`client.monitoring`), the ClientApps below it recording into its directory.
+    """
     warm = not args.cold_clientapps
     cmd = build_supernode_command(
         args.superlink, args.root_cert, args.auth_key, args.site_config, args.insecure, runtime_port=args.runtime_port,
         warm=warm, poll_interval=args.poll_interval,
     )
+    environ = superexec_env(args.poll_interval, os.environ)  # refused before anything starts
     logger.info("starting %s", " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    if not warm:  # Flower's own SuperExec, started by the SuperNode, inherits the short task poll
-        os.execvpe(cmd[0], cmd, superexec_env(args.poll_interval, os.environ))
-    raise SystemExit(_supervise(cmd, args.runtime_port, args.poll_interval))
+    if not warm and not args.metrics_port:  # Flower's own SuperExec, started by the SuperNode, inherits the poll
+        os.execvpe(cmd[0], cmd, environ)
+    metrics = serve_site_metrics(args.metrics_port, args.metrics_host) if args.metrics_port else None
+    try:
+        code = _supervise(cmd, args.runtime_port, {**environ, **(metrics.env if metrics else {})}, warm)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    raise SystemExit(code)
 
 
-def _supervise(supernode_cmd: list[str], runtime_port: int | None, poll_interval: str | None) -> int:
-    """SuperNode plus warm SuperExec as children; signals go to both; exits with the SuperNode's code."""
-    superexec_environ = superexec_env(poll_interval, os.environ)  # refused before anything starts
-    supernode = subprocess.Popen(supernode_cmd)
-    superexec = subprocess.Popen(build_superexec_command(runtime_port, supernode.pid), env=superexec_environ)
-    logger.info("SuperNode pid %d, warm SuperExec pid %d", supernode.pid, superexec.pid)
+def _supervise(supernode_cmd: list[str], runtime_port: int | None, environ: dict[str, str], warm: bool) -> int:
+    """SuperNode (plus the warm SuperExec) as children; signals go to all; exits with the SuperNode's code."""
+    supernode = subprocess.Popen(supernode_cmd, env=environ)
+    children = [supernode]
+    if warm:
+        children.append(subprocess.Popen(build_superexec_command(runtime_port, supernode.pid), env=environ))
+        logger.info("SuperNode pid %d, warm SuperExec pid %d", supernode.pid, children[1].pid)
 
     def forward(signum: int, _frame: object) -> None:
-        for child in (supernode, superexec):
+        for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     code = supernode.wait()
-    if superexec.poll() is None:
-        superexec.terminate()
-        try:
-            superexec.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            superexec.kill()
+    for superexec in children[1:]:
+        if superexec.poll() is None:
+            superexec.terminate()
+            try:
+                superexec.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                superexec.kill()
     return code
 
 

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 #: Opacus (``client.app`` imports it through ``common.dp``) alone took 1.4 s per message on an idle
 #: core: it pulls in ``torch.distributed.tensor`` and SymPy.
 WARM_MODULES = ("numpy", "scipy.ndimage", "torch", "h5py", "nibabel", "pydantic", "opacus", "finufft",
-                "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
+                "prometheus_client", "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
 
 
 def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> float:

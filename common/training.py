@@ -139,6 +139,7 @@ def train(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     compile: bool = False,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Adam on the site's training split for ``steps`` batches (or ``epochs`` passes when steps = 0).
 
@@ -155,6 +156,7 @@ def train(
     or bf16 on the first batch (:func:`common.precision.choose_precision`); the result says which ran.
     ``compile`` runs the steps through ``torch.compile`` (the weights stay ``model``'s own): it pays only
     where its compile time (about a minute per process on a CPU) is won back (docs/BENCHMARKS.md).
+    ``on_step()`` is called after each optimiser step (a site's step-time metric, :mod:`client.monitoring`).
     """
     device = torch.device(device)
     model.to(device)
@@ -190,6 +192,8 @@ def train(
         optimiser.step()
         running += float(value.detach())
         count += 1
+        if on_step is not None:
+            on_step()
     return TrainResult(loss=running / max(count, 1), steps=count, num_examples=len(loader.dataset),  # type: ignore[arg-type]
                        precision=precision)
 

@@ -243,7 +243,8 @@ def cmd_metrics_plot(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from server.viewer.dashboard import serve
 
-    serve(Path(args.run_dir), host=args.host, port=args.port, token_file=args.token_file, wait=args.wait)
+    serve(Path(args.run_dir), host=args.host, port=args.port, token_file=args.token_file, wait=args.wait,
+          metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return 0
 
 
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path,
                    help="require the token in this file (created, and printed once, at first start); needed beyond 127.0.0.1")
     p.add_argument("--wait", action="store_true", help="wait for a run directory that does not exist yet")
+    p.add_argument("--metrics-port", type=port_number, default=0,
+                   help="also serve the run's Prometheus gauges alone, without the token, on this port (default 0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="interface of --metrics-port (default 127.0.0.1)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("export", help="export a run's model (safetensors + model card, optional ONNX)")

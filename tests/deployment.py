@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -202,14 +202,14 @@ class Deployment:
 
     def start_supernode(self, name: str, site_config: Path | None = None, warm: bool = False,
                         env: Mapping[str, str] | None = None, cpus: set[int] | None = None,
-                        superlink: str | None = None) -> None:
+                        superlink: str | None = None, args: Sequence[str] = ()) -> None:
         """Start (or restart) site ``name``'s SuperNode; ``site_config`` is needed the first time.
 
         ``warm``: through ``fedsense client`` (SuperNode in process isolation plus the warm
         ``fedsense-superexec``) instead of a bare ``flower-supernode`` with Flower's own SuperExec.
         ``env`` adds to its environment; ``cpus`` confines the site to those cores, as if it had a
         machine of its own. ``superlink`` is the address it dials instead of the SuperLink's own (a link
-        proxy in front of it, deploy/wan/proxy.py).
+        proxy in front of it, deploy/wan/proxy.py). ``args``: more ``fedsense client`` flags (``warm`` only).
         """
         address = superlink or f"127.0.0.1:{self.port}"
         if site_config is not None:
@@ -219,7 +219,7 @@ class Deployment:
         if warm:
             command = [
                 sys.executable, "-m", "client.supernode", "--insecure", "--superlink", address,
-                "--site-config", str(self._site_configs[name]), "--runtime-port", str(free_port()),
+                "--site-config", str(self._site_configs[name]), "--runtime-port", str(free_port()), *args,
             ]
         else:
             command = [

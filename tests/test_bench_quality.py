@@ -16,7 +16,12 @@ def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(tmp_path: Path
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "BENCH.md"
     docs.write_text(f"# before\n{quality.DOC_BEGIN}\nold numbers\n{quality.DOC_END}\n# after\n", encoding="utf-8")
-    targets = quality.main(["--quick", "--out", str(tmp_path), "--docs", str(docs)])
+    from mlflow.tracking import MlflowClient
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking)  # artifacts beside the store, not in the current directory's ./mlruns
+    client.create_experiment("fedsense-bench-quality", artifact_location=(tmp_path / "artifacts").as_uri())
+    targets = quality.main(["--quick", "--out", str(tmp_path), "--docs", str(docs), "--tracking-uri", tracking])
     out = capsys.readouterr().out
     for row in ("zero-filled", "CS L1-wavelet (tuned)", "U-Net local", "U-Net centralized (pooled)",
                 "U-Net FedAvg", "U-Net FedAvg + fine-tune"):
@@ -46,3 +51,17 @@ def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(tmp_path: Path
     text = docs.read_text(encoding="utf-8")
     assert text.startswith("# before\n") and text.endswith("# after\n") and "old numbers" not in text
     assert "### Targets" in text and "| U-Net FedAvg + fine-tune |" in text
+    # --tracking-uri: each learned arm (baseline and Flower simulation) is an MLflow run, with its global
+    # validation PSNR per round as the run directory holds it.
+    from server.store import GLOBAL_SITE, RunDir
+
+    experiment = client.get_experiment_by_name("fedsense-bench-quality")
+    tracked = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert {"unet-local-s0", "unet-centralized-s0", "unet-fedavg-s0"} <= set(tracked)
+    for name in ("unet-centralized-s0", "unet-fedavg-s0"):
+        records = RunDir(runs / name).read_metrics(dedupe=True)
+        expected = {r["round"]: r["metrics"]["psnr"] for r in records
+                    if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"}
+        history = client.get_metric_history(tracked[name].info.run_id, "global/evaluate/psnr")
+        assert {m.step: m.value for m in history} == pytest.approx(expected), name
+    assert (tmp_path / "artifacts").is_dir()

@@ -1,9 +1,9 @@
 """The compose files, end to end: images built offline (`make images`); the root docker-compose.yml runs a
 TLS federation of three sites through a FedProx study, every site reaching the SuperLink only through the
 front door (nginx), which admits the Control API only to operator certificates; the SuperLink is not
-published and the dashboard wants its token; the `monitoring` profile's Prometheus saw the ServerApp's round
-counter advance; an institution's deploy/site/docker-compose.yml then joins
-(non-root, data read-only) with a key an operator registered through the front door; a separate run restarts
+published and the dashboard wants its token; the `monitoring` profile's Prometheus saw the ServerApp's and the
+sites' round counters advance and the dashboard's tokenless run gauges; an institution's
+deploy/site/docker-compose.yml then joins (non-root, data read-only) with a key an operator registered through the front door; a separate run restarts
 each site once while it trains and loses nothing; everything created is removed again.
 
 Needs a Docker engine (deploy/ci/setup-docker.sh starts one); skipped, with the reason, without it.
@@ -335,6 +335,15 @@ def test_compose_federation_runs_to_completion(federation: Project) -> None:
     seen = {q: _prometheus_value(prometheus, f"{q}_over_time(fedsense_rounds_finished_total[1h])")
             for q in ("min", "max")}
     assert seen["min"] == 0 and 1 <= seen["max"] <= ROUNDS, seen
+    # ... and every site's own /metrics (no port published): each site target up, and each site's last
+    # round trained seen at 1 and then at the last round (scraped every second; rounds are seconds apart).
+    assert _prometheus_value(prometheus, 'count(up{job="fedsense-sites"} == 1)') == len(SITES)
+    site_rounds = {q: _prometheus_value(prometheus, f"{q}({q}_over_time(fedsense_site_last_round_trained[1h]))")
+                   for q in ("min", "max")}
+    assert site_rounds == {"min": 1, "max": ROUNDS}, site_rounds
+    assert _prometheus_value(prometheus, "min(max_over_time(fedsense_site_train_steps_total[1h]))") >= ROUNDS
+    # ... and the dashboard's tokenless run gauges, which outlive the ServerApp: the finished run's rounds.
+    assert _wait_for_value(prometheus, 'fedsense_run_rounds_completed{job="fedsense-dashboard"}') == ROUNDS
 
 
 def _prometheus_value(address: str, query: str) -> float:
@@ -344,6 +353,17 @@ def _prometheus_value(address: str, query: str) -> float:
         result = json.load(response)["data"]["result"]
     assert len(result) == 1, (query, result)
     return float(result[0]["value"][1])
+
+
+def _wait_for_value(address: str, query: str, timeout: float = 30) -> float:
+    """:func:`_prometheus_value` once the query has a result (a target scraped every few seconds)."""
+    deadline = time.monotonic() + timeout
+    url = f"http://{address}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    while True:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            if json.load(response)["data"]["result"] or time.monotonic() > deadline:
+                return _prometheus_value(address, query)
+        time.sleep(1)
 
 
 def _inspect(container: str) -> dict:

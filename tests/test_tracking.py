@@ -231,6 +231,35 @@ def test_dashboard_metrics_describe_the_run_directory_before_during_and_after_a_
         max(r["time"] for r in store.read_metrics()))
 
 
+def test_dashboard_metrics_port_serves_the_gauges_without_the_token_and_nothing_else(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.error
+
+    from deployment import wait_for
+
+    store, token_file = RunDir(tmp_path / "run"), tmp_path / "state" / "dashboard.token"
+    _one_round(store)
+    port, metrics_port = free_port(), free_port()
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "dashboard", str(store.path), "--port", str(port), "--token-file",
+         str(token_file), "--metrics-port", str(metrics_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: scrape(f"http://127.0.0.1:{metrics_port}/metrics", "fedsense_run_rounds_completed"), 60,
+                 "the dashboard's metrics port")
+        # The tokenless listener answers the gauges whatever the path: no page, no samples, no JSON.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/api/samples/latest.png", timeout=5) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            assert b"fedsense_run_rounds_completed" in response.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the dashboard itself still wants its token
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert refused.value.code == 401
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    assert scrape(f"http://127.0.0.1:{metrics_port}/metrics", "fedsense_run_rounds_completed") is None  # closed too
+
+
 # --- integration: a real mlflow server and a real Flower simulation ---------------------------------
 
 

@@ -137,3 +137,13 @@ def test_training_reduces_the_loss_and_evaluate_is_volume_level() -> None:
         mse = np.mean((gt - pred) ** 2)
         expected.append(10 * np.log10(gt.max() ** 2 / mse))
     assert zf.metrics["psnr"] == pytest.approx(float(np.mean(expected)), rel=1e-4)
+
+
+def test_on_step_is_called_once_after_each_optimiser_step() -> None:
+    model = fresh_model()
+    seen: list[torch.Tensor] = []
+    first = next(model.parameters())
+    # Each call sees the weights after one more step: a different value every time, as many calls as steps.
+    result = train(model, loader(synthetic_samples(4)), steps=5, on_step=lambda: seen.append(first.detach().clone()))
+    assert result.steps == len(seen) == 5
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))

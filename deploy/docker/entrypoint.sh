@@ -119,10 +119,12 @@ role_site() {
         export HOME="/tmp/fedsense-home-$(id -u)" FLWR_HOME="/tmp/fedsense-home-$(id -u)/.flwr"
         mkdir -p -m 0700 "$HOME"
     fi
-    local config
+    local config metrics=()
     config="$(python "$HELPERS/prepare_site.py" --site "$site")"
+    # The site's own /metrics (counts and times only), on the container's networks; never published.
+    [[ -n "${FEDSENSE_SITE_METRICS_PORT:-}" ]] && metrics=(--metrics-port "$FEDSENSE_SITE_METRICS_PORT" --metrics-host 0.0.0.0)
     exec python -m client.supernode --superlink "$SUPERLINK" \
-        --root-cert /keys/ca.crt --auth-key /keys/auth.key --site-config "$config" "$@"
+        --root-cert /keys/ca.crt --auth-key /keys/auth.key --site-config "$config" "${metrics[@]}" "$@"
 }
 
 role_demo_data() {
@@ -153,8 +155,11 @@ role_frontdoor() {
 
 role_dashboard() {
     # Published (compose maps it to 127.0.0.1 by default): a token, created and printed at first start.
+    # FEDSENSE_DASHBOARD_METRICS_PORT: the run's gauges alone, tokenless, for Prometheus (never published).
+    local metrics=()
+    [[ -n "${FEDSENSE_DASHBOARD_METRICS_PORT:-}" ]] && metrics=(--metrics-port "$FEDSENSE_DASHBOARD_METRICS_PORT" --metrics-host 0.0.0.0)
     exec fedsense dashboard "$RUNS/$RUN_NAME" --wait --host 0.0.0.0 --port "${FEDSENSE_DASHBOARD_PORT:-8050}" \
-        --token-file "${FEDSENSE_DASHBOARD_TOKEN_FILE:-/state/dashboard.token}" "$@"
+        --token-file "${FEDSENSE_DASHBOARD_TOKEN_FILE:-/state/dashboard.token}" "${metrics[@]}" "$@"
 }
 
 role="${1:---help}"

@@ -192,12 +192,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          token_file: Path | None = None, wait: bool = False) -> None:
+          token_file: Path | None = None, wait: bool = False, metrics_port: int = 0,
+          metrics_host: str = DEFAULT_HOST) -> None:
     """Serve the dashboard of ``run_dir`` until interrupted (blocking; Ctrl-C stops it).
 
     A missing directory is an error (a typo would otherwise wait for ever), unless ``wait``: then the
     page says "waiting" until the run starts (a dashboard started beside a run, as in compose). Beyond
     127.0.0.1 a ``token_file`` is required; its token is created and printed on first start only.
+    ``metrics_port`` (0: none) adds a tokenless listener of the run's Prometheus gauges alone, for a
+    Prometheus that should not hold the token (:mod:`server.viewer.run_metrics`).
     """
     if not wait and not Path(run_dir).is_dir():
         raise FedSenseError(f"{run_dir}: no such run directory (pass --wait to wait for a run that has not "
@@ -221,12 +224,26 @@ def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int =
             raise FedSenseError(f"dashboard: --port {port}: already in use on {host}; stop what uses it or "
                                 "choose another --port") from exc
         raise
+    metrics = None
+    if metrics_port:
+        from server.viewer.run_metrics import serve_run_metrics
+
+        try:
+            metrics = serve_run_metrics(run_dir, metrics_port, metrics_host)
+        except OSError as exc:
+            server.server_close()
+            raise FedSenseError(f"dashboard: --metrics-port {metrics_port}: cannot listen on {metrics_host}: "
+                                f"{exc.strerror}") from exc
     with server:
         logger.info("dashboard of %s at %s", server.run_dir, server.url)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             logger.info("dashboard stopped")
+        finally:
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
 
 
 def start(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = 0) -> DashboardServer:

@@ -4,19 +4,28 @@ The ServerApp's own ``/metrics`` (:mod:`server.tracking.prometheus`) lives only 
 the dashboard reads the run directory, so it also answers before a run starts and after it ended
 (status finished or failed, the rounds completed, the last global validation metrics), which is what
 an alert on a stalled or failed run needs. Computed afresh at each scrape, from the files alone.
+
+Served on the dashboard's own port behind its token, and, with ``--metrics-port``, by
+:func:`serve_run_metrics` on a listener of its own that answers nothing but these gauges and asks
+for no token: a Prometheus then needs no copy of the dashboard's token, which would also open the
+sample reconstructions (patient images); the gauges are counts, times and global scores only.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.store import GLOBAL_SITE, STATUSES
 from server.viewer.run_view import load_run
+
+logger = logging.getLogger(__name__)
 
 #: Global validation metrics exported as gauges, by metric name.
 GLOBAL_GAUGES = {"psnr": "fedsense_run_global_psnr_db", "ssim": "fedsense_run_global_ssim",
@@ -61,8 +70,19 @@ class RunCollector(Collector):
             yield best
 
 
-def run_metrics_text(run_dir: str | os.PathLike[str]) -> bytes:
-    """The exposition of :class:`RunCollector` for ``run_dir``."""
+def _registry(run_dir: str | os.PathLike[str]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RunCollector(run_dir))
-    return generate_latest(registry)
+    return registry
+
+
+def run_metrics_text(run_dir: str | os.PathLike[str]) -> bytes:
+    """The exposition of :class:`RunCollector` for ``run_dir``."""
+    return generate_latest(_registry(run_dir))
+
+
+def serve_run_metrics(run_dir: str | os.PathLike[str], port: int, host: str) -> WSGIServer:
+    """Serve :class:`RunCollector`'s gauges alone, without a token, from a thread; ``.shutdown()`` stops it."""
+    server, _ = start_http_server(port, addr=host, registry=_registry(run_dir))
+    logger.info("dashboard: run metrics (no token, nothing else) on %s:%d", host, server.server_port)
+    return server
