@@ -35,19 +35,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import default_collate  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from torch import nn
+from torch.utils.data import default_collate
 
-from bench.harness import markdown_table, start_bench, write_sites  # noqa: E402
-from common.data.loaders import load_site  # noqa: E402
-from common.fft import center_crop, ifft2c  # noqa: E402
-from common.metrics import psnr, ssim  # noqa: E402
-from common.runconfig import RunConfig  # noqa: E402
-from server.secagg import MODULUS  # noqa: E402
+from bench.harness import markdown_table, start_bench, write_sites
+from common.data.loaders import load_site
+from common.fft import center_crop, ifft2c
+from common.metrics import psnr, ssim
+from common.runconfig import RunConfig
+from server.secagg import MODULUS
 
 logger = logging.getLogger("bench.gradient_inversion")
 

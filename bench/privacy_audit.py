@@ -42,7 +42,13 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from bench.harness import markdown_table, model_recon, score_slices, start_bench, write_sites
+from bench.harness import (
+    markdown_table,
+    model_recon,
+    score_slices,
+    start_bench,
+    write_sites,
+)
 from common.config import load_site_config
 from common.data.dataset import SiteDataset, build_site_datasets
 from common.data.loaders import make_loader
@@ -186,7 +192,6 @@ def main() -> None:
         splits = {seed: audit_split(path, seed) for seed in args.seeds}
         members0, others0 = splits[args.seeds[0]]
         patients = len(subject_groups(members0))
-        per_patient = len(members0) / patients
         print(f"{args.site} at {args.size}², {args.slices} slice(s)/volume: {patients} member and "
               f"{len(subject_groups(others0.datasets[0])) + len(subject_groups(others0.datasets[1]))} non-member "
               f"patients per seed ({len(members0)} / {len(others0)} slices); U-Net {model_args}; "

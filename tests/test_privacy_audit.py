@@ -6,7 +6,13 @@ import numpy as np
 import torch
 from scipy.stats import mannwhitneyu
 
-from bench.gradient_inversion import DenseRecon, candidates, secagg_message, update_of, zero_filled
+from bench.gradient_inversion import (
+    DenseRecon,
+    candidates,
+    secagg_message,
+    update_of,
+    zero_filled,
+)
 from bench.privacy_audit import pooled_auc, sigma_for
 from common.dp import PrivacyLedger
 from common.fft import ifft2c_np

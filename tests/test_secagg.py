@@ -282,7 +282,12 @@ def test_secagg_with_patient_level_dp_at_the_sites(small_sites: list[Path], tmp_
 def test_secagg_with_client_level_dp_clips_and_noises_at_the_sites(small_sites: list[Path], tmp_path: Path) -> None:
     """SecAgg+ + client-level DP: each site clips to C and adds its noise share, so the unmasked mean
     carries N(0, (σC/n)²) per entry (n = m = 3 sites), and the server records ε per site."""
-    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.serverapp import (
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
     from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
     clip, sigma = 1e-3, 2.0
