@@ -11,6 +11,8 @@ not its weights: updates are small, so a small ``secagg-clipping-range`` quantis
 The weight of the update is ``min(num-examples, secagg-max-weight)``; ``secaggplus_mod`` multiplies
 the update by weight / max-weight before masking and the server divides the unmasked sum by the
 summed weights, which gives FedAvg's example-weighted mean (see README "Privacy").
+With ``dp-client-level = client-fixed`` the site clips its update to ``dp-client-clip`` and adds its
+share of the Gaussian noise (:mod:`common.distributed_dp`) before masking, and all sites weigh alike.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from common.distributed_dp import clip_and_add_noise_share
 from common.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ KEYS = "fedsense-keys"
 SITE_NAME, SITE_SUPERVISION = "fedsense-site", "fedsense-supervision"
 #: Metric: the fraction of the weighted update's entries that ``secagg-clipping-range`` clipped.
 CLIPPED = "secagg-clipped-fraction"
+#: Metric (client-level DP under SecAgg+): 1 when the site's update was above ``dp-client-clip``.
+DP_CLIPPED = "dp-client-clipped"
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -59,6 +64,7 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     metrics = dict(reply.content["metrics"])
     site = reply.content["site"]
     trained = reply.content.array_records.get("arrays")
+    client_dp = run.dp_client_level == "client-fixed"
     if trained is None:
         # No weights (a DP budget exhausted): take part with a zero update of weight 0, so the round's
         # masks still cancel and the sum is the other sites'.
@@ -67,9 +73,17 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     else:
         update = [trained[k].numpy().astype(np.float64) - received[k].astype(np.float64) for k in keys]
         weight = int(min(float(metrics["num-examples"]), run.secagg_max_weight))
-        if weight < metrics["num-examples"]:
+        if weight < metrics["num-examples"] and not client_dp:
             logger.warning("num-examples %s above secagg-max-weight: the update weighs %d", metrics["num-examples"],
                            weight)
+    if client_dp:
+        # Client-level DP: uniform weights (the accountant's mean), the update clipped and noised here.
+        # A site without weights still adds its noise share, so every unmasked sum carries the full noise.
+        # The noise comes from OS entropy: a seed the server could know would let it subtract the noise.
+        update, clipped_update = clip_and_add_noise_share(
+            update, clip=run.dp_client_clip, noise_multiplier=run.dp_client_noise, min_sites=run.min_train_nodes,
+            rng=np.random.default_rng())
+        weight = int(run.secagg_max_weight)
     scale = weight / run.secagg_max_weight
     total = sum(u.size for u in update)
     clipped = sum(int(np.count_nonzero(np.abs(u * scale) > run.secagg_clipping_range)) for u in update)
@@ -77,6 +91,8 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
         logger.warning("%d of %d update entries exceed secagg-clipping-range %g and are clipped",
                        clipped, total, run.secagg_clipping_range)
     legacy_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if client_dp:
+        legacy_metrics[DP_CLIPPED] = float(clipped_update)
     legacy_metrics.update({SITE_NAME: str(site.get("name", "")), SITE_SUPERVISION: str(site.get("supervision", "full")),
                            CLIPPED: clipped / max(total, 1)})
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, legacy_metrics)

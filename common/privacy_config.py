@@ -15,6 +15,9 @@ SECAGG_REFUSED_STRATEGIES: dict[str, str] = {
 
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
 
+#: Under SecAgg+ with client-level DP, ±secagg-clipping-range must hold the noise share to this many stds.
+SECAGG_NOISE_TAILS = 6.0
+
 # Models DP-SGD cannot train, with the reason (tests/test_dp.py checks the others' per-slice gradients
 # against one backward pass per slice).
 DP_SGD_REFUSED_MODELS: dict[str, str] = {
@@ -68,12 +71,21 @@ def check_secagg(run: Any) -> None:
             "secagg = true cannot run with site-caps: each site weights its own masked update, so the server "
             "cannot clip a claim; bound every site's weight with secagg-max-weight instead"
         )
-    if run.dp_client_level != "off":
+    if run.dp_client_level == "server-fixed":
         raise ValueError(
-            f"secagg = true with dp-client-level={run.dp_client_level} is not supported yet: Flower's "
-            "client-level DP wrappers clip (server-fixed) or check (client-fixed) each site's update at the "
-            "server, which secure aggregation hides"
+            "secagg = true with dp-client-level=server-fixed: the server would clip each site's update, which "
+            "secure aggregation hides; use dp-client-level=client-fixed (each site clips its update and adds "
+            "its share of the noise)"
         )
+    if run.dp_client_level == "client-fixed":
+        # Each masked entry is clipped to ±secagg-clipping-range: it must not cut the noise share's tails.
+        share = run.dp_client_noise * run.dp_client_clip / max(run.min_train_nodes, 1) ** 0.5
+        needed = run.dp_client_clip + SECAGG_NOISE_TAILS * share
+        if run.secagg_clipping_range < needed:
+            raise ValueError(
+                f"secagg-clipping-range {run.secagg_clipping_range:g} < dp-client-clip + {SECAGG_NOISE_TAILS:g} "
+                f"x the sites' noise share std ({needed:g}): SecAgg+'s clipping would cut the DP noise"
+            )
     if run.secagg_reconstruction_threshold >= run.secagg_num_shares:
         raise ValueError(
             f"secagg-reconstruction-threshold ({run.secagg_reconstruction_threshold}) must be less than "

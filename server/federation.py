@@ -22,7 +22,7 @@ from common.errors import FedSenseError
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
-from server.privacy import client_dp_metrics
+from server.privacy import client_dp_metrics, secure_client_dp_metrics
 from server.secagg import apply_update, secure_mean_update
 from server.claims import Clipped, apply_caps
 from server.best import BestTracker
@@ -282,7 +282,8 @@ class Federation:
             raise RoundFailed(f"round {rnd}: the SecAgg+ aggregate is not finite (every site's weight was 0?)")
         total = sum(float(dict(r.content["metrics"]).get("num-examples", 0)) for r in secure.replies)
         mean = Message(RecordDict({"arrays": apply_update(arrays, secure.mean_update),
-                                   "metrics": MetricRecord({"num-examples": max(total, 1.0)})}),
+                                   "metrics": MetricRecord({"num-examples": max(total, 1.0),
+                                                            **({"dp-weight": 1.0} if self.run.dp_client_level != "off" else {})})}),
                        dst_node_id=0, message_type=MessageType.TRAIN)
         new_arrays, _ = self.strategy.aggregate_train(rnd, [mean])
         if new_arrays is None:
@@ -290,6 +291,7 @@ class Federation:
         records = _site_records(self.run, rnd, "train", secure.replies)
         summary = _global_record(self.run, rnd, "train", records, dropped, time.time() - t0)
         summary["secagg"] = {"stage_seconds": secure.stage_seconds, "sites_summed": len(secure.replies)}
+        summary["metrics"].update(secure_client_dp_metrics(self.run, rnd))
         self.store.append_metrics(records + [summary])
         return new_arrays
 

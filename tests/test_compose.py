@@ -265,6 +265,8 @@ def federation(compose_cmd: list[str], image: str, tmp_path_factory: pytest.Temp
         "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
         "FEDSENSE_PROMETHEUS_PUBLISH": "127.0.0.1:",
         "COMPOSE_PROFILES": "monitoring",  # every compose command (up, logs, down) includes Prometheus
+        # FEDSENSE_COMPOSE_SECAGG=1: the same study through SecAgg+ (not in CI by default: 4 exchanges per round).
+        **({"FEDSENSE_RUN_EXTRA": "secagg=true"} if os.environ.get("FEDSENSE_COMPOSE_SECAGG") == "1" else {}),
     }
     with _project(compose_cmd, [ROOT / "docker-compose.yml"], directory, env) as project:
         started = time.monotonic()
@@ -286,6 +288,7 @@ def test_compose_federation_runs_to_completion(federation: Project) -> None:
     run_dir = federation.directory / "runs" / "compose-test"
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert config["status"] == "finished" and config["num-server-rounds"] == ROUNDS
+    assert config["secagg"] == (os.environ.get("FEDSENSE_COMPOSE_SECAGG") == "1")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     for rnd in range(1, ROUNDS + 1):
         for phase in ("train", "evaluate"):

@@ -277,3 +277,35 @@ def test_secagg_with_patient_level_dp_at_the_sites(small_sites: list[Path], tmp_
     sites = [r for r in RunDir(tmp_path / "run").read_metrics() if r["phase"] == "train" and r["site"] != "__global__"]
     assert len(sites) == 3
     assert all(r["metrics"]["dp-subject-level"] == 1.0 and r["metrics"]["dp-epsilon"] > 0 for r in sites)
+
+
+def test_secagg_with_client_level_dp_clips_and_noises_at_the_sites(small_sites: list[Path], tmp_path: Path) -> None:
+    """SecAgg+ + client-level DP: each site clips to C and adds its noise share, so the unmasked mean
+    carries N(0, (σC/n)²) per entry (n = m = 3 sites), and the server records ε per site."""
+    from flwr.serverapp import (
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    clip, sigma = 1e-3, 2.0
+    dp = {"dp-client-level": "client-fixed", "dp-client-clip": clip, "min-train-nodes": 3, "dp-delta": 1e-5}
+    _, start, after = one_round(small_sites, tmp_path / "quiet", secagg=True, **dp, **{"dp-client-noise": 0.0})
+    mean = np.concatenate([(after[k].astype(np.float64) - start[k]).ravel() for k in start if start[k].dtype.kind == "f"])
+    bound = 3 * 2 * CLIP / LEVELS * np.sqrt(mean.size)  # one quantisation level per site and entry
+    assert 0 < np.linalg.norm(mean) <= clip + bound  # three updates, each clipped to C: their mean too
+    sites = [r for r in RunDir(tmp_path / "quiet").read_metrics() if r["phase"] == "train" and r["site"] != "__global__"]
+    assert len(sites) == 3 and all(r["metrics"]["dp-client-clipped"] == 1.0 for r in sites)
+
+    _, start, after = one_round(small_sites, tmp_path / "noisy", secagg=True, **dp, **{"dp-client-noise": sigma})
+    mean = np.concatenate([(after[k].astype(np.float64) - start[k]).ravel() for k in start if start[k].dtype.kind == "f"])
+    # The clipped mean has norm ≤ C; the noise's norm is ~ σC/3 · √entries, far larger.
+    assert np.std(mean) == pytest.approx(sigma * clip / 3, rel=0.1)
+    summary = [r for r in RunDir(tmp_path / "noisy").read_metrics() if r["phase"] == "train" and r["site"] == "__global__"]
+    accountant = RdpAccountant(PrivacyConfig(target_delta=1e-5, population_size=3,
+                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    accountant.compose(GaussianPrivacyEvent(sigma, 3, 3))
+    assert summary[0]["metrics"]["dp-client-epsilon"] == pytest.approx(accountant.get_privacy_spent().epsilon)
