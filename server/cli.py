@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from common.command import (
+    EXIT_SITE_FAILED,
     nonnegative_float,
     nonnegative_int,
     port_number,
@@ -141,7 +142,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common.preflight import check_sites
     from server.readiness import check_readiness
     from server.simulate import SimResources, simulate
-    from server.site_errors import reporting_site_errors
+    from server.site_errors import finished_without, reporting_site_errors
 
     run = _run_config(args, _app_defaults())
     if args.run_dir is None:
@@ -152,7 +153,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not args.skip_data_check:
         check_readiness(run.site_list, report)
     resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-    with reporting_site_errors(Path(run.run_dir) / "flower.log", _site_places(run), report) as site_errors:
+    places = _site_places(run)
+    with reporting_site_errors(Path(run.run_dir) / "flower.log", places, report) as site_errors:
         try:
             store = simulate(run, timeout=args.timeout, report=report, resources=resources)
         except FedSenseError as exc:  # with what the sites said, on screen, not only in flower.log
@@ -161,6 +163,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     show(store.path, fmt="table", out=sys.stdout)
     print(f"metrics: {store.metrics_path}\ncheckpoints: {store.checkpoint_dir}")
+    problem = finished_without(store.read_metrics(dedupe=True), list(places), site_errors)
+    if problem:
+        print(f"fedsense: error: {problem}", file=sys.stderr, flush=True)
+        return EXIT_SITE_FAILED
     return 0
 
 
