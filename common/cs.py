@@ -60,19 +60,33 @@ def _power_iteration(
 
 
 class WaveletProx:
-    """Soft thresholding of the detail coefficients of an orthogonal, periodised 2-D wavelet transform."""
+    """Soft thresholding of the detail coefficients of an orthogonal, periodised 2-D wavelet transform.
+
+    ``levels`` is a request: the transform goes as deep as the image allows, at most until the coarsest band
+    is one filter long (db4 at 48² stops at 2 levels), and at least one level. Where a side is not a multiple
+    of 2^levels (odd sizes), the image is mirrored out to the next multiple and cropped back after the
+    transform: the prox is then that of the padded image's coefficients (approximate, not unitary), which
+    keeps FISTA's behaviour at every size; at the usual power-of-two-rich sizes it is exact.
+    """
 
     def __init__(self, wavelet: str, levels: int, shape: tuple[int, int]) -> None:
-        if not pywt.Wavelet(wavelet).orthogonal:
+        kernel = pywt.Wavelet(wavelet)
+        if not kernel.orthogonal:
             raise ValueError(f"wavelet {wavelet!r} is not orthogonal; the proximal step would not be exact")
-        max_levels = pywt.dwtn_max_level(shape, wavelet)
-        if not 1 <= levels <= max(max_levels, 1):
-            raise ValueError(f"levels must be in [1, {max(max_levels, 1)}] for {wavelet!r} at {shape}, got {levels}")
-        self.wavelet, self.levels = wavelet, levels
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        deepest = pywt.dwt_max_level(min(shape), kernel.dec_len)
+        self.wavelet, self.levels, self.shape = wavelet, max(1, min(levels, deepest)), tuple(shape)
+        block = 2 ** self.levels
+        self.padded = tuple(-(-n // block) * block for n in shape)
 
     def __call__(self, image: Tensor, threshold: float) -> Tensor:
         """prox_{threshold ||W.||_1}(image) for a complex (B, H, W) image: shrink |coefficient| by threshold."""
-        coeffs = pywt.wavedec2(image.numpy(), self.wavelet, mode="periodization", level=self.levels, axes=(-2, -1))
+        data = image.numpy()
+        if self.padded != self.shape:
+            extra = [(0, 0)] * (data.ndim - 2) + [(0, p - n) for p, n in zip(self.padded, self.shape)]
+            data = np.pad(data, extra, mode="symmetric")
+        coeffs = pywt.wavedec2(data, self.wavelet, mode="periodization", level=self.levels, axes=(-2, -1))
         array, slices = pywt.coeffs_to_array(coeffs, axes=(-2, -1))
         approx = slices[0]  # the coarse band's index (all axes), left unpenalised
         keep = array[approx].copy()
@@ -81,6 +95,7 @@ class WaveletProx:
         array[approx] = keep
         coeffs = pywt.array_to_coeffs(array, slices, output_format="wavedec2")
         out = pywt.waverec2(coeffs, self.wavelet, mode="periodization", axes=(-2, -1))
+        out = out[..., : self.shape[0], : self.shape[1]]
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.complex64))
 
 
