@@ -21,6 +21,7 @@ from common.errors import ConfigError, FedSenseError
 from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
+    from server.store import RunDir
     from common.runconfig import RunConfig
 
 
@@ -170,6 +171,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted_baseline(store: "RunDir", kind: str) -> bool:
+    """Whether ``store`` holds a ``kind`` baseline stopped by a signal (a resume continues it)."""
+    if not store.config_path.is_file():
+        return False
+    config = store.read_config()
+    return config.get("status") == "interrupted" and config.get("baseline") == kind
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     from server.baseline import Baseline
     from server.progress import reporting_rounds
@@ -181,12 +190,14 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"run_dir": f"runs/{args.kind}"})
     if args.name is None:
         run = run.model_copy(update={"name": args.kind})
-    _claim_run_dir(run, resume=False, overwrite=args.overwrite)  # a baseline always starts afresh
+    # The same command after Ctrl-C continues the interrupted baseline; a finished one needs --overwrite.
+    resume = not args.overwrite and _interrupted_baseline(RunDir(run.run_dir), args.kind)
+    _claim_run_dir(run, resume=resume, overwrite=args.overwrite)
     baseline = Baseline(args.kind, run)
-    print(f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}",
-          flush=True)
+    print(f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}"
+          + ("; resuming the interrupted run" if resume else ""), flush=True)
     with reporting_rounds(RunDir(run.run_dir), run.num_server_rounds, lambda line: print(line, flush=True)):
-        store = baseline.execute()
+        store = baseline.execute(resume=resume)
     show(store.path, fmt="table", out=sys.stdout)
     return 0
 
