@@ -109,6 +109,7 @@ def l1_wavelet_sense(
     iterations: int = 50,
     wavelet: str = "db4",
     levels: int = 3,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> Tensor:
     """FISTA for L1-wavelet SENSE: k-space (B,C,H,W), mask (B,1,H,W), maps (B,C,H,W) -> complex (B,H,W).
 
@@ -117,11 +118,13 @@ def l1_wavelet_sense(
     k-space: FedSense samples are scaled so the zero-filled image peaks at 1, which is what makes one
     ``lam`` serve every site. ``lam = 0`` is a least-squares
     SENSE reconstruction (FISTA on the data term only). Starts from the zero-filled SENSE image A^H y.
+    ``on_iteration(done)`` is called after each FISTA iteration: progress for a caller whose batches take
+    seconds each.
     """
     if iterations < 1:
         raise ValueError(f"need lam >= 0 and iterations >= 1, got {lam} and {iterations}")
     return l1_wavelet_sense_iterates(masked_kspace, mask, sens_maps, lam=lam, iterations=(iterations,),
-                                     wavelet=wavelet, levels=levels)[iterations]
+                                     wavelet=wavelet, levels=levels, on_iteration=on_iteration)[iterations]
 
 
 @torch.no_grad()
@@ -134,6 +137,7 @@ def l1_wavelet_sense_iterates(
     iterations: tuple[int, ...],
     wavelet: str = "db4",
     levels: int = 3,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> dict[int, Tensor]:
     """The FISTA iterate after each of ``iterations`` (e.g. 50, 100, 200) from one run of the longest.
 
@@ -156,7 +160,8 @@ def l1_wavelet_sense_iterates(
         operator = SenseNufft.from_batch(mask.to(torch.float32), maps)
         data_adjoint = operator.gridded(masked_kspace.to(torch.complex64))
         step = 1.0 / max(_power_iteration(operator.normal, data_adjoint.shape), 1e-12)
-        return _fista(data_adjoint, lambda z: operator.normal(z) - data_adjoint, prox, step, lam, iterations)
+        return _fista(data_adjoint, lambda z: operator.normal(z) - data_adjoint, prox, step, lam, iterations,
+                      on_iteration)
     if mask.dim() != 4 or mask.shape[-2:] != masked_kspace.shape[-2:]:
         raise ValueError(f"expected a mask (B, 1, H, W) matching the k-space, got {tuple(mask.shape)}")
     kspace = masked_kspace.to(torch.complex64)
@@ -164,16 +169,16 @@ def l1_wavelet_sense_iterates(
     step = 1.0 / max(lipschitz(mask, maps), 1e-12)
     return _fista(
         _adjoint(kspace, mask, maps), lambda z: _adjoint(_forward(z, mask, maps) - kspace, mask, maps),
-        prox, step, lam, iterations,
+        prox, step, lam, iterations, on_iteration,
     )
 
 
 def _fista(
     x: Tensor, gradient: Callable[[Tensor], Tensor], prox: WaveletProx, step: float, lam: float,
-    iterations: tuple[int, ...],
+    iterations: tuple[int, ...], on_iteration: Callable[[int], None] | None = None,
 ) -> dict[int, Tensor]:
     """FISTA from ``x`` with the data-term ``gradient`` and the wavelet prox (plain gradient steps at lam 0);
-    the iterate after each count in ``iterations``."""
+    the iterate after each count in ``iterations``; ``on_iteration(done)`` after each iteration."""
     z, t = x, 1.0
     kept: dict[int, Tensor] = {}
     for done in range(1, max(iterations) + 1):
@@ -185,6 +190,8 @@ def _fista(
         x, t = x_next, t_next
         if done in iterations:
             kept[done] = x
+        if on_iteration is not None:
+            on_iteration(done)
     return kept
 
 

@@ -103,6 +103,14 @@ def test_cs_reconstructs_at_48_and_odd_sizes_with_db4(size: int) -> None:
     assert psnr(image, sparse) > psnr(image, zero_filled)
 
 
+def test_progress_is_reported_after_every_iteration() -> None:
+    kspace, mask, maps = acquire(block_phantom(), coils=4, pattern="random", acceleration=4)
+    done: list[int] = []
+    with_progress = l1_wavelet_sense(kspace, mask, maps, iterations=7, on_iteration=done.append)
+    assert done == list(range(1, 8))
+    assert torch.equal(with_progress, l1_wavelet_sense(kspace, mask, maps, iterations=7))
+
+
 def test_bad_arguments_are_refused() -> None:
     kspace, mask, maps = acquire(block_phantom(), coils=4, pattern="random", acceleration=4)
     with pytest.raises(ValueError, match="equal shape"):
