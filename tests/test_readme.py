@@ -4,7 +4,7 @@ a small stand-in for what ``make demo`` leaves: ``demo-data/`` at 64² with 2 sl
 site TOMLs' matrix to match, and a 1-step ``runs/demo``.
 
 The ``fedsense`` lines of the first "Using it" block run as written too, in order, in a fresh folder holding
-``deploy/sites/*.toml`` cut to 2 slices per volume; the dashboard until its page answers, then Ctrl-C. Its
+``deploy/sites/*.toml`` cut to 2 slices per volume and a 64² scanner matrix; the dashboard until its page answers, then Ctrl-C. Its
 ``flwr run .`` line (Flower's own CLI on the checkout, at the app's default sizes) is not run here.
 """
 
@@ -109,6 +109,7 @@ def test_using_it_runs_as_written(tmp_path: Path) -> None:
     (tmp_path / "deploy" / "sites").mkdir(parents=True)
     for toml in sorted((ROOT / "deploy" / "sites").glob("*.toml")):
         text = re.sub(r"(?m)^max_slices_per_volume = .*$", "max_slices_per_volume = 2", toml.read_text(encoding="utf-8"))
+        text = re.sub(r"(?m)^matrix = .*$", "matrix = [64, 64]", text)  # the scanner at the data's --size 64
         (tmp_path / "deploy" / "sites" / toml.name).write_text(text, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
