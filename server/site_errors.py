@@ -34,6 +34,15 @@ def site_of(message: str, places: Places) -> str | None:
     return None
 
 
+def _without_config(message: str, paths: Sequence[Path]) -> str:
+    """``message`` without a leading ``CONFIG.toml: `` of its site (the screen line names the site)."""
+    for path in paths:
+        prefix = f"{path}: "
+        if path.suffix == ".toml" and message.startswith(prefix) and len(message) > len(prefix):
+            return message[len(prefix):]
+    return message
+
+
 def _follow(log: Path, start: int, sites: Places, stop: threading.Event,
             report: Callable[[str], None], seen: list[str], interval: float) -> None:
     position, partial = start, ""
@@ -54,6 +63,8 @@ def _follow(log: Path, start: int, sites: Places, stop: threading.Event,
                 continue
             message = match.group("message")
             site = site_of(message, sites)
+            if site is not None:  # the site's config path in front (client/site_errors.py): the name says it
+                message = _without_config(message, sites[site])
             text = f"site {site}: {message}" if site else f"a site failed: {message}"
             if text not in seen:
                 seen.append(text)

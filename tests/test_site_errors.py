@@ -35,12 +35,16 @@ def test_a_logged_site_error_is_reported_once_with_the_site_name(tmp_path: Path)
             # Ray's deduplicated copy of the same line: its colour codes and count are not part of the message.
             stream.write(f"{RAY_PREFIX}common.errors.DataError: {bad}: unreadable NIfTI data (truncated)"
                          "\x1b[32m [repeated 2x across cluster]\x1b[0m\n")
+            # A settings error the ClientApp prefixed with its site config (client/site_errors.py).
+            stream.write(f"{RAY_PREFIX}common.errors.ConfigError: {tmp_path / 'site-b.toml'}: mask: acceleration: "
+                         "R=6 not reachable\n")
             stream.write(f"{RAY_PREFIX}common.errors.ConfigError: elsewhere: no site named")  # no newline yet
             stream.flush()
             deadline = time.monotonic() + 10
-            while not reported and time.monotonic() < deadline:
+            while len(reported) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
-    assert reported == seen == [f"site site-b: {bad}: unreadable NIfTI data (truncated)"]
+    assert reported == seen == [f"site site-b: {bad}: unreadable NIfTI data (truncated)",
+                                "site site-b: mask: acceleration: R=6 not reachable"]
     assert site_of(f"{tmp_path / 'site-b.toml'}: scanner.coils: required", places) == "site-b"
     assert site_of("/somewhere/else.h5: bad", places) is None
 
@@ -64,6 +68,38 @@ def test_simulate_refuses_a_site_with_a_corrupt_file_before_flower_starts(
     assert f"site site-b ({tmp_path / 'site-b.toml'}) is NOT READY" in err and f"{bad}: unreadable NIfTI data" in err
     assert "site-a: READY" in out and "--skip-data-check" in err and "Traceback" not in out + err
     assert not (tmp_path / "run" / "flower.log").exists()  # refused before Flower was started
+
+
+def test_a_site_error_without_the_site_config_gets_it_in_front(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from client.site_errors import site_named_errors_mod
+    from common.errors import ConfigError, DataError
+
+    toml = tmp_path / "site-b.toml"
+    context = SimpleNamespace(node_config={"site-config": str(toml)}, run_config={})
+
+    def failing(error: Exception):  # type: ignore[no-untyped-def]
+        def call_next(msg, ctx):  # type: ignore[no-untyped-def]
+            raise error
+        return call_next
+
+    with pytest.raises(ConfigError, match=rf"^{toml}: mask: acceleration: too high$") as info:
+        site_named_errors_mod(None, context, failing(ConfigError("mask: acceleration: too high")))  # type: ignore[arg-type]
+    import traceback
+
+    logged = "".join(traceback.format_exception(info.value))
+    # One error line in the site's log (no chained unnamed copy), with the frame that raised it.
+    assert logged.count("ConfigError:") == 1 and "in call_next" in logged
+    named = DataError(f"{toml}: scanner: bad")
+    with pytest.raises(DataError) as again:
+        site_named_errors_mod(None, context, failing(named))  # type: ignore[arg-type]
+    assert again.value is named  # already names the site: untouched
+    with pytest.raises(KeyError):  # not a FedSense error: a bug, passed on as it is
+        site_named_errors_mod(None, context, failing(KeyError("x")))  # type: ignore[arg-type]
+    unknown = SimpleNamespace(node_config={}, run_config={"sites": ""})
+    with pytest.raises(ConfigError, match=r"^mask: x$"):
+        site_named_errors_mod(None, unknown, failing(ConfigError("mask: x")))  # type: ignore[arg-type]
 
 
 def _global(rnd: int, phase: str, sites: list[str], rejected: list[str]) -> dict:
