@@ -44,8 +44,11 @@ test-fast: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m common.docs_gen
 
+# runs/ may hold files that older compose runs wrote as the image's uid 10001: deploy/clean-runs.sh removes
+# those through a throwaway container of the local base image.
 clean:
-	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DATA) .pytest_cache
+	BASE_IMAGE=$(BASE_IMAGE) bash deploy/clean-runs.sh runs
 
 # The compose demo with ./runs owned by you: created first, and its owner passed in case it is recreated.
 compose-up:

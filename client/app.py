@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from client.audit import egress_audit_mod
 from client.monitoring import SiteMonitor, counting_read_errors, site_monitor
 from client.node_site import resolve_site_config_path
+from client.site_errors import site_named_errors_mod
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
 from client.secagg import secagg_mod
@@ -33,7 +34,8 @@ from common.training import train as train_model
 logger = logging.getLogger(__name__)
 
 # Outermost: the other mods, the audit and the handlers see the arrays unpacked (server.transport packs them).
-app = ClientApp(mods=[packed_transport_mod, egress_audit_mod])
+# Innermost: the site's errors name its config, for the site's log (the audit tells the server only the type).
+app = ClientApp(mods=[packed_transport_mod, egress_audit_mod, site_named_errors_mod])
 
 #: Metrics of the evaluation a training message asked for first (the server's ``server.federation.CARRIED``).
 CARRIED_PREFIX = "eval/"

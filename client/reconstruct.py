@@ -59,7 +59,7 @@ from common.errors import ConfigError, DataError, OutputError
 from common.fft import center_crop, ifft2c_np
 from common.masks import PATTERNS, seed_for
 from common.precision import choose_precision
-from common.outputs import check_new_file, check_new_folder, check_not_input
+from common.outputs import check_can_write, check_new_file, check_new_folder, check_not_input
 from common.nufft import is_non_cartesian
 
 logger = logging.getLogger(__name__)
@@ -279,6 +279,9 @@ class Reconstructor:
         """Validate ``path`` before anything is written; returns what :meth:`volume` needs."""
         if not path.is_file():
             raise DataError(f"{path}: no such file")
+        # One the user may not read is the file system saying no (exit 4, "PATH: Permission denied"), not a
+        # malformed file: opened here so no reader's wrapping turns it into a data error.
+        path.open("rb").close()
         if is_nifti(path):
             if self.site is None:
                 raise ConfigError(f"{path}: a NIfTI magnitude volume needs --site-config (the scanner that re-acquires it)")
@@ -454,6 +457,7 @@ def check_outputs(inputs: Sequence[Path], out_dir: Path, fmt: str | None, overwr
             check_new_folder(target, overwrite)
         else:
             check_new_file(target, overwrite)
+    check_can_write(out_dir)
 
 
 def reconstruct_files(reconstructor: Reconstructor, inputs: Sequence[Path], out_dir: Path, fmt: str | None,

@@ -3,7 +3,8 @@
 Exit codes (README "Exit codes"): 0 done; 1 ``data check``: the site cannot train; 2 bad command line,
 configuration or data (:class:`FedSenseError`, a pydantic validation error); 3 an output refused (it is or
 holds an input, or exists and ``--overwrite`` was not given); 4 the file system said no (missing or
-unreadable file, permission, disk full); 70 an internal error (a bug: ``--debug`` shows its traceback);
+unreadable file, permission, disk full); 5 a run finished without some site (it failed during the run and the
+federation went on without it); 70 an internal error (a bug: ``--debug`` shows its traceback);
 130 interrupted; 141 the reader of the output went away (``fedsense metrics show RUN | head``).
 """
 
@@ -24,6 +25,7 @@ logger = logging.getLogger("fedsense")
 EXIT_USAGE = 2
 EXIT_OUTPUT = 3
 EXIT_OS = 4
+EXIT_SITE_FAILED = 5
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141

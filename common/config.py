@@ -234,12 +234,17 @@ def parse_site_config(data: dict[str, Any], source: str, base_dir: Path | None =
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
-    """Read and validate one site TOML; a missing file, bad TOML or bad value raises :class:`ConfigError`."""
+    """Read and validate one site TOML; a missing file, bad TOML or bad value raises :class:`ConfigError`.
+
+    A file the user may not read raises ``PermissionError`` as it is: the file system said no (exit 4).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: <file>: no such file") from exc
+    except PermissionError:
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: <file>: cannot read: {exc}") from exc
     try:

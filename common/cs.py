@@ -60,19 +60,33 @@ def _power_iteration(
 
 
 class WaveletProx:
-    """Soft thresholding of the detail coefficients of an orthogonal, periodised 2-D wavelet transform."""
+    """Soft thresholding of the detail coefficients of an orthogonal, periodised 2-D wavelet transform.
+
+    ``levels`` is a request: the transform goes as deep as the image allows, at most until the coarsest band
+    is one filter long (db4 at 48² stops at 2 levels), and at least one level. Where a side is not a multiple
+    of 2^levels (odd sizes), the image is mirrored out to the next multiple and cropped back after the
+    transform: the prox is then that of the padded image's coefficients (approximate, not unitary), which
+    keeps FISTA's behaviour at every size; at the usual power-of-two-rich sizes it is exact.
+    """
 
     def __init__(self, wavelet: str, levels: int, shape: tuple[int, int]) -> None:
-        if not pywt.Wavelet(wavelet).orthogonal:
+        kernel = pywt.Wavelet(wavelet)
+        if not kernel.orthogonal:
             raise ValueError(f"wavelet {wavelet!r} is not orthogonal; the proximal step would not be exact")
-        max_levels = pywt.dwtn_max_level(shape, wavelet)
-        if not 1 <= levels <= max(max_levels, 1):
-            raise ValueError(f"levels must be in [1, {max(max_levels, 1)}] for {wavelet!r} at {shape}, got {levels}")
-        self.wavelet, self.levels = wavelet, levels
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        deepest = pywt.dwt_max_level(min(shape), kernel.dec_len)
+        self.wavelet, self.levels, self.shape = wavelet, max(1, min(levels, deepest)), tuple(shape)
+        block = 2 ** self.levels
+        self.padded = tuple(-(-n // block) * block for n in shape)
 
     def __call__(self, image: Tensor, threshold: float) -> Tensor:
         """prox_{threshold ||W.||_1}(image) for a complex (B, H, W) image: shrink |coefficient| by threshold."""
-        coeffs = pywt.wavedec2(image.numpy(), self.wavelet, mode="periodization", level=self.levels, axes=(-2, -1))
+        data = image.numpy()
+        if self.padded != self.shape:
+            extra = [(0, 0)] * (data.ndim - 2) + [(0, p - n) for p, n in zip(self.padded, self.shape)]
+            data = np.pad(data, extra, mode="symmetric")
+        coeffs = pywt.wavedec2(data, self.wavelet, mode="periodization", level=self.levels, axes=(-2, -1))
         array, slices = pywt.coeffs_to_array(coeffs, axes=(-2, -1))
         approx = slices[0]  # the coarse band's index (all axes), left unpenalised
         keep = array[approx].copy()
@@ -81,6 +95,7 @@ class WaveletProx:
         array[approx] = keep
         coeffs = pywt.array_to_coeffs(array, slices, output_format="wavedec2")
         out = pywt.waverec2(coeffs, self.wavelet, mode="periodization", axes=(-2, -1))
+        out = out[..., : self.shape[0], : self.shape[1]]
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.complex64))
 
 
@@ -94,6 +109,7 @@ def l1_wavelet_sense(
     iterations: int = 50,
     wavelet: str = "db4",
     levels: int = 3,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> Tensor:
     """FISTA for L1-wavelet SENSE: k-space (B,C,H,W), mask (B,1,H,W), maps (B,C,H,W) -> complex (B,H,W).
 
@@ -102,11 +118,13 @@ def l1_wavelet_sense(
     k-space: FedSense samples are scaled so the zero-filled image peaks at 1, which is what makes one
     ``lam`` serve every site. ``lam = 0`` is a least-squares
     SENSE reconstruction (FISTA on the data term only). Starts from the zero-filled SENSE image A^H y.
+    ``on_iteration(done)`` is called after each FISTA iteration: progress for a caller whose batches take
+    seconds each.
     """
     if iterations < 1:
         raise ValueError(f"need lam >= 0 and iterations >= 1, got {lam} and {iterations}")
     return l1_wavelet_sense_iterates(masked_kspace, mask, sens_maps, lam=lam, iterations=(iterations,),
-                                     wavelet=wavelet, levels=levels)[iterations]
+                                     wavelet=wavelet, levels=levels, on_iteration=on_iteration)[iterations]
 
 
 @torch.no_grad()
@@ -119,6 +137,7 @@ def l1_wavelet_sense_iterates(
     iterations: tuple[int, ...],
     wavelet: str = "db4",
     levels: int = 3,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> dict[int, Tensor]:
     """The FISTA iterate after each of ``iterations`` (e.g. 50, 100, 200) from one run of the longest.
 
@@ -141,7 +160,8 @@ def l1_wavelet_sense_iterates(
         operator = SenseNufft.from_batch(mask.to(torch.float32), maps)
         data_adjoint = operator.gridded(masked_kspace.to(torch.complex64))
         step = 1.0 / max(_power_iteration(operator.normal, data_adjoint.shape), 1e-12)
-        return _fista(data_adjoint, lambda z: operator.normal(z) - data_adjoint, prox, step, lam, iterations)
+        return _fista(data_adjoint, lambda z: operator.normal(z) - data_adjoint, prox, step, lam, iterations,
+                      on_iteration)
     if mask.dim() != 4 or mask.shape[-2:] != masked_kspace.shape[-2:]:
         raise ValueError(f"expected a mask (B, 1, H, W) matching the k-space, got {tuple(mask.shape)}")
     kspace = masked_kspace.to(torch.complex64)
@@ -149,16 +169,16 @@ def l1_wavelet_sense_iterates(
     step = 1.0 / max(lipschitz(mask, maps), 1e-12)
     return _fista(
         _adjoint(kspace, mask, maps), lambda z: _adjoint(_forward(z, mask, maps) - kspace, mask, maps),
-        prox, step, lam, iterations,
+        prox, step, lam, iterations, on_iteration,
     )
 
 
 def _fista(
     x: Tensor, gradient: Callable[[Tensor], Tensor], prox: WaveletProx, step: float, lam: float,
-    iterations: tuple[int, ...],
+    iterations: tuple[int, ...], on_iteration: Callable[[int], None] | None = None,
 ) -> dict[int, Tensor]:
     """FISTA from ``x`` with the data-term ``gradient`` and the wavelet prox (plain gradient steps at lam 0);
-    the iterate after each count in ``iterations``."""
+    the iterate after each count in ``iterations``; ``on_iteration(done)`` after each iteration."""
     z, t = x, 1.0
     kept: dict[int, Tensor] = {}
     for done in range(1, max(iterations) + 1):
@@ -170,6 +190,8 @@ def _fista(
         x, t = x_next, t_next
         if done in iterations:
             kept[done] = x
+        if on_iteration is not None:
+            on_iteration(done)
     return kept
 
 

@@ -9,7 +9,9 @@ go to a temporary name and are renamed into place (:mod:`common.atomic`).
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -65,7 +67,30 @@ def check_new_folder(target: Path, overwrite: bool, option: str = "--out") -> No
         raise OutputError(f"{option}: {target} already exists and is not empty; pass --overwrite to replace it")
 
 
+def check_can_write(out: Path) -> None:
+    """Refuse, before any work, an output in a folder this process may not create files in.
+
+    Tried, not inferred from mode bits (root, capabilities, read-only mounts and ACLs all count): a
+    temporary file is made and removed in ``out`` or its nearest existing ancestor. Raises
+    ``PermissionError`` (or the file system's own error) naming ``out``: exit 4 at the CLI.
+    """
+    out = Path(out)
+    folder = next((p for p in _existing_chain(out.absolute()) if p.is_dir()), None)
+    if folder is None:
+        return  # nothing of it exists, not even the root: the write itself will say why
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fedsense-write-test-", dir=folder)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = "" if folder == out.absolute() else f" (cannot create files in {folder})"
+        raise OSError(exc.errno or errno.EACCES, f"{reason}{where}", str(out)) from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool, option: str = "--out") -> None:
-    """The checks of a command that writes a whole folder: not an input, not inside/around one, new or --overwrite."""
+    """The checks of a command that writes a whole folder: not an input, not inside/around one, new or
+    --overwrite, and writable."""
     check_not_input(out, inputs, option)
     check_new_folder(out, overwrite, option)
+    check_can_write(out)

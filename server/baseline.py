@@ -13,6 +13,10 @@ Optimiser semantics follow the run's ``client-optimizer``, as a federated site's
 fresh Adam every round, ``keep`` carries each model's Adam state from round to round, so a comparison
 with a federated run trains every arm alike.
 
+An interrupted baseline (Ctrl-C, SIGTERM) resumes like a federated run: each round's checkpoint holds the
+model(s) and, with ``keep``, the Adam state(s), so ``execute(resume=True)`` continues after the last
+complete round as if it had not stopped.
+
 All three evaluate on each site's validation split with the same code as the ClientApp, so one
 table (``fedsense metrics show``) compares them with FedAvg and FedProx. Like a federated run they keep
 ``best.json`` up to date and stop early after ``patience`` rounds without improvement (:mod:`server.best`).
@@ -68,6 +72,7 @@ class Baseline:
         self.precision = run.precision  # "auto" is measured by train()/evaluate(); records say what ran
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
         self.best = BestTracker(self.store, run.select_metric, run.patience)
+        self.resume = False
 
     def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> dict[str, Any]:
         records = []
@@ -92,13 +97,38 @@ class Baseline:
         self.store.append_metrics(records + [summary])
         return summary
 
-    def _checkpoint(self, rnd: int, state: dict[str, Any], summary: dict[str, Any]) -> bool:
-        """Save round ``rnd``, update ``best.json``; True when patience is exhausted (stop)."""
-        self.store.save_checkpoint(rnd, state, self.run.to_flat())
+    def _checkpoint(self, rnd: int, state: dict[str, Any], summary: dict[str, Any],
+                    optimisers: dict[str, torch.optim.Optimizer | None]) -> bool:
+        """Save round ``rnd`` (with the kept Adam states, so a resume continues exactly), update ``best.json``;
+        True when patience is exhausted (stop)."""
+        kept = {name: opt.state_dict() for name, opt in optimisers.items() if opt is not None}
+        self.store.save_checkpoint(rnd, state, self.run.to_flat(), extra={"optimisers": kept} if kept else None)
         self.best.update(rnd, summary["metrics"])
         if self.best.exhausted:
             logger.info("%s: stopping early after round %d", self.kind, rnd)
         return self.best.exhausted
+
+    def _restore(self, models: dict[str, torch.nn.Module], optimisers: dict[str, torch.optim.Optimizer | None],
+                 prefixed: bool) -> int:
+        """Load the last complete round's checkpoint into ``models`` / ``optimisers``; the round to start from.
+
+        ``prefixed``: the checkpoint holds several models as ``NAME/param`` (the local baseline).
+        """
+        latest = self.store.latest_checkpoint() if self.resume else None
+        if latest is None:
+            return 1
+        done, payload = latest
+        state = payload["state_dict"]
+        for name, model in models.items():
+            own = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")} if prefixed else state
+            model.load_state_dict(own)
+        for name, opt in optimisers.items():
+            saved = payload.get("optimisers", {}).get(name)
+            if opt is not None and saved is not None:
+                opt.load_state_dict(saved)
+        self.best.resume(done)
+        logger.info("%s: resuming %s after round %d", self.kind, self.store.path, done)
+        return done + 1
 
     def _supervision(self, site: str) -> dict[str, str]:
         """The record key that marks a self-supervised site (as federated runs record it)."""
@@ -108,9 +138,18 @@ class Baseline:
         """Per-batch loss: SSDU for self-supervised sites' batches, the image loss for the others."""
         return SiteLoss(self.run.loss, self.run.ssdu_rho, self.run.ssdu_masks, seed=self.run.seed, epoch=rnd)
 
-    def execute(self) -> RunDir:
-        """Run the baseline to the end; the run directory holds its metrics and checkpoints."""
-        self.store.init({**self.run.to_flat(), "baseline": self.kind}, resume=False)
+    def execute(self, resume: bool = False) -> RunDir:
+        """Run the baseline to the end; the run directory holds its metrics and checkpoints.
+
+        ``resume``: continue the interrupted run in the run directory after its last complete round.
+        """
+        self.resume = resume and self.kind != "zero-filled"  # round 0 only: nothing to continue
+        if self.resume and self.store.config_path.is_file():
+            stored = self.store.read_config().get("baseline")
+            if stored != self.kind:
+                raise ConfigError(f"{self.store.config_path}: cannot resume a {self.kind} baseline: the run there is "
+                                  f"{'a ' + stored + ' baseline' if stored else 'not a baseline'}")
+        self.store.init({**self.run.to_flat(), "baseline": self.kind}, resume=self.resume)
         try:
             with ProcessTree():  # Ctrl-C / SIGTERM: data-loading workers stop with it
                 if self.kind == "zero-filled":
@@ -120,7 +159,7 @@ class Baseline:
                 else:
                     self._centralized(pooled=self.kind == "centralized")
         except KeyboardInterrupt:
-            self.store.mark_interrupted("baselines do not resume: run the same command again to start it over")
+            self.store.mark_interrupted("run the same command again: it resumes after this round")
             raise
         except BaseException as exc:
             self.store.set_status("failed", error=str(exc))
@@ -141,8 +180,10 @@ class Baseline:
     def _local(self) -> None:
         models = {site: self._new_model() for site in self.sites}
         optimisers = {site: self._optimiser(model) for site, model in models.items()}
-        self._evaluate(0, models)  # type: ignore[arg-type]
-        for rnd in range(1, self.run.num_server_rounds + 1):
+        start = self._restore(models, optimisers, prefixed=True)
+        if start == 1:
+            self._evaluate(0, models)  # type: ignore[arg-type]
+        for rnd in range(start, self.run.num_server_rounds + 1):
             records = []
             for site, datasets in self.sites.items():
                 logger.info("%s: round %d/%d: training %s", self.kind, rnd, self.run.num_server_rounds, site)
@@ -156,7 +197,7 @@ class Baseline:
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
             summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
-            if self._checkpoint(rnd, state, summary):
+            if self._checkpoint(rnd, state, summary, optimisers):
                 return
 
     def _centralized(self, pooled: bool) -> None:
@@ -166,8 +207,10 @@ class Baseline:
             self.run.local_steps if self.run.local_steps else self.run.local_epochs * -(-len(d["train"]) // self.run.batch_size)
             for d in self.sites.values()
         ]
-        self._evaluate(0, {site: model for site in self.sites})
-        for rnd in range(1, self.run.num_server_rounds + 1):
+        start = self._restore({GLOBAL_SITE: model}, {GLOBAL_SITE: optimiser}, prefixed=False)
+        if start == 1:
+            self._evaluate(0, {site: model for site in self.sites})
+        for rnd in range(start, self.run.num_server_rounds + 1):
             loader: PooledLoader | InterleavedLoader
             if pooled:
                 loader = PooledLoader([d["train"] for d in self.sites.values()], self.run.batch_size,
@@ -187,5 +230,5 @@ class Baseline:
                             precision=res.precision)
             ])
             summary = self._evaluate(rnd, {site: model for site in self.sites})
-            if self._checkpoint(rnd, cpu_state_dict(model), summary):
+            if self._checkpoint(rnd, cpu_state_dict(model), summary, {GLOBAL_SITE: optimiser}):
                 return

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from common.command import (
+    EXIT_SITE_FAILED,
     nonnegative_float,
     nonnegative_int,
     port_number,
@@ -20,6 +21,7 @@ from common.errors import ConfigError, FedSenseError
 from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
+    from server.store import RunDir
     from common.runconfig import RunConfig
 
 
@@ -141,7 +143,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common.preflight import check_sites
     from server.readiness import check_readiness
     from server.simulate import SimResources, simulate
-    from server.site_errors import reporting_site_errors
+    from server.site_errors import finished_without, reporting_site_errors
 
     run = _run_config(args, _app_defaults())
     if args.run_dir is None:
@@ -152,7 +154,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not args.skip_data_check:
         check_readiness(run.site_list, report)
     resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-    with reporting_site_errors(Path(run.run_dir) / "flower.log", _site_places(run), report) as site_errors:
+    places = _site_places(run)
+    with reporting_site_errors(Path(run.run_dir) / "flower.log", places, report) as site_errors:
         try:
             store = simulate(run, timeout=args.timeout, report=report, resources=resources)
         except FedSenseError as exc:  # with what the sites said, on screen, not only in flower.log
@@ -161,7 +164,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     show(store.path, fmt="table", out=sys.stdout)
     print(f"metrics: {store.metrics_path}\ncheckpoints: {store.checkpoint_dir}")
+    problem = finished_without(store.read_metrics(dedupe=True), list(places), site_errors)
+    if problem:
+        print(f"fedsense: error: {problem}", file=sys.stderr, flush=True)
+        return EXIT_SITE_FAILED
     return 0
+
+
+def _interrupted_baseline(store: "RunDir", kind: str) -> bool:
+    """Whether ``store`` holds a ``kind`` baseline stopped by a signal (a resume continues it)."""
+    if not store.config_path.is_file():
+        return False
+    config = store.read_config()
+    return config.get("status") == "interrupted" and config.get("baseline") == kind
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
@@ -175,12 +190,14 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"run_dir": f"runs/{args.kind}"})
     if args.name is None:
         run = run.model_copy(update={"name": args.kind})
-    _claim_run_dir(run, resume=False, overwrite=args.overwrite)  # a baseline always starts afresh
+    # The same command after Ctrl-C continues the interrupted baseline; a finished one needs --overwrite.
+    resume = not args.overwrite and _interrupted_baseline(RunDir(run.run_dir), args.kind)
+    _claim_run_dir(run, resume=resume, overwrite=args.overwrite)
     baseline = Baseline(args.kind, run)
-    print(f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}",
-          flush=True)
+    print(f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}"
+          + ("; resuming the interrupted run" if resume else ""), flush=True)
     with reporting_rounds(RunDir(run.run_dir), run.num_server_rounds, lambda line: print(line, flush=True)):
-        store = baseline.execute()
+        store = baseline.execute(resume=resume)
     show(store.path, fmt="table", out=sys.stdout)
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.runconfig import RunConfig
+from server import cli
 from server.baseline import Baseline
 from server.store import GLOBAL_SITE
 
@@ -73,3 +74,50 @@ def test_client_optimizer_keep_carries_adam_state_across_rounds(small_sites: lis
     seen.clear()
     Baseline(kind, RunConfig.from_flat({**config, "run-dir": str(tmp_path / "reset")})).execute()
     assert seen == [(0, 0), (0, 0)]
+
+
+@pytest.mark.parametrize("kind", ["local", "centralized"])
+def test_an_interrupted_baseline_resumes_after_its_last_complete_round(small_sites: list[Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Ctrl-C in round 2 (between its training and its evaluation) marks the run interrupted after round 1;
+    resumed (what ``fedsense baseline`` does when it finds it), it trains round 2 only and ends with the weights
+    of a run that was never stopped (the checkpoint carries the kept Adam state)."""
+    import torch
+
+    import server.baseline as baseline
+
+    def config(run_dir: Path) -> RunConfig:
+        flat = {**run_config(small_sites[:2], run_dir, kind).to_flat(), "num-server-rounds": 2, "local-steps": 1,
+                "client-optimizer": "keep", "max-eval-slices": 1, "num-samples": 0}
+        return RunConfig.from_flat(flat)
+
+    straight = Baseline(kind, config(tmp_path / "straight")).execute()
+    real_evaluate = baseline.Baseline._evaluate
+
+    def stop_in_round_2(self, rnd, models):  # type: ignore[no-untyped-def]
+        if rnd == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(self, rnd, models)
+
+    monkeypatch.setattr(baseline.Baseline, "_evaluate", stop_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        Baseline(kind, config(tmp_path / "stopped")).execute()
+    monkeypatch.setattr(baseline.Baseline, "_evaluate", real_evaluate)
+    stopped = Baseline(kind, config(tmp_path / "stopped")).store
+    detail = stopped.read_config()["status_detail"]
+    assert stopped.read_config()["status"] == "interrupted" and detail["last_complete_round"] == 1
+    kept = stopped.checkpoint_path(1).stat().st_mtime_ns
+    assert cli._interrupted_baseline(stopped, kind) and not cli._interrupted_baseline(stopped, "zero-filled")
+
+    trained: list[int] = []
+    real_train = baseline.train
+    monkeypatch.setattr(baseline, "train", lambda *a, **k: (trained.append(k["batch_loss"].self_supervised.epoch), real_train(*a, **k))[1])
+    resumed = Baseline(kind, config(tmp_path / "stopped")).execute(resume=True)
+    assert resumed.read_config()["status"] == "finished"
+    assert not cli._interrupted_baseline(resumed, kind)
+    assert sorted(set(trained)) == [2] and stopped.checkpoint_path(1).stat().st_mtime_ns == kept
+    final, reference = resumed.load_checkpoint(2)["state_dict"], straight.load_checkpoint(2)["state_dict"]
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    rounds = {r["round"] for r in resumed.read_metrics(dedupe=True) if r["phase"] == "evaluate"}
+    assert rounds == {0, 1, 2}

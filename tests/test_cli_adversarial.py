@@ -3,7 +3,9 @@ exit code, no traceback, and every input file byte-identical afterwards.
 
 Commands run in this process (``server.cli.main``, the real argument parsing and error boundary; an
 exception escaping the boundary fails the test), except where only a real process shows the behaviour:
-a closed pipe and a file-size limit. One tiny centralized run and its exported model are the inputs.
+a closed pipe, a file-size limit, and permissions: root passes every permission check, so those commands
+run as root without capabilities (``setpriv --bounding-set=-all``), for which file modes count again.
+One tiny centralized run and its exported model are the inputs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -197,3 +200,54 @@ def test_full_disk_and_closed_pipe_in_real_processes(world: dict[str, Path], tmp
     show.stdout.close()  # the reader is gone before the table is written, as with a quick `| head`
     err = show.stderr.read().decode()
     assert show.wait(timeout=120) == EXIT_BROKEN_PIPE and err == "", err
+
+
+def _as_unprivileged() -> list[str]:
+    """The command prefix under which file permissions apply: none for a user, capability-free root for root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): permissions cannot be enforced")
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+
+
+def test_unreadable_inputs_and_read_only_outputs_are_one_line(world: dict[str, Path], tmp_path: Path) -> None:
+    """An input the user may not read and an output folder they may not write: exit 4, the path named, no
+    traceback, nothing written, the inputs untouched."""
+    prefix = _as_unprivileged()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    locked = tmp_path / "locked.h5"
+    shutil.copy(world["h5"], locked)
+    locked.chmod(0)
+    toml = tmp_path / "site-a.toml"
+    shutil.copy(world["sites"] / "site-a.toml", toml)
+    toml.chmod(0)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    before = _hashes(tmp_path)
+
+    def run(*argv: object) -> tuple[int, str]:
+        proc = subprocess.run([*prefix, str(FEDSENSE), *map(str, argv)], capture_output=True, text=True, env=env,
+                              timeout=300, check=False)
+        assert "Traceback" not in proc.stdout + proc.stderr
+        return proc.returncode, proc.stderr
+
+    try:
+        model = ["reconstruct", "--model", world["model"], *MASK]
+        for argv, path in [
+            ([*model, locked, "--out", tmp_path / "out"], locked),
+            ([*model, world["h5"], "--out", read_only], read_only),
+            ([*model, world["h5"], "--out", read_only / "new"], read_only / "new"),
+            (["metrics", "plot", world["run"], "--out", read_only / "plots"], read_only / "plots"),
+            (["data", "check", toml], toml),
+        ]:
+            code, err = run(*argv)
+            errors = [line for line in err.splitlines() if line.startswith("fedsense: error: ")]
+            assert code == EXIT_OS and len(errors) == 1 and f"{path}: Permission denied" in errors[0], (argv, code, err)
+        assert list(read_only.iterdir()) == [] and not (tmp_path / "out").exists()
+    finally:
+        locked.chmod(0o644)
+        toml.chmod(0o644)
+        read_only.chmod(0o755)
+    assert _hashes(tmp_path) == before

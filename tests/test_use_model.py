@@ -148,13 +148,27 @@ def test_evaluate_equals_training_evaluate(small_sites: list[Path], artifact: Pa
     assert table[("all sites", "model")]["psnr"] == pytest.approx(expected_model["psnr"], rel=1e-6)
 
 
-def test_evaluate_cs_baseline_scores_every_site(small_sites: list[Path], artifact: Path) -> None:
+def test_evaluate_cs_baseline_scores_every_site(small_sites: list[Path], artifact: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.evaluate as evaluate_module
+
+    advanced: list[tuple[str, float]] = []  # (the bar's description, slices) per advance
+
+    class Recording(evaluate_module.Progress):  # type: ignore[misc,name-defined]
+        def advance(self, task, advance=1):  # type: ignore[no-untyped-def]
+            advanced.append((self.tasks[0].description, advance))
+            super().advance(task, advance)
+
+    monkeypatch.setattr(evaluate_module, "Progress", Recording)
     loaded = load_artifact(artifact)
     scores = evaluate_sites(loaded.model, small_sites[2:], split="test", baselines=["zero-filled", "cs"], batch_size=4,
                             max_slices=4)
     table = {(r["site"], r["method"]): r for r in rows(scores)}
     # Classical CS is a real baseline: better than zero-filled on this poisson-disc site.
     assert table[("site-c", "cs")]["psnr"] > table[("site-c", "zero-filled")]["psnr"]
+    # The bar moves within a CS batch (after every FISTA iteration), by the batch's slices in all.
+    cs = [amount for description, amount in advanced if description == "site-c · cs"]
+    assert len(cs) == 50 and sum(cs) == pytest.approx(4.0)
 
 
 def _fastmri_file(small_sites: list[Path]) -> Path:
