@@ -23,6 +23,7 @@ from common.errors import ConfigError
 from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
 from common.personalise import fine_tune
+from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SSDUTrainLoss, check_model, evaluate_self_supervised
@@ -33,10 +34,6 @@ logger = logging.getLogger(__name__)
 
 # Outermost: the other mods, the audit and the handlers see the arrays unpacked (server.transport packs them).
 app = ClientApp(mods=[packed_transport_mod, egress_audit_mod])
-
-#: Metrics of the evaluation a training message asked for first (the server's ``server.federation.CARRIED``).
-CARRIED_PREFIX = "eval/"
-
 
 def _setup(
     msg: Message, context: Context, state_round: int
@@ -76,11 +73,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
     clock.setup_done()
-    mu = float(msg.content["config"].get("proximal-mu", run.proximal_term_mu))
+    mu = float(msg.content["config"].get(PROXIMAL_MU, run.proximal_term_mu))
     carried: dict[str, float] = {}
-    if msg.content["config"].get("evaluate-first", False):
+    if msg.content["config"].get(EVALUATE_FIRST, False):
         # evaluate-with-train: the model received is round (server_round - 1)'s; score it before training.
-        carried = {f"{CARRIED_PREFIX}{k}": v for k, v in _validate(run, site, model, datasets, server_round - 1).items()}
+        carried = {f"{CARRIED}{k}": v for k, v in _validate(run, site, model, datasets, server_round - 1).items()}
     device = resolve_device(run.device, "run config: device")
     model.to(device)  # before the optimiser (and any kept state) is bound to the parameters
     optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
@@ -195,7 +192,7 @@ def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict,
     return {"num-examples": result.num_examples, **result.metrics, "compute-seconds": time.perf_counter() - started}
 
 
-@app.train("finetune")
+@app.train(FINETUNE_ACTION)
 def finetune(msg: Message, context: Context) -> Message:
     """After the last round: fine-tune the final model on this site's training split, keep the best
     by validation, write it to the site's state directory, and report only its validation metrics."""

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
+from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU, SERVER_ROUND
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
@@ -33,16 +34,12 @@ from server.strategy import Rejection, precision_of, site_of, supervision_of, va
 
 logger = logging.getLogger(__name__)
 
-#: The ClientApp's fine-tuning action (``@app.train("finetune")`` in client/app.py).
-FINETUNE_MESSAGE = f"{MessageType.TRAIN}.finetune"
+#: The ClientApp's fine-tuning action (``@app.train(FINETUNE_ACTION)`` in client/app.py).
+FINETUNE_MESSAGE = f"{MessageType.TRAIN}.{FINETUNE_ACTION}"
 
 
 class RoundFailed(FedSenseError):
     """Too few sites replied (or survived validation) for a round to be aggregated."""
-
-
-#: Prefix of the metrics a training reply carries for the evaluation it did first (``evaluate-with-train``).
-CARRIED = "eval/"
 
 
 def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], prefix: str = "",
@@ -179,7 +176,7 @@ class Federation:
         return self.run.evaluate_with_train and self.run.fraction_evaluate > 0.0
 
     def _train_config(self) -> ConfigRecord:
-        return ConfigRecord({"proximal-mu": self.run.proximal_term_mu, "evaluate-first": self.carries_evaluation})
+        return ConfigRecord({PROXIMAL_MU: self.run.proximal_term_mu, EVALUATE_FIRST: self.carries_evaluation})
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """Federated evaluation of ``arrays`` on every sampled site's validation split."""
@@ -300,7 +297,7 @@ class Federation:
         ``finetune`` of round ``rnd`` (the last round).
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({SERVER_ROUND: rnd})})
         messages = [Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
         return self._metrics_phase(rnd, "finetune", messages, "fine-tuning")
