@@ -36,7 +36,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app
 import server.app
-from client.transport import pack_content, unpack_content
+from client.transport import RECORDS
+from common.protocol import pack_content, unpack_content
 from common.runconfig import RunConfig
 from server.federation import RoundFailed
 from server.receipts import RECEIVED_FILE, read_receipts
@@ -155,7 +156,7 @@ class LoopbackGrid(Grid):
             request = copy.deepcopy(message)
             reply = copy.deepcopy(client.app.app(request, self.contexts[request.metadata.dst_node_id]))
             if reply.has_content():  # packed at the site (client.transport): tampered and kept unpacked
-                reply.content = unpack_content(reply.content)
+                reply.content = unpack_content(reply.content, RECORDS)
             rnd = int(request.content["config"]["server-round"])
             site = str(reply.content["site"]["name"]) if reply.has_content() else ""
             if request.metadata.message_type == MessageType.TRAIN:
@@ -165,7 +166,7 @@ class LoopbackGrid(Grid):
                     self.received.setdefault(rnd, {})[site] = copy.deepcopy(reply)
             if reply is not None:
                 if reply.has_content() and reply.content.array_records:
-                    reply.content = pack_content(reply.content)  # on the wire, as the site sends it
+                    reply.content = pack_content(reply.content, RECORDS)  # on the wire, as the site sends it
                 # As the SuperNode stamps its reply (an error reply, which has no content to hash, by its request).
                 reply_id = reply.object_id if reply.has_content() else f"error-{request.metadata.message_id}"
                 reply.metadata.__dict__["_message_id"] = reply_id

@@ -25,7 +25,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app
 import server.app
-from client.transport import unpack_content
+from client.transport import RECORDS
+from common.protocol import unpack_content
 from common.config import load_site_config
 from common.errors import ConfigError
 from common.runconfig import RunConfig
@@ -88,7 +89,7 @@ class LoopbackGrid(Grid):
         for reply in pulled:
             if reply.has_content():
                 seen = copy.deepcopy(reply)
-                seen.content = unpack_content(seen.content)
+                seen.content = unpack_content(seen.content, RECORDS)
                 self.received.append(seen)
         return pulled
 
@@ -98,7 +99,7 @@ class LoopbackGrid(Grid):
 
 def stage_of(msg: Message) -> str:
     """The SecAgg+ stage a server message asks for ('' for a plain message)."""
-    content = unpack_content(msg.content)
+    content = unpack_content(msg.content, RECORDS)
     if RECORD_KEY_CONFIGS not in content.config_records:
         return ""
     return str(content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
