@@ -13,12 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
-from client.node_site import resolve_site_config_path
+from client.site_context import site_context
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
 from client.secagg import secagg_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
-from common.data.loaders import load_site, make_loader
+from common.data.loaders import make_loader
 from common.errors import ConfigError
 from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
@@ -26,7 +26,7 @@ from common.personalise import fine_tune
 from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU
 from common.runconfig import RunConfig
 from common.samples import save_samples
-from common.ssdu import SSDUTrainLoss, check_model, evaluate_self_supervised
+from common.ssdu import SSDUTrainLoss, evaluate_self_supervised
 from common.training import evaluate as evaluate_model
 from common.training import train as train_model
 
@@ -35,17 +35,15 @@ logger = logging.getLogger(__name__)
 # Outermost: the other mods, the audit and the handlers see the arrays unpacked (server.transport packs them).
 app = ClientApp(mods=[packed_transport_mod, egress_audit_mod])
 
+
 def _setup(
     msg: Message, context: Context, state_round: int
 ) -> tuple[RunConfig, str, torch.nn.Module, dict, SiteMemory, SavedState | None]:
     """The run config, site, datasets, and the model: the server's arrays plus what the site kept
     (its local layers as of ``state_round``; see :mod:`client.site_state`)."""
-    run = RunConfig.from_flat(dict(context.run_config))
+    known = site_context(context)  # built on the run's first message
+    run, site, datasets = known.run, known.site, known.datasets
     use_cpu_allotment()  # torch's threads = the site's CPUs (Ray's --client-cpus, a container's quota)
-    site_path = resolve_site_config_path(context.node_config, run)
-    site, datasets = load_site(str(site_path))
-    if site.supervision == "self":
-        check_model(run.model, f"run config (site {site_path})")
     torch.manual_seed(run.seed + int(msg.content["config"].get("server-round", 0)))
     model = build_model(run.model, **run.model_kwargs)
     memory = SiteMemory(context, run, site.name)
@@ -144,7 +142,7 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
                    carried: dict[str, float], clock: HandlerClock) -> Message:
     """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
     started = time.perf_counter()
-    path = ledger_path(context, run, resolve_site_config_path(context.node_config, run), site)
+    path = ledger_path(context, run, site_context(context).site_path, site)
     result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
     if result is None:
         metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started, **carried}
