@@ -139,6 +139,7 @@ def train(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     compile: bool = False,
+    step_hook: Callable[[nn.Module], None] | None = None,
 ) -> TrainResult:
     """Adam on the site's training split for ``steps`` batches (or ``epochs`` passes when steps = 0).
 
@@ -155,6 +156,8 @@ def train(
     or bf16 on the first batch (:func:`common.precision.choose_precision`); the result says which ran.
     ``compile`` runs the steps through ``torch.compile`` (the weights stay ``model``'s own): it pays only
     where its compile time (about a minute per process on a CPU) is won back (docs/BENCHMARKS.md).
+    ``step_hook(model)`` runs after each backward pass, before the step: a strategy's gradient
+    correction (SCAFFOLD's control variates, :class:`common.scaffold.ControlledSteps`).
     """
     device = torch.device(device)
     model.to(device)
@@ -187,6 +190,8 @@ def train(
         if not torch.isfinite(objective):
             raise FloatingPointError(f"non-finite training loss at step {count + 1}")
         objective.backward()
+        if step_hook is not None:
+            step_hook(model)
         optimiser.step()
         running += float(value.detach())
         count += 1
