@@ -18,6 +18,7 @@ from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
 from client.secagg import secagg_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
+from client.scaffold import ScaffoldRound
 from common.data.loaders import make_loader
 from common.errors import ConfigError
 from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 # Outermost: the other mods, the audit and the handlers see the arrays unpacked (server.transport packs them).
 app = ClientApp(mods=[packed_transport_mod, egress_audit_mod])
+
+#: Strategies with a part at the site: name -> its per-round object (a step hook, then extra reply records).
+SITE_ROUNDS = {"scaffold": ScaffoldRound}
 
 
 def _setup(
@@ -53,13 +57,15 @@ def _setup(
 
 
 def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str, torch.Tensor] | None,
-           supervision: str = "full", precision: str = "") -> Message:
+           supervision: str = "full", precision: str = "", extra: dict[str, ArrayRecord] | None = None) -> Message:
     # "supervision" lets the server's tables and dashboard mark self-supervised sites; "precision" records
     # what the site's network trained at (precision = auto resolves per site).
     facts = {"name": site, "supervision": supervision, **({"precision": precision} if precision else {})}
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(facts)})
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()})  # CPU, whatever the device
+    for key, record in (extra or {}).items():
+        content[key] = record
     return Message(content=content, reply_to=msg)
 
 
@@ -90,6 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     started, cpu_started = time.perf_counter(), time.process_time()
     if run.dp_noise_multiplier > 0:
         return _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried, clock)
+    site_round = SITE_ROUNDS[run.strategy](msg, context, model) if run.strategy in SITE_ROUNDS else None
     result = train_model(
         model,
         loader,
@@ -103,6 +110,7 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         precision=run.precision,
         compile=run.compile,
+        step_hook=site_round.step_hook if site_round is not None else None,
     )
     memory.remember(server_round, model, optimiser)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
@@ -112,7 +120,8 @@ def train(msg: Message, context: Context) -> Message:
                # CPU time of this process: the step rate on a shared machine, whatever else runs there.
                "compute-cpu-seconds": time.process_time() - cpu_started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
-    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision)
+    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision,
+                  site_round.finish(context) if site_round is not None else None)
 
 
 class HandlerClock:

@@ -11,6 +11,7 @@ from typing import Any
 SECAGG_REFUSED_STRATEGIES: dict[str, str] = {
     "fedmedian": "the coordinate-wise median needs every site's update",
     "fedtrimmedavg": "trimming the extremes needs every site's update",
+    "scaffold": "each site's control-variate change would travel unmasked beside its masked update",
 }
 
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
@@ -34,6 +35,11 @@ def check_privacy(run: Any) -> None:
         raise ValueError(
             f"dp-noise-multiplier > 0: model {run.model!r} cannot be trained with DP-SGD: "
             f"{DP_SGD_REFUSED_MODELS[run.model]}"
+        )
+    if run.dp_noise_multiplier > 0 and run.strategy == "scaffold":
+        raise ValueError(
+            "dp-noise-multiplier > 0 cannot run with strategy scaffold: its control variate is the site's mean "
+            "unclipped, unnoised gradient, which would leave the site outside DP-SGD's guarantee"
         )
     if run.dp_target_epsilon > 0 and run.dp_noise_multiplier == 0:
         raise ValueError("dp-target-epsilon needs dp-noise-multiplier > 0 (without noise ε is unbounded)")

@@ -27,6 +27,8 @@ SITE = "site"  #: facts about the replying site (ConfigRecord)
 MANIFEST = "fedsense.packing"
 PACKED = "packed"  #: the one array of a packed ArrayRecord
 VERSION_KEY = "protocol-version"  #: in the manifest record
+SCAFFOLD_GLOBAL = "scaffold.c"  #: SCAFFOLD: the server's control variate, sent with the weights (ArrayRecord)
+SCAFFOLD_DELTA = "scaffold.delta-c"  #: SCAFFOLD: a site's control-variate change, in its reply (ArrayRecord)
 
 # Keys of the train config the server sends.
 SERVER_ROUND = "server-round"

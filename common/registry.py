@@ -23,6 +23,8 @@ STRATEGY_DESCRIPTIONS: dict[str, str] = {
     "fedyogi": "FedYogi: FedAdam with Yogi's additive second-moment update",
     "fedadagrad": "FedAdagrad: FedAdam with Adagrad's accumulated second moment",
     "fedavgm": "FedAvgM: server SGD with momentum on the mean update (Hsu et al. 2019)",
+    "scaffold": "SCAFFOLD: FedAvg with each site's local gradients corrected by control variates (server's "
+                "minus the site's), which removes client drift on heterogeneous sites (Karimireddy et al. 2020)",
 }
 #: Reconstruction models (run-config ``model``): name -> what it is, for the docs.
 MODEL_DESCRIPTIONS: dict[str, str] = {

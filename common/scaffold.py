@@ -26,9 +26,13 @@ class ControlledSteps:
     """A training step hook (``common.training.train``'s ``step_hook``): corrects the gradients and
     accumulates the uncorrected ones, from which :meth:`new_local` gives ``c_i⁺``."""
 
-    def __init__(self, model: nn.Module, global_c: Mapping[str, torch.Tensor], local_c: Mapping[str, torch.Tensor]):
-        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad and name in global_c}
-        self.offset = {name: global_c[name].to(p.dtype) - _or_zero(local_c, name, p) for name, p in self.params.items()}
+    def __init__(self, model: nn.Module, global_c: Mapping[str, torch.Tensor], local_c: Mapping[str, torch.Tensor],
+                 names: Iterable[str] | None = None) -> None:
+        """Controls the trainable parameters of ``model`` named in ``names`` (default: all of them)."""
+        wanted = None if names is None else set(names)
+        self.params = {name: p for name, p in model.named_parameters()
+                       if p.requires_grad and (wanted is None or name in wanted)}
+        self.offset = {name: _or_zero(global_c, name, p) - _or_zero(local_c, name, p) for name, p in self.params.items()}
         self.sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in self.params.items()}
         self.steps = 0
 
@@ -38,7 +42,7 @@ class ControlledSteps:
             if p.grad is None:
                 continue
             self.sums[name] += p.grad.detach().to(torch.float64)
-            p.grad.add_(self.offset[name].to(p.grad.device, p.grad.dtype))
+            p.grad.add_(self.offset[name].to(p.grad.dtype))
         self.steps += 1
 
     def new_local(self) -> Variates:
@@ -50,7 +54,7 @@ class ControlledSteps:
 
 def _or_zero(variates: Mapping[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
     value = variates.get(name)
-    return torch.zeros_like(like) if value is None else value.to(like.dtype)
+    return torch.zeros_like(like).detach() if value is None else value.to(like.device, like.dtype)
 
 
 def local_delta(new_local: Mapping[str, torch.Tensor], old_local: Mapping[str, torch.Tensor]) -> Variates:

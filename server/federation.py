@@ -29,6 +29,7 @@ from server.claims import Clipped, apply_caps
 from server.best import BestTracker
 from server.identity import SiteIdentity
 from server.receipts import Receipts
+from server.round_state import round_state_of
 from server.store import RunDir, global_record, site_record
 from server.strategy import Rejection, precision_of, site_of, supervision_of, validate_updates
 
@@ -120,6 +121,8 @@ class Federation:
         self.receipts = Receipts(run.run_dir, resume=run.resume)
         #: The last phase's messages (id -> node) and every reply it received, for :meth:`_record`.
         self.phase: tuple[dict[str, int], list[Message]] = ({}, [])
+        #: What the strategy adds to each round (:mod:`server.round_state`; SCAFFOLD's control variates).
+        self.round_state = round_state_of(strategy)
 
     def wait_for_nodes(self, needed: int) -> None:
         """Block until ``needed`` SuperNodes are connected; fail clearly after ``node-wait-timeout``.
@@ -175,8 +178,18 @@ class Federation:
         """Whether each training message also asks for the evaluation of the model it carries."""
         return self.run.evaluate_with_train and self.run.fraction_evaluate > 0.0
 
-    def _train_config(self) -> ConfigRecord:
-        return ConfigRecord({PROXIMAL_MU: self.run.proximal_term_mu, EVALUATE_FIRST: self.carries_evaluation})
+    def _train_config(self, rnd: int) -> ConfigRecord:
+        return ConfigRecord({PROXIMAL_MU: self.run.proximal_term_mu, EVALUATE_FIRST: self.carries_evaluation,
+                             **self.round_state.train_config(rnd)})
+
+    def _train_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
+        """The strategy's training messages, with the records its round state adds to each."""
+        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(rnd), self.grid))
+        extra = self.round_state.train_records(rnd)
+        for content in {id(m.content): m.content for m in messages}.values():  # often one, shared
+            for key, record in extra.items():
+                content[key] = record
+        return messages
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """Federated evaluation of ``arrays`` on every sampled site's validation split."""
@@ -219,7 +232,7 @@ class Federation:
         t0 = time.time()
         if self.run.secagg:
             return self._secure_train_round(rnd, arrays, t0)
-        replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
+        replies, failed = self._send(self._train_messages(rnd, arrays))
         self.carried = None
         if self.carries_evaluation:
             carriers, _, eval_clipped = apply_caps(list(replies), self.run.caps, key=f"{CARRIED}num-examples")
@@ -231,7 +244,10 @@ class Federation:
                 self.carried["carried_by"] = f"round {rnd} train"
                 _note_clipped(self.carried, eval_clipped)
                 self.store.append_metrics(evaluated + [self.carried])
+        unusable = self.round_state.take(replies, arrays)
+        replies = [m for m in replies if all(m is not bad for bad, _ in unusable)]
         valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
+        rejected = [Rejection(site_of(m), reason, m.metadata.message_id) for m, reason in unusable] + rejected
         valid, uncapped, clipped = apply_caps(valid, self.run.caps)
         rejected = failed + rejected + uncapped
         self._record(rnd, "train", valid, rejected)
@@ -243,6 +259,7 @@ class Federation:
         new_arrays, _ = self.strategy.aggregate_train(rnd, valid)
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
+        self.round_state.absorb(rnd, valid, len(list(self.grid.get_node_ids())))
         records = _site_records(self.run, rnd, "train", valid, reply_seconds=self.reply_seconds)
         summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
         summary["metrics"].update(client_dp_metrics(self.strategy))
@@ -258,7 +275,7 @@ class Federation:
         optimisers take it as their pseudo-gradient. Per-site checks of the update cannot run (the
         server never sees one); the aggregate must be finite.
         """
-        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
+        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(rnd), self.grid))
         if not messages:
             raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
         nodes = [m.metadata.dst_node_id for m in messages]
