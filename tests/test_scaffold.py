@@ -117,3 +117,35 @@ def test_server_update_scales_by_the_sampled_fraction_and_keeps_dtypes() -> None
     with pytest.raises(ValueError, match="3 deltas but only 2 sites"):
         server_update(c, deltas + deltas[:1], total_sites=2)
     assert server_update(c, [], 3) == c
+
+
+def test_the_server_takes_each_sites_delta_out_of_its_reply_and_refuses_a_bad_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.protocol import SCAFFOLD_DELTA, SCAFFOLD_GLOBAL
+    from server.scaffold import ScaffoldState
+
+    for name in ("_run_id", "_task_id", "_node_id"):  # Flower's messages need a task to belong to
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+
+    def reply(delta: np.ndarray | None) -> Message:
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+        if delta is not None:
+            content[SCAFFOLD_DELTA] = ArrayRecord({"w": Array(delta)})
+        return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    state = ScaffoldState()
+    assert state.train_records(1) == {}  # round 1: c = 0, nothing to send
+    good = [reply(np.array([1.0, 2.0], np.float32)), reply(np.array([3.0, 0.0], np.float32))]
+    bad = [reply(None), reply(np.ones(3, np.float32)), reply(np.array([np.nan, 0.0], np.float32))]
+    refused = state.take(good + bad, arrays)
+    assert [m for m, _ in refused] == bad
+    assert ["no scaffold.delta-c record" in r for _, r in refused] == [True, False, False]
+    assert "shape (3,) != (2,)" in refused[1][1] and "non-finite" in refused[2][1]
+    assert all(SCAFFOLD_DELTA not in m.content for m in good)  # update validation sees one ArrayRecord
+    state.absorb(1, good, total_sites=4)
+    np.testing.assert_allclose(state.c["w"], [1.0, 0.5])  # 2/4 of the mean delta
+    assert list(state.train_records(2)[SCAFFOLD_GLOBAL]["w"].numpy()) == [1.0, 0.5]
