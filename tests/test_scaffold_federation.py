@@ -21,7 +21,7 @@ def test_scaffold_runs_in_simulate(small_sites: list[Path], tmp_path: Path, monk
     audit = tmp_path / "egress.jsonl"
     monkeypatch.setenv("FEDSENSE_AUDIT_LOG", str(audit))
     run = RunConfig.from_flat(tiny_run(tmp_path / "run", rounds=2, **{
-        "name": "scaffold", "strategy": "scaffold", "local-steps": 2, "min-train-nodes": 2,
+        "name": "scaffold", "strategy": "scaffold", "local-steps": 1, "min-train-nodes": 2,
         "min-available-nodes": 2, "min-evaluate-nodes": 0, "sites": ",".join(map(str, sites))}))
     store = simulate(run, timeout=300)
     train = [r for r in store.read_metrics() if r["phase"] == "train"]
