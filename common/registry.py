@@ -29,6 +29,10 @@ STRATEGY_DESCRIPTIONS: dict[str, str] = {
 }
 
 
+#: How a model keeps its output consistent with the acquired k-space.
+DC_OPERATORS = ("none", "closed-form", "gradient")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A reconstruction model's facts, declared once: SSDU, DP-SGD, ONNX export and the docs read them here."""
@@ -42,6 +46,10 @@ class ModelEntry:
     onnx_exportable: bool = False
     #: Why DP-SGD cannot train it; empty when it can.
     dp_refusal: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dc_operator not in DC_OPERATORS:
+            raise ValueError(f"dc_operator: {self.dc_operator!r} is none of {', '.join(DC_OPERATORS)}")
 
     @property
     def supports_dp(self) -> bool:
