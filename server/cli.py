@@ -17,7 +17,7 @@ from common.command import (
     positive_int,
     run_command,
 )
-from common.errors import ConfigError, FedSenseError
+from common.errors import FedSenseError
 from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
