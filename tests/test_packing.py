@@ -152,3 +152,12 @@ def test_the_site_mod_refuses_a_server_of_another_protocol_version() -> None:
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(protocol.ProtocolMismatch, match="protocol version 0"):
         site.packed_transport_mod(msg, context, lambda m, c: pytest.fail("the ClientApp ran"))  # type: ignore[arg-type]
+
+
+def test_the_server_refuses_a_reply_of_another_protocol_version() -> None:
+    ask = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    packed = protocol.pack_content(_content({"w": torch.ones(2)}), site.RECORDS)
+    packed[protocol.MANIFEST][protocol.VERSION_KEY] = protocol.PROTOCOL_VERSION + 1
+    grid = hub.PackedGrid(RecordingGrid([Message(packed, reply_to=ask)]))  # type: ignore[arg-type]
+    with pytest.raises(protocol.ProtocolMismatch, match="this side speaks protocol version"):
+        grid.pull_messages(["m0"])
