@@ -31,6 +31,7 @@ from bench.harness import (
     write_sites,
 )
 from bench.quality import MODELS, run_config
+from common.config_layers import updated
 from common.data.dataset import SiteDataset
 from common.data.loaders import load_site, make_loader
 from common.models import build_model
@@ -49,7 +50,7 @@ def _checkpoint_state(store: RunDir, rnd: int) -> dict[str, torch.Tensor]:
 def _variant(run: RunConfig, out: Path, kind: str, **update: object) -> RunConfig:
     """``run`` under its own name and run directory ``<model>-<kind>``, with ``update`` applied."""
     name = f"{run.model}-{kind}"
-    return run.model_copy(update={"name": name, "run_dir": str(out / name), **update})
+    return updated(run, f"variant {kind}", name=name, run_dir=str(out / name), **update)
 
 
 def site_psnr(model: str, model_args: dict[str, int], data: dict[str, dict[str, SiteDataset]],

@@ -15,23 +15,19 @@ Run::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import statistics
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app
 import server.app
 from bench.harness import markdown_table, replicate_sites, start_bench, write_sites
+from bench.loopback import LoopbackGrid
 from common.models import build_model, count_parameters
 from common.runconfig import RunConfig
 from server.store import GLOBAL_SITE, RunDir
@@ -55,50 +51,19 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-class CountingGrid(Grid):
-    """Delivers each message to the real ClientApp of its site, in this process, counting bytes each way."""
+class CountingGrid(LoopbackGrid):
+    """The loopback grid, counting the payload bytes each way."""
 
     def __init__(self, sites: list[Path], run_config: dict[str, Any]) -> None:
-        self.contexts = {100 + i: Context(RUN_ID, 100 + i, {"site-config": str(p)}, RecordDict(), run_config)
-                         for i, p in enumerate(sites)}
+        super().__init__(sites, run_config, RUN_ID)
         self.sent_bytes = self.received_bytes = 0
-        self._replies: dict[str, Message] = {}
-        self._count = 0
-        self._run = Run.create_empty(RUN_ID)
 
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = f"m{self._count}"
-            self._count += 1
-            self.sent_bytes += payload_bytes(message.content)
-            request = copy.deepcopy(message)
-            reply = client.app.app(request, self.contexts[request.metadata.dst_node_id])
-            if reply.has_content():
-                self.received_bytes += payload_bytes(reply.content)
-            self._replies[request.metadata.message_id] = reply
-            ids.append(request.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        raise AssertionError("the ServerApp collects replies itself (server.collect)")
+    def deliver(self, request: Message) -> Message | None:
+        self.sent_bytes += payload_bytes(request.content)
+        reply = super().deliver(request)
+        if reply is not None and reply.has_content():
+            self.received_bytes += payload_bytes(reply.content)
+        return reply
 
 
 def measure(sites: list[Path], run_dir: Path, rounds: int, secagg: bool) -> dict[str, float]:

@@ -14,20 +14,22 @@ from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
 from client.monitoring import SiteMonitor, counting_read_errors, site_monitor
-from client.node_site import resolve_site_config_path
 from client.site_errors import site_named_errors_mod
+from client.site_context import site_context
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
 from client.secagg import secagg_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
-from common.data.loaders import load_site, make_loader
+from client.scaffold import ScaffoldRound
+from common.data.loaders import make_loader
 from common.errors import ConfigError
 from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
 from common.personalise import fine_tune
+from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU
 from common.runconfig import RunConfig
 from common.samples import save_samples
-from common.ssdu import SSDUTrainLoss, check_model, evaluate_self_supervised
+from common.ssdu import SSDUTrainLoss, evaluate_self_supervised
 from common.training import evaluate as evaluate_model
 from common.training import train as train_model
 
@@ -37,8 +39,8 @@ logger = logging.getLogger(__name__)
 # Innermost: the site's errors name its config, for the site's log (the audit tells the server only the type).
 app = ClientApp(mods=[packed_transport_mod, egress_audit_mod, site_named_errors_mod])
 
-#: Metrics of the evaluation a training message asked for first (the server's ``server.federation.CARRIED``).
-CARRIED_PREFIX = "eval/"
+#: Strategies with a part at the site: name -> its per-round object (a step hook, then extra reply records).
+SITE_ROUNDS = {"scaffold": ScaffoldRound}
 
 
 def _setup(
@@ -46,12 +48,9 @@ def _setup(
 ) -> tuple[RunConfig, str, torch.nn.Module, dict, SiteMemory, SavedState | None]:
     """The run config, site, datasets, and the model: the server's arrays plus what the site kept
     (its local layers as of ``state_round``; see :mod:`client.site_state`)."""
-    run = RunConfig.from_flat(dict(context.run_config))
+    known = site_context(context)  # built on the run's first message
+    run, site, datasets = known.run, known.site, known.datasets
     use_cpu_allotment()  # torch's threads = the site's CPUs (Ray's --client-cpus, a container's quota)
-    site_path = resolve_site_config_path(context.node_config, run)
-    site, datasets = load_site(str(site_path))
-    if site.supervision == "self":
-        check_model(run.model, f"run config (site {site_path})")
     torch.manual_seed(run.seed + int(msg.content["config"].get("server-round", 0)))
     model = build_model(run.model, **run.model_kwargs)
     memory = SiteMemory(context, run, site.name)
@@ -61,13 +60,15 @@ def _setup(
 
 
 def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str, torch.Tensor] | None,
-           supervision: str = "full", precision: str = "") -> Message:
+           supervision: str = "full", precision: str = "", extra: dict[str, ArrayRecord] | None = None) -> Message:
     # "supervision" lets the server's tables and dashboard mark self-supervised sites; "precision" records
     # what the site's network trained at (precision = auto resolves per site).
     facts = {"name": site, "supervision": supervision, **({"precision": precision} if precision else {})}
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(facts)})
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()})  # CPU, whatever the device
+    for key, record in (extra or {}).items():
+        content[key] = record
     return Message(content=content, reply_to=msg)
 
 
@@ -82,11 +83,11 @@ def train(msg: Message, context: Context) -> Message:
     clock.setup_done()
     monitor = site_monitor()
     monitor.watch(datasets)
-    mu = float(msg.content["config"].get("proximal-mu", run.proximal_term_mu))
+    mu = float(msg.content["config"].get(PROXIMAL_MU, run.proximal_term_mu))
     carried: dict[str, float] = {}
-    if msg.content["config"].get("evaluate-first", False):
+    if msg.content["config"].get(EVALUATE_FIRST, False):
         # evaluate-with-train: the model received is round (server_round - 1)'s; score it before training.
-        carried = {f"{CARRIED_PREFIX}{k}": v for k, v in _validate(run, site, model, datasets, server_round - 1).items()}
+        carried = {f"{CARRIED}{k}": v for k, v in _validate(run, site, model, datasets, server_round - 1).items()}
     device = resolve_device(run.device, "run config: device")
     model.to(device)  # before the optimiser (and any kept state) is bound to the parameters
     optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
@@ -104,6 +105,7 @@ def train(msg: Message, context: Context) -> Message:
                                monitor)
         monitor.finished(datasets)
         return reply
+    site_round = SITE_ROUNDS[run.strategy](msg, context, model) if run.strategy in SITE_ROUNDS else None
     result = train_model(
         model,
         loader,
@@ -118,6 +120,7 @@ def train(msg: Message, context: Context) -> Message:
         precision=run.precision,
         compile=run.compile,
         on_step=monitor.step_timer(),
+        step_hook=site_round.step_hook if site_round is not None else None,
     )
     monitor.trained(server_round)
     monitor.finished(datasets)
@@ -129,7 +132,8 @@ def train(msg: Message, context: Context) -> Message:
                # CPU time of this process: the step rate on a shared machine, whatever else runs there.
                "compute-cpu-seconds": time.process_time() - cpu_started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
-    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision)
+    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision,
+                  site_round.finish(context) if site_round is not None else None)
 
 
 class HandlerClock:
@@ -159,7 +163,7 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
                    carried: dict[str, float], clock: HandlerClock, monitor: SiteMonitor) -> Message:
     """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
     started = time.perf_counter()
-    path = ledger_path(context, run, resolve_site_config_path(context.node_config, run), site)
+    path = ledger_path(context, run, site_context(context).site_path, site)
     result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
     if result is None:
         metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started, **carried}
@@ -212,7 +216,7 @@ def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict,
     return {"num-examples": result.num_examples, **result.metrics, "compute-seconds": time.perf_counter() - started}
 
 
-@app.train("finetune")
+@app.train(FINETUNE_ACTION)
 @counting_read_errors
 def finetune(msg: Message, context: Context) -> Message:
     """After the last round: fine-tune the final model on this site's training split, keep the best

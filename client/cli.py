@@ -1,4 +1,4 @@
-"""The site-side subcommands of ``fedsense``: ``evaluate`` and ``reconstruct``.
+"""The site-side subcommands of ``fedsense``: ``evaluate``, ``reconstruct`` and ``client`` (the SuperNode).
 
 They run at a hospital on its own files and need only ``common`` and this package. ``server/cli.py``
 hands these subcommands over by name (the module's string, as Flower loads ``client.app:app``), so the
@@ -17,9 +17,6 @@ from rich.console import Console
 
 from common.command import nonnegative_int, positive_float, positive_int, run_command
 from common.errors import FedSenseError
-
-
-COMMANDS = ("evaluate", "reconstruct")
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:

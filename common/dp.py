@@ -33,7 +33,7 @@ from torch import nn
 from common.atomic import atomic_write_bytes
 from common.dc import DataConsistency, GradientDC
 from common.errors import ConfigError
-from common.privacy_config import DP_SGD_REFUSED_MODELS
+from common.registry import MODEL_ENTRIES
 from common.training import BatchSource, ReconLoss, TrainResult, _cycle, predict
 
 @register_grad_sampler([DataConsistency, GradientDC])
@@ -71,8 +71,8 @@ def check_model(name: str, model: nn.Module, source: str = "run config") -> None
     BatchNorm mixes the slices of a batch, so one slice's gradient depends on the others and
     per-sample clipping no longer bounds its influence; ModuleValidator names such layers.
     """
-    if name in DP_SGD_REFUSED_MODELS:
-        raise ConfigError(f"{source}: model: {name!r} cannot be trained with DP-SGD: {DP_SGD_REFUSED_MODELS[name]}")
+    if name in MODEL_ENTRIES and not MODEL_ENTRIES[name].supports_dp:
+        raise ConfigError(f"{source}: model: {name!r} cannot be trained with DP-SGD: {MODEL_ENTRIES[name].dp_refusal}")
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(f"{source}: model: {name!r} cannot be trained with DP-SGD: {errors[0]}")

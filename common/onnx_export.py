@@ -23,14 +23,14 @@ from torch import Tensor, nn
 
 from common.artifact import Acquisition, OnnxInfo
 from common.errors import ConfigError
-from common.models.unet import _INPUT_CLAMP, UnetRecon, _normalise
+from common.models import UnetRecon, model_name
+from common.registry import MODEL_ENTRIES
 
 logger = logging.getLogger(__name__)
 
 OPSET = 18
 # Absolute tolerance on the output magnitude (inputs scaled so the zero-filled image peaks near 1).
 TOLERANCE = 1e-3
-EXPORTABLE = ("unet",)
 DEFAULT_SHAPE = (1, 1, 320, 320)
 
 
@@ -59,12 +59,7 @@ class RealUnetRecon(nn.Module):
         ti = torch.matmul(self.rows_re, ki) + torch.matmul(self.rows_im, kr)
         ir = torch.matmul(tr, self.cols_re) - torch.matmul(ti, self.cols_im)
         ii = torch.matmul(tr, self.cols_im) + torch.matmul(ti, self.cols_re)
-        zero_filled = torch.sqrt((ir * ir + ii * ii).sum(dim=1)).unsqueeze(1)
-        x, mean, std = _normalise(zero_filled, self.model.eps)
-        x = x.clamp(-_INPUT_CLAMP, _INPUT_CLAMP)
-        net = self.model.unet(x)
-        out = x + net if self.model.residual else net
-        return (out * std + mean).squeeze(1)
+        return self.model.refine(torch.sqrt((ir * ir + ii * ii).sum(dim=1)).unsqueeze(1))
 
 
 def export_shape(acquisitions: Sequence[Acquisition]) -> tuple[int, int, int, int]:
@@ -78,10 +73,12 @@ def export_shape(acquisitions: Sequence[Acquisition]) -> tuple[int, int, int, in
 def export_onnx(model: nn.Module, acquisitions: Sequence[Acquisition] = (), shape: tuple[int, int, int, int] | None = None,
                 tolerance: float = TOLERANCE) -> tuple[bytes, OnnxInfo]:
     """ONNX bytes of ``model`` at ``shape`` (default :func:`export_shape`) and its card entry, checked in ONNX Runtime."""
-    if not isinstance(model, UnetRecon):
+    name = model_name(model)
+    if not MODEL_ENTRIES[name].onnx_exportable or not isinstance(model, UnetRecon):
+        exportable = ", ".join(n for n, entry in MODEL_ENTRIES.items() if entry.onnx_exportable)
         raise ConfigError(
-            f"--onnx: model {type(model).__name__} cannot be exported: its complex coil and data-consistency "
-            f"operations have no ONNX conversion in torch {torch.__version__}; exportable models: {', '.join(EXPORTABLE)}"
+            f"--onnx: model {name} cannot be exported: its complex coil and data-consistency "
+            f"operations have no ONNX conversion in torch {torch.__version__}; exportable models: {exportable}"
         )
     import onnxruntime as ort
 

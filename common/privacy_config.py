@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.registry import MODEL_ENTRIES
+
 #: Strategies that need each site's own update, which secure aggregation hides from the server.
 SECAGG_REFUSED_STRATEGIES: dict[str, str] = {
     "fedmedian": "the coordinate-wise median needs every site's update",
     "fedtrimmedavg": "trimming the extremes needs every site's update",
+    "scaffold": "each site's control-variate change would travel unmasked beside its masked update",
 }
 
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
@@ -18,25 +21,20 @@ CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
 #: Under SecAgg+ with client-level DP, ±secagg-clipping-range must hold the noise share to this many stds.
 SECAGG_NOISE_TAILS = 6.0
 
-# Models DP-SGD cannot train, with the reason (tests/test_dp.py checks the others' per-slice gradients
-# against one backward pass per slice).
-DP_SGD_REFUSED_MODELS: dict[str, str] = {
-    "varnet": (
-        "its coil-sensitivity network runs on every coil image as a separate batch element (B·C), so "
-        "Opacus' per-sample gradients would be per coil, not per slice, and clipping would not bound "
-        "a slice's influence; use unet or unrolled"
-    ),
-}
-
 
 def check_privacy(run: Any) -> None:
     """Raise ``ValueError`` (turned into a ConfigError naming the key) for an unsupported combination."""
     if run.secagg:
         check_secagg(run)
-    if run.dp_noise_multiplier > 0 and run.model in DP_SGD_REFUSED_MODELS:
+    if run.dp_noise_multiplier > 0 and not MODEL_ENTRIES[run.model].supports_dp:
         raise ValueError(
             f"dp-noise-multiplier > 0: model {run.model!r} cannot be trained with DP-SGD: "
-            f"{DP_SGD_REFUSED_MODELS[run.model]}"
+            f"{MODEL_ENTRIES[run.model].dp_refusal}"
+        )
+    if run.dp_noise_multiplier > 0 and run.strategy == "scaffold":
+        raise ValueError(
+            "dp-noise-multiplier > 0 cannot run with strategy scaffold: its control variate is the site's mean "
+            "unclipped, unnoised gradient, which would leave the site outside DP-SGD's guarantee"
         )
     if run.dp_target_epsilon > 0 and run.dp_noise_multiplier == 0:
         raise ValueError("dp-target-epsilon needs dp-noise-multiplier > 0 (without noise ε is unbounded)")

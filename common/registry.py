@@ -11,6 +11,7 @@ description the docs show, so a description is written once, next to its name.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 #: Aggregation strategies (run-config ``strategy``): name -> what it does, for the docs.
 STRATEGY_DESCRIPTIONS: dict[str, str] = {
@@ -23,18 +24,61 @@ STRATEGY_DESCRIPTIONS: dict[str, str] = {
     "fedyogi": "FedYogi: FedAdam with Yogi's additive second-moment update",
     "fedadagrad": "FedAdagrad: FedAdam with Adagrad's accumulated second moment",
     "fedavgm": "FedAvgM: server SGD with momentum on the mean update (Hsu et al. 2019)",
+    "scaffold": "SCAFFOLD: FedAvg with each site's local gradients corrected by control variates (server's "
+                "minus the site's), which removes client drift on heterogeneous sites (Karimireddy et al. 2020)",
 }
-#: Reconstruction models (run-config ``model``): name -> what it is, for the docs.
-MODEL_DESCRIPTIONS: dict[str, str] = {
-    "unet": "end-to-end U-Net on the coil-combined zero-filled image (fastMRI's baseline); at radial / spiral "
-            "sites on the density-compensated NUFFT adjoint",
-    "unrolled": "unrolled cascade of small residual CNNs, each followed by a closed-form data-consistency "
-                "layer (after Schlemper et al.'s DC-CNN); at radial / spiral sites the DC is CG-SENSE "
-                "(`nc_dc = \"cg\"`) or a gradient step on the NUFFT",
-    "varnet": "end-to-end VarNet: gradient data consistency in multi-coil k-space with coil maps estimated by "
-              "the model (after Sriram et al. 2020); at radial / spiral sites each cascade runs its image-domain "
-              "twin (gradient DC on the NUFFT, the same weights) with the site's own maps",
+
+
+#: How a model keeps its output consistent with the acquired k-space.
+DC_OPERATORS = ("none", "closed-form", "gradient")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A reconstruction model's facts, declared once: SSDU, DP-SGD, ONNX export and the docs read them here."""
+
+    description: str
+    #: How its output is kept consistent with the acquired k-space: "none", "closed-form" or "gradient".
+    dc_operator: str
+    #: Whether its output can be taken to k-space, which SSDU's loss on the held-back locations needs.
+    supports_ssdu: bool
+    #: Whether ``fedsense export --onnx`` can convert it (its operations all have ONNX counterparts).
+    onnx_exportable: bool = False
+    #: Why DP-SGD cannot train it; empty when it can.
+    dp_refusal: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dc_operator not in DC_OPERATORS:
+            raise ValueError(f"dc_operator: {self.dc_operator!r} is none of {', '.join(DC_OPERATORS)}")
+
+    @property
+    def supports_dp(self) -> bool:
+        """Whether sample-level DP-SGD can train it."""
+        return not self.dp_refusal
+
+
+#: Reconstruction models (run-config ``model``): name -> its facts.
+MODEL_ENTRIES: dict[str, ModelEntry] = {
+    "unet": ModelEntry(
+        "end-to-end U-Net on the coil-combined zero-filled image (fastMRI's baseline); at radial / spiral "
+        "sites on the density-compensated NUFFT adjoint",
+        dc_operator="none", supports_ssdu=False, onnx_exportable=True),
+    "unrolled": ModelEntry(
+        "unrolled cascade of small residual CNNs, each followed by a closed-form data-consistency "
+        "layer (after Schlemper et al.'s DC-CNN); at radial / spiral sites the DC is CG-SENSE "
+        "(`nc_dc = \"cg\"`) or a gradient step on the NUFFT",
+        dc_operator="closed-form", supports_ssdu=True),
+    "varnet": ModelEntry(
+        "end-to-end VarNet: gradient data consistency in multi-coil k-space with coil maps estimated by "
+        "the model (after Sriram et al. 2020); at radial / spiral sites each cascade runs its image-domain "
+        "twin (gradient DC on the NUFFT, the same weights) with the site's own maps",
+        dc_operator="gradient", supports_ssdu=True,
+        dp_refusal="its coil-sensitivity network runs on every coil image as a separate batch element (B·C), so "
+                   "Opacus' per-sample gradients would be per coil, not per slice, and clipping would not bound "
+                   "a slice's influence; use unet or unrolled"),
 }
+#: Reconstruction models: name -> what it is, for the docs.
+MODEL_DESCRIPTIONS: dict[str, str] = {name: entry.description for name, entry in MODEL_ENTRIES.items()}
 #: Baselines (``fedsense baseline KIND``): name -> what it trains, for the docs.
 BASELINE_DESCRIPTIONS: dict[str, str] = {
     "local": "each site trains its own model on its own data only, for the same rounds and local steps",

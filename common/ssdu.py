@@ -28,14 +28,13 @@ from torch import Tensor, nn
 
 from common.coils import sense_forward
 from common.errors import ConfigError
+from common.registry import MODEL_ENTRIES
 from common.training import Batch, EvalResult, ReconLoss, evaluate, predict
 
 logger = logging.getLogger(__name__)
 
 #: SSDU's Gaussian selection: std of the selection density as a fraction of each k-space axis (std_scale 4).
 GAUSSIAN_STD_FRACTION = 0.25
-#: Models whose output can be taken to k-space (see the module docstring for the U-Net).
-SSDU_MODELS = ("unrolled", "varnet")
 #: Random streams, so the training and the validation splits of a slice never coincide.
 _TRAIN_STREAM, _VALIDATION_STREAM = 0, 1
 #: Keeps the normalised loss finite for a slice whose Θ measurements are all zero.
@@ -53,13 +52,14 @@ class Split:
 
 _NO_KSPACE = (
     "the end-to-end U-Net outputs a magnitude image and ignores the coil maps, so it has no prediction "
-    f"of the held-back k-space to compare; use one of {', '.join(SSDU_MODELS)}"
+    "of the held-back k-space to compare; use one of "
+    + ", ".join(name for name, entry in MODEL_ENTRIES.items() if entry.supports_ssdu)
 )
 
 
 def check_model(model: str, source: str = "run config") -> None:
     """Refuse a model that cannot be trained self-supervised, before any data is touched."""
-    if model not in SSDU_MODELS:
+    if model not in MODEL_ENTRIES or not MODEL_ENTRIES[model].supports_ssdu:
         raise ConfigError(
             f"{source}: model: {model!r} cannot train at a self-supervised site (supervision = \"self\"): "
             + _NO_KSPACE

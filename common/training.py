@@ -140,6 +140,7 @@ def train(
     precision: str = "fp32",
     compile: bool = False,
     on_step: Callable[[], None] | None = None,
+    step_hook: Callable[[nn.Module], None] | None = None,
 ) -> TrainResult:
     """Adam on the site's training split for ``steps`` batches (or ``epochs`` passes when steps = 0).
 
@@ -157,6 +158,8 @@ def train(
     ``compile`` runs the steps through ``torch.compile`` (the weights stay ``model``'s own): it pays only
     where its compile time (about a minute per process on a CPU) is won back (docs/BENCHMARKS.md).
     ``on_step()`` is called after each optimiser step (a site's step-time metric, :mod:`client.monitoring`).
+    ``step_hook(model)`` runs after each backward pass, before the step: a strategy's gradient
+    correction (SCAFFOLD's control variates, :class:`common.scaffold.ControlledSteps`).
     """
     device = torch.device(device)
     model.to(device)
@@ -189,6 +192,8 @@ def train(
         if not torch.isfinite(objective):
             raise FloatingPointError(f"non-finite training loss at step {count + 1}")
         objective.backward()
+        if step_hook is not None:
+            step_hook(model)
         optimiser.step()
         running += float(value.detach())
         count += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -17,7 +18,7 @@ from common.command import (
     positive_int,
     run_command,
 )
-from common.errors import ConfigError, FedSenseError
+from common.errors import FedSenseError
 from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
@@ -51,40 +52,26 @@ def _parse_set(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _check_set_keys(overrides: dict[str, Any]) -> None:
-    """A ``--set`` key that is no run-config key is refused with the nearest ones (a typo, most likely)."""
-    import difflib
-
-    from common.runconfig import RunConfig
-
-    known = sorted(name.replace("_", "-") for name in RunConfig.model_fields)
-    for key in overrides:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(near)}?" if near else "see [tool.flwr.app.config] in pyproject.toml"
-            raise ConfigError(f"--set {key}: no such run-config key; {hint}")
+#: The run options of the command line and the run-config key each sets.
+OPTION_KEYS = (("rounds", "num-server-rounds"), ("strategy", "strategy"), ("mu", "proximal-mu"),
+               ("model", "model"), ("run_dir", "run-dir"), ("local_steps", "local-steps"),
+               ("name", "name"), ("seed", "seed"), ("tracking", "tracking"), ("tracking_uri", "tracking-uri"))
 
 
-def _run_config(args: argparse.Namespace, defaults: dict[str, Any]) -> "RunConfig":
-    """Defaults from pyproject's [tool.flwr.app.config], then command-line options, then --set."""
-    from common.runconfig import RunConfig
+def _run_config(args: argparse.Namespace, defaults: dict[str, Any],
+                derive: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> "RunConfig":
+    """The run config through :func:`common.config_layers.resolve`: pyproject < derived < --run-file <
+    command-line options < --set; ``derive`` gives the values that follow from the others (the run dir)."""
+    from common import config_layers as layers
 
-    overrides = _parse_set(args.set or [])
-    _check_set_keys(overrides)
-    flat = dict(defaults)
-    flat["sites"] = ",".join(str(p) for p in args.sites)
-    for option, key in (("rounds", "num-server-rounds"), ("strategy", "strategy"), ("mu", "proximal-mu"),
-                        ("model", "model"), ("run_dir", "run-dir"), ("local_steps", "local-steps"),
-                        ("name", "name"), ("seed", "seed"), ("tracking", "tracking"),
-                        ("tracking_uri", "tracking-uri")):
-        value = getattr(args, option, None)
-        if value is not None:
-            flat[key] = value
-    flat.update(overrides)
-    n = len(args.sites)
-    for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
-        flat[key] = min(int(flat.get(key, n)), n)
-    return RunConfig.from_flat(flat, source="run config")
+    options = {key: getattr(args, option) for option, key in OPTION_KEYS if getattr(args, option, None) is not None}
+    sources = {
+        layers.PYPROJECT: defaults,
+        layers.RUN_FILE: layers.read_run_file(Path(args.run_file)) if args.run_file else {},
+        layers.COMMAND_LINE: {**options, "sites": ",".join(str(p) for p in args.sites)},
+        layers.SET: _parse_set(args.set or []),
+    }
+    return layers.resolve(sources, site_count=len(args.sites), derive=derive).run
 
 
 def _claim_run_dir(run: "RunConfig", resume: bool, overwrite: bool) -> None:
@@ -105,12 +92,10 @@ def _claim_run_dir(run: "RunConfig", resume: bool, overwrite: bool) -> None:
 
 
 def _app_defaults() -> dict[str, Any]:
-    import tomllib
-
+    from common.config_layers import pyproject_values
     from server.simulate import find_project_dir
 
-    with open(find_project_dir() / "pyproject.toml", "rb") as fh:
-        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    return pyproject_values(find_project_dir())
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -123,6 +108,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonnegative_int)
     p.add_argument("--tracking", help="server-side experiment trackers: mlflow, tensorboard or both, comma-separated")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the run directory)")
+    p.add_argument("--run-file", help="TOML file of run-config keys (over pyproject's, under options and --set)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in the run directory (its own files only) instead of refusing")
@@ -145,9 +131,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulate import SimResources, simulate
     from server.site_errors import finished_without, reporting_site_errors
 
-    run = _run_config(args, _app_defaults())
-    if args.run_dir is None:
-        run = run.model_copy(update={"run_dir": f"runs/{run.name}"})
+    run = _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{flat['name']}"})
     _claim_run_dir(run, run.resume, args.overwrite)
     report = lambda line: print(line, flush=True)  # noqa: E731
     check_sites(run.site_list)  # every config problem at once, before any data is read
@@ -185,11 +169,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from server.store import RunDir
     from server.viewer.table import show
 
-    run = _run_config(args, _app_defaults())
-    if args.run_dir is None:
-        run = run.model_copy(update={"run_dir": f"runs/{args.kind}"})
-    if args.name is None:
-        run = run.model_copy(update={"name": args.kind})
+    run = _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{args.kind}", "name": args.kind})
     # The same command after Ctrl-C continues the interrupted baseline; a finished one needs --overwrite.
     resume = not args.overwrite and _interrupted_baseline(RunDir(run.run_dir), args.kind)
     _claim_run_dir(run, resume=resume, overwrite=args.overwrite)

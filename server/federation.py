@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
+from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU, SERVER_ROUND
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
@@ -28,21 +29,18 @@ from server.claims import Clipped, apply_caps
 from server.best import BestTracker
 from server.identity import SiteIdentity
 from server.receipts import Receipts
+from server.round_state import round_state_of
 from server.store import RunDir, global_record, site_record
 from server.strategy import Rejection, precision_of, site_of, supervision_of, validate_updates
 
 logger = logging.getLogger(__name__)
 
-#: The ClientApp's fine-tuning action (``@app.train("finetune")`` in client/app.py).
-FINETUNE_MESSAGE = f"{MessageType.TRAIN}.finetune"
+#: The ClientApp's fine-tuning action (``@app.train(FINETUNE_ACTION)`` in client/app.py).
+FINETUNE_MESSAGE = f"{MessageType.TRAIN}.{FINETUNE_ACTION}"
 
 
 class RoundFailed(FedSenseError):
     """Too few sites replied (or survived validation) for a round to be aggregated."""
-
-
-#: Prefix of the metrics a training reply carries for the evaluation it did first (``evaluate-with-train``).
-CARRIED = "eval/"
 
 
 def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], prefix: str = "",
@@ -123,6 +121,8 @@ class Federation:
         self.receipts = Receipts(run.run_dir, resume=run.resume)
         #: The last phase's messages (id -> node) and every reply it received, for :meth:`_record`.
         self.phase: tuple[dict[str, int], list[Message]] = ({}, [])
+        #: What the strategy adds to each round (:mod:`server.round_state`; SCAFFOLD's control variates).
+        self.round_state = round_state_of(strategy)
 
     def wait_for_nodes(self, needed: int) -> None:
         """Block until ``needed`` SuperNodes are connected; fail clearly after ``node-wait-timeout``.
@@ -178,8 +178,18 @@ class Federation:
         """Whether each training message also asks for the evaluation of the model it carries."""
         return self.run.evaluate_with_train and self.run.fraction_evaluate > 0.0
 
-    def _train_config(self) -> ConfigRecord:
-        return ConfigRecord({"proximal-mu": self.run.proximal_term_mu, "evaluate-first": self.carries_evaluation})
+    def _train_config(self, rnd: int) -> ConfigRecord:
+        return ConfigRecord({PROXIMAL_MU: self.run.proximal_term_mu, EVALUATE_FIRST: self.carries_evaluation,
+                             **self.round_state.train_config(rnd)})
+
+    def _train_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
+        """The strategy's training messages, with the records its round state adds to each."""
+        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(rnd), self.grid))
+        extra = self.round_state.train_records(rnd)
+        for content in {id(m.content): m.content for m in messages}.values():  # often one, shared
+            for key, record in extra.items():
+                content[key] = record
+        return messages
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """Federated evaluation of ``arrays`` on every sampled site's validation split."""
@@ -222,7 +232,7 @@ class Federation:
         t0 = time.time()
         if self.run.secagg:
             return self._secure_train_round(rnd, arrays, t0)
-        replies, failed = self._send(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
+        replies, failed = self._send(self._train_messages(rnd, arrays))
         self.carried = None
         if self.carries_evaluation:
             carriers, _, eval_clipped = apply_caps(list(replies), self.run.caps, key=f"{CARRIED}num-examples")
@@ -234,7 +244,10 @@ class Federation:
                 self.carried["carried_by"] = f"round {rnd} train"
                 _note_clipped(self.carried, eval_clipped)
                 self.store.append_metrics(evaluated + [self.carried])
+        unusable = self.round_state.take(replies, arrays)
+        replies = [m for m in replies if all(m is not bad for bad, _ in unusable)]
         valid, rejected = validate_updates(replies, arrays, self.run.norm_outlier_factor)
+        rejected = [Rejection(site_of(m), reason, m.metadata.message_id) for m, reason in unusable] + rejected
         valid, uncapped, clipped = apply_caps(valid, self.run.caps)
         rejected = failed + rejected + uncapped
         self._record(rnd, "train", valid, rejected)
@@ -246,6 +259,7 @@ class Federation:
         new_arrays, _ = self.strategy.aggregate_train(rnd, valid)
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
+        self.round_state.absorb(rnd, valid, len(list(self.grid.get_node_ids())))
         records = _site_records(self.run, rnd, "train", valid, reply_seconds=self.reply_seconds)
         summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
         summary["metrics"].update(client_dp_metrics(self.strategy))
@@ -261,7 +275,7 @@ class Federation:
         optimisers take it as their pseudo-gradient. Per-site checks of the update cannot run (the
         server never sees one); the aggregate must be finite.
         """
-        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), self.grid))
+        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(rnd), self.grid))
         if not messages:
             raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
         nodes = [m.metadata.dst_node_id for m in messages]
@@ -302,7 +316,7 @@ class Federation:
         ``finetune`` of round ``rnd`` (the last round).
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({SERVER_ROUND: rnd})})
         messages = [Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
         return self._metrics_phase(rnd, "finetune", messages, "fine-tuning")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config_layers import updated
 from common.errors import ConfigError, FedSenseError
 from common.preflight import check_sites
 from common.proctree import ProcessTree
@@ -216,13 +217,14 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     check_sites(sites)
     project = project_dir or find_project_dir()
     run_dir = Path(run.run_dir).resolve()
-    absolute = run.model_copy(update={
-        "run_dir": str(run_dir),
-        "sites": ",".join(str(Path(s).resolve()) for s in sites),
-        "sample_dir": str(Path(run.sample_dir).resolve()) if run.sample_dir else str(run_dir / "samples"),
+    absolute = updated(
+        run, "simulate (absolute paths)",
+        run_dir=str(run_dir),
+        sites=",".join(str(Path(s).resolve()) for s in sites),
+        sample_dir=str(Path(run.sample_dir).resolve()) if run.sample_dir else str(run_dir / "samples"),
         # Every simulated site lives on this machine: their private state goes under the run directory.
-        "site_state_dir": str(Path(run.site_state_dir).resolve()) if run.site_state_dir else str(run_dir / "site-state"),
-    })
+        site_state_dir=str(Path(run.site_state_dir).resolve()) if run.site_state_dir else str(run_dir / "site-state"),
+    )
     store = RunDir(run_dir)
     # What the ServerApp would refuse after Flower started, refused now: an unwritable run
     # directory, or a resume of a run directory that holds another run.

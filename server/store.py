@@ -497,48 +497,6 @@ class RunDir:
                 return Path(configured)
         return self.samples_dir
 
-    def save_samples(
-        self,
-        round: int,
-        site: str,
-        zero_filled: np.ndarray,
-        recon: np.ndarray,
-        target: np.ndarray,
-        psnr: float | Sequence[float] | np.ndarray,
-        ssim: float | Sequence[float] | np.ndarray,
-    ) -> Path:
-        """Atomically store ``site``'s samples of ``round`` in :meth:`sample_source`; returns the file.
-
-        Images are (k, h, w) or (h, w) magnitudes, stored as float32; ``psnr``/``ssim`` are one
-        value per image (a scalar is repeated for all k). The file format is ``common.samples``'s,
-        the one the ClientApp writes, so the viewers read both the same way.
-        """
-        source = self.sample_source()
-        if not _is_int(round) or round < 0:
-            raise FedSenseError(f"{source}: round must be an integer >= 0, got {round!r}")
-        arrays = {}
-        for name, value in zip(_SAMPLE_ARRAYS, (zero_filled, recon, target)):
-            array = np.asarray(value, dtype=np.float32)
-            if array.ndim == 2:
-                array = array[None]
-            if array.ndim != 3 or array.size == 0:
-                raise FedSenseError(f"{source}: {site} {name} must be (k, h, w), got {array.shape}")
-            arrays[name] = array
-        shapes = {a.shape for a in arrays.values()}
-        if len(shapes) != 1:
-            raise FedSenseError(f"{source}: {site} sample shapes differ: {sorted(shapes)}")
-        k = arrays["target"].shape[0]
-        for name, value in (("psnr", psnr), ("ssim", ssim)):
-            scores = np.asarray(value, dtype=np.float64).reshape(-1)
-            if scores.size not in (1, k):
-                raise FedSenseError(f"{source}: {site} needs 1 or {k} {name} values, got {scores.size}")
-            arrays[name] = np.broadcast_to(scores, (k,))
-        per_image = [{name: array[i] for name, array in arrays.items()} for i in range(k)]
-        try:
-            return common_samples.save_samples(source, round, site, per_image)
-        except ValueError as exc:  # common.samples rejects site names unusable as file names
-            raise FedSenseError(f"{source}: {exc}") from exc
-
     def latest_samples(self) -> Samples | None:
         """The newest round's samples of every site that saved some; ``None`` before any.
 

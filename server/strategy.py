@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, S
 from common.registry import STRATEGIES, check_implemented
 from common.runconfig import RunConfig
 from server.optimisers import SERVER_OPTIMISERS, build_server_optimiser
+from server.scaffold import Scaffold
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ _BUILDERS: dict[str, Callable[[RunConfig, dict[str, Any]], FedAvg]] = {
     "fedprox": lambda run, common: FedProx(proximal_mu=run.proximal_term_mu, **common),
     "fedmedian": lambda run, common: FedMedian(**common),
     "fedtrimmedavg": lambda run, common: FedTrimmedAvg(beta=run.trim_beta, **common),
+    "scaffold": lambda run, common: Scaffold(**common),
     **{name: build_server_optimiser for name in SERVER_OPTIMISERS},
 }
 check_implemented("strategy", STRATEGIES, _BUILDERS)

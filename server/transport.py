@@ -3,8 +3,8 @@
 Flower sends each array of a message as objects of their own, one request per object on every hop;
 :class:`PackedGrid` packs the arrays of what the ServerApp sends and unpacks the sites' replies, so
 the federation, the strategies and the checkpoints see ordinary named arrays. The ClientApp's
-``client.transport`` mod does the same at the site. (Its two record functions mirror these: ``common``
-knows no Flower, and client and server never import each other.)
+``client.transport`` mod does the same at the site; both use :mod:`common.protocol`, which owns the
+layout and the protocol version.
 """
 
 from __future__ import annotations
@@ -15,41 +15,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 
-from common.packing import Manifest, pack, unpack
+from common import protocol
 
-#: The ConfigRecord of a packed message: the manifest of each of its packed ArrayRecords.
-MANIFEST = "fedsense.packing"
-PACKED = "packed"  # the one array of a packed ArrayRecord
-
-
-def pack_content(content: RecordDict) -> RecordDict:
-    """``content`` with each ArrayRecord replaced by one packed array, plus the manifest record."""
-    out, manifests = RecordDict(), {}
-    for key, record in content.items():
-        if isinstance(record, ArrayRecord):
-            buffer, manifest = pack({name: array.numpy() for name, array in record.items()})
-            out[key], manifests = ArrayRecord({PACKED: Array(buffer)}), {**manifests, **manifest.to_config(key)}
-        else:
-            out[key] = record
-    out[MANIFEST] = ConfigRecord(manifests)
-    return out
-
-
-def unpack_content(content: RecordDict) -> RecordDict:
-    """What :func:`pack_content` packed, as it was; content without a manifest is returned unchanged."""
-    if MANIFEST not in content.config_records:
-        return content
-    manifests = content.config_records[MANIFEST]
-    out = RecordDict()
-    for key, record in content.items():
-        if key == MANIFEST:
-            continue
-        if isinstance(record, ArrayRecord):
-            arrays = unpack(record[PACKED].numpy(), Manifest.from_config(manifests, key))
-            out[key] = ArrayRecord({name: Array(a) for name, a in arrays.items()})
-        else:
-            out[key] = record
-    return out
+#: Flower's record classes, for :mod:`common.protocol`'s walk over a message's records.
+RECORDS = protocol.RecordTypes(RecordDict, ArrayRecord, Array, ConfigRecord)
 
 
 class PackedGrid(Grid):
@@ -96,7 +65,7 @@ def _packed(messages: Iterable[Message]) -> list[Message]:
         if msg.content.array_records:
             original = msg.content
             if id(original) not in done:
-                done[id(original)] = (original, pack_content(original))
+                done[id(original)] = (original, protocol.pack_content(original, RECORDS))
             msg.content = done[id(original)][1]
     return messages
 
@@ -106,5 +75,5 @@ def _unpacked(replies: Iterable[Message]) -> list[Message]:
     replies = list(replies)
     for reply in replies:
         if not reply.has_error():
-            reply.content = unpack_content(reply.content)
+            reply.content = protocol.unpack_content(reply.content, RECORDS)
     return replies

@@ -19,6 +19,7 @@ import pytest
 
 from server.store import RunDir
 from server.viewer.dashboard import DashboardServer, start
+from tests.sample_files import write_samples
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -64,7 +65,7 @@ def run(tmp_path: Path) -> RunDir:
     noise = np.random.default_rng(1).normal(0, 0.04, (2, 64, 64))
     for shift, site in enumerate(SITES[:-1]):
         target = phantom(shift * 2.0)
-        run.save_samples(3, site, target * 0.7 + noise, target + noise / 4, target, psnr=[30.5, 29.8], ssim=0.91)
+        write_samples(run, 3, site, target * 0.7 + noise, target + noise / 4, target, psnr=[30.5, 29.8], ssim=0.91)
     return run
 
 

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import transport as site
+from common import protocol
 from common.errors import FedSenseError
 from common.models import build_model
 from common.packing import Manifest, pack, unpack
@@ -64,17 +65,18 @@ def _content(state: dict[str, torch.Tensor]) -> RecordDict:
 
 def test_server_packing_is_what_the_site_unpacks_and_back() -> None:
     state = build_model("unrolled").state_dict()  # 0-d DC weights included
-    packed = hub.pack_content(_content(state))
+    packed = protocol.pack_content(_content(state), hub.RECORDS)
     assert len(packed["arrays"]) == 1 and packed["config"]["server-round"] == 2
-    at_site = site.unpack_content(packed)["arrays"].to_torch_state_dict()
+    at_site = protocol.unpack_content(packed, site.RECORDS)["arrays"].to_torch_state_dict()
     assert list(at_site) == list(state) and all(torch.equal(at_site[k], state[k]) for k in state)
-    reply = site.pack_content(RecordDict({"arrays": ArrayRecord(at_site), "metrics": MetricRecord({"loss": 1.0})}))
-    back = hub.unpack_content(reply)
-    assert back["metrics"]["loss"] == 1.0 and hub.MANIFEST not in back
+    reply = protocol.pack_content(RecordDict({"arrays": ArrayRecord(at_site), "metrics": MetricRecord({"loss": 1.0})}),
+                                   site.RECORDS)
+    back = protocol.unpack_content(reply, hub.RECORDS)
+    assert back["metrics"]["loss"] == 1.0 and protocol.MANIFEST not in back
     assert all(torch.equal(back["arrays"].to_torch_state_dict()[k], state[k]) for k in state)
     # Content that was never packed passes through untouched.
     plain = RecordDict({"metrics": MetricRecord({"psnr": 30.0})})
-    assert hub.unpack_content(plain) is plain and site.unpack_content(plain) is plain
+    assert protocol.unpack_content(plain, hub.RECORDS) is plain and protocol.unpack_content(plain, site.RECORDS) is plain
 
 
 class RecordingGrid:
@@ -101,7 +103,7 @@ def test_the_packed_grid_packs_shared_content_once_and_unpacks_replies() -> None
     content = _content(state)
     messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
     ask = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
-    reply = Message(site.pack_content(_content(state)), reply_to=ask)
+    reply = Message(protocol.pack_content(_content(state), site.RECORDS), reply_to=ask)
     failed = Message(Error(code=0, reason="site down"), reply_to=ask)
     inner = RecordingGrid([reply, failed])
     grid = hub.PackedGrid(inner)  # type: ignore[arg-type]
@@ -116,7 +118,7 @@ def test_the_packed_grid_packs_shared_content_once_and_unpacks_replies() -> None
 
 def test_the_site_mod_unpacks_for_the_clientapp_and_packs_its_reply() -> None:
     state = build_model("unet", chans=4, num_pool_layers=2).state_dict()
-    msg = Message(hub.pack_content(_content(state)), dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = Message(protocol.pack_content(_content(state), hub.RECORDS), dst_node_id=1, message_type=MessageType.TRAIN)
     seen: dict[str, torch.Tensor] = {}
 
     def clientapp(message: Message, context: Context) -> Message:
@@ -126,6 +128,36 @@ def test_the_site_mod_unpacks_for_the_clientapp_and_packs_its_reply() -> None:
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = site.packed_transport_mod(msg, context, clientapp)
     assert list(seen) == list(state)
-    assert len(reply.content["arrays"]) == 1 and site.MANIFEST in reply.content
-    assert all(torch.equal(hub.unpack_content(reply.content)["arrays"].to_torch_state_dict()[k], state[k])
+    assert len(reply.content["arrays"]) == 1 and protocol.MANIFEST in reply.content
+    assert all(torch.equal(protocol.unpack_content(reply.content, hub.RECORDS)["arrays"].to_torch_state_dict()[k], state[k])
                for k in state)
+
+
+def test_a_message_of_another_protocol_version_is_refused_naming_both_versions() -> None:
+    packed = protocol.pack_content(_content({"w": torch.ones(2)}), hub.RECORDS)
+    assert packed[protocol.MANIFEST][protocol.VERSION_KEY] == protocol.PROTOCOL_VERSION
+    packed[protocol.MANIFEST][protocol.VERSION_KEY] = protocol.PROTOCOL_VERSION + 1
+    with pytest.raises(protocol.ProtocolMismatch, match=f"protocol version {protocol.PROTOCOL_VERSION + 1}, "
+                       f"this side speaks protocol version {protocol.PROTOCOL_VERSION}"):
+        protocol.unpack_content(packed, site.RECORDS)
+    del packed[protocol.MANIFEST][protocol.VERSION_KEY]  # as a FedSense from before the protocol was versioned
+    with pytest.raises(protocol.ProtocolMismatch, match="no protocol version"):
+        protocol.unpack_content(packed, hub.RECORDS)
+
+
+def test_the_site_mod_refuses_a_server_of_another_protocol_version() -> None:
+    packed = protocol.pack_content(_content({"w": torch.ones(2)}), hub.RECORDS)
+    packed[protocol.MANIFEST][protocol.VERSION_KEY] = 0
+    msg = Message(packed, dst_node_id=1, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(protocol.ProtocolMismatch, match="protocol version 0"):
+        site.packed_transport_mod(msg, context, lambda m, c: pytest.fail("the ClientApp ran"))  # type: ignore[arg-type]
+
+
+def test_the_server_refuses_a_reply_of_another_protocol_version() -> None:
+    ask = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    packed = protocol.pack_content(_content({"w": torch.ones(2)}), site.RECORDS)
+    packed[protocol.MANIFEST][protocol.VERSION_KEY] = protocol.PROTOCOL_VERSION + 1
+    grid = hub.PackedGrid(RecordingGrid([Message(packed, reply_to=ask)]))  # type: ignore[arg-type]
+    with pytest.raises(protocol.ProtocolMismatch, match="this side speaks protocol version"):
+        grid.pull_messages(["m0"])

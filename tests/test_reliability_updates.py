@@ -1,7 +1,7 @@
 """Bad updates for real: the ServerApp against the real ClientApp, with one site's reply tampered with in transit.
 
-``LoopbackGrid`` is a Flower ``Grid`` that hands every message to the real ``client.app`` (one
-``Context`` per site, as a SuperNode builds it), so the sites really train on their demo data;
+``TamperingGrid`` (over ``bench.loopback``) is a Flower ``Grid`` that hands every message to the real
+``client.app`` (one ``Context`` per site, as a SuperNode builds it), so the sites really train on their demo data;
 it then lets a test corrupt one site's reply before the ServerApp sees it. The ServerApp's own
 ``main`` runs the round, so validation, aggregation, the metrics store and the checkpoint are the
 product's. The check: the bad update is rejected with its reason recorded per site and round, and
@@ -30,13 +30,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app
 import server.app
-from client.transport import pack_content, unpack_content
+from bench.loopback import LoopbackGrid
+from client.transport import RECORDS
+from common.protocol import pack_content, unpack_content
 from common.runconfig import RunConfig
 from server.federation import RoundFailed
 from server.receipts import RECEIVED_FILE, read_receipts
@@ -112,72 +111,38 @@ def lost(request: Message, reply: Message) -> None:
     """The reply never arrives (a site that hangs, or a network that drops it)."""
 
 
-class LoopbackGrid(Grid):
-    """Delivers each message to the real ClientApp of the destination site, in this process.
+class TamperingGrid(LoopbackGrid):
+    """The loopback grid, with some sites' training replies replaced.
 
-    Messages are deep-copied both ways, so neither side can touch the other's objects (as on a
-    wire). ``tamper`` maps ``(round, site)`` to what replaces that site's training reply; the
-    honest training replies the server received are kept in ``received`` per round. A lost reply
-    is never pulled, so the server's own collection waits out the real ``round-timeout``.
+    ``tamper`` maps ``(round, site)`` to what replaces that site's training reply; the honest training
+    replies the server received are kept in ``received`` per round. A lost reply is never pulled, so the
+    server's own collection waits out the real ``round-timeout``.
     """
 
     def __init__(self, sites: list[Path], run_config: dict[str, Any], tamper: dict[tuple[int, str], Tamper]) -> None:
-        self.contexts = {
-            100 + i: Context(RUN_ID, 100 + i, {"site-config": str(path)}, RecordDict(), run_config)
-            for i, path in enumerate(sites)
-        }
+        super().__init__(sites, run_config, RUN_ID)
         self.tamper = tamper
         self.received: dict[int, dict[str, Message]] = {}
-        self._replies: dict[str, Message] = {}
-        self._sent = 0
-        self._run = Run.create_empty(RUN_ID)
 
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            # Stamp the id on the caller's message, as Flower's grids do while pushing it.
-            message.metadata.__dict__["_message_id"] = f"m{self._sent}"
-            self._sent += 1
-            request = copy.deepcopy(message)
-            reply = copy.deepcopy(client.app.app(request, self.contexts[request.metadata.dst_node_id]))
-            if reply.has_content():  # packed at the site (client.transport): tampered and kept unpacked
-                reply.content = unpack_content(reply.content)
-            rnd = int(request.content["config"]["server-round"])
-            site = str(reply.content["site"]["name"]) if reply.has_content() else ""
-            if request.metadata.message_type == MessageType.TRAIN:
-                if (rnd, site) in self.tamper:
-                    reply = self.tamper[(rnd, site)](request, reply)
-                else:
-                    self.received.setdefault(rnd, {})[site] = copy.deepcopy(reply)
-            if reply is not None:
-                if reply.has_content() and reply.content.array_records:
-                    reply.content = pack_content(reply.content)  # on the wire, as the site sends it
-                # As the SuperNode stamps its reply (an error reply, which has no content to hash, by its request).
-                reply_id = reply.object_id if reply.has_content() else f"error-{request.metadata.message_id}"
-                reply.metadata.__dict__["_message_id"] = reply_id
-                self._replies[request.metadata.message_id] = reply
-            ids.append(request.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        raise AssertionError("the server collects replies itself (server.collect), never via send_and_receive")
+    def deliver(self, request: Message) -> Message | None:
+        reply: Message | None = super().deliver(request)
+        assert reply is not None
+        if reply.has_content():  # packed at the site (client.transport): tampered and kept unpacked
+            reply.content = unpack_content(reply.content, RECORDS)
+        rnd = int(request.content["config"]["server-round"])
+        site = str(reply.content["site"]["name"]) if reply.has_content() else ""
+        if request.metadata.message_type == MessageType.TRAIN:
+            if (rnd, site) in self.tamper:
+                reply = self.tamper[(rnd, site)](request, reply)
+            else:
+                self.received.setdefault(rnd, {})[site] = copy.deepcopy(reply)
+        if reply is not None:
+            if reply.has_content() and reply.content.array_records:
+                reply.content = pack_content(reply.content, RECORDS)  # on the wire, as the site sends it
+            # As the SuperNode stamps its reply (an error reply, which has no content to hash, by its request).
+            reply_id = reply.object_id if reply.has_content() else f"error-{request.metadata.message_id}"
+            reply.metadata.__dict__["_message_id"] = reply_id
+        return reply
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +154,7 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_serverapp(sites: list[Path], run_dir: Path, tamper: dict[tuple[int, str], Tamper],
-                  rounds: int = 1, **extra: object) -> tuple[LoopbackGrid, RunDir]:
+                  rounds: int = 1, **extra: object) -> tuple[TamperingGrid, RunDir]:
     """The real ServerApp ``main`` for ``rounds`` training rounds (no federated evaluation)."""
     run = RunConfig.from_flat({
         "name": "bad-updates", "num-server-rounds": rounds, "strategy": "fedavg", "model-args": json.dumps(MODEL_ARGS),
@@ -197,7 +162,7 @@ def run_serverapp(sites: list[Path], run_dir: Path, tamper: dict[tuple[int, str]
         "min-train-nodes": 2, "min-available-nodes": len(sites), "round-timeout": 60.0, "node-wait-timeout": 5.0,
         "run-dir": str(run_dir), "resume": False, **extra,
     })
-    grid = LoopbackGrid(sites, run.to_flat(), tamper)
+    grid = TamperingGrid(sites, run.to_flat(), tamper)
     server.app.main(grid, Context(RUN_ID, SERVER_NODE, {}, RecordDict(), run.to_flat()))
     return grid, RunDir(run_dir)
 

@@ -1,6 +1,6 @@
 """SecAgg+ rounds for real: the ServerApp against the real ClientApp, through Flower's SecAgg+ workflow and mod.
 
-``LoopbackGrid`` hands every message to the real ``client.app`` (one ``Context`` per site, kept across
+``RecordingGrid`` (``bench.loopback``) hands every message to the real ``client.app`` (one ``Context`` per site, kept across
 messages as a SuperNode keeps it) and records everything the ServerApp receives. The same one-round
 run is made with and without ``secagg``: the sites train identically (same seeds), so the plain run
 gives each site's true update and FedAvg's aggregate, against which the secure run is checked.
@@ -19,13 +19,12 @@ import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common import bytes_to_ndarray
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app
 import server.app
-from client.transport import unpack_content
+from bench.loopback import FIRST_NODE, LoopbackGrid
+from client.transport import RECORDS
+from common.protocol import unpack_content
 from common.config import load_site_config
 from common.errors import ConfigError
 from common.runconfig import RunConfig
@@ -38,67 +37,35 @@ RUN_ID, SERVER_NODE = 9, 1
 CLIP, LEVELS, MAX_WEIGHT = 0.5, 2**22, 100.0
 
 
-class LoopbackGrid(Grid):
-    """Delivers each message to the real ClientApp of its site, in this process, and records the replies.
-
-    ``drop`` names a ``(node, SecAgg+ stage)`` at which that site crashes (an error reply instead of its
-    answer). ``received`` is everything the ServerApp pulled, unpacked.
+class RecordingGrid(LoopbackGrid):
+    """The loopback grid, recording the replies: ``drop`` names a ``(node, SecAgg+ stage)`` at which that
+    site crashes (an error reply instead of its answer). ``received`` is everything the ServerApp pulled,
+    unpacked.
     """
 
     def __init__(self, sites: list[Path], run_config: dict[str, Any], drop: tuple[int, str] | None = None) -> None:
-        self.contexts = {100 + i: Context(RUN_ID, 100 + i, {"site-config": str(p)}, RecordDict(), run_config)
-                         for i, p in enumerate(sites)}
+        super().__init__(sites, run_config, RUN_ID)
         self.drop = drop
         self.received: list[Message] = []
-        self._replies: dict[str, Message] = {}
-        self._sent = 0
-        self._run = Run.create_empty(RUN_ID)
 
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = f"m{self._sent}"
-            self._sent += 1
-            request = copy.deepcopy(message)
-            node = request.metadata.dst_node_id
-            if self.drop is not None and (node, stage_of(request)) == self.drop:
-                reply = Message(Error(code=0, reason="site crashed"), reply_to=request)
-            else:
-                reply = copy.deepcopy(client.app.app(request, self.contexts[node]))
-            self._replies[request.metadata.message_id] = reply
-            ids.append(request.metadata.message_id)
-        return ids
+    def deliver(self, request: Message) -> Message | None:
+        if self.drop is not None and (request.metadata.dst_node_id, stage_of(request)) == self.drop:
+            return Message(Error(code=0, reason="site crashed"), reply_to=request)
+        return super().deliver(request)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        pulled = [self._replies.pop(i) for i in message_ids if i in self._replies]
+        pulled = list(super().pull_messages(message_ids))
         for reply in pulled:
             if reply.has_content():
                 seen = copy.deepcopy(reply)
-                seen.content = unpack_content(seen.content)
+                seen.content = unpack_content(seen.content, RECORDS)
                 self.received.append(seen)
         return pulled
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        raise AssertionError("the server collects replies itself (server.collect)")
 
 
 def stage_of(msg: Message) -> str:
     """The SecAgg+ stage a server message asks for ('' for a plain message)."""
-    content = unpack_content(msg.content)
+    content = unpack_content(msg.content, RECORDS)
     if RECORD_KEY_CONFIGS not in content.config_records:
         return ""
     return str(content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
@@ -116,7 +83,7 @@ def _task_identity() -> Iterator[None]:
 
 
 def one_round(sites: list[Path], run_dir: Path, secagg: bool, drop: tuple[int, str] | None = None,
-              **extra: object) -> tuple[LoopbackGrid, dict[str, np.ndarray], dict[str, np.ndarray]]:
+              **extra: object) -> tuple[RecordingGrid, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One training round of the real ServerApp; the grid, the initial and the round-1 global weights."""
     run = RunConfig.from_flat({
         "name": "secagg", "num-server-rounds": 1, "strategy": "fedavg", "model-args": json.dumps(MODEL_ARGS),
@@ -125,7 +92,7 @@ def one_round(sites: list[Path], run_dir: Path, secagg: bool, drop: tuple[int, s
         "run-dir": str(run_dir), "resume": False, "secagg": secagg, "secagg-clipping-range": CLIP,
         "secagg-quantization-range": LEVELS, "secagg-max-weight": MAX_WEIGHT, **extra,
     })
-    grid = LoopbackGrid(sites, run.to_flat(), drop)
+    grid = RecordingGrid(sites, run.to_flat(), drop)
     server.app.main(grid, Context(RUN_ID, SERVER_NODE, {}, RecordDict(), run.to_flat()))
     store = RunDir(run_dir)
     start = _initial(run)
@@ -142,7 +109,7 @@ def _initial(run: RunConfig) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in build_model(run.model, **run.model_kwargs).state_dict().items()}
 
 
-def plain_updates(grid: LoopbackGrid, start: dict[str, np.ndarray]) -> dict[str, tuple[float, np.ndarray]]:
+def plain_updates(grid: RecordingGrid, start: dict[str, np.ndarray]) -> dict[str, tuple[float, np.ndarray]]:
     """Each site's (num-examples, flat update) from the plain run's replies."""
     out = {}
     for reply in grid.received:
@@ -216,7 +183,7 @@ def test_the_server_receives_no_individual_update(plain, secure) -> None:  # typ
 def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_sum(plain, small_sites: list[Path],
                                                                       tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     updates, start, _ = plain
-    dropped_node = 101  # the second site
+    dropped_node = FIRST_NODE + 1  # the second site
     grid, _, after = one_round(small_sites, tmp_path / "run", secagg=True,
                                drop=(dropped_node, Stage.COLLECT_MASKED_VECTORS))
     gone = load_site_config(small_sites[1]).name

@@ -108,7 +108,7 @@ def test_only_fedprox_sends_a_proximal_term(strategy: str, expected: float) -> N
     """The rule has one owner (RunConfig.proximal_term_mu); what the sites receive is what it says."""
     run = RunConfig(strategy=strategy, proximal_mu=0.05, min_train_nodes=1, min_available_nodes=1)
     assert run.proximal_term_mu == expected
-    config = Federation(None, run, build_strategy(run), None, None)._train_config()  # type: ignore[arg-type]
+    config = Federation(None, run, build_strategy(run), None, None)._train_config(1)  # type: ignore[arg-type]
     msgs = build_strategy(run).configure_train(1, global_record(), config, _OneNodeGrid())
     assert [float(m.content["config"]["proximal-mu"]) for m in msgs] == [expected]
 

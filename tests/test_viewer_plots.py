@@ -11,6 +11,7 @@ from matplotlib.image import imread
 from common.errors import FedSenseError
 from server.store import RunDir
 from server.viewer.plots import plot
+from tests.sample_files import write_samples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,7 +46,7 @@ def make_run(path: Path, name: str, strategy: str, gain: float, samples: bool = 
         target = np.exp(-((yy - 24.0) ** 2 + (xx - 20.0) ** 2) / 150)[None].repeat(2, axis=0)
         noise = np.random.default_rng(0).normal(0, 0.05, target.shape)
         for site in ("site-a", "site-b"):
-            run.save_samples(4, site, target * 0.6 + noise, target + noise / 3, target, psnr=[31.5, 30.2], ssim=0.93)
+            write_samples(run, 4, site, target * 0.6 + noise, target + noise / 3, target, psnr=[31.5, 30.2], ssim=0.93)
     return run
 
 

@@ -20,7 +20,7 @@ import torch
 
 from common.coils import rss
 from common.config import ScannerConfig, SiteConfig
-from common.data.acquisition import resize_image, site_coil_maps, smooth_phase
+from common.data.acquisition import scanner_magnitude, site_coil_maps, smooth_phase
 from common.data.readers import SliceMeta
 from common.errors import DataError
 from common.nufft import coil_images, density_compensation, estimate_maps_from_centre, nufft
@@ -53,13 +53,8 @@ def simulate_noncartesian(
     Returns ``samples`` (C, K) complex64, ``trajectory`` (K, 3) float32, ``sens_maps`` (C, H, W) estimated
     from the k-space centre, and ``target`` (H, W): the RSS of the noise-free coil images.
     """
-    if image.ndim != 2:
-        raise ValueError(f"expected a 2-D magnitude image, got shape {image.shape}")
-    reference = float(image_max) if image_max is not None else float(np.max(image))
-    if not reference > 0:
-        reference = 1.0
+    magnitude = scanner_magnitude(image, scanner, image_max)  # the Cartesian simulation's first step
     shape = (int(scanner.matrix[0]), int(scanner.matrix[1]))
-    magnitude = resize_image(np.abs(image) / reference, shape)
     phase = smooth_phase(shape, np.random.default_rng([seed, _PHASE_STREAM]))
     coils = site_coil_maps(scanner.coils, shape) * (magnitude * np.exp(1j * phase))
     trajectory = scanner_trajectory(scanner)

@@ -84,10 +84,7 @@ class NonCartesianReader(FastMRIReader):
     _info_type = _NonCartesianInfo
 
     def _index_file(self, source: SourceFile) -> list[Example]:
-        path = source.path
-        verdict = self._verdicts.get(path)
-        if verdict is not None:
-            raise DataError(f"{path}: {verdict}")
+        path = self._checked_path(source)
         try:
             with h5py.File(path, "r") as f:
                 kspace, trajectory = f.get("kspace"), f.get("trajectory")

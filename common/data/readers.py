@@ -277,11 +277,15 @@ class FastMRIReader(SliceReader):
             raise DataError(f"{root}: cannot check the HDF5 files in a child process: {exc}") from exc
         super().__init__(root, files, **kwargs)
 
-    def _index_file(self, source: SourceFile) -> list[Example]:
-        path = source.path
-        verdict = self._verdicts.get(path)
+    def _checked_path(self, source: SourceFile) -> Path:
+        """``source``'s path, once its child-process check passed; else that check's ``DataError``."""
+        verdict = self._verdicts.get(source.path)
         if verdict is not None:
-            raise DataError(f"{path}: {verdict}")
+            raise DataError(f"{source.path}: {verdict}")
+        return source.path
+
+    def _index_file(self, source: SourceFile) -> list[Example]:
+        path = self._checked_path(source)
         try:
             with h5py.File(path, "r") as f:
                 kspace = f.get("kspace")

@@ -42,9 +42,17 @@ def build_model(name: str, *, source: str = "<model config>", **kwargs: object) 
         raise ConfigError(f"{source}: model.{name}: {exc}") from exc
 
 
+def model_name(model: nn.Module) -> str:
+    """The registered name of ``model``'s class (the key of its facts in ``common.registry.MODEL_ENTRIES``)."""
+    for name, cls in _REGISTRY.items():
+        if type(model) is cls:
+            return name
+    raise ConfigError(f"model: {type(model).__name__} is no registered model; registered: {', '.join(MODEL_NAMES)}")
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters: the size of the weights exchanged with the server each round."""
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "UnetRecon", "UnrolledNet", "VarNet"]
+__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "model_name", "UnetRecon", "UnrolledNet", "VarNet"]

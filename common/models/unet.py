@@ -176,7 +176,11 @@ class UnetRecon(nn.Module):
             coil_images = SenseNufft.from_batch(mask, sens_maps).coil_gridded(masked_kspace)
         else:
             coil_images = ifft2c(masked_kspace)
-        zero_filled = rss(coil_images, dim=1).unsqueeze(1)
+        return self.refine(rss(coil_images, dim=1).unsqueeze(1))
+
+    def refine(self, zero_filled: Tensor) -> Tensor:
+        """Zero-filled magnitude (B,1,H,W) -> reconstruction (B,H,W): the network's part, which the ONNX
+        export (:mod:`common.onnx_export`) reuses after its own real-valued inverse FFT."""
         x, mean, std = _normalise(zero_filled, self.eps)
         x = x.clamp(-_INPUT_CLAMP, _INPUT_CLAMP)
         out = x + self.unet(x) if self.residual else self.unet(x)
