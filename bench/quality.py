@@ -609,8 +609,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-fraction", type=float, default=0.4,
                         help="0.4 of 20 subjects: 8 test subjects per site, 4 for validation, 8 for training")
     parser.add_argument("--slices", type=int, default=2, help="slices per volume")
-    parser.add_argument("--max-rounds", type=int, default=40, help="budget: rounds at most")
-    parser.add_argument("--patience", type=int, default=5, help="stop after this many rounds without a better val PSNR")
+    parser.add_argument("--max-rounds", type=int, default=120, help="budget: rounds at most")
+    parser.add_argument("--patience", type=int, default=6, help="stop after this many rounds without a better val PSNR")
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
