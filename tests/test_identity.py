@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
-from test_reliability_updates import LoopbackGrid, _task_identity, train_summary  # noqa: F401 (fixture)
+from test_reliability_updates import TamperingGrid, _task_identity, train_summary  # noqa: F401 (fixture)
 
 import server.app
 from common.errors import ConfigError
@@ -72,8 +72,8 @@ def test_without_keys_two_nodes_may_not_report_one_site() -> None:
     assert [(r.site, r.reason) for r in rejected] == [("site-a", "site name reported by 2 nodes ([1, 2]) in one phase")] * 2
 
 
-class KeyedGrid(LoopbackGrid):
-    """A LoopbackGrid whose nodes authenticated with keys (``keys``: node id -> PEM), as ``get_nodes`` reports."""
+class KeyedGrid(TamperingGrid):
+    """A TamperingGrid whose nodes authenticated with keys (``keys``: node id -> PEM), as ``get_nodes`` reports."""
 
     def __init__(self, *args: Any, keys: dict[int, bytes], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
