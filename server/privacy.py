@@ -32,24 +32,29 @@ def wrap_client_dp(strategy: Strategy, run: RunConfig, rounds_done: int = 0) -> 
     if run.dp_client_level == "off" or run.secagg:
         return strategy  # under SecAgg+ the sites clip and noise (client.secagg); see secure_client_dp_metrics
     sites = run.min_available_nodes
-    accountant = None
-    if run.dp_client_noise > 0:
-        accountant = RdpAccountant(
-            PrivacyConfig(
-                target_delta=run.dp_delta,
-                population_size=sites,
-                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            )
-        )
-        if rounds_done > 0:
-            accountant.compose(GaussianPrivacyEvent(run.dp_client_noise, sites, sites), count=rounds_done)
+    accountant = _site_accountant(run, rounds_done) if run.dp_client_noise > 0 else None
     wrapper = (
         DifferentialPrivacyServerSideFixedClipping
         if run.dp_client_level == "server-fixed"
         else DifferentialPrivacyClientSideFixedClipping
     )
     return wrapper(strategy, run.dp_client_noise, run.dp_client_clip, sites, accountant=accountant)
+
+
+def _site_accountant(run: RunConfig, rounds: int) -> RdpAccountant:
+    """Client-level accountant over the run's sites (every site every round), with ``rounds`` already spent."""
+    sites = run.min_available_nodes
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=run.dp_delta,
+            population_size=sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    if rounds > 0:
+        accountant.compose(GaussianPrivacyEvent(run.dp_client_noise, sites, sites), count=rounds)
+    return accountant
 
 
 def secure_client_dp_metrics(run: RunConfig, rounds: int) -> dict[str, float]:
@@ -61,17 +66,7 @@ def secure_client_dp_metrics(run: RunConfig, rounds: int) -> dict[str, float]:
     """
     if not run.secagg or run.dp_client_level == "off" or run.dp_client_noise <= 0:
         return {}
-    sites = run.min_available_nodes
-    accountant = RdpAccountant(
-        PrivacyConfig(
-            target_delta=run.dp_delta,
-            population_size=sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
-    accountant.compose(GaussianPrivacyEvent(run.dp_client_noise, sites, sites), count=rounds)
-    spent = accountant.get_privacy_spent()
+    spent = _site_accountant(run, rounds).get_privacy_spent()
     return {"dp-client-epsilon": float(spent.epsilon), "dp-client-delta": float(spent.delta)}
 
 
