@@ -14,6 +14,9 @@ trust in the measurement as at a Cartesian site and one shared model serves both
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -70,3 +73,20 @@ def cg_sense_dc(
 
 
 __all__ = ["cg_sense_dc", "gradient_dc"]
+
+
+class NonCartesianCascade(Protocol):
+    """A cascade that can refine an image against a NUFFT operator (the unrolled and VarNet cascades)."""
+
+    def forward_non_cartesian(self, image: Tensor, data_adjoint: Tensor, operator: SenseNufft) -> Tensor: ...
+
+
+def run_cascades(cascades: Iterable[NonCartesianCascade], samples: Tensor, trajectory: Tensor,
+                 sens_maps: Tensor) -> Tensor:
+    """The complex image after every cascade, started from the density-compensated adjoint of ``samples``."""
+    operator = SenseNufft.from_batch(trajectory, sens_maps)
+    data_adjoint = operator.gridded(samples)
+    image = data_adjoint
+    for cascade in cascades:
+        image = cascade.forward_non_cartesian(image, data_adjoint, operator)
+    return image

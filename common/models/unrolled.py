@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from common.coils import sense_adjoint
 from common.dc import DataConsistency
 from common.fft import channels_to_complex, complex_to_channels
-from common.noncartesian_dc import cg_sense_dc, gradient_dc
+from common.noncartesian_dc import cg_sense_dc, gradient_dc, run_cascades
 from common.nufft import SenseNufft, is_non_cartesian
 
 NC_DC_KINDS = ("cg", "gradient")
@@ -98,12 +98,7 @@ class UnrolledNet(nn.Module):
     def reconstruct(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """The coil-combined complex reconstruction (B, H, W), before taking the magnitude."""
         if is_non_cartesian(masked_kspace):
-            operator = SenseNufft.from_batch(mask, sens_maps)
-            data_adjoint = operator.gridded(masked_kspace)
-            image = data_adjoint
-            for cascade in self.cascades:
-                image = cascade.forward_non_cartesian(image, data_adjoint, operator)
-            return image
+            return run_cascades(self.cascades, masked_kspace, mask, sens_maps)
         image = sense_adjoint(masked_kspace, sens_maps)
         for cascade in self.cascades:
             image = cascade(image, masked_kspace, mask, sens_maps)

@@ -20,6 +20,7 @@ from common.coils import estimate_maps_from_acs, rss, sense_adjoint, sense_forwa
 from common.dc import GradientDC
 from common.fft import ifft2c
 from common.models.unet import NormUnet
+from common.noncartesian_dc import run_cascades
 from common.nufft import SenseNufft, is_non_cartesian
 
 
@@ -116,10 +117,5 @@ class VarNet(nn.Module):
         given maps are used (normalised to sum_c |S_c|^2 = 1, so |x| is the RSS of the coil images S x).
         """
         if is_non_cartesian(masked_kspace):
-            operator = SenseNufft.from_batch(mask, sens_maps)
-            data_adjoint = operator.gridded(masked_kspace)
-            image = data_adjoint
-            for cascade in self.cascades:
-                image = cascade.forward_non_cartesian(image, data_adjoint, operator)
-            return image.abs()
+            return run_cascades(self.cascades, masked_kspace, mask, sens_maps).abs()
         return rss(ifft2c(self.reconstruct_kspace(masked_kspace, mask, sens_maps)), dim=1)
