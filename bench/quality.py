@@ -769,8 +769,22 @@ def write_docs(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> list[tuple]:
     """Run every method at every acceleration; print the tables and the targets' status (also returned)."""
     args = parse_args(argv)
-    if args.tracking_uri:  # inherited by the simulations' processes; MLflow reads it (server.tracking.mlflow)
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "fedsense-bench-quality")
+    if not args.tracking_uri:
+        return _main(args, argv)
+    # Inherited by the simulations' processes (MLflow reads it in server.tracking.mlflow); restored afterwards so an
+    # in-process caller (a test, a notebook) does not log its own later runs to the benchmark's experiment.
+    before = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "fedsense-bench-quality")
+    try:
+        return _main(args, argv)
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = before
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
     out = Output()
     started = start_bench("quality", args.threads)
     out(f"bench.quality: {os.uname().machine}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "

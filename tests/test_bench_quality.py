@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,11 @@ def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(tmp_path: Path
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking)  # artifacts beside the store, not in the current directory's ./mlruns
     client.create_experiment("fedsense-bench-quality", artifact_location=(tmp_path / "artifacts").as_uri())
+    assert "MLFLOW_EXPERIMENT_NAME" not in os.environ
     targets = quality.main(["--quick", "--out", str(tmp_path), "--docs", str(docs), "--tracking-uri", tracking])
+    # The benchmark's experiment name reached its simulations but does not outlive the call: later runs in this
+    # process log to their own experiment (test_tracking failed in CI when it leaked).
+    assert "MLFLOW_EXPERIMENT_NAME" not in os.environ
     out = capsys.readouterr().out
     for row in ("zero-filled", "CS L1-wavelet (tuned)", "U-Net local", "U-Net centralized (pooled)",
                 "U-Net FedAvg", "U-Net FedAvg + fine-tune"):
