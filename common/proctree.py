@@ -6,8 +6,13 @@ interrupted, its SuperLink's group was killed but the simulation and the Ray pro
 ClientApp actors kept training, re-parented to init). :class:`ProcessTree` makes the command a child
 subreaper (Linux ``PR_SET_CHILD_SUBREAPER``), so every orphaned descendant re-parents to it instead of to
 init and stays findable by walking ``/proc``; on exit it sends SIGTERM to all descendants, waits a grace
-period, sends SIGKILL to the survivors, and reaps them. SIGTERM to the command itself raises
-``KeyboardInterrupt``, so Ctrl-C and ``kill`` take the same clean path.
+period, sends SIGKILL to the survivors, and reaps the orphans among them. SIGINT and SIGTERM to the
+command itself raise ``KeyboardInterrupt``, so Ctrl-C and ``kill`` take the same clean path; SIGINT is
+installed explicitly because a command started from a background shell job inherits it as *ignored*,
+and Ctrl-C would then do nothing at all.
+
+Only orphans are reaped, never a child the command started itself: collecting a ``subprocess.Popen``
+child's exit status here would make that ``Popen.wait()`` report 0 instead of the real exit code.
 """
 
 from __future__ import annotations
@@ -66,43 +71,68 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def _reap(pids: set[int]) -> None:
-    """Collect the exit status of those of ``pids`` that are our children (orphans re-parented to us)."""
-    for pid in pids:
+def _reap(orphans: set[int]) -> None:
+    """Collect the exit status of those of ``orphans`` that have re-parented to us and exited.
+
+    Never a child this process started itself (its starter's ``wait()`` needs the status): callers
+    pass only pids first seen with another parent, see :class:`_Sightings`.
+    """
+    for pid in orphans:
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
 
 
+class _Sightings:
+    """The descendants seen while stopping, and which of them are orphans (first seen under another parent).
+
+    A process first seen as our direct child is taken to be one we started (a ``Popen`` whose owner
+    waits for it); one first seen under another descendant can only become our child by re-parenting
+    when that parent dies, and nobody else will ever reap it.
+    """
+
+    def __init__(self, keep: frozenset[int]) -> None:
+        self.keep, self.seen, self.orphans = keep, set[int](), set[int]()
+
+    def alive(self) -> list[int]:
+        """Live descendants not in ``keep``, recorded; parents before children."""
+        me, parents = os.getpid(), _parents()
+        found = [p for p in descendants() if p not in self.keep]
+        for pid in found:
+            if pid not in self.seen and parents.get(pid) != me:
+                self.orphans.add(pid)
+        self.seen.update(found)
+        return found
+
+
 def stop_descendants(grace: float = 5.0, keep: frozenset[int] = frozenset()) -> list[int]:
     """SIGTERM every descendant except ``keep``, SIGKILL what is left after ``grace`` seconds; returns the pids."""
-    first = [p for p in descendants() if p not in keep]
+    sightings = _Sightings(keep)
+    first = sightings.alive()
     if not first:
         return []
     _signal_all(first, signal.SIGTERM)
-    seen = set(first)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        _reap(seen)
-        alive = [p for p in descendants() if p not in keep]
-        seen.update(alive)
+        _reap(sightings.orphans)
+        alive = sightings.alive()
         if not alive:
-            return sorted(seen)
+            _reap(sightings.orphans)  # those that exited since the reap above
+            return sorted(sightings.seen)
         _signal_all(alive, signal.SIGTERM)  # processes started while the first ones were stopping
         time.sleep(0.1)
     # Until nothing is left: a dying Ray worker may still fork, and each round must reach the new ones.
     for _ in range(50):
-        alive = [p for p in descendants() if p not in keep]
+        alive = sightings.alive()
         if not alive:
             break
-        seen.update(alive)
         logger.warning("killing %d process(es) that did not stop within %.0f s: %s", len(alive), grace, alive)
         _signal_all(alive, signal.SIGKILL)
         time.sleep(0.1)
-        _reap(seen)
-    _reap(seen)
-    return sorted(seen)
+        _reap(sightings.orphans)
+    _reap(sightings.orphans)
+    return sorted(sightings.seen)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -110,17 +140,18 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 class ProcessTree:
-    """Within the block: orphaned descendants stay ours and SIGTERM raises KeyboardInterrupt; on exit none survive.
+    """Within the block: orphaned descendants stay ours and SIGINT / SIGTERM raise KeyboardInterrupt; on exit
+    none survive.
 
     ``keep``: pids that must not be stopped (e.g. a caller's own long-lived helpers started before).
-    Outside Linux only the SIGTERM handling applies.
+    Outside Linux only the signal handling applies.
     """
 
     def __init__(self, grace: float = 5.0) -> None:
         self.grace = grace
         self._keep: frozenset[int] = frozenset()
         self._previous_reaper = 0
-        self._previous_handler: object = None
+        self._previous_handlers: dict[int, object] = {}
 
     def __enter__(self) -> "ProcessTree":
         if _LIBC is not None:
@@ -130,22 +161,35 @@ class ProcessTree:
             self._previous_reaper = value.value
             _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1)
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+            # SIGINT too, whatever was inherited: a background job starts with it ignored (SIG_IGN).
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[sig] = signal.signal(sig, _raise_interrupt)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def stop(self) -> list[int]:
+        """Stop every process started within the block now (e.g. on interrupt, before recording the run's
+        state, so that no writer is left); returns their pids. A second Ctrl-C meanwhile is ignored: it
+        must not abandon the processes half-stopped."""
+        if _LIBC is None:
+            return []
         main = threading.current_thread() is threading.main_thread()
-        # A second Ctrl-C while stopping must not abandon the processes half-stopped.
         previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
-            if _LIBC is not None:
-                stopped = stop_descendants(self.grace, keep=self._keep)
-                if stopped:
-                    logger.debug("stopped %d process(es) left by the command: %s", len(stopped), stopped)
+            stopped = stop_descendants(self.grace, keep=self._keep)
+        finally:
+            if previous_sigint is not None:
+                signal.signal(signal.SIGINT, previous_sigint)
+        if stopped:
+            logger.debug("stopped %d process(es) left by the command: %s", len(stopped), stopped)
+        return stopped
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self.stop()
         finally:
             if _LIBC is not None:
                 _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, self._previous_reaper)
-            if previous_sigint is not None:
-                signal.signal(signal.SIGINT, previous_sigint)
-            if self._previous_handler is not None:
-                signal.signal(signal.SIGTERM, self._previous_handler)  # type: ignore[arg-type]
+            for sig, handler in self._previous_handlers.items():
+                if handler is not None:  # None: installed outside Python, nothing to put back
+                    signal.signal(sig, handler)  # type: ignore[arg-type]
+            self._previous_handlers.clear()

@@ -79,6 +79,59 @@ def test_sigterm_raises_keyboard_interrupt_and_stops_children() -> None:
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+# A child that exits 3 when stopped, after a moment of clean-up (long enough for the stopping loop to poll
+# it): its exit code is its starter's to collect, not ProcessTree's.
+EXIT_3_ON_SIGTERM = (
+    "import os, signal, time\n"
+    "def stop(*_):\n"
+    "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "    time.sleep(0.5)\n"
+    "    os._exit(3)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(300)\n"
+)
+# A child that starts a grandchild in its own group (it dies with it and becomes an orphan) and prints its pid.
+WITH_GRANDCHILD = (
+    "import subprocess, sys, time\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+    "print(p.pid, flush=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+def test_cleanup_leaves_the_exit_code_of_our_own_child_to_its_popen() -> None:
+    with ProcessTree(grace=5.0):
+        child = subprocess.Popen([sys.executable, "-c", EXIT_3_ON_SIGTERM], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    assert child.wait(timeout=5) == 3  # was 0: the cleanup had reaped it, and Popen took "no child" for success
+    child.stdout.close()
+
+
+def test_orphans_of_the_command_are_reaped_not_left_as_zombies() -> None:
+    with ProcessTree(grace=5.0):
+        child = subprocess.Popen([sys.executable, "-c", WITH_GRANDCHILD], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        assert _alive(grandchild)
+    assert child.wait(timeout=5) == -signal.SIGTERM
+    child.stdout.close()
+    assert not Path(f"/proc/{grandchild}").exists()  # stopped and reaped: not even a zombie is left
+
+
+def test_sigint_raises_keyboard_interrupt_even_when_inherited_as_ignored() -> None:
+    """A command started from a background shell job inherits SIGINT ignored: Ctrl-C must still stop it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with ProcessTree(grace=2.0):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler raises before this ends
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # what the caller had is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # Enough rounds that Ctrl-C after the first checkpoint lands mid-run on an idle machine too: rounds this small
 # take well under a second each, and a 3-round run once finished before the signal was handled.
 ROUNDS = 12
