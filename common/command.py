@@ -14,8 +14,11 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 
 from common.errors import FedSenseError, OutputError
@@ -125,6 +128,26 @@ def _quiet_stdout() -> None:
         pass
 
 
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Within the block, Ctrl-C (SIGINT) raises ``KeyboardInterrupt``, whatever the disposition we inherited.
+
+    Started from a background shell job (``fedsense simulate ... &``, a CI step, a test runner), a command
+    inherits SIGINT as *ignored*, and Python then leaves it ignored: Ctrl-C or ``kill -INT`` did nothing and
+    the run went on to its end. The caller's handler is put back after (``main()`` called in-process).
+    Only the main thread may install handlers; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: installed outside Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand's ``func`` inside the error boundary; returns the exit code."""
     args = prepare_parser(parser).parse_args(argv)
@@ -140,7 +163,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         return code
 
     try:
-        code = int(args.func(args))
+        with interruptible():
+            code = int(args.func(args))
         sys.stdout.flush()  # inside the boundary: a reader that went away is a broken pipe here, not at exit
         return code
     except BrokenPipeError:

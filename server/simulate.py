@@ -230,15 +230,16 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     # directory, or a resume of a run directory that holds another run.
     store.check_writable()
     store.check_identity(absolute.to_flat(), resume=absolute.resume)
-    try:
-        with ProcessTree():  # Ctrl-C / SIGTERM: the SuperLink, the simulation and Ray all stop
+    with ProcessTree() as tree:  # Ctrl-C / SIGTERM: the SuperLink, the simulation and Ray all stop
+        try:
             _simulate(run, absolute, store, project, timeout, report, resources)
-    except KeyboardInterrupt:
-        last = store.mark_interrupted("run the same command again: it resumes after this round (resume=true)")
-        if last is not None:
-            report(f"interrupted; every process of the run stopped; {run_dir} resumes after round {last} "
-                   "when the same command is run again")
-        raise
+        except KeyboardInterrupt:
+            tree.stop()  # no process of the run may write to the run directory after it is marked
+            last = store.mark_interrupted("run the same command again: it resumes after this round (resume=true)")
+            if last is not None:
+                report(f"interrupted; every process of the run stopped; {run_dir} resumes after round {last} "
+                       "when the same command is run again")
+            raise
     return store
 
 
