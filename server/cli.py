@@ -129,7 +129,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common.preflight import check_sites
     from server.readiness import check_readiness
     from server.simulate import SimResources, simulate
-    from server.site_errors import finished_without, reporting_site_errors
+    from server.site_errors import finished_without, missed_phases, reporting_site_errors
 
     run = _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{flat['name']}"})
     _claim_run_dir(run, run.resume, args.overwrite)
@@ -146,9 +146,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise FedSenseError("\n".join([str(exc), *site_errors])) from exc
     from server.viewer.table import show  # after the run: a bad config is refused without loading the viewers
 
+    records = store.read_metrics(dedupe=True)
+    problem = finished_without(records, list(places), site_errors)
+    if problem:  # recorded before the table, which shows the status
+        store.mark_finished_without(missed_phases(records, list(places)))
     show(store.path, fmt="table", out=sys.stdout)
     print(f"metrics: {store.metrics_path}\ncheckpoints: {store.checkpoint_dir}")
-    problem = finished_without(store.read_metrics(dedupe=True), list(places), site_errors)
     if problem:
         print(f"fedsense: error: {problem}", file=sys.stderr, flush=True)
         return EXIT_SITE_FAILED

@@ -40,7 +40,9 @@ RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, BEST_FILE, CHECKPOINT_DIR, SAMPLES_DIR
                "superlink.log")
 GLOBAL_SITE = "__global__"
 PHASES = ("train", "evaluate", "finetune")  # finetune: the sites' personalised models after the last round
-STATUSES = ("running", "finished", "failed", "interrupted")  # interrupted: stopped by a signal, resumable
+# interrupted: stopped by a signal, resumable; finished-without-sites: all rounds ran, but some site took no part
+# in some of them (it failed, the federation went on without it): its model never saw that site's data.
+STATUSES = ("running", "finished", "failed", "interrupted", "finished-without-sites")
 REQUIRED_KEYS = ("run", "round", "phase", "site", "time", "num_examples", "metrics")
 # Keys that init/set_status add to config.json; they are not part of a run's identity.
 RUNTIME_KEYS = frozenset({"status", "status_time", "status_detail", "started_at"})
@@ -286,6 +288,20 @@ class RunDir:
         last = latest[0] if latest is not None else 0
         self.set_status("interrupted", last_complete_round=last, resume=resume_hint)
         return last
+
+    def mark_finished_without(self, missed: Mapping[str, Sequence[str]]) -> None:
+        """Record that a finished run went on without sites: ``missed`` is site -> the phases it missed
+        (e.g. ``{"site-c": ["train 1", "evaluate 1"]}``), kept beside the finished run's own detail.
+
+        Only a ``finished`` run can be so marked: a failed or interrupted one says more already.
+        """
+        config = self.read_config()
+        if config.get("status") != "finished":
+            raise FedSenseError(f"{self.config_path}: status is {config.get('status')!r}; only a finished run can be "
+                                "marked finished-without-sites")
+        detail = dict(config.get("status_detail") or {})
+        self.set_status("finished-without-sites", **detail, missed_sites={site: list(phases) for site, phases
+                                                                          in sorted(missed.items())})
 
     def read_config(self) -> dict[str, Any]:
         """The run config with its ``status``; ``FedSenseError`` if missing or unreadable."""

@@ -4,6 +4,7 @@ readiness test that refuses a NOT READY site before Flower starts (server/readin
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -155,4 +156,8 @@ def test_a_site_failing_during_a_live_run_is_named_on_screen_and_the_run_exits_5
     assert "[repeated" not in out and "\x1b" not in lines[live]
     assert err.startswith("fedsense: error: the run finished, but not with every site")
     assert "site site-c took no part in 3 of 3 phases (evaluate 0, train 1, evaluate 1)" in err and reason in err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["status"] == "finished-without-sites", config["status"]
+    assert config["status_detail"]["missed_sites"] == {"site-c": ["evaluate 0", "train 1", "evaluate 1"]}
+    assert "status finished-without-sites" in out
     assert _digests(tmp_path / "sites") == inputs

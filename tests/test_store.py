@@ -64,6 +64,16 @@ def test_set_status_keeps_config_and_nests_details(run: RunDir) -> None:
         run.set_status("paused")
 
 
+def test_a_finished_run_without_some_sites_is_marked_so_and_keeps_its_detail(run: RunDir) -> None:
+    with pytest.raises(FedSenseError, match="status is 'running'; only a finished run"):
+        run.mark_finished_without({"site-c": ["train 1"]})
+    run.set_status("finished", early_stop="no improvement")
+    run.mark_finished_without({"site-c": ("evaluate 0", "train 1")})
+    config = run.read_config()
+    assert config["status"] == "finished-without-sites"
+    assert config["status_detail"] == {"early_stop": "no improvement", "missed_sites": {"site-c": ["evaluate 0", "train 1"]}}
+
+
 def test_append_read_round_trip(run: RunDir) -> None:
     batch = [record(1), record(1, "site-b"), record(1, "__global__")]
     run.append_metrics(batch)

@@ -121,6 +121,16 @@ def test_table_follows_status_and_newest_duplicate(run: RunDir) -> None:
     assert "status finished" in text and "42.42" in text and "SSIM" not in text and "train" not in text
 
 
+def test_table_says_which_sites_a_finished_run_went_without(run: RunDir) -> None:
+    run.set_status("finished")
+    run.mark_finished_without({"site-b": ["train 2", "evaluate 2"]})
+    out = io.StringIO()
+    show(run.path, out=out)
+    text = " ".join(out.getvalue().split())
+    assert "status finished-without-sites" in text
+    assert "finished-without-sites: the model never saw every site's data (site-b missed train 2, evaluate 2)" in text
+
+
 def test_bad_arguments_and_missing_run(run: RunDir, tmp_path: Path) -> None:
     with pytest.raises(FedSenseError, match="format must be"):
         show(run.path, fmt="xml", out=io.StringIO())

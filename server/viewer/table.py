@@ -76,6 +76,11 @@ def next_steps(view: RunView) -> list[str]:
         logs = [str(run.path / name) for name in ("flower.log", "superlink.log") if (run.path / name).exists()]
         if logs:
             lines.append(f"logs: {' '.join(logs)}")
+    elif view.status == "finished-without-sites":
+        missed = (view.config.get("status_detail") or {}).get("missed_sites") or {}
+        which = "; ".join(f"{site} missed {', '.join(phases)}" for site, phases in missed.items())
+        lines.append("[bold yellow]finished-without-sites[/bold yellow]: the model never saw every site's data"
+                     + (f" ({which})" if which else ""))
     kind = view.config.get("baseline")
     if kind == "zero-filled":
         lines.append("zero-filled baseline: no model to export")
