@@ -18,7 +18,7 @@ from common.artifact import ONNX_FILE, Acquisition, Architecture, ModelCard, Sit
 from common.config import SiteConfig, load_site_config
 from common.errors import ConfigError, DataError, FedSenseError
 from common.models import build_model, count_parameters
-from common.outputs import check_new_folder, check_not_input
+from common.outputs import check_output_folder
 from common.runconfig import RunConfig
 from server.best import read_best
 from server.store import GLOBAL_SITE, RunDir
@@ -129,8 +129,8 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", onnx: 
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise FedSenseError(f"{run.path}: no such run directory")
-    check_not_input(Path(out), [run.path, *(site_configs or [])])
-    check_new_folder(Path(out), overwrite)
+    # Before the checkpoint is loaded (or ONNX exported): a refused --out costs a second, not a model export.
+    check_output_folder(Path(out), [run.path, *(site_configs or [])], overwrite)
     round, best = select_round(run, which)
     payload = run.load_checkpoint(round)
     fields = build_card_fields(run, round, which, best, dict(payload.get("config") or {}), site_configs or [])

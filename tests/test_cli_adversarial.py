@@ -131,6 +131,53 @@ def test_export_plot_and_demo_refuse_to_replace(world: dict[str, Path], tmp_path
             tmp_path / "missing.toml")
 
 
+def _stats(root: Path) -> dict[Path, tuple[int, int, str]]:
+    """Every file under ``root``: inode, mtime and content hash (a rewrite with the same bytes shows too)."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_demo_checks_every_output_before_it_writes_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The example sites' configs and data folders are all checked first: a refusal changes nothing in --out."""
+    demo = ["data", "demo", "--size", "16", "--subjects", "1"]
+    out = tmp_path / "demo"
+    assert fedsense(capsys, *demo, "--out", out)[0] == 0
+    before = _stats(out)
+    refused(fedsense(capsys, *demo, "--out", out), EXIT_OUTPUT,
+            f"{out / 'site-a.toml'}: holds an earlier demo site config; pass --overwrite")
+    assert _stats(out) == before  # the configs were rewritten before the data folders were refused
+    foreign = tmp_path / "foreign"
+    (foreign / "site-c").mkdir(parents=True)
+    (foreign / "site-c" / "scan.nii.gz").write_bytes(b"a hospital's scan")
+    (foreign / "site-b.toml").write_text("mine")
+    for argv in ([*demo, "--out", foreign], [*demo, "--out", foreign, "--overwrite"]):
+        refused(fedsense(capsys, *argv), EXIT_OUTPUT,
+                f"{foreign / 'site-b.toml'}: exists and was not written by the demo generator")
+    (foreign / "site-b.toml").unlink()
+    refused(fedsense(capsys, *demo, "--out", foreign, "--overwrite"), EXIT_OUTPUT,
+            f"{foreign / 'site-c'}: exists and was not written by the demo generator")
+    assert sorted(p.relative_to(foreign).as_posix() for p in foreign.rglob("*")) == ["site-c", "site-c/scan.nii.gz"]
+    assert (foreign / "site-c" / "scan.nii.gz").read_bytes() == b"a hospital's scan"
+    assert fedsense(capsys, *demo, "--out", out, "--overwrite")[0] == 0
+
+
+def test_export_refuses_its_output_before_loading_the_model(world: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import export
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was loaded although --out was refused")
+
+    monkeypatch.setattr(export, "select_round", must_not_load)
+    (tmp_path / "afile").write_text("mine")
+    refused(fedsense(capsys, "export", world["run"], "--out", tmp_path / "afile"), EXIT_OUTPUT,
+            f"{tmp_path / 'afile'} is an existing file")
+    refused(fedsense(capsys, "export", world["run"], "--out", world["model"]), EXIT_OUTPUT,
+            f"{world['model']} already exists and is not empty; pass --overwrite")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_bad_numbers_typos_and_missing_arguments_are_one_line(world: dict[str, Path], tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     sites = sorted(map(str, world["sites"].glob("*.toml")))
@@ -240,6 +287,8 @@ def test_unreadable_inputs_and_read_only_outputs_are_one_line(world: dict[str, P
             ([*model, world["h5"], "--out", read_only], read_only),
             ([*model, world["h5"], "--out", read_only / "new"], read_only / "new"),
             (["metrics", "plot", world["run"], "--out", read_only / "plots"], read_only / "plots"),
+            (["data", "demo", "--size", "16", "--subjects", "1", "--out", read_only / "demo"], read_only / "demo"),
+            (["export", world["run"], "--round", "last", "--out", read_only / "model"], read_only / "model"),
             (["data", "check", toml], toml),
         ]:
             code, err = run(*argv)

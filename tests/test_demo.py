@@ -10,7 +10,7 @@ import pytest
 from common.config import SiteConfig, parse_site_config
 from common.data.demo import MARKER, default_sites, generate_demo, main
 from common.data.readers import open_reader, parse_ismrmrd_header
-from common.errors import DataError, OutputError
+from common.errors import OutputError
 
 
 def tiny_site(name: str, dataset: str, data_path: Path, **extra: object) -> SiteConfig:
@@ -124,7 +124,7 @@ def test_rerun_replaces_only_demo_folders(tmp_path: Path) -> None:
     precious = tmp_path / "real" / "ixisite"
     precious.mkdir(parents=True)
     (precious / "IXI002-Guys-0828-T1.nii.gz").write_bytes(b"real data")
-    with pytest.raises(DataError, match=f"^{precious}: exists and was not written by the demo generator"):
+    with pytest.raises(OutputError, match=f"^{precious}: exists and was not written by the demo generator"):
         generate_demo(tmp_path / "real", size=32, subjects=1, sites=[site])
 
 

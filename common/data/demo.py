@@ -33,8 +33,9 @@ from common.data.noncartesian_h5 import ISMRMRD_TRAJECTORY, write_noncartesian_h
 from common.data.phantom import Subject, make_subject
 from common.data.readers import ISMRMRD_NAMESPACE
 from common.atomic import atomic_dir
-from common.errors import ConfigError, DataError, FedSenseError, OutputError
+from common.errors import ConfigError, FedSenseError, OutputError
 from common.fft import ifft2c_np
+from common.outputs import check_can_write
 from common.masks import seed_for
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,18 @@ def generate_demo(
         raise ConfigError(f"demo: seed: must be >= 0, got {seed}")
     if Path(out).exists() and not Path(out).is_dir():
         raise OutputError(f"--out: {out} is an existing file; --out names the folder the site folders go to")
-    site_files = write_site_files(Path(out)) if sites is None else {}
+    # Every output is checked before the first is written: a refusal leaves --out as it was.
+    check_can_write(Path(out))
+    examples = example_site_files(Path(out)) if sites is None else {}
+    names = [site.name for site in sites] if sites is not None else list(examples)
+    for target, _ in examples.values():
+        _check_replaceable_file(target, overwrite)
+    for name in names:
+        _check_replaceable(Path(out) / name, overwrite)
+    site_files = write_site_files(examples)
     sites = list(sites) if sites is not None else [load_site_config(p) for p in site_files.values()]
     writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
     summary: dict[str, dict[str, Any]] = {}
-    for site in sites:
-        _check_replaceable(Path(out) / site.name, overwrite)
     for site in sites:
         started = time.perf_counter()
         site_dir = Path(out) / site.name
@@ -131,25 +138,38 @@ def default_sites() -> list[SiteConfig]:
     return [parse_site_config(tomllib.loads(text), name) for name, text in default_site_files().items()]
 
 
-def write_site_files(out: Path) -> dict[str, Path]:
-    """Write each example site's config as ``out/<name>.toml`` with ``data_path`` = its demo folder.
+def example_site_files(out: Path) -> dict[str, tuple[Path, str]]:
+    """Site name -> (``out/<name>.toml``, its text) for each example site, with ``data_path`` = its demo folder.
 
-    So ``fedsense simulate --sites out/*.toml`` works wherever FedSense is installed. A file of that name
-    that the demo did not write is never replaced. Returns site name -> config path.
+    So ``fedsense simulate --sites out/*.toml`` works wherever FedSense is installed. Nothing is written here.
     """
-    written = {}
-    out.mkdir(parents=True, exist_ok=True)
+    files = {}
     for file_name, text in default_site_files().items():
         name = parse_site_config(tomllib.loads(text), file_name).name
         if not _DATA_PATH_LINE.search(text):
             raise ConfigError(f"{file_name}: data_path: missing in the example site config")
-        target = out / f"{name}.toml"
-        if target.exists() and not target.read_text(encoding="utf-8").startswith(SITE_FILE_HEADER):
-            raise DataError(f"{target}: exists and was not written by the demo generator; not overwriting")
-        atomic_write_bytes(target, (SITE_FILE_HEADER + _DATA_PATH_LINE.sub(f'data_path = "{name}"', text, count=1)
-                                    ).encode("utf-8"))
-        written[name] = target
-    return written
+        files[name] = (out / f"{name}.toml", SITE_FILE_HEADER + _DATA_PATH_LINE.sub(f'data_path = "{name}"', text, count=1))
+    return files
+
+
+def write_site_files(files: dict[str, tuple[Path, str]]) -> dict[str, Path]:
+    """Write the :func:`example_site_files` (checked by the caller); returns site name -> config path."""
+    for target, text in files.values():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, text.encode("utf-8"))
+    return {name: target for name, (target, _) in files.items()}
+
+
+def _check_replaceable_file(target: Path, overwrite: bool) -> None:
+    """A site config may be written if absent, or over an earlier demo one with ``overwrite``."""
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder, where the demo site config goes; not overwriting")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_symlink() or not target.read_text(encoding="utf-8", errors="replace").startswith(SITE_FILE_HEADER):
+        raise OutputError(f"{target}: exists and was not written by the demo generator; not overwriting")
+    if not overwrite:
+        raise OutputError(f"{target}: holds an earlier demo site config; pass --overwrite to replace it")
 
 
 def _check_replaceable(site_dir: Path, overwrite: bool) -> None:
@@ -159,7 +179,7 @@ def _check_replaceable(site_dir: Path, overwrite: bool) -> None:
     if not site_dir.is_dir() or not any(site_dir.iterdir()):
         return
     if not (site_dir / MARKER).exists():
-        raise DataError(f"{site_dir}: exists and was not written by the demo generator; not overwriting")
+        raise OutputError(f"{site_dir}: exists and was not written by the demo generator; not overwriting")
     if not overwrite:
         raise OutputError(f"{site_dir}: holds earlier demo data; pass --overwrite to replace it")
 
