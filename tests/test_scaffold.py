@@ -164,3 +164,24 @@ def test_the_servers_control_variate_survives_a_weights_only_checkpoint(tmp_path
     assert set(resumed.c) == {"w", "b"}
     for name, value in state.c.items():
         assert resumed.c[name].dtype == value.dtype and np.array_equal(resumed.c[name], value)
+
+
+def test_a_sites_control_variate_is_kept_in_its_round_files_for_a_resumed_run(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.site_state import SiteMemory
+    from common.runconfig import RunConfig
+
+    run = RunConfig.from_flat({"strategy": "scaffold", "site-state-dir": str(tmp_path)})
+    model = nn.Linear(2, 1)
+
+    def memory() -> SiteMemory:  # a new Flower run: an empty Context
+        return SiteMemory(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), run,
+                          "site-a", strategy_state=True)
+
+    c_i = {"weight": torch.tensor([[0.25, -1.0]])}
+    memory().remember(3, model, None, c_i)
+    saved = memory().restore(upto_round=3)
+    assert saved is not None and saved.round == 3
+    assert torch.equal(saved.strategy["weight"], c_i["weight"])
+    assert memory().restore(upto_round=2) is None  # round 3's state is not what round 3's training starts from
