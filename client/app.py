@@ -53,7 +53,7 @@ def _setup(
     use_cpu_allotment()  # torch's threads = the site's CPUs (Ray's --client-cpus, a container's quota)
     torch.manual_seed(run.seed + int(msg.content["config"].get("server-round", 0)))
     model = build_model(run.model, **run.model_kwargs)
-    memory = SiteMemory(context, run, site.name)
+    memory = SiteMemory(context, run, site.name, strategy_state=run.strategy in SITE_ROUNDS)
     saved = memory.restore(state_round)
     model.load_state_dict(memory.model_state(msg.content["arrays"].to_torch_state_dict(), saved))
     return run, site.name, model, datasets, memory, saved
@@ -105,7 +105,8 @@ def train(msg: Message, context: Context) -> Message:
                                monitor)
         monitor.finished(datasets)
         return reply
-    site_round = SITE_ROUNDS[run.strategy](msg, context, model) if run.strategy in SITE_ROUNDS else None
+    kept = saved.strategy if saved is not None else {}
+    site_round = SITE_ROUNDS[run.strategy](msg, kept, model) if run.strategy in SITE_ROUNDS else None
     result = train_model(
         model,
         loader,
@@ -124,7 +125,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     monitor.trained(server_round)
     monitor.finished(datasets)
-    memory.remember(server_round, model, optimiser)
+    strategy_state, extra = site_round.finish() if site_round is not None else ({}, None)
+    memory.remember(server_round, model, optimiser, strategy_state)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
@@ -132,8 +134,7 @@ def train(msg: Message, context: Context) -> Message:
                # CPU time of this process: the step rate on a shared machine, whatever else runs there.
                "compute-cpu-seconds": time.process_time() - cpu_started, **_client_dp_weight(run), **carried}
     # Only the shared part leaves the site; local layers (local-layers) stay here.
-    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision,
-                  site_round.finish(context) if site_round is not None else None)
+    return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision, extra)
 
 
 class HandlerClock:

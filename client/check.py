@@ -28,6 +28,7 @@ from rich.table import Table
 
 from common.config import SiteConfig, load_site_config
 from common.data.dataset import SiteDataset
+from common.data.kinds import dataset_kind
 from common.data.manifest import (
     DatasetManifest,
     ManifestFile,
@@ -205,7 +206,7 @@ def _judge(config: SiteConfig, report: CheckReport, split_of: dict[str, str]) ->
                                "sizes cannot share a batch; use batch-size 1 or split the site")
     if len(report.coils) > 1:
         report.warnings.append(f"coil counts differ ({sorted(report.coils)}): use batch-size 1")
-    if config.dataset == "fastmri":
+    if dataset_kind(config.dataset).raw_kspace:
         stored = set(report.kspace_matrices)
         if stored and tuple(config.scanner.matrix) not in stored:
             report.warnings.append(f"scanner.matrix is {list(config.scanner.matrix)} but the k-space is "

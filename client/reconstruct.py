@@ -44,6 +44,7 @@ from common.coils import estimate_maps_from_acs, rss
 from common.config import SiteConfig
 from common.data.acquisition import resize_image
 from common.data.dataset import SiteDataset, acquired_mask
+from common.data.kinds import KINDS, dataset_kind
 from common.data.noncartesian import prepare_stored, zero_filled_rss
 from common.data.noncartesian_h5 import NonCartesianReader
 from common.data.readers import (
@@ -285,8 +286,10 @@ class Reconstructor:
         if is_nifti(path):
             if self.site is None:
                 raise ConfigError(f"{path}: a NIfTI magnitude volume needs --site-config (the scanner that re-acquires it)")
-            if self.site.dataset == "fastmri":
-                raise ConfigError(f"{self.site.data_path}: dataset: a NIfTI input needs a NIfTI (brats/ixi) site config")
+            if dataset_kind(self.site.dataset).raw_kspace:
+                volumes = ", ".join(name for name, kind in KINDS.items() if not kind.raw_kspace)
+                raise ConfigError(f"{self.site.data_path}: dataset: a NIfTI input needs a site config of a "
+                                  f"magnitude-volume kind ({volumes}), not {self.site.dataset}")
             check_coils(path, self.site.scanner.coils, self.card)
             check_mask(path, self.site.scanner.mask, self.site.scanner.acceleration, self.card, self.allow)
             return _VolumeDataset(self.site, path)

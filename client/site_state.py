@@ -1,7 +1,9 @@
-"""What a site keeps between rounds and never sends: its local layers and, optionally, its Adam state.
+"""What a site keeps between rounds and never sends: its local layers, optionally its Adam state, and
+its strategy's per-site state.
 
 With ``local-layers`` the parameters matching those patterns stay at the site; with
-``client-optimizer = keep`` so does the site's Adam state. Both live in the ClientApp's Flower
+``client-optimizer = keep`` so does the site's Adam state; a strategy with a part at the site keeps its
+per-site arrays here too (SCAFFOLD's control variate ``c_i``, ``client.scaffold``). All live in the ClientApp's Flower
 ``Context.state`` (kept by Flower for the life of a run) and, when ``site-state-dir`` is set, in
 site-local files ``<site-state-dir>/<site>/round-0003.pt``, because a resumed run is a new Flower
 run with an empty Context. The fine-tuned personal model goes to ``<site-state-dir>/<site>/finetuned.pt``.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_KEY = "fedsense.local-layers"  # Context.state ArrayRecord: the local layers
 META_KEY = "fedsense.site-state"  # Context.state ConfigRecord: round, optimiser state (torch.save bytes)
+STRATEGY_KEY = "fedsense.strategy-state"  # Context.state ArrayRecord: the strategy's per-site arrays
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.pt$")
 
 
@@ -43,6 +46,7 @@ class SavedState:
     round: int
     local: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None
+    strategy: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _optimiser_bytes(state: dict[str, Any] | None) -> bytes:
@@ -60,15 +64,17 @@ def _optimiser_from_bytes(data: bytes) -> dict[str, Any] | None:
 class SiteMemory:
     """The site-private state of one site in one run: restore before a phase, remember after training."""
 
-    def __init__(self, context: Context, run: RunConfig, site: str) -> None:
+    def __init__(self, context: Context, run: RunConfig, site: str, strategy_state: bool = False) -> None:
+        """``strategy_state``: the run's strategy keeps per-site state (see :meth:`remember`)."""
         self.context, self.run, self.site = context, run, site
+        self.strategy_state = strategy_state
         self.patterns = run.local_layer_patterns
         self.directory = Path(run.site_state_dir) / site if run.site_state_dir else None
 
     @property
     def active(self) -> bool:
         """Whether this run keeps anything at the site between rounds."""
-        return bool(self.patterns) or self.run.client_optimizer == "keep"
+        return bool(self.patterns) or self.run.client_optimizer == "keep" or self.strategy_state
 
     def restore(self, upto_round: int) -> SavedState | None:
         """The newest saved state of a round <= ``upto_round``: from the Context, else the site's files."""
@@ -95,20 +101,24 @@ class SiteMemory:
         shared, _ = split_state(model.state_dict(), self.patterns)
         return shared
 
-    def remember(self, rnd: int, model: nn.Module, optimiser: torch.optim.Optimizer | None) -> None:
-        """Keep round ``rnd``'s local layers (and Adam state with ``client-optimizer = keep``)."""
+    def remember(self, rnd: int, model: nn.Module, optimiser: torch.optim.Optimizer | None,
+                 strategy: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep round ``rnd``'s local layers (and Adam state with ``client-optimizer = keep``, and the
+        strategy's per-site arrays)."""
         if not self.active:
             return
         _, local = split_state(model.state_dict(), self.patterns)
         local = {k: v.detach().clone() for k, v in local.items()}
         opt_state = optimiser.state_dict() if optimiser is not None and self.run.client_optimizer == "keep" else None
+        kept = {k: v.detach().cpu().clone() for k, v in (strategy or {}).items()}
         self.context.state[LOCAL_KEY] = ArrayRecord(local)
+        self.context.state[STRATEGY_KEY] = ArrayRecord(kept)
         self.context.state[META_KEY] = ConfigRecord({"round": rnd, "optimizer": _optimiser_bytes(opt_state)})
         if self.directory is None:
             logger.warning("site %s: no site-state-dir set; its local state lives in memory only and a resumed "
                            "run starts it afresh", self.site)
             return
-        payload = {"round": rnd, "local": local, "optimizer": opt_state}
+        payload = {"round": rnd, "local": local, "optimizer": opt_state, "strategy": kept}
         atomic_write(self.directory / f"round-{rnd:04d}.pt", lambda stream: torch.save(payload, stream))
         for old, path in self._round_files():
             if old < rnd - 1:
@@ -130,7 +140,9 @@ class SiteMemory:
             return None
         meta = self.context.state.config_records[META_KEY]
         local = self.context.state.array_records[LOCAL_KEY].to_torch_state_dict()
-        return SavedState(int(meta["round"]), local, _optimiser_from_bytes(bytes(meta["optimizer"])))  # type: ignore[arg-type]
+        strategy = self.context.state.array_records[STRATEGY_KEY].to_torch_state_dict()
+        return SavedState(int(meta["round"]), local, _optimiser_from_bytes(bytes(meta["optimizer"])),  # type: ignore[arg-type]
+                          strategy)
 
     def _round_files(self) -> list[tuple[int, Path]]:
         if self.directory is None or not self.directory.is_dir():
@@ -148,7 +160,7 @@ class SiteMemory:
                 logger.warning("%s: skipping unreadable site state: %s", path, exc)
                 continue
             logger.info("site %s: restored its local state of round %d from %s", self.site, rnd, path)
-            return SavedState(rnd, dict(payload["local"]), payload["optimizer"])
+            return SavedState(rnd, dict(payload["local"]), payload["optimizer"], dict(payload.get("strategy", {})))
         return None
 
     def _initial_local(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,7 +25,8 @@ from common.errors import ConfigError
 from common.masks import PATTERNS
 from common.registry import known_name
 
-DatasetKind = Literal["fastmri", "brats", "ixi"]
+if TYPE_CHECKING:
+    from common.data.kinds import DatasetKind
 
 # Canonical contrast names per dataset; BraTS 2023+ names (t1n, t1c, t2w, t2f) map onto the 2020 ones.
 BRATS_CONTRASTS = ("t1", "t1ce", "t2", "flair")
@@ -130,7 +131,8 @@ class SiteConfig(_Strict):
     """One site's data and scanner; ``data_path`` is absolute after loading (resolved against the TOML)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    dataset: DatasetKind
+    # A kind of common.data.kinds (fastmri, brats, ixi, or one registered there).
+    dataset: str
     data_path: Path
     contrasts: list[str] = Field(default_factory=list)
     hospital: str | None = None
@@ -163,34 +165,39 @@ class SiteConfig(_Strict):
             value = Path(base) / value
         return value.resolve()
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        _kind(value)
+        return value
+
     @field_validator("contrasts")
     @classmethod
     def _known_contrasts(cls, value: list[str], info: ValidationInfo) -> list[str]:
         dataset = info.data.get("dataset")
-        if dataset == "brats":
-            names = [BRATS_ALIASES.get(c.lower(), c.lower()) for c in value]
-            allowed: tuple[str, ...] = BRATS_CONTRASTS
-        elif dataset == "ixi":
-            names = [c.upper() for c in value]
-            allowed = IXI_CONTRASTS
-        else:  # fastMRI: acquisition names (AXT2, CORPD_FBK, ...) are open-ended; compared case-insensitively
-            return [c.upper() for c in value]
-        unknown = [c for c in names if c not in allowed]
-        if unknown:
-            raise ValueError(f"unknown {dataset} contrast(s) {unknown}; use {', '.join(allowed)}")
-        return list(dict.fromkeys(names))
+        return value if dataset is None else _kind(dataset).contrasts(value)  # None: dataset already refused
 
     @field_validator("hospital")
     @classmethod
     def _known_hospital(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        if info.data.get("dataset") != "ixi":
-            raise ValueError("only IXI data is split by hospital")
-        by_lower = {h.lower(): h for h in IXI_HOSPITALS}
+        dataset = info.data.get("dataset")
+        if value is None or dataset is None:
+            return value
+        hospitals = _kind(dataset).hospitals
+        if not hospitals:
+            raise ValueError(f"{dataset} data is not split by hospital")
+        by_lower = {h.lower(): h for h in hospitals}
         if value.lower() not in by_lower:
-            raise ValueError(f"must be one of {', '.join(IXI_HOSPITALS)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(hospitals)}, got {value!r}")
         return by_lower[value.lower()]
+
+
+def _kind(name: str) -> DatasetKind:
+    """The registered dataset kind ``name`` (:mod:`common.data.kinds` imports this module, so it is
+    imported here, when a config is validated)."""
+    from common.data.kinds import dataset_kind
+
+    return dataset_kind(name)
 
 
 def _reason(error: dict[str, Any]) -> str:

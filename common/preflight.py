@@ -9,38 +9,14 @@ first bytes are that format's signature. Cheap by design (no volume is opened), 
 
 from __future__ import annotations
 
-import gzip
 import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from common.config import SiteConfig, load_site_config
-from common.data.readers import find_brats_files, find_fastmri_files, find_ixi_files
+from common.data.kinds import dataset_kind
 from common.errors import ConfigError
-
-# HDF5 files start with this signature at offset 0 or, with a user block, at 512, 1024, 2048, ...
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_HDF5_OFFSETS = (0, 512, 1024, 2048, 4096)
-# NIfTI-1/2 single files: the magic at byte 344 (NIfTI-1) or 4 (NIfTI-2), after gunzip for .nii.gz.
-_NIFTI_MAGICS = ((344, (b"n+1\x00", b"ni1\x00")), (4, (b"n+2\x00",)))
-
-
-def _has_hdf5_signature(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        for offset in _HDF5_OFFSETS:
-            fh.seek(offset)
-            if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
-                return True
-    return False
-
-
-def _has_nifti_magic(path: Path) -> bool:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        head = fh.read(352)
-    return any(head[offset : offset + len(magic)] == magic
-               for offset, magics in _NIFTI_MAGICS for magic in magics)
 
 
 def _data_problem(config: SiteConfig) -> str | None:
@@ -50,12 +26,8 @@ def _data_problem(config: SiteConfig) -> str | None:
         return f"{root}: directory does not exist" + (" (run `fedsense data demo` for demo data)" if not root.exists() else "")
     if not os.access(root, os.R_OK | os.X_OK):
         return f"{root}: directory is not readable by uid {os.getuid()}"
-    if config.dataset == "fastmri":
-        files, check, kind = find_fastmri_files(root), _has_hdf5_signature, "fastMRI HDF5 (*.h5)"
-    elif config.dataset == "brats":
-        files, check, kind = find_brats_files(root, config.contrasts), _has_nifti_magic, "BraTS NIfTI"
-    else:
-        files, check, kind = find_ixi_files(root, config.contrasts, config.hospital), _has_nifti_magic, "IXI NIfTI"
+    entry = dataset_kind(config.dataset)
+    files, check, kind = entry.find(config), entry.is_file, entry.files
     if not files:
         return f"{root}: no {kind} files found"
     reasons = []

@@ -15,6 +15,7 @@ from server.collect import quick_reply_object_pulls
 from server.federation import Federation
 from server.optimisers import load_optimiser_state
 from server.privacy import wrap_client_dp
+from server.round_state import round_state_of
 from server.store import RunDir
 from server.tracking.prometheus import MonitoredGrid, server_metrics
 from server.tracking.tracked import tracked_store
@@ -55,6 +56,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(run)
     if latest is not None and load_optimiser_state(strategy, latest[1].get("server_optimizer")):
         logger.info("restored the %s server optimiser state of round %d", run.strategy, latest[0])
+    if latest is not None and latest[1].get("round_state"):
+        round_state_of(strategy).load_state_dict(latest[1]["round_state"])
+        logger.info("restored the %s round state of round %d", run.strategy, latest[0])
     federation = Federation(grid, run, wrap_client_dp(strategy, run, start - 1), store, model)
     try:
         if start == 1 and not federation.carries_evaluation:

@@ -16,6 +16,7 @@ from typing import Any
 
 from common.artifact import ONNX_FILE, Acquisition, Architecture, ModelCard, SiteEntry, write_artifact
 from common.config import SiteConfig, load_site_config
+from common.data.kinds import dataset_kind
 from common.errors import ConfigError, DataError, FedSenseError
 from common.models import build_model, count_parameters
 from common.outputs import check_output_folder
@@ -55,7 +56,8 @@ def _acquisition(config: SiteConfig) -> Acquisition:
         center_fraction=scanner.center_fraction,
         trajectory=scanner.trajectory,
         coils=scanner.coils,
-        matrix=None if config.dataset == "fastmri" else tuple(scanner.matrix),
+        # Raw k-space is used at its stored size; magnitude volumes are re-acquired at scanner.matrix.
+        matrix=None if dataset_kind(config.dataset).raw_kspace else tuple(scanner.matrix),
         field_strength_t=scanner.field_strength_t,
         noise_std=scanner.noise_std,
     )

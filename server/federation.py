@@ -347,7 +347,10 @@ class Federation:
             state = arrays.to_torch_state_dict()
             # A server optimiser's moments go with the weights, so a resumed run continues the same optimisation.
             server_optimizer = optimiser_state(self.strategy)
-            extra = {"server_optimizer": server_optimizer} if server_optimizer is not None else None
+            extra = {"server_optimizer": server_optimizer} if server_optimizer is not None else {}
+            # So does the strategy's own round state (SCAFFOLD's control variate c).
+            if round_state := self.round_state.state_dict():
+                extra["round_state"] = round_state
             self.store.save_checkpoint(rnd, state, config, extra=extra)
             done = rnd
             if summary is not None and self._stops(rnd, summary):

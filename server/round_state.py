@@ -5,6 +5,8 @@ none) for extra train-config entries and extra records to send, hands it the rep
 updates are validated (so it takes its own records out of them) and the accepted ones after the
 aggregate. A strategy that needs per-round state of its own (SCAFFOLD's control variates,
 :mod:`server.scaffold`; FedDyn's would fit the same way) implements these and the round loop stays as it is.
+Its :meth:`RoundState.state_dict` goes into every checkpoint (key ``"round_state"``) and is handed back
+to :meth:`RoundState.load_state_dict` when the run resumes, so a resumed run continues the same state.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ class RoundState:
 
     def absorb(self, rnd: int, accepted: list[Message], total_sites: int) -> None:
         """Update the state from the replies that went into round ``rnd``'s aggregate."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this state (torch-loadable with ``weights_only``);
+        empty when there is nothing to keep."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`."""
 
 
 NO_STATE = RoundState()

@@ -3,9 +3,9 @@
 The weights are aggregated as FedAvg does (global step size 1); the control variate ``c`` goes to the
 sites as an extra record (``common.protocol.SCAFFOLD_GLOBAL``), each site's ``Δc_i`` comes back as one
 (``SCAFFOLD_DELTA``) and is taken out of the reply before the update is validated; the deltas of the
-accepted updates move ``c`` (:func:`common.scaffold.server_update`). A resumed run starts ``c`` (and, as
-a new Flower run, every site's ``c_i``) from zero again, SCAFFOLD's own start, so ``c`` stays the
-mean of the sites' variates.
+accepted updates move ``c`` (:func:`common.scaffold.server_update`). ``c`` is checkpointed with the
+weights and restored when the run resumes; each site keeps its own ``c_i`` (``client.site_state``), so a
+resumed run continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
@@ -53,6 +54,13 @@ class ScaffoldState(RoundState):
         deltas = [self.deltas[id(m)] for m in accepted if id(m) in self.deltas]
         self.c = server_update(self.c, deltas, max(total_sites, len(deltas)))
         self.deltas = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"c": name -> tensor}`` (tensors, so the checkpoint loads with ``weights_only``)."""
+        return {"c": {name: torch.from_numpy(np.array(value)) for name, value in self.c.items()}} if self.c else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.c = {name: value.numpy() for name, value in state.get("c", {}).items()}
 
 
 def _check(delta: dict[str, np.ndarray], shapes: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,38 @@ def test_the_server_takes_each_sites_delta_out_of_its_reply_and_refuses_a_bad_on
     state.absorb(1, good, total_sites=4)
     np.testing.assert_allclose(state.c["w"], [1.0, 0.5])  # 2/4 of the mean delta
     assert list(state.train_records(2)[SCAFFOLD_GLOBAL]["w"].numpy()) == [1.0, 0.5]
+
+
+def test_the_servers_control_variate_survives_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    from server.scaffold import ScaffoldState
+
+    state = ScaffoldState()
+    assert state.state_dict() == {}  # nothing to checkpoint before the first aggregate
+    state.c = {"w": np.array([1.0, 0.5], np.float32), "b": np.ones((2, 2))}
+    torch.save({"round_state": state.state_dict()}, tmp_path / "ckpt.pt")
+    resumed = ScaffoldState()
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["round_state"])
+    assert set(resumed.c) == {"w", "b"}
+    for name, value in state.c.items():
+        assert resumed.c[name].dtype == value.dtype and np.array_equal(resumed.c[name], value)
+
+
+def test_a_sites_control_variate_is_kept_in_its_round_files_for_a_resumed_run(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.site_state import SiteMemory
+    from common.runconfig import RunConfig
+
+    run = RunConfig.from_flat({"strategy": "scaffold", "site-state-dir": str(tmp_path)})
+    model = nn.Linear(2, 1)
+
+    def memory() -> SiteMemory:  # a new Flower run: an empty Context
+        return SiteMemory(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), run,
+                          "site-a", strategy_state=True)
+
+    c_i = {"weight": torch.tensor([[0.25, -1.0]])}
+    memory().remember(3, model, None, c_i)
+    saved = memory().restore(upto_round=3)
+    assert saved is not None and saved.round == 3
+    assert torch.equal(saved.strategy["weight"], c_i["weight"])
+    assert memory().restore(upto_round=2) is None  # round 3's state is not what round 3's training starts from

@@ -625,27 +625,19 @@ def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROU
 
     The index comes from the site's index cache (``cache_dir``; by default
     :func:`common.data.index_cache.default_cache_dir`, ``None`` for none) when nothing it depends on
-    changed; otherwise the files are indexed and the cache is written.
+    changed; otherwise the files are indexed and the cache is written. The reader class, its arguments
+    and the files come from the kind's entry in :mod:`common.data.kinds`.
     """
+    from common.data.kinds import dataset_kind  # the kinds name this module's readers: imported on use
+
     root = config.data_path
     if not root.is_dir():
         raise DataError(f"{root}: data directory does not exist")
     common: dict[str, Any] = {"max_slices_per_volume": config.max_slices_per_volume,
                               "skip_bad_files": config.skip_bad_files}
-    reader_cls: type[SliceReader]
-    if config.dataset == "fastmri":
-        reader_cls, files, extra = FastMRIReader, find_fastmri_files(root), {"contrasts": config.contrasts,
-                                                                     "check_seconds": config.file_check_seconds}
-        if config.scanner.trajectory != "cartesian":  # raw radial / spiral k-space files
-            from common.data.noncartesian_h5 import NonCartesianReader  # it builds on this module
-
-            reader_cls = NonCartesianReader
-    elif config.dataset == "brats":
-        reader_cls, files = BratsReader, find_brats_files(root, config.contrasts)
-        extra = {"min_foreground": min_foreground}
-    else:
-        reader_cls, files = IXIReader, find_ixi_files(root, config.contrasts, config.hospital)
-        extra = {"min_foreground": min_foreground}
+    kind = dataset_kind(config.dataset)
+    reader_cls, extra = kind.reader(config, min_foreground)
+    files = kind.find(config)
     params = {"reader": reader_cls.__name__, **common, **extra,
               "names": [[f.subject, f.contrast] for f in files]}
     return index_cache.cached(
