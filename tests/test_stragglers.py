@@ -5,6 +5,7 @@ Fast unit tests with fake grids (no Flower processes); tests/test_stragglers_fed
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,8 +23,9 @@ from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.federation import Federation
 from server.pace import SAFETY, Pace
-from server.store import RunDir
+from server.store import RunDir, global_record, site_record
 from server.strategy import build_strategy
+from server.viewer.table import show
 from test_collect import Clock, DelayedGrid, asks
 
 
@@ -242,3 +244,35 @@ def test_slowed_steps_take_slowdown_times_as_long() -> None:
         step()
     assert timed == pytest.approx([0.4, 0.8, 1.2])  # the step timer sees the slowed steps
     assert slowed(None, 1.0) is None
+
+
+# --- the metrics table ------------------------------------------------------------------------------
+
+
+def test_metrics_show_lists_the_stragglers_of_each_round(tmp_path: Path) -> None:
+    store = RunDir(tmp_path / "run")
+    store.init({"name": "slow", "strategy": "fedavg", "num_rounds": 2}, resume=False)
+    for rnd, stragglers, steps in ((1, ["node-7"], {}), (2, ["site-c"], {"site-c": 3})):
+        site = site_record("slow", rnd, "train", "site-a", 4, {"loss": 0.1})
+        summary = global_record("slow", rnd, "train", [site], stragglers=stragglers)
+        summary["metrics"]["stragglers"] = 1.0
+        if steps:
+            summary["local_steps"] = steps
+        store.append_metrics([site, summary])
+    out = io.StringIO()
+    show(store.path, out=out)
+    text = out.getvalue()
+    assert "train · stragglers (round-deadline)" in text
+    rows = [line for line in text.splitlines() if "node-7" in line or "site-c" in line]
+    assert len(rows) == 2 and "site-c: 3" in rows[1]
+    assert "stragglers" not in _shown(tmp_path / "plain")  # a run without a deadline has no such table
+
+
+def _shown(path: Path) -> str:
+    store = RunDir(path)
+    store.init({"name": "plain", "strategy": "fedavg", "num_rounds": 1}, resume=False)
+    site = site_record("plain", 1, "train", "site-a", 4, {"loss": 0.1})
+    store.append_metrics([site, global_record("plain", 1, "train", [site])])
+    out = io.StringIO()
+    show(store.path, out=out)
+    return out.getvalue()
