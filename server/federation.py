@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -106,6 +106,14 @@ def _note_clipped(summary: dict[str, Any], clipped: list[Clipped]) -> None:
         summary["clipped"] = [{"site": c.site, "claimed": c.claimed, "cap": c.cap, "reason": c.reason} for c in clipped]
 
 
+class Outstanding(NamedTuple):
+    """A straggler's unanswered training message: the round it belongs to, its node and when it was sent."""
+
+    round: int
+    node: int
+    sent: float
+
+
 class Federation:
     """Runs rounds ``start..num_server_rounds`` of one run against a Flower grid."""
 
@@ -128,9 +136,9 @@ class Federation:
         self.pace = Pace(run)
         #: The site each node last replied as: names the stragglers, which send nothing in time.
         self.node_sites: dict[int, str] = {}
-        #: Training messages left unanswered at a round's deadline (message id -> round): their late
-        #: replies are pulled with later phases and discarded.
-        self.outstanding: dict[str, int] = {}
+        #: Training messages left unanswered at a round's deadline (message id -> round, node, when sent):
+        #: their late replies are pulled with later phases and discarded.
+        self.outstanding: dict[str, Outstanding] = {}
         #: The sites the last training phase did not wait for (``round-deadline``).
         self.stragglers: list[str] = []
         #: The sites the last training phase asked for fewer local steps, and how many.
@@ -155,7 +163,8 @@ class Federation:
         """Send one phase's messages and collect the replies until ``round-timeout``.
 
         With ``deadline`` (a training phase) and a ``round-deadline``, collection ends at the deadline once
-        ``min-train-nodes`` replied; the sites still silent are this phase's :attr:`stragglers`.
+        ``min-train-nodes`` replied; the sites still silent are this phase's :attr:`stragglers`, and so are
+        the sites not sent this phase's message because they still train an earlier round's.
 
         Returns the replies that are not errors, in site order, and a rejection for every node that sent an error
         or nothing in time (so the round's record accounts for every site it asked), for every late, duplicate
@@ -163,6 +172,10 @@ class Federation:
         site other than its key's (:mod:`server.identity`).
         """
         messages = list(messages)
+        busy = self._busy_nodes()
+        skipped = [m for m in messages if m.metadata.dst_node_id in busy]
+        # A straggler still training an earlier round is not sent more work: it would only queue behind that.
+        messages = [m for m in messages if m.metadata.dst_node_id not in busy]
         cutoff = self.run.round_deadline if deadline else 0.0
         t0 = time.monotonic()
         arrivals = send_and_collect(self.grid, messages, self.run.round_timeout, round_deadline=cutoff,
@@ -187,7 +200,7 @@ class Federation:
         unanswered = {message_id: node for message_id, node in sent.items() if message_id not in answered}
         if cutoff > 0 and not timed_out:
             self.stragglers = sorted(self.node_sites.get(node, f"node-{node}") for node in unanswered.values())
-            self.outstanding.update(dict.fromkeys(unanswered, self._round))
+            self.outstanding.update({mid: Outstanding(self._round, node, t0) for mid, node in unanswered.items()})
             self.pace.missed(unanswered.values())
             reason = f"straggler: no reply by round-deadline ({cutoff:g} s); a late reply is discarded"
         else:
@@ -195,11 +208,28 @@ class Federation:
             reason = f"no reply within round-timeout ({self.run.round_timeout:g} s)"
         silent = [Rejection(self.node_sites.get(node, f"node-{node}") if cutoff > 0 else f"node-{node}", reason)
                   for node in unanswered.values()]
+        for msg in skipped:
+            node = msg.metadata.dst_node_id
+            name = self.node_sites.get(node, f"node-{node}")
+            silent.append(Rejection(name, f"straggler: still training round {busy[node]}; not sent this phase"))
+            if cutoff > 0:
+                self.stragglers = sorted([*self.stragglers, name])
         return ok, failed + silent + stale + impostors
+
+    def _busy_nodes(self) -> dict[int, int]:
+        """Nodes still training an earlier round (node -> that round); a message unanswered for longer than
+        ``round-timeout`` is given up (its node is asked again)."""
+        now = time.monotonic()
+        for message_id, late in list(self.outstanding.items()):
+            if now - late.sent > self.run.round_timeout:
+                logger.warning("gave up on round %d's message %s to node %d after round-timeout", late.round,
+                               message_id[:12], late.node)
+                del self.outstanding[message_id]
+        return {late.node: late.round for late in self.outstanding.values()}
 
     def _late_stragglers(self, replies: list[Message], stale: list[Rejection]) -> list[Rejection]:
         """Name the stragglers' late replies among ``stale`` as such; their step times still pace the site."""
-        late = {m.metadata.message_id: self.outstanding.pop(m.metadata.reply_to_message_id)
+        late = {m.metadata.message_id: self.outstanding.pop(m.metadata.reply_to_message_id).round
                 for m in replies if m.metadata.reply_to_message_id in self.outstanding}
         self.pace.observe([m for m in replies if m.metadata.message_id in late], {})
         for message_id, rnd in late.items():

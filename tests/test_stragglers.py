@@ -276,3 +276,26 @@ def _shown(path: Path) -> str:
     out = io.StringIO()
     show(store.path, out=out)
     return out.getvalue()
+
+
+def test_a_site_still_training_is_not_sent_the_next_round_and_counts_as_a_straggler(tmp_path: Path) -> None:
+    grid = TimedGrid({1: 0.01, 2: 0.01, 3: 0.01})
+    fed = _federation(tmp_path, grid, **{"round-deadline": 0.2})
+    fed._send(_asks([1, 2, 3]), deadline=True)
+    grid.delays[3] = 0.5
+    fed._round = 2
+    fed._send(_asks([1, 2, 3]), deadline=True)
+    assert fed.stragglers == ["site-3"]
+    fed._round = 3
+    ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # site-3 is still on round 2: not asked
+    assert [m.metadata.src_node_id for m in ok] == [1, 2] and fed.stragglers == ["site-3"]
+    assert [(r.site, r.reason) for r in rejected] == [("site-3", "straggler: still training round 2; not sent this phase")]
+    assert [m.metadata.dst_node_id for m in grid.received[-2:]] == [1, 2]
+    time.sleep(0.4)
+    fed._round = 4
+    ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # its late reply is pulled with this phase ...
+    assert len(ok) == 2 and [r.reason[:5] for r in rejected] == ["strag", "late:"]
+    fed._round = 5
+    grid.delays[3] = 0.01
+    ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # ... so the next one asks it again
+    assert len(ok) == 3 and fed.stragglers == [] and not rejected
