@@ -19,6 +19,7 @@ from client.site_context import site_context
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
 from client.secagg import secagg_mod
+from client.rehearsal import slowed
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from client.scaffold import ScaffoldRound
 from common.data.loaders import make_loader
@@ -26,7 +27,7 @@ from common.errors import ConfigError
 from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
 from common.personalise import fine_tune
-from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU
+from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, LOCAL_STEPS, PROXIMAL_MU
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SSDUTrainLoss, evaluate_self_supervised
@@ -80,6 +81,9 @@ def train(msg: Message, context: Context) -> Message:
     clock = HandlerClock()
     server_round = int(msg.content["config"].get("server-round", 0))
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
+    if LOCAL_STEPS in msg.content["config"]:
+        # adaptive-local-steps: the server gives a slow site fewer steps, so it replies by the round's deadline.
+        run = run.model_copy(update={"local_steps": int(msg.content["config"][LOCAL_STEPS])})
     clock.setup_done()
     monitor = site_monitor()
     monitor.watch(datasets)
@@ -120,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         precision=run.precision,
         compile=run.compile,
-        on_step=monitor.step_timer(),
+        on_step=slowed(monitor.step_timer(), site_context(context).site.rehearsal.slowdown),
         step_hook=site_round.step_hook if site_round is not None else None,
     )
     monitor.trained(server_round)

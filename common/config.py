@@ -127,6 +127,13 @@ class DemoConfig(_Strict):
     seed: int = 0
 
 
+class RehearsalConfig(_Strict):
+    """Test and benchmark knobs that make a site behave like a worse one; never set at a real site."""
+
+    # Each training step takes this many times as long (the site sleeps after the step): a slower machine.
+    slowdown: float = Field(1.0, ge=1.0, le=1000.0)
+
+
 class SiteConfig(_Strict):
     """One site's data and scanner; ``data_path`` is absolute after loading (resolved against the TOML)."""
 
@@ -144,6 +151,7 @@ class SiteConfig(_Strict):
     # Seconds a child process may take to read each HDF5 file once before it is declared bad (hangs).
     file_check_seconds: float = Field(10.0, gt=0.0, le=600.0)
     demo: DemoConfig = DemoConfig()
+    rehearsal: RehearsalConfig = RehearsalConfig()
     # "self": the site has no fully sampled data and trains self-supervised (SSDU, common.ssdu).
     supervision: Literal["full", "self"] = "full"
 

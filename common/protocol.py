@@ -16,7 +16,7 @@ from common.errors import FedSenseError
 from common.packing import Manifest, pack, unpack
 
 #: Bumped whenever a message's layout changes; both sides must speak the same one.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the train config may carry LOCAL_STEPS (adaptive-local-steps)
 
 # Record keys of a message's content.
 ARRAYS = "arrays"  #: the model's weights (ArrayRecord)
@@ -34,6 +34,8 @@ SCAFFOLD_DELTA = "scaffold.delta-c"  #: SCAFFOLD: a site's control-variate chang
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
 EVALUATE_FIRST = "evaluate-first"  #: evaluate-with-train: evaluate the received model before training
+#: adaptive-local-steps: this site's local steps for this round, instead of the run config's ``local-steps``.
+LOCAL_STEPS = "local-steps"
 
 #: The ClientApp's fine-tuning action: message type ``train.finetune``.
 FINETUNE_ACTION = "finetune"

@@ -34,6 +34,9 @@ class RunConfig(BaseModel):
     min_evaluate_nodes: int = Field(2, ge=0)
     min_available_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
+    # Stragglers (README "Slow sites"): aggregate at this many seconds once min-train-nodes replied (0: off).
+    round_deadline: float = Field(0.0, ge=0.0)
+    adaptive_local_steps: bool = False  # slow sites get fewer local steps, to finish by round-deadline
     node_wait_timeout: float = Field(600.0, gt=0.0)
     model: str = "unet"
     model_args: str = "{}"
@@ -127,6 +130,14 @@ class RunConfig(BaseModel):
     def _check(self) -> "RunConfig":
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ValueError("one of local-epochs or local-steps must be > 0")
+        if self.round_deadline >= self.round_timeout:
+            raise ValueError(f"round-deadline ({self.round_deadline:g} s) must be shorter than round-timeout "
+                             f"({self.round_timeout:g} s), or 0 (off)")
+        if self.adaptive_local_steps and (self.round_deadline == 0 or self.local_steps == 0):
+            raise ValueError("adaptive-local-steps needs round-deadline > 0 and local-steps > 0 (it scales the "
+                             "local steps of slow sites to the deadline)")
+        if self.round_deadline > 0 and self.secagg:
+            raise ValueError("round-deadline does not apply to SecAgg+ rounds (secagg = true): set it to 0")
         try:
             args = json.loads(self.model_args)
         except json.JSONDecodeError as exc:

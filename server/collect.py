@@ -4,6 +4,11 @@ Flower's deployed grid (``HttpGrid.send_and_receive``) sleeps a fixed 3 s betwee
 train or evaluate phase costs up to 3 s of pure waiting after the last site has replied. FedSense
 pushes the messages itself and pulls with an interval that starts short, doubles while nothing
 arrives and drops back to short after each reply, bounded by ``round-timeout``.
+
+With a ``round-deadline`` a phase stops waiting for the slowest sites: once the deadline has passed
+and ``enough`` replies are in, the phase ends and the silent sites are its stragglers. Their late
+replies are not left in the SuperLink: the next phase pulls them too (``also_pull``), so that they are
+recorded and rejected as late (:mod:`server.receipts`) instead of being lost or mixed into a round.
 """
 
 from __future__ import annotations
@@ -42,31 +47,50 @@ def send_and_collect(
     *,
     first_interval: float = FIRST_INTERVAL,
     max_interval: float = MAX_INTERVAL,
+    round_deadline: float = 0.0,
+    enough: int = 0,
+    also_pull: Iterable[str] = (),
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Arrival]:
     """Push ``messages``, then pull until every one is answered or ``timeout`` seconds have passed.
+
+    With ``round_deadline`` > 0, pulling also stops once that many seconds have passed and at least
+    ``enough`` of ``messages`` are answered (before the deadline only all of them end the phase).
+    ``also_pull`` names earlier phases' unanswered messages: replies to them that arrive while this
+    phase polls are returned too (the caller rejects them as late), but the phase never waits for them.
 
     The grid stamps each message with its id while pushing it (callers rely on that to name the
     nodes that stayed silent). Returns the replies in arrival order, each with its arrival time.
     """
     pushed = clock()
     pending = set(grid.push_messages(messages))
-    deadline = pushed + timeout
+    late = set(also_pull) - pending
+    stop = pushed + timeout
+    cutoff = pushed + round_deadline if round_deadline > 0 else stop
     interval = first_interval
     replies: list[Arrival] = []
+    answered = 0
     while pending:
-        arrived = list(grid.pull_messages(sorted(pending)))
+        arrived = list(grid.pull_messages(sorted(pending | late)))
         now = clock()
         for reply in arrived:
-            pending.discard(reply.metadata.reply_to_message_id)
+            answers = reply.metadata.reply_to_message_id
+            if answers in pending:
+                pending.discard(answers)
+                answered += 1
+            late.discard(answers)
         replies.extend(Arrival(reply, now - pushed) for reply in arrived)
-        remaining = deadline - clock()
-        if not pending or remaining <= 0:
+        if not pending or now >= stop:
+            break
+        if now >= cutoff and answered >= enough:
+            logger.info("round-deadline (%g s) passed with %d replies: %d straggler(s) not waited for",
+                        round_deadline, answered, len(pending))
             break
         # Replies tend to come in bursts (sites of similar speed): poll fast again after one.
         interval = first_interval if arrived else min(2 * interval, max_interval)
-        sleep(min(interval, remaining))
+        wake = cutoff if now < cutoff else stop
+        sleep(max(min(interval, wake - now, stop - now), 1e-3))
     return replies
 
 

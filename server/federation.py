@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,10 +19,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
-from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU, SERVER_ROUND
+from common.protocol import CARRIED, CONFIG, EVALUATE_FIRST, FINETUNE_ACTION, LOCAL_STEPS, PROXIMAL_MU, SERVER_ROUND
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
+from server.pace import Pace
 from server.privacy import client_dp_metrics, secure_client_dp_metrics
 from server.secagg import apply_update, secure_mean_update
 from server.claims import Clipped, apply_caps
@@ -105,6 +106,14 @@ def _note_clipped(summary: dict[str, Any], clipped: list[Clipped]) -> None:
         summary["clipped"] = [{"site": c.site, "claimed": c.claimed, "cap": c.cap, "reason": c.reason} for c in clipped]
 
 
+class Outstanding(NamedTuple):
+    """A straggler's unanswered training message: the round it belongs to, its node and when it was sent."""
+
+    round: int
+    node: int
+    sent: float
+
+
 class Federation:
     """Runs rounds ``start..num_server_rounds`` of one run against a Flower grid."""
 
@@ -123,6 +132,18 @@ class Federation:
         self.phase: tuple[dict[str, int], list[Message]] = ({}, [])
         #: What the strategy adds to each round (:mod:`server.round_state`; SCAFFOLD's control variates).
         self.round_state = round_state_of(strategy)
+        #: Seconds per step of each node and the local steps it gets next (``adaptive-local-steps``).
+        self.pace = Pace(run)
+        #: The site each node last replied as: names the stragglers, which send nothing in time.
+        self.node_sites: dict[int, str] = {}
+        #: Training messages left unanswered at a round's deadline (message id -> round, node, when sent):
+        #: their late replies are pulled with later phases and discarded.
+        self.outstanding: dict[str, Outstanding] = {}
+        #: The sites the last training phase did not wait for (``round-deadline``).
+        self.stragglers: list[str] = []
+        #: The sites the last training phase asked for fewer local steps, and how many.
+        self.paced: dict[str, int] = {}
+        self._round = 0  # the training round in progress (the round a straggler is recorded for)
 
     def wait_for_nodes(self, needed: int) -> None:
         """Block until ``needed`` SuperNodes are connected; fail clearly after ``node-wait-timeout``.
@@ -138,35 +159,83 @@ class Federation:
                 )
             time.sleep(1.0)
 
-    def _send(self, messages: Iterable[Message]) -> tuple[list[Message], list[Rejection]]:
+    def _send(self, messages: Iterable[Message], deadline: bool = False) -> tuple[list[Message], list[Rejection]]:
         """Send one phase's messages and collect the replies until ``round-timeout``.
+
+        With ``deadline`` (a training phase) and a ``round-deadline``, collection ends at the deadline once
+        ``min-train-nodes`` replied; the sites still silent are this phase's :attr:`stragglers`, and so are
+        the sites not sent this phase's message because they still train an earlier round's.
 
         Returns the replies that are not errors, in site order, and a rejection for every node that sent an error
         or nothing in time (so the round's record accounts for every site it asked), for every late, duplicate
-        or replayed reply (:mod:`server.receipts`) and every reply from a site other than its key's
-        (:mod:`server.identity`).
+        or replayed reply (:mod:`server.receipts`; a straggler's late reply among them) and every reply from a
+        site other than its key's (:mod:`server.identity`).
         """
         messages = list(messages)
-        arrivals = send_and_collect(self.grid, messages, self.run.round_timeout)
+        busy = self._busy_nodes()
+        skipped = [m for m in messages if m.metadata.dst_node_id in busy]
+        # A straggler still training an earlier round is not sent more work: it would only queue behind that.
+        messages = [m for m in messages if m.metadata.dst_node_id not in busy]
+        cutoff = self.run.round_deadline if deadline else 0.0
+        t0 = time.monotonic()
+        arrivals = send_and_collect(self.grid, messages, self.run.round_timeout, round_deadline=cutoff,
+                                    enough=self.run.min_train_nodes, also_pull=self.outstanding)
+        timed_out = time.monotonic() - t0 >= self.run.round_timeout
         replies = [a.message for a in arrivals]
-        self.reply_seconds = {a.message.metadata.reply_to_message_id: a.seconds for a in arrivals}
         # The grid stamps each message with its id while sending it.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        self.reply_seconds = {a.message.metadata.reply_to_message_id: a.seconds for a in arrivals
+                              if a.message.metadata.reply_to_message_id in sent}
         self.phase = (sent, replies)
         fresh, stale = self.receipts.screen(sent, replies)
+        stale = self._late_stragglers(replies, stale)
         ok, failed = _error_rejections(fresh, sent)
         self.identity.refresh(self.grid)
         ok, impostors = self.identity.check(ok)
+        self.node_sites.update((m.metadata.src_node_id, site_of(m)) for m in ok)
         # In site order, not arrival order: floating-point sums (the aggregate, the metrics' means) then
         # do not depend on which site answered first.
         ok.sort(key=site_of)
         answered = {m.metadata.reply_to_message_id for m in fresh}
-        silent = [
-            Rejection(f"node-{node}", f"no reply within round-timeout ({self.run.round_timeout:g} s)")
-            for message_id, node in sent.items()
-            if message_id not in answered
-        ]
+        unanswered = {message_id: node for message_id, node in sent.items() if message_id not in answered}
+        if cutoff > 0 and not timed_out:
+            self.stragglers = sorted(self.node_sites.get(node, f"node-{node}") for node in unanswered.values())
+            self.outstanding.update({mid: Outstanding(self._round, node, t0) for mid, node in unanswered.items()})
+            self.pace.missed(unanswered.values())
+            reason = f"straggler: no reply by round-deadline ({cutoff:g} s); a late reply is discarded"
+        else:
+            self.stragglers = []
+            reason = f"no reply within round-timeout ({self.run.round_timeout:g} s)"
+        silent = [Rejection(self.node_sites.get(node, f"node-{node}") if cutoff > 0 else f"node-{node}", reason)
+                  for node in unanswered.values()]
+        for msg in skipped:
+            node = msg.metadata.dst_node_id
+            name = self.node_sites.get(node, f"node-{node}")
+            silent.append(Rejection(name, f"straggler: still training round {busy[node]}; not sent this phase"))
+            if cutoff > 0:
+                self.stragglers = sorted([*self.stragglers, name])
         return ok, failed + silent + stale + impostors
+
+    def _busy_nodes(self) -> dict[int, int]:
+        """Nodes still training an earlier round (node -> that round); a message unanswered for longer than
+        ``round-timeout`` is given up (its node is asked again)."""
+        now = time.monotonic()
+        for message_id, late in list(self.outstanding.items()):
+            if now - late.sent > self.run.round_timeout:
+                logger.warning("gave up on round %d's message %s to node %d after round-timeout", late.round,
+                               message_id[:12], late.node)
+                del self.outstanding[message_id]
+        return {late.node: late.round for late in self.outstanding.values()}
+
+    def _late_stragglers(self, replies: list[Message], stale: list[Rejection]) -> list[Rejection]:
+        """Name the stragglers' late replies among ``stale`` as such; their step times still pace the site."""
+        late = {m.metadata.message_id: self.outstanding.pop(m.metadata.reply_to_message_id).round
+                for m in replies if m.metadata.reply_to_message_id in self.outstanding}
+        self.pace.observe([m for m in replies if m.metadata.message_id in late], {})
+        for message_id, rnd in late.items():
+            logger.info("discarded a straggler's late reply to round %d (message %s)", rnd, message_id[:12])
+        return [Rejection(r.site, f"late: a straggler's reply to round {late[r.message_id]}, discarded", r.message_id)
+                if r.message_id in late else r for r in stale]
 
     def _record(self, rnd: int, phase: str, accepted: list[Message], rejected: list[Rejection]) -> None:
         """Append the last phase's verdicts to ``received.jsonl`` (:class:`server.receipts.Receipts`)."""
@@ -183,12 +252,25 @@ class Federation:
                              **self.round_state.train_config(rnd)})
 
     def _train_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
-        """The strategy's training messages, with the records its round state adds to each."""
+        """The strategy's training messages, with the records its round state adds to each.
+
+        A node that :attr:`pace` slows down gets its own config record, with its ``local-steps``.
+        """
         messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(rnd), self.grid))
         extra = self.round_state.train_records(rnd)
         for content in {id(m.content): m.content for m in messages}.values():  # often one, shared
             for key, record in extra.items():
                 content[key] = record
+        self.paced = {}
+        for msg in messages:
+            steps = self.pace.steps_for(msg.metadata.dst_node_id)
+            if steps is not None:
+                content = RecordDict(dict(msg.content.items()))  # the arrays are shared, not copied
+                content[CONFIG] = ConfigRecord({**dict(msg.content[CONFIG]), LOCAL_STEPS: steps})
+                msg.content = content
+                self.paced[self.node_sites.get(msg.metadata.dst_node_id, f"node-{msg.metadata.dst_node_id}")] = steps
+        if self.paced:
+            logger.info("round %d: adaptive local steps %s (others: %d)", rnd, self.paced, self.run.local_steps)
         return messages
 
     def evaluate_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any] | None:
@@ -232,7 +314,9 @@ class Federation:
         t0 = time.time()
         if self.run.secagg:
             return self._secure_train_round(rnd, arrays, t0)
-        replies, failed = self._send(self._train_messages(rnd, arrays))
+        self._round = rnd
+        replies, failed = self._send(self._train_messages(rnd, arrays), deadline=True)
+        self.pace.observe(replies, self.reply_seconds)
         self.carried = None
         if self.carries_evaluation:
             carriers, _, eval_clipped = apply_caps(list(replies), self.run.caps, key=f"{CARRIED}num-examples")
@@ -264,6 +348,11 @@ class Federation:
         summary = _global_record(self.run, rnd, "train", records, rejected, time.time() - t0)
         summary["metrics"].update(client_dp_metrics(self.strategy))
         _note_clipped(summary, clipped)
+        if self.run.round_deadline > 0:
+            summary["stragglers"] = self.stragglers
+            summary["metrics"]["stragglers"] = float(len(self.stragglers))
+        if self.paced:
+            summary["local_steps"] = self.paced
         self.store.append_metrics(records + [summary])
         return new_arrays
 

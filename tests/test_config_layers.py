@@ -17,7 +17,7 @@ from server.cli import _run_config, build_parser
 #: The sources a test may set, lowest precedence first (defaults are RunConfig's own).
 SETTABLE = layers.SOURCES[1:]
 #: Settings a key's non-default values need (set in pyproject, under every source the test varies).
-COMPANIONS = {"dp-target-epsilon": {"dp-noise-multiplier": 1.0}}
+COMPANIONS = {"dp-target-epsilon": {"dp-noise-multiplier": 1.0}, "adaptive-local-steps": {"round-deadline": 60.0}}
 
 
 def _valid(key: str, value: Any) -> bool:

@@ -142,6 +142,8 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
                               style="bold yellow" if marked else None)
             console.print(table)
             printed = True
+    if "train" in phases:
+        printed = _print_stragglers(view, console) or printed
     if not printed:
         console.print("no metrics yet")
     elif self_supervised:
@@ -150,3 +152,25 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
             "measured against the simulation's reference, which it never trains on.",
             highlight=False,
         )
+
+
+def _print_stragglers(view: RunView, console: Console) -> bool:
+    """The sites each training round did not wait for (``round-deadline``) and any reduced local steps.
+
+    False (nothing printed) for a run without a deadline.
+    """
+    rounds = sorted((r for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "train"
+                     and "stragglers" in r), key=lambda r: r["round"])
+    if not rounds:
+        return False
+    table = Table(title="train · stragglers (round-deadline)", title_justify="left")
+    table.add_column("round", justify="right", style="dim")
+    table.add_column("stragglers", justify="right")
+    table.add_column("sites not waited for")
+    table.add_column("adaptive local steps")
+    for record in rounds:
+        steps = ", ".join(f"{site}: {n}" for site, n in sorted(record.get("local_steps", {}).items()))
+        table.add_row(str(record["round"]), str(len(record["stragglers"])), ", ".join(record["stragglers"]) or "-",
+                      steps or "-")
+    console.print(table)
+    return True
