@@ -34,6 +34,9 @@ SCAFFOLD_DELTA = "scaffold.delta-c"  #: SCAFFOLD: a site's control-variate chang
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
 EVALUATE_FIRST = "evaluate-first"  #: evaluate-with-train: evaluate the received model before training
+#: Fine-tuning: the round whose site-kept state (local layers) belongs with the arrays sent, the run's best
+#: round; without it a site uses its state of ``server-round``.
+STATE_ROUND = "state-round"
 
 #: The ClientApp's fine-tuning action: message type ``train.finetune``.
 FINETUNE_ACTION = "finetune"
