@@ -23,7 +23,10 @@ Fair by construction:
   (real MR images re-acquired with a training site's simulator: ``common.data.heldout``);
 - learning curves (validation PSNR against optimisation steps and wall time, every arm) go to a PNG, with
   the wall time each federation needs to come within 0.3 dB of pooled centralized;
-- a per-site verdict: best personalised federated − local, its CI, and join / no benefit / harmful.
+- a per-site verdict: best personalised federated − local, its CI, and join / no benefit / harmful;
+- levers against site heterogeneity (``--strategies``: FedProx with each ``--mu``, SCAFFOLD drift correction,
+  FedPer/FedBN-like ``local-layers`` kept per site, each also fine-tuned): per site, the lever with the best
+  *validation* PSNR at that site is selected and its test gain over local (and over FedAvg) reported.
 
 Scenarios: ``standard`` = the three product sites (``deploy/sites``); ``low-data`` adds ``site-d``
 (``bench/sites``). Every site's R is overridden to each requested acceleration (masks stay different).
@@ -74,7 +77,7 @@ from common.data.heldout import score_heldout
 from common.data.loaders import load_site, make_loader
 from common.fft import center_crop
 from common.models import build_model, count_parameters
-from common.personalise import FINETUNED_FILE
+from common.personalise import FINETUNED_FILE, personal_layers
 from common.runconfig import RunConfig
 from common.stats import PairedDifference, hierarchical_bootstrap, join_verdict
 from common.training import zero_filled
@@ -92,7 +95,9 @@ MODELS: dict[str, tuple[str, dict[str, int]]] = {
 }
 MULTI_SEED_MODEL = "Unrolled-DC"  # carries the multi-seed targets; the U-Net runs the first seed only
 BASELINES = {"local": "local", "centralized": "centralized (pooled)", "centralized-balanced": "centralized (site-balanced)"}
-STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
+# local-layers: FedAvg of the shared part while each site keeps common.personalise.personal_layers (FedPer/FedBN).
+STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "scaffold": "SCAFFOLD",
+              "local-layers": "FedAvg + local layers"}
 FINE_TUNED = "+ fine-tune"  # suffix of a federated strategy's personalised row (each site fine-tunes it)
 CS_LAMBDAS = tuple(float(v) for v in np.logspace(-4, -1, 7))  # 1e-4, 3.2e-4, ..., 1e-1
 CS_ITERATIONS = (50, 100, 200)
@@ -137,6 +142,31 @@ class Method:
     model: nn.Module | None = None  # the one shared model (centralized, federated global); None: per-site models
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (cumulative steps, seconds, val PSNR)
     learned: bool = True
+    val_site: dict[str, float] = field(default_factory=dict)  # validation PSNR per site at the selected round(s)
+
+
+@dataclass(frozen=True)
+class FederatedArm:
+    """One federated arm of ``--strategies``: its row label, its run directory's name part, its run config."""
+
+    key: str  # run directory part, e.g. "fedprox-mu0.01"
+    row: str  # table label after the model, e.g. "FedProx mu=0.01"
+    strategy: str  # the run config's strategy
+    mu: float = 0.0  # FedProx's proximal weight
+    local_layers: bool = False  # each site keeps the model's personal_layers
+
+
+def federated_arms(strategies: Sequence[str], mus: Sequence[float]) -> list[FederatedArm]:
+    """The federated arms: one per strategy, FedProx once per ``mus`` value (a swept lever)."""
+    arms = []
+    for key in strategies:
+        if key == "fedprox":
+            arms += [FederatedArm(f"fedprox-mu{mu:g}", f"{STRATEGIES[key]} mu={mu:g}", key, mu) for mu in mus]
+        elif key == "local-layers":
+            arms.append(FederatedArm(key, STRATEGIES[key], "fedavg", local_layers=True))
+        else:
+            arms.append(FederatedArm(key, STRATEGIES[key], key))
+    return arms
 
 
 SUBJECTS: dict[str, str] = {}  # volume file name -> subject id, filled from the readers (see _learn_subjects)
@@ -217,15 +247,17 @@ def _sense_start(batch: dict[str, object]) -> torch.Tensor:
 
 
 def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int], sites: Sequence[Path],
-               run_dir: Path, seed: int, strategy: str = "fedavg", fine_tune_steps: int = 0) -> RunConfig:
-    """The one run config shared by the baselines and the federated strategies of a model and seed.
+               run_dir: Path, seed: int, arm: FederatedArm | None = None, fine_tune_steps: int = 0) -> RunConfig:
+    """The one run config shared by the baselines and the federated arms of a model and seed.
 
     ``fine_tune_steps`` > 0 (federated runs): after the last round each site fine-tunes the selected
     global model on its own training split, validation-stopped (the personalised row).
     """
+    arm = arm or FederatedArm("fedavg", STRATEGIES["fedavg"], "fedavg")
+    local = personal_layers(build_model(model, **model_args)) if arm.local_layers else ()
     return RunConfig.from_flat({
-        "name": run_dir.name, "num-server-rounds": args.max_rounds, "strategy": strategy,
-        "proximal-mu": args.mu if strategy == "fedprox" else 0.0, "model": model, "model-args": model_args,
+        "name": run_dir.name, "num-server-rounds": args.max_rounds, "strategy": arm.strategy,
+        "proximal-mu": arm.mu, "local-layers": ",".join(local), "model": model, "model-args": model_args,
         "local-steps": args.local_steps, "batch-size": args.batch, "learning-rate": args.lr, "loss": "l1",
         "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites),
         "sites": ",".join(str(p) for p in sites), "run-dir": str(run_dir), "num-samples": 0, "seed": seed,
@@ -310,7 +342,8 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
             used = sum(t.steps[r][n] for n, rnd in chosen.items() for r in range(1, rnd + 1))
             best = ", ".join(f"{n} {rnd}" for n, rnd in chosen.items())
             converged = all(rnd < t.rounds for rnd in chosen.values())
-            val_psnr = float(np.mean([t.val[(rnd, n)] for n, rnd in chosen.items()]))
+            val_site = {n: t.val[(rnd, n)] for n, rnd in chosen.items()}
+            val_psnr = float(np.mean(list(val_site.values())))
             net = None
         else:
             selected = store.best()
@@ -320,28 +353,43 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
             used = sum(sum(t.steps[r].values()) for r in range(1, selected["round"] + 1))
             best, val_psnr = str(selected["round"]), selected["value"]
             converged = selected["round"] < t.rounds
+            val_site = {n: t.val[(selected["round"], n)] for n in names if (selected["round"], n) in t.val}
         methods.append(Method(f"{label} {row}", recon, seed, rounds=t.rounds, best=best, steps=int(used),
                               passes=used * args.batch / total_slices, val_psnr=val_psnr, converged=converged,
-                              model=net, curve=t.curve))
-    for strategy in args.strategies:
-        row = STRATEGIES[strategy]
-        run = run_config(args, model, model_args, sites, out / f"{model}-{strategy}-s{seed}", seed, strategy,
+                              model=net, curve=t.curve, val_site=val_site))
+    for arm in federated_arms(args.strategies, args.mu):
+        run = run_config(args, model, model_args, sites, out / f"{model}-{arm.key}-s{seed}", seed, arm,
                          args.fine_tune_steps)
-        with clock.stage(f"{stage} {label} {row} seed {seed} (Flower simulation)"):
+        with clock.stage(f"{stage} {label} {arm.row} seed {seed} (Flower simulation)"):
             store = simulate_sites(run, args.client_cpus)
         t = _trained(store)
         selected = store.best()
         assert selected is not None, f"{store.path}: no best.json"
-        net = _load(model, model_args, _state(store, selected["round"]))
-        used = sum(sum(t.steps[r].values()) for r in range(1, selected["round"] + 1))
-        glob = Method(f"{label} {row}", {n: model_recon(net) for n in names}, seed, federated=True, rounds=t.rounds,
-                      best=str(selected["round"]), steps=int(used), passes=used * args.batch / total_slices,
-                      val_psnr=selected["value"], converged=selected["round"] < t.rounds, model=net, curve=t.curve)
+        rnd = selected["round"]
+        shared = _state(store, rnd)
+        if arm.local_layers:
+            # No one global model: each site's is the shared part plus its own local layers of the best round.
+            net = None
+            recon = {n: model_recon(_load(model, model_args, {**shared, **_site_local(store, n, rnd)})) for n in names}
+        else:
+            net = _load(model, model_args, shared)
+            recon = {n: model_recon(net) for n in names}
+        used = sum(sum(t.steps[r].values()) for r in range(1, rnd + 1))
+        glob = Method(f"{label} {arm.row}", recon, seed, federated=True, personalised=arm.local_layers,
+                      rounds=t.rounds, best=str(rnd), steps=int(used), passes=used * args.batch / total_slices,
+                      val_psnr=selected["value"], converged=rnd < t.rounds, model=net, curve=t.curve,
+                      val_site={n: t.val[(rnd, n)] for n in names if (rnd, n) in t.val})
         methods.append(glob)
         if args.fine_tune_steps:
-            methods.append(_fine_tuned(f"{label} {row} {FINE_TUNED}", store, glob, model, model_args, names,
+            methods.append(_fine_tuned(f"{label} {arm.row} {FINE_TUNED}", store, glob, model, model_args, names,
                                        args.batch / total_slices))
     return methods
+
+
+def _site_local(store: RunDir, site: str, rnd: int) -> dict[str, torch.Tensor]:
+    """Site ``site``'s local layers of round ``rnd``, from its site-state file (kept patience + 2 rounds)."""
+    path = store.path / "site-state" / site / f"round-{rnd:04d}.pt"
+    return dict(torch.load(path, map_location="cpu", weights_only=True)["local"])
 
 
 def simulate_sites(run: RunConfig, client_cpus: int) -> RunDir:
@@ -382,7 +430,7 @@ def _fine_tuned(label: str, store: RunDir, glob: Method, model: str, model_args:
     return Method(label, recon, glob.seed, federated=True, personalised=True, rounds=glob.rounds, best=best,
                   steps=glob.steps + tuned, passes=(glob.steps + tuned) * passes_per_step,
                   val_psnr=float(by_site[GLOBAL_SITE]["psnr"]), converged=glob.converged and sites_converged,
-                  curve=curve)
+                  curve=curve, val_site={n: float(by_site[n]["psnr"]) for n in names})
 
 
 # ----------------------------------------------------------------------------- scores and comparisons
@@ -440,6 +488,37 @@ def _target(diff: PairedDifference, threshold: float, need_ci_above_zero: bool, 
     return "met"
 
 
+def _site_val(arm: list[Method], site: str) -> float:
+    """Mean over seeds of the arm's validation PSNR at ``site`` (-inf when it has none: never selected)."""
+    values = [m.val_site[site] for m in arm if site in m.val_site]
+    return float(np.mean(values)) if len(values) == len(arm) else -math.inf
+
+
+def levers(r: float, arms: dict[str, list[Method]], scores: Scores, names: Sequence[str], model: str) -> list[tuple]:
+    """Per site, the federated arm (lever) with the best validation PSNR at that site, and its test result.
+
+    Selection uses validation only; the test differences (− local, − FedAvg) carry the same hierarchical
+    bootstrap CIs as every other comparison. An unconverged lever or baseline is named in the last column.
+    """
+    fed = {k: v for k, v in arms.items() if v[0].federated and k.startswith(f"{model} ")}
+    local, fedavg = f"{model} {BASELINES['local']}", f"{model} {STRATEGIES['fedavg']}"
+    rows = []
+    for n in names:
+        ranked = sorted(fed, key=lambda k: _site_val(fed[k], n), reverse=True)
+        if not ranked or _site_val(fed[ranked[0]], n) == -math.inf:
+            continue
+        chosen = ranked[0]
+        test = [float(np.mean([s.psnr for s in scores[chosen][m.seed][n]])) for m in fed[chosen]]
+        gain = {ref: str(compare(scores, chosen, ref, [n])) if ref in arms and ref != chosen else "-"
+                for ref in (local, fedavg)}
+        bad = _not_converged(arms, chosen, local, fedavg)
+        rows.append((f"R={r:g}", model, n, chosen, f"{_site_val(fed[chosen], n):.2f}",
+                     f"{ranked[1]} ({_site_val(fed[ranked[1]], n):.2f})" if len(ranked) > 1 else "-",
+                     _cell(test, 2), gain[local], gain[fedavg], len(fed[chosen]),
+                     "yes" if not bad else "no: " + ", ".join(bad)))
+    return rows
+
+
 def _not_converged(arms: dict[str, list[Method]], *labels: str) -> list[str]:
     return [label for label in labels if label in arms and not _converged(arms[label])]
 
@@ -492,7 +571,8 @@ def plot_curves(curves: dict[str, dict[str, list[Method]]], path: Path) -> None:
             if not m.curve:
                 continue
             steps, seconds, values = zip(*m.curve)
-            style = dict(marker="o" if m.personalised else ".", linestyle="" if m.personalised else "-")
+            tuned = m.label.endswith(FINE_TUNED)  # one point: the fine-tuned models' validation
+            style = dict(marker="o" if tuned else ".", linestyle="" if tuned else "-")
             axes[row, 0].plot(steps, values, label=label, **style)  # type: ignore[arg-type]
             axes[row, 1].plot(seconds, values, label=label, **style)  # type: ignore[arg-type]
         axes[row, 0].set_title(f"{panel}: validation PSNR vs optimisation steps (all sites)")
@@ -536,13 +616,17 @@ def report(out: Output, r: float, names: Sequence[str], methods: list[Method], s
 
     targets: list[tuple] = []
     verdicts: list[tuple] = []
+    lever_rows: list[tuple] = []
     for model in MODELS:
         fed = {k: v for k, v in arms.items() if v[0].federated and k.startswith(f"{model} ")}
         if not fed:
             continue
         personal = {k: v for k, v in fed.items() if v[0].personalised} or fed
         best = max(personal, key=lambda k: _val(personal[k]))
-        best_global = max((k for k, v in fed.items() if not v[0].personalised), key=lambda k: _val(fed[k]))
+        lever_rows += levers(r, arms, scores, names, model)
+        # None when every federated arm is per-site (local-layers alone): no one global model to compare.
+        best_global = max((k for k, v in fed.items() if not v[0].personalised), key=lambda k: _val(fed[k]),
+                          default=None)
         local, central = f"{model} {BASELINES['local']}", f"{model} {BASELINES['centralized']}"
         if local in arms:
             for n in names:
@@ -552,7 +636,7 @@ def report(out: Output, r: float, names: Sequence[str], methods: list[Method], s
                                 d.subjects, _target(d, 1.0, True, bad)))
                 verdicts.append((f"R={r:g}", model, n, best, str(d), d.seeds, d.subjects,
                                  "yes" if not bad else "no: " + ", ".join(bad), join_verdict(d)))
-        if central in arms:
+        if central in arms and best_global is not None:
             d = compare(scores, best_global, central, names)
             targets.append((f"R={r:g}", f"{best_global} − {central}, all sites", "≥ −0.30 dB", str(d), d.seeds,
                             d.subjects, _target(d, -0.3, False, _not_converged(arms, best_global, central))))
@@ -575,6 +659,12 @@ def report(out: Output, r: float, names: Sequence[str], methods: list[Method], s
             "hierarchical bootstrap 95 % CI over seeds, subjects, slices)\n")
         out(markdown_table(("R", "model", "site", "best personalised (on validation)", "gain (dB)", "seeds",
                             "test subjects", "both converged", "verdict"), verdicts))
+    if lever_rows:
+        out(f"\n### R = {r:g}: levers (per site, the federated arm with the best validation PSNR at that site; "
+            "its test PSNR and paired differences, hierarchical bootstrap 95 % CI over seeds, subjects, slices)\n")
+        out(markdown_table(("R", "model", "site", "lever (best on validation)", "val. PSNR (dB)",
+                            "runner-up on validation (val. PSNR)", "test PSNR (dB)", "− local (dB)",
+                            "− FedAvg (dB)", "seeds", "converged"), lever_rows))
     acquisition = unseen.get("acquisition")
     if acquisition:
         out(f"\n### R = {r:g}: unseen acquisition ({UNSEEN_SITE}: {unseen['scanner']}; new subjects; "
@@ -595,7 +685,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--baselines", nargs="+", choices=list(BASELINES), default=["local", "centralized"])
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=["fedavg", "fedprox"],
-                        help="federated strategies (each also gives a fine-tuned row); fedadam: a server optimiser")
+                        help="federated strategies (each also gives a fine-tuned row); fedadam: a server optimiser; "
+                             "scaffold: drift correction; local-layers: FedAvg with each site keeping its own "
+                             "personal layers (common.personalise.personal_layers)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help=f"training seeds per arm of {MULTI_SEED_MODEL}; the U-Net runs the first one")
     parser.add_argument("--size", type=int, default=64, help="image matrix (pixels per side)")
@@ -614,7 +706,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
+    parser.add_argument("--mu", type=float, nargs="+", default=[0.01],
+                        help="FedProx proximal weight(s): one FedProx arm per value")
     parser.add_argument("--fine-tune-steps", type=int, default=200,
                         help="after each federated run every site fine-tunes its selected model (0: no personalised rows)")
     parser.add_argument("--fine-tune-eval-every", type=int, default=10, help="fine-tuning: validate every N steps")
@@ -797,8 +890,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
         f"split val {args.val_fraction} / test {args.test_fraction}; up to {args.max_rounds} rounds x "
         f"{args.local_steps} local steps x batch {args.batch}, early stop after {args.patience} rounds without a "
         f"better validation PSNR; Adam lr {args.lr}, L1 loss; {OPTIMISER_SEMANTICS}; seeds {args.seeds} for "
-        f"{MULTI_SEED_MODEL}, {args.seeds[:1]} for the U-Net; FedProx mu {args.mu}; federated: "
-        f"{', '.join(STRATEGIES[k] for k in args.strategies)}, then each site fine-tunes up to {args.fine_tune_steps} "
+        f"{MULTI_SEED_MODEL}, {args.seeds[:1]} for the U-Net; federated: "
+        f"{', '.join(a.row for a in federated_arms(args.strategies, args.mu))}, then each site fine-tunes up to {args.fine_tune_steps} "
         f"steps (validated every {args.fine_tune_eval_every}, patience {args.fine_tune_patience}); parameters: "
         f"{', '.join(f'{k} {v:,}' for k, v in params.items())}; simulated sites run {args.client_cpus} CPU(s) each, "
         f"in-process baselines {args.threads} threads (wall times compare under that split).")

@@ -27,7 +27,7 @@ from common.errors import ConfigError
 from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
 from common.personalise import fine_tune
-from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, LOCAL_STEPS, PROXIMAL_MU
+from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, LOCAL_STEPS, PROXIMAL_MU, STATE_ROUND
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SSDUTrainLoss, evaluate_self_supervised
@@ -228,7 +228,9 @@ def finetune(msg: Message, context: Context) -> Message:
     by validation, write it to the site's state directory, and report only its validation metrics."""
     clock = HandlerClock()
     server_round = int(msg.content["config"].get("server-round", 0))
-    run, site, model, datasets, memory, _ = _setup(msg, context, state_round=server_round)
+    # The arrays are the best round's, so the local layers must be that round's too, not the last one's.
+    state_round = int(msg.content["config"].get(STATE_ROUND, server_round))
+    run, site, model, datasets, memory, _ = _setup(msg, context, state_round=state_round)
     clock.setup_done()
     if datasets["train"].config.supervision == "self":
         # Fine-tuning selects by validation PSNR against a reference, which a self-supervised site lacks.

@@ -9,8 +9,11 @@ site-local files ``<site-state-dir>/<site>/round-0003.pt``, because a resumed ru
 run with an empty Context. The fine-tuned personal model goes to ``<site-state-dir>/<site>/finetuned.pt``.
 
 Rounds: the state saved after training round r is what round r's evaluation and round r + 1's
-training start from. A resumed server repeats the round after its last checkpoint, so the files of
-the last two rounds are kept; what a site restores is the newest state no later than the round asked for.
+training start from. A resumed server repeats the round after its last checkpoint, and fine-tuning
+starts from the best round (``common.protocol.STATE_ROUND``), which early stopping leaves up to
+``patience`` rounds behind the last: so the files of the last ``patience + 2`` rounds are kept (every
+round's when patience is off, since the best round may then be any). What a site restores is the
+newest state no later than the round asked for.
 """
 
 from __future__ import annotations
@@ -83,7 +86,11 @@ class SiteMemory:
         state = self._from_context()
         if state is not None and state.round <= upto_round:
             return state
-        return self._from_files(upto_round)
+        older = self._from_files(upto_round)
+        if older is None and state is not None:
+            logger.warning("site %s: no saved state of round %d or before (the newest is round %d); its local "
+                           "layers start from their initial weights", self.site, upto_round, state.round)
+        return older
 
     def model_state(self, shared: dict[str, torch.Tensor], saved: SavedState | None) -> dict[str, torch.Tensor]:
         """The full state dict to load: the server's shared arrays plus this site's local layers.
@@ -120,9 +127,15 @@ class SiteMemory:
             return
         payload = {"round": rnd, "local": local, "optimizer": opt_state, "strategy": kept}
         atomic_write(self.directory / f"round-{rnd:04d}.pt", lambda stream: torch.save(payload, stream))
+        keep = self.kept_rounds
         for old, path in self._round_files():
-            if old < rnd - 1:
+            if keep and old <= rnd - keep:
                 path.unlink(missing_ok=True)
+
+    @property
+    def kept_rounds(self) -> int:
+        """How many rounds' files are kept (0: all): the best round's must outlive early stopping's wait."""
+        return self.run.patience + 2 if self.run.patience > 0 else 0
 
     def save_finetuned(self, rnd: int, result: FineTuneResult) -> Path | None:
         """Write the fine-tuned personal model to the site's state directory (never sent)."""

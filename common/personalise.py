@@ -62,6 +62,36 @@ def split_state(
     return shared, local
 
 
+def personal_layers(model: nn.Module) -> tuple[str, ...]:
+    """The ``local-layers`` patterns of the FedPer/FedBN-like lever for ``model``: the parts that map the
+    shared features to one site's images, kept per site because that is where sites differ most
+    (intensity scale, noise level, coil set-up) while the feature extractors gain from every site's data.
+
+    - unrolled: each cascade's last convolution (its map back to the image) and its DC weight(s);
+    - unet: the final 1x1 convolution plus every normalisation layer with parameters (FedBN; this
+      U-Net's InstanceNorms carry none).
+
+    Other models raise :class:`ConfigError`: their split has not been chosen.
+    """
+    from common.models import model_name  # here: common.models does not need personalisation
+
+    name = model_name(model)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if name == "unrolled":
+        last = [n for n in convs if n.startswith("cascades.0.")][-1]
+        patterns = [f"cascades.*.{last.removeprefix('cascades.0.')}.*", "cascades.*.dc.*"]
+    elif name == "unet":
+        norms = [n for n, m in model.named_modules()
+                 if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+                 and any(True for _ in m.parameters(recurse=False))]
+        patterns = [f"{convs[-1]}.*", *(f"{n}.*" for n in norms)]
+    else:
+        raise ConfigError(f"local-layers: no personal layers chosen for model {name!r} (unrolled and unet have them)")
+    params = [n for n, _ in model.named_parameters()]
+    # A model without a learnable DC weight (hard DC) has nothing under dc: drop patterns that match nothing.
+    return tuple(p for p in patterns if any(fnmatchcase(n, p) for n in params))
+
+
 @dataclass
 class FineTuneResult:
     """The best model a site's fine-tuning found, by validation."""

@@ -36,6 +36,9 @@ PROXIMAL_MU = "proximal-mu"
 EVALUATE_FIRST = "evaluate-first"  #: evaluate-with-train: evaluate the received model before training
 #: adaptive-local-steps: this site's local steps for this round, instead of the run config's ``local-steps``.
 LOCAL_STEPS = "local-steps"
+#: Fine-tuning: the round whose site-kept state (local layers) belongs with the arrays sent, the run's best
+#: round; without it a site uses its state of ``server-round``.
+STATE_ROUND = "state-round"
 
 #: The ClientApp's fine-tuning action: message type ``train.finetune``.
 FINETUNE_ACTION = "finetune"

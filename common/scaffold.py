@@ -64,7 +64,10 @@ def local_delta(new_local: Mapping[str, torch.Tensor], old_local: Mapping[str, t
 
 def server_update(global_c: Mapping[str, np.ndarray], deltas: Iterable[Mapping[str, np.ndarray]],
                   total_sites: int) -> dict[str, np.ndarray]:
-    """``c + |S|/N · mean(Δc_i)`` over the sites S whose updates were aggregated, N the sites in all."""
+    """``c + |S|/N · mean(Δc_i)`` over the sites S whose updates were aggregated, N the sites in all.
+
+    Every value is an ndarray of its parameter's shape and dtype, 0-d ones included.
+    """
     deltas = list(deltas)
     if not deltas:
         return dict(global_c)
@@ -76,5 +79,7 @@ def server_update(global_c: Mapping[str, np.ndarray], deltas: Iterable[Mapping[s
         like = next(d[name] for d in [global_c, *deltas] if name in d)
         mean = sum((np.asarray(d[name], np.float64) if name in d else 0.0) for d in deltas) / len(deltas)
         base = np.asarray(global_c[name], np.float64) if name in global_c else 0.0
-        out[name] = (base + len(deltas) / total_sites * mean).astype(np.asarray(like).dtype)
+        # np.asarray: with 0-d parameters (a scalar DC weight) the sum is a numpy scalar, which is no
+        # ndarray, and Flower's Array refuses it when the server sends c at round 2.
+        out[name] = np.asarray(base + len(deltas) / total_sites * mean, dtype=np.asarray(like).dtype)
     return out

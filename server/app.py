@@ -65,21 +65,22 @@ def main(grid: Grid, context: Context) -> None:
             federation.evaluate_round(0, arrays)  # (with evaluate-with-train, round 1's training carries it)
         last, arrays = federation.run_rounds(start, arrays)
         if run.fine_tune_steps > 0:
-            federation.fine_tune_round(last, _fine_tune_start(store, last, arrays))
+            federation.fine_tune_round(last, *_fine_tune_start(store, last, arrays))
     except BaseException as exc:
         store.set_status("failed", error=str(exc))
         raise
     store.set_status("finished", **(federation.best.stop_detail() if federation.best.exhausted else {}))
 
 
-def _fine_tune_start(store: RunDir, last: int, last_arrays: ArrayRecord) -> ArrayRecord:
-    """The global model the sites fine-tune: the run's best round when it has one, else round ``last``'s.
+def _fine_tune_start(store: RunDir, last: int, last_arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
+    """The global model the sites fine-tune and its round: the run's best round when it has one, else ``last``.
 
     The best round is the model the run selected on validation (what ``fedsense export`` ships); after
-    an early stop it is not the last one. The phase is recorded under the last round trained.
+    an early stop it is not the last one. The round goes to the sites (``STATE_ROUND``) so that they add
+    their local layers of that round. The phase is recorded under the last round trained.
     """
     best = store.best()
     if best is None or best["round"] == last:
-        return last_arrays
+        return last_arrays, last
     logger.info("fine-tuning starts from round %d, the best by %s (%.4g)", best["round"], best["metric"], best["value"])
-    return ArrayRecord(store.load_checkpoint(best["round"])["state_dict"])
+    return ArrayRecord(store.load_checkpoint(best["round"])["state_dict"]), best["round"]

@@ -19,7 +19,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import FedSenseError
-from common.protocol import CARRIED, CONFIG, EVALUATE_FIRST, FINETUNE_ACTION, LOCAL_STEPS, PROXIMAL_MU, SERVER_ROUND
+from common.protocol import (
+    CARRIED,
+    CONFIG,
+    EVALUATE_FIRST,
+    FINETUNE_ACTION,
+    LOCAL_STEPS,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    STATE_ROUND,
+)
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 from server.optimisers import optimiser_state
@@ -398,14 +407,16 @@ class Federation:
         self.store.append_metrics(records + [summary])
         return new_arrays
 
-    def fine_tune_round(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
+    def fine_tune_round(self, rnd: int, arrays: ArrayRecord, state_round: int | None = None) -> dict[str, Any]:
         """Every connected site fine-tunes the final model on its own data (``fine-tune-steps``).
 
-        The sites keep the fine-tuned weights; their validation metrics are recorded as phase
+        ``arrays`` are round ``state_round``'s (default ``rnd``): each site adds its local layers of that
+        round. The sites keep the fine-tuned weights; their validation metrics are recorded as phase
         ``finetune`` of round ``rnd`` (the last round).
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({SERVER_ROUND: rnd})})
+        config = {SERVER_ROUND: rnd, STATE_ROUND: rnd if state_round is None else state_round}
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
         messages = [Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
         return self._metrics_phase(rnd, "finetune", messages, "fine-tuning")

@@ -137,9 +137,9 @@ def test_fine_tuning_starts_from_the_best_round_not_the_last(tmp_path: Path) -> 
     for rnd, state in weights.items():
         store.save_checkpoint(rnd, state, {"name": "x"})
     last_arrays = ArrayRecord(weights[3])
-    assert _fine_tune_start(store, 3, last_arrays) is last_arrays  # no best.json yet: the last model
+    assert _fine_tune_start(store, 3, last_arrays) == (last_arrays, 3)  # no best.json yet: the last model
     store.write_best(1, "psnr", 30.0)
-    start = _fine_tune_start(store, 3, last_arrays)
-    assert torch.equal(start.to_torch_state_dict()["w"], weights[1]["w"])
+    start, rnd = _fine_tune_start(store, 3, last_arrays)
+    assert torch.equal(start.to_torch_state_dict()["w"], weights[1]["w"]) and rnd == 1  # the sites' state round
     store.write_best(3, "psnr", 31.0)
-    assert _fine_tune_start(store, 3, last_arrays) is last_arrays
+    assert _fine_tune_start(store, 3, last_arrays) == (last_arrays, 3)

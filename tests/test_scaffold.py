@@ -185,3 +185,35 @@ def test_a_sites_control_variate_is_kept_in_its_round_files_for_a_resumed_run(tm
     assert saved is not None and saved.round == 3
     assert torch.equal(saved.strategy["weight"], c_i["weight"])
     assert memory().restore(upto_round=2) is None  # round 3's state is not what round 3's training starts from
+
+
+def test_scalar_parameters_get_0d_array_variates_the_server_can_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0-d parameter (the unrolled model's DC weight) made round 2 crash: ``c`` became a numpy scalar."""
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.protocol import SCAFFOLD_DELTA, SCAFFOLD_GLOBAL
+    from server.scaffold import ScaffoldState
+
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    model = nn.Linear(1, 1)
+    model.scale = nn.Parameter(torch.tensor(0.5))  # 0-d, like a DC weight
+    steps = ControlledSteps(model, {}, {}, names=["scale"])
+    model.scale.grad = torch.tensor(2.0)
+    steps(model)
+    delta = local_delta(steps.new_local(), {})
+    assert delta["scale"].shape == ()
+    arrays = ArrayRecord({"scale": Array(np.array(0.5, np.float32))})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1}),
+                          SCAFFOLD_DELTA: ArrayRecord({"scale": Array(delta["scale"].numpy())})})
+    state = ScaffoldState()
+    reply = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    assert state.take([reply], arrays) == []
+    state.absorb(1, [reply], total_sites=2)
+    assert isinstance(state.c["scale"], np.ndarray) and state.c["scale"].shape == ()
+    assert state.c["scale"].dtype == np.float32
+    sent = state.train_records(2)[SCAFFOLD_GLOBAL]["scale"].numpy()  # raised TypeError before the fix
+    np.testing.assert_allclose(sent, 1.0)  # 1/2 of Δc = 2
+    out = server_update({"s": np.array(1.0, np.float64)}, [{"s": np.array(2.0, np.float64)}], total_sites=1)
+    assert isinstance(out["s"], np.ndarray) and float(out["s"]) == 3.0
