@@ -14,16 +14,16 @@ from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
 from client.monitoring import SiteMonitor, counting_read_errors, site_monitor
-from client.site_errors import site_named_errors_mod
-from client.site_context import site_context
-from client.site_state import SavedState, SiteMemory
-from client.transport import packed_transport_mod
-from client.secagg import secagg_mod
 from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
 from client.scaffold import ScaffoldRound
+from client.secagg import secagg_mod
+from client.site_context import site_context
+from client.site_errors import site_named_errors_mod
+from client.site_state import SavedState, SiteMemory
+from client.transport import packed_transport_mod
 from common.data.loaders import make_loader
+from common.device import resolve_device, use_cpu_allotment
 from common.errors import ConfigError
-from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
 from common.personalise import fine_tune
 from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU

@@ -27,7 +27,7 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
                         "auto: bf16 where measured faster on this machine")
 
 
-def _devices(args: argparse.Namespace) -> tuple["object", str]:
+def _devices(args: argparse.Namespace) -> tuple[object, str]:
     from common.device import resolve_device
 
     # "auto" stays "auto": the model is timed on the first slice (common.precision.choose_precision).
@@ -86,7 +86,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``evaluate``, ``reconstruct`` and ``client`` on a ``fedsense`` subparser set."""
     p = sub.add_parser("evaluate", help="score an exported model and baselines on this site's own data")
     p.add_argument("--model", required=True, type=Path, help="exported model folder (fedsense export)")

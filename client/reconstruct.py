@@ -58,9 +58,9 @@ from common.device import autocast, batch_to
 from common.errors import ConfigError, DataError, OutputError
 from common.fft import center_crop, ifft2c_np
 from common.masks import PATTERNS, seed_for
-from common.precision import choose_precision
-from common.outputs import check_can_write, check_new_file, check_new_folder, check_not_input
 from common.nufft import is_non_cartesian
+from common.outputs import check_can_write, check_new_file, check_new_folder, check_not_input
+from common.precision import choose_precision
 
 logger = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def _run_task(spec: ExecutionSpec, certificates: bytes | None) -> int:
         return 0
     except SystemExit as exc:  # flwr_exit ends the task with its exit code
         return exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - a task must never return into the SuperExec loop
+    except BaseException:  # a task must never return into the SuperExec loop
         logger.exception("ClientApp task %d failed", spec.task_id)
         return 1
     finally:

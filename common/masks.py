@@ -537,7 +537,7 @@ def _spiral(
     def draw(turns: float) -> np.ndarray:
         # |d position / dt| is bounded by this, so this many points keep the step below _RASTER_STEP
         speed = max(semi_y, semi_x) * rho_max * (SPIRAL_DENSITY_POWER + 2 * math.pi * turns)
-        t = np.linspace(0.0, 1.0, max(int(math.ceil(speed / _RASTER_STEP)), 2))
+        t = np.linspace(0.0, 1.0, max(math.ceil(speed / _RASTER_STEP), 2))
         rho = rho_max * t**SPIRAL_DENSITY_POWER
         mask = np.zeros(shape, dtype=bool)
         for offset in offsets:  # one interleave at a time bounds memory for dense spirals

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol, Sized
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from common.coils import rss
 from common.device import autocast, batch_to
 from common.fft import center_crop, ifft2c
 from common.metrics import SSIMLoss, nmse, psnr, ssim
-from common.precision import choose_precision
 from common.nufft import SenseNufft, is_non_cartesian
+from common.precision import choose_precision
 from common.registry import LOSSES
 
 logger = logging.getLogger(__name__)

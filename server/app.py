@@ -16,10 +16,10 @@ from server.federation import Federation
 from server.optimisers import load_optimiser_state
 from server.privacy import wrap_client_dp
 from server.store import RunDir
+from server.strategy import build_strategy
 from server.tracking.prometheus import MonitoredGrid, server_metrics
 from server.tracking.tracked import tracked_store
 from server.transport import PackedGrid
-from server.strategy import build_strategy
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,11 @@ import logging
 from typing import Any
 
 import torch
+
 from common.data.dataset import SiteDataset
 from common.data.loaders import InterleavedLoader, load_site, make_loader
-from common.device import cpu_state_dict, resolve_device
 from common.data.pooled import PooledLoader
+from common.device import cpu_state_dict, resolve_device
 from common.errors import ConfigError
 from common.models import build_model
 from common.proctree import ProcessTree

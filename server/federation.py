@@ -21,15 +21,15 @@ from flwr.serverapp.strategy import FedAvg
 from common.errors import FedSenseError
 from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU, SERVER_ROUND
 from common.runconfig import RunConfig
+from server.best import BestTracker
+from server.claims import Clipped, apply_caps
 from server.collect import send_and_collect
+from server.identity import SiteIdentity
 from server.optimisers import optimiser_state
 from server.privacy import client_dp_metrics, secure_client_dp_metrics
-from server.secagg import apply_update, secure_mean_update
-from server.claims import Clipped, apply_caps
-from server.best import BestTracker
-from server.identity import SiteIdentity
 from server.receipts import Receipts
 from server.round_state import round_state_of
+from server.secagg import apply_update, secure_mean_update
 from server.store import RunDir, global_record, site_record
 from server.strategy import Rejection, precision_of, site_of, supervision_of, validate_updates
 

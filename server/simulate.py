@@ -109,7 +109,7 @@ class SimulationSuperLink:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "SimulationSuperLink":
+    def __enter__(self) -> SimulationSuperLink:
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',

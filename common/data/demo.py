@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import shutil
 import time
 import tomllib
 import xml.etree.ElementTree as ET
@@ -24,15 +23,14 @@ import h5py
 import nibabel as nib
 import numpy as np
 
+from common.atomic import atomic_dir, atomic_write_bytes
 from common.coils import rss
-from common.atomic import atomic_write_bytes
 from common.config import SiteConfig, load_site_config, parse_site_config
 from common.data.acquisition import simulate_acquisition
 from common.data.noncartesian import simulate_noncartesian
 from common.data.noncartesian_h5 import ISMRMRD_TRAJECTORY, write_noncartesian_h5
 from common.data.phantom import Subject, make_subject
 from common.data.readers import ISMRMRD_NAMESPACE
-from common.atomic import atomic_dir
 from common.errors import ConfigError, DataError, FedSenseError, OutputError
 from common.fft import ifft2c_np
 from common.masks import seed_for

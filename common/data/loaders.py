@@ -7,8 +7,8 @@ splits with the same masks.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -87,7 +87,7 @@ def build_manifest(
     return DatasetManifest(
         site=site,
         dataset=dataset,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         digest=files_digest(ordered),
         files=ordered,
         skipped=sorted(skipped, key=lambda s: s.name),

@@ -623,7 +623,7 @@ def _written_files(folder: Path) -> dict[str, str]:
     """Every file of a partition folder but the marker: relative path -> SHA-256 (TOMLs, summary) or "link"."""
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.name == MARKER or path.is_dir() and not path.is_symlink():
+        if path.name == MARKER or (path.is_dir() and not path.is_symlink()):
             continue
         rel = path.relative_to(folder).as_posix()
         files[rel] = _sha256(path) if path.parent == folder else "link"

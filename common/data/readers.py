@@ -26,8 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from common.config import BRATS_ALIASES, SiteConfig
-from common.data import index_cache
-from common.data import h5check
+from common.data import h5check, index_cache
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ class SliceReader(ABC):
         }
 
     @classmethod
-    def restore(cls, root: Path, state: dict[str, Any]) -> "SliceReader":
+    def restore(cls, root: Path, state: dict[str, Any]) -> SliceReader:
         """A reader with the index of :meth:`index_state`, without opening any file."""
         reader = cls.__new__(cls)
         reader.root = root
@@ -620,7 +619,7 @@ def find_fastmri_files(root: Path) -> list[SourceFile]:
 
 
 def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROUND,
-                cache_dir: Path | None | Literal["default"] = "default") -> SliceReader:
+                cache_dir: Path | Literal["default"] | None = "default") -> SliceReader:
     """The reader for a site's dataset kind, indexed over ``config.data_path``.
 
     The index comes from the site's index cache (``cache_dir``; by default
