@@ -12,11 +12,15 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from common.command import nonnegative_int, positive_float, positive_int, run_command
 from common.errors import FedSenseError
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it, not by --help
+    import torch
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
@@ -27,7 +31,7 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
                         "auto: bf16 where measured faster on this machine")
 
 
-def _devices(args: argparse.Namespace) -> tuple[object, str]:
+def _devices(args: argparse.Namespace) -> tuple[torch.device, str]:
     from common.device import resolve_device
 
     # "auto" stays "auto": the model is timed on the first slice (common.precision.choose_precision).

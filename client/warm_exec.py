@@ -129,7 +129,7 @@ def main() -> None:
         # Inherited by every forked task: its pull of the message it was started for.
         install_object_pulls()
     logger.info("fedsense-superexec: libraries loaded once in %.1f s; ClientApp tasks are forked from here", seconds)
-    flower_superexec_loop.get_executor = lambda *args, **kwargs: ForkExecutor()  # type: ignore[assignment]
+    flower_superexec_loop.get_executor = lambda *args, **kwargs: ForkExecutor()
     flower_superexec()
 
 

@@ -15,8 +15,9 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
+from typing import TypeVar
 
 from common.errors import FedSenseError, OutputError
 
@@ -68,8 +69,11 @@ def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _number(kind: type, minimum: float, inclusive: bool = True):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> int | float:
+_Number = TypeVar("_Number", int, float)
+
+
+def _number(kind: type[_Number], minimum: float, inclusive: bool = True) -> Callable[[str], _Number]:
+    def parse(text: str) -> _Number:
         try:
             value = kind(text)
         except ValueError:

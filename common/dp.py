@@ -179,7 +179,7 @@ def train_private(
         for batch in _cycle(loader, total_steps):
             optimiser.zero_grad(set_to_none=True)
             pred = predict(gsm, batch)
-            value = criterion(pred, batch["target"], batch["max_value"])  # type: ignore[arg-type]
+            value = criterion(pred, batch["target"], batch["max_value"])
             if not torch.isfinite(value):
                 raise FloatingPointError(f"non-finite training loss at step {count + 1}")
             with warnings.catch_warnings():

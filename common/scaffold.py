@@ -76,5 +76,5 @@ def server_update(global_c: Mapping[str, np.ndarray], deltas: Iterable[Mapping[s
         like = next(d[name] for d in [global_c, *deltas] if name in d)
         mean = sum((np.asarray(d[name], np.float64) if name in d else 0.0) for d in deltas) / len(deltas)
         base = np.asarray(global_c[name], np.float64) if name in global_c else 0.0
-        out[name] = (base + len(deltas) / total_sites * mean).astype(np.asarray(like).dtype)
+        out[name] = np.asarray(base + len(deltas) / total_sites * mean, dtype=np.asarray(like).dtype)
     return out

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from common.errors import FedSenseError
 from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, PROXIMAL_MU, SERVER_ROUND
@@ -61,7 +61,7 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], 
                 continue
         else:
             metrics = {k: v for k, v in raw.items() if not k.startswith(CARRIED)}
-        n = int(metrics.pop("num-examples"))
+        n = int(cast(int, metrics.pop("num-examples")))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         seconds = (reply_seconds or {}).get(msg.metadata.reply_to_message_id)
         timing = {"reply_seconds": seconds} if seconds is not None else {}
@@ -108,7 +108,7 @@ def _note_clipped(summary: dict[str, Any], clipped: list[Clipped]) -> None:
 class Federation:
     """Runs rounds ``start..num_server_rounds`` of one run against a Flower grid."""
 
-    def __init__(self, grid: Grid, run: RunConfig, strategy: FedAvg, store: RunDir, model: torch.nn.Module) -> None:
+    def __init__(self, grid: Grid, run: RunConfig, strategy: Strategy, store: RunDir, model: torch.nn.Module) -> None:
         self.grid, self.run, self.strategy, self.store, self.model = grid, run, strategy, store, model
         #: The global summary of the evaluation the last training round carried (evaluate-with-train).
         self.carried: dict[str, Any] | None = None
@@ -279,7 +279,7 @@ class Federation:
         if not messages:
             raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
         nodes = [m.metadata.dst_node_id for m in messages]
-        secure = secure_mean_update(self.grid, self.run, rnd, arrays, nodes, messages[0].content["config"])
+        secure = secure_mean_update(self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records["config"])
         self.carried = None
         if self.carries_evaluation:
             evaluated = _site_records(self.run, rnd - 1, "evaluate", secure.replies, prefix=CARRIED)
@@ -294,7 +294,7 @@ class Federation:
             raise RoundFailed(f"round {rnd}: SecAgg+ unmasked no sum of {self.run.min_train_nodes} sites ({reasons})")
         if not all(np.all(np.isfinite(v)) for v in secure.mean_update.values()):
             raise RoundFailed(f"round {rnd}: the SecAgg+ aggregate is not finite (every site's weight was 0?)")
-        total = sum(float(dict(r.content["metrics"]).get("num-examples", 0)) for r in secure.replies)
+        total = sum(float(cast(float, r.content.metric_records["metrics"].get("num-examples", 0))) for r in secure.replies)
         mean = Message(RecordDict({"arrays": apply_update(arrays, secure.mean_update),
                                    "metrics": MetricRecord({"num-examples": max(total, 1.0),
                                                             **({"dp-weight": 1.0} if self.run.dp_client_level != "off" else {})})}),

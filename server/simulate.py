@@ -81,6 +81,7 @@ def _die_with_parent() -> None:
     the run directory, and a restart on that directory would have two writers. (The SuperLink's
     own children exit when it does: Flower starts them with ``--parent-pid``.)
     """
+    assert _LIBC is not None  # only installed where libc is loaded
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 

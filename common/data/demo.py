@@ -271,8 +271,8 @@ def _ismrmrd_header(
         for axis, value in zip("xyz", (size, size, 1), strict=True):
             sub(matrix, axis, value)
         fov = sub(element, "fieldOfView_mm")
-        for axis, value in zip("xyz", (FOV_MM, FOV_MM, thickness), strict=True):
-            sub(fov, axis, f"{value:g}")
+        for axis, size_mm in zip("xyz", (FOV_MM, FOV_MM, thickness), strict=True):
+            sub(fov, axis, f"{size_mm:g}")
     limits = sub(encoding, "encodingLimits")
     for name, maximum in (("kspace_encoding_step_1", size - 1), ("slice", num_slices - 1)):
         limit = sub(limits, name)

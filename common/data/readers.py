@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import h5py
 import nibabel as nib
@@ -255,7 +255,7 @@ class FastMRIReader(SliceReader):
 
     format_name = "fastMRI HDF5"
     expected_names = "*.h5 with a 'kspace' dataset"
-    _info_type = _H5Info
+    _info_type: type = _H5Info
 
     def __init__(
         self,
@@ -267,7 +267,7 @@ class FastMRIReader(SliceReader):
         **kwargs,
     ) -> None:
         self._contrasts = {c.upper() for c in contrasts}
-        self._info: dict[Path, _H5Info] = {}
+        self._info: dict[Path, Any] = {}  # _H5Info, or a subclass's own record
         # Every file is first read in a child process with a time limit: a file that hangs or crashes
         # libhdf5 is a DataError here (or skipped), never a site that stops answering.
         try:
@@ -433,7 +433,7 @@ _SCAN_CACHE: dict[tuple[str, int, int, float], NiftiInfo] = {}
 
 def _load_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     try:
-        return nib.load(path)
+        return cast(nib.spatialimages.SpatialImage, nib.load(path))
     except _NIFTI_ERRORS as exc:
         raise DataError(f"{path}: unreadable NIfTI ({exc})") from exc
 
@@ -633,6 +633,7 @@ def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROU
                               "skip_bad_files": config.skip_bad_files}
     reader_cls: type[SliceReader]
     if config.dataset == "fastmri":
+        extra: dict[str, Any]
         reader_cls, files, extra = FastMRIReader, find_fastmri_files(root), {"contrasts": config.contrasts,
                                                                      "check_seconds": config.file_check_seconds}
         if config.scanner.trajectory != "cartesian":  # raw radial / spiral k-space files

@@ -53,6 +53,7 @@ class DashboardServer(ThreadingHTTPServer):
     def url(self) -> str:
         """Where a browser reaches the page (the bound port, also when 0 was asked for)."""
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET or AF_INET6 address
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"http://{shown}:{port}/"
 
