@@ -10,7 +10,7 @@ DEMO_ROUNDS ?= 3
 DEMO_FINE_TUNE_STEPS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast docs clean compose-up
+.PHONY: venv demo lint test test-fast docs clean compose-up
 venv: $(STAMP)
 
 # torch is installed first and pinned: 2.13.0 is a CPU wheel on this machine's disk; an unpinned
@@ -34,7 +34,14 @@ demo: $(STAMP)
 	@echo "Metrics: runs/demo/metrics.jsonl  Checkpoints: runs/demo/checkpoints/  Fine-tuned: runs/demo/site-state/"
 	@echo "View: $(BIN)/fedsense metrics show runs/demo | $(BIN)/fedsense dashboard runs/demo"
 
-test: $(STAMP)
+# ruff (lint rules and formatting) and mypy (common, server, client), as configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# CI (.ci/run) calls this target: the tests run only once the code passes lint.
+test: lint
 	$(BIN)/pytest -v --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

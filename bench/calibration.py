@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import markdown_table, machine_line, score_slices, set_threads, write_sites
+from bench.harness import machine_line, markdown_table, score_slices, set_threads, write_sites
 from bench.quality import cs_recon
 from common.data.acquisition import site_coil_maps
 from common.data.loaders import load_site, make_loader
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             subset = torch.utils.data.Subset(data["val"], range(min(args.slices, len(data["val"]))))
             recon = cs_recon("haar", 0.01, args.iterations)
             acs = score_slices(recon, make_loader(subset, 2, shuffle=False, seed=0))
-            true = score_slices(lambda b: recon(with_true_maps(b)), make_loader(subset, 2, shuffle=False, seed=0))
+            true = score_slices(lambda b: recon(with_true_maps(b)), make_loader(subset, 2, shuffle=False, seed=0))  # noqa: B023
             lines = round(fraction * size)
             a, t = np.mean([s.psnr for s in acs]), np.mean([s.psnr for s in true])
             rows.append((f"{size}²", f"{fraction:g} ({lines} lines)", f"{a:.2f}", f"{t:.2f}", f"{t - a:.2f}"))

@@ -39,6 +39,7 @@ from flwr.common.serde import array_record_to_proto
 from torch import nn
 
 from bench.harness import (
+    TreeMemory,
     emulate_fedavg,
     markdown_table,
     mean_std,
@@ -46,7 +47,6 @@ from bench.harness import (
     replicate_sites,
     score_slices,
     start_bench,
-    TreeMemory,
     write_sites,
 )
 from bench.quality import MODELS as QUALITY_MODELS
@@ -282,7 +282,7 @@ def section_fp16(args: argparse.Namespace) -> None:
 def _site_start_seconds(site_toml: Path, cache: Path | str) -> tuple[float, float]:
     """(seconds in a fresh process from start to the site's datasets ready, of which indexing + datasets)."""
     code = ("import time; t0 = time.perf_counter(); from common.data.loaders import load_site; "
-            "t1 = time.perf_counter(); load_site(%r); print(time.perf_counter() - t1)" % str(site_toml))
+            f"t1 = time.perf_counter(); load_site({str(site_toml)!r}); print(time.perf_counter() - t1)")
     env = {**os.environ, "FEDSENSE_INDEX_CACHE": str(cache)}
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -129,7 +129,7 @@ def quality_table(args: argparse.Namespace, sites: list[Path]) -> str:
                            "bf16 − fp32, mean [95 % CI] over (seed, slice)"], rows)
 
 
-def _at(model: nn.Module, precision: str):  # noqa: ANN202 - a Recon callable
+def _at(model: nn.Module, precision: str):  # returns a Recon callable
     """The model's evaluation reconstruction at ``precision`` (bf16: autocast network, metrics fp32)."""
     recon = model_recon(model)
 

@@ -36,7 +36,7 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         directory.mkdir(parents=True, exist_ok=True)
-        self.log = open(directory / "mlflow-server.log", "wb")
+        self.log = open(directory / "mlflow-server.log", "wb")  # noqa: SIM115 - open while the server runs
         self.process = subprocess.Popen(
             [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
              "--artifacts-destination", str(directory / "artifacts"), "--host", "127.0.0.1",

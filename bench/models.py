@@ -135,10 +135,10 @@ def compare_fastmri(args: argparse.Namespace, argv: list[str]) -> None:
     except ImportError:
         python = Path(args.reference_python)
         if not python.exists():
-            raise SystemExit(f"fastmri is not importable and {python} does not exist; see docs/BENCHMARKS.md")
+            raise SystemExit(f"fastmri is not importable and {python} does not exist; see docs/BENCHMARKS.md") from None
         logger.info("fastmri not importable here; re-running under %s", python)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        raise SystemExit(subprocess.run([str(python), "-m", "bench.models", *argv], cwd=ROOT, env=env, check=False).returncode)
+        raise SystemExit(subprocess.run([str(python), "-m", "bench.models", *argv], cwd=ROOT, env=env, check=False).returncode) from None
 
     kspace, mask, maps, target = synthetic_batch(args.batch, args.coils, args.size, seed=0)
     rows = []

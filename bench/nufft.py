@@ -82,7 +82,7 @@ def accuracy(sizes: list[int]) -> None:
         rows.append([f"{size}²", f"{coords.shape[0]}", f"{_relative(ours.numpy(), exact):.1e}",
                      f"{_relative(ours, kb_forward):.1e}", f"{_relative(adjoint, kb_adjoint):.1e}",
                      f"{abs(lhs - rhs) / abs(lhs):.1e}"])
-    print(f"\n#### NUFFT accuracy: golden-angle radial at R = 4 (2x readout oversampling), complex64\n")
+    print("\n#### NUFFT accuracy: golden-angle radial at R = 4 (2x readout oversampling), complex64\n")
     print(markdown_table(["matrix", "samples", "forward vs exact NDFT", "forward vs torchkbnufft",
                           "adjoint vs torchkbnufft", "adjointness gap (relative)"], rows))
 
@@ -186,8 +186,8 @@ def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, 
     for dc in ("cg", "gradient"):
         model = build_model("unrolled", **{**model_args, "nc_dc": dc})
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
-        t_cart = _median_seconds(lambda: step(cart_inputs, model, optimiser), repeats)
-        t_radial = _median_seconds(lambda: step(radial_inputs, model, optimiser), repeats)
+        t_cart = _median_seconds(lambda: step(cart_inputs, model, optimiser), repeats)  # noqa: B023
+        t_radial = _median_seconds(lambda: step(radial_inputs, model, optimiser), repeats)  # noqa: B023
         rows.append([f"unrolled, radial DC = {dc}", f"{t_cart:.3f}", f"{t_radial:.3f}", f"{t_radial / t_cart:.1f}x"])
     print(f"\n#### Training step (forward + backward + Adam), unrolled {model_args}, batch {batch}, {size}², "
           f"{coils} coils; s, median of {repeats}\n")

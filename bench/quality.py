@@ -57,16 +57,16 @@ from torch import nn
 
 from bench.harness import (
     LOW_DATA_SITE_NAMES,
+    ROOT,
+    SITE_NAMES,
+    Recon,
+    SliceScore,
+    Stopwatch,
     markdown_table,
     mean_std,
     model_recon,
-    Recon,
-    ROOT,
     score_slices,
-    SITE_NAMES,
-    SliceScore,
     start_bench,
-    Stopwatch,
     write_sites,
 )
 from common.coils import sense_adjoint

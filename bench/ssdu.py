@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from bench.harness import (
+    SliceScore,
+    Stopwatch,
     markdown_table,
     mean_std,
     model_recon,
     score_slices,
-    SliceScore,
     start_bench,
-    Stopwatch,
     write_sites,
 )
 from common.data.loaders import load_site, make_loader

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,17 +16,17 @@ from flwr.clientapp import ClientApp
 
 from client.audit import egress_audit_mod
 from client.monitoring import SiteMonitor, counting_read_errors, site_monitor
-from client.site_errors import site_named_errors_mod
+from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
+from client.rehearsal import slowed
+from client.scaffold import ScaffoldRound
+from client.secagg import secagg_mod
 from client.site_context import site_context
+from client.site_errors import site_named_errors_mod
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
-from client.secagg import secagg_mod
-from client.rehearsal import slowed
-from client.privacy import client_dp_mod, ledger_path, load_ledger, store_ledger, train_with_budget
-from client.scaffold import ScaffoldRound
 from common.data.loaders import make_loader
+from common.device import resolve_device, use_cpu_allotment
 from common.errors import ConfigError
-from common.device import cpu_state_dict, resolve_device, use_cpu_allotment
 from common.models import build_model
 from common.personalise import fine_tune
 from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, LOCAL_STEPS, PROXIMAL_MU, STATE_ROUND
@@ -44,6 +46,11 @@ app = ClientApp(mods=[packed_transport_mod, egress_audit_mod, site_named_errors_
 SITE_ROUNDS = {"scaffold": ScaffoldRound}
 
 
+def _server_round(msg: Message) -> int:
+    """The round number in the message's config (0 when it has none)."""
+    return int(cast(int, msg.content["config"].get("server-round", 0)))
+
+
 def _setup(
     msg: Message, context: Context, state_round: int
 ) -> tuple[RunConfig, str, torch.nn.Module, dict, SiteMemory, SavedState | None]:
@@ -52,20 +59,21 @@ def _setup(
     known = site_context(context)  # built on the run's first message
     run, site, datasets = known.run, known.site, known.datasets
     use_cpu_allotment()  # torch's threads = the site's CPUs (Ray's --client-cpus, a container's quota)
-    torch.manual_seed(run.seed + int(msg.content["config"].get("server-round", 0)))
+    torch.manual_seed(run.seed + _server_round(msg))
     model = build_model(run.model, **run.model_kwargs)
     memory = SiteMemory(context, run, site.name, strategy_state=run.strategy in SITE_ROUNDS)
     saved = memory.restore(state_round)
-    model.load_state_dict(memory.model_state(msg.content["arrays"].to_torch_state_dict(), saved))
+    model.load_state_dict(memory.model_state(msg.content.array_records["arrays"].to_torch_state_dict(), saved))
     return run, site.name, model, datasets, memory, saved
 
 
-def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str, torch.Tensor] | None,
+def _reply(msg: Message, site: str, metrics: Mapping[str, float], arrays: dict[str, torch.Tensor] | None,
            supervision: str = "full", precision: str = "", extra: dict[str, ArrayRecord] | None = None) -> Message:
     # "supervision" lets the server's tables and dashboard mark self-supervised sites; "precision" records
     # what the site's network trained at (precision = auto resolves per site).
     facts = {"name": site, "supervision": supervision, **({"precision": precision} if precision else {})}
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(facts)})
+    # dict(): Flower's records take a dict of their whole value union, which dict[str, float] is not.
+    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "site": ConfigRecord(dict(facts))})
     if arrays is not None:
         content["arrays"] = ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()})  # CPU, whatever the device
     for key, record in (extra or {}).items():
@@ -79,15 +87,15 @@ def _reply(msg: Message, site: str, metrics: dict[str, float], arrays: dict[str,
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; FedProx's proximal term when the server sends mu > 0."""
     clock = HandlerClock()
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = _server_round(msg)
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
     if LOCAL_STEPS in msg.content["config"]:
         # adaptive-local-steps: the server gives a slow site fewer steps, so it replies by the round's deadline.
-        run = run.model_copy(update={"local_steps": int(msg.content["config"][LOCAL_STEPS])})
+        run = run.model_copy(update={"local_steps": int(cast(int, msg.content["config"][LOCAL_STEPS]))})
     clock.setup_done()
     monitor = site_monitor()
     monitor.watch(datasets)
-    mu = float(msg.content["config"].get(PROXIMAL_MU, run.proximal_term_mu))
+    mu = float(cast(float, msg.content["config"].get(PROXIMAL_MU, run.proximal_term_mu)))
     carried: dict[str, float] = {}
     if msg.content["config"].get(EVALUATE_FIRST, False):
         # evaluate-with-train: the model received is round (server_round - 1)'s; score it before training.
@@ -174,7 +182,7 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
         metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started, **carried}
         return _reply(msg, site, clock.stamp(metrics), None, supervision)
     store_ledger(context, path, ledger)
-    monitor.trained(int(msg.content["config"].get("server-round", 0)), steps=result.steps)
+    monitor.trained(_server_round(msg), steps=result.steps)
     logger.info("site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g", site, result.loss, result.steps,
                 privacy["dp-epsilon"], run.dp_delta)
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
@@ -187,7 +195,7 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation-split PSNR / SSIM / NMSE of the global model at this site (with its own local layers)."""
     clock = HandlerClock()
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = _server_round(msg)
     run, site, model, datasets, _, _ = _setup(msg, context, state_round=server_round)
     clock.setup_done()
     monitor = site_monitor()
@@ -227,9 +235,9 @@ def finetune(msg: Message, context: Context) -> Message:
     """After the last round: fine-tune the final model on this site's training split, keep the best
     by validation, write it to the site's state directory, and report only its validation metrics."""
     clock = HandlerClock()
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = _server_round(msg)
     # The arrays are the best round's, so the local layers must be that round's too, not the last one's.
-    state_round = int(msg.content["config"].get(STATE_ROUND, server_round))
+    state_round = int(cast(int, msg.content["config"].get(STATE_ROUND, server_round)))
     run, site, model, datasets, memory, _ = _setup(msg, context, state_round=state_round)
     clock.setup_done()
     if datasets["train"].config.supervision == "self":

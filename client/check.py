@@ -40,7 +40,7 @@ from common.data.manifest import (
     manifest_path_for,
     write_manifest,
 )
-from common.data.readers import SliceReader, open_reader
+from common.data.readers import Example, SliceReader, open_reader
 from common.data.splits import SPLITS, split_subjects
 from common.errors import ConfigError, DataError, FedSenseError
 from common.masks import ACCELERATION_TOLERANCE, make_mask
@@ -250,6 +250,7 @@ def effective_acceleration(
 ) -> MaskCheck:
     """R the site's mask achieves on ``shape``, counting only the k-space the scanner acquired."""
     scanner = config.scanner
+    assert scanner.mask is not None and scanner.center_fraction is not None  # a Cartesian scanner
     try:
         mask = make_mask(scanner.mask, shape, scanner.acceleration, scanner.center_fraction, config.seed,
                          source=f"{config.name}: scanner").mask
@@ -276,7 +277,7 @@ def _sample_each_split(reader: SliceReader, config: SiteConfig, report: CheckRep
 def _manifest_files(
     reader: SliceReader, good: dict[Path, int], split_of: dict[str, str], root: Path
 ) -> list[ManifestFile]:
-    first = {}
+    first: dict[Path, Example] = {}
     for example in reader.examples:
         first.setdefault(example.path, example)
     return [

@@ -12,11 +12,15 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from common.command import nonnegative_int, positive_float, positive_int, run_command
 from common.errors import FedSenseError
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it, not by --help
+    import torch
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
@@ -27,7 +31,7 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
                         "auto: bf16 where measured faster on this machine")
 
 
-def _devices(args: argparse.Namespace) -> tuple["object", str]:
+def _devices(args: argparse.Namespace) -> tuple[torch.device, str]:
     from common.device import resolve_device
 
     # "auto" stays "auto": the model is timed on the first slice (common.precision.choose_precision).
@@ -86,7 +90,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``evaluate``, ``reconstruct`` and ``client`` on a ``fedsense`` subparser set."""
     p = sub.add_parser("evaluate", help="score an exported model and baselines on this site's own data")
     p.add_argument("--model", required=True, type=Path, help="exported model folder (fedsense export)")

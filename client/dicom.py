@@ -72,7 +72,7 @@ class PatientIdPolicy(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _mode_needs(self) -> "PatientIdPolicy":
+    def _mode_needs(self) -> PatientIdPolicy:
         if self.mode == "salted-hash" and (self.salt is None or len(self.salt) < MIN_SALT_BYTES):
             raise ValueError(f"salted-hash needs a secret salt of at least {MIN_SALT_BYTES} bytes")
         if self.mode == "given" and self.patient_id is None:
@@ -82,7 +82,7 @@ class PatientIdPolicy(BaseModel):
         return self
 
     @classmethod
-    def from_options(cls, patient_id: str | None, salt_file: Path | None) -> "PatientIdPolicy":
+    def from_options(cls, patient_id: str | None, salt_file: Path | None) -> PatientIdPolicy:
         """The policy from ``--patient-id`` / ``--pseudonym-salt-file`` (at most one); errors name the option."""
         if patient_id is not None and salt_file is not None:
             raise ConfigError("--patient-id, --pseudonym-salt-file: give at most one")
@@ -260,7 +260,7 @@ def write_series(images: np.ndarray, geometry: SeriesGeometry, acquisition: Acqu
     peak = float(images.max())
     slope = peak / 65535.0 if peak > 0 else 1.0
     pixels = np.round(images / slope).astype(np.uint16)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     normal = geometry.normal
     derivation = f"reconstructed from undersampled k-space by FedSense model {card.id} " \

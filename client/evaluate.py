@@ -124,7 +124,7 @@ def evaluate_sites(
                     logger.info("evaluating %s on %s (%s split)", method, config.name, split)
                 loader = make_loader(datasets[split], batch_size, shuffle=False, seed=seed)
                 within = isinstance(candidate, CSRecon)  # CS advances the bar per FISTA iteration, not per batch
-                if within:
+                if isinstance(candidate, CSRecon):
                     candidate.advance = lambda slices: progress.advance(task, slices)
                 result = evaluate(candidate, _tracked(loader, None if within else progress, task), device=device,
                                   max_slices=max_slices,

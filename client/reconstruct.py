@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import h5py
 import nibabel as nib
@@ -59,9 +59,9 @@ from common.device import autocast, batch_to
 from common.errors import ConfigError, DataError, OutputError
 from common.fft import center_crop, ifft2c_np
 from common.masks import PATTERNS, seed_for
-from common.precision import choose_precision
-from common.outputs import check_can_write, check_new_file, check_new_folder, check_not_input
 from common.nufft import is_non_cartesian
+from common.outputs import check_can_write, check_new_file, check_new_folder, check_not_input
+from common.precision import choose_precision
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def default_mask(card: ModelCard) -> MaskSettings | None:
     if len(settings) != 1:
         return None
     pattern, acceleration, center_fraction = settings.pop()
+    assert center_fraction is not None  # a Cartesian mask's setting has one
     return MaskSettings(pattern, acceleration, center_fraction)
 
 
@@ -135,10 +136,11 @@ def _run(model: torch.nn.Module | None, batch: dict[str, object], device: torch.
     batch = batch_to(batch, device)
     if model is None:
         kspace = batch["masked_kspace"]
-        if is_non_cartesian(kspace):  # type: ignore[arg-type]
+        assert isinstance(kspace, torch.Tensor)
+        if is_non_cartesian(kspace):
             return torch.stack([zero_filled_rss(y, t, tuple(m.shape[-2:])) for y, t, m in zip(  # type: ignore[call-overload]
                 kspace, batch["mask"], batch["sens_maps"], strict=True)]).cpu().numpy().astype(np.float32)
-        return rss(ifft2c_np(kspace.cpu().numpy()), dim=1).astype(np.float32)  # type: ignore[union-attr]
+        return rss(ifft2c_np(kspace.cpu().numpy()), dim=1).astype(np.float32)
     with autocast(device, precision):
         out = model(batch["masked_kspace"], batch["mask"], batch["sens_maps"])
     out = out.float().cpu().numpy()
@@ -169,7 +171,7 @@ def prepare_fastmri(path: Path, card: ModelCard, mask: MaskSettings | None, allo
     with h5py.File(path, "r") as f:
         kspace = f["kspace"]
         coils = 1 if kspace.ndim == 3 else int(kspace.shape[1])
-        own = _file_mask(path, f, tuple(int(n) for n in kspace.shape[-2:]))
+        own = _file_mask(path, f, (int(kspace.shape[-2]), int(kspace.shape[-1])))
     check_coils(path, coils, card)
     if own is not None:
         check_mask(path, None, own.size / max(float(own.sum()), 1.0), card, allow_untrained_mask)
@@ -200,7 +202,7 @@ def _fastmri_slices(reader: FastMRIReader, own_mask: np.ndarray | None, mask: Ma
         crop = (min(int(size[0]), height), min(int(size[1]), width))
         peak = float(center_crop(rss(ifft2c_np(masked), dim=0), crop).max())
         scale = 1.0 / peak if peak > 0 else 1.0
-        batch = {
+        batch: dict[str, object] = {
             "masked_kspace": torch.from_numpy(masked * np.float32(scale))[None],
             "mask": torch.from_numpy(sampling[np.newaxis, np.newaxis].astype(np.float32)),
             "sens_maps": torch.from_numpy(np.ascontiguousarray(maps))[None],
@@ -311,7 +313,7 @@ class Reconstructor:
                 return self._nifti(path, prepared, progress)
             if isinstance(prepared, NonCartesianReader):
                 return self._noncartesian(path, prepared, progress)
-            reader, own = prepared  # type: ignore[misc]
+            reader, own = cast(tuple[FastMRIReader, np.ndarray | None], prepared)
             return self._fastmri(path, reader, own, progress)
         except FloatingPointError as exc:
             raise DataError(f"{path}: {exc}") from exc
@@ -332,7 +334,7 @@ class Reconstructor:
             samples, meta = reader.read_acquisition(index)
             assert meta.trajectory is not None
             prepared = prepare_stored(samples, meta.trajectory, meta.recon_size)
-            batch = {k: prepared[k][None] for k in ("masked_kspace", "mask", "sens_maps")}  # type: ignore[index]
+            batch = {k: prepared[k][None] for k in ("masked_kspace", "mask", "sens_maps")}
             images.append(_run(self.model, batch, self.device, self.precision)[0] / float(prepared["scale"]))
             if progress is not None and task is not None:
                 progress.advance(task)
@@ -340,7 +342,7 @@ class Reconstructor:
                       slice_indices=[e.slice_idx for e in reader.examples])
 
     def _nifti(self, path: Path, dataset: _VolumeDataset, progress: Progress | None) -> Volume:
-        img = nib.load(path)
+        img = cast(nib.Nifti1Image, nib.load(path))
         info = scan_nifti(path, 0.0)
         shape = tuple(int(n) for n in img.shape[:3])
         plane = [shape[i] for i in range(3) if i != info.axial_axis]
@@ -385,18 +387,18 @@ def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard,
                 f.attrs["fedsense_model"] = card.id
                 f.attrs["source"] = volume.source.name
 
-        atomic_write(target, write)  # type: ignore[arg-type]
+        atomic_write(target, write)
     elif fmt == "nifti":
         if volume.nifti is None:
             raise ConfigError(f"{volume.source}: --format nifti needs a NIfTI input (its affine and header); "
                               "use h5 or dicom for k-space inputs")
         header = volume.nifti.header.copy()
         header.set_data_dtype(np.float32)
-        image = nib.Nifti1Image(volume.image, volume.nifti.affine, header=header)
-        image.header.set_slope_inter(1.0, 0.0)
+        nifti = nib.Nifti1Image(volume.image, volume.nifti.affine, header=header)
+        nifti.header.set_slope_inter(1.0, 0.0)
         tmp = target.with_name(f".{target.name}.tmp.nii.gz")
         try:
-            nib.save(image, tmp)
+            nib.save(nifti, tmp)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
@@ -53,7 +54,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run the training handler on a legacy FitIns and answer with the update as a legacy FitRes."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    config = dict(fitins.config)
+    config: dict[str, Any] = dict(fitins.config)
     keys = [str(k) for k in json.loads(str(config.pop(KEYS)))]
     received = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
     msg.content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in received.items()}), "config": ConfigRecord(config)})
@@ -61,7 +62,7 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     if reply.has_error():
         return reply
     run = RunConfig.from_flat(dict(context.run_config))
-    metrics = dict(reply.content["metrics"])
+    metrics: dict[str, Any] = dict(reply.content["metrics"])
     site = reply.content["site"]
     trained = reply.content.array_records.get("arrays")
     client_dp = run.dp_client_level == "client-fixed"
@@ -90,7 +91,7 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     if clipped:
         logger.warning("%d of %d update entries exceed secagg-clipping-range %g and are clipped",
                        clipped, total, run.secagg_clipping_range)
-    legacy_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    legacy_metrics: dict[str, Scalar] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if client_dp:
         legacy_metrics[DP_CLIPPED] = float(clipped_update)
     legacy_metrics.update({SITE_NAME: str(site.get("name", "")), SITE_SUPERVISION: str(site.get("supervision", "full")),

@@ -17,8 +17,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from client.monitoring import serve_site_metrics
 from client.supernode_poll import parse_poll_interval, superexec_env

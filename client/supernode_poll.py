@@ -183,7 +183,7 @@ def install_object_pulls(first: float = OBJECT_PULL_FIRST, longest: float = OBJE
         logger.warning("object pulls left as Flower has them (1 s, doubling): flwr %s is installed, the change "
                        "is for %sx", version, TESTED_FLOWER)
         return False
-    targets = list(modules) if modules is not None else [importlib.import_module(m) for m in OBJECT_PULL_MODULES]
+    targets: list[Any] = list(modules) if modules is not None else [importlib.import_module(m) for m in OBJECT_PULL_MODULES]
     for module in targets:
         current = getattr(module, "pull_objects", None)
         if getattr(current, _PATCHED, False):
@@ -197,7 +197,7 @@ def install_object_pulls(first: float = OBJECT_PULL_FIRST, longest: float = OBJE
 
 
 def install(longest: float, *, first: float = FIRST_POLL, reply_step: float = REPLY_STEP,
-            module: ModuleType | Any | None = None) -> bool:
+            module: Any = None) -> bool:
     """Shorten the waits of Flower's SuperNode loop in this process; False (and a warning) if it does not fit."""
     module = module if module is not None else importlib.import_module(FLOWER_MODULE)
     if getattr(module, _PATCHED, False):

@@ -110,7 +110,7 @@ def _run_task(spec: ExecutionSpec, certificates: bytes | None) -> int:
         return 0
     except SystemExit as exc:  # flwr_exit ends the task with its exit code
         return exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - a task must never return into the SuperExec loop
+    except BaseException:  # a task must never return into the SuperExec loop
         logger.exception("ClientApp task %d failed", spec.task_id)
         return 1
     finally:
@@ -129,7 +129,7 @@ def main() -> None:
         # Inherited by every forked task: its pull of the message it was started for.
         install_object_pulls()
     logger.info("fedsense-superexec: libraries loaded once in %.1f s; ClientApp tasks are forked from here", seconds)
-    flower_superexec_loop.get_executor = lambda *args, **kwargs: ForkExecutor()  # type: ignore[assignment]
+    flower_superexec_loop.get_executor = lambda *args, **kwargs: ForkExecutor()
     flower_superexec()
 
 

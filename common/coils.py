@@ -5,7 +5,7 @@ Maps are normalised so that sum_c |S_c|^2 = 1, which makes :func:`sense_reduce` 
 :func:`sense_expand` and lets the closed-form data-consistency layer act per coil.
 """
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ def estimate_maps_from_acs(
     if (mask is None) == (num_low_freqs is None):
         raise ValueError("give exactly one of mask or num_low_freqs")
     as_numpy = isinstance(kspace, np.ndarray)
-    kspace_t = torch.from_numpy(kspace) if as_numpy else kspace
+    kspace_t: Tensor = torch.from_numpy(kspace) if isinstance(kspace, np.ndarray) else kspace
     height, width = kspace_t.shape[-2], kspace_t.shape[-1]
 
     if mask is not None:
@@ -144,6 +144,7 @@ def estimate_maps_from_acs(
         start_w, length_w = _central_run(mask_t[..., height // 2, :])
         start_h, length_h = _central_run(mask_t[..., :, width // 2])
     else:
+        assert num_low_freqs is not None  # exactly one of mask or num_low_freqs, checked above
         if not 1 <= num_low_freqs <= width:
             raise ValueError(f"num_low_freqs must be in [1, {width}], got {num_low_freqs}")
         device = kspace_t.device
@@ -157,4 +158,4 @@ def estimate_maps_from_acs(
     weights = weights_h.unsqueeze(-1) * weights_w.unsqueeze(-2)
     low_res = ifft2c(kspace_t * weights)
     maps = low_res / rss(low_res, dim=-3, keepdim=True).clamp_min(eps)
-    return maps.numpy() if as_numpy else maps
+    return cast(ArrayT, maps.numpy() if as_numpy else maps)

@@ -17,9 +17,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
+from typing import TypeVar
 
 from common.errors import FedSenseError, OutputError
 
@@ -71,12 +72,15 @@ def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _number(kind: type, minimum: float, inclusive: bool = True):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> int | float:
+_Number = TypeVar("_Number", int, float)
+
+
+def _number(kind: type[_Number], minimum: float, inclusive: bool = True) -> Callable[[str], _Number]:
+    def parse(text: str) -> _Number:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if value < minimum or (not inclusive and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum:g}, got {text}")
         return value

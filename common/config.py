@@ -8,6 +8,7 @@ dotted field named (``sites/guys.toml: scanner.coils: must be >= 1``), not later
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -208,7 +209,7 @@ def _kind(name: str) -> DatasetKind:
     return dataset_kind(name)
 
 
-def _reason(error: dict[str, Any]) -> str:
+def _reason(error: Mapping[str, Any]) -> str:
     """A short, uniform reason for one pydantic error ("must be >= 1" rather than pydantic's sentence)."""
     ctx = error.get("ctx") or {}
     bounds = {

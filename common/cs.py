@@ -153,7 +153,7 @@ def l1_wavelet_sense_iterates(
     if lam < 0 or not iterations or min(iterations) < 1:
         raise ValueError(f"need lam >= 0 and iterations >= 1, got {lam} and {iterations}")
     maps = sens_maps.to(torch.complex64)
-    prox = WaveletProx(wavelet, levels, tuple(maps.shape[-2:]))
+    prox = WaveletProx(wavelet, levels, (maps.shape[-2], maps.shape[-1]))
     if is_non_cartesian(masked_kspace):
         # Radial / spiral site: the density-weighted data term 1/2 ||D^(1/2) (A x - y)||^2 on the NUFFT
         # operator (the weighting the non-Cartesian DC layers use), through the Toeplitz normal operator.

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import math
 import os
-from pathlib import Path
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch

@@ -26,8 +26,13 @@ from pathlib import Path
 
 from common.atomic import atomic_write_bytes
 from common.masks import PATTERN_DESCRIPTIONS
-from common.registry import (BASELINE_DESCRIPTIONS, LOSS_DESCRIPTIONS, MODEL_DESCRIPTIONS, STRATEGY_DESCRIPTIONS,
-                             TRACKER_DESCRIPTIONS)
+from common.registry import (
+    BASELINE_DESCRIPTIONS,
+    LOSS_DESCRIPTIONS,
+    MODEL_DESCRIPTIONS,
+    STRATEGY_DESCRIPTIONS,
+    TRACKER_DESCRIPTIONS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +114,7 @@ def render_pyproject(text: str, source: str = PYPROJECT) -> str:
         names = " | ".join(KINDS[kind][2])
         table, count = re.subn(
             rf"^({re.escape(key)}\s*=\s*\"[^\"\n]*\"\s*)#[^\n]*$",
-            lambda match: f"{match[1]}# {names}",
+            lambda match: f"{match[1]}# {names}",  # noqa: B023 - called within this iteration
             table,
             flags=re.MULTILINE,
         )

@@ -36,6 +36,7 @@ from common.errors import ConfigError
 from common.registry import MODEL_ENTRIES
 from common.training import BatchSource, ReconLoss, TrainResult, _cycle, predict
 
+
 @register_grad_sampler([DataConsistency, GradientDC])
 def _multi_input_grad_sample(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
@@ -112,7 +113,7 @@ class PrivacyLedger:
         """ε spent at ``delta`` (0 before the first DP step)."""
         return float(self.accountant().get_epsilon(delta)) if self.history else 0.0
 
-    def with_round(self, noise_multiplier: float, sample_rate: float, steps: int) -> "PrivacyLedger":
+    def with_round(self, noise_multiplier: float, sample_rate: float, steps: int) -> PrivacyLedger:
         """The ledger after one more round of ``steps`` DP steps."""
         return PrivacyLedger(self.history + [(noise_multiplier, sample_rate, steps)])
 
@@ -120,7 +121,7 @@ class PrivacyLedger:
         return json.dumps({"history": [list(h) for h in self.history]})
 
     @classmethod
-    def from_json(cls, text: str, source: str = "privacy ledger") -> "PrivacyLedger":
+    def from_json(cls, text: str, source: str = "privacy ledger") -> PrivacyLedger:
         try:
             data = json.loads(text)
             history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
@@ -129,7 +130,7 @@ class PrivacyLedger:
         return cls(history)
 
     @classmethod
-    def load(cls, path: Path) -> "PrivacyLedger":
+    def load(cls, path: Path) -> PrivacyLedger:
         """The ledger in ``path``; an empty one when the file does not exist yet."""
         return cls.from_json(path.read_text(encoding="utf-8"), str(path)) if path.exists() else cls()
 
@@ -178,7 +179,7 @@ def train_private(
         for batch in _cycle(loader, total_steps):
             optimiser.zero_grad(set_to_none=True)
             pred = predict(gsm, batch)
-            value = criterion(pred, batch["target"], batch["max_value"])  # type: ignore[arg-type]
+            value = criterion(pred, batch["target"], batch["max_value"])
             if not torch.isfinite(value):
                 raise FloatingPointError(f"non-finite training loss at step {count + 1}")
             with warnings.catch_warnings():

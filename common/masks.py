@@ -164,7 +164,7 @@ def _make_rng(seed: SeedLike, source: str) -> np.random.Generator:
     """Only explicit seeds: ``None`` (fresh OS entropy) would silently break reproducibility."""
     parts = seed if isinstance(seed, (tuple, list)) else (seed,)
     valid = len(parts) > 0 and all(
-        isinstance(p, numbers.Integral) and not isinstance(p, bool) and p >= 0 for p in parts
+        isinstance(p, numbers.Integral) and not isinstance(p, bool) and int(p) >= 0 for p in parts
     )
     if not valid:
         raise ConfigError(f"{source}: seed: must be a non-negative int or a tuple of them, got {seed!r}")
@@ -537,7 +537,7 @@ def _spiral(
     def draw(turns: float) -> np.ndarray:
         # |d position / dt| is bounded by this, so this many points keep the step below _RASTER_STEP
         speed = max(semi_y, semi_x) * rho_max * (SPIRAL_DENSITY_POWER + 2 * math.pi * turns)
-        t = np.linspace(0.0, 1.0, max(int(math.ceil(speed / _RASTER_STEP)), 2))
+        t = np.linspace(0.0, 1.0, max(math.ceil(speed / _RASTER_STEP), 2))
         rho = rho_max * t**SPIRAL_DENSITY_POWER
         mask = np.zeros(shape, dtype=bool)
         for offset in offsets:  # one interleave at a time bounds memory for dense spirals
@@ -584,5 +584,6 @@ _BUILDERS_2D: dict[str, _Pattern2D] = {
 PATTERNS: tuple[str, ...] = (*_BUILDERS_1D, *_BUILDERS_2D)
 #: Each pattern's one-line description (the docs' list of patterns), from the same tables.
 PATTERN_DESCRIPTIONS: dict[str, str] = {
-    name: pattern.description for name, pattern in {**_BUILDERS_1D, **_BUILDERS_2D}.items()
+    **{name: pattern.description for name, pattern in _BUILDERS_1D.items()},
+    **{name: pattern.description for name, pattern in _BUILDERS_2D.items()},
 }

@@ -251,7 +251,7 @@ class SenseNufft:
         self._kernel: Tensor | None = None
 
     @classmethod
-    def from_batch(cls, trajectory: Tensor, maps: Tensor) -> "SenseNufft":
+    def from_batch(cls, trajectory: Tensor, maps: Tensor) -> SenseNufft:
         """The operator of a batch whose ``mask`` entry is a trajectory tensor (B, K, 3): ky, kx, dcf."""
         return cls(maps, trajectory[..., :2], trajectory[..., 2])
 
@@ -321,9 +321,9 @@ __all__ = [
     "MAX_DENSITY_WEIGHT",
     "SenseNufft",
     "coil_images",
-    "is_non_cartesian",
     "density_compensation",
     "estimate_maps_from_centre",
+    "is_non_cartesian",
     "nufft",
     "nufft_adjoint",
     "toeplitz_kernel",

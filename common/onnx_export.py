@@ -43,6 +43,11 @@ def centred_idft_matrix(n: int) -> np.ndarray:
 class RealUnetRecon(nn.Module):
     """:class:`UnetRecon` on real-valued k-space (B, C, H, W, 2), with the IFFT as real matrix products."""
 
+    rows_re: Tensor  # buffers, registered by name in __init__
+    rows_im: Tensor
+    cols_re: Tensor
+    cols_im: Tensor
+
     def __init__(self, model: UnetRecon, height: int, width: int) -> None:
         super().__init__()
         self.model = model

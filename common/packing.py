@@ -30,7 +30,7 @@ class Manifest:
                 f"{prefix}.shapes": [",".join(str(n) for n in shape) for shape in self.shapes]}
 
     @classmethod
-    def from_config(cls, values: Mapping[str, object], prefix: str) -> "Manifest":
+    def from_config(cls, values: Mapping[str, object], prefix: str) -> Manifest:
         """The manifest :meth:`to_config` wrote under ``prefix``; ``FedSenseError`` if it is not there."""
         try:
             names, dtypes, shapes = (list(values[f"{prefix}.{part}"]) for part in ("names", "dtypes", "shapes"))  # type: ignore[call-overload]

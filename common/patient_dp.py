@@ -64,7 +64,7 @@ def subject_gradients(model: GradSampleModule, dataset: torch.utils.data.Dataset
             value.backward()
         owner = torch.tensor([g for g, _ in part])
         for k, p in enumerate(params):
-            per_slice = p.grad_sample  # type: ignore[attr-defined]
+            per_slice = p.grad_sample
             for g in owner.unique().tolist():
                 sums[g][k] += per_slice[owner == g].sum(dim=0)
         total += float(value.detach())
@@ -75,7 +75,8 @@ def subject_gradients(model: GradSampleModule, dataset: torch.utils.data.Dataset
 
 def clip_subjects(grads: list[list[torch.Tensor]], max_norm: float) -> tuple[list[torch.Tensor] | None, list[float]]:
     """The sum over subjects of each subject's gradient clipped to L2 norm ≤ ``max_norm``; and their norms."""
-    norms = [float(torch.sqrt(sum(torch.sum(g.double() ** 2) for g in subject))) for subject in grads]
+    norms = [float(torch.sqrt(sum((torch.sum(g.double() ** 2) for g in subject), torch.zeros((), dtype=torch.float64))))
+             for subject in grads]
     if not grads:
         return None, norms
     summed = [torch.zeros_like(g) for g in grads[0]]

@@ -153,7 +153,7 @@ class ProcessTree:
         self._previous_reaper = 0
         self._previous_handlers: dict[int, object] = {}
 
-    def __enter__(self) -> "ProcessTree":
+    def __enter__(self) -> ProcessTree:
         if _LIBC is not None:
             self._keep = frozenset(descendants())  # what the caller ran before is not ours to stop
             value = ctypes.c_int(0)

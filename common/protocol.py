@@ -73,7 +73,7 @@ def check_version(manifest: Mapping[str, Any]) -> None:
 
 def pack_content(content: Any, types: RecordTypes) -> Any:
     """``content`` with each ArrayRecord replaced by one packed array, plus the versioned manifest record."""
-    out, manifest = types.record_dict(), {VERSION_KEY: PROTOCOL_VERSION}
+    out, manifest = types.record_dict(), dict[str, Any]({VERSION_KEY: PROTOCOL_VERSION})
     for key, record in content.items():
         if isinstance(record, types.array_record):
             buffer, packed = pack({name: array.numpy() for name, array in record.items()})

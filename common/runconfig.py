@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
-from common.registry import LOSSES, MODELS, STRATEGIES, TRACKERS, known_name
 from common.privacy_config import check_privacy
+from common.registry import LOSSES, MODELS, STRATEGIES, TRACKERS, known_name
 
 
 class RunConfig(BaseModel):
@@ -127,7 +127,7 @@ class RunConfig(BaseModel):
         return json.dumps(value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ValueError("one of local-epochs or local-steps must be > 0")
         if self.round_deadline >= self.round_timeout:
@@ -145,7 +145,7 @@ class RunConfig(BaseModel):
         if not isinstance(args, dict):
             raise ValueError("model-args must be a JSON object")
         check_privacy(self)
-        self.caps  # validates site-caps
+        self.caps  # noqa: B018 - the property validates site-caps
         return self
 
     @property
@@ -195,7 +195,7 @@ class RunConfig(BaseModel):
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any], source: str = "run config") -> "RunConfig":
+    def from_flat(cls, flat: dict[str, Any], source: str = "run config") -> RunConfig:
         """Validate a dashed-key dict; errors name ``source`` and the offending key."""
         data = {str(k).replace("-", "_"): v for k, v in flat.items()}
         try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def save_samples(directory: str | Path, server_round: int, site: str, samples: S
     arrays["psnr"] = np.array([s["psnr"] for s in samples], dtype=np.float64)
     arrays["ssim"] = np.array([s["ssim"] for s in samples], dtype=np.float64)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub: **arrays might fill allow_pickle
     path = Path(directory) / f"round-{server_round:04d}" / f"{site}.npz"
     atomic_write_bytes(path, buf.getvalue())
     return path

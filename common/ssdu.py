@@ -153,10 +153,11 @@ def predict_kspace(model: nn.Module, masked_kspace: Tensor, mask: Tensor, sens_m
     VarNet estimates k-space itself; the unrolled network's complex image goes through the coil maps and
     the FFT (predicted image → coil images → k-space).
     """
-    if hasattr(model, "reconstruct_kspace"):
-        return model.reconstruct_kspace(masked_kspace, mask, sens_maps)
-    if hasattr(model, "reconstruct"):
-        return sense_forward(model.reconstruct(masked_kspace, mask, sens_maps), sens_maps)
+    reconstruct_kspace, reconstruct = getattr(model, "reconstruct_kspace", None), getattr(model, "reconstruct", None)
+    if reconstruct_kspace is not None:
+        return reconstruct_kspace(masked_kspace, mask, sens_maps)
+    if reconstruct is not None:
+        return sense_forward(reconstruct(masked_kspace, mask, sens_maps), sens_maps)
     raise ConfigError(f"run config: model: {type(model).__name__} cannot train self-supervised: " + _NO_KSPACE)
 
 

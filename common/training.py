@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol, Sized
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from common.coils import rss
 from common.device import autocast, batch_to
 from common.fft import center_crop, ifft2c
 from common.metrics import SSIMLoss, nmse, psnr, ssim
-from common.precision import choose_precision
 from common.nufft import SenseNufft, is_non_cartesian
+from common.precision import choose_precision
 from common.registry import LOSSES
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ Batch = dict[str, object]
 class BatchSource(Protocol):
     """A re-iterable source of batches with a length (a DataLoader, or several sites' in turn)."""
 
-    dataset: Sized
+    @property
+    def dataset(self) -> Any: ...  # a sized torch Dataset (torch's Dataset declares no __len__)
 
     def __len__(self) -> int: ...
 
@@ -71,7 +73,7 @@ def zero_filled(batch: Batch) -> torch.Tensor:
         image = rss(ifft2c(kspace), dim=1)
     target = batch["target"]
     assert isinstance(target, torch.Tensor)
-    return center_crop(image, tuple(target.shape[-2:]))
+    return center_crop(image, (target.shape[-2], target.shape[-1]))
 
 
 def predict(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -79,7 +81,7 @@ def predict(model: nn.Module, batch: Batch) -> torch.Tensor:
     out = model(batch["masked_kspace"], batch["mask"], batch["sens_maps"])
     target = batch["target"]
     assert isinstance(target, torch.Tensor)
-    return center_crop(out, tuple(target.shape[-2:]))
+    return center_crop(out, (target.shape[-2], target.shape[-1]))
 
 
 class ReconLoss(nn.Module):
@@ -185,7 +187,7 @@ def train(
             else:
                 pred = predict(stepper, batch)
         if batch_loss is None:
-            value = criterion(pred.float(), batch["target"], batch["max_value"])  # type: ignore[arg-type]
+            value = criterion(pred.float(), batch["target"], batch["max_value"])
         objective = value
         if proximal_mu > 0 and global_params is not None:
             objective = value + 0.5 * proximal_mu * proximal_term(model, global_params)
@@ -199,7 +201,7 @@ def train(
         count += 1
         if on_step is not None:
             on_step()
-    return TrainResult(loss=running / max(count, 1), steps=count, num_examples=len(loader.dataset),  # type: ignore[arg-type]
+    return TrainResult(loss=running / max(count, 1), steps=count, num_examples=len(loader.dataset),
                        precision=precision)
 
 
@@ -243,7 +245,7 @@ def evaluate(
         with autocast(device, precision):
             pred = zero_filled(batch) if model is None else predict(model, batch)
         pred = pred.float()
-        loss_sum += float(criterion(pred, target, batch["max_value"])) * target.shape[0]  # type: ignore[arg-type]
+        loss_sum += float(criterion(pred, target, batch["max_value"])) * target.shape[0]
         scale = batch["scale"]
         assert isinstance(scale, torch.Tensor)
         pred_u, target_u = _unscale(pred, scale).cpu().numpy(), _unscale(target, scale).cpu().numpy()

@@ -152,12 +152,12 @@ def trajectory_spec(scanner: Any) -> TrajectorySpec:
     matrix = int(max(scanner.matrix))
     oversampling = float(scanner.oversampling)
     if kind == "radial-ga":
-        readout = scanner.readout_samples or int(round(matrix * oversampling))
+        readout = scanner.readout_samples or round(matrix * oversampling)
         count = scanner.spokes or radial_spokes_for(matrix, scanner.acceleration)
         achieved = radial_acceleration(matrix, count)
         name = "spokes"
     elif kind == "spiral":
-        readout = scanner.readout_samples or int(round(2 * matrix * oversampling))
+        readout = scanner.readout_samples or round(2 * matrix * oversampling)
         count = scanner.interleaves or spiral_interleaves_for(matrix, scanner.acceleration, readout, oversampling)
         achieved = spiral_acceleration(matrix, count, readout, oversampling)
         name = "interleaves"
@@ -183,15 +183,15 @@ def non_cartesian_check(scanner: Any) -> None:
 
 
 __all__ = [
-    "TrajectorySpec",
-    "trajectory_spec",
     "GOLDEN_ANGLE_DEG",
     "TRAJECTORIES",
+    "TrajectorySpec",
     "golden_angle_radial",
     "make_trajectory",
     "radial_acceleration",
     "radial_spokes_for",
     "spiral_acceleration",
     "spiral_interleaves_for",
+    "trajectory_spec",
     "variable_density_spiral",
 ]

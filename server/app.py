@@ -17,10 +17,10 @@ from server.optimisers import load_optimiser_state
 from server.privacy import wrap_client_dp
 from server.round_state import round_state_of
 from server.store import RunDir
+from server.strategy import build_strategy
 from server.tracking.prometheus import MonitoredGrid, server_metrics
 from server.tracking.tracked import tracked_store
 from server.transport import PackedGrid
-from server.strategy import build_strategy
 
 logger = logging.getLogger(__name__)
 

@@ -25,13 +25,15 @@ table (``fedsense metrics show``) compares them with FedAvg and FedProx. Like a 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
+
 from common.data.dataset import SiteDataset
 from common.data.loaders import InterleavedLoader, load_site, make_loader
-from common.device import cpu_state_dict, resolve_device
 from common.data.pooled import PooledLoader
+from common.data.selfsup import ReferencedDataset
+from common.device import cpu_state_dict, resolve_device
 from common.errors import ConfigError
 from common.models import build_model
 from common.proctree import ProcessTree
@@ -83,7 +85,7 @@ class Baseline:
             if site in self.self_supervised:
                 result = evaluate_self_supervised(
                     models[site], loader, rho=self.run.ssdu_rho, seed=self.run.seed,
-                    reference=datasets["val"].has_reference, loss=self.run.loss,  # type: ignore[attr-defined]
+                    reference=cast(ReferencedDataset, datasets["val"]).has_reference, loss=self.run.loss,
                     max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
             else:
                 result = evaluate(models[site], loader, loss=self.run.loss,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from flwr.app import Message
 
@@ -61,7 +62,7 @@ def apply_caps(replies: list[Message], caps: Mapping[str, int], key: str = WEIGH
         if key not in record:
             kept.append(msg)
             continue
-        claimed = float(record[key])
+        claimed = float(cast(float, record[key]))
         if claimed > cap:
             record[key] = int(cap)
             clipped.append(Clipped(site, claimed, int(cap)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from common.command import (
     EXIT_SITE_FAILED,
@@ -22,8 +22,8 @@ from common.errors import FedSenseError
 from common.registry import BASELINES, MODELS, STRATEGIES
 
 if TYPE_CHECKING:
-    from server.store import RunDir
     from common.runconfig import RunConfig
+    from server.store import RunDir
 
 
 # Site-side subcommands live in client/cli.py; they are handed over by module name (as Flower loads
@@ -59,7 +59,7 @@ OPTION_KEYS = (("rounds", "num-server-rounds"), ("strategy", "strategy"), ("mu",
 
 
 def _run_config(args: argparse.Namespace, defaults: dict[str, Any],
-                derive: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> "RunConfig":
+                derive: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> RunConfig:
     """The run config through :func:`common.config_layers.resolve`: pyproject < derived < --run-file <
     command-line options < --set; ``derive`` gives the values that follow from the others (the run dir)."""
     from common import config_layers as layers
@@ -74,7 +74,7 @@ def _run_config(args: argparse.Namespace, defaults: dict[str, Any],
     return layers.resolve(sources, site_count=len(args.sites), derive=derive).run
 
 
-def _claim_run_dir(run: "RunConfig", resume: bool, overwrite: bool) -> None:
+def _claim_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> None:
     """Before any data is read: the run directory is no site config or data folder, nor holds or lies in one,
     and an earlier run there is continued (``resume``) or replaced only with ``--overwrite``."""
     from common.config import load_site_config
@@ -114,7 +114,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="replace an earlier run in the run directory (its own files only) instead of refusing")
 
 
-def _site_places(run: "RunConfig") -> dict[str, list[Path]]:
+def _site_places(run: RunConfig) -> dict[str, list[Path]]:
     """Each site's name -> its data folder and config (absolute), to name the site of an error message."""
     from common.config import load_site_config
 
@@ -158,7 +158,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted_baseline(store: "RunDir", kind: str) -> bool:
+def _interrupted_baseline(store: RunDir, kind: str) -> bool:
     """Whether ``store`` holds a ``kind`` baseline stopped by a signal (a resume continues it)."""
     if not store.config_path.is_file():
         return False

@@ -19,7 +19,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -102,7 +102,7 @@ def quick_reply_object_pulls() -> bool:
     is lifted (at short waits it would run out in minutes); its 2 h time limit stays. False, with a
     warning, when the installed Flower's grid does not pull that way.
     """
-    module = importlib.import_module(REPLY_OBJECTS_MODULE)
+    module: Any = importlib.import_module(REPLY_OBJECTS_MODULE)  # patched below
     current = getattr(module, "pull_objects", None)
     if isinstance(current, functools.partial):
         return True

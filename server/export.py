@@ -73,8 +73,8 @@ def _site_configs(paths: list[str], extra: list[Path]) -> dict[str, SiteConfig]:
             logger.warning("site config of the run not readable here, its acquisition is left out: %s", exc)
             continue
         found[config.name] = config
-    for path in extra:
-        config = load_site_config(path)
+    for extra_path in extra:
+        config = load_site_config(extra_path)
         found[config.name] = config
     return found
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from common.errors import FedSenseError
 from common.protocol import (
@@ -30,16 +30,16 @@ from common.protocol import (
     STATE_ROUND,
 )
 from common.runconfig import RunConfig
+from server.best import BestTracker
+from server.claims import Clipped, apply_caps
 from server.collect import send_and_collect
+from server.identity import SiteIdentity
 from server.optimisers import optimiser_state
 from server.pace import Pace
 from server.privacy import client_dp_metrics, secure_client_dp_metrics
-from server.secagg import apply_update, secure_mean_update
-from server.claims import Clipped, apply_caps
-from server.best import BestTracker
-from server.identity import SiteIdentity
 from server.receipts import Receipts
 from server.round_state import round_state_of
+from server.secagg import apply_update, secure_mean_update
 from server.store import RunDir, global_record, site_record
 from server.strategy import Rejection, precision_of, site_of, supervision_of, validate_updates
 
@@ -71,7 +71,7 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], 
                 continue
         else:
             metrics = {k: v for k, v in raw.items() if not k.startswith(CARRIED)}
-        n = int(metrics.pop("num-examples"))
+        n = int(cast(int, metrics.pop("num-examples")))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         seconds = (reply_seconds or {}).get(msg.metadata.reply_to_message_id)
         timing = {"reply_seconds": seconds} if seconds is not None else {}
@@ -126,7 +126,7 @@ class Outstanding(NamedTuple):
 class Federation:
     """Runs rounds ``start..num_server_rounds`` of one run against a Flower grid."""
 
-    def __init__(self, grid: Grid, run: RunConfig, strategy: FedAvg, store: RunDir, model: torch.nn.Module) -> None:
+    def __init__(self, grid: Grid, run: RunConfig, strategy: Strategy, store: RunDir, model: torch.nn.Module) -> None:
         self.grid, self.run, self.strategy, self.store, self.model = grid, run, strategy, store, model
         #: The global summary of the evaluation the last training round carried (evaluate-with-train).
         self.carried: dict[str, Any] | None = None
@@ -275,7 +275,7 @@ class Federation:
             steps = self.pace.steps_for(msg.metadata.dst_node_id)
             if steps is not None:
                 content = RecordDict(dict(msg.content.items()))  # the arrays are shared, not copied
-                content[CONFIG] = ConfigRecord({**dict(msg.content[CONFIG]), LOCAL_STEPS: steps})
+                content[CONFIG] = ConfigRecord({**msg.content.config_records[CONFIG], LOCAL_STEPS: steps})
                 msg.content = content
                 self.paced[self.node_sites.get(msg.metadata.dst_node_id, f"node-{msg.metadata.dst_node_id}")] = steps
         if self.paced:
@@ -377,7 +377,7 @@ class Federation:
         if not messages:
             raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
         nodes = [m.metadata.dst_node_id for m in messages]
-        secure = secure_mean_update(self.grid, self.run, rnd, arrays, nodes, messages[0].content["config"])
+        secure = secure_mean_update(self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records["config"])
         self.carried = None
         if self.carries_evaluation:
             evaluated = _site_records(self.run, rnd - 1, "evaluate", secure.replies, prefix=CARRIED)
@@ -392,7 +392,7 @@ class Federation:
             raise RoundFailed(f"round {rnd}: SecAgg+ unmasked no sum of {self.run.min_train_nodes} sites ({reasons})")
         if not all(np.all(np.isfinite(v)) for v in secure.mean_update.values()):
             raise RoundFailed(f"round {rnd}: the SecAgg+ aggregate is not finite (every site's weight was 0?)")
-        total = sum(float(dict(r.content["metrics"]).get("num-examples", 0)) for r in secure.replies)
+        total = sum(float(cast(float, r.content.metric_records["metrics"].get("num-examples", 0))) for r in secure.replies)
         mean = Message(RecordDict({"arrays": apply_update(arrays, secure.mean_update),
                                    "metrics": MetricRecord({"num-examples": max(total, 1.0),
                                                             **({"dp-weight": 1.0} if self.run.dp_client_level != "off" else {})})}),
@@ -415,7 +415,7 @@ class Federation:
         ``finetune`` of round ``rnd`` (the last round).
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
-        config = {SERVER_ROUND: rnd, STATE_ROUND: rnd if state_round is None else state_round}
+        config: dict[str, Any] = {SERVER_ROUND: rnd, STATE_ROUND: rnd if state_round is None else state_round}
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
         messages = [Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common.errors import ConfigError
-from server.pki import SITE_KEYS_FILE, key_fingerprint
+from server.pki import key_fingerprint
 from server.strategy import Rejection, site_of
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from common.runconfig import RunConfig
 
@@ -137,7 +137,7 @@ def build_server_optimiser(run: RunConfig, common: Mapping[str, Any]) -> FedAvg:
     raise ValueError(f"{run.strategy!r} is not a server optimiser ({', '.join(SERVER_OPTIMISERS)})")
 
 
-def optimiser_state(strategy: FedAvg) -> OptimiserState | None:
+def optimiser_state(strategy: Strategy) -> OptimiserState | None:
     """The server optimiser's state to checkpoint, or None for strategies without one."""
     return strategy.state_dict() if isinstance(strategy, _ServerOptimiser) else None
 

@@ -56,7 +56,7 @@ class Pace:
     def missed(self, nodes: Iterable[int]) -> None:
         """These nodes missed the deadline: halve the steps of each (until its late reply measures it)."""
         for node in nodes:
-            self.cap[node] = max(1, self.steps_for(node, default=self.base) // 2)
+            self.cap[node] = max(1, (self.steps_for(node) or self.base) // 2)
 
     def steps_for(self, node: int, default: int | None = None) -> int | None:
         """The local steps ``node`` gets next round; ``default`` when it needs no override (off, or fast enough)."""

@@ -30,10 +30,9 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -118,7 +117,7 @@ def _load_or_create_key(path: Path, ssh_format: bool = False) -> ec.EllipticCurv
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _san(names: Sequence[str]) -> x509.SubjectAlternativeName:

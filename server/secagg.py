@@ -20,11 +20,11 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -122,7 +122,7 @@ def secure_mean_update(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord
     check_capacity(run, len(node_ids))
     keys = list(arrays.keys())
     reference = [arrays[k].numpy() for k in keys]
-    fitins = FitIns(ndarrays_to_parameters(reference), {**dict(config), KEYS: json.dumps(keys)})
+    fitins = FitIns(ndarrays_to_parameters(reference), {**cast(dict[str, Scalar], dict(config)), KEYS: json.dumps(keys)})
     proxies: list[ClientProxy] = [GridClientProxy(nid, grid, grid.run.run_id) for nid in node_ids]
     strategy = _SampledSites(proxies, fitins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: rnd}), MAIN_PARAMS_RECORD: arrays})
@@ -158,5 +158,5 @@ def _metrics_reply(fitres: FitRes) -> Message:
     """A site's plain training metrics as FedSense's reply layout (``metrics`` + ``site``), without arrays."""
     metrics = dict(fitres.metrics)
     site = ConfigRecord({"name": str(metrics.pop(SITE_NAME, "")), "supervision": str(metrics.pop(SITE_SUPERVISION, "full"))})
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return Message(RecordDict({"metrics": MetricRecord(numeric), "site": site}), dst_node_id=0, message_type="train")

@@ -81,6 +81,7 @@ def _die_with_parent() -> None:
     the run directory, and a restart on that directory would have two writers. (The SuperLink's
     own children exit when it does: Flower starts them with ``--parent-pid``.)
     """
+    assert _LIBC is not None  # only installed where libc is loaded
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -109,7 +110,7 @@ class SimulationSuperLink:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "SimulationSuperLink":
+    def __enter__(self) -> SimulationSuperLink:
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n',

@@ -163,4 +163,4 @@ def _check_update(msg: Message, reference: dict[str, np.ndarray]) -> tuple[str, 
     return "", float(np.sqrt(sq))
 
 
-__all__ = ["Strategy", "Rejection", "build_strategy", "site_of", "validate_updates"]
+__all__ = ["Rejection", "Strategy", "build_strategy", "site_of", "validate_updates"]

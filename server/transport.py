@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from common import protocol
 
@@ -28,11 +29,11 @@ class PackedGrid(Grid):
         self.grid = grid
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # Flower's Run
+    def run(self) -> Run:
         return self.grid.run
 
-    def set_run(self, run_id: int) -> None:
-        self.grid.set_run(run_id)
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:

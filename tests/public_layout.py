@@ -11,8 +11,8 @@ from typing import Any
 import h5py
 
 from common.config import SiteConfig, parse_site_config
-from common.data.readers import ISMRMRD_NAMESPACE
 from common.data.demo import generate_demo
+from common.data.readers import ISMRMRD_NAMESPACE
 
 # What the generated fastMRI files hold, per scanner: the headers must reproduce this, not the names.
 FASTMRI_SCANNERS = {

@@ -94,7 +94,7 @@ def test_best_json_needs_the_checkpoint_and_rejects_bad_files(run: RunDir) -> No
     with pytest.raises(FedSenseError, match="no checkpoint"):
         run.write_best(3, "psnr", 20.0)
     run.best_path.write_text('{"round": "x"}')
-    with pytest.raises(FedSenseError, match="best.json"):
+    with pytest.raises(FedSenseError, match=r"best.json"):
         run.best()
     with pytest.raises(FedSenseError, match="select-metric"):
         BestTracker(run, "loss", patience=0)

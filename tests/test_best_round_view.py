@@ -53,5 +53,5 @@ def test_table_and_dashboard_show_best_round_and_export_command(run: RunDir) -> 
 
 def test_a_broken_best_json_is_named(run: RunDir) -> None:
     (run.path / "best.json").write_text('{"round": "two"}')
-    with pytest.raises(FedSenseError, match="best.json: needs round"):
+    with pytest.raises(FedSenseError, match=r"best.json: needs round"):
         read_best(run.path)

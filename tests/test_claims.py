@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_strategy import _task_identity, global_record, reply, shifted  # noqa: F401  (fixture)
 
 from common.errors import ConfigError
 from common.runconfig import RunConfig
 from server.claims import apply_caps
 from server.strategy import build_strategy, site_of, validate_updates
+from test_strategy import _task_identity, global_record, reply, shifted  # noqa: F401  (fixture)
 
 CAP = 10
 
@@ -54,7 +54,7 @@ def test_bad_site_caps_fail_at_start_naming_the_key(value: str) -> None:
         RunConfig.from_flat({"site-caps": value})
 
 
-def test_the_serverapp_clips_a_lying_site_and_records_it(small_sites: list, tmp_path) -> None:  # noqa: ANN001
+def test_the_serverapp_clips_a_lying_site_and_records_it(small_sites: list, tmp_path) -> None:
     """End to end with the real ServerApp and ClientApps (test_reliability_updates' loopback grid): site-c
     claims ten times its cap; the checkpoint is the aggregate with site-c weighted at its cap."""
     import copy
@@ -64,7 +64,7 @@ def test_the_serverapp_clips_a_lying_site_and_records_it(small_sites: list, tmp_
 
     lies: list = []
 
-    def liar(request, reply):  # noqa: ANN001, ANN202
+    def liar(request, reply):
         # Its own direction (every weight +0.1), so that how much it weighs shows in the aggregate.
         lie = forged(request, reply, {k: v + np.float32(0.1) for k, v in arrays_of(reply).items()})
         lie.content["metrics"]["num-examples"] = 10 * CAP

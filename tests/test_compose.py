@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from common import config_layers as layers
 from common.errors import ConfigError
 from common.registry import LOSSES, MODELS, STRATEGIES, TRACKERS
@@ -86,7 +87,7 @@ def test_node_minima_above_the_site_count_warn_when_defaulted_and_fail_when_chos
 
 
 def test_errors_name_the_source_and_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="^--set: proximal-mu: "):
+    with pytest.raises(ConfigError, match=r"^--set: proximal-mu: "):
         layers.resolve({layers.PYPROJECT: {"proximal-mu": 0.1}, layers.SET: {"proximal-mu": -1}})
     run_file = tmp_path / "run.toml"
     run_file.write_text('learnig-rate = 0.1\n')
@@ -95,7 +96,7 @@ def test_errors_name_the_source_and_key(tmp_path: Path) -> None:
     run_file.write_text('learning-rate = [\n')
     with pytest.raises(ConfigError, match=f"run file {run_file}: not valid TOML"):
         layers.read_run_file(run_file)
-    with pytest.raises(ConfigError, match="^simulate: name: "):
+    with pytest.raises(ConfigError, match=r"^simulate: name: "):
         layers.updated(RunConfig(), "simulate", name=3)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_bf16_training_and_evaluation_stay_close_to_fp32(name: str) -> None:
 class _Listed(list):
     """A list of batches with the ``dataset`` attribute ``train`` reports example counts from."""
 
-    dataset = [0, 1, 2]
+    dataset: ClassVar[list[int]] = [0, 1, 2]
 
 
 def test_cpu_allotment_follows_omp_then_cgroup_quota(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

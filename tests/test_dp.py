@@ -94,13 +94,13 @@ def test_clipped_per_sample_gradients_are_bounded_and_match_per_slice_backward(n
 
 
 def test_varnet_is_refused_because_its_sensitivity_net_batches_coils() -> None:
-    with pytest.raises(ConfigError, match="'varnet'.*per coil"):
+    with pytest.raises(ConfigError, match=r"'varnet'.*per coil"):
         check_model("varnet", small_model("varnet"))
 
 
 def test_batchnorm_is_refused_with_the_model_named() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3), torch.nn.BatchNorm2d(2))
-    with pytest.raises(ConfigError, match="'bn-net'.*BatchNorm"):
+    with pytest.raises(ConfigError, match=r"'bn-net'.*BatchNorm"):
         check_model("bn-net", model)
 
 

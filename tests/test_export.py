@@ -87,7 +87,7 @@ def test_card_must_be_valid(tmp_path: Path) -> None:
 
 def test_onnx_refuses_models_with_complex_operations() -> None:
     for name in ("unrolled", "varnet"):
-        with pytest.raises(ConfigError, match="cannot be exported.*exportable models: unet"):
+        with pytest.raises(ConfigError, match=r"cannot be exported.*exportable models: unet"):
             export_onnx(build_model(name))
 
 

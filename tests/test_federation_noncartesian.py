@@ -14,12 +14,11 @@ import torch
 
 from client.reconstruct import Reconstructor, reconstruct_files
 from common.artifact import load_artifact
-from common.metrics import psnr
-from server import cli
-
 from common.config import load_site_config
 from common.data.demo import generate_demo
+from common.metrics import psnr
 from common.runconfig import RunConfig
+from server import cli
 from server.simulate import simulate
 from server.store import GLOBAL_SITE
 from tests.conftest import ROOT, write_small_sites

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_readers import write_h5
 
 from common.config import parse_site_config
 from common.data import h5check
 from common.data.dataset import SiteDataset
 from common.errors import DataError
+from test_readers import write_h5
 
 SCANNER = {"field_strength_t": 3.0, "coils": 2, "matrix": [16, 16], "mask": "random", "acceleration": 2,
            "center_fraction": 0.2}
@@ -108,9 +108,8 @@ def test_a_site_with_a_hanging_file_replies_and_the_round_completes_with_the_oth
     """A real (simulated) federation: site-a holds the crafted file and keeps strict checking, so its
     ClientApp answers every request with an error reply within seconds, well before ``round-timeout``;
     each round completes with site-b and site-c."""
-    from conftest import write_small_sites
-
     from common.runconfig import RunConfig
+    from conftest import write_small_sites
     from server.simulate import simulate
     from server.store import GLOBAL_SITE
 

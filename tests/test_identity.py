@@ -13,18 +13,17 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
-from test_reliability_updates import TamperingGrid, _task_identity, train_summary  # noqa: F401 (fixture)
 
 import server.app
 from common.errors import ConfigError
 from common.runconfig import RunConfig
-from flwr.app import Context
 from server.identity import SiteIdentity, load_site_keys
 from server.pki import SITE_KEYS_FILE, generate_pki, key_fingerprint, rotate_site_key
 from server.receipts import read_receipts
 from server.store import GLOBAL_SITE, RunDir
+from test_reliability_updates import TamperingGrid, _task_identity, train_summary  # noqa: F401 (fixture)
 
 MODEL_ARGS = {"chans": 4, "num_pool_layers": 2}
 
@@ -83,7 +82,7 @@ class KeyedGrid(TamperingGrid):
         return [NodeInfo(node_id=n, public_key=self.keys.get(n, b"")) for n in self.contexts]
 
 
-def claims(name: str):  # noqa: ANN201 (a Tamper)
+def claims(name: str):  # returns a Tamper
     """The site's honest update, sent under another site's name."""
     def tamper(request: Message, honest: Message) -> Message:
         content = RecordDict({"arrays": ArrayRecord(dict(honest.content["arrays"])),
@@ -115,7 +114,7 @@ def test_a_site_claiming_another_sites_name_is_refused_and_its_cap_not_taken(
 ) -> None:
     caps = {"site-a": 1000, "site-b": 2, "site-c": 3}
     keys_for = {"site-a": "site-a", "site-b": "site-b"}  # site-c's node has a key that is not registered
-    grid, store = run_keyed(small_sites, tmp_path, {(1, "site-b"): claims("site-a")}, keys_for,
+    _, store = run_keyed(small_sites, tmp_path, {(1, "site-b"): claims("site-a")}, keys_for,
                             **{"site-caps": json.dumps(caps)})
     summary = train_summary(store, 1)
     assert summary["sites"] == ["site-a"]

@@ -32,7 +32,7 @@ def test_unrolled_keeps_each_cascades_last_conv_and_dc_weight() -> None:
 
 
 def test_unet_keeps_its_final_1x1_conv() -> None:
-    local, total, patterns = _local_count("unet", chans=16, num_pool_layers=2)
+    local, _total, patterns = _local_count("unet", chans=16, num_pool_layers=2)
     assert patterns == ("unet.up_conv.1.1.*",) and local == 16 + 1  # InstanceNorms carry no parameters
     assert personal_layers(build_model("unet", chans=8, num_pool_layers=3)) == ("unet.up_conv.2.1.*",)
 

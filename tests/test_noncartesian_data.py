@@ -18,8 +18,8 @@ from common.data.demo import generate_demo
 from common.data.noncartesian import scanner_trajectory, simulate_noncartesian
 from common.errors import ConfigError, DataError
 from common.metrics import psnr
-from common.trajectories import golden_angle_radial, radial_acceleration, variable_density_spiral
 from common.training import zero_filled
+from common.trajectories import golden_angle_radial, radial_acceleration, variable_density_spiral
 
 
 def _site(name: str, dataset: str, data_path: Path, **scanner: object) -> object:

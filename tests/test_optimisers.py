@@ -50,7 +50,7 @@ def site_updates(current: dict[str, np.ndarray], rnd: int) -> list[tuple[dict[st
             for n in (3, 9)]
 
 
-def server_round(strategy, rnd: int, current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
+def server_round(strategy, rnd: int, current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     list(strategy.configure_train(rnd, record(current), ConfigRecord(), TwoNodes()))
     replies = [reply(a, n) for a, n in site_updates(current, rnd)]
     arrays, _ = strategy.aggregate_train(rnd, replies)

@@ -23,8 +23,8 @@ from common.data.partition import (
 )
 from common.data.scanner_header import HeaderError, nominal_field, parse_scanner_header
 from common.errors import ConfigError, DataError, OutputError
-from server.cli import main as cli_main
 from public_layout import FASTMRI_SCANNERS, set_scanner, write_public_layout
+from server.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def test_split_by_fnmatch_patterns() -> None:
 
 def test_bad_patterns_are_config_errors() -> None:
     state = build_model("unet", **MODEL_ARGS).state_dict()
-    with pytest.raises(ConfigError, match="local-layers.*'unet.decoder.\\*'"):
+    with pytest.raises(ConfigError, match=r"local-layers.*'unet.decoder.\*'"):
         split_state(state, ("unet.up_conv.1.*", "unet.decoder.*"))
     with pytest.raises(ConfigError, match="nothing is left to share"):
         split_state(state, ("*",))
@@ -62,7 +63,7 @@ def batches(target_gain: float, n: int = 2) -> list[dict[str, object]]:
 
 
 class Loader(list):
-    dataset = [0, 0]
+    dataset: ClassVar[list[int]] = [0, 0]
 
 
 def test_fine_tune_keeps_the_best_validated_model_and_reports_it() -> None:

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_readers import ras_volume, write_h5, write_nifti
 
 from common.errors import ConfigError
 from common.preflight import check_sites
+from test_readers import ras_volume, write_h5, write_nifti
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDSENSE = Path(sys.executable).parent / "fedsense"

@@ -28,11 +28,11 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from test_readers import ras_volume, write_h5, write_nifti
 
 from common.config import SiteConfig, load_site_config, parse_site_config
 from common.data.dataset import SiteDataset
 from common.errors import ConfigError, DataError, FedSenseError
+from test_readers import ras_volume, write_h5, write_nifti
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNER = {"field_strength_t": 3.0, "coils": 2, "matrix": [16, 16], "mask": "random", "acceleration": 2,

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from common.runconfig import RunConfig
 from deployment import (
     Deployment,
     alive,
@@ -33,8 +35,6 @@ from deployment import (
     tiny_run,
     wait_for,
 )
-
-from common.runconfig import RunConfig
 from server.simulate import simulate
 from server.store import GLOBAL_SITE, RUNTIME_KEYS, RunDir
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deployment import Deployment, alive, tiny_run, wait_for
 
+from deployment import Deployment, alive, tiny_run, wait_for
 from server.store import GLOBAL_SITE, RunDir
 
 pytestmark = pytest.mark.slow

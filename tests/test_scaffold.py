@@ -75,8 +75,8 @@ def _federated(curvatures: list[np.ndarray], optima: list[np.ndarray], rounds: i
             a, b = torch.tensor(curvatures[i]), torch.tensor(optima[i])
 
             def quadratic(m: nn.Module, _batch: object) -> torch.Tensor:
-                d = m.w - b
-                return 0.5 * d @ a @ d
+                d = m.w - b  # noqa: B023 - used within this iteration
+                return 0.5 * d @ a @ d  # noqa: B023
 
             hook = ControlledSteps(model, {"w": torch.tensor(c.get("w", np.zeros(DIM)))}, local[i])
             train(model, _Batches(), steps=STEPS, batch_loss=quadratic,

@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
 import server.app
 from bench.loopback import FIRST_NODE, LoopbackGrid
 from client.transport import RECORDS
-from common.protocol import unpack_content
 from common.config import load_site_config
 from common.errors import ConfigError
+from common.protocol import unpack_content
 from common.runconfig import RunConfig
 from server.store import RunDir
 
@@ -156,7 +156,7 @@ def test_secure_aggregate_equals_fedavg_within_the_quantisation_bound(plain, sec
 
 
 def test_the_server_receives_no_individual_update(plain, secure) -> None:  # type: ignore[no-untyped-def]
-    updates, start, _ = plain
+    updates, _, _ = plain
     grid, _, _ = secure
     masked = []
     for msg in grid.received:
@@ -184,7 +184,7 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_sum(plain, smal
                                                                       tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     updates, start, _ = plain
     dropped_node = FIRST_NODE + 1  # the second site
-    grid, _, after = one_round(small_sites, tmp_path / "run", secagg=True,
+    _, _, after = one_round(small_sites, tmp_path / "run", secagg=True,
                                drop=(dropped_node, Stage.COLLECT_MASKED_VECTORS))
     gone = load_site_config(small_sites[1]).name
     survivors = {name: nu for name, nu in updates.items() if name != gone}

@@ -20,8 +20,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.monitoring import (DIR_PREFIX, MULTIPROC_ENV, SiteMetricsServer, counting_read_errors, serve_site_metrics,
-                               site_monitor)
+from client.monitoring import (
+    DIR_PREFIX,
+    MULTIPROC_ENV,
+    SiteMetricsServer,
+    counting_read_errors,
+    serve_site_metrics,
+    site_monitor,
+)
 from common.errors import DataError
 from server.store import RunDir
 
@@ -88,7 +94,7 @@ def test_a_read_error_that_ends_a_task_is_counted_and_still_raised() -> None:
     finally:
         server.close()
     assert values[("fedsense_site_data_read_errors_total", (("outcome", "fatal"),))] == 1
-    with pytest.raises(DataError, match="y.h5"):  # and in this (non-recording) process: raised as it was
+    with pytest.raises(DataError, match=r"y.h5"):  # and in this (non-recording) process: raised as it was
         counting_read_errors(lambda: (_ for _ in ()).throw(DataError("y.h5")))()
 
 

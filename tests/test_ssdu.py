@@ -85,7 +85,7 @@ def test_theta_is_drawn_with_a_density_that_falls_off_from_the_centre() -> None:
 
 def test_too_large_rho_is_refused_with_the_reason() -> None:
     omega = make_mask("equispaced", (32, 32), 2.0, 0.4, seed=0).mask > 0
-    with pytest.raises(ConfigError, match="run config: ssdu-rho: .*calibration region"):
+    with pytest.raises(ConfigError, match=r"run config: ssdu-rho: .*calibration region"):
         split_omega(omega, 0.9, np.random.default_rng(0))
 
 

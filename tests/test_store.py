@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import FedSenseError
 from common.atomic import atomic_write_bytes
+from common.errors import FedSenseError
 from server.store import RunDir
 from tests.sample_files import write_samples
 
@@ -45,11 +45,11 @@ def test_init_writes_config_with_status_and_refuses_a_different_run(run: RunDir)
     config = run.read_config()
     assert config["status"] == "running" and config["strategy"] == "fedprox"
     run.init(CONFIG | {"resume": False}, resume=False)  # the same run may be restarted
-    with pytest.raises(FedSenseError, match="different run.*strategy"):
+    with pytest.raises(FedSenseError, match=r"different run.*strategy"):
         run.init(CONFIG | {"strategy": "fedavg"}, resume=False)
     assert run.read_config()["strategy"] == "fedprox"
     # A resume continues the run's checkpoints: a different strategy is another run (issue #13).
-    with pytest.raises(FedSenseError, match="cannot resume.*differs in strategy"):
+    with pytest.raises(FedSenseError, match=r"cannot resume.*differs in strategy"):
         run.init(CONFIG | {"strategy": "fedavg"}, resume=True)
     assert run.read_config()["strategy"] == "fedprox"
 
@@ -214,10 +214,10 @@ def test_bad_samples_are_rejected(
 
 def test_read_config_errors_name_the_file(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    with pytest.raises(FedSenseError, match="config.json: not found"):
+    with pytest.raises(FedSenseError, match=r"config.json: not found"):
         run.read_config()
     run.config_path.write_text(json.dumps([1]))
-    with pytest.raises(FedSenseError, match="config.json: must hold a JSON object"):
+    with pytest.raises(FedSenseError, match=r"config.json: must hold a JSON object"):
         run.read_config()
 
 

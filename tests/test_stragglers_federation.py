@@ -15,7 +15,7 @@ import pytest
 from common.runconfig import RunConfig
 from server.receipts import RECEIVED_FILE, read_receipts
 from server.simulate import SimResources, simulate
-from server.store import GLOBAL_SITE, RunDir
+from server.store import GLOBAL_SITE
 
 pytestmark = pytest.mark.slow
 

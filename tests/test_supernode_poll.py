@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import inspect
+import logging
 import threading
 import time
 import types
@@ -220,7 +220,7 @@ def test_object_pulls_retry_after_tenths_of_a_second_with_the_patch(object_waits
     assert supernode_poll.install_object_pulls()
     assert _pull_missing_three_times(objects) == {"a": b"weights"}
     assert object_waits == pytest.approx([0.05, 0.1, 0.2], rel=0.21)  # Flower adds ±20 % jitter
-    assert flower.pull_objects is not objects.pull_objects and getattr(flower.pull_objects, "__fedsense_poll__")
+    assert flower.pull_objects is not objects.pull_objects and flower.pull_objects.__fedsense_poll__
     assert supernode_poll.install_object_pulls()  # idempotent: not wrapped twice
     assert flower.pull_objects.__wrapped__.__name__ == "pull_objects" and not hasattr(
         flower.pull_objects.__wrapped__, "__fedsense_poll__")

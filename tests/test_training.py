@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -81,7 +84,7 @@ def test_mu_zero_gives_exactly_a_plain_training_run() -> None:
 class _GradientSpy(torch.optim.Adam):
     """Adam that records the gradients it is asked to apply."""
 
-    seen: list[list[torch.Tensor]] = []
+    seen: ClassVar[list[list[torch.Tensor]]] = []
 
     def step(self, closure=None):  # type: ignore[no-untyped-def]
         _GradientSpy.seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
@@ -146,4 +149,4 @@ def test_on_step_is_called_once_after_each_optimiser_step() -> None:
     # Each call sees the weights after one more step: a different value every time, as many calls as steps.
     result = train(model, loader(synthetic_samples(4)), steps=5, on_step=lambda: seen.append(first.detach().clone()))
     assert result.steps == len(seen) == 5
-    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(seen))

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from client.supernode import build_supernode_command
 from common.errors import ConfigError
 from server.pki import Pki, generate_pki
-from client.supernode import build_supernode_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

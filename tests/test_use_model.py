@@ -95,7 +95,7 @@ def test_a_changed_byte_or_a_foreign_card_is_refused(trained_run: Path, artifact
     blob = bytearray((tampered / WEIGHTS_FILE).read_bytes())
     blob[-5] ^= 0x01  # one bit of one weight
     (tampered / WEIGHTS_FILE).write_bytes(bytes(blob))
-    with pytest.raises(DataError, match="SHA-256 .* does not match"):
+    with pytest.raises(DataError, match=r"SHA-256 .* does not match"):
         load_artifact(tampered)
 
     other = tmp_path / "round1"
@@ -118,7 +118,7 @@ def test_round_best_reads_best_json(trained_run: Path, tmp_path: Path) -> None:
     recorded = path.read_bytes() if path.exists() else None  # the baseline keeps its own best.json
     path.unlink(missing_ok=True)
     try:
-        with pytest.raises(FedSenseError, match="run has no best.json; use --round last|N"):
+        with pytest.raises(FedSenseError, match=r"run has no best\.json; use --round last\|N"):
             export_run(trained_run, tmp_path / "none", which="best")
         best = {"round": 1, "metric": "psnr", "value": 30.0, "checkpoint": "checkpoints/round-0001.pt"}
         path.write_text(json.dumps(best))
@@ -172,7 +172,7 @@ def test_evaluate_cs_baseline_scores_every_site(small_sites: list[Path], artifac
 
 
 def _fastmri_file(small_sites: list[Path]) -> Path:
-    config, datasets = load_site(str(small_sites[0]))
+    _, datasets = load_site(str(small_sites[0]))
     test_file = datasets["test"].reader.examples[datasets["test"].indices[0]].path
     return test_file
 

@@ -12,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from deployment import Deployment, tiny_run, wait_for
 
 from deploy.wan.proxy import ProxyThread, profile
+from deployment import Deployment, tiny_run, wait_for
 from server.receipts import RECEIVED_FILE, read_receipts
 from server.store import GLOBAL_SITE, RunDir
 

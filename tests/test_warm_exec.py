@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from client.supernode import build_parser, build_superexec_command, build_supernode_command
 from deployment import Deployment, alive, process_tree, tiny_run
 from server.store import GLOBAL_SITE, RunDir
-from client.supernode import build_parser, build_superexec_command, build_supernode_command
 
 
 def test_the_warm_command_pair(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def smooth_phase(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray
     terms = [np.ones(shape), x, y, x * x, x * y, y * y]
     scales = [np.pi, 1.0, 1.0, 0.5, 0.5, 0.5]
     coefficients = [rng.uniform(-s, s) for s in scales]
-    return sum(c * t for c, t in zip(coefficients, terms, strict=True))
+    return sum((c * t for c, t in zip(coefficients, terms, strict=True)), np.zeros(shape))
 
 
 @lru_cache(maxsize=16)

@@ -184,7 +184,7 @@ class Acquisition:
 def acquired_mask(pattern: str, shape: tuple[int, int], acceleration: float, center_fraction: float, seed: int,
                   acquired_columns: tuple[int, int] | None) -> np.ndarray:
     """The sampling mask of one slice, never over k-space columns the scanner did not acquire."""
-    mask = make_mask(pattern, tuple(shape), acceleration, center_fraction, seed).mask.copy()
+    mask = make_mask(pattern, (shape[0], shape[1]), acceleration, center_fraction, seed).mask.copy()
     if acquired_columns is not None:
         left, right = acquired_columns
         mask[:, :left] = 0.0
@@ -207,6 +207,7 @@ def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int, *,
         kspace, simulated = simulation.kspace, simulation.target
     else:
         kspace = data
+    assert scanner.mask is not None and scanner.center_fraction is not None  # a Cartesian scanner
     mask = acquired_mask(scanner.mask, kspace.shape[-2:], scanner.acceleration, scanner.center_fraction, seed,
                          meta.acquired_columns)
     masked = (kspace * mask).astype(np.complex64)

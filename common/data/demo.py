@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import shutil
 import time
 import tomllib
 import xml.etree.ElementTree as ET
@@ -24,19 +23,18 @@ import h5py
 import nibabel as nib
 import numpy as np
 
+from common.atomic import atomic_dir, atomic_write_bytes
 from common.coils import rss
-from common.atomic import atomic_write_bytes
 from common.config import SiteConfig, load_site_config, parse_site_config
 from common.data.acquisition import simulate_acquisition
 from common.data.noncartesian import simulate_noncartesian
 from common.data.noncartesian_h5 import ISMRMRD_TRAJECTORY, write_noncartesian_h5
 from common.data.phantom import Subject, make_subject
 from common.data.readers import ISMRMRD_NAMESPACE
-from common.atomic import atomic_dir
 from common.errors import ConfigError, FedSenseError, OutputError
 from common.fft import ifft2c_np
-from common.outputs import check_can_write
 from common.masks import seed_for
+from common.outputs import check_can_write
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +291,8 @@ def _ismrmrd_header(
         for axis, value in zip("xyz", (size, size, 1), strict=True):
             sub(matrix, axis, value)
         fov = sub(element, "fieldOfView_mm")
-        for axis, value in zip("xyz", (FOV_MM, FOV_MM, thickness), strict=True):
-            sub(fov, axis, f"{value:g}")
+        for axis, size_mm in zip("xyz", (FOV_MM, FOV_MM, thickness), strict=True):
+            sub(fov, axis, f"{size_mm:g}")
     limits = sub(encoding, "encodingLimits")
     for name, maximum in (("kspace_encoding_step_1", size - 1), ("slice", num_slices - 1)):
         limit = sub(limits, name)

@@ -77,7 +77,7 @@ def check_files(paths: Sequence[Path], timeout: float = DEFAULT_TIMEOUT) -> dict
     todo = [p for p, k in keys.items() if k is not None and k not in _memory]
     if todo:
         found = _run_children(todo, timeout)
-        fresh = {keys[p]: found[p] for p in todo if keys[p] is not None}
+        fresh = {key: found[p] for p in todo if (key := keys[p]) is not None}
         _memory.update(fresh)
         _save_disk_cache({k: v for k, v in fresh.items() if v is None or not v.startswith(TIMED_OUT)})
     return {p: (_memory.get(k) if k is not None else None) for p, k in keys.items()}
@@ -171,7 +171,7 @@ def _child_main() -> None:
         out.flush()
         try:
             _touch(path)
-        except Exception:  # noqa: BLE001 - the reader in the parent reports it with its own message
+        except Exception:  # the reader in the parent reports it with its own message
             pass
         out.write(json.dumps({"done": index}) + "\n")
         out.flush()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ def _nibabel_epi() -> list[HeldOutImage]:
 
     path = _package_file("nibabel", "tests", "data", "example4d.nii.gz")
     try:
-        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)[..., 0]  # first time point
+        volume = np.asarray(cast(nib.Nifti1Image, nib.load(path)).dataobj, dtype=np.float32)[..., 0]  # first time point
     except (OSError, nib.filebasedimages.ImageFileError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
     threshold = 0.1 * float(volume.max())
@@ -99,6 +99,7 @@ def heldout_sample(item: HeldOutImage, scanner: ScannerConfig, seed: int = 0) ->
     slice_seed = seed_for(seed, item.name, 0)
     acquisition = simulate_acquisition(item.image, scanner, slice_seed, image_max=float(item.image.max()))
     shape = acquisition.kspace.shape[-2:]
+    assert scanner.mask is not None and scanner.center_fraction is not None  # a Cartesian scanner
     mask = make_mask(scanner.mask, shape, scanner.acceleration, scanner.center_fraction, slice_seed).mask
     masked = (acquisition.kspace * mask).astype(np.complex64)
     zero_filled = rss(ifft2c_np(masked), dim=0)
@@ -141,7 +142,7 @@ def score_heldout(model: torch.nn.Module, scanner: ScannerConfig, seed: int = 0,
     scores = []
     for item in images if images is not None else load_heldout_images():
         sample = heldout_sample(item, scanner, seed)
-        batch = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in sample.items()}
+        batch: dict[str, object] = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in sample.items()}
         target = sample["target"].numpy()
         maxval = float(target.max())
         scores.append(HeldOutScore(

@@ -7,8 +7,8 @@ splits with the same masks.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ def load_site(path: str) -> tuple[SiteConfig, dict[str, SiteDataset]]:
     else:
         datasets = build_site_datasets(config)
     logger.info("site %s: %s", config.name, {split: len(ds) for split, ds in datasets.items()})
-    return config, datasets
+    return config, dict(datasets.items())
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, augment: bool = False) -> DataLoader:
@@ -57,7 +57,7 @@ class EpochLoader(DataLoader):
         self.augment_seed = augment_seed
         self.passes = 0
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch's stub names its private iterator
         set_pass(self.dataset, None if self.augment_seed is None else (self.augment_seed, self.passes))
         self.passes += 1
         return super().__iter__()
@@ -91,7 +91,7 @@ class InterleavedLoader:
         if not loaders:
             raise ValueError("InterleavedLoader needs at least one loader")
         self.loaders = loaders
-        self.dataset = ConcatDataset([loader.dataset for loader in loaders])
+        self.dataset: ConcatDataset[Any] = ConcatDataset([loader.dataset for loader in loaders])
 
     def __len__(self) -> int:
         return sum(len(loader) for loader in self.loaders)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,8 +22,8 @@ from common.atomic import atomic_write_bytes
 from common.config import format_validation_error
 from common.errors import ConfigError
 
-MANIFEST_FORMAT = "fedsense-dataset-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_FORMAT: Final = "fedsense-dataset-manifest"
+MANIFEST_VERSION: Final = 1
 _CHUNK = 1 << 20
 
 
@@ -87,7 +87,7 @@ def build_manifest(
     return DatasetManifest(
         site=site,
         dataset=dataset,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         digest=files_digest(ordered),
         files=ordered,
         skipped=sorted(skipped, key=lambda s: s.name),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ def noncartesian_sample(config: SiteConfig, data: np.ndarray, meta: SliceMeta, s
                         "non-Cartesian HDF5 files; this file holds Cartesian k-space")
     scale = _scale(samples, trajectory, (int(target.shape[-2]), int(target.shape[-1])))
     return {
-        "masked_kspace": samples * np.float32(scale),
+        "masked_kspace": samples * scale,
         "mask": trajectory,
         "sens_maps": maps.to(torch.complex64),
         "target": torch.from_numpy(np.asarray(target, dtype=np.float32) * np.float32(scale)),
@@ -121,7 +122,7 @@ def _scale(samples: torch.Tensor, trajectory: torch.Tensor, shape: tuple[int, in
     return 1.0 / peak if peak > 0 else 1.0
 
 
-def prepare_stored(samples: np.ndarray, coords: np.ndarray, shape: tuple[int, int]) -> dict[str, object]:
+def prepare_stored(samples: np.ndarray, coords: np.ndarray, shape: tuple[int, int]) -> dict[str, Any]:
     """Model inputs of one stored non-Cartesian slice (training and ``fedsense reconstruct`` alike).
 
     ``samples`` (C, K) and ``coords`` (K, 2) as read from the file; returns scaled samples, the trajectory
@@ -131,7 +132,7 @@ def prepare_stored(samples: np.ndarray, coords: np.ndarray, shape: tuple[int, in
     trajectory = file_trajectory(coords, shape)
     maps = estimate_maps_from_centre(samples_t, trajectory[:, :2], trajectory[:, 2], shape)
     scale = _scale(samples_t, trajectory, shape)
-    return {"masked_kspace": samples_t * np.float32(scale), "mask": trajectory,
+    return {"masked_kspace": samples_t * scale, "mask": trajectory,
             "sens_maps": maps.to(torch.complex64), "scale": float(scale)}
 
 

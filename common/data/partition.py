@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import h5py
 import nibabel as nib
@@ -258,7 +258,7 @@ def _discover_nifti(dataset: str, root: Path, wanted: Sequence[str]) -> tuple[li
 def _nifti_axial_slices(path: Path) -> int:
     """Axial slice count from the header alone (the reader's full scan is ``data check``'s job)."""
     try:
-        img = nib.load(path)
+        img = cast(nib.spatialimages.SpatialImage, nib.load(path))
         codes = nib.aff2axcodes(img.affine)
     except _NIFTI_ERRORS as exc:
         raise DataError(f"{path}: unreadable NIfTI header ({exc})") from exc
@@ -538,7 +538,7 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        sites, tomls, methods = [], [], Counter()
+        sites, tomls, methods = [], [], Counter[str]()
         for index, (name, volumes) in enumerate(groups.items()):
             for v in volumes:
                 methods[_link(v.path, staging / name / v.rel, spec.link)] += 1
@@ -623,7 +623,7 @@ def _written_files(folder: Path) -> dict[str, str]:
     """Every file of a partition folder but the marker: relative path -> SHA-256 (TOMLs, summary) or "link"."""
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.name == MARKER or path.is_dir() and not path.is_symlink():
+        if path.name == MARKER or (path.is_dir() and not path.is_symlink()):
             continue
         rel = path.relative_to(folder).as_posix()
         files[rel] = _sha256(path) if path.parent == folder else "link"

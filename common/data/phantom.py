@@ -25,6 +25,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -96,7 +97,7 @@ def load_template() -> Template:
     for key, name in TEMPLATE_FILES.items():
         path = template_dir() / name
         try:
-            img = nib.load(path)
+            img = cast(nib.Nifti1Image, nib.load(path))
             arrays[key] = np.asarray(img.dataobj, dtype=np.float32) / 255.0
         except (OSError, nib.filebasedimages.ImageFileError) as exc:
             raise DataError(f"{path}: cannot read the MNI template: {exc}") from exc

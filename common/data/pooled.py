@@ -10,6 +10,7 @@ the same number of steps however few slices it has).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, default_collate
@@ -31,7 +32,7 @@ class PooledLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.datasets = list(datasets)
         self.batch_size = batch_size
-        self.dataset = ConcatDataset(self.datasets)
+        self.dataset: ConcatDataset[Any] = ConcatDataset(self.datasets)
         self.generator = torch.Generator().manual_seed(seed)
         # As make_loader's: with augment every pass draws fresh masks (and simulated noise and phase).
         self.augment_seed, self.passes = (seed if augment else None), 0
@@ -46,7 +47,7 @@ class PooledLoader:
         return [batches[i] for i in permutation]
 
     def __len__(self) -> int:
-        return sum(-(-len(d) // self.batch_size) for d in self.datasets)  # type: ignore[arg-type]
+        return sum(-(-len(d) // self.batch_size) for d in self.datasets)  # type: ignore[arg-type,misc]  # sized datasets
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         set_pass(self.dataset, None if self.augment_seed is None else (self.augment_seed, self.passes))

@@ -19,15 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import h5py
 import nibabel as nib
 import numpy as np
 
 from common.config import BRATS_ALIASES, SiteConfig
-from common.data import index_cache
-from common.data import h5check
+from common.data import h5check, index_cache
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ class SliceReader(ABC):
         }
 
     @classmethod
-    def restore(cls, root: Path, state: dict[str, Any]) -> "SliceReader":
+    def restore(cls, root: Path, state: dict[str, Any]) -> SliceReader:
         """A reader with the index of :meth:`index_state`, without opening any file."""
         reader = cls.__new__(cls)
         reader.root = root
@@ -256,7 +255,7 @@ class FastMRIReader(SliceReader):
 
     format_name = "fastMRI HDF5"
     expected_names = "*.h5 with a 'kspace' dataset"
-    _info_type = _H5Info
+    _info_type: type = _H5Info
 
     def __init__(
         self,
@@ -268,7 +267,7 @@ class FastMRIReader(SliceReader):
         **kwargs,
     ) -> None:
         self._contrasts = {c.upper() for c in contrasts}
-        self._info: dict[Path, _H5Info] = {}
+        self._info: dict[Path, Any] = {}  # _H5Info, or a subclass's own record
         # Every file is first read in a child process with a time limit: a file that hangs or crashes
         # libhdf5 is a DataError here (or skipped), never a site that stops answering.
         try:
@@ -434,7 +433,7 @@ _SCAN_CACHE: dict[tuple[str, int, int, float], NiftiInfo] = {}
 
 def _load_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     try:
-        return nib.load(path)
+        return cast(nib.spatialimages.SpatialImage, nib.load(path))
     except _NIFTI_ERRORS as exc:
         raise DataError(f"{path}: unreadable NIfTI ({exc})") from exc
 
@@ -620,7 +619,7 @@ def find_fastmri_files(root: Path) -> list[SourceFile]:
 
 
 def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROUND,
-                cache_dir: Path | None | Literal["default"] = "default") -> SliceReader:
+                cache_dir: Path | Literal["default"] | None = "default") -> SliceReader:
     """The reader for a site's dataset kind, indexed over ``config.data_path``.
 
     The index comes from the site's index cache (``cache_dir``; by default

@@ -88,6 +88,7 @@ class ReferencedDataset(AcquiredDataset):
             return super()._sample(example_index)
         data, meta = self.reader.read_slice(example_index)
         sample, simulated = self._acquire(example_index, data, meta)
+        volume_max: float | None
         if simulated is not None:
             full_target, volume_max = simulated, 1.0  # simulate_acquisition divides by the volume maximum
         else:

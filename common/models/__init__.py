@@ -10,10 +10,10 @@ import inspect
 from torch import nn
 
 from common.errors import ConfigError
-from common.registry import MODELS, check_implemented
 from common.models.unet import UnetRecon
 from common.models.unrolled import UnrolledNet
 from common.models.varnet import VarNet
+from common.registry import MODELS, check_implemented
 
 _REGISTRY: dict[str, type[nn.Module]] = {"unet": UnetRecon, "unrolled": UnrolledNet, "varnet": VarNet}
 
@@ -55,4 +55,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "model_name", "UnetRecon", "UnrolledNet", "VarNet"]
+__all__ = ["MODEL_NAMES", "UnetRecon", "UnrolledNet", "VarNet", "build_model", "count_parameters", "model_name"]

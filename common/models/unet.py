@@ -1,5 +1,7 @@
 """fastMRI-style U-Net, its complex-image wrapper, and the end-to-end U-Net reconstruction baseline."""
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -166,7 +168,8 @@ class UnetRecon(nn.Module):
         self.residual = residual
         if residual:
             # Zero the last 1x1 conv: the untrained model is then exactly the zero-filled image.
-            head = self.unet.up_conv[-1][-1]
+            head = cast(nn.Sequential, self.unet.up_conv[-1])[-1]
+            assert isinstance(head, nn.Conv2d) and head.bias is not None
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 

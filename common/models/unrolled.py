@@ -9,12 +9,15 @@ Non-Cartesian batches (samples (B, C, K) and a trajectory tensor (B, K, 3) in pl
 step, :mod:`common.noncartesian_dc`), so Cartesian and radial/spiral sites train one shared model.
 """
 
+from collections.abc import Iterable
+from typing import cast
+
 from torch import Tensor, nn
 
 from common.coils import sense_adjoint
 from common.dc import DataConsistency
 from common.fft import channels_to_complex, complex_to_channels
-from common.noncartesian_dc import cg_sense_dc, gradient_dc, run_cascades
+from common.noncartesian_dc import NonCartesianCascade, cg_sense_dc, gradient_dc, run_cascades
 from common.nufft import SenseNufft, is_non_cartesian
 
 NC_DC_KINDS = ("cg", "gradient")
@@ -98,7 +101,7 @@ class UnrolledNet(nn.Module):
     def reconstruct(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """The coil-combined complex reconstruction (B, H, W), before taking the magnitude."""
         if is_non_cartesian(masked_kspace):
-            return run_cascades(self.cascades, masked_kspace, mask, sens_maps)
+            return run_cascades(cast(Iterable[NonCartesianCascade], self.cascades), masked_kspace, mask, sens_maps)
         image = sense_adjoint(masked_kspace, sens_maps)
         for cascade in self.cascades:
             image = cascade(image, masked_kspace, mask, sens_maps)

@@ -14,13 +14,16 @@ own (estimated from its k-space centre), and the sensitivity network, which read
 left as received.
 """
 
+from collections.abc import Iterable
+from typing import cast
+
 from torch import Tensor, nn
 
 from common.coils import estimate_maps_from_acs, rss, sense_adjoint, sense_forward
 from common.dc import GradientDC
 from common.fft import ifft2c
 from common.models.unet import NormUnet
-from common.noncartesian_dc import run_cascades
+from common.noncartesian_dc import NonCartesianCascade, run_cascades
 from common.nufft import SenseNufft, is_non_cartesian
 
 
@@ -117,5 +120,5 @@ class VarNet(nn.Module):
         given maps are used (normalised to sum_c |S_c|^2 = 1, so |x| is the RSS of the coil images S x).
         """
         if is_non_cartesian(masked_kspace):
-            return run_cascades(self.cascades, masked_kspace, mask, sens_maps).abs()
+            return run_cascades(cast(Iterable[NonCartesianCascade], self.cascades), masked_kspace, mask, sens_maps).abs()
         return rss(ifft2c(self.reconstruct_kspace(masked_kspace, mask, sens_maps)), dim=1)

@@ -31,7 +31,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Self
@@ -338,7 +337,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def _partition(text: str) -> tuple[float, float]:
-    at, sep, seconds = text.partition(":")
+    at, _, seconds = text.partition(":")
     try:
         return float(at), float(seconds)
     except ValueError:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -77,7 +77,7 @@ class ServerMetrics(Observer):
             self.phase.state("finetune" if kind.endswith("finetune") else kind if kind in PHASE_STATES else "train")
             for config in msg.content.config_records.values():
                 if "server-round" in config:
-                    self.round.set(int(config["server-round"]))
+                    self.round.set(int(cast(int, config["server-round"])))
             break
         self._count("sent", messages)
 

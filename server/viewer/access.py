@@ -44,7 +44,7 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
         return token, False
     token = secrets.token_urlsafe(24)
 
-    def write(stream) -> None:  # noqa: ANN001 - a binary stream
+    def write(stream) -> None:  # stream: a binary file object
         os.fchmod(stream.fileno(), 0o600)
         stream.write(token.encode() + b"\n")
 
@@ -55,7 +55,7 @@ def load_or_create_token(path: Path) -> tuple[str, bool]:
     return token, True
 
 
-def presented(headers, query: dict[str, list[str]]) -> tuple[str | None, bool]:  # noqa: ANN001 - http headers
+def presented(headers, query: dict[str, list[str]]) -> tuple[str | None, bool]:  # headers: the request's http headers
     """The token a request carries and whether it came in the query (then a cookie is set)."""
     if query.get("token"):
         return query["token"][0], True

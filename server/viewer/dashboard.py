@@ -25,8 +25,8 @@ from common.errors import FedSenseError
 from server.best import best_summary, export_command, read_best
 from server.store import RunDir
 from server.viewer import access
-from server.viewer.run_view import COLUMNS, load_run
 from server.viewer.plots import figure_png, samples_figure
+from server.viewer.run_view import COLUMNS, load_run
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class DashboardServer(ThreadingHTTPServer):
     def url(self) -> str:
         """Where a browser reaches the page (the bound port, also when 0 was asked for)."""
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET or AF_INET6 address
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"http://{shown}:{port}/"
 
@@ -96,7 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: DashboardServer
     server_version = "FedSenseDashboard"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server's naming
         url = urlsplit(self.path)
         self._cookie = ""
         if self.server.token is not None:
@@ -187,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
         logger.debug("dashboard %s: " + format, self.address_string(), *args)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from common.atomic import atomic_write_bytes
 from common.errors import FedSenseError
@@ -123,7 +124,9 @@ def _decorate(ax: Axes, title: str, metric: str) -> None:
     ax.set_title(title, loc="left", fontsize=11)
     ax.set_xlabel("round")
     ax.set_ylabel(METRIC_LABELS[metric])
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    locator = ax.xaxis.get_major_locator()
+    assert isinstance(locator, MaxNLocator)  # matplotlib's default AutoLocator
+    locator.set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="best")
 
