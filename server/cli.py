@@ -129,7 +129,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common.preflight import check_sites
     from server.readiness import check_readiness
     from server.simulate import SimResources, simulate
-    from server.site_errors import finished_without, missed_phases, reporting_site_errors
+    from server.site_errors import (
+        finished_without,
+        missed_phases,
+        reporting_site_errors,
+    )
 
     run = _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{flat['name']}"})
     _claim_run_dir(run, run.resume, args.overwrite)

@@ -124,10 +124,9 @@ def test_sigint_raises_keyboard_interrupt_even_when_inherited_as_ignored() -> No
     """A command started from a background shell job inherits SIGINT ignored: Ctrl-C must still stop it."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            with ProcessTree(grace=2.0):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(5)  # the handler raises before this ends
+        with pytest.raises(KeyboardInterrupt), ProcessTree(grace=2.0):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises before this ends
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # what the caller had is back
     finally:
         signal.signal(signal.SIGINT, previous)
