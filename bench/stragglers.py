@@ -50,7 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slices", type=int, default=6)
     parser.add_argument("--client-cpus", type=int, default=1, help="cores (and torch threads) per simulated site")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
+    args = parser.parse_args(argv)
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or not args.arms:
+        parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+    return args
 
 
 def sites(args: argparse.Namespace) -> list[Path]:
@@ -104,10 +110,15 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             raise FedSenseError(f"{args.out} exists; pass --overwrite to replace it")
         shutil.rmtree(args.out)
     paths = sites(args)
-    results = {name: run_arm(args, name, paths) for name in ARMS}
-    base = results["no deadline"]
-    rows = [(name, f"{r['round_seconds']:.2f}", f"{r['round_seconds'] / base['round_seconds']:.2f}×",
-             f"{r['stragglers']:.2f}", f"{r['psnr']:.2f}", f"{r['psnr'] - base['psnr']:+.2f}")
+    results = {name: run_arm(args, name, paths) for name in args.arms}
+    base = results.get("no deadline")
+
+    def ratio(r: dict[str, float]) -> tuple[str, str]:
+        if base is None:
+            return "-", "-"
+        return f"{r['round_seconds'] / base['round_seconds']:.2f}×", f"{r['psnr'] - base['psnr']:+.2f}"
+
+    rows = [(name, f"{r['round_seconds']:.2f}", ratio(r)[0], f"{r['stragglers']:.2f}", f"{r['psnr']:.2f}", ratio(r)[1])
             for name, r in results.items()]
     print(f"{args.rounds} rounds, {args.local_steps} local steps, {SLOW_SITE} {args.slowdown:g}× slower, "
           f"round-deadline {args.deadline:g} s, seed {args.seed}")
