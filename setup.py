@@ -18,8 +18,10 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 # (source files, destination package folder inside the build)
-SHIPPED = ((sorted((ROOT / "deploy" / "sites").glob("*.toml")), Path("common/data/demo_sites")),
-           ([ROOT / "pyproject.toml"], Path("server/flwr_app")))
+SHIPPED = (
+    (sorted((ROOT / "deploy" / "sites").glob("*.toml")), Path("common/data/demo_sites")),
+    ([ROOT / "pyproject.toml"], Path("server/flwr_app")),
+)
 
 
 class BuildWithRuntimeFiles(build_py):

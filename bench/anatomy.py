@@ -41,8 +41,18 @@ def subjects(variation: Variation, count: int, size: int, seed: int) -> list[Sub
     """``count`` subjects as the BraTS-like demo site draws them (16 axial 6 mm slices), every third with a
     tumour; the same seed gives the same draws whatever the variation."""
     rng = np.random.default_rng(seed)
-    return [make_subject(rng, size, 16, slice_thickness_mm=6.0, z_start_mm=float(rng.uniform(-5.0, 5.0)),
-                         lesion=i % 3 == 0, variation=variation) for i in range(count)]
+    return [
+        make_subject(
+            rng,
+            size,
+            16,
+            slice_thickness_mm=6.0,
+            z_start_mm=float(rng.uniform(-5.0, 5.0)),
+            lesion=i % 3 == 0,
+            variation=variation,
+        )
+        for i in range(count)
+    ]
 
 
 def _moments(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,8 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     parser.add_argument("--subjects", type=int, default=12, help="subjects per variation model")
     parser.add_argument("--size", type=int, default=96, help="in-plane matrix")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--montage", type=Path, default=ROOT / "docs" / "anatomy-montage.png",
-                        help="where the montage PNG goes (an existing file is replaced)")
+    parser.add_argument(
+        "--montage",
+        type=Path,
+        default=ROOT / "docs" / "anatomy-montage.png",
+        help="where the montage PNG goes (an existing file is replaced)",
+    )
     args = parser.parse_args(argv)
     if args.subjects < 2:
         parser.error("--subjects: at least 2 (the NMSE compares pairs)")
@@ -146,16 +160,38 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     for name, variation in VARIATIONS.items():
         groups[name] = subjects(variation, args.subjects, args.size, args.seed)
         results[name] = spread(groups[name])
-    print(f"\n### Inter-subject spread: {args.subjects} subjects per model, {args.size}², T1, seed {args.seed} "
-          "(mean (min – max) over subjects; NMSE: median [IQR] over subject pairs x 6 slices)\n")
+    print(
+        f"\n### Inter-subject spread: {args.subjects} subjects per model, {args.size}², T1, seed {args.seed} "
+        "(mean (min – max) over subjects; NMSE: median [IQR] over subject pairs x 6 slices)\n"
+    )
     rows = []
     for name, r in results.items():
         q1, med, q3 = np.percentile(r["nmse"], [25, 50, 75])
-        rows.append((name, f"{med:.3f} [{q1:.3f}, {q3:.3f}]", _range(r["brain"], 0),
-                     f"{100 * r['brain'].std() / r['brain'].mean():.1f} %", _range(r["csf"], 0),
-                     _range(r["wmh"]), _range(r["tumour"])))
-    print(markdown_table(("subjects", "NMSE after affine alignment", "brain in FOV (mL)", "brain CV",
-                          "CSF (mL)", "WMH load (mL)", "tumour (mL; every 3rd subject has one)"), rows))
+        rows.append(
+            (
+                name,
+                f"{med:.3f} [{q1:.3f}, {q3:.3f}]",
+                _range(r["brain"], 0),
+                f"{100 * r['brain'].std() / r['brain'].mean():.1f} %",
+                _range(r["csf"], 0),
+                _range(r["wmh"]),
+                _range(r["tumour"]),
+            )
+        )
+    print(
+        markdown_table(
+            (
+                "subjects",
+                "NMSE after affine alignment",
+                "brain in FOV (mL)",
+                "brain CV",
+                "CSF (mL)",
+                "WMH load (mL)",
+                "tumour (mL; every 3rd subject has one)",
+            ),
+            rows,
+        )
+    )
     before, after = (np.median(r["nmse"]) for r in results.values())
     print(f"\nmedian inter-subject NMSE, patients / template warps: {after / before:.2f}x")
     montage(groups["patients (now)"], args.montage)

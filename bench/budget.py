@@ -53,8 +53,12 @@ def _variant(run: RunConfig, out: Path, kind: str, **update: object) -> RunConfi
     return updated(run, f"variant {kind}", name=name, run_dir=str(out / name), **update)
 
 
-def site_psnr(model: str, model_args: dict[str, int], data: dict[str, dict[str, SiteDataset]],
-              states: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+def site_psnr(
+    model: str,
+    model_args: dict[str, int],
+    data: dict[str, dict[str, SiteDataset]],
+    states: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, float]:
     """Mean test PSNR per site of the per-site weights ``states`` (one model per site)."""
     out = {}
     for site, weights in states.items():
@@ -90,12 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     """Train each model for the largest budget, score the test split at every checkpoint, print the gaps."""
     args = parse_args(argv)
     started = start_bench("budget", args.threads)
-    print(f"R = {args.acceleration:g}, {args.size}², {args.subjects} subjects/site, {args.local_steps} local steps x "
-          f"batch {args.batch} per round and site (centralized: 3x that per round), Adam lr {args.lr}")
+    print(
+        f"R = {args.acceleration:g}, {args.size}², {args.subjects} subjects/site, {args.local_steps} local steps x "
+        f"batch {args.batch} per round and site (centralized: 3x that per round), Adam lr {args.lr}"
+    )
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
-    sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices,
-                        acceleration=args.acceleration)
+    sites = write_sites(
+        out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=args.acceleration
+    )
     data = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
     names = list(data)
     smallest = min(names, key=lambda n: len(data[n]["train"]))
@@ -104,8 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         model, model_args = MODELS[label]
         test_psnr = partial(site_psnr, model, model_args, data)
         run = run_config(args, model, model_args, sites, out / model)
-        stores = {kind: Baseline(kind, _variant(run, out, kind)).execute()  # type: ignore[arg-type]
-                  for kind in ("local", "centralized")}
+        stores = {
+            kind: Baseline(kind, _variant(run, out, kind)).execute()  # type: ignore[arg-type]
+            for kind in ("local", "centralized")
+        }
         fedavg = {}
         for rnd, state in emulate_fedavg(run, data):  # type: ignore[arg-type]
             if rnd in args.checkpoints:
@@ -117,23 +126,56 @@ def main(argv: list[str] | None = None) -> None:
         flower_psnr = test_psnr({n: flower for n in names})
         for rnd in args.checkpoints:
             local_state = _checkpoint_state(stores["local"], rnd)
-            local = test_psnr({n: {k.split("/", 1)[1]: v for k, v in local_state.items() if k.startswith(f"{n}/")}
-                               for n in names})
+            local = test_psnr(
+                {n: {k.split("/", 1)[1]: v for k, v in local_state.items() if k.startswith(f"{n}/")} for n in names}
+            )
             central = test_psnr({n: _checkpoint_state(stores["centralized"], rnd) for n in names})
             fed = test_psnr({n: fedavg[rnd] for n in names})
-            pooled = {k: float(np.average([v[n] for n in names], weights=[len(data[n]["test"]) for n in names]))
-                      for k, v in (("local", local), ("central", central), ("fed", fed))}
-            rows.append((label, rnd, rnd * args.local_steps, f"{pooled['local']:.2f}", f"{pooled['central']:.2f}",
-                         f"{pooled['fed']:.2f}", f"{pooled['fed'] - pooled['central']:+.2f}",
-                         f"{fed[smallest] - local[smallest]:+.2f}"))
-        checks.append((label, args.checkpoints[0], f"{weight_gap:.2e}",
-                       " / ".join(f"{flower_psnr[n]:.2f}" for n in names),
-                       " / ".join(f"{v:.2f}" for v in test_psnr({n: emulated for n in names}).values())))
+            pooled = {
+                k: float(np.average([v[n] for n in names], weights=[len(data[n]["test"]) for n in names]))
+                for k, v in (("local", local), ("central", central), ("fed", fed))
+            }
+            rows.append(
+                (
+                    label,
+                    rnd,
+                    rnd * args.local_steps,
+                    f"{pooled['local']:.2f}",
+                    f"{pooled['central']:.2f}",
+                    f"{pooled['fed']:.2f}",
+                    f"{pooled['fed'] - pooled['central']:+.2f}",
+                    f"{fed[smallest] - local[smallest]:+.2f}",
+                )
+            )
+        checks.append(
+            (
+                label,
+                args.checkpoints[0],
+                f"{weight_gap:.2e}",
+                " / ".join(f"{flower_psnr[n]:.2f}" for n in names),
+                " / ".join(f"{v:.2f}" for v in test_psnr({n: emulated for n in names}).values()),
+            )
+        )
     print(f"\n### FedAvg emulation vs a real Flower simulation of the same config (test PSNR {' / '.join(names)})\n")
     print(markdown_table(("model", "rounds", "max abs Δweight", "Flower PSNR", "emulated PSNR"), checks))
-    print(f"\n### Test PSNR (dB, mean over slices, all sites pooled) against the budget; {smallest} is the smallest site\n")
-    print(markdown_table(("model", "rounds", "steps per site", "local", "centralized", "FedAvg",
-                          "FedAvg − centralized", f"FedAvg − local at {smallest}"), rows))
+    print(
+        f"\n### Test PSNR (dB, mean over slices, all sites pooled) against the budget; {smallest} is the smallest site\n"
+    )
+    print(
+        markdown_table(
+            (
+                "model",
+                "rounds",
+                "steps per site",
+                "local",
+                "centralized",
+                "FedAvg",
+                "FedAvg − centralized",
+                f"FedAvg − local at {smallest}",
+            ),
+            rows,
+        )
+    )
     print(f"\ntotal: {time.perf_counter() - started:.0f} s")
 
 

@@ -48,8 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for size in args.sizes:
         for fraction in args.center_fractions:
-            [path] = write_sites(args.out / f"{size}-{fraction:g}", size=size, subjects=4, slices=args.slices,
-                                 acceleration=args.acceleration, names=("site-a",), center_fraction=fraction)
+            [path] = write_sites(
+                args.out / f"{size}-{fraction:g}",
+                size=size,
+                subjects=4,
+                slices=args.slices,
+                acceleration=args.acceleration,
+                names=("site-a",),
+                center_fraction=fraction,
+            )
             _, data = load_site(str(path))
             subset = torch.utils.data.Subset(data["val"], range(min(args.slices, len(data["val"]))))
             recon = cs_recon("haar", 0.01, args.iterations)
@@ -58,8 +65,12 @@ def main(argv: list[str] | None = None) -> None:
             lines = round(fraction * size)
             a, t = np.mean([s.psnr for s in acs]), np.mean([s.psnr for s in true])
             rows.append((f"{size}²", f"{fraction:g} ({lines} lines)", f"{a:.2f}", f"{t:.2f}", f"{t - a:.2f}"))
-    print(markdown_table(("matrix", "centre fraction", "CS PSNR, ACS maps (dB)", "CS PSNR, true maps (dB)",
-                          "calibration cost (dB)"), rows))
+    print(
+        markdown_table(
+            ("matrix", "centre fraction", "CS PSNR, ACS maps (dB)", "CS PSNR, true maps (dB)", "calibration cost (dB)"),
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

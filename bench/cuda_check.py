@@ -32,21 +32,36 @@ from common.training import evaluate, train
 
 logger = logging.getLogger("bench.cuda_check")
 
-SMALL = {"unet": {"chans": 16, "num_pool_layers": 3}, "unrolled": {"num_cascades": 3, "chans": 16, "num_layers": 4},
-         "varnet": {"num_cascades": 3, "chans": 8, "sens_chans": 4}}
+SMALL = {
+    "unet": {"chans": 16, "num_pool_layers": 3},
+    "unrolled": {"num_cascades": 3, "chans": 16, "num_layers": 4},
+    "varnet": {"num_cascades": 3, "chans": 8, "sens_chans": 4},
+}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-def _batches(kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor, target: torch.Tensor) -> list[dict[str, object]]:
+def _batches(
+    kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor, target: torch.Tensor
+) -> list[dict[str, object]]:
     """The synthetic batch as evaluation batches of one slice each (one volume per slice)."""
     out = []
     for i in range(kspace.shape[0]):
-        out.append({"masked_kspace": kspace[i : i + 1], "mask": mask[i : i + 1], "sens_maps": maps[i : i + 1],
-                    "target": target[i : i + 1], "scale": torch.ones(1), "max_value": target[i].max()[None],
-                    "site": ["synthetic"], "fname": [f"slice{i}"], "slice_idx": torch.tensor([0])})
+        out.append(
+            {
+                "masked_kspace": kspace[i : i + 1],
+                "mask": mask[i : i + 1],
+                "sens_maps": maps[i : i + 1],
+                "target": target[i : i + 1],
+                "scale": torch.ones(1),
+                "max_value": target[i].max()[None],
+                "site": ["synthetic"],
+                "fname": [f"slice{i}"],
+                "slice_idx": torch.tensor([0]),
+            }
+        )
     return out
 
 
@@ -81,15 +96,33 @@ def check_model(name: str, args: argparse.Namespace) -> tuple[list[object], bool
         train(model, _Batches(batches), steps=1, lr=1e-4, device=device)
         stepped[label] = cpu_state_dict(model)
     weights_ok = all(v.device.type == "cpu" for v in stepped["cuda"].values())
-    step_error = max(_rel(stepped["cuda"][k], stepped["cpu"][k]) for k in stepped["cpu"] if stepped["cpu"][k].is_floating_point())
+    step_error = max(
+        _rel(stepped["cuda"][k], stepped["cpu"][k]) for k in stepped["cpu"] if stepped["cpu"][k].is_floating_point()
+    )
     speeds = []
     for device, precision in ((torch.device("cpu"), "fp32"), (cuda, "fp32"), (cuda, "bf16")):
         model = copy.deepcopy(cpu_model).to(device)
-        speeds.append(training_throughput(model, tuple(t.to(device) for t in inputs), target.to(device), args.steps, precision))
-    ok = (fp32_error < args.tol_fp32 and bf16_error < args.tol_bf16 and abs(psnr_gpu - psnr_cpu) < 0.05
-          and weights_ok and step_error < args.tol_fp32)
-    row = [name, f"{fp32_error:.1e}", f"{bf16_error:.1e}", f"{psnr_cpu - psnr_gpu:+.3f}", f"{step_error:.1e}",
-           f"{speeds[0]:.1f}", f"{speeds[1]:.1f}", f"{speeds[2]:.1f}", "ok" if ok else "FAIL"]
+        speeds.append(
+            training_throughput(model, tuple(t.to(device) for t in inputs), target.to(device), args.steps, precision)
+        )
+    ok = (
+        fp32_error < args.tol_fp32
+        and bf16_error < args.tol_bf16
+        and abs(psnr_gpu - psnr_cpu) < 0.05
+        and weights_ok
+        and step_error < args.tol_fp32
+    )
+    row = [
+        name,
+        f"{fp32_error:.1e}",
+        f"{bf16_error:.1e}",
+        f"{psnr_cpu - psnr_gpu:+.3f}",
+        f"{step_error:.1e}",
+        f"{speeds[0]:.1f}",
+        f"{speeds[1]:.1f}",
+        f"{speeds[2]:.1f}",
+        "ok" if ok else "FAIL",
+    ]
     return row, ok
 
 
@@ -105,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
-        print(f"bench.cuda_check: no CUDA device visible to torch {torch.__version__} "
-              f"(CUDA build: {torch.version.cuda or 'none'}); run it on a machine with an NVIDIA GPU", file=sys.stderr)
+        print(
+            f"bench.cuda_check: no CUDA device visible to torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda or 'none'}); run it on a machine with an NVIDIA GPU",
+            file=sys.stderr,
+        )
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32, not TF32
     torch.backends.cudnn.allow_tf32 = False
@@ -115,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         row, ok = check_model(name, args)
         rows.append(row)
         all_ok &= ok
-    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · {args.size}² px, {args.coils} coils, batch {args.batch}")
-    print("| model | fp32 rel err | bf16 rel err | PSNR cpu−cuda (dB) | train-step rel err | CPU slices/s | CUDA fp32 | CUDA bf16 | |")
+    print(
+        f"{torch.cuda.get_device_name()} · torch {torch.__version__} · {args.size}² px, {args.coils} coils, batch {args.batch}"
+    )
+    print(
+        "| model | fp32 rel err | bf16 rel err | PSNR cpu−cuda (dB) | train-step rel err | CPU slices/s | CUDA fp32 | CUDA bf16 | |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")

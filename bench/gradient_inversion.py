@@ -94,12 +94,14 @@ def secagg_message(update: dict[str, torch.Tensor], run: RunConfig, seed: int) -
     """One site's SecAgg+ message as the server reads it: quantised update + uniform mask mod 2³², dequantised."""
     rng = np.random.default_rng(seed)
     names = list(update)
-    quantised = quantize([update[n].numpy().astype(np.float64) for n in names], run.secagg_clipping_range,
-                         run.secagg_quantization_range)
+    quantised = quantize(
+        [update[n].numpy().astype(np.float64) for n in names], run.secagg_clipping_range, run.secagg_quantization_range
+    )
     masked = [(q + rng.integers(0, MODULUS, q.shape, dtype=np.int64)) % MODULUS for q in quantised]
     # Read as if unmasked: the attacker's best guess without the other sites' mask shares.
-    read = dequantize([m % run.secagg_quantization_range for m in masked], run.secagg_clipping_range,
-                      run.secagg_quantization_range)
+    read = dequantize(
+        [m % run.secagg_quantization_range for m in masked], run.secagg_clipping_range, run.secagg_quantization_range
+    )
     return {n: torch.from_numpy(r) for n, r in zip(names, read)}
 
 
@@ -147,12 +149,32 @@ def main() -> None:
         found = candidates(observed, shape)
         image, site, value, similarity = best_candidate(found, truths)
         images[label] = image
-        exposed = [k + 1 for k, truth in enumerate(truths)
-                   if any(psnr(truth, c, float(truth.max())) > EXACT_DB for c in found)]
-        rows.append([label, len(found), f"{value:.2f}", f"{similarity:.3f}", f"site {site + 1}",
-                     ", ".join(f"site {k}" for k in exposed) or "none"])
-    print(markdown_table(["what the server inverts", "candidates", "best PSNR (dB)", "its SSIM", "closest to",
-                          f"slices recovered (a candidate > {EXACT_DB:g} dB)"], rows))
+        exposed = [
+            k + 1 for k, truth in enumerate(truths) if any(psnr(truth, c, float(truth.max())) > EXACT_DB for c in found)
+        ]
+        rows.append(
+            [
+                label,
+                len(found),
+                f"{value:.2f}",
+                f"{similarity:.3f}",
+                f"site {site + 1}",
+                ", ".join(f"site {k}" for k in exposed) or "none",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "what the server inverts",
+                "candidates",
+                "best PSNR (dB)",
+                "its SSIM",
+                "closest to",
+                f"slices recovered (a candidate > {EXACT_DB:g} dB)",
+            ],
+            rows,
+        )
+    )
     figure, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.4))
     for axis, (label, image) in zip(axes, images.items()):
         axis.imshow(image, cmap="gray", vmin=0, vmax=float(truths[0].max()))

@@ -50,6 +50,7 @@ def site_template(name: str) -> Path:
             return folder / f"{name}.toml"
     raise FileNotFoundError(f"no site config {name}.toml in deploy/sites or bench/sites")
 
+
 Batch = dict[str, object]
 Recon = Callable[[Batch], torch.Tensor]
 
@@ -286,8 +287,9 @@ def _weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[int]) ->
     return {k: sum(s[k].float() * (w / total) for s, w in zip(states, weights)) for k in states[0]}  # type: ignore[misc]
 
 
-def emulate_fedavg(run: RunConfig, datasets: dict[str, dict[str, SiteDataset]],
-                   fp16: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+def emulate_fedavg(
+    run: RunConfig, datasets: dict[str, dict[str, SiteDataset]], fp16: bool = False
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """FedAvg without Flower, yielding (round, global weights) after every round.
 
     Each site trains exactly as the ClientApp does (seed, loader order, steps, optimiser) and the server
@@ -307,8 +309,9 @@ def emulate_fedavg(run: RunConfig, datasets: dict[str, dict[str, SiteDataset]],
             model = build_model(run.model, **run.model_kwargs)
             model.load_state_dict(received)
             loader = make_loader(splits["train"], run.batch_size, shuffle=True, seed=run.seed + rnd)
-            result = train(model, loader, epochs=run.local_epochs, steps=run.local_steps, lr=run.learning_rate,
-                           loss=run.loss)
+            result = train(
+                model, loader, epochs=run.local_epochs, steps=run.local_steps, lr=run.learning_rate, loss=run.loss
+            )
             local = {k: v.detach().clone() for k, v in model.state_dict().items()}
             sent.append({k: (local[k] - received[k]).half() for k in local} if fp16 else local)
             weights.append(result.num_examples)

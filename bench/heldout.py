@@ -58,17 +58,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     set_threads(args.threads)
     model, path = load_best_model(args.run_dir)
-    scanner = ScannerConfig(field_strength_t=1.5, coils=args.coils, matrix=(args.size, args.size),
-                            noise_std=args.noise, mask=args.mask, acceleration=args.acceleration,
-                            center_fraction=args.center_fraction)
+    scanner = ScannerConfig(
+        field_strength_t=1.5,
+        coils=args.coils,
+        matrix=(args.size, args.size),
+        noise_std=args.noise,
+        mask=args.mask,
+        acceleration=args.acceleration,
+        center_fraction=args.center_fraction,
+    )
     scores = score_heldout(model, scanner, seed=args.seed)
     print(f"# bench.heldout — {path}; {args.size}², {args.coils} coils, {args.mask} mask, R={args.acceleration:g}\n")
-    print(markdown_table(("image", "zero-filled PSNR (dB)", "model PSNR (dB)", "gain (dB)"),
-                         ((s.name, f"{s.zero_filled_psnr:.2f}", f"{s.model_psnr:.2f}", f"{s.gain:+.2f}")
-                          for s in scores)))
+    print(
+        markdown_table(
+            ("image", "zero-filled PSNR (dB)", "model PSNR (dB)", "gain (dB)"),
+            ((s.name, f"{s.zero_filled_psnr:.2f}", f"{s.model_psnr:.2f}", f"{s.gain:+.2f}") for s in scores),
+        )
+    )
     zf, rec = np.array([s.zero_filled_psnr for s in scores]), np.array([s.model_psnr for s in scores])
-    print(f"\nmean over {len(scores)} images: zero-filled {zf.mean():.2f} dB, model {rec.mean():.2f} dB, "
-          f"gain {paired_bootstrap(rec, zf)} dB (mean [95 % bootstrap CI])")
+    print(
+        f"\nmean over {len(scores)} images: zero-filled {zf.mean():.2f} dB, model {rec.mean():.2f} dB, "
+        f"gain {paired_bootstrap(rec, zf)} dB (mean [95 % bootstrap CI])"
+    )
 
 
 if __name__ == "__main__":

@@ -91,14 +91,34 @@ def speed_table(args: argparse.Namespace, peaks: dict[str, float]) -> str:
             net = copy.deepcopy(model)
             started = time.perf_counter()
             runner = torch.compile(net) if compiled else net
-            rate = max(training_throughput(runner, inputs, target, args.steps, precision, clock=time.process_time)
-                       for _ in range(args.limit_repeats))
+            rate = max(
+                training_throughput(runner, inputs, target, args.steps, precision, clock=time.process_time)
+                for _ in range(args.limit_repeats)
+            )
             gflops = rate * flops / 1e9
-            rows.append((name, label, f"{flops / 1e9:.2f}", f"{rate:.2f}", f"{gflops:.1f}",
-                         f"{100 * gflops / peaks[precision]:.0f} %",
-                         f"{time.perf_counter() - started:.0f} s" if compiled else ""))
-    return markdown_table(["model", "precision", "GFLOP / training slice", "slices per CPU-second", "GFLOP/s",
-                           "of this CPU's peak (same precision)", "compile + timing"], rows)
+            rows.append(
+                (
+                    name,
+                    label,
+                    f"{flops / 1e9:.2f}",
+                    f"{rate:.2f}",
+                    f"{gflops:.1f}",
+                    f"{100 * gflops / peaks[precision]:.0f} %",
+                    f"{time.perf_counter() - started:.0f} s" if compiled else "",
+                )
+            )
+    return markdown_table(
+        [
+            "model",
+            "precision",
+            "GFLOP / training slice",
+            "slices per CPU-second",
+            "GFLOP/s",
+            "of this CPU's peak (same precision)",
+            "compile + timing",
+        ],
+        rows,
+    )
 
 
 def quality_table(args: argparse.Namespace, sites: list[Path]) -> str:
@@ -110,23 +130,45 @@ def quality_table(args: argparse.Namespace, sites: list[Path]) -> str:
         per_seed: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for seed in range(args.seeds):
             for precision in scores:
-                logger.info("%s %s seed %d: %d training steps, then test PSNR ...", name, precision, seed,
-                            args.quality_steps)
+                logger.info(
+                    "%s %s seed %d: %d training steps, then test PSNR ...", name, precision, seed, args.quality_steps
+                )
                 torch.manual_seed(seed)
                 model = build_model(name, **kwargs)
-                loader = InterleavedLoader([make_loader(d["train"], args.batch, shuffle=True, seed=seed, augment=True)
-                                            for _, d in loaded])
+                loader = InterleavedLoader(
+                    [make_loader(d["train"], args.batch, shuffle=True, seed=seed, augment=True) for _, d in loaded]
+                )
                 train(model, loader, steps=args.quality_steps, lr=1e-3, precision=precision)
                 model.eval()
-                slices = [s.psnr for _, d in loaded
-                          for s in score_slices(_at(model, precision), make_loader(d["test"], args.batch, False, 0))]
+                slices = [
+                    s.psnr
+                    for _, d in loaded
+                    for s in score_slices(_at(model, precision), make_loader(d["test"], args.batch, False, 0))
+                ]
                 scores[precision] += slices
                 per_seed[precision].append(float(np.mean(slices)))
         diff = paired_bootstrap(scores["bf16"], scores["fp32"])
-        rows.append((name, args.quality_steps, args.seeds, " / ".join(f"{v:.2f}" for v in per_seed["fp32"]),
-                     " / ".join(f"{v:.2f}" for v in per_seed["bf16"]), f"{diff} (n = {diff.n})"))
-    return markdown_table(["model", "steps", "seeds", "test PSNR fp32 per seed (dB)", "bf16 per seed",
-                           "bf16 − fp32, mean [95 % CI] over (seed, slice)"], rows)
+        rows.append(
+            (
+                name,
+                args.quality_steps,
+                args.seeds,
+                " / ".join(f"{v:.2f}" for v in per_seed["fp32"]),
+                " / ".join(f"{v:.2f}" for v in per_seed["bf16"]),
+                f"{diff} (n = {diff.n})",
+            )
+        )
+    return markdown_table(
+        [
+            "model",
+            "steps",
+            "seeds",
+            "test PSNR fp32 per seed (dB)",
+            "bf16 per seed",
+            "bf16 − fp32, mean [95 % CI] over (seed, slice)",
+        ],
+        rows,
+    )
 
 
 def _at(model: nn.Module, precision: str):  # returns a Recon callable
@@ -140,15 +182,39 @@ def _at(model: nn.Module, precision: str):  # returns a Recon callable
     return run
 
 
-def simulate(sites: list[Path], run_dir: Path, label: str, precision: str, args: argparse.Namespace,
-             env: dict[str, str]) -> subprocess.Popen:
+def simulate(
+    sites: list[Path], run_dir: Path, label: str, precision: str, args: argparse.Namespace, env: dict[str, str]
+) -> subprocess.Popen:
     """Start one ``fedsense simulate`` of the unrolled-DC demo configuration (output to ``run_dir``)."""
     model_args = json.dumps(MODELS["unrolled"])
-    command = [str(Path(sys.executable).with_name("fedsense")), "simulate", "--sites", *map(str, sites), "--rounds",
-               str(args.rounds), "--strategy", "fedavg", "--name", label, "--run-dir", str(run_dir),
-               "--client-cpus", "1", "--model", "unrolled", "--set", f"model-args={model_args}",
-               "--set", f"local-steps={args.local_steps}", "--set", "client-optimizer=keep",
-               "--set", f"max-eval-slices={args.eval_slices}", "--set", f"precision={precision}"]
+    command = [
+        str(Path(sys.executable).with_name("fedsense")),
+        "simulate",
+        "--sites",
+        *map(str, sites),
+        "--rounds",
+        str(args.rounds),
+        "--strategy",
+        "fedavg",
+        "--name",
+        label,
+        "--run-dir",
+        str(run_dir),
+        "--client-cpus",
+        "1",
+        "--model",
+        "unrolled",
+        "--set",
+        f"model-args={model_args}",
+        "--set",
+        f"local-steps={args.local_steps}",
+        "--set",
+        "client-optimizer=keep",
+        "--set",
+        f"max-eval-slices={args.eval_slices}",
+        "--set",
+        f"precision={precision}",
+    ]
     logger.info("%s: %s", label, " ".join(command))
     return subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
 
@@ -160,16 +226,20 @@ def federated_table(args: argparse.Namespace, sites: list[Path], root: Path) -> 
     from the sites' own ``compute-cpu-seconds`` / ``compute-seconds`` in each run's metrics.jsonl.
     """
     # A fresh precision cache: round 1 of "after" pays auto's one-off timing, as on a new machine.
-    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                        os.environ.get("PYTHONPATH", "")]),
-            "FEDSENSE_PRECISION_CACHE": str(root / "precision-cache")}
+    base = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
+        "FEDSENSE_PRECISION_CACHE": str(root / "precision-cache"),
+    }
     runs = {
         "before (fp32, no slice cache)": ("fp32", {**base, "FEDSENSE_SLICE_CACHE_MB": "0"}),
         "after (auto, slice cache)": ("auto", base),
     }
     started = time.perf_counter()
-    procs = [simulate(sites, root / f"run{i}", f"limit-{i}", precision, args, env)
-             for i, (precision, env) in enumerate(runs.values())]
+    procs = [
+        simulate(sites, root / f"run{i}", f"limit-{i}", precision, args, env)
+        for i, (precision, env) in enumerate(runs.values())
+    ]
     for proc in procs:
         if proc.wait() != 0:
             raise SystemExit(f"fedsense simulate failed with status {proc.returncode}")
@@ -179,24 +249,51 @@ def federated_table(args: argparse.Namespace, sites: list[Path], root: Path) -> 
     precisions: list[set[str]] = []
     for i in range(len(runs)):
         lines = (root / f"run{i}" / "metrics.jsonl").read_text().splitlines()
-        records = [r for r in map(json.loads, filter(str.strip, lines))
-                   if r["phase"] == "train" and r["site"] != "__global__"]
-        cpu.append({(r["round"], r["site"]): r["metrics"]["steps"] / r["metrics"]["compute-cpu-seconds"] for r in records})
+        records = [
+            r for r in map(json.loads, filter(str.strip, lines)) if r["phase"] == "train" and r["site"] != "__global__"
+        ]
+        cpu.append(
+            {(r["round"], r["site"]): r["metrics"]["steps"] / r["metrics"]["compute-cpu-seconds"] for r in records}
+        )
         wall.append({(r["round"], r["site"]): r["metrics"]["steps"] / r["metrics"]["compute-seconds"] for r in records})
         precisions.append({str(r.get("precision", "?")) for r in records})
     rows = []
     for key in sorted(cpu[0]):
-        rows.append((key[0], key[1], f"{cpu[0][key]:.3f}", f"{cpu[1][key]:.3f}", f"{cpu[1][key] / cpu[0][key]:.2f}x",
-                     f"{wall[0][key]:.3f}", f"{wall[1][key]:.3f}", f"{wall[1][key] / wall[0][key]:.2f}x"))
+        rows.append(
+            (
+                key[0],
+                key[1],
+                f"{cpu[0][key]:.3f}",
+                f"{cpu[1][key]:.3f}",
+                f"{cpu[1][key] / cpu[0][key]:.2f}x",
+                f"{wall[0][key]:.3f}",
+                f"{wall[1][key]:.3f}",
+                f"{wall[1][key] / wall[0][key]:.2f}x",
+            )
+        )
     last = max(k[0] for k in cpu[0])
     means = [[float(np.mean([v for k, v in d.items() if k[0] == last])) for d in pair] for pair in (cpu, wall)]
-    rows.append((f"{last}", "mean", f"{means[0][0]:.3f}", f"{means[0][1]:.3f}", f"{means[0][1] / means[0][0]:.2f}x",
-                 f"{means[1][0]:.3f}", f"{means[1][1]:.3f}", f"{means[1][1] / means[1][0]:.2f}x"))
+    rows.append(
+        (
+            f"{last}",
+            "mean",
+            f"{means[0][0]:.3f}",
+            f"{means[0][1]:.3f}",
+            f"{means[0][1] / means[0][0]:.2f}x",
+            f"{means[1][0]:.3f}",
+            f"{means[1][1]:.3f}",
+            f"{means[1][1] / means[1][0]:.2f}x",
+        )
+    )
     before, after = runs
-    table = markdown_table(["round", "site", f"steps/CPU-s {before}", f"{after}", "ratio",
-                            f"steps/s wall {before}", f"{after}", "ratio"], rows)
-    table += (f"\n\nprecision recorded per site: before {sorted(precisions[0])}, after {sorted(precisions[1])}; "
-              "round 1 of 'after' includes auto's one-off timing of fp32 against bf16 (empty precision cache)")
+    table = markdown_table(
+        ["round", "site", f"steps/CPU-s {before}", f"{after}", "ratio", f"steps/s wall {before}", f"{after}", "ratio"],
+        rows,
+    )
+    table += (
+        f"\n\nprecision recorded per site: before {sorted(precisions[0])}, after {sorted(precisions[1])}; "
+        "round 1 of 'after' includes auto's one-off timing of fp32 against bf16 (empty precision cache)"
+    )
     return table, root / "run1"
 
 
@@ -213,8 +310,9 @@ def reconstruct_table(args: argparse.Namespace, run_dir: Path, site: Path, root:
     rows = []
     rates = {}
     for precision in ("fp32", "auto"):
-        recon = Reconstructor(load_artifact(root / "model"), device=torch.device("cpu"), precision=precision,
-                              site=config)
+        recon = Reconstructor(
+            load_artifact(root / "model"), device=torch.device("cpu"), precision=precision, site=config
+        )
         prepared = recon.check(volume)
         recon.volume(volume, prepared)  # warm-up (and auto's one-off timing when uncached)
         best = float("inf")
@@ -231,11 +329,15 @@ def reconstruct_table(args: argparse.Namespace, run_dir: Path, site: Path, root:
 def run(args: argparse.Namespace) -> None:
     """All five parts, in one process on one warm machine; prints the tables as it goes."""
     started = time.perf_counter()
-    print(f"load average at start {os.getloadavg()[0]:.2f}; {args.size}² px, {args.coils} coils, batch {args.batch}, "
-          f"{torch.get_num_threads()} thread(s), native bf16 {cpu_has_bf16()}")
+    print(
+        f"load average at start {os.getloadavg()[0]:.2f}; {args.size}² px, {args.coils} coils, batch {args.batch}, "
+        f"{torch.get_num_threads()} thread(s), native bf16 {cpu_has_bf16()}"
+    )
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"\nmatmul peak (1024² torch.mm, best of 8, per CPU-second): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} "
-          f"GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}x)\n")
+    print(
+        f"\nmatmul peak (1024² torch.mm, best of 8, per CPU-second): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} "
+        f"GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}x)\n"
+    )
     if "speed" in args.parts:
         print(speed_table(args, peaks), flush=True)
     with tempfile.TemporaryDirectory(prefix="fedsense-limit-") as tmp:
@@ -255,8 +357,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--limit`` options of ``python -m bench.models``."""
     group = parser.add_argument_group("machine limit (--limit): FLOPs vs peak, precisions, federated round")
     group.add_argument("--limit", action="store_true", help="run the machine-limit benchmark")
-    group.add_argument("--parts", nargs="+", default=["speed", "quality", "federated", "reconstruct"],
-                       choices=["speed", "quality", "federated", "reconstruct"])
+    group.add_argument(
+        "--parts",
+        nargs="+",
+        default=["speed", "quality", "federated", "reconstruct"],
+        choices=["speed", "quality", "federated", "reconstruct"],
+    )
     group.add_argument("--no-compile", dest="compile", action="store_false", help="skip bf16 + torch.compile")
     group.add_argument("--limit-repeats", type=int, default=2, help="timing repeats (best kept)")
     group.add_argument("--seeds", type=int, default=3, help="seeds of the equal-budget PSNR comparison")

@@ -28,9 +28,10 @@ class LoopbackGrid(Grid):
     """Delivers each pushed message to the ClientApp of its destination site, in this process."""
 
     def __init__(self, sites: list[Path], run_config: dict[str, Any], run_id: int) -> None:
-        self.contexts = {FIRST_NODE + i: Context(run_id, FIRST_NODE + i, {"site-config": str(path)}, RecordDict(),
-                                                 run_config)
-                         for i, path in enumerate(sites)}
+        self.contexts = {
+            FIRST_NODE + i: Context(run_id, FIRST_NODE + i, {"site-config": str(path)}, RecordDict(), run_config)
+            for i, path in enumerate(sites)
+        }
         self._replies: dict[str, Message] = {}
         self._sent = 0
         self._run = Run.create_empty(run_id)
@@ -42,8 +43,9 @@ class LoopbackGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:

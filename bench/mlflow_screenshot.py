@@ -38,10 +38,25 @@ class MlflowServer:
         directory.mkdir(parents=True, exist_ok=True)
         self.log = open(directory / "mlflow-server.log", "wb")  # noqa: SIM115 - open while the server runs
         self.process = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-             "--artifacts-destination", str(directory / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=directory)
+            [
+                MLFLOW,
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{directory / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(directory / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=directory,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -66,13 +81,27 @@ class MlflowServer:
 
 def _runs(sites: list[Path], work: Path, uri: str, rounds: int) -> None:
     for strategy in ("fedavg", "fedprox"):
-        run = RunConfig.from_flat({
-            "name": f"demo-{strategy}", "num-server-rounds": rounds, "strategy": strategy, "proximal-mu": 0.01,
-            "model": "unet", "model-args": '{"chans": 8, "num_pool_layers": 2}', "local-steps": 4, "batch-size": 2,
-            "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites),
-            "sites": ",".join(map(str, sites)), "run-dir": str(work / strategy), "num-samples": 1, "resume": False,
-            "tracking": "mlflow", "tracking-uri": uri,
-        })
+        run = RunConfig.from_flat(
+            {
+                "name": f"demo-{strategy}",
+                "num-server-rounds": rounds,
+                "strategy": strategy,
+                "proximal-mu": 0.01,
+                "model": "unet",
+                "model-args": '{"chans": 8, "num_pool_layers": 2}',
+                "local-steps": 4,
+                "batch-size": 2,
+                "min-train-nodes": len(sites),
+                "min-evaluate-nodes": len(sites),
+                "min-available-nodes": len(sites),
+                "sites": ",".join(map(str, sites)),
+                "run-dir": str(work / strategy),
+                "num-samples": 1,
+                "resume": False,
+                "tracking": "mlflow",
+                "tracking-uri": uri,
+            }
+        )
         simulate(run, timeout=1800)
 
 
@@ -87,14 +116,21 @@ def _screenshot(uri: str, out: Path, profile: Path) -> None:
     os.environ["SE_OFFLINE"] = "true"  # never let selenium-manager fetch a driver or browser
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--no-first-run", f"--user-data-dir={profile}",
-                 "--window-size=1600,1300"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1600,1300",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
         runs = "[" + ",".join(f'"{i}"' for i in ids) + "]"
-        driver.get(f"{uri}/#/compare-runs?runs={runs}&experiments=[\"{experiment}\"]")
+        driver.get(f'{uri}/#/compare-runs?runs={runs}&experiments=["{experiment}"]')
         time.sleep(15)  # the React app loads, then fetches runs and metric histories
         out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(out))

@@ -56,8 +56,14 @@ def synthetic_batch(batch: int, coils: int, size: int, seed: int) -> tuple[Tenso
     return kspace, mask, maps.contiguous(), image.abs()
 
 
-def training_throughput(model: nn.Module, inputs: tuple[Tensor, ...], target: Tensor, steps: int,
-                        precision: str = "fp32", clock: Callable[[], float] = time.perf_counter) -> float:
+def training_throughput(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    target: Tensor,
+    steps: int,
+    precision: str = "fp32",
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Slices per second of full training steps, after one untimed warm-up step (bf16: autocast network).
 
     ``clock``: wall time by default; ``time.process_time`` counts this process's CPU time only, which
@@ -114,17 +120,34 @@ def reference_pairs(args: argparse.Namespace, kspace: Tensor, mask: Tensor, maps
 
     torch.manual_seed(0)
     image = (target.unsqueeze(1),)
-    unet = (f"U-Net chans={args.unet_chans} pools={args.unet_pools}",
-            Unet(1, 1, args.unet_chans, args.unet_pools), reference.Unet(1, 1, args.unet_chans, args.unet_pools),
-            image, image, target.unsqueeze(1))
+    unet = (
+        f"U-Net chans={args.unet_chans} pools={args.unet_pools}",
+        Unet(1, 1, args.unet_chans, args.unet_pools),
+        reference.Unet(1, 1, args.unet_chans, args.unet_pools),
+        image,
+        image,
+        target.unsqueeze(1),
+    )
     columns = mask[:, :, :1, :].unsqueeze(-1).bool()  # synthetic_batch draws whole columns
-    varnet = ((f"VarNet cascades={args.varnet_cascades} chans={args.varnet_chans} pools={args.varnet_pools} "
-               f"sens {args.varnet_sens_chans}/{args.varnet_sens_pools}"),
-              VarNet(args.varnet_cascades, args.varnet_chans, args.varnet_pools, args.varnet_sens_chans,
-                     args.varnet_sens_pools),
-              reference.VarNet(num_cascades=args.varnet_cascades, sens_chans=args.varnet_sens_chans,
-                               sens_pools=args.varnet_sens_pools, chans=args.varnet_chans, pools=args.varnet_pools),
-              (kspace, mask, maps), (torch.view_as_real(kspace).contiguous(), columns), target)
+    varnet = (
+        (
+            f"VarNet cascades={args.varnet_cascades} chans={args.varnet_chans} pools={args.varnet_pools} "
+            f"sens {args.varnet_sens_chans}/{args.varnet_sens_pools}"
+        ),
+        VarNet(
+            args.varnet_cascades, args.varnet_chans, args.varnet_pools, args.varnet_sens_chans, args.varnet_sens_pools
+        ),
+        reference.VarNet(
+            num_cascades=args.varnet_cascades,
+            sens_chans=args.varnet_sens_chans,
+            sens_pools=args.varnet_sens_pools,
+            chans=args.varnet_chans,
+            pools=args.varnet_pools,
+        ),
+        (kspace, mask, maps),
+        (torch.view_as_real(kspace).contiguous(), columns),
+        target,
+    )
     return [unet, varnet]
 
 
@@ -138,7 +161,9 @@ def compare_fastmri(args: argparse.Namespace, argv: list[str]) -> None:
             raise SystemExit(f"fastmri is not importable and {python} does not exist; see docs/BENCHMARKS.md") from None
         logger.info("fastmri not importable here; re-running under %s", python)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        raise SystemExit(subprocess.run([str(python), "-m", "bench.models", *argv], cwd=ROOT, env=env, check=False).returncode) from None
+        raise SystemExit(
+            subprocess.run([str(python), "-m", "bench.models", *argv], cwd=ROOT, env=env, check=False).returncode
+        ) from None
 
     kspace, mask, maps, target = synthetic_batch(args.batch, args.coils, args.size, seed=0)
     rows = []
@@ -147,24 +172,44 @@ def compare_fastmri(args: argparse.Namespace, argv: list[str]) -> None:
         timings: dict[str, list[tuple[float, float]]] = {"ours": [], "fastmri": []}
         for _ in range(args.repeats):
             for label, model, inputs in (("ours", ours, ours_in), ("fastmri", ref, ref_in)):
-                timings[label].append((training_throughput(model, inputs, goal, args.steps),
-                                       inference_latency(model, inputs, args.steps)))
+                timings[label].append(
+                    (training_throughput(model, inputs, goal, args.steps), inference_latency(model, inputs, args.steps))
+                )
         # Best of the repeats: on a shared machine other jobs only ever slow a repeat down.
         train_o, train_r = (max(t[0] for t in timings[k]) for k in ("ours", "fastmri"))
         infer_o, infer_r = (min(t[1] for t in timings[k]) for k in ("ours", "fastmri"))
-        rows.append((name, count_parameters(ours), count_parameters(ref), train_o, train_r, train_o / train_r,
-                     infer_o, infer_r, infer_r / infer_o))
-    print(f"CPU, {args.threads} thread(s), torch {torch.__version__}, fastmri {fastmri.__version__}: "
-          f"{args.size}x{args.size} px, {args.coils} coils, batch {args.batch}, {args.steps} timed steps x "
-          f"{args.repeats} alternating repeats (best of the repeats)")
-    print("| model | params ours | params fastMRI | train slices/s ours | fastMRI | speed ratio | "
-          "infer ms/slice ours | fastMRI | speed ratio |")
+        rows.append(
+            (
+                name,
+                count_parameters(ours),
+                count_parameters(ref),
+                train_o,
+                train_r,
+                train_o / train_r,
+                infer_o,
+                infer_r,
+                infer_r / infer_o,
+            )
+        )
+    print(
+        f"CPU, {args.threads} thread(s), torch {torch.__version__}, fastmri {fastmri.__version__}: "
+        f"{args.size}x{args.size} px, {args.coils} coils, batch {args.batch}, {args.steps} timed steps x "
+        f"{args.repeats} alternating repeats (best of the repeats)"
+    )
+    print(
+        "| model | params ours | params fastMRI | train slices/s ours | fastMRI | speed ratio | "
+        "infer ms/slice ours | fastMRI | speed ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, p_ours, p_ref, tr_o, tr_r, tr_ratio, inf_o, inf_r, inf_ratio in rows:
-        print(f"| {name} | {p_ours:,} | {p_ref:,} | {tr_o:.2f} | {tr_r:.2f} | {tr_ratio:.2f} | "
-              f"{inf_o:.1f} | {inf_r:.1f} | {inf_ratio:.2f} |")
-    print("\nspeed ratio = ours ÷ fastMRI in slices/s (training) and fastMRI ÷ ours in ms/slice (inference): "
-          "> 1 means ours is faster")
+        print(
+            f"| {name} | {p_ours:,} | {p_ref:,} | {tr_o:.2f} | {tr_r:.2f} | {tr_ratio:.2f} | "
+            f"{inf_o:.1f} | {inf_r:.1f} | {inf_ratio:.2f} |"
+        )
+    print(
+        "\nspeed ratio = ours ÷ fastMRI in slices/s (training) and fastMRI ÷ ours in ms/slice (inference): "
+        "> 1 means ours is faster"
+    )
 
 
 def precision_quality(name: str, precision: str, sites: list[Path], steps: int, batch: int) -> float:
@@ -198,16 +243,20 @@ def compare_precision(args: argparse.Namespace) -> None:
         for name in args.models:
             speed, quality = {}, {}
             for precision in ("fp32", "bf16"):
-                logger.info("%s %s: throughput, then %d training steps for test PSNR ...", name, precision,
-                            args.quality_steps)
+                logger.info(
+                    "%s %s: throughput, then %d training steps for test PSNR ...", name, precision, args.quality_steps
+                )
                 torch.manual_seed(0)
-                speed[precision] = training_throughput(build_model(name), (kspace, mask, maps), target, args.steps,
-                                                       precision)
+                speed[precision] = training_throughput(
+                    build_model(name), (kspace, mask, maps), target, args.steps, precision
+                )
                 quality[precision] = precision_quality(name, precision, sites, args.quality_steps, args.batch)
             rows.append((name, speed["fp32"], speed["bf16"], quality["fp32"], quality["bf16"]))
-    print(f"CPU, {args.threads} thread(s), torch {torch.__version__}, native bf16: {cpu_has_bf16()}: "
-          f"throughput at {args.size}x{args.size} px, {args.coils} coils, batch {args.batch}, {args.steps} timed steps; "
-          f"test PSNR after {args.quality_steps} pooled steps on the three demo sites at {args.size}²")
+    print(
+        f"CPU, {args.threads} thread(s), torch {torch.__version__}, native bf16: {cpu_has_bf16()}: "
+        f"throughput at {args.size}x{args.size} px, {args.coils} coils, batch {args.batch}, {args.steps} timed steps; "
+        f"test PSNR after {args.quality_steps} pooled steps on the three demo sites at {args.size}²"
+    )
     print("| model | train slices/s fp32 | bf16 | speed-up | test PSNR fp32 (dB) | bf16 | bf16 − fp32 |")
     print("|---|---|---|---|---|---|---|")
     for name, s32, s16, q32, q16 in rows:

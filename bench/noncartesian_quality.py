@@ -71,10 +71,12 @@ def _split_fractions(path: Path, val: float, test: float) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _sites(directory: Path, names: Sequence[str], args: argparse.Namespace,
-           acceleration: float | None = None) -> dict[str, Splits]:
-    paths = write_sites(directory, size=args.size, subjects=args.subjects, slices=args.slices,
-                        acceleration=acceleration, names=names)
+def _sites(
+    directory: Path, names: Sequence[str], args: argparse.Namespace, acceleration: float | None = None
+) -> dict[str, Splits]:
+    paths = write_sites(
+        directory, size=args.size, subjects=args.subjects, slices=args.slices, acceleration=acceleration, names=names
+    )
     for path in paths:
         _split_fractions(path, args.val_fraction, args.test_fraction)
     return {path.stem: build_site_datasets(load_site_config(path)) for path in paths}
@@ -91,8 +93,14 @@ def tune_cs(dataset: SiteDataset) -> tuple[float, int, float]:
     for lam in CS_LAMBDAS:
         per_count: dict[int, list[float]] = {count: [] for count in CS_ITERATIONS}
         for batch in loader:
-            kept = l1_wavelet_sense_iterates(batch["masked_kspace"], batch["mask"], batch["sens_maps"], lam=lam,
-                                             iterations=CS_ITERATIONS, wavelet=CS_WAVELET)
+            kept = l1_wavelet_sense_iterates(
+                batch["masked_kspace"],
+                batch["mask"],
+                batch["sens_maps"],
+                lam=lam,
+                iterations=CS_ITERATIONS,
+                wavelet=CS_WAVELET,
+            )
             for count, image in kept.items():
                 cropped = center_crop(image.abs(), tuple(batch["target"].shape[-2:]))
                 per_count[count] += [s.psnr for s in score_slices(lambda _b, c=cropped: c, [batch])]
@@ -104,9 +112,16 @@ def tune_cs(dataset: SiteDataset) -> tuple[float, int, float]:
 
 def cs_recon(lam: float, iterations: int) -> Recon:
     def run(batch: dict[str, object]) -> torch.Tensor:
-        kept = l1_wavelet_sense_iterates(batch["masked_kspace"], batch["mask"], batch["sens_maps"],  # type: ignore[arg-type]
-                                         lam=lam, iterations=(iterations,), wavelet=CS_WAVELET)
+        kept = l1_wavelet_sense_iterates(
+            batch["masked_kspace"],
+            batch["mask"],
+            batch["sens_maps"],  # type: ignore[arg-type]
+            lam=lam,
+            iterations=(iterations,),
+            wavelet=CS_WAVELET,
+        )
         return center_crop(kept[iterations].abs(), tuple(batch["target"].shape[-2:]))  # type: ignore[union-attr]
+
     return run
 
 
@@ -114,8 +129,12 @@ def _local(args: argparse.Namespace, splits: Splits, seed: int) -> torch.nn.Modu
     """One site alone: the same steps (rounds x local steps + fine-tuning) and learning rate as federated."""
     torch.manual_seed(seed)
     model = build_model("unrolled", **args.model_args)
-    train(model, make_loader(splits["train"], args.batch, shuffle=True, seed=seed),
-          steps=args.rounds * args.steps + args.fine_tune_steps, lr=args.lr)
+    train(
+        model,
+        make_loader(splits["train"], args.batch, shuffle=True, seed=seed),
+        steps=args.rounds * args.steps + args.fine_tune_steps,
+        lr=args.lr,
+    )
     return model
 
 
@@ -128,9 +147,14 @@ def _fine_tuned(args: argparse.Namespace, state: dict[str, torch.Tensor], splits
     model = build_model("unrolled", **args.model_args)
     model.load_state_dict(state)
     torch.manual_seed(seed + args.rounds + 1)
-    fine_tune(model, make_loader(splits["train"], args.batch, shuffle=True, seed=seed + args.rounds + 1),
-              make_loader(splits["val"], args.batch, shuffle=False, seed=seed), steps=args.fine_tune_steps,
-              eval_every=10, lr=args.lr)
+    fine_tune(
+        model,
+        make_loader(splits["train"], args.batch, shuffle=True, seed=seed + args.rounds + 1),
+        make_loader(splits["val"], args.batch, shuffle=False, seed=seed),
+        steps=args.fine_tune_steps,
+        eval_every=10,
+        lr=args.lr,
+    )
     return model
 
 
@@ -161,8 +185,9 @@ def _federated(args: argparse.Namespace, datasets: dict[str, Splits], seed: int)
     return state
 
 
-def _score_federation(args: argparse.Namespace, datasets: dict[str, Splits], seed: int, label: str,
-                      scores: Scores) -> None:
+def _score_federation(
+    args: argparse.Namespace, datasets: dict[str, Splits], seed: int, label: str, scores: Scores
+) -> None:
     """Test scores of one federation's global model (and, with fine-tuning, of each site's copy)."""
     state = _federated(args, datasets, seed)
     model = build_model("unrolled", **args.model_args)
@@ -171,7 +196,8 @@ def _score_federation(args: argparse.Namespace, datasets: dict[str, Splits], see
         scores.setdefault((name, label), []).append(_test(splits["test"], model_recon(model)))
         if args.fine_tune_steps:
             scores.setdefault((name, f"{label} + fine-tune"), []).append(
-                _test(splits["test"], model_recon(_fine_tuned(args, state, splits, seed))))
+                _test(splits["test"], model_recon(_fine_tuned(args, state, splits, seed)))
+            )
 
 
 def _matrix(runs: list[list[SliceScore]], metric: str) -> tuple[np.ndarray, list[str], list[tuple[str, int]]]:
@@ -206,8 +232,9 @@ def gain(scores: Scores, site: str, a: str, b: str) -> str:
     return str(hierarchical_bootstrap(left, right, subjects, seed=0))
 
 
-def run_acceleration(args: argparse.Namespace, acceleration: float, cartesian: dict[str, Splits],
-                     scores: Scores, workdir: Path) -> str:
+def run_acceleration(
+    args: argparse.Namespace, acceleration: float, cartesian: dict[str, Splits], scores: Scores, workdir: Path
+) -> str:
     """Score the radial site at one acceleration; returns the CS choice for the table's caption."""
     radial = _sites(workdir / f"radial-r{acceleration:g}", (RADIAL,), args, acceleration)
     _learn_subjects(radial)
@@ -221,7 +248,8 @@ def run_acceleration(args: argparse.Namespace, acceleration: float, cartesian: d
     for seed in args.seeds:
         log.info("site-r R=%g seed %d: local, then the mixed federation", acceleration, seed)
         scores.setdefault((RADIAL, f"{tag} local"), []).append(
-            _test(splits["test"], model_recon(_local(args, splits, seed))))
+            _test(splits["test"], model_recon(_local(args, splits, seed)))
+        )
         _score_federation(args, mixed, seed, f"{tag} federated (mixed)", scores)
     return f"R = {acceleration:g}: lambda {lam:g}, {iterations} iterations"
 
@@ -237,16 +265,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=15, help="local steps per round")
-    parser.add_argument("--fine-tune-steps", type=int, default=0,
-                        help="each site then fine-tunes the global model (best of every 10 steps on validation); "
-                             "local models get these steps too")
+    parser.add_argument(
+        "--fine-tune-steps",
+        type=int,
+        default=0,
+        help="each site then fine-tunes the global model (best of every 10 steps on validation); "
+        "local models get these steps too",
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--nc-dc", choices=("cg", "gradient"), default="cg", help="the radial site's DC")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    args.model_args = {"num_cascades": 3, "chans": 16, "num_layers": 4, "lam": 1.0, "nc_dc": args.nc_dc,
-                       "cg_iterations": 3}
+    args.model_args = {
+        "num_cascades": 3,
+        "chans": 16,
+        "num_layers": 4,
+        "lam": 1.0,
+        "nc_dc": args.nc_dc,
+        "cg_iterations": 3,
+    }
     started = start_bench("noncartesian_quality", args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench-noncartesian-"))
     cartesian = _sites(workdir / "cartesian", CARTESIAN, args)
@@ -255,17 +293,22 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         log.info("seed %d: Cartesian sites' local models and their federation without site-r", seed)
         for name, splits in cartesian.items():
-            scores.setdefault((name, "local"), []).append(_test(splits["test"], model_recon(_local(args, splits, seed))))
+            scores.setdefault((name, "local"), []).append(
+                _test(splits["test"], model_recon(_local(args, splits, seed)))
+            )
         _score_federation(args, cartesian, seed, "federated (Cartesian only)", scores)
     cs_choices = [run_acceleration(args, r, cartesian, scores, workdir) for r in args.accelerations]
 
-    caption = (f"{args.size}², {args.subjects} subjects per site ({args.val_fraction:g} validation, "
-               f"{args.test_fraction:g} test), {args.slices} slices per volume; unrolled {args.model_args}, "
-               f"FedAvg {args.rounds} rounds x {args.steps} steps x batch {args.batch}, each site keeping its Adam state, "
-               f"lr {args.lr:g} (local: the same "
-               f"{args.rounds * args.steps + args.fine_tune_steps} steps alone), fine-tune {args.fine_tune_steps} "
-               f"steps; seeds {args.seeds}; mean [95 % CI: seeds, test subjects, "
-               "slices]")
+    caption = (
+        f"{args.size}², {args.subjects} subjects per site ({args.val_fraction:g} validation, "
+        f"{args.test_fraction:g} test), {args.slices} slices per volume; unrolled {args.model_args}, "
+        f"FedAvg {args.rounds} rounds x {args.steps} steps x batch {args.batch}, each site keeping its Adam state, "
+        f"lr {args.lr:g} (local: the same "
+        f"{args.rounds * args.steps + args.fine_tune_steps} steps alone), fine-tune {args.fine_tune_steps} "
+        f"steps; seeds {args.seeds}; mean [95 % CI: seeds, test subjects, "
+        "slices]"
+    )
+
     def tuned(label: str) -> tuple[str, ...]:
         return (f"{label} + fine-tune",) if args.fine_tune_steps else ()
 
@@ -274,8 +317,15 @@ def main(argv: list[str] | None = None) -> None:
         for method in ("zero-filled", "CS", "local", "federated (mixed)", *tuned("federated (mixed)")):
             runs = scores[(RADIAL, f"R{r:g} {method}")]
             values, subjects, _ = _matrix(runs, "psnr")
-            rows.append([f"{r:g}", method, mean_ci(runs, "psnr", 2), mean_ci(runs, "ssim", 3),
-                         f"{len(set(subjects))} / {values.shape[1]} / {values.shape[0]}"])
+            rows.append(
+                [
+                    f"{r:g}",
+                    method,
+                    mean_ci(runs, "psnr", 2),
+                    mean_ci(runs, "ssim", 3),
+                    f"{len(set(subjects))} / {values.shape[1]} / {values.shape[0]}",
+                ]
+            )
     print(f"\n#### Radial site-r (raw golden-angle radial h5) on its test subjects: {caption}\n")
     print(f"CS tuned on site-r's validation subjects: {'; '.join(cs_choices)}.\n")
     print(markdown_table(["R (site-r)", "method", "PSNR (dB)", "SSIM", "subjects / slices / seeds"], rows))
@@ -283,30 +333,61 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for r in args.accelerations:
         tag = f"R{r:g}"
-        rows.append([f"{r:g}", RADIAL, "federated (mixed) − local", gain(scores, RADIAL, f"{tag} federated (mixed)",
-                                                                          f"{tag} local")])
-        rows.append([f"{r:g}", RADIAL, "federated (mixed) − CS", gain(scores, RADIAL, f"{tag} federated (mixed)",
-                                                                       f"{tag} CS")])
+        rows.append(
+            [
+                f"{r:g}",
+                RADIAL,
+                "federated (mixed) − local",
+                gain(scores, RADIAL, f"{tag} federated (mixed)", f"{tag} local"),
+            ]
+        )
+        rows.append(
+            [f"{r:g}", RADIAL, "federated (mixed) − CS", gain(scores, RADIAL, f"{tag} federated (mixed)", f"{tag} CS")]
+        )
         for arm in tuned("federated (mixed)"):
             rows.append([f"{r:g}", RADIAL, f"{arm} − local", gain(scores, RADIAL, f"{tag} {arm}", f"{tag} local")])
         for name in CARTESIAN:
-            rows.append([f"{r:g}", name, "federated (mixed) − federated (Cartesian only)",
-                         gain(scores, name, f"{tag} federated (mixed)", "federated (Cartesian only)")])
-            rows.append([f"{r:g}", name, "federated (mixed) − local",
-                         gain(scores, name, f"{tag} federated (mixed)", "local")])
+            rows.append(
+                [
+                    f"{r:g}",
+                    name,
+                    "federated (mixed) − federated (Cartesian only)",
+                    gain(scores, name, f"{tag} federated (mixed)", "federated (Cartesian only)"),
+                ]
+            )
+            rows.append(
+                [f"{r:g}", name, "federated (mixed) − local", gain(scores, name, f"{tag} federated (mixed)", "local")]
+            )
             for arm in tuned("federated (mixed)"):
-                rows.append([f"{r:g}", name, f"{arm} − {arm.replace('mixed', 'Cartesian only')}",
-                             gain(scores, name, f"{tag} {arm}", arm.replace("mixed", "Cartesian only"))])
+                rows.append(
+                    [
+                        f"{r:g}",
+                        name,
+                        f"{arm} − {arm.replace('mixed', 'Cartesian only')}",
+                        gain(scores, name, f"{tag} {arm}", arm.replace("mixed", "Cartesian only")),
+                    ]
+                )
                 rows.append([f"{r:g}", name, f"{arm} − local", gain(scores, name, f"{tag} {arm}", "local")])
-    print("\n#### What federating gives the radial site, and what admitting it costs the Cartesian sites: PSNR "
-          "difference (dB), paired on the same test slices, mean [95 % CI: seeds, test subjects, slices]\n")
+    print(
+        "\n#### What federating gives the radial site, and what admitting it costs the Cartesian sites: PSNR "
+        "difference (dB), paired on the same test slices, mean [95 % CI: seeds, test subjects, slices]\n"
+    )
     print(markdown_table(["R (site-r)", "site", "comparison", "PSNR gain (dB)"], rows))
 
-    rows = [[name, method, mean_ci(scores[(name, method)], "psnr", 2), mean_ci(scores[(name, method)], "ssim", 3)]
-            for name in CARTESIAN
-            for method in ("local", "federated (Cartesian only)", *tuned("federated (Cartesian only)"),
-                           *(f"R{r:g} {arm}" for r in args.accelerations
-                             for arm in ("federated (mixed)", *tuned("federated (mixed)"))))]
+    rows = [
+        [name, method, mean_ci(scores[(name, method)], "psnr", 2), mean_ci(scores[(name, method)], "ssim", 3)]
+        for name in CARTESIAN
+        for method in (
+            "local",
+            "federated (Cartesian only)",
+            *tuned("federated (Cartesian only)"),
+            *(
+                f"R{r:g} {arm}"
+                for r in args.accelerations
+                for arm in ("federated (mixed)", *tuned("federated (mixed)"))
+            ),
+        )
+    ]
     print("\n#### Cartesian sites on their test subjects (mixed: with site-r at the R named)\n")
     print(markdown_table(["site", "method", "PSNR (dB)", "SSIM"], rows))
     print(f"\nwall time {time.perf_counter() - started:.0f} s")

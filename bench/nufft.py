@@ -79,12 +79,30 @@ def accuracy(sizes: list[int]) -> None:
         adjoint = nufft_adjoint(samples, coords, (size, size))
         lhs = complex(torch.sum(ours * samples.conj()))
         rhs = complex(torch.sum(image * adjoint.conj()))
-        rows.append([f"{size}²", f"{coords.shape[0]}", f"{_relative(ours.numpy(), exact):.1e}",
-                     f"{_relative(ours, kb_forward):.1e}", f"{_relative(adjoint, kb_adjoint):.1e}",
-                     f"{abs(lhs - rhs) / abs(lhs):.1e}"])
+        rows.append(
+            [
+                f"{size}²",
+                f"{coords.shape[0]}",
+                f"{_relative(ours.numpy(), exact):.1e}",
+                f"{_relative(ours, kb_forward):.1e}",
+                f"{_relative(adjoint, kb_adjoint):.1e}",
+                f"{abs(lhs - rhs) / abs(lhs):.1e}",
+            ]
+        )
     print("\n#### NUFFT accuracy: golden-angle radial at R = 4 (2x readout oversampling), complex64\n")
-    print(markdown_table(["matrix", "samples", "forward vs exact NDFT", "forward vs torchkbnufft",
-                          "adjoint vs torchkbnufft", "adjointness gap (relative)"], rows))
+    print(
+        markdown_table(
+            [
+                "matrix",
+                "samples",
+                "forward vs exact NDFT",
+                "forward vs torchkbnufft",
+                "adjoint vs torchkbnufft",
+                "adjointness gap (relative)",
+            ],
+            rows,
+        )
+    )
 
 
 DENSITY_CASES = (("radial-ga", 1.0), ("radial-ga", 4.0), ("radial-ga", 8.0), ("spiral", 4.0), ("spiral", 8.0))
@@ -110,14 +128,20 @@ def density(size: int, coils: int) -> None:
     rows = []
     for kind, acceleration in DENSITY_CASES:
         readout = 2 * size if kind == "radial-ga" else 4 * size
-        count = (radial_spokes_for(size, acceleration) if kind == "radial-ga"
-                 else spiral_interleaves_for(size, acceleration, readout, 2.0))
+        count = (
+            radial_spokes_for(size, acceleration)
+            if kind == "radial-ga"
+            else spiral_interleaves_for(size, acceleration, readout, 2.0)
+        )
         coords = make_trajectory(kind, count, readout, size, 2.0)
         omega = (2.0 * math.pi * coords).T.contiguous()
-        weights = {"capped (ours)": density_compensation(coords, (size, size)),
-                   "uncapped Voronoi": density_compensation(coords, (size, size), capped=False),
-                   "Pipe-Menon (torchkbnufft)": tkbn.calc_density_compensation_function(
-                       ktraj=omega, im_size=(size, size))[0, 0].real}
+        weights = {
+            "capped (ours)": density_compensation(coords, (size, size)),
+            "uncapped Voronoi": density_compensation(coords, (size, size), capped=False),
+            "Pipe-Menon (torchkbnufft)": tkbn.calc_density_compensation_function(ktraj=omega, im_size=(size, size))[
+                0, 0
+            ].real,
+        }
         scores: dict[str, list[float]] = {name: [] for name in weights}
         for volume in volumes:
             for image in volume:
@@ -129,10 +153,11 @@ def density(size: int, coils: int) -> None:
                     if name.startswith("Pipe-Menon"):
                         recon = recon * float(np.sum(recon * target) / np.sum(recon**2))
                     scores[name].append(psnr(target, recon, float(volume.max())))
-        rows.append([kind, f"{acceleration:g}", coords.shape[0],
-                     *(f"{np.mean(scores[name]):.2f}" for name in weights)])
-    print(f"\n#### Zero-filled PSNR (dB) by density weighting: {len(volumes)} demo volumes x 4 slices, {size}², "
-          f"{coils} coils, noise-free, readout oversampling 2\n")
+        rows.append([kind, f"{acceleration:g}", coords.shape[0], *(f"{np.mean(scores[name]):.2f}" for name in weights)])
+    print(
+        f"\n#### Zero-filled PSNR (dB) by density weighting: {len(volumes)} demo volumes x 4 slices, {size}², "
+        f"{coils} coils, noise-free, readout oversampling 2\n"
+    )
     print(markdown_table(["trajectory", "R", "samples", *weights], rows))
 
 
@@ -152,8 +177,10 @@ def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, 
     ops = {
         "forward A x": (lambda: sense_forward(image, maps[None]) * mask, lambda: operator.forward(image)),
         "adjoint A^H y": (lambda: sense_adjoint(kspace * mask, maps[None]), lambda: operator.adjoint(samples)),
-        "normal A^H A x": (lambda: sense_adjoint(sense_forward(image, maps[None]) * mask, maps[None]),
-                           lambda: operator.normal(image)),
+        "normal A^H A x": (
+            lambda: sense_adjoint(sense_forward(image, maps[None]) * mask, maps[None]),
+            lambda: operator.normal(image),
+        ),
         "normal via NUFFT pair": (None, lambda: operator.adjoint(dcf * operator.forward(image))),
     }
     rows = []
@@ -164,12 +191,17 @@ def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, 
             continue
         t_cart = _median_seconds(cartesian, repeats)
         rows.append([name, f"{t_cart * 1e3:.2f}", f"{t_radial * 1e3:.2f}", f"{t_radial / t_cart:.1f}x"])
-    print(f"\n#### Operator time per slice: {size}², {coils} coils, radial {coords.shape[0]} samples "
-          f"(R = 4) vs Cartesian FFT + mask; ms, median of {repeats}\n")
+    print(
+        f"\n#### Operator time per slice: {size}², {coils} coils, radial {coords.shape[0]} samples "
+        f"(R = 4) vs Cartesian FFT + mask; ms, median of {repeats}\n"
+    )
     print(markdown_table(["operator", "Cartesian (ms)", "radial NUFFT (ms)", "ratio"], rows))
 
-    def step(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], model: torch.nn.Module,
-             optimiser: torch.optim.Optimizer) -> None:
+    def step(
+        inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        model: torch.nn.Module,
+        optimiser: torch.optim.Optimizer,
+    ) -> None:
         optimiser.zero_grad()
         loss = model(*inputs).mean()
         loss.backward()
@@ -189,8 +221,10 @@ def cost(size: int, coils: int, batch: int, repeats: int, model_args: dict[str, 
         t_cart = _median_seconds(lambda: step(cart_inputs, model, optimiser), repeats)  # noqa: B023
         t_radial = _median_seconds(lambda: step(radial_inputs, model, optimiser), repeats)  # noqa: B023
         rows.append([f"unrolled, radial DC = {dc}", f"{t_cart:.3f}", f"{t_radial:.3f}", f"{t_radial / t_cart:.1f}x"])
-    print(f"\n#### Training step (forward + backward + Adam), unrolled {model_args}, batch {batch}, {size}², "
-          f"{coils} coils; s, median of {repeats}\n")
+    print(
+        f"\n#### Training step (forward + backward + Adam), unrolled {model_args}, batch {batch}, {size}², "
+        f"{coils} coils; s, median of {repeats}\n"
+    )
     print(markdown_table(["model", "Cartesian (s)", "radial (s)", "ratio"], rows))
 
 
@@ -213,8 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.section in ("density", "all"):
         density(args.density_size, args.coils)
     if args.section in ("cost", "all"):
-        cost(args.size, args.coils, args.batch, args.repeats,
-             {"num_cascades": args.cascades, "chans": args.chans, "lam": 1.0})
+        cost(
+            args.size,
+            args.coils,
+            args.batch,
+            args.repeats,
+            {"num_cascades": args.cascades, "chans": args.chans, "lam": 1.0},
+        )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,13 @@ MODEL = QUALITY_MODELS["U-Net"]  # the quality benchmark's U-Net; --chans overri
 DELTA = 1e-5
 
 
-def federate(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]], *, sigma: float = 0.0,
-             client_sigma: float | None = None) -> tuple[dict[str, torch.Tensor], float, float]:
+def federate(
+    args: argparse.Namespace,
+    data: dict[str, dict[str, SiteDataset]],
+    *,
+    sigma: float = 0.0,
+    client_sigma: float | None = None,
+) -> tuple[dict[str, torch.Tensor], float, float]:
     """``args.rounds`` rounds of FedAvg; returns the global weights, ε and the median update norm seen."""
     name, kwargs = MODEL[0], {**MODEL[1], "chans": args.chans}
     torch.manual_seed(args.seed)
@@ -59,8 +64,9 @@ def federate(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]], 
             model.load_state_dict(state)
             loader = make_loader(splits["train"], args.batch, shuffle=True, seed=args.seed + rnd)
             if sigma > 0:
-                result, q = train_private(model, loader, noise_multiplier=sigma, max_grad_norm=args.clip,
-                                          steps=args.local_steps, lr=args.lr)
+                result, q = train_private(
+                    model, loader, noise_multiplier=sigma, max_grad_norm=args.clip, steps=args.local_steps, lr=args.lr
+                )
                 ledgers[site] = ledgers[site].with_round(sigma, q, result.steps)
             else:
                 result = train(model, loader, steps=args.local_steps, lr=args.lr)
@@ -81,8 +87,9 @@ def federate(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]], 
         eps = max(ledger.epsilon(DELTA) for ledger in ledgers.values())
     elif client_sigma:
         sites = len(data)
-        acc = RdpAccountant(PrivacyConfig(DELTA, sites, NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                          SamplingMethod.NO_AMPLIFICATION))
+        acc = RdpAccountant(
+            PrivacyConfig(DELTA, sites, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+        )
         acc.compose(GaussianPrivacyEvent(client_sigma, sites, sites), count=args.rounds)
         eps = acc.get_epsilon(DELTA)
     else:
@@ -90,14 +97,18 @@ def federate(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]], 
     return state, eps, float(np.median(norms))
 
 
-def pooled_psnr(args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]],
-                state: dict[str, torch.Tensor]) -> float:
+def pooled_psnr(
+    args: argparse.Namespace, data: dict[str, dict[str, SiteDataset]], state: dict[str, torch.Tensor]
+) -> float:
     """Mean test PSNR over the slices of all sites."""
     name, kwargs = MODEL[0], {**MODEL[1], "chans": args.chans}
     net = build_model(name, **kwargs)
     net.load_state_dict(state)
-    scores = [s.psnr for splits in data.values()
-              for s in score_slices(model_recon(net), make_loader(splits["test"], 4, shuffle=False, seed=0))]
+    scores = [
+        s.psnr
+        for splits in data.values()
+        for s in score_slices(model_recon(net), make_loader(splits["test"], 4, shuffle=False, seed=0))
+    ]
     return float(np.mean(scores))
 
 
@@ -115,8 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clip", type=float, default=1.0, help="DP-SGD per-slice clipping norm C")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="DP-SGD noise multipliers")
-    parser.add_argument("--client-clip", type=float, default=0.0,
-                        help="client-level update clipping norm (0: the median update norm of the run without DP)")
+    parser.add_argument(
+        "--client-clip",
+        type=float,
+        default=0.0,
+        help="client-level update clipping norm (0: the median update norm of the run without DP)",
+    )
     parser.add_argument("--client-sigmas", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -127,9 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     """Train every variant on the same R = 4 sites, print PSNR against ε."""
     args = parse_args(argv)
     started = start_bench("privacy", args.threads)
-    print(f"R = 4, {args.size}², {args.subjects} subjects/site, U-Net {{'chans': {args.chans}, 'num_pool_layers': 2}}, "
-          f"{args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}, "
-          f"δ = {DELTA:g}")
+    print(
+        f"R = 4, {args.size}², {args.subjects} subjects/site, U-Net {{'chans': {args.chans}, 'num_pool_layers': 2}}, "
+        f"{args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}, "
+        f"δ = {DELTA:g}"
+    )
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=4.0)
@@ -142,13 +159,25 @@ def main(argv: list[str] | None = None) -> None:
         args.client_clip = float(f"{median_norm:.2g}")
     for sigma in args.sigmas:
         state, eps, _ = federate(args, data, sigma=sigma)
-        rows.append(("sample-level DP-SGD", f"σ = {sigma:g}, C = {args.clip:g}", f"{eps:.2f}",
-                     f"{pooled_psnr(args, data, state):.2f}"))
+        rows.append(
+            (
+                "sample-level DP-SGD",
+                f"σ = {sigma:g}, C = {args.clip:g}",
+                f"{eps:.2f}",
+                f"{pooled_psnr(args, data, state):.2f}",
+            )
+        )
         logger.info("DP-SGD sigma %g done", sigma)
     for sigma in args.client_sigmas:
         state, eps, _ = federate(args, data, client_sigma=sigma)
-        rows.append(("client-level, server clipping", f"σ_c = {sigma:g}, C_c = {args.client_clip:g}", f"{eps:.2f}",
-                     f"{pooled_psnr(args, data, state):.2f}"))
+        rows.append(
+            (
+                "client-level, server clipping",
+                f"σ_c = {sigma:g}, C_c = {args.client_clip:g}",
+                f"{eps:.2f}",
+                f"{pooled_psnr(args, data, state):.2f}",
+            )
+        )
         logger.info("client-level sigma %g done", sigma)
     print(f"\nmedian L2 norm of a site's update without DP: {median_norm:.3f}\n")
     print(markdown_table(("privacy", "setting", f"ε after {args.rounds} rounds", "test PSNR (dB, all sites)"), rows))

@@ -80,8 +80,11 @@ def pooled_auc(runs: Sequence[tuple[np.ndarray, np.ndarray]], rounds: int, seed:
     draws = []
     for _ in range(rounds):
         picked = rng.integers(len(runs), size=len(runs))
-        draws.append(np.mean([auc(rng.choice(runs[i][0], len(runs[i][0])), rng.choice(runs[i][1], len(runs[i][1])))
-                              for i in picked]))
+        draws.append(
+            np.mean(
+                [auc(rng.choice(runs[i][0], len(runs[i][0])), rng.choice(runs[i][1], len(runs[i][1]))) for i in picked]
+            )
+        )
     return point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
@@ -115,8 +118,18 @@ def audit_split(path: Path, seed: int) -> tuple[SiteDataset, Dataset]:
     return datasets["train"], ConcatDataset([datasets["val"], datasets["test"]])
 
 
-def train_federated(model: torch.nn.Module, members: SiteDataset, *, sites: int, rounds: int, local_steps: int,
-                    batch: int, noise_multiplier: float, clip: float, seed: int) -> list[float]:
+def train_federated(
+    model: torch.nn.Module,
+    members: SiteDataset,
+    *,
+    sites: int,
+    rounds: int,
+    local_steps: int,
+    batch: int,
+    noise_multiplier: float,
+    clip: float,
+    seed: int,
+) -> list[float]:
     """FedAvg over ``sites`` shards of the member patients; with ``noise_multiplier`` > 0, client-level DP.
 
     Each round every site trains ``local_steps`` from the global weights (fresh Adam, as the ClientApp
@@ -181,8 +194,13 @@ def main() -> None:
         elif arm == "sample":
             settings.append((f"sample-level DP, ε ≤ {args.sample_epsilon:g} per slice", arm, args.sample_epsilon))
         elif arm == "client":
-            settings.append((f"client-level DP ({args.client_sites} sites), ε ≤ {args.client_epsilon:g} per site",
-                             arm, args.client_epsilon))
+            settings.append(
+                (
+                    f"client-level DP ({args.client_sites} sites), ε ≤ {args.client_epsilon:g} per site",
+                    arm,
+                    args.client_epsilon,
+                )
+            )
         else:
             settings.append(({"none": "none", "fedavg": f"FedAvg ({args.client_sites} sites), no DP"}[arm], arm, None))
     local_steps = max(1, args.steps // (args.client_rounds * args.client_sites))
@@ -192,13 +210,15 @@ def main() -> None:
         splits = {seed: audit_split(path, seed) for seed in args.seeds}
         members0, others0 = splits[args.seeds[0]]
         patients = len(subject_groups(members0))
-        print(f"{args.site} at {args.size}², {args.slices} slice(s)/volume: {patients} member and "
-              f"{len(subject_groups(others0.datasets[0])) + len(subject_groups(others0.datasets[1]))} non-member "
-              f"patients per seed ({len(members0)} / {len(others0)} slices); U-Net {model_args}; "
-              f"{args.steps} steps of Adam lr 1e-3 at {args.batch} slices per step (≈ "
-              f"{args.steps * args.batch / len(members0):.0f} epochs), no augmentation; DP clip C = {args.clip}; "
-              f"federation: {args.client_sites} sites × {args.client_rounds} rounds × {local_steps} local steps, "
-              f"update clip {args.client_clip}; δ = {DELTA}; seeds {args.seeds}")
+        print(
+            f"{args.site} at {args.size}², {args.slices} slice(s)/volume: {patients} member and "
+            f"{len(subject_groups(others0.datasets[0])) + len(subject_groups(others0.datasets[1]))} non-member "
+            f"patients per seed ({len(members0)} / {len(others0)} slices); U-Net {model_args}; "
+            f"{args.steps} steps of Adam lr 1e-3 at {args.batch} slices per step (≈ "
+            f"{args.steps * args.batch / len(members0):.0f} epochs), no augmentation; DP clip C = {args.clip}; "
+            f"federation: {args.client_sites} sites × {args.client_rounds} rounds × {local_steps} local steps, "
+            f"update clip {args.client_clip}; δ = {DELTA}; seeds {args.seeds}"
+        )
         for label, arm, epsilon in settings:
             runs, psnrs, sigma, spent, arm_started = [], [], 0.0, float("inf"), time.perf_counter()
             for seed in args.seeds:
@@ -206,30 +226,61 @@ def main() -> None:
                 torch.manual_seed(seed)
                 model = without_inplace_activations(build_model("unet", **model_args))
                 if arm == "none":
-                    train(model, make_loader(members_set, args.batch, shuffle=True, seed=seed, augment=False),
-                          steps=args.steps, lr=1e-3, loss="l1")
+                    train(
+                        model,
+                        make_loader(members_set, args.batch, shuffle=True, seed=seed, augment=False),
+                        steps=args.steps,
+                        lr=1e-3,
+                        loss="l1",
+                    )
                 elif arm == "sample":
                     rate = args.batch / len(members_set)
                     sigma = sigma_for(epsilon, rate, args.steps)
-                    train_private(model, make_loader(members_set, args.batch, shuffle=True, seed=seed, augment=False),
-                                  noise_multiplier=sigma, max_grad_norm=args.clip, steps=args.steps)
+                    train_private(
+                        model,
+                        make_loader(members_set, args.batch, shuffle=True, seed=seed, augment=False),
+                        noise_multiplier=sigma,
+                        max_grad_norm=args.clip,
+                        steps=args.steps,
+                    )
                     spent = PrivacyLedger([(sigma, rate, args.steps)]).epsilon(DELTA)
                 elif arm == "patient":
                     groups = subject_groups(members_set)
                     per_step = args.batch * len(groups) / len(members_set)  # expected slices per step = --batch
                     rate = min(1.0, per_step / len(groups))
                     sigma = sigma_for(epsilon, rate, args.steps)
-                    train_patient_private(model, members_set, noise_multiplier=sigma, max_grad_norm=args.clip,
-                                          subjects_per_step=per_step, steps=args.steps, chunk=8, seed=seed)
+                    train_patient_private(
+                        model,
+                        members_set,
+                        noise_multiplier=sigma,
+                        max_grad_norm=args.clip,
+                        subjects_per_step=per_step,
+                        steps=args.steps,
+                        chunk=8,
+                        seed=seed,
+                    )
                     spent = PrivacyLedger([(sigma, rate, args.steps)]).epsilon(DELTA)
                 else:
                     sigma = sigma_for(epsilon, 1.0, args.client_rounds) if arm == "client" else 0.0
-                    norms = train_federated(model, members_set, sites=args.client_sites, rounds=args.client_rounds,
-                                            local_steps=local_steps, batch=args.batch, noise_multiplier=sigma,
-                                            clip=args.client_clip if arm == "client" else 0.0, seed=seed)
+                    norms = train_federated(
+                        model,
+                        members_set,
+                        sites=args.client_sites,
+                        rounds=args.client_rounds,
+                        local_steps=local_steps,
+                        batch=args.batch,
+                        noise_multiplier=sigma,
+                        clip=args.client_clip if arm == "client" else 0.0,
+                        seed=seed,
+                    )
                     spent = PrivacyLedger([(sigma, 1.0, args.client_rounds)]).epsilon(DELTA) if sigma else spent
-                    logger.info("%s seed %d: site update norms median %.3f (max %.3f)", label, seed,
-                                float(np.median(norms)), max(norms))
+                    logger.info(
+                        "%s seed %d: site update norms median %.3f (max %.3f)",
+                        label,
+                        seed,
+                        float(np.median(norms)),
+                        max(norms),
+                    )
                 members, others = patient_scores(model, members_set), patient_scores(model, others_set)
                 held_out = score_slices(model_recon(model), DataLoader(others_set, batch_size=8))
                 psnrs.append(float(np.mean([s.psnr for s in held_out])))
@@ -238,10 +289,29 @@ def main() -> None:
             point, low, high = pooled_auc(runs, args.bootstrap, seed=0)
             per_seed = ", ".join(f"{auc(m, o):.2f}" for m, o in runs)
             print(f"{label}: AUC per seed {per_seed}, {time.perf_counter() - arm_started:.0f} s", flush=True)
-            rows.append([label, f"{sigma:.2f}" if sigma else "–", f"{spent:.2f}", f"{point:.3f} [{low:.3f}, {high:.3f}]",
-                         per_seed, f"{np.mean(psnrs):.2f} ± {np.std(psnrs):.2f}"])
-    print(markdown_table(["setting", "σ", "ε", f"MIA AUC pooled over {len(args.seeds)} seeds [95 % CI]",
-                          "AUC per seed", "non-member PSNR (dB, mean ± sd over seeds)"], rows))
+            rows.append(
+                [
+                    label,
+                    f"{sigma:.2f}" if sigma else "–",
+                    f"{spent:.2f}",
+                    f"{point:.3f} [{low:.3f}, {high:.3f}]",
+                    per_seed,
+                    f"{np.mean(psnrs):.2f} ± {np.std(psnrs):.2f}",
+                ]
+            )
+    print(
+        markdown_table(
+            [
+                "setting",
+                "σ",
+                "ε",
+                f"MIA AUC pooled over {len(args.seeds)} seeds [95 % CI]",
+                "AUC per seed",
+                "non-member PSNR (dB, mean ± sd over seeds)",
+            ],
+            rows,
+        )
+    )
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -94,18 +94,29 @@ MODELS: dict[str, tuple[str, dict[str, int]]] = {
     "Unrolled-DC": ("unrolled", {"num_cascades": 4, "chans": 32, "num_layers": 5}),
 }
 MULTI_SEED_MODEL = "Unrolled-DC"  # carries the multi-seed targets; the U-Net runs the first seed only
-BASELINES = {"local": "local", "centralized": "centralized (pooled)", "centralized-balanced": "centralized (site-balanced)"}
+BASELINES = {
+    "local": "local",
+    "centralized": "centralized (pooled)",
+    "centralized-balanced": "centralized (site-balanced)",
+}
 # local-layers: FedAvg of the shared part while each site keeps common.personalise.personal_layers (FedPer/FedBN).
-STRATEGIES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam", "scaffold": "SCAFFOLD",
-              "local-layers": "FedAvg + local layers"}
+STRATEGIES = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedadam": "FedAdam",
+    "scaffold": "SCAFFOLD",
+    "local-layers": "FedAvg + local layers",
+}
 FINE_TUNED = "+ fine-tune"  # suffix of a federated strategy's personalised row (each site fine-tunes it)
 CS_LAMBDAS = tuple(float(v) for v in np.logspace(-4, -1, 7))  # 1e-4, 3.2e-4, ..., 1e-1
 CS_ITERATIONS = (50, 100, 200)
 CS_WAVELET = "db4"
 SCENARIOS = {"standard": SITE_NAMES, "low-data": LOW_DATA_SITE_NAMES}
 UNSEEN_SITE = "site-x"  # bench/sites/site-x.toml: the unseen-acquisition site, never trained on
-OPTIMISER_SEMANTICS = ("every arm keeps its Adam state across rounds (client-optimizer = keep: federated sites, "
-                       "local and centralized models alike)")
+OPTIMISER_SEMANTICS = (
+    "every arm keeps its Adam state across rounds (client-optimizer = keep: federated sites, "
+    "local and centralized models alike)"
+)
 DOC_BEGIN, DOC_END = "<!-- bench.quality: begin -->", "<!-- bench.quality: end -->"
 
 
@@ -187,8 +198,14 @@ def cs_recon(lam: float, iterations: int) -> Recon:
     """Magnitude of the L1-wavelet SENSE reconstruction, cropped to the target."""
 
     def run(batch: dict[str, object]) -> torch.Tensor:
-        image = l1_wavelet_sense(batch["masked_kspace"], batch["mask"], batch["sens_maps"],  # type: ignore[arg-type]
-                                 lam=lam, iterations=iterations, wavelet=CS_WAVELET)
+        image = l1_wavelet_sense(
+            batch["masked_kspace"],
+            batch["mask"],
+            batch["sens_maps"],  # type: ignore[arg-type]
+            lam=lam,
+            iterations=iterations,
+            wavelet=CS_WAVELET,
+        )
         target = batch["target"]
         assert isinstance(target, torch.Tensor)
         return center_crop(image.abs(), tuple(target.shape[-2:]))
@@ -213,9 +230,11 @@ class CSChoice:
             return "≥ zero-filled"
         gap = f"below zero-filled by {self.zero_filled_psnr - self.val_psnr:.2f} dB at its best grid point"
         if self.start_psnr < self.zero_filled_psnr:
-            return (f"{gap}; its start, the SENSE-combined zero-filled image, is already "
-                    f"{self.zero_filled_psnr - self.start_psnr:.2f} dB below the RSS zero-filled one: the coil-map "
-                    "combination loses, not lambda or the iterations")
+            return (
+                f"{gap}; its start, the SENSE-combined zero-filled image, is already "
+                f"{self.zero_filled_psnr - self.start_psnr:.2f} dB below the RSS zero-filled one: the coil-map "
+                "combination loses, not lambda or the iterations"
+            )
         return f"{gap}, although its start is not: no grid point of lambda x iterations recovers it"
 
 
@@ -228,8 +247,14 @@ def tune_cs(dataset: SiteDataset, iterations: Sequence[int], batch_size: int, ma
     scores: dict[tuple[float, int], list[float]] = defaultdict(list)
     for lam in CS_LAMBDAS:
         for batch in loader:
-            kept = l1_wavelet_sense_iterates(batch["masked_kspace"], batch["mask"], batch["sens_maps"], lam=lam,
-                                             iterations=tuple(iterations), wavelet=CS_WAVELET)
+            kept = l1_wavelet_sense_iterates(
+                batch["masked_kspace"],
+                batch["mask"],
+                batch["sens_maps"],
+                lam=lam,
+                iterations=tuple(iterations),
+                wavelet=CS_WAVELET,
+            )
             target = batch["target"]
             for count, image in kept.items():
                 cropped = center_crop(image.abs(), tuple(target.shape[-2:]))
@@ -246,8 +271,16 @@ def _sense_start(batch: dict[str, object]) -> torch.Tensor:
     return center_crop(image.abs(), tuple(target.shape[-2:]))
 
 
-def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int], sites: Sequence[Path],
-               run_dir: Path, seed: int, arm: FederatedArm | None = None, fine_tune_steps: int = 0) -> RunConfig:
+def run_config(
+    args: argparse.Namespace,
+    model: str,
+    model_args: dict[str, int],
+    sites: Sequence[Path],
+    run_dir: Path,
+    seed: int,
+    arm: FederatedArm | None = None,
+    fine_tune_steps: int = 0,
+) -> RunConfig:
     """The one run config shared by the baselines and the federated arms of a model and seed.
 
     ``fine_tune_steps`` > 0 (federated runs): after the last round each site fine-tunes the selected
@@ -255,21 +288,40 @@ def run_config(args: argparse.Namespace, model: str, model_args: dict[str, int],
     """
     arm = arm or FederatedArm("fedavg", STRATEGIES["fedavg"], "fedavg")
     local = personal_layers(build_model(model, **model_args)) if arm.local_layers else ()
-    return RunConfig.from_flat({
-        "name": run_dir.name, "num-server-rounds": args.max_rounds, "strategy": arm.strategy,
-        "proximal-mu": arm.mu, "local-layers": ",".join(local), "model": model, "model-args": model_args,
-        "local-steps": args.local_steps, "batch-size": args.batch, "learning-rate": args.lr, "loss": "l1",
-        "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites),
-        "sites": ",".join(str(p) for p in sites), "run-dir": str(run_dir), "num-samples": 0, "seed": seed,
-        "resume": False, "select-metric": "psnr", "patience": args.patience,
-        # Federated runs: each training message also scores the model it carries (half the messages).
-        # Every arm keeps its Adam state across rounds (OPTIMISER_SEMANTICS).
-        "evaluate-with-train": True, "client-optimizer": "keep",
-        "fine-tune-steps": fine_tune_steps,
-        "fine-tune-eval-every": args.fine_tune_eval_every, "fine-tune-patience": args.fine_tune_patience,
-        # --tracking-uri: every arm and seed is an MLflow run of its own, named after its run directory.
-        **({"tracking": "mlflow", "tracking-uri": args.tracking_uri} if args.tracking_uri else {}),
-    })
+    return RunConfig.from_flat(
+        {
+            "name": run_dir.name,
+            "num-server-rounds": args.max_rounds,
+            "strategy": arm.strategy,
+            "proximal-mu": arm.mu,
+            "local-layers": ",".join(local),
+            "model": model,
+            "model-args": model_args,
+            "local-steps": args.local_steps,
+            "batch-size": args.batch,
+            "learning-rate": args.lr,
+            "loss": "l1",
+            "min-train-nodes": len(sites),
+            "min-evaluate-nodes": len(sites),
+            "min-available-nodes": len(sites),
+            "sites": ",".join(str(p) for p in sites),
+            "run-dir": str(run_dir),
+            "num-samples": 0,
+            "seed": seed,
+            "resume": False,
+            "select-metric": "psnr",
+            "patience": args.patience,
+            # Federated runs: each training message also scores the model it carries (half the messages).
+            # Every arm keeps its Adam state across rounds (OPTIMISER_SEMANTICS).
+            "evaluate-with-train": True,
+            "client-optimizer": "keep",
+            "fine-tune-steps": fine_tune_steps,
+            "fine-tune-eval-every": args.fine_tune_eval_every,
+            "fine-tune-patience": args.fine_tune_patience,
+            # --tracking-uri: every arm and seed is an MLflow run of its own, named after its run directory.
+            **({"tracking": "mlflow", "tracking-uri": args.tracking_uri} if args.tracking_uri else {}),
+        }
+    )
 
 
 def _load(model: str, model_args: dict[str, int], state: dict[str, torch.Tensor]) -> nn.Module:
@@ -319,8 +371,16 @@ def _trained(store: RunDir) -> Trained:
     return Trained(max(steps, default=0), steps, val, curve)
 
 
-def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path], train_slices: dict[str, int],
-                    out: Path, clock: Stopwatch, stage: str, seed: int) -> list[Method]:
+def learned_methods(
+    args: argparse.Namespace,
+    label: str,
+    sites: Sequence[Path],
+    train_slices: dict[str, int],
+    out: Path,
+    clock: Stopwatch,
+    stage: str,
+    seed: int,
+) -> list[Method]:
     """Train every learned arm of one model at one seed to its best validation round (early stopping)."""
     model, model_args = MODELS[label]
     names = list(train_slices)
@@ -354,12 +414,26 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
             best, val_psnr = str(selected["round"]), selected["value"]
             converged = selected["round"] < t.rounds
             val_site = {n: t.val[(selected["round"], n)] for n in names if (selected["round"], n) in t.val}
-        methods.append(Method(f"{label} {row}", recon, seed, rounds=t.rounds, best=best, steps=int(used),
-                              passes=used * args.batch / total_slices, val_psnr=val_psnr, converged=converged,
-                              model=net, curve=t.curve, val_site=val_site))
+        methods.append(
+            Method(
+                f"{label} {row}",
+                recon,
+                seed,
+                rounds=t.rounds,
+                best=best,
+                steps=int(used),
+                passes=used * args.batch / total_slices,
+                val_psnr=val_psnr,
+                converged=converged,
+                model=net,
+                curve=t.curve,
+                val_site=val_site,
+            )
+        )
     for arm in federated_arms(args.strategies, args.mu):
-        run = run_config(args, model, model_args, sites, out / f"{model}-{arm.key}-s{seed}", seed, arm,
-                         args.fine_tune_steps)
+        run = run_config(
+            args, model, model_args, sites, out / f"{model}-{arm.key}-s{seed}", seed, arm, args.fine_tune_steps
+        )
         with clock.stage(f"{stage} {label} {arm.row} seed {seed} (Flower simulation)"):
             store = simulate_sites(run, args.client_cpus)
         t = _trained(store)
@@ -375,14 +449,29 @@ def learned_methods(args: argparse.Namespace, label: str, sites: Sequence[Path],
             net = _load(model, model_args, shared)
             recon = {n: model_recon(net) for n in names}
         used = sum(sum(t.steps[r].values()) for r in range(1, rnd + 1))
-        glob = Method(f"{label} {arm.row}", recon, seed, federated=True, personalised=arm.local_layers,
-                      rounds=t.rounds, best=str(rnd), steps=int(used), passes=used * args.batch / total_slices,
-                      val_psnr=selected["value"], converged=rnd < t.rounds, model=net, curve=t.curve,
-                      val_site={n: t.val[(rnd, n)] for n in names if (rnd, n) in t.val})
+        glob = Method(
+            f"{label} {arm.row}",
+            recon,
+            seed,
+            federated=True,
+            personalised=arm.local_layers,
+            rounds=t.rounds,
+            best=str(rnd),
+            steps=int(used),
+            passes=used * args.batch / total_slices,
+            val_psnr=selected["value"],
+            converged=rnd < t.rounds,
+            model=net,
+            curve=t.curve,
+            val_site={n: t.val[(rnd, n)] for n in names if (rnd, n) in t.val},
+        )
         methods.append(glob)
         if args.fine_tune_steps:
-            methods.append(_fine_tuned(f"{label} {arm.row} {FINE_TUNED}", store, glob, model, model_args, names,
-                                       args.batch / total_slices))
+            methods.append(
+                _fine_tuned(
+                    f"{label} {arm.row} {FINE_TUNED}", store, glob, model, model_args, names, args.batch / total_slices
+                )
+            )
     return methods
 
 
@@ -405,8 +494,15 @@ def simulate_sites(run: RunConfig, client_cpus: int) -> RunDir:
             os.environ["OMP_NUM_THREADS"] = threads
 
 
-def _fine_tuned(label: str, store: RunDir, glob: Method, model: str, model_args: dict[str, int],
-                names: Sequence[str], passes_per_step: float) -> Method:
+def _fine_tuned(
+    label: str,
+    store: RunDir,
+    glob: Method,
+    model: str,
+    model_args: dict[str, int],
+    names: Sequence[str],
+    passes_per_step: float,
+) -> Method:
     """The personalised row of a federated run: each site's fine-tuned model, read from its site-local file.
 
     Selected like everything else on validation: each site kept its best fine-tuning step, and the row's
@@ -426,11 +522,25 @@ def _fine_tuned(label: str, store: RunDir, glob: Method, model: str, model_args:
     best = f"{glob.best}, then steps " + ", ".join(f"{n} {int(by_site[n]['best-step'])}" for n in names)
     start = min(r["time"] for r in store.read_metrics(dedupe=True))
     end = max(r["time"] for r in records) - start
-    curve = [*glob.curve, (glob.curve[-1][0] + tuned if glob.curve else tuned, end, float(by_site[GLOBAL_SITE]["psnr"]))]
-    return Method(label, recon, glob.seed, federated=True, personalised=True, rounds=glob.rounds, best=best,
-                  steps=glob.steps + tuned, passes=(glob.steps + tuned) * passes_per_step,
-                  val_psnr=float(by_site[GLOBAL_SITE]["psnr"]), converged=glob.converged and sites_converged,
-                  curve=curve, val_site={n: float(by_site[n]["psnr"]) for n in names})
+    curve = [
+        *glob.curve,
+        (glob.curve[-1][0] + tuned if glob.curve else tuned, end, float(by_site[GLOBAL_SITE]["psnr"])),
+    ]
+    return Method(
+        label,
+        recon,
+        glob.seed,
+        federated=True,
+        personalised=True,
+        rounds=glob.rounds,
+        best=best,
+        steps=glob.steps + tuned,
+        passes=(glob.steps + tuned) * passes_per_step,
+        val_psnr=float(by_site[GLOBAL_SITE]["psnr"]),
+        converged=glob.converged and sites_converged,
+        curve=curve,
+        val_site={n: float(by_site[n]["psnr"]) for n in names},
+    )
 
 
 # ----------------------------------------------------------------------------- scores and comparisons
@@ -509,13 +619,26 @@ def levers(r: float, arms: dict[str, list[Method]], scores: Scores, names: Seque
             continue
         chosen = ranked[0]
         test = [float(np.mean([s.psnr for s in scores[chosen][m.seed][n]])) for m in fed[chosen]]
-        gain = {ref: str(compare(scores, chosen, ref, [n])) if ref in arms and ref != chosen else "-"
-                for ref in (local, fedavg)}
+        gain = {
+            ref: str(compare(scores, chosen, ref, [n])) if ref in arms and ref != chosen else "-"
+            for ref in (local, fedavg)
+        }
         bad = _not_converged(arms, chosen, local, fedavg)
-        rows.append((f"R={r:g}", model, n, chosen, f"{_site_val(fed[chosen], n):.2f}",
-                     f"{ranked[1]} ({_site_val(fed[ranked[1]], n):.2f})" if len(ranked) > 1 else "-",
-                     _cell(test, 2), gain[local], gain[fedavg], len(fed[chosen]),
-                     "yes" if not bad else "no: " + ", ".join(bad)))
+        rows.append(
+            (
+                f"R={r:g}",
+                model,
+                n,
+                chosen,
+                f"{_site_val(fed[chosen], n):.2f}",
+                f"{ranked[1]} ({_site_val(fed[ranked[1]], n):.2f})" if len(ranked) > 1 else "-",
+                _cell(test, 2),
+                gain[local],
+                gain[fedavg],
+                len(fed[chosen]),
+                "yes" if not bad else "no: " + ", ".join(bad),
+            )
+        )
     return rows
 
 
@@ -548,11 +671,22 @@ def time_to_quality(arms: dict[str, list[Method]], model: str) -> list[tuple]:
             cen_t.append(_first_time(ref.curve, level))
         ratios = [f / c for f, c in zip(fed_t, cen_t)]
         ratio = float(np.mean(ratios))
-        status = "missed (never within 0.3 dB)" if math.isnan(ratio) else ("met" if ratio <= 1.5 else
-                                                                           f"missed ({ratio:.2f}x)")
-        rows.append((label, len(arm), ", ".join("never" if math.isnan(f) else f"{f:.0f}" for f in fed_t),
-                     ", ".join(f"{c:.0f}" for c in cen_t), "-" if math.isnan(ratio) else f"{ratio:.2f}x",
-                     "≤ 1.5x", status))
+        status = (
+            "missed (never within 0.3 dB)"
+            if math.isnan(ratio)
+            else ("met" if ratio <= 1.5 else f"missed ({ratio:.2f}x)")
+        )
+        rows.append(
+            (
+                label,
+                len(arm),
+                ", ".join("never" if math.isnan(f) else f"{f:.0f}" for f in fed_t),
+                ", ".join(f"{c:.0f}" for c in cen_t),
+                "-" if math.isnan(ratio) else f"{ratio:.2f}x",
+                "≤ 1.5x",
+                status,
+            )
+        )
     return rows
 
 
@@ -589,30 +723,63 @@ def plot_curves(curves: dict[str, dict[str, list[Method]]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(out: Output, r: float, names: Sequence[str], methods: list[Method], scores: Scores,
-           unseen: dict[str, object]) -> list[tuple]:
+def report(
+    out: Output, r: float, names: Sequence[str], methods: list[Method], scores: Scores, unseen: dict[str, object]
+) -> list[tuple]:
     """Print the tables of one acceleration; returns its target rows."""
     arms = _arms(methods)
     out(f"\n### R = {r:g}: every arm, all sites pooled (test split; mean ± std over seeds of the per-seed mean)\n")
     out(f"Optimiser: {OPTIMISER_SEMANTICS}. Converged: the best validation round is not the last one trained.\n")
     rows = []
     for label, arm in arms.items():
-        per_seed = {k: [float(np.mean([getattr(s, k) for n in names for s in scores[label][m.seed][n]])) for m in arm]
-                    for k in ("psnr", "ssim", "nmse")}
+        per_seed = {
+            k: [float(np.mean([getattr(s, k) for n in names for s in scores[label][m.seed][n]])) for m in arm]
+            for k in ("psnr", "ssim", "nmse")
+        }
         learned = arm[0].learned
-        rows.append((label, len(arm) if learned else "-", ", ".join(str(m.rounds) for m in arm) if learned else "-",
-                     "; ".join(m.best for m in arm) if learned else "-",
-                     ("yes" if _converged(arm) else "**no**") if learned else "-",
-                     ", ".join(f"{m.steps:,}" for m in arm) if learned else "-",
-                     ", ".join(f"{m.passes:.1f}" for m in arm) if learned else "-",
-                     _cell(per_seed["psnr"], 2), _cell(per_seed["ssim"], 3), _cell(per_seed["nmse"], 4)))
-    out(markdown_table(("method", "seeds", "rounds trained", "best val. round", "converged", "steps to best",
-                        "epochs to best", "PSNR (dB)", "SSIM", "NMSE"), rows))
+        rows.append(
+            (
+                label,
+                len(arm) if learned else "-",
+                ", ".join(str(m.rounds) for m in arm) if learned else "-",
+                "; ".join(m.best for m in arm) if learned else "-",
+                ("yes" if _converged(arm) else "**no**") if learned else "-",
+                ", ".join(f"{m.steps:,}" for m in arm) if learned else "-",
+                ", ".join(f"{m.passes:.1f}" for m in arm) if learned else "-",
+                _cell(per_seed["psnr"], 2),
+                _cell(per_seed["ssim"], 3),
+                _cell(per_seed["nmse"], 4),
+            )
+        )
+    out(
+        markdown_table(
+            (
+                "method",
+                "seeds",
+                "rounds trained",
+                "best val. round",
+                "converged",
+                "steps to best",
+                "epochs to best",
+                "PSNR (dB)",
+                "SSIM",
+                "NMSE",
+            ),
+            rows,
+        )
+    )
 
     out(f"\n### R = {r:g}: per site (test PSNR in dB, mean ± std over seeds)\n")
-    out(markdown_table(["method", *names], (
-        [label] + [_cell([float(np.mean([s.psnr for s in scores[label][m.seed][n]])) for m in arm], 2) for n in names]
-        for label, arm in arms.items())))
+    out(
+        markdown_table(
+            ["method", *names],
+            (
+                [label]
+                + [_cell([float(np.mean([s.psnr for s in scores[label][m.seed][n]])) for m in arm], 2) for n in names]
+                for label, arm in arms.items()
+            ),
+        )
+    )
 
     targets: list[tuple] = []
     verdicts: list[tuple] = []
@@ -625,56 +792,148 @@ def report(out: Output, r: float, names: Sequence[str], methods: list[Method], s
         best = max(personal, key=lambda k: _val(personal[k]))
         lever_rows += levers(r, arms, scores, names, model)
         # None when every federated arm is per-site (local-layers alone): no one global model to compare.
-        best_global = max((k for k, v in fed.items() if not v[0].personalised), key=lambda k: _val(fed[k]),
-                          default=None)
+        best_global = max(
+            (k for k, v in fed.items() if not v[0].personalised), key=lambda k: _val(fed[k]), default=None
+        )
         local, central = f"{model} {BASELINES['local']}", f"{model} {BASELINES['centralized']}"
         if local in arms:
             for n in names:
                 d = compare(scores, best, local, [n])
                 bad = _not_converged(arms, best, local)
-                targets.append((f"R={r:g}", f"{best} − {local} at {n}", "≥ +1.00 dB, CI > 0", str(d), d.seeds,
-                                d.subjects, _target(d, 1.0, True, bad)))
-                verdicts.append((f"R={r:g}", model, n, best, str(d), d.seeds, d.subjects,
-                                 "yes" if not bad else "no: " + ", ".join(bad), join_verdict(d)))
+                targets.append(
+                    (
+                        f"R={r:g}",
+                        f"{best} − {local} at {n}",
+                        "≥ +1.00 dB, CI > 0",
+                        str(d),
+                        d.seeds,
+                        d.subjects,
+                        _target(d, 1.0, True, bad),
+                    )
+                )
+                verdicts.append(
+                    (
+                        f"R={r:g}",
+                        model,
+                        n,
+                        best,
+                        str(d),
+                        d.seeds,
+                        d.subjects,
+                        "yes" if not bad else "no: " + ", ".join(bad),
+                        join_verdict(d),
+                    )
+                )
         if central in arms and best_global is not None:
             d = compare(scores, best_global, central, names)
-            targets.append((f"R={r:g}", f"{best_global} − {central}, all sites", "≥ −0.30 dB", str(d), d.seeds,
-                            d.subjects, _target(d, -0.3, False, _not_converged(arms, best_global, central))))
+            targets.append(
+                (
+                    f"R={r:g}",
+                    f"{best_global} − {central}, all sites",
+                    "≥ −0.30 dB",
+                    str(d),
+                    d.seeds,
+                    d.subjects,
+                    _target(d, -0.3, False, _not_converged(arms, best_global, central)),
+                )
+            )
         for n in names:
             d = compare(scores, best, "CS L1-wavelet (tuned)", [n])
-            targets.append((f"R={r:g}", f"{best} − CS L1-wavelet (tuned) at {n}", "> 0 dB, CI > 0", str(d), d.seeds,
-                            d.subjects, _target(d, 0.0, True, _not_converged(arms, best))))
+            targets.append(
+                (
+                    f"R={r:g}",
+                    f"{best} − CS L1-wavelet (tuned) at {n}",
+                    "> 0 dB, CI > 0",
+                    str(d),
+                    d.seeds,
+                    d.subjects,
+                    _target(d, 0.0, True, _not_converged(arms, best)),
+                )
+            )
         for row in time_to_quality(arms, model):
-            targets.append((f"R={r:g}", f"wall time of {row[0]} to within 0.3 dB of {central} "
-                            f"(s per seed: {row[2]} vs {row[3]})", row[5], row[4], row[1], "-", row[6]))
+            targets.append(
+                (
+                    f"R={r:g}",
+                    f"wall time of {row[0]} to within 0.3 dB of {central} (s per seed: {row[2]} vs {row[3]})",
+                    row[5],
+                    row[4],
+                    row[1],
+                    "-",
+                    row[6],
+                )
+            )
         heldout = unseen.get("anatomy", {}).get(best_global)  # type: ignore[union-attr]
         if heldout is not None:
             zf_mean, model_mean, d = heldout
-            targets.append((f"R={r:g}", f"unseen anatomy: {best_global} − zero-filled on real MR "
-                            f"({d.n} images: {zf_mean:.2f} → {model_mean:.2f} dB)", "≥ +3.00 dB", str(d), d.seeds,
-                            "-", _target(d, 3.0, False, _not_converged(arms, best_global))))
+            targets.append(
+                (
+                    f"R={r:g}",
+                    f"unseen anatomy: {best_global} − zero-filled on real MR "
+                    f"({d.n} images: {zf_mean:.2f} → {model_mean:.2f} dB)",
+                    "≥ +3.00 dB",
+                    str(d),
+                    d.seeds,
+                    "-",
+                    _target(d, 3.0, False, _not_converged(arms, best_global)),
+                )
+            )
 
     if verdicts:
-        out(f"\n### R = {r:g}: should this site join? (best personalised federated − local, test PSNR, "
-            "hierarchical bootstrap 95 % CI over seeds, subjects, slices)\n")
-        out(markdown_table(("R", "model", "site", "best personalised (on validation)", "gain (dB)", "seeds",
-                            "test subjects", "both converged", "verdict"), verdicts))
+        out(
+            f"\n### R = {r:g}: should this site join? (best personalised federated − local, test PSNR, "
+            "hierarchical bootstrap 95 % CI over seeds, subjects, slices)\n"
+        )
+        out(
+            markdown_table(
+                (
+                    "R",
+                    "model",
+                    "site",
+                    "best personalised (on validation)",
+                    "gain (dB)",
+                    "seeds",
+                    "test subjects",
+                    "both converged",
+                    "verdict",
+                ),
+                verdicts,
+            )
+        )
     if lever_rows:
-        out(f"\n### R = {r:g}: levers (per site, the federated arm with the best validation PSNR at that site; "
-            "its test PSNR and paired differences, hierarchical bootstrap 95 % CI over seeds, subjects, slices)\n")
-        out(markdown_table(("R", "model", "site", "lever (best on validation)", "val. PSNR (dB)",
-                            "runner-up on validation (val. PSNR)", "test PSNR (dB)", "− local (dB)",
-                            "− FedAvg (dB)", "seeds", "converged"), lever_rows))
+        out(
+            f"\n### R = {r:g}: levers (per site, the federated arm with the best validation PSNR at that site; "
+            "its test PSNR and paired differences, hierarchical bootstrap 95 % CI over seeds, subjects, slices)\n"
+        )
+        out(
+            markdown_table(
+                (
+                    "R",
+                    "model",
+                    "site",
+                    "lever (best on validation)",
+                    "val. PSNR (dB)",
+                    "runner-up on validation (val. PSNR)",
+                    "test PSNR (dB)",
+                    "− local (dB)",
+                    "− FedAvg (dB)",
+                    "seeds",
+                    "converged",
+                ),
+                lever_rows,
+            )
+        )
     acquisition = unseen.get("acquisition")
     if acquisition:
-        out(f"\n### R = {r:g}: unseen acquisition ({UNSEEN_SITE}: {unseen['scanner']}; new subjects; "
-            "never trained on)\n")
-        out(markdown_table(("method", "seeds", "test PSNR (dB)", "− zero-filled (dB)", "− tuned CS (dB)"),
-                           acquisition))  # type: ignore[arg-type]
+        out(
+            f"\n### R = {r:g}: unseen acquisition ({UNSEEN_SITE}: {unseen['scanner']}; new subjects; "
+            "never trained on)\n"
+        )
+        out(markdown_table(("method", "seeds", "test PSNR (dB)", "− zero-filled (dB)", "− tuned CS (dB)"), acquisition))  # type: ignore[arg-type]
     return targets
 
 
 # ----------------------------------------------------------------------------- the run
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` shrinks everything to a smoke run of the same code path."""
@@ -684,50 +943,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--baselines", nargs="+", choices=list(BASELINES), default=["local", "centralized"])
-    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=["fedavg", "fedprox"],
-                        help="federated strategies (each also gives a fine-tuned row); fedadam: a server optimiser; "
-                             "scaffold: drift correction; local-layers: FedAvg with each site keeping its own "
-                             "personal layers (common.personalise.personal_layers)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help=f"training seeds per arm of {MULTI_SEED_MODEL}; the U-Net runs the first one")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=list(STRATEGIES),
+        default=["fedavg", "fedprox"],
+        help="federated strategies (each also gives a fine-tuned row); fedadam: a server optimiser; "
+        "scaffold: drift correction; local-layers: FedAvg with each site keeping its own "
+        "personal layers (common.personalise.personal_layers)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help=f"training seeds per arm of {MULTI_SEED_MODEL}; the U-Net runs the first one",
+    )
     parser.add_argument("--size", type=int, default=64, help="image matrix (pixels per side)")
-    parser.add_argument("--center-fraction", type=float, default=None,
-                        help="fully sampled centre of every site's mask (calibration lines = fraction x size); "
-                             "default 0.64 / R: fastMRI's pairs (R 4: 0.08, R 8: 0.04) doubled for 64², i.e. "
-                             "10 calibration lines at R 4 and 5 at R 8 (an R 8 mask of 64 columns has 8 in all)")
-    parser.add_argument("--subjects", type=int, default=20,
-                        help="demo subjects per site, split train/val/test by --val-fraction / --test-fraction")
+    parser.add_argument(
+        "--center-fraction",
+        type=float,
+        default=None,
+        help="fully sampled centre of every site's mask (calibration lines = fraction x size); "
+        "default 0.64 / R: fastMRI's pairs (R 4: 0.08, R 8: 0.04) doubled for 64², i.e. "
+        "10 calibration lines at R 4 and 5 at R 8 (an R 8 mask of 64 columns has 8 in all)",
+    )
+    parser.add_argument(
+        "--subjects",
+        type=int,
+        default=20,
+        help="demo subjects per site, split train/val/test by --val-fraction / --test-fraction",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--test-fraction", type=float, default=0.4,
-                        help="0.4 of 20 subjects: 8 test subjects per site, 4 for validation, 8 for training")
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.4,
+        help="0.4 of 20 subjects: 8 test subjects per site, 4 for validation, 8 for training",
+    )
     parser.add_argument("--slices", type=int, default=2, help="slices per volume")
     parser.add_argument("--max-rounds", type=int, default=120, help="budget: rounds at most")
     parser.add_argument("--patience", type=int, default=6, help="stop after this many rounds without a better val PSNR")
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--mu", type=float, nargs="+", default=[0.01],
-                        help="FedProx proximal weight(s): one FedProx arm per value")
-    parser.add_argument("--fine-tune-steps", type=int, default=200,
-                        help="after each federated run every site fine-tunes its selected model (0: no personalised rows)")
+    parser.add_argument(
+        "--mu", type=float, nargs="+", default=[0.01], help="FedProx proximal weight(s): one FedProx arm per value"
+    )
+    parser.add_argument(
+        "--fine-tune-steps",
+        type=int,
+        default=200,
+        help="after each federated run every site fine-tunes its selected model (0: no personalised rows)",
+    )
     parser.add_argument("--fine-tune-eval-every", type=int, default=10, help="fine-tuning: validate every N steps")
-    parser.add_argument("--fine-tune-patience", type=int, default=4, help="fine-tuning: stop after N validations without gain")
-    parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated site (1: two sites at once on 2 cores)")
+    parser.add_argument(
+        "--fine-tune-patience", type=int, default=4, help="fine-tuning: stop after N validations without gain"
+    )
+    parser.add_argument(
+        "--client-cpus", type=int, default=1, help="CPUs per simulated site (1: two sites at once on 2 cores)"
+    )
     parser.add_argument("--cs-iterations", type=int, nargs="+", default=list(CS_ITERATIONS))
     parser.add_argument("--cs-tune-slices", type=int, default=8, help="validation slices per site for CS tuning")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch intra-op threads of the in-process baselines (each simulated site: --client-cpus)")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md",
-                        help="markdown file whose bench.quality section is replaced by this run's output "
-                             "(between the markers); --quick writes none unless given explicitly")
-    parser.add_argument("--curves", type=Path, default=ROOT / "docs" / "quality-curves.png",
-                        help="learning-curve PNG (--quick: <out>/quality-curves.png unless given)")
-    parser.add_argument("--tracking-uri", default="",
-                        help="also log every learned arm to this MLflow tracking server or store (experiment "
-                             "$MLFLOW_EXPERIMENT_NAME, default fedsense-bench-quality; with a sqlite: store MLflow "
-                             "puts a new experiment's artifacts in ./mlruns); default: no tracking")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: R 4, U-Net, FedAvg, 1 seed, 2-3 rounds, few subjects (numbers meaningless)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch intra-op threads of the in-process baselines (each simulated site: --client-cpus)",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=ROOT / "docs" / "BENCHMARKS.md",
+        help="markdown file whose bench.quality section is replaced by this run's output "
+        "(between the markers); --quick writes none unless given explicitly",
+    )
+    parser.add_argument(
+        "--curves",
+        type=Path,
+        default=ROOT / "docs" / "quality-curves.png",
+        help="learning-curve PNG (--quick: <out>/quality-curves.png unless given)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default="",
+        help="also log every learned arm to this MLflow tracking server or store (experiment "
+        "$MLFLOW_EXPERIMENT_NAME, default fedsense-bench-quality; with a sqlite: store MLflow "
+        "puts a new experiment's artifacts in ./mlruns); default: no tracking",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: R 4, U-Net, FedAvg, 1 seed, 2-3 rounds, few subjects (numbers meaningless)",
+    )
     argv = list(argv) if argv is not None else None
     args = parser.parse_args(argv)
     given = set(argv or [])
@@ -752,8 +1060,15 @@ def center_fraction(args: argparse.Namespace, r: float) -> float:
 
 def heldout_scanner(size: int, r: float, center_fraction: float) -> ScannerConfig:
     """How the held-out images are acquired: 8 coils, 1.5 T noise level, random mask (site-b's scanner)."""
-    return ScannerConfig(field_strength_t=1.5, coils=8, matrix=(size, size), noise_std=0.02, mask="random",
-                         acceleration=r, center_fraction=center_fraction)
+    return ScannerConfig(
+        field_strength_t=1.5,
+        coils=8,
+        matrix=(size, size),
+        noise_std=0.02,
+        mask="random",
+        acceleration=r,
+        center_fraction=center_fraction,
+    )
 
 
 def _split_fractions(paths: Sequence[Path], val: float, test: float) -> None:
@@ -769,14 +1084,20 @@ def _score(recon: Recon, dataset: SiteDataset) -> list[SliceScore]:
     return score_slices(recon, make_loader(dataset, 4, shuffle=False, seed=0))
 
 
-def run_acceleration(args: argparse.Namespace, out: Output, r: float, clock: Stopwatch,
-                     curves: dict[str, dict[str, list[Method]]]) -> list[tuple]:
+def run_acceleration(
+    args: argparse.Namespace, out: Output, r: float, clock: Stopwatch, curves: dict[str, dict[str, list[Method]]]
+) -> list[tuple]:
     """Every method at one acceleration: train, score the test split, print the tables; returns target rows."""
     root = args.out / f"R{r:g}"
     shutil.rmtree(root, ignore_errors=True)
     with clock.stage(f"R={r:g} demo data"):
-        common = dict(size=args.size, subjects=args.subjects, slices=args.slices, acceleration=r,
-                      center_fraction=center_fraction(args, r))
+        common = dict(
+            size=args.size,
+            subjects=args.subjects,
+            slices=args.slices,
+            acceleration=r,
+            center_fraction=center_fraction(args, r),
+        )
         sites = write_sites(root / "sites", names=SCENARIOS[args.scenario], **common)  # type: ignore[arg-type]
         unseen_sites = write_sites(root / "unseen", names=(UNSEEN_SITE,), **common)  # type: ignore[arg-type]
         _split_fractions([*sites, *unseen_sites], args.val_fraction, args.test_fraction)
@@ -792,16 +1113,43 @@ def run_acceleration(args: argparse.Namespace, out: Output, r: float, clock: Sto
     out(markdown_table(("site", "train", "val", "test"), splits))
 
     with clock.stage(f"R={r:g} CS tuning"):
-        cs = {n: tune_cs(d["val"], args.cs_iterations, args.batch, args.cs_tune_slices)
-              for n, d in {**data, UNSEEN_SITE: unseen_data}.items()}
-    out(f"\n### R = {r:g}: CS (L1-{CS_WAVELET} SENSE, FISTA) tuned per site on validation: lambda in "
-        f"{', '.join(f'{v:.2g}' for v in CS_LAMBDAS)} x iterations {args.cs_iterations}\n")
-    out(markdown_table(("site", "lambda", "iterations", "val. PSNR CS (dB)", "val. PSNR zero-filled (dB)",
-                        "val. PSNR of FISTA's start A^H y (dB)", "CS vs zero-filled"),
-                       ((n, f"{c.lam:.2g}", c.iterations, f"{c.val_psnr:.2f}", f"{c.zero_filled_psnr:.2f}",
-                         f"{c.start_psnr:.2f}", c.note) for n, c in cs.items())))
-    fixed = [Method("zero-filled", {n: zero_filled for n in names}, learned=False),
-             Method("CS L1-wavelet (tuned)", {n: cs_recon(cs[n].lam, cs[n].iterations) for n in names}, learned=False)]
+        cs = {
+            n: tune_cs(d["val"], args.cs_iterations, args.batch, args.cs_tune_slices)
+            for n, d in {**data, UNSEEN_SITE: unseen_data}.items()
+        }
+    out(
+        f"\n### R = {r:g}: CS (L1-{CS_WAVELET} SENSE, FISTA) tuned per site on validation: lambda in "
+        f"{', '.join(f'{v:.2g}' for v in CS_LAMBDAS)} x iterations {args.cs_iterations}\n"
+    )
+    out(
+        markdown_table(
+            (
+                "site",
+                "lambda",
+                "iterations",
+                "val. PSNR CS (dB)",
+                "val. PSNR zero-filled (dB)",
+                "val. PSNR of FISTA's start A^H y (dB)",
+                "CS vs zero-filled",
+            ),
+            (
+                (
+                    n,
+                    f"{c.lam:.2g}",
+                    c.iterations,
+                    f"{c.val_psnr:.2f}",
+                    f"{c.zero_filled_psnr:.2f}",
+                    f"{c.start_psnr:.2f}",
+                    c.note,
+                )
+                for n, c in cs.items()
+            ),
+        )
+    )
+    fixed = [
+        Method("zero-filled", {n: zero_filled for n in names}, learned=False),
+        Method("CS L1-wavelet (tuned)", {n: cs_recon(cs[n].lam, cs[n].iterations) for n in names}, learned=False),
+    ]
     train_slices = {n: len(d["train"]) for n, d in data.items()}
     methods: list[Method] = []
     for label in args.models:
@@ -815,12 +1163,16 @@ def run_acceleration(args: argparse.Namespace, out: Output, r: float, clock: Sto
         for m in [*fixed, *methods]:
             scores[m.label][m.seed] = {n: _score(m.recon[n], data[n]["test"]) for n in names}
 
-    unseen: dict[str, object] = {"scanner": f"{unseen_cfg.scanner.field_strength_t:g} T, {unseen_cfg.scanner.coils} coils, "
-                                            f"noise {unseen_cfg.scanner.noise_std:g}, {unseen_cfg.scanner.mask} mask"}
+    unseen: dict[str, object] = {
+        "scanner": f"{unseen_cfg.scanner.field_strength_t:g} T, {unseen_cfg.scanner.coils} coils, "
+        f"noise {unseen_cfg.scanner.noise_std:g}, {unseen_cfg.scanner.mask} mask"
+    }
     with clock.stage(f"R={r:g} unseen acquisition and anatomy"):
         test = unseen_data["test"]
-        base = {"zero-filled": _score(zero_filled, test),
-                "CS L1-wavelet (tuned)": _score(cs_recon(cs[UNSEEN_SITE].lam, cs[UNSEEN_SITE].iterations), test)}
+        base = {
+            "zero-filled": _score(zero_filled, test),
+            "CS L1-wavelet (tuned)": _score(cs_recon(cs[UNSEEN_SITE].lam, cs[UNSEEN_SITE].iterations), test),
+        }
         site_scores: Scores = {k: {0: {UNSEEN_SITE: v}} for k, v in base.items()}
         for m in methods:
             if m.model is not None:
@@ -829,8 +1181,9 @@ def run_acceleration(args: argparse.Namespace, out: Output, r: float, clock: Sto
         for label, by_seed in site_scores.items():
             psnr = [float(np.mean([s.psnr for s in v[UNSEEN_SITE]])) for v in by_seed.values()]
             zf = str(compare(site_scores, label, "zero-filled", [UNSEEN_SITE])) if label != "zero-filled" else "-"
-            cs_gap = (str(compare(site_scores, label, "CS L1-wavelet (tuned)", [UNSEEN_SITE]))
-                      if label not in base else "-")
+            cs_gap = (
+                str(compare(site_scores, label, "CS L1-wavelet (tuned)", [UNSEEN_SITE])) if label not in base else "-"
+            )
             rows.append((label, len(by_seed) if label not in base else "-", _cell(psnr, 2), zf, cs_gap))
         unseen["acquisition"] = rows
         scanner = heldout_scanner(args.size, r, center_fraction(args, r))
@@ -880,12 +1233,17 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
     out = Output()
     started = start_bench("quality", args.threads)
-    out(f"bench.quality: {os.uname().machine}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+    out(
+        f"bench.quality: {os.uname().machine}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.2f} at start; command: python -m bench.quality "
-        + " ".join(argv if argv is not None else sys.argv[1:]))
+        + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     clock = Stopwatch()
-    params = {label: count_parameters(build_model(m, **kw)) for label, (m, kw) in MODELS.items() if label in args.models}
-    out(f"\nScenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}) plus the unseen-acquisition site "
+    params = {
+        label: count_parameters(build_model(m, **kw)) for label, (m, kw) in MODELS.items() if label in args.models
+    }
+    out(
+        f"\nScenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}) plus the unseen-acquisition site "
         f"{UNSEEN_SITE}; {args.size}² images; {args.subjects} subjects per site ({args.slices} slices per volume), "
         f"split val {args.val_fraction} / test {args.test_fraction}; up to {args.max_rounds} rounds x "
         f"{args.local_steps} local steps x batch {args.batch}, early stop after {args.patience} rounds without a "
@@ -894,13 +1252,16 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
         f"{', '.join(a.row for a in federated_arms(args.strategies, args.mu))}, then each site fine-tunes up to {args.fine_tune_steps} "
         f"steps (validated every {args.fine_tune_eval_every}, patience {args.fine_tune_patience}); parameters: "
         f"{', '.join(f'{k} {v:,}' for k, v in params.items())}; simulated sites run {args.client_cpus} CPU(s) each, "
-        f"in-process baselines {args.threads} threads (wall times compare under that split).")
+        f"in-process baselines {args.threads} threads (wall times compare under that split)."
+    )
     curves: dict[str, dict[str, list[Method]]] = {}
     targets = [row for r in args.accelerations for row in run_acceleration(args, out, r, clock, curves)]
     plot_curves(curves, args.curves)
     out(f"\nLearning curves (validation PSNR vs steps and vs wall time, every arm, first seed): `{args.curves.name}`")
-    out("\n### Targets (paired test-PSNR differences, mean [hierarchical bootstrap 95 % CI over seeds, "
-        "subjects, slices])\n")
+    out(
+        "\n### Targets (paired test-PSNR differences, mean [hierarchical bootstrap 95 % CI over seeds, "
+        "subjects, slices])\n"
+    )
     out(markdown_table(("R", "comparison", "target", "measured (dB)", "seeds", "test subjects", "status"), targets))
     out("\n### Wall time per stage\n")
     out(markdown_table(("stage", "seconds"), ((k, f"{v:.0f}") for k, v in clock.seconds.items())))

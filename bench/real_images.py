@@ -47,22 +47,33 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         outputs = {}
         for label, zero in (("model", False), ("zero-filled", True)):
-            reconstructor = Reconstructor(loaded, device=torch.device("cpu"), site=site, zero_filled_only=zero,
-                                          allow_untrained_mask=args.allow_untrained_mask)
+            reconstructor = Reconstructor(
+                loaded,
+                device=torch.device("cpu"),
+                site=site,
+                zero_filled_only=zero,
+                allow_untrained_mask=args.allow_untrained_mask,
+            )
             path = reconstruct_files(reconstructor, [source], Path(tmp) / label, "nifti")[0]
             outputs[label] = nib.load(path).get_fdata(dtype=np.float32)
     axial = 2  # anatomical.nii is LAS: the third voxel axis is inferior-superior
     keep = [k for k in range(target.shape[axial]) if (target[..., k] > 0.1 * target.max()).mean() > 0.05]
     gt = np.moveaxis(target[..., keep], axial, 0)
-    scores = {label: (psnr(gt, np.moveaxis(v[..., keep], axial, 0)), ssim(gt, np.moveaxis(v[..., keep], axial, 0)))
-              for label, v in outputs.items()}
-    print(f"real volume {source.name} {target.shape}, {len(keep)} slices with anatomy; model {loaded.card.id}; "
-          f"site {site.name} ({site.scanner.coils} coils, {site.scanner.mask} R={site.scanner.acceleration:g}, "
-          f"matrix {site.scanner.matrix})")
+    scores = {
+        label: (psnr(gt, np.moveaxis(v[..., keep], axial, 0)), ssim(gt, np.moveaxis(v[..., keep], axial, 0)))
+        for label, v in outputs.items()
+    }
+    print(
+        f"real volume {source.name} {target.shape}, {len(keep)} slices with anatomy; model {loaded.card.id}; "
+        f"site {site.name} ({site.scanner.coils} coils, {site.scanner.mask} R={site.scanner.acceleration:g}, "
+        f"matrix {site.scanner.matrix})"
+    )
     for label, (p, s) in scores.items():
         print(f"{label:<12} PSNR {p:6.2f} dB  SSIM {s:.4f}")
-    print(f"gain over zero-filled: {scores['model'][0] - scores['zero-filled'][0]:+.2f} dB PSNR, "
-          f"{scores['model'][1] - scores['zero-filled'][1]:+.4f} SSIM")
+    print(
+        f"gain over zero-filled: {scores['model'][0] - scores['zero-filled'][0]:+.2f} dB PSNR, "
+        f"{scores['model'][1] - scores['zero-filled'][1]:+.4f} SSIM"
+    )
 
 
 if __name__ == "__main__":

@@ -68,19 +68,33 @@ class CountingGrid(LoopbackGrid):
 
 def measure(sites: list[Path], run_dir: Path, rounds: int, secagg: bool) -> dict[str, float]:
     """Median train-phase seconds per round and bytes per site and round, each way."""
-    run = RunConfig.from_flat({
-        "name": "secagg-overhead", "num-server-rounds": rounds, "strategy": "fedavg",
-        "model-args": json.dumps(MODEL_ARGS), "local-steps": 1, "batch-size": 1, "fraction-evaluate": 0.0,
-        "min-train-nodes": len(sites), "min-available-nodes": len(sites), "run-dir": str(run_dir),
-        "resume": False, "secagg": secagg, "secagg-num-shares": min(len(sites), 5) | 1,
-        "secagg-reconstruction-threshold": 2,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "secagg-overhead",
+            "num-server-rounds": rounds,
+            "strategy": "fedavg",
+            "model-args": json.dumps(MODEL_ARGS),
+            "local-steps": 1,
+            "batch-size": 1,
+            "fraction-evaluate": 0.0,
+            "min-train-nodes": len(sites),
+            "min-available-nodes": len(sites),
+            "run-dir": str(run_dir),
+            "resume": False,
+            "secagg": secagg,
+            "secagg-num-shares": min(len(sites), 5) | 1,
+            "secagg-reconstruction-threshold": 2,
+        }
+    )
     grid = CountingGrid(sites, run.to_flat())
     server.app.main(grid, Context(RUN_ID, SERVER_NODE, {}, RecordDict(), run.to_flat()))
     trains = [r for r in RunDir(run_dir).read_metrics() if r["phase"] == "train" and r["site"] == GLOBAL_SITE]
     per = len(sites) * rounds
-    return {"seconds": statistics.median(r["seconds"] for r in trains),
-            "up": grid.received_bytes / per, "down": grid.sent_bytes / per}
+    return {
+        "seconds": statistics.median(r["seconds"] for r in trains),
+        "up": grid.received_bytes / per,
+        "down": grid.sent_bytes / per,
+    }
 
 
 def main() -> None:
@@ -101,14 +115,37 @@ def main() -> None:
             measure(sites, Path(tmp) / f"warm-{n}", 1, secagg=True)  # imports, index caches, first-call costs
             plain = measure(sites, Path(tmp) / f"plain-{n}", args.rounds, secagg=False)
             secure = measure(sites, Path(tmp) / f"secagg-{n}", args.rounds, secagg=True)
-            rows.append([n, f"{plain['seconds']:.2f}", f"{secure['seconds']:.2f}",
-                         f"{secure['seconds'] / plain['seconds']:.2f}x",
-                         f"{plain['up'] / 1e3:.0f}", f"{secure['up'] / 1e3:.0f}", f"{secure['up'] / plain['up']:.2f}x",
-                         f"{plain['down'] / 1e3:.0f}", f"{secure['down'] / 1e3:.0f}",
-                         f"{secure['down'] / plain['down']:.2f}x"])
-    print(markdown_table(["sites", "plain s/round", "SecAgg+ s/round", "time ratio", "plain kB up/site",
-                          "SecAgg+ kB up/site", "up ratio", "plain kB down/site", "SecAgg+ kB down/site",
-                          "down ratio"], rows))
+            rows.append(
+                [
+                    n,
+                    f"{plain['seconds']:.2f}",
+                    f"{secure['seconds']:.2f}",
+                    f"{secure['seconds'] / plain['seconds']:.2f}x",
+                    f"{plain['up'] / 1e3:.0f}",
+                    f"{secure['up'] / 1e3:.0f}",
+                    f"{secure['up'] / plain['up']:.2f}x",
+                    f"{plain['down'] / 1e3:.0f}",
+                    f"{secure['down'] / 1e3:.0f}",
+                    f"{secure['down'] / plain['down']:.2f}x",
+                ]
+            )
+    print(
+        markdown_table(
+            [
+                "sites",
+                "plain s/round",
+                "SecAgg+ s/round",
+                "time ratio",
+                "plain kB up/site",
+                "SecAgg+ kB up/site",
+                "up ratio",
+                "plain kB down/site",
+                "SecAgg+ kB down/site",
+                "down ratio",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

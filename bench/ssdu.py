@@ -52,13 +52,30 @@ MODEL_ARGS = {"num_cascades": 4, "chans": 32, "num_layers": 5}  # bench.quality'
 
 def run_config(args: argparse.Namespace, sites: Sequence[Path], run_dir: Path) -> RunConfig:
     """One run config for every arm: same model, budget, optimiser and seed."""
-    return RunConfig.from_flat({
-        "name": run_dir.name, "num-server-rounds": args.rounds, "strategy": "fedavg", "proximal-mu": 0.0,
-        "model": MODEL, "model-args": MODEL_ARGS, "local-steps": args.local_steps, "batch-size": args.batch,
-        "learning-rate": args.lr, "loss": "l1", "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites),
-        "min-available-nodes": len(sites), "sites": ",".join(str(p) for p in sites), "run-dir": str(run_dir),
-        "num-samples": 0, "seed": args.seed, "resume": False, "ssdu-rho": args.rho, "ssdu-masks": args.masks,
-    })
+    return RunConfig.from_flat(
+        {
+            "name": run_dir.name,
+            "num-server-rounds": args.rounds,
+            "strategy": "fedavg",
+            "proximal-mu": 0.0,
+            "model": MODEL,
+            "model-args": MODEL_ARGS,
+            "local-steps": args.local_steps,
+            "batch-size": args.batch,
+            "learning-rate": args.lr,
+            "loss": "l1",
+            "min-train-nodes": len(sites),
+            "min-evaluate-nodes": len(sites),
+            "min-available-nodes": len(sites),
+            "sites": ",".join(str(p) for p in sites),
+            "run-dir": str(run_dir),
+            "num-samples": 0,
+            "seed": args.seed,
+            "resume": False,
+            "ssdu-rho": args.rho,
+            "ssdu-masks": args.masks,
+        }
+    )
 
 
 def _final_state(store: RunDir, rounds: int, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -99,16 +116,24 @@ def paired(a: list[SliceScore], b: list[SliceScore], args: argparse.Namespace) -
     by_b = {key(s): s.psnr for s in b}
     diffs = np.array([s.psnr - by_b[key(s)] for s in a])
     volumes = np.array([s.volume for s in a])
-    return (float(diffs.mean()), bootstrap_ci(diffs, None, args.bootstrap, args.seed),
-            bootstrap_ci(diffs, volumes, args.bootstrap, args.seed), len(set(volumes)))
+    return (
+        float(diffs.mean()),
+        bootstrap_ci(diffs, None, args.bootstrap, args.seed),
+        bootstrap_ci(diffs, volumes, args.bootstrap, args.seed),
+        len(set(volumes)),
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in about 10 minutes on two shared cores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-ssdu"), help="sites, data and run dirs")
-    parser.add_argument("--site", default="site-b", choices=("site-a", "site-b", "site-c"),
-                        help="the site that has no fully sampled data")
+    parser.add_argument(
+        "--site",
+        default="site-b",
+        choices=("site-a", "site-b", "site-c"),
+        help="the site that has no fully sampled data",
+    )
     parser.add_argument("--acceleration", type=float, default=4.0)
     parser.add_argument("--size", type=int, default=64, help="image matrix (pixels per side)")
     parser.add_argument("--subjects", type=int, default=8, help="demo subjects per site (split 60/20/20)")
@@ -122,8 +147,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (here and in Flower)")
-    parser.add_argument("--no-federation", action="store_true",
-                        help="only the site's local arms (e.g. to see how the gap moves with the budget)")
+    parser.add_argument(
+        "--no-federation",
+        action="store_true",
+        help="only the site's local arms (e.g. to see how the gap moves with the budget)",
+    )
     return parser.parse_args(argv)
 
 
@@ -132,15 +160,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = start_bench("ssdu", args.threads)
     clock = Stopwatch()
-    print(f"{args.size}² images, R = {args.acceleration:g}, {args.subjects} subjects/site ({args.slices} slices per "
-          f"volume), {args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}; "
-          f"model {MODEL} {MODEL_ARGS} ({count_parameters(build_model(MODEL, **MODEL_ARGS)):,} parameters); "
-          f"supervised loss L1, SSDU rho {args.rho}, {args.masks} mask(s) per slice; seed {args.seed}")
+    print(
+        f"{args.size}² images, R = {args.acceleration:g}, {args.subjects} subjects/site ({args.slices} slices per "
+        f"volume), {args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}, Adam lr {args.lr}; "
+        f"model {MODEL} {MODEL_ARGS} ({count_parameters(build_model(MODEL, **MODEL_ARGS)):,} parameters); "
+        f"supervised loss L1, SSDU rho {args.rho}, {args.masks} mask(s) per slice; seed {args.seed}"
+    )
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
     with clock.stage("demo data"):
-        sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices,
-                            acceleration=args.acceleration)
+        sites = write_sites(
+            out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=args.acceleration
+        )
     supervised = next(p for p in sites if p.stem == args.site)
     selfsup = supervised.with_name(f"{args.site}-self.toml")
     # Top-level key first: appended, it would land in the TOML's last table.
@@ -155,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         with clock.stage(label):
             store = Baseline("local", run).execute()
         states[label] = _final_state(store, args.rounds, prefix=args.site)
-    federations = (("FedAvg, this site self-supervised", [selfsup, *others]),
-                   ("FedAvg, all supervised (context)", [supervised, *others]))
+    federations = (
+        ("FedAvg, this site self-supervised", [selfsup, *others]),
+        ("FedAvg, all supervised (context)", [supervised, *others]),
+    )
     for label, members in () if args.no_federation else federations:
         run = run_config(args, members, out / "runs" / ("fedavg-mixed" if "self" in label else "fedavg-supervised"))
         with clock.stage(f"{label} (Flower simulation)"):
@@ -169,15 +202,31 @@ def main(argv: list[str] | None = None) -> None:
         scores.update({label: score_slices(model_recon(_model(state)), loader) for label, state in states.items()})
 
     print(f"\n### {args.site} at R = {args.acceleration:g}: test split (mean ± std over slices)\n")
-    print(markdown_table(("method", "slices", "PSNR (dB)", "SSIM", "NMSE"), (
-        (label, len(s), mean_std([x.psnr for x in s], 2), mean_std([x.ssim for x in s], 3),
-         mean_std([x.nmse for x in s], 4)) for label, s in scores.items())))
+    print(
+        markdown_table(
+            ("method", "slices", "PSNR (dB)", "SSIM", "NMSE"),
+            (
+                (
+                    label,
+                    len(s),
+                    mean_std([x.psnr for x in s], 2),
+                    mean_std([x.ssim for x in s], 3),
+                    mean_std([x.nmse for x in s], 4),
+                )
+                for label, s in scores.items()
+            ),
+        )
+    )
 
     comparisons = [
         ("self-supervised local − supervised local", "self-supervised local", "supervised local", -1.0),
         ("self-supervised local − zero-filled", "self-supervised local", "zero-filled", 3.0),
-        ("federated (self-supervised in FedAvg) − self-supervised local", "FedAvg, this site self-supervised",
-         "self-supervised local", 0.0),
+        (
+            "federated (self-supervised in FedAvg) − self-supervised local",
+            "FedAvg, this site self-supervised",
+            "self-supervised local",
+            0.0,
+        ),
         ("context: supervised FedAvg − supervised local", "FedAvg, all supervised (context)", "supervised local", None),
     ]
     rows = []
@@ -193,10 +242,20 @@ def main(argv: list[str] | None = None) -> None:
         else:
             goal = f"≥ {target:+.2f} dB"
             status = "met" if mean >= target else f"missed by {target - mean:.2f} dB"
-        rows.append((text, f"{mean:+.2f} dB", f"[{by_slice[0]:+.2f}, {by_slice[1]:+.2f}]",
-                     f"[{by_volume[0]:+.2f}, {by_volume[1]:+.2f}] ({volumes} volumes)", goal, status))
-    print(f"\n### Targets: paired PSNR differences at {args.site} (test split; 95 % bootstrap CI, "
-          f"{args.bootstrap} resamples)\n")
+        rows.append(
+            (
+                text,
+                f"{mean:+.2f} dB",
+                f"[{by_slice[0]:+.2f}, {by_slice[1]:+.2f}]",
+                f"[{by_volume[0]:+.2f}, {by_volume[1]:+.2f}] ({volumes} volumes)",
+                goal,
+                status,
+            )
+        )
+    print(
+        f"\n### Targets: paired PSNR differences at {args.site} (test split; 95 % bootstrap CI, "
+        f"{args.bootstrap} resamples)\n"
+    )
     print(markdown_table(("comparison", "mean", "CI over slices", "CI over volumes", "target", "status"), rows))
     print("\n### Wall time per stage\n")
     print(markdown_table(("stage", "seconds"), ((k, f"{v:.0f}") for k, v in clock.seconds.items())))

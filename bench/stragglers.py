@@ -63,30 +63,48 @@ def sites(args: argparse.Namespace) -> list[Path]:
     """The three demo sites, site-c slowed by ``--slowdown``."""
     paths = write_sites(args.out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
     slow = next(p for p in paths if p.stem == SLOW_SITE)
-    slow.write_text(slow.read_text(encoding="utf-8") + f"\n[rehearsal]\nslowdown = {args.slowdown!r}\n",
-                    encoding="utf-8")
+    slow.write_text(
+        slow.read_text(encoding="utf-8") + f"\n[rehearsal]\nslowdown = {args.slowdown!r}\n", encoding="utf-8"
+    )
     return paths
 
 
 def run_arm(args: argparse.Namespace, name: str, paths: list[Path]) -> dict[str, float]:
     """One arm's simulation: mean round seconds (rounds 2..), stragglers per round, final validation PSNR."""
     deadline, adaptive = ARMS[name]
-    run = RunConfig.from_flat({
-        "name": f"stragglers-{name.replace(' ', '').replace('+', '-')}", "num-server-rounds": args.rounds,
-        "strategy": "fedavg", "model-args": json.dumps(MODEL_ARGS), "local-steps": args.local_steps,
-        "batch-size": 2, "learning-rate": 3e-3, "fraction-evaluate": 0.0, "min-train-nodes": 2,
-        "min-available-nodes": len(paths), "round-deadline": args.deadline if deadline else 0.0,
-        "adaptive-local-steps": adaptive, "round-timeout": 600.0, "precision": "fp32", "seed": args.seed,
-        "sites": ",".join(map(str, paths)), "run-dir": str(args.out / "runs" / name.replace(" ", "")),
-        "resume": False,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": f"stragglers-{name.replace(' ', '').replace('+', '-')}",
+            "num-server-rounds": args.rounds,
+            "strategy": "fedavg",
+            "model-args": json.dumps(MODEL_ARGS),
+            "local-steps": args.local_steps,
+            "batch-size": 2,
+            "learning-rate": 3e-3,
+            "fraction-evaluate": 0.0,
+            "min-train-nodes": 2,
+            "min-available-nodes": len(paths),
+            "round-deadline": args.deadline if deadline else 0.0,
+            "adaptive-local-steps": adaptive,
+            "round-timeout": 600.0,
+            "precision": "fp32",
+            "seed": args.seed,
+            "sites": ",".join(map(str, paths)),
+            "run-dir": str(args.out / "runs" / name.replace(" ", "")),
+            "resume": False,
+        }
+    )
     store = simulate_sites(run, args.client_cpus)
-    train = sorted((r for r in store.read_metrics() if r["phase"] == "train" and r["site"] == GLOBAL_SITE),
-                   key=lambda r: r["round"])
+    train = sorted(
+        (r for r in store.read_metrics() if r["phase"] == "train" and r["site"] == GLOBAL_SITE),
+        key=lambda r: r["round"],
+    )
     later = [r["seconds"] for r in train if r["round"] >= 2]
-    return {"round_seconds": statistics.mean(later), "stragglers": statistics.mean(len(r.get("stragglers", []))
-                                                                                   for r in train),
-            "psnr": final_psnr(store, paths)}
+    return {
+        "round_seconds": statistics.mean(later),
+        "stragglers": statistics.mean(len(r.get("stragglers", [])) for r in train),
+        "psnr": final_psnr(store, paths),
+    }
 
 
 def final_psnr(store: RunDir, paths: list[Path]) -> float:
@@ -97,8 +115,11 @@ def final_psnr(store: RunDir, paths: list[Path]) -> float:
     model = build_model("unet", **MODEL_ARGS)
     model.load_state_dict(latest[1]["state_dict"])
     recon = model_recon(model)
-    scores = [s.psnr for p in paths for s in score_slices(recon, make_loader(load_site(str(p))[1]["val"], 4,
-                                                                               shuffle=False, seed=0))]
+    scores = [
+        s.psnr
+        for p in paths
+        for s in score_slices(recon, make_loader(load_site(str(p))[1]["val"], 4, shuffle=False, seed=0))
+    ]
     return float(np.mean(scores))
 
 
@@ -118,12 +139,19 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             return "-", "-"
         return f"{r['round_seconds'] / base['round_seconds']:.2f}×", f"{r['psnr'] - base['psnr']:+.2f}"
 
-    rows = [(name, f"{r['round_seconds']:.2f}", ratio(r)[0], f"{r['stragglers']:.2f}", f"{r['psnr']:.2f}", ratio(r)[1])
-            for name, r in results.items()]
-    print(f"{args.rounds} rounds, {args.local_steps} local steps, {SLOW_SITE} {args.slowdown:g}× slower, "
-          f"round-deadline {args.deadline:g} s, seed {args.seed}")
-    print(markdown_table(("arm", "round s (2..)", "× no deadline", "stragglers / round", "final val PSNR (dB)",
-                          "Δ dB"), rows))
+    rows = [
+        (name, f"{r['round_seconds']:.2f}", ratio(r)[0], f"{r['stragglers']:.2f}", f"{r['psnr']:.2f}", ratio(r)[1])
+        for name, r in results.items()
+    ]
+    print(
+        f"{args.rounds} rounds, {args.local_steps} local steps, {SLOW_SITE} {args.slowdown:g}× slower, "
+        f"round-deadline {args.deadline:g} s, seed {args.seed}"
+    )
+    print(
+        markdown_table(
+            ("arm", "round s (2..)", "× no deadline", "stragglers / round", "final val PSNR (dB)", "Δ dB"), rows
+        )
+    )
     return rows
 
 

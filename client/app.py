@@ -67,8 +67,15 @@ def _setup(
     return run, site.name, model, datasets, memory, saved
 
 
-def _reply(msg: Message, site: str, metrics: Mapping[str, float], arrays: dict[str, torch.Tensor] | None,
-           supervision: str = "full", precision: str = "", extra: dict[str, ArrayRecord] | None = None) -> Message:
+def _reply(
+    msg: Message,
+    site: str,
+    metrics: Mapping[str, float],
+    arrays: dict[str, torch.Tensor] | None,
+    supervision: str = "full",
+    precision: str = "",
+    extra: dict[str, ArrayRecord] | None = None,
+) -> Message:
     # "supervision" lets the server's tables and dashboard mark self-supervised sites; "precision" records
     # what the site's network trained at (precision = auto resolves per site).
     facts = {"name": site, "supervision": supervision, **({"precision": precision} if precision else {})}
@@ -105,16 +112,19 @@ def train(msg: Message, context: Context) -> Message:
     optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
     if run.client_optimizer == "keep" and saved is not None and saved.optimizer is not None:
         optimiser.load_state_dict(saved.optimizer)
-    loader = make_loader(datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round,
-                         augment=run.augment)
+    loader = make_loader(
+        datasets["train"], run.batch_size, shuffle=True, seed=run.seed + server_round, augment=run.augment
+    )
     supervision = datasets["train"].config.supervision
     # A self-supervised site's batches carry no reference: its loss is SSDU's, in k-space.
-    batch_loss = (SSDUTrainLoss(run.ssdu_rho, run.ssdu_masks, seed=run.seed, epoch=server_round)
-                  if supervision == "self" else None)
+    batch_loss = (
+        SSDUTrainLoss(run.ssdu_rho, run.ssdu_masks, seed=run.seed, epoch=server_round)
+        if supervision == "self"
+        else None
+    )
     started, cpu_started = time.perf_counter(), time.process_time()
     if run.dp_noise_multiplier > 0:
-        reply = _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried, clock,
-                               monitor)
+        reply = _train_private(msg, context, run, site, model, loader, mu, memory, supervision, carried, clock, monitor)
         monitor.finished(datasets)
         return reply
     kept = saved.strategy if saved is not None else {}
@@ -141,10 +151,16 @@ def train(msg: Message, context: Context) -> Message:
     memory.remember(server_round, model, optimiser, strategy_state)
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
-    metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
-               "compute-seconds": time.perf_counter() - started,
-               # CPU time of this process: the step rate on a shared machine, whatever else runs there.
-               "compute-cpu-seconds": time.process_time() - cpu_started, **_client_dp_weight(run), **carried}
+    metrics = {
+        "num-examples": result.num_examples,
+        "loss": result.loss,
+        "steps": result.steps,
+        "compute-seconds": time.perf_counter() - started,
+        # CPU time of this process: the step rate on a shared machine, whatever else runs there.
+        "compute-cpu-seconds": time.process_time() - cpu_started,
+        **_client_dp_weight(run),
+        **carried,
+    }
     # Only the shared part leaves the site; local layers (local-layers) stay here.
     return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision, result.precision, extra)
 
@@ -171,9 +187,20 @@ def _client_dp_weight(run: RunConfig) -> dict[str, float]:
     return {"dp-weight": 1.0} if run.dp_client_level != "off" else {}
 
 
-def _train_private(msg: Message, context: Context, run: RunConfig, site: str, model: torch.nn.Module,
-                   loader: torch.utils.data.DataLoader, mu: float, memory: SiteMemory, supervision: str,
-                   carried: dict[str, float], clock: HandlerClock, monitor: SiteMonitor) -> Message:
+def _train_private(
+    msg: Message,
+    context: Context,
+    run: RunConfig,
+    site: str,
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    mu: float,
+    memory: SiteMemory,
+    supervision: str,
+    carried: dict[str, float],
+    clock: HandlerClock,
+    monitor: SiteMonitor,
+) -> Message:
     """DP-SGD training; ε from the site's ledger. Past the target ε the site sends no weights, only the flag."""
     started = time.perf_counter()
     path = ledger_path(context, run, site_context(context).site_path, site)
@@ -183,10 +210,23 @@ def _train_private(msg: Message, context: Context, run: RunConfig, site: str, mo
         return _reply(msg, site, clock.stamp(metrics), None, supervision)
     store_ledger(context, path, ledger)
     monitor.trained(_server_round(msg), steps=result.steps)
-    logger.info("site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g", site, result.loss, result.steps,
-                privacy["dp-epsilon"], run.dp_delta)
-    metrics = {"num-examples": result.num_examples, "loss": result.loss, "steps": result.steps,
-               "compute-seconds": time.perf_counter() - started, **privacy, **_client_dp_weight(run), **carried}
+    logger.info(
+        "site %s: DP-SGD loss %.4f over %d steps, ε=%.3f at δ=%g",
+        site,
+        result.loss,
+        result.steps,
+        privacy["dp-epsilon"],
+        run.dp_delta,
+    )
+    metrics = {
+        "num-examples": result.num_examples,
+        "loss": result.loss,
+        "steps": result.steps,
+        "compute-seconds": time.perf_counter() - started,
+        **privacy,
+        **_client_dp_weight(run),
+        **carried,
+    }
     return _reply(msg, site, clock.stamp(metrics), memory.shared(model), supervision)
 
 
@@ -214,13 +254,24 @@ def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict,
     supervision = datasets["val"].config.supervision
     if supervision == "self":
         result = evaluate_self_supervised(
-            model, loader, rho=run.ssdu_rho, seed=run.seed, reference=datasets["val"].has_reference,
-            loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples,
+            model,
+            loader,
+            rho=run.ssdu_rho,
+            seed=run.seed,
+            reference=datasets["val"].has_reference,
+            loss=run.loss,
+            max_slices=run.max_eval_slices,
+            num_samples=num_samples,
         )
     else:
         result = evaluate_model(
-            model, loader, loss=run.loss, max_slices=run.max_eval_slices, num_samples=num_samples,
-            device=device, precision=run.precision,
+            model,
+            loader,
+            loss=run.loss,
+            max_slices=run.max_eval_slices,
+            num_samples=num_samples,
+            device=device,
+            precision=run.precision,
         )
     if run.sample_dir and result.samples:
         # Sample images stay on this machine: written to a site-local directory, never sent.
@@ -244,17 +295,32 @@ def finetune(msg: Message, context: Context) -> Message:
         # Fine-tuning selects by validation PSNR against a reference, which a self-supervised site lacks.
         raise ConfigError(f"fine-tune-steps: not supported at self-supervised site {site}")
     # A seed past every round's loader seed: fine-tuning draws its own shuffles and augmentations.
-    train_loader = make_loader(datasets["train"], run.batch_size, shuffle=True,
-                               seed=run.seed + run.num_server_rounds + 1, augment=run.augment)
+    train_loader = make_loader(
+        datasets["train"], run.batch_size, shuffle=True, seed=run.seed + run.num_server_rounds + 1, augment=run.augment
+    )
     val_loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
     started = time.perf_counter()
-    result = fine_tune(model, train_loader, val_loader, steps=run.fine_tune_steps,
-                       eval_every=run.fine_tune_eval_every, patience=run.fine_tune_patience,
-                       lr=run.learning_rate, loss=run.loss, max_eval_slices=run.max_eval_slices)
+    result = fine_tune(
+        model,
+        train_loader,
+        val_loader,
+        steps=run.fine_tune_steps,
+        eval_every=run.fine_tune_eval_every,
+        patience=run.fine_tune_patience,
+        lr=run.learning_rate,
+        loss=run.loss,
+        max_eval_slices=run.max_eval_slices,
+    )
     memory.save_finetuned(server_round, result)
-    logger.info("site %s fine-tuned: best of %d steps at step %d: %s", site, result.steps, result.best_step,
-                result.metrics)
-    metrics = {"num-examples": result.num_examples, **result.metrics, "steps": result.steps,
-               "best-step": result.best_step, "start-psnr": result.start_metrics["psnr"],
-               "compute-seconds": time.perf_counter() - started}
+    logger.info(
+        "site %s fine-tuned: best of %d steps at step %d: %s", site, result.steps, result.best_step, result.metrics
+    )
+    metrics = {
+        "num-examples": result.num_examples,
+        **result.metrics,
+        "steps": result.steps,
+        "best-step": result.best_step,
+        "start-psnr": result.start_metrics["psnr"],
+        "compute-seconds": time.perf_counter() - started,
+    }
     return _reply(msg, site, clock.stamp(metrics), None)

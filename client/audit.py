@@ -34,7 +34,9 @@ def describe(msg: Message) -> dict[str, Any]:
         for name, record in content.array_records.items()
     }
     entry["metrics"] = {name: dict(record) for name, record in content.metric_records.items()}
-    entry["configs"] = {name: {k: _brief(v) for k, v in record.items()} for name, record in content.config_records.items()}
+    entry["configs"] = {
+        name: {k: _brief(v) for k, v in record.items()} for name, record in content.config_records.items()
+    }
     return entry
 
 

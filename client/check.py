@@ -194,26 +194,35 @@ def _judge(config: SiteConfig, report: CheckReport, split_of: dict[str, str]) ->
     for split in ("train", "val"):
         if sum(report.slices[split].values()) == 0:
             role = "training" if split == "train" else "evaluation (the server scores every site on it)"
-            report.problems.append(f"no readable {split} slices: {report.subjects[split]} subject(s) in the "
-                                   f"{split} split; {role} needs some. Add subjects or change [split].")
+            report.problems.append(
+                f"no readable {split} slices: {report.subjects[split]} subject(s) in the "
+                f"{split} split; {role} needs some. Add subjects or change [split]."
+            )
     if report.skipped and not config.skip_bad_files:
-        report.problems.append(f"{len(report.skipped)} unreadable file(s) (listed above); training stops at the "
-                               "first one. Remove or repair them, or set skip_bad_files = true.")
+        report.problems.append(
+            f"{len(report.skipped)} unreadable file(s) (listed above); training stops at the "
+            "first one. Remove or repair them, or set skip_bad_files = true."
+        )
     elif report.skipped:
         report.warnings.append(f"{len(report.skipped)} unreadable file(s) will be skipped (skip_bad_files = true)")
     if len(report.kspace_matrices) > 1:
-        report.warnings.append(f"{len(report.kspace_matrices)} different k-space matrices: slices of different "
-                               "sizes cannot share a batch; use batch-size 1 or split the site")
+        report.warnings.append(
+            f"{len(report.kspace_matrices)} different k-space matrices: slices of different "
+            "sizes cannot share a batch; use batch-size 1 or split the site"
+        )
     if len(report.coils) > 1:
         report.warnings.append(f"coil counts differ ({sorted(report.coils)}): use batch-size 1")
     if dataset_kind(config.dataset).raw_kspace:
         stored = set(report.kspace_matrices)
         if stored and tuple(config.scanner.matrix) not in stored:
-            report.warnings.append(f"scanner.matrix is {list(config.scanner.matrix)} but the k-space is "
-                                   f"{sorted(stored)}; fastMRI k-space is used at its stored size")
+            report.warnings.append(
+                f"scanner.matrix is {list(config.scanner.matrix)} but the k-space is "
+                f"{sorted(stored)}; fastMRI k-space is used at its stored size"
+            )
         if report.coils and config.scanner.coils not in report.coils:
-            report.warnings.append(f"scanner.coils is {config.scanner.coils} but the files hold "
-                                   f"{sorted(report.coils)} coils")
+            report.warnings.append(
+                f"scanner.coils is {config.scanner.coils} but the files hold {sorted(report.coils)} coils"
+            )
 
 
 def _check_masks(config: SiteConfig, report: CheckReport, geometries: set[MaskKey]) -> None:
@@ -222,38 +231,51 @@ def _check_masks(config: SiteConfig, report: CheckReport, geometries: set[MaskKe
     if scanner.trajectory != "cartesian":
         _check_trajectory(config, report)
         return
-    report.masks = [effective_acceleration(config, shape, acquired)
-                    for shape, acquired in sorted(geometries, key=lambda g: (g[0], g[1] or (-1, -1)))]
+    report.masks = [
+        effective_acceleration(config, shape, acquired)
+        for shape, acquired in sorted(geometries, key=lambda g: (g[0], g[1] or (-1, -1)))
+    ]
     for check in report.masks:
         if not check.ok:
-            detail = check.error or (f"effective R = {check.effective:.2f}, more than "
-                                     f"{ACCELERATION_TOLERANCE:.0%} away from the requested {check.requested:g}")
-            report.problems.append(f"mask {scanner.mask} at R={scanner.acceleration:g} on "
-                                   f"{check.matrix[0]}x{check.matrix[1]}: {detail}")
+            detail = check.error or (
+                f"effective R = {check.effective:.2f}, more than "
+                f"{ACCELERATION_TOLERANCE:.0%} away from the requested {check.requested:g}"
+            )
+            report.problems.append(
+                f"mask {scanner.mask} at R={scanner.acceleration:g} on {check.matrix[0]}x{check.matrix[1]}: {detail}"
+            )
 
 
 def _check_trajectory(config: SiteConfig, report: CheckReport) -> None:
     """A radial / spiral site's protocol in words; raw files whose sample count differs are flagged."""
     spec = trajectory_spec(config.scanner)
     unit = "spokes" if spec.kind == "radial-ga" else "interleaves"
-    report.trajectory = (f"{spec.kind}: {spec.count} {unit} x {spec.readout_samples} samples "
-                         f"({spec.oversampling:g}x readout oversampling), R = {spec.acceleration:.2f} "
-                         f"at {spec.matrix}x{spec.matrix}")
+    report.trajectory = (
+        f"{spec.kind}: {spec.count} {unit} x {spec.readout_samples} samples "
+        f"({spec.oversampling:g}x readout oversampling), R = {spec.acceleration:.2f} "
+        f"at {spec.matrix}x{spec.matrix}"
+    )
     stored = set(report.samples_per_coil)
     if stored and stored != {spec.num_samples}:
-        report.warnings.append(f"the files hold {sorted(stored)} samples per coil and slice, the site's protocol "
-                               f"{spec.num_samples}: the files' own trajectories are used")
+        report.warnings.append(
+            f"the files hold {sorted(stored)} samples per coil and slice, the site's protocol "
+            f"{spec.num_samples}: the files' own trajectories are used"
+        )
 
 
-def effective_acceleration(
-    config: SiteConfig, shape: tuple[int, int], acquired: tuple[int, int] | None
-) -> MaskCheck:
+def effective_acceleration(config: SiteConfig, shape: tuple[int, int], acquired: tuple[int, int] | None) -> MaskCheck:
     """R the site's mask achieves on ``shape``, counting only the k-space the scanner acquired."""
     scanner = config.scanner
     assert scanner.mask is not None and scanner.center_fraction is not None  # a Cartesian scanner
     try:
-        mask = make_mask(scanner.mask, shape, scanner.acceleration, scanner.center_fraction, config.seed,
-                         source=f"{config.name}: scanner").mask
+        mask = make_mask(
+            scanner.mask,
+            shape,
+            scanner.acceleration,
+            scanner.center_fraction,
+            config.seed,
+            source=f"{config.name}: scanner",
+        ).mask
     except ConfigError as exc:
         return MaskCheck(shape, acquired, scanner.acceleration, None, str(exc))
     if acquired is not None:
@@ -309,8 +331,12 @@ def print_report(report: CheckReport, out: TextIO | None = None) -> None:
             table.add_column(column, justify="left" if column == "split" else "right")
         for split in SPLITS:
             counts = report.slices.get(split, Counter())
-            table.add_row(split, str(report.subjects.get(split, 0)), *(str(counts[c]) for c in contrasts),
-                          str(sum(counts.values())))
+            table.add_row(
+                split,
+                str(report.subjects.get(split, 0)),
+                *(str(counts[c]) for c in contrasts),
+                str(sum(counts.values())),
+            )
         console.print(table)
     sizes = ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(report.stored_matrices.items()))
     kspace = ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(report.kspace_matrices.items()))
@@ -319,11 +345,17 @@ def print_report(report: CheckReport, out: TextIO | None = None) -> None:
     if report.trajectory is not None:
         console.print(f"trajectory {report.trajectory}")
     for check in report.masks:
-        where = f" acquired columns {check.acquired_columns[0]}-{check.acquired_columns[1]}" if check.acquired_columns else ""
+        where = (
+            f" acquired columns {check.acquired_columns[0]}-{check.acquired_columns[1]}"
+            if check.acquired_columns
+            else ""
+        )
         got = f"{check.effective:.2f}" if check.effective is not None else "-"
         mark = "ok" if check.ok else "[red]WRONG[/red]"
-        console.print(f"mask on {check.matrix[0]}x{check.matrix[1]}{where}: requested R={check.requested:g}, "
-                      f"effective R={got}  {mark}")
+        console.print(
+            f"mask on {check.matrix[0]}x{check.matrix[1]}{where}: requested R={check.requested:g}, "
+            f"effective R={got}  {mark}"
+        )
     if report.skipped:
         table = Table(title=f"skipped files ({len(report.skipped)})")
         table.add_column("file")
@@ -332,11 +364,16 @@ def print_report(report: CheckReport, out: TextIO | None = None) -> None:
             table.add_row(escape(name), escape(reason))
         console.print(table)
     if report.manifest is not None:
-        console.print(f"manifest: {report.manifest_path}  ({len(report.manifest.files)} files, "
-                      f"digest {report.manifest.digest[:16]}…)")
+        console.print(
+            f"manifest: {report.manifest_path}  ({len(report.manifest.files)} files, "
+            f"digest {report.manifest.digest[:16]}…)"
+        )
     if report.changes is not None:
-        console.print("data unchanged since the last check" if not report.changes
-                      else "data changed since the last check:\n  " + escape("\n  ".join(report.changes)))
+        console.print(
+            "data unchanged since the last check"
+            if not report.changes
+            else "data changed since the last check:\n  " + escape("\n  ".join(report.changes))
+        )
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if report.ready:

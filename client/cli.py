@@ -24,11 +24,19 @@ if TYPE_CHECKING:  # torch is imported by the commands that need it, not by --he
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the network runs (auto: CUDA when present)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
-                   help="bf16 autocasts the network only; FFTs, data consistency and metrics stay fp32; "
-                        "auto: bf16 where measured faster on this machine")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the network runs (auto: CUDA when present)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="auto",
+        help="bf16 autocasts the network only; FFTs, data consistency and metrics stay fp32; "
+        "auto: bf16 where measured faster on this machine",
+    )
 
 
 def _devices(args: argparse.Namespace) -> tuple[torch.device, str]:
@@ -40,12 +48,14 @@ def _devices(args: argparse.Namespace) -> tuple[torch.device, str]:
 
 def _stops_children(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Run ``command`` so that Ctrl-C or SIGTERM leaves none of its child processes (loaders, file checks) behind."""
+
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         from common.proctree import ProcessTree
 
         with ProcessTree():
             return command(args)
+
     return run
 
 
@@ -56,11 +66,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device, precision = _devices(args)
     loaded = load_artifact(args.model, device=device)
-    scores = evaluate_sites(loaded.model, args.sites, split=args.split, baselines=parse_baselines(args.baselines),
-                            batch_size=args.batch_size, device=device, precision=precision,
-                            max_slices=args.max_slices, console=Console(stderr=True))
-    render(rows(scores), args.format, sys.stdout,
-           title=f"{loaded.card.id} · {args.split} split · {device.type} {precision}")
+    scores = evaluate_sites(
+        loaded.model,
+        args.sites,
+        split=args.split,
+        baselines=parse_baselines(args.baselines),
+        batch_size=args.batch_size,
+        device=device,
+        precision=precision,
+        max_slices=args.max_slices,
+        console=Console(stderr=True),
+    )
+    render(
+        rows(scores),
+        args.format,
+        sys.stdout,
+        title=f"{loaded.card.id} · {args.split} split · {device.type} {precision}",
+    )
     return 0
 
 
@@ -82,10 +104,18 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             raise FedSenseError("--mask, --acceleration and --center-fraction go together")
         mask = MaskSettings(args.mask, args.acceleration, args.center_fraction, args.seed)
     site = load_site_config(args.site_config) if args.site_config else None
-    reconstructor = Reconstructor(loaded, device=device, precision=precision, site=site, mask=mask,
-                                  allow_untrained_mask=args.allow_untrained_mask)
-    for path in reconstruct_files(reconstructor, args.inputs, Path(args.out), args.format, Console(stderr=True),
-                                  overwrite=args.overwrite, patient_ids=patient_ids):
+    reconstructor = Reconstructor(
+        loaded, device=device, precision=precision, site=site, mask=mask, allow_untrained_mask=args.allow_untrained_mask
+    )
+    for path in reconstruct_files(
+        reconstructor,
+        args.inputs,
+        Path(args.out),
+        args.format,
+        Console(stderr=True),
+        overwrite=args.overwrite,
+        patient_ids=patient_ids,
+    ):
         print(path)
     return 0
 
@@ -98,7 +128,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--baselines", default="zero-filled", help="comma-separated: zero-filled, cs (default: zero-filled)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--max-slices", type=nonnegative_int, default=0, help="stop each site and method after this many slices (0: all)")
+    p.add_argument(
+        "--max-slices",
+        type=nonnegative_int,
+        default=0,
+        help="stop each site and method after this many slices (0: all)",
+    )
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     _add_device_options(p)
     p.set_defaults(func=cmd_evaluate)
@@ -107,27 +142,39 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--model", required=True, type=Path, help="exported model folder (fedsense export)")
     p.add_argument("inputs", nargs="+", type=Path, help="fastMRI .h5 or NIfTI .nii/.nii.gz files")
     p.add_argument("--out", required=True, help="output folder (one file or DICOM series per input)")
-    p.add_argument("--format", choices=("h5", "nifti", "dicom"),
-                   help="h5 (fastMRI submission), nifti (NIfTI inputs) or dicom; default: like the input")
+    p.add_argument(
+        "--format",
+        choices=("h5", "nifti", "dicom"),
+        help="h5 (fastMRI submission), nifti (NIfTI inputs) or dicom; default: like the input",
+    )
     p.add_argument("--site-config", type=Path, help="site TOML whose scanner re-acquires NIfTI inputs")
     p.add_argument("--mask", help="undersampling of fully sampled k-space (default: the model's training mask)")
     p.add_argument("--acceleration", type=positive_float, help="with --mask: the undersampling factor R")
     p.add_argument("--center-fraction", type=positive_float, help="with --mask: fraction of central lines kept")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="mask seed (per file and slice, as in training)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs an earlier run wrote in --out")
-    p.add_argument("--allow-untrained-mask", action="store_true",
-                   help="reconstruct even when the mask is not one the model was trained for")
+    p.add_argument(
+        "--allow-untrained-mask",
+        action="store_true",
+        help="reconstruct even when the mask is not one the model was trained for",
+    )
     p.add_argument("--patient-id", help="DICOM PatientID to write (default: a random pseudonym per input)")
-    p.add_argument("--pseudonym-salt-file", type=Path,
-                   help="secret file (>= 16 bytes): DICOM PatientID = salted hash of the input's identity, "
-                        "the same in every run")
+    p.add_argument(
+        "--pseudonym-salt-file",
+        type=Path,
+        help="secret file (>= 16 bytes): DICOM PatientID = salted hash of the input's identity, the same in every run",
+    )
     _add_device_options(p)
     p.set_defaults(func=cmd_reconstruct)
 
     from client import supernode
 
-    p = sub.add_parser("client", parents=[supernode.build_parser()], add_help=False,
-                       help="run this institution's site against a remote SuperLink (TLS + node authentication)")
+    p = sub.add_parser(
+        "client",
+        parents=[supernode.build_parser()],
+        add_help=False,
+        help="run this institution's site against a remote SuperLink (TLS + node authentication)",
+    )
     p.set_defaults(func=supernode.run)
 
 

@@ -164,16 +164,19 @@ def read_fastmri_header(path: Path) -> ScannerHeader:
     try:
         with h5py.File(path, "r") as f:
             if "ismrmrd_header" not in f:
-                raise DataError(f"{path}: no 'ismrmrd_header'; DICOM output needs its field of view and matrix "
-                                "(use --format h5)")
+                raise DataError(
+                    f"{path}: no 'ismrmrd_header'; DICOM output needs its field of view and matrix (use --format h5)"
+                )
             header = parse_scanner_header(f["ismrmrd_header"][()])
     except HeaderError as exc:
         raise DataError(f"{path}: {exc}") from None
     except OSError as exc:
         raise DataError(f"{path}: unreadable HDF5 ({exc})") from None
     if header.recon_fov_mm is None or header.recon_matrix is None:
-        raise DataError(f"{path}: ismrmrd_header: encoding/reconSpace: fieldOfView_mm and matrixSize are needed "
-                        "for DICOM geometry (use --format h5)")
+        raise DataError(
+            f"{path}: ismrmrd_header: encoding/reconSpace: fieldOfView_mm and matrixSize are needed "
+            "for DICOM geometry (use --format h5)"
+        )
     return header
 
 
@@ -189,10 +192,15 @@ def fastmri_identity(path: Path) -> str:
 def fastmri_acquisition(header: ScannerHeader) -> Acquisition:
     frequency = header.imaging_frequency_hz
     return Acquisition(
-        field_strength_t=header.field_strength_t, echo_time_ms=header.echo_time_ms,
-        repetition_time_ms=header.repetition_time_ms, inversion_time_ms=header.inversion_time_ms,
-        flip_angle_deg=header.flip_angle_deg, imaging_frequency_mhz=frequency / 1e6 if frequency else None,
-        protocol=header.protocol, manufacturer=header.vendor, model=header.model,
+        field_strength_t=header.field_strength_t,
+        echo_time_ms=header.echo_time_ms,
+        repetition_time_ms=header.repetition_time_ms,
+        inversion_time_ms=header.inversion_time_ms,
+        flip_angle_deg=header.flip_angle_deg,
+        imaging_frequency_mhz=frequency / 1e6 if frequency else None,
+        protocol=header.protocol,
+        manufacturer=header.vendor,
+        model=header.model,
     )
 
 
@@ -212,8 +220,9 @@ def fastmri_geometry(header: ScannerHeader, shape: tuple[int, int], count: int) 
     return SeriesGeometry(positions, _AXIAL, spacing, thickness, thickness)
 
 
-def nifti_geometry(affine: np.ndarray, info: NiftiInfo, shape: tuple[int, int, int],
-                   slice_indices: list[int]) -> SeriesGeometry:
+def nifti_geometry(
+    affine: np.ndarray, info: NiftiInfo, shape: tuple[int, int, int], slice_indices: list[int]
+) -> SeriesGeometry:
     """Positions, cosines and spacings of display-oriented slices from the NIfTI affine (RAS -> LPS)."""
     axial = info.axial_axis
     in_plane = [i for i in range(3) if i != axial]
@@ -247,8 +256,14 @@ def _ds(value: float | None, digits: int = 6) -> str:
     return "" if value is None else f"{value:.{digits}g}"
 
 
-def write_series(images: np.ndarray, geometry: SeriesGeometry, acquisition: Acquisition, patient_id: str,
-                 target: Path, card: ModelCard) -> Path:
+def write_series(
+    images: np.ndarray,
+    geometry: SeriesGeometry,
+    acquisition: Acquisition,
+    patient_id: str,
+    target: Path,
+    card: ModelCard,
+) -> Path:
     """Write ``images`` (S, rows, cols) as one DICOM series in the folder ``target`` (refused if it exists)."""
     if target.exists():
         raise DataError(f"{target}: already exists; choose another --out")
@@ -263,8 +278,10 @@ def write_series(images: np.ndarray, geometry: SeriesGeometry, acquisition: Acqu
     now = dt.datetime.now(dt.UTC)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     normal = geometry.normal
-    derivation = f"reconstructed from undersampled k-space by FedSense model {card.id} " \
-                 f"({card.architecture.name}, round {card.round})"
+    derivation = (
+        f"reconstructed from undersampled k-space by FedSense model {card.id} "
+        f"({card.architecture.name}, round {card.round})"
+    )
     with atomic_dir(target) as tmp:  # target is absent, checked above
         for number, (plane, position) in enumerate(zip(pixels, geometry.positions), start=1):
             instance = generate_uid()
@@ -325,6 +342,7 @@ def write_series(images: np.ndarray, geometry: SeriesGeometry, acquisition: Acqu
             ds.ImageComments = derivation[:10240]
             ds.PixelData = np.ascontiguousarray(plane).tobytes()
             ds.save_as(path, enforce_file_format=True)
-    logger.debug("%s: %d images, spacing %s mm, thickness %g mm", target, len(pixels), geometry.pixel_spacing,
-                 geometry.thickness)
+    logger.debug(
+        "%s: %d images, spacing %s mm, thickness %g mm", target, len(pixels), geometry.pixel_spacing, geometry.thickness
+    )
     return target

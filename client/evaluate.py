@@ -53,9 +53,14 @@ class CSRecon(nn.Module):
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """Same signature as the learned models: (B,C,H,W) k-space, mask, maps -> (B,H,W) magnitude."""
         advance, share = self.advance, masked_kspace.shape[0] / self.iterations
-        image = l1_wavelet_sense(masked_kspace.cpu(), mask.cpu(), sens_maps.cpu(), lam=self.lam,
-                                 iterations=self.iterations,
-                                 on_iteration=None if advance is None else lambda _: advance(share))
+        image = l1_wavelet_sense(
+            masked_kspace.cpu(),
+            mask.cpu(),
+            sens_maps.cpu(),
+            lam=self.lam,
+            iterations=self.iterations,
+            on_iteration=None if advance is None else lambda _: advance(share),
+        )
         return image.abs().to(masked_kspace.device)
 
 
@@ -126,11 +131,22 @@ def evaluate_sites(
                 within = isinstance(candidate, CSRecon)  # CS advances the bar per FISTA iteration, not per batch
                 if isinstance(candidate, CSRecon):
                     candidate.advance = lambda slices: progress.advance(task, slices)
-                result = evaluate(candidate, _tracked(loader, None if within else progress, task), device=device,
-                                  max_slices=max_slices,
-                                  precision=precision if method == "model" else "fp32")
-                scores.append(Score(config.name, method, result.num_examples, result.num_volumes,
-                                    {k: result.metrics[k] for k in ("psnr", "ssim", "nmse")}))
+                result = evaluate(
+                    candidate,
+                    _tracked(loader, None if within else progress, task),
+                    device=device,
+                    max_slices=max_slices,
+                    precision=precision if method == "model" else "fp32",
+                )
+                scores.append(
+                    Score(
+                        config.name,
+                        method,
+                        result.num_examples,
+                        result.num_volumes,
+                        {k: result.metrics[k] for k in ("psnr", "ssim", "nmse")},
+                    )
+                )
     return scores
 
 
@@ -147,8 +163,13 @@ def rows(scores: Sequence[Score]) -> list[dict[str, Any]]:
     for method in methods:
         members = [by_key[(site, method)] for site in sites if (site, method) in by_key]
         n = sum(m.num_examples for m in members)
-        pooled[method] = Score(ALL_SITES, method, n, sum(m.num_volumes for m in members),
-                               {k: sum(m.metrics[k] * m.num_examples for m in members) / n for k in ("psnr", "ssim", "nmse")})
+        pooled[method] = Score(
+            ALL_SITES,
+            method,
+            n,
+            sum(m.num_volumes for m in members),
+            {k: sum(m.metrics[k] * m.num_examples for m in members) / n for k in ("psnr", "ssim", "nmse")},
+        )
     reference = methods[1] if len(methods) > 1 else None
     for site in [*sites, ALL_SITES]:
         for method in methods:
@@ -159,8 +180,16 @@ def rows(scores: Sequence[Score]) -> list[dict[str, Any]]:
             if method == "model" and reference is not None:
                 base = pooled[reference] if site == ALL_SITES else by_key[(site, reference)]
                 gain = score.metrics["psnr"] - base.metrics["psnr"]
-            out.append({"site": site, "method": method, "num_examples": score.num_examples,
-                        "num_volumes": score.num_volumes, **score.metrics, "gain_psnr": gain})
+            out.append(
+                {
+                    "site": site,
+                    "method": method,
+                    "num_examples": score.num_examples,
+                    "num_volumes": score.num_volumes,
+                    **score.metrics,
+                    "gain_psnr": gain,
+                }
+            )
     return out
 
 
@@ -180,8 +209,15 @@ def render(table_rows: Sequence[dict[str, Any]], fmt: str, stream: TextIO, title
     reference = next((r["method"] for r in table_rows if r["method"] != "model"), None)
     caption = f"gain: model PSNR − {reference} PSNR at the same site" if reference else None
     table = Table(title=title or None, title_justify="left", caption=caption, caption_justify="left")
-    for name, label in (("site", "site"), ("method", "method"), ("num_examples", "slices"), ("psnr", "PSNR (dB)"),
-                        ("ssim", "SSIM"), ("nmse", "NMSE"), ("gain_psnr", "gain (dB)")):
+    for name, label in (
+        ("site", "site"),
+        ("method", "method"),
+        ("num_examples", "slices"),
+        ("psnr", "PSNR (dB)"),
+        ("ssim", "SSIM"),
+        ("nmse", "NMSE"),
+        ("gain_psnr", "gain (dB)"),
+    ):
         table.add_column(label, justify="left" if name in ("site", "method") else "right")
     for row in table_rows:
         cells = [row["site"], row["method"], str(row["num_examples"])]

@@ -44,18 +44,31 @@ class _Metrics:
     """The site's metric families (unregistered: in multiprocess mode the values live in the files)."""
 
     def __init__(self) -> None:
-        self.step_seconds = Histogram("fedsense_site_train_step_seconds",
-                                      "Wall time of one local training step (batch read included)",
-                                      buckets=STEP_BUCKETS, registry=None)
+        self.step_seconds = Histogram(
+            "fedsense_site_train_step_seconds",
+            "Wall time of one local training step (batch read included)",
+            buckets=STEP_BUCKETS,
+            registry=None,
+        )
         self.steps = Counter("fedsense_site_train_steps", "Local training steps taken", registry=None)
-        self.read_errors = Counter("fedsense_site_data_read_errors",
-                                   "Data reads that failed: 'skipped' (bad file left out, skip-bad-files) or "
-                                   "'fatal' (the task failed on it)", ["outcome"], registry=None)
-        self.last_round = Gauge("fedsense_site_last_round_trained", "Server round of the last finished training task",
-                                multiprocess_mode="mostrecent", registry=None)
-        self.last_trained = Gauge("fedsense_site_last_trained_timestamp_seconds",
-                                  "When the last training task finished (Unix time)", multiprocess_mode="mostrecent",
-                                  registry=None)
+        self.read_errors = Counter(
+            "fedsense_site_data_read_errors",
+            "Data reads that failed: 'skipped' (bad file left out, skip-bad-files) or 'fatal' (the task failed on it)",
+            ["outcome"],
+            registry=None,
+        )
+        self.last_round = Gauge(
+            "fedsense_site_last_round_trained",
+            "Server round of the last finished training task",
+            multiprocess_mode="mostrecent",
+            registry=None,
+        )
+        self.last_trained = Gauge(
+            "fedsense_site_last_trained_timestamp_seconds",
+            "When the last training task finished (Unix time)",
+            multiprocess_mode="mostrecent",
+            registry=None,
+        )
 
 
 class SiteMonitor:
@@ -159,7 +172,7 @@ class SiteMetricsServer:
 def _sweep_stale_directories() -> None:
     """Remove the directories of site processes that ended without :meth:`SiteMetricsServer.close` (SIGKILL)."""
     for path in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*-*"):
-        pid = path.name[len(DIR_PREFIX):].split("-", 1)[0]
+        pid = path.name[len(DIR_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit():
             continue
         try:

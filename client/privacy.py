@@ -72,19 +72,35 @@ def train_with_budget(
     planned = ledger.with_round(run.dp_noise_multiplier, min(1.0, batch_size / units), steps)
     if run.dp_target_epsilon > 0 and planned.epsilon(run.dp_delta) > run.dp_target_epsilon:
         spent = ledger.epsilon(run.dp_delta)
-        logger.warning("privacy budget: another round would exceed ε=%g (spent %.3f); not training",
-                       run.dp_target_epsilon, spent)
+        logger.warning(
+            "privacy budget: another round would exceed ε=%g (spent %.3f); not training", run.dp_target_epsilon, spent
+        )
         return None, ledger, {"dp-epsilon": spent, "dp-delta": run.dp_delta, "dp-budget-exhausted": 1, **unit}
     if run.dp_unit == "subject":
         result, sample_rate = train_patient_private(
-            model, loader.dataset, noise_multiplier=run.dp_noise_multiplier, max_grad_norm=run.dp_max_grad_norm,
-            subjects_per_step=batch_size, steps=steps, lr=run.learning_rate, loss=run.loss, proximal_mu=mu,
-            chunk=batch_size, seed=int(torch.randint(0, 2**31 - 1, (1,))),  # the round's seeded generator
+            model,
+            loader.dataset,
+            noise_multiplier=run.dp_noise_multiplier,
+            max_grad_norm=run.dp_max_grad_norm,
+            subjects_per_step=batch_size,
+            steps=steps,
+            lr=run.learning_rate,
+            loss=run.loss,
+            proximal_mu=mu,
+            chunk=batch_size,
+            seed=int(torch.randint(0, 2**31 - 1, (1,))),  # the round's seeded generator
         )
     else:
         result, sample_rate = train_private(
-            model, loader, noise_multiplier=run.dp_noise_multiplier, max_grad_norm=run.dp_max_grad_norm,
-            epochs=run.local_epochs, steps=run.local_steps, lr=run.learning_rate, loss=run.loss, proximal_mu=mu,
+            model,
+            loader,
+            noise_multiplier=run.dp_noise_multiplier,
+            max_grad_norm=run.dp_max_grad_norm,
+            epochs=run.local_epochs,
+            steps=run.local_steps,
+            lr=run.learning_rate,
+            loss=run.loss,
+            proximal_mu=mu,
         )
     ledger = ledger.with_round(run.dp_noise_multiplier, sample_rate, result.steps)
     return result, ledger, {"dp-epsilon": ledger.epsilon(run.dp_delta), "dp-delta": run.dp_delta, **unit}

@@ -126,8 +126,10 @@ def check_mask(path: Path, pattern: str | None, acceleration: float, card: Model
             return
     seen = ", ".join(sorted({f"{a.mask} R={a.acceleration:g}" for a in trained}))
     what = f"{pattern} R={acceleration:g}" if pattern else f"a mask with R={acceleration:.2f}"
-    raise DataError(f"{path}: {what} is not a mask model {card.id} was trained for ({seen}); "
-                    "use --allow-untrained-mask to reconstruct anyway")
+    raise DataError(
+        f"{path}: {what} is not a mask model {card.id} was trained for ({seen}); "
+        "use --allow-untrained-mask to reconstruct anyway"
+    )
 
 
 @torch.no_grad()
@@ -138,8 +140,19 @@ def _run(model: torch.nn.Module | None, batch: dict[str, object], device: torch.
         kspace = batch["masked_kspace"]
         assert isinstance(kspace, torch.Tensor)
         if is_non_cartesian(kspace):
-            return torch.stack([zero_filled_rss(y, t, tuple(m.shape[-2:])) for y, t, m in zip(  # type: ignore[call-overload]
-                kspace, batch["mask"], batch["sens_maps"], strict=True)]).cpu().numpy().astype(np.float32)
+            return (
+                torch.stack(
+                    [
+                        zero_filled_rss(y, t, tuple(m.shape[-2:]))
+                        for y, t, m in zip(  # type: ignore[call-overload]
+                            kspace, batch["mask"], batch["sens_maps"], strict=True
+                        )
+                    ]
+                )
+                .cpu()
+                .numpy()
+                .astype(np.float32)
+            )
         return rss(ifft2c_np(kspace.cpu().numpy()), dim=1).astype(np.float32)
     with autocast(device, precision):
         out = model(batch["masked_kspace"], batch["mask"], batch["sens_maps"])
@@ -164,8 +177,9 @@ def _file_mask(path: Path, f: h5py.File, shape: tuple[int, int]) -> np.ndarray |
     raise DataError(f"{path}: 'mask' has shape {raw.shape}; expected ({shape[1]},) or {shape}")
 
 
-def prepare_fastmri(path: Path, card: ModelCard, mask: MaskSettings | None, allow_untrained_mask: bool
-                    ) -> tuple[FastMRIReader, np.ndarray | None]:
+def prepare_fastmri(
+    path: Path, card: ModelCard, mask: MaskSettings | None, allow_untrained_mask: bool
+) -> tuple[FastMRIReader, np.ndarray | None]:
     """Index and check one fastMRI file; returns its reader and its own mask (None: fully sampled)."""
     reader = FastMRIReader(path.parent, [SourceFile(path)])
     with h5py.File(path, "r") as f:
@@ -176,15 +190,18 @@ def prepare_fastmri(path: Path, card: ModelCard, mask: MaskSettings | None, allo
     if own is not None:
         check_mask(path, None, own.size / max(float(own.sum()), 1.0), card, allow_untrained_mask)
     elif mask is None:
-        raise ConfigError(f"{path}: k-space is fully sampled and the model card names no single training mask; "
-                          "give --mask, --acceleration and --center-fraction")
+        raise ConfigError(
+            f"{path}: k-space is fully sampled and the model card names no single training mask; "
+            "give --mask, --acceleration and --center-fraction"
+        )
     else:
         check_mask(path, mask.pattern, mask.acceleration, card, allow_untrained_mask)
     return reader, own
 
 
-def _fastmri_slices(reader: FastMRIReader, own_mask: np.ndarray | None, mask: MaskSettings | None
-                    ) -> Iterator[tuple[dict[str, object], tuple[int, int], float]]:
+def _fastmri_slices(
+    reader: FastMRIReader, own_mask: np.ndarray | None, mask: MaskSettings | None
+) -> Iterator[tuple[dict[str, object], tuple[int, int], float]]:
     """(batch of one slice, crop size, scale) per slice, prepared as :class:`SiteDataset` prepares k-space."""
     for index, example in enumerate(reader.examples):
         kspace, meta = reader.read_slice(index)
@@ -194,8 +211,9 @@ def _fastmri_slices(reader: FastMRIReader, own_mask: np.ndarray | None, mask: Ma
         else:
             assert mask is not None
             seed = seed_for(mask.seed, example.path.name, example.slice_idx)
-            sampling = acquired_mask(mask.pattern, (height, width), mask.acceleration, mask.center_fraction, seed,
-                                     meta.acquired_columns)
+            sampling = acquired_mask(
+                mask.pattern, (height, width), mask.acceleration, mask.center_fraction, seed, meta.acquired_columns
+            )
         masked = (kspace * sampling).astype(np.complex64)
         maps = estimate_maps_from_acs(masked, mask=sampling).astype(np.complex64)
         size = meta.target.shape[-2:] if meta.target is not None else meta.recon_size
@@ -260,9 +278,17 @@ def unresize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 class Reconstructor:
     """Applies one loaded model to input files; ``zero_filled_only`` gives the no-learning reference."""
 
-    def __init__(self, loaded: LoadedModel, *, device: torch.device, precision: str = "fp32",
-                 site: SiteConfig | None = None, mask: MaskSettings | None = None,
-                 allow_untrained_mask: bool = False, zero_filled_only: bool = False) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        site: SiteConfig | None = None,
+        mask: MaskSettings | None = None,
+        allow_untrained_mask: bool = False,
+        zero_filled_only: bool = False,
+    ) -> None:
         self.loaded, self.card = loaded, loaded.card
         self.device, self.precision = device, precision
         self.site, self.allow = site, allow_untrained_mask
@@ -274,8 +300,9 @@ class Reconstructor:
     def _precision(self, batch: dict[str, object]) -> str:
         """The precision to run at; ``auto`` is measured on the first slice (and cached per machine)."""
         if self.precision == "auto" and self.model is not None:
-            self.precision = choose_precision("auto", self.model, batch_to(batch, self.device), self.device, "infer",
-                                              source="--precision")
+            self.precision = choose_precision(
+                "auto", self.model, batch_to(batch, self.device), self.device, "infer", source="--precision"
+            )
         return self.precision
 
     def check(self, path: Path) -> object:
@@ -287,11 +314,15 @@ class Reconstructor:
         path.open("rb").close()
         if is_nifti(path):
             if self.site is None:
-                raise ConfigError(f"{path}: a NIfTI magnitude volume needs --site-config (the scanner that re-acquires it)")
+                raise ConfigError(
+                    f"{path}: a NIfTI magnitude volume needs --site-config (the scanner that re-acquires it)"
+                )
             if dataset_kind(self.site.dataset).raw_kspace:
                 volumes = ", ".join(name for name, kind in KINDS.items() if not kind.raw_kspace)
-                raise ConfigError(f"{self.site.data_path}: dataset: a NIfTI input needs a site config of a "
-                                  f"magnitude-volume kind ({volumes}), not {self.site.dataset}")
+                raise ConfigError(
+                    f"{self.site.data_path}: dataset: a NIfTI input needs a site config of a "
+                    f"magnitude-volume kind ({volumes}), not {self.site.dataset}"
+                )
             check_coils(path, self.site.scanner.coils, self.card)
             check_mask(path, self.site.scanner.mask, self.site.scanner.acceleration, self.card, self.allow)
             return _VolumeDataset(self.site, path)
@@ -325,7 +356,9 @@ class Reconstructor:
             images.append(center_crop(_run(self.model, batch, self.device, self._precision(batch))[0], crop) / scale)
             if progress is not None and task is not None:
                 progress.advance(task)
-        return Volume(path, "fastmri", np.stack(images).astype(np.float32), slice_indices=[e.slice_idx for e in reader.examples])
+        return Volume(
+            path, "fastmri", np.stack(images).astype(np.float32), slice_indices=[e.slice_idx for e in reader.examples]
+        )
 
     def _noncartesian(self, path: Path, reader: NonCartesianReader, progress: Progress | None) -> Volume:
         task = progress.add_task(path.name, total=len(reader.examples)) if progress else None
@@ -338,8 +371,9 @@ class Reconstructor:
             images.append(_run(self.model, batch, self.device, self.precision)[0] / float(prepared["scale"]))
             if progress is not None and task is not None:
                 progress.advance(task)
-        return Volume(path, "fastmri", np.stack(images).astype(np.float32),
-                      slice_indices=[e.slice_idx for e in reader.examples])
+        return Volume(
+            path, "fastmri", np.stack(images).astype(np.float32), slice_indices=[e.slice_idx for e in reader.examples]
+        )
 
     def _nifti(self, path: Path, dataset: _VolumeDataset, progress: Progress | None) -> Volume:
         img = cast(nib.Nifti1Image, nib.load(path))
@@ -360,9 +394,15 @@ class Reconstructor:
             volume[tuple(index_3d)] = from_display(unresize(recon, display_shape), info)
             if progress is not None and task is not None:
                 progress.advance(task)
-        return Volume(path, "nifti", volume, nifti=img, info=info,
-                      slice_indices=list(range(shape[info.axial_axis])),
-                      field_strength_t=self.site.scanner.field_strength_t if self.site else None)
+        return Volume(
+            path,
+            "nifti",
+            volume,
+            nifti=img,
+            info=info,
+            slice_indices=list(range(shape[info.axial_axis])),
+            field_strength_t=self.site.scanner.field_strength_t if self.site else None,
+        )
 
 
 def output_name(source: Path, fmt: str) -> str:
@@ -370,8 +410,9 @@ def output_name(source: Path, fmt: str) -> str:
     return {"h5": f"{stem}.h5", "nifti": f"{stem}.nii.gz", "dicom": stem}[fmt]
 
 
-def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard,
-                 pseudonyms: dicom.Pseudonymiser | None = None) -> Path:
+def write_volume(
+    volume: Volume, out_dir: Path, fmt: str, card: ModelCard, pseudonyms: dicom.Pseudonymiser | None = None
+) -> Path:
     """Write one volume atomically (temp file or folder, then rename); returns the output path.
 
     The target was checked by :func:`check_outputs`: absent, or an earlier output ``--overwrite`` replaces.
@@ -390,8 +431,10 @@ def write_volume(volume: Volume, out_dir: Path, fmt: str, card: ModelCard,
         atomic_write(target, write)
     elif fmt == "nifti":
         if volume.nifti is None:
-            raise ConfigError(f"{volume.source}: --format nifti needs a NIfTI input (its affine and header); "
-                              "use h5 or dicom for k-space inputs")
+            raise ConfigError(
+                f"{volume.source}: --format nifti needs a NIfTI input (its affine and header); "
+                "use h5 or dicom for k-space inputs"
+            )
         header = volume.nifti.header.copy()
         header.set_data_dtype(np.float32)
         nifti = nib.Nifti1Image(volume.image, volume.nifti.affine, header=header)
@@ -425,13 +468,21 @@ def write_dicom(volume: Volume, target: Path, card: ModelCard, pseudonyms: dicom
     if volume.kind == "fastmri":
         header = dicom.read_fastmri_header(volume.source)
         geometry = dicom.fastmri_geometry(header, volume.image.shape[1:], len(volume.image))
-        return dicom.write_series(volume.image, geometry, dicom.fastmri_acquisition(header),
-                                  pseudonyms(dicom.fastmri_identity(volume.source)), target, card)
+        return dicom.write_series(
+            volume.image,
+            geometry,
+            dicom.fastmri_acquisition(header),
+            pseudonyms(dicom.fastmri_identity(volume.source)),
+            target,
+            card,
+        )
     assert volume.nifti is not None and volume.info is not None
     shape = tuple(int(n) for n in volume.image.shape[:3])
     geometry = dicom.nifti_geometry(volume.nifti.affine, volume.info, shape, volume.slice_indices)  # type: ignore[arg-type]
     acquisition = dicom.Acquisition(field_strength_t=volume.field_strength_t)
-    return dicom.write_series(display_stack(volume), geometry, acquisition, pseudonyms(volume.source.name), target, card)
+    return dicom.write_series(
+        display_stack(volume), geometry, acquisition, pseudonyms(volume.source.name), target, card
+    )
 
 
 def display_stack(volume: Volume) -> np.ndarray:
@@ -452,8 +503,9 @@ def check_outputs(inputs: Sequence[Path], out_dir: Path, fmt: str | None, overwr
         chosen = fmt or ("nifti" if is_nifti(path) else "h5")
         target = out_dir / output_name(path, chosen)
         if target in targets:
-            raise OutputError(f"{path}: would write {target}, as {targets[target]} does; reconstruct them into "
-                              "separate --out folders")
+            raise OutputError(
+                f"{path}: would write {target}, as {targets[target]} does; reconstruct them into separate --out folders"
+            )
         targets[target] = path
         check_not_input(target, inputs)
         if chosen == "dicom":
@@ -465,9 +517,15 @@ def check_outputs(inputs: Sequence[Path], out_dir: Path, fmt: str | None, overwr
     check_can_write(out_dir)
 
 
-def reconstruct_files(reconstructor: Reconstructor, inputs: Sequence[Path], out_dir: Path, fmt: str | None,
-                      console: Console | None = None, overwrite: bool = False,
-                      patient_ids: dicom.PatientIdPolicy | None = None) -> list[Path]:
+def reconstruct_files(
+    reconstructor: Reconstructor,
+    inputs: Sequence[Path],
+    out_dir: Path,
+    fmt: str | None,
+    console: Console | None = None,
+    overwrite: bool = False,
+    patient_ids: dicom.PatientIdPolicy | None = None,
+) -> list[Path]:
     """Check every output and input first, then reconstruct and write them one by one; returns the written paths."""
     if fmt is not None and fmt not in FORMATS:
         raise ConfigError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -487,7 +545,10 @@ def reconstruct_files(reconstructor: Reconstructor, inputs: Sequence[Path], out_
     with Progress(*columns, console=console, transient=True, disable=console is None) as progress:
         for path, item in prepared:
             volume = reconstructor.volume(path, item, progress)
-            written.append(write_volume(volume, out_dir, fmt or ("nifti" if is_nifti(path) else "h5"), reconstructor.card,
-                                        pseudonyms))
+            written.append(
+                write_volume(
+                    volume, out_dir, fmt or ("nifti" if is_nifti(path) else "h5"), reconstructor.card, pseudonyms
+                )
+            )
             logger.info("%s -> %s", path.name, written[-1])
     return written

@@ -12,9 +12,12 @@ import time
 from collections.abc import Callable
 
 
-def slowed(on_step: Callable[[], None] | None, slowdown: float,
-           clock: Callable[[], float] = time.perf_counter,
-           sleep: Callable[[float], None] = time.sleep) -> Callable[[], None] | None:
+def slowed(
+    on_step: Callable[[], None] | None,
+    slowdown: float,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Callable[[], None] | None:
     """An ``on_step`` callback for :func:`common.training.train` that stretches each step ``slowdown`` times.
 
     ``on_step`` (the site monitor's step timer, or None) still runs after each step, after the sleep, so

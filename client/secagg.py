@@ -57,7 +57,12 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     config: dict[str, Any] = dict(fitins.config)
     keys = [str(k) for k in json.loads(str(config.pop(KEYS)))]
     received = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
-    msg.content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in received.items()}), "config": ConfigRecord(config)})
+    msg.content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in received.items()}),
+            "config": ConfigRecord(config),
+        }
+    )
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -75,26 +80,40 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
         update = [trained[k].numpy().astype(np.float64) - received[k].astype(np.float64) for k in keys]
         weight = int(min(float(metrics["num-examples"]), run.secagg_max_weight))
         if weight < metrics["num-examples"] and not client_dp:
-            logger.warning("num-examples %s above secagg-max-weight: the update weighs %d", metrics["num-examples"],
-                           weight)
+            logger.warning(
+                "num-examples %s above secagg-max-weight: the update weighs %d", metrics["num-examples"], weight
+            )
     if client_dp:
         # Client-level DP: uniform weights (the accountant's mean), the update clipped and noised here.
         # A site without weights still adds its noise share, so every unmasked sum carries the full noise.
         # The noise comes from OS entropy: a seed the server could know would let it subtract the noise.
         update, clipped_update = clip_and_add_noise_share(
-            update, clip=run.dp_client_clip, noise_multiplier=run.dp_client_noise, min_sites=run.min_train_nodes,
-            rng=np.random.default_rng())
+            update,
+            clip=run.dp_client_clip,
+            noise_multiplier=run.dp_client_noise,
+            min_sites=run.min_train_nodes,
+            rng=np.random.default_rng(),
+        )
         weight = int(run.secagg_max_weight)
     scale = weight / run.secagg_max_weight
     total = sum(u.size for u in update)
     clipped = sum(int(np.count_nonzero(np.abs(u * scale) > run.secagg_clipping_range)) for u in update)
     if clipped:
-        logger.warning("%d of %d update entries exceed secagg-clipping-range %g and are clipped",
-                       clipped, total, run.secagg_clipping_range)
+        logger.warning(
+            "%d of %d update entries exceed secagg-clipping-range %g and are clipped",
+            clipped,
+            total,
+            run.secagg_clipping_range,
+        )
     legacy_metrics: dict[str, Scalar] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if client_dp:
         legacy_metrics[DP_CLIPPED] = float(clipped_update)
-    legacy_metrics.update({SITE_NAME: str(site.get("name", "")), SITE_SUPERVISION: str(site.get("supervision", "full")),
-                           CLIPPED: clipped / max(total, 1)})
+    legacy_metrics.update(
+        {
+            SITE_NAME: str(site.get("name", "")),
+            SITE_SUPERVISION: str(site.get("supervision", "full")),
+            CLIPPED: clipped / max(total, 1),
+        }
+    )
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, legacy_metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

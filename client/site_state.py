@@ -88,8 +88,13 @@ class SiteMemory:
             return state
         older = self._from_files(upto_round)
         if older is None and state is not None:
-            logger.warning("site %s: no saved state of round %d or before (the newest is round %d); its local "
-                           "layers start from their initial weights", self.site, upto_round, state.round)
+            logger.warning(
+                "site %s: no saved state of round %d or before (the newest is round %d); its local "
+                "layers start from their initial weights",
+                self.site,
+                upto_round,
+                state.round,
+            )
         return older
 
     def model_state(self, shared: dict[str, torch.Tensor], saved: SavedState | None) -> dict[str, torch.Tensor]:
@@ -108,8 +113,13 @@ class SiteMemory:
         shared, _ = split_state(model.state_dict(), self.patterns)
         return shared
 
-    def remember(self, rnd: int, model: nn.Module, optimiser: torch.optim.Optimizer | None,
-                 strategy: dict[str, torch.Tensor] | None = None) -> None:
+    def remember(
+        self,
+        rnd: int,
+        model: nn.Module,
+        optimiser: torch.optim.Optimizer | None,
+        strategy: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Keep round ``rnd``'s local layers (and Adam state with ``client-optimizer = keep``, and the
         strategy's per-site arrays)."""
         if not self.active:
@@ -122,8 +132,11 @@ class SiteMemory:
         self.context.state[STRATEGY_KEY] = ArrayRecord(kept)
         self.context.state[META_KEY] = ConfigRecord({"round": rnd, "optimizer": _optimiser_bytes(opt_state)})
         if self.directory is None:
-            logger.warning("site %s: no site-state-dir set; its local state lives in memory only and a resumed "
-                           "run starts it afresh", self.site)
+            logger.warning(
+                "site %s: no site-state-dir set; its local state lives in memory only and a resumed "
+                "run starts it afresh",
+                self.site,
+            )
             return
         payload = {"round": rnd, "local": local, "optimizer": opt_state, "strategy": kept}
         atomic_write(self.directory / f"round-{rnd:04d}.pt", lambda stream: torch.save(payload, stream))
@@ -142,8 +155,13 @@ class SiteMemory:
         if self.directory is None:
             logger.warning("site %s: no site-state-dir set; the fine-tuned model is not kept", self.site)
             return None
-        payload = {"round": rnd, "state_dict": result.state_dict, "metrics": result.metrics,
-                   "best_step": result.best_step, "config": self.run.to_flat()}
+        payload = {
+            "round": rnd,
+            "state_dict": result.state_dict,
+            "metrics": result.metrics,
+            "best_step": result.best_step,
+            "config": self.run.to_flat(),
+        }
         path = self.directory / FINETUNED_FILE
         atomic_write(path, lambda stream: torch.save(payload, stream))
         return path
@@ -154,8 +172,12 @@ class SiteMemory:
         meta = self.context.state.config_records[META_KEY]
         local = self.context.state.array_records[LOCAL_KEY].to_torch_state_dict()
         strategy = self.context.state.array_records[STRATEGY_KEY].to_torch_state_dict()
-        return SavedState(int(meta["round"]), local, _optimiser_from_bytes(bytes(meta["optimizer"])),  # type: ignore[arg-type]
-                          strategy)
+        return SavedState(
+            int(meta["round"]),
+            local,
+            _optimiser_from_bytes(bytes(meta["optimizer"])),  # type: ignore[arg-type]
+            strategy,
+        )
 
     def _round_files(self) -> list[tuple[int, Path]]:
         if self.directory is None or not self.directory.is_dir():

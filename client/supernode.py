@@ -114,8 +114,14 @@ def build_supernode_command(
 
 def build_superexec_command(runtime_port: int | None, supernode_pid: int) -> list[str]:
     """``fedsense-superexec`` argv serving the SuperNode's loopback Runtime API, ending with the SuperNode."""
-    return [_executable("fedsense-superexec"), "--runtime-api-address",
-            f"127.0.0.1:{runtime_port or DEFAULT_RUNTIME_PORT}", "--insecure", "--parent-pid", str(supernode_pid)]
+    return [
+        _executable("fedsense-superexec"),
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port or DEFAULT_RUNTIME_PORT}",
+        "--insecure",
+        "--parent-pid",
+        str(supernode_pid),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,21 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root-cert", help="CA certificate (PEM) that signed the SuperLink's certificate")
     parser.add_argument("--auth-key", help="this site's SuperNode private key (OpenSSH format, registered centrally)")
     parser.add_argument("--site-config", required=True, help="this site's TOML (data path, scanner)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="plaintext, unauthenticated connection: trusted test networks only")
+    parser.add_argument(
+        "--insecure", action="store_true", help="plaintext, unauthenticated connection: trusted test networks only"
+    )
     parser.add_argument("--runtime-port", type=int, help="local ClientApp Runtime API port (default: Flower's 9094)")
-    parser.add_argument("--cold-clientapps", action="store_true",
-                        help="start every ClientApp as a fresh flwr-clientapp process (Flower's default) instead of "
-                             "forking it from a process with PyTorch and Flower already loaded (fedsense-superexec)")
-    parser.add_argument("--poll-interval", metavar="SECONDS",
-                        help="longest wait between two pulls of the SuperLink while idle (default 1; the first wait "
-                             "is 0.1 s, doubling, and short again after each message; 'flower' keeps Flower's "
-                             "fixed 3 s). Environment: FEDSENSE_POLL_INTERVAL")
-    parser.add_argument("--metrics-port", type=port_number, default=0,
-                        help="serve this site's Prometheus /metrics (train step time, steps, data read errors, last "
-                             "round trained; counts and times only) on this port (default 0: off)")
-    parser.add_argument("--metrics-host", default="127.0.0.1",
-                        help="interface of --metrics-port (default 127.0.0.1; 0.0.0.0 inside a container)")
+    parser.add_argument(
+        "--cold-clientapps",
+        action="store_true",
+        help="start every ClientApp as a fresh flwr-clientapp process (Flower's default) instead of "
+        "forking it from a process with PyTorch and Flower already loaded (fedsense-superexec)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        metavar="SECONDS",
+        help="longest wait between two pulls of the SuperLink while idle (default 1; the first wait "
+        "is 0.1 s, doubling, and short again after each message; 'flower' keeps Flower's "
+        "fixed 3 s). Environment: FEDSENSE_POLL_INTERVAL",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=0,
+        help="serve this site's Prometheus /metrics (train step time, steps, data read errors, last "
+        "round trained; counts and times only) on this port (default 0: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="interface of --metrics-port (default 127.0.0.1; 0.0.0.0 inside a container)",
+    )
     return parser
 
 
@@ -153,8 +173,14 @@ def run(args: argparse.Namespace) -> NoReturn:
     """
     warm = not args.cold_clientapps
     cmd = build_supernode_command(
-        args.superlink, args.root_cert, args.auth_key, args.site_config, args.insecure, runtime_port=args.runtime_port,
-        warm=warm, poll_interval=args.poll_interval,
+        args.superlink,
+        args.root_cert,
+        args.auth_key,
+        args.site_config,
+        args.insecure,
+        runtime_port=args.runtime_port,
+        warm=warm,
+        poll_interval=args.poll_interval,
     )
     environ = superexec_env(args.poll_interval, os.environ)  # refused before anything starts
     logger.info("starting %s", " ".join(cmd))

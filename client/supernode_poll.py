@@ -80,8 +80,10 @@ def parse_poll_interval(value: str | float | None, source: str) -> float | None:
     except ValueError:
         seconds = math.nan
     if not math.isfinite(seconds) or not _MIN_INTERVAL <= seconds <= _MAX_INTERVAL:
-        raise ConfigError(f"{source}: expected seconds between {_MIN_INTERVAL} and {_MAX_INTERVAL:.0f}, "
-                          f"or '{FLOWER_WAITS}' for Flower's fixed 3 s; got {value!r}")
+        raise ConfigError(
+            f"{source}: expected seconds between {_MIN_INTERVAL} and {_MAX_INTERVAL:.0f}, "
+            f"or '{FLOWER_WAITS}' for Flower's fixed 3 s; got {value!r}"
+        )
     return seconds
 
 
@@ -152,8 +154,9 @@ def pull_until_message(flower_pull: Callable[..., int | None], first: float, lon
     return pull
 
 
-def object_pulls_with_backoff(flower_pull_objects: Callable[..., Any], first: float, longest: float
-                              ) -> Callable[..., Any]:
+def object_pulls_with_backoff(
+    flower_pull_objects: Callable[..., Any], first: float, longest: float
+) -> Callable[..., Any]:
     """``flower_pull_objects`` (Flower's ``pull_objects``) retrying a missing object after ``first`` s, doubling
     up to ``longest``.
 
@@ -175,29 +178,39 @@ def object_pulls_with_backoff(flower_pull_objects: Callable[..., Any], first: fl
     return pull
 
 
-def install_object_pulls(first: float = OBJECT_PULL_FIRST, longest: float = OBJECT_PULL_LONGEST,
-                         modules: Sequence[ModuleType | Any] | None = None) -> bool:
+def install_object_pulls(
+    first: float = OBJECT_PULL_FIRST,
+    longest: float = OBJECT_PULL_LONGEST,
+    modules: Sequence[ModuleType | Any] | None = None,
+) -> bool:
     """Shorten Flower's object-pull back-off in this process; False (and a warning) if Flower's code does not fit."""
     version = flower_version()
     if not version.startswith(TESTED_FLOWER):
-        logger.warning("object pulls left as Flower has them (1 s, doubling): flwr %s is installed, the change "
-                       "is for %sx", version, TESTED_FLOWER)
+        logger.warning(
+            "object pulls left as Flower has them (1 s, doubling): flwr %s is installed, the change is for %sx",
+            version,
+            TESTED_FLOWER,
+        )
         return False
-    targets: list[Any] = list(modules) if modules is not None else [importlib.import_module(m) for m in OBJECT_PULL_MODULES]
+    targets: list[Any] = (
+        list(modules) if modules is not None else [importlib.import_module(m) for m in OBJECT_PULL_MODULES]
+    )
     for module in targets:
         current = getattr(module, "pull_objects", None)
         if getattr(current, _PATCHED, False):
             continue
         if not callable(current) or not set(_BACKOFF_PARAMETERS) <= set(inspect.signature(current).parameters):
-            logger.warning("object pulls left as Flower has them (1 s, doubling): %s.pull_objects does not take %s",
-                           getattr(module, "__name__", module), ", ".join(_BACKOFF_PARAMETERS))
+            logger.warning(
+                "object pulls left as Flower has them (1 s, doubling): %s.pull_objects does not take %s",
+                getattr(module, "__name__", module),
+                ", ".join(_BACKOFF_PARAMETERS),
+            )
             return False
         module.pull_objects = object_pulls_with_backoff(current, first, longest)
     return True
 
 
-def install(longest: float, *, first: float = FIRST_POLL, reply_step: float = REPLY_STEP,
-            module: Any = None) -> bool:
+def install(longest: float, *, first: float = FIRST_POLL, reply_step: float = REPLY_STEP, module: Any = None) -> bool:
     """Shorten the waits of Flower's SuperNode loop in this process; False (and a warning) if it does not fit."""
     module = module if module is not None else importlib.import_module(FLOWER_MODULE)
     if getattr(module, _PATCHED, False):
@@ -209,8 +222,12 @@ def install(longest: float, *, first: float = FIRST_POLL, reply_step: float = RE
     module._pull_and_store_message = pull_until_message(module._pull_and_store_message, first, longest)
     module.time = ReplySteps(reply_step)
     setattr(module, _PATCHED, True)
-    logger.info("SuperNode poll: %.2g s after an empty pull, doubling up to %.2g s; reply steps %.2g s",
-                min(first, longest), longest, reply_step)
+    logger.info(
+        "SuperNode poll: %.2g s after an empty pull, doubling up to %.2g s; reply steps %.2g s",
+        min(first, longest),
+        longest,
+        reply_step,
+    )
     install_object_pulls(modules=[module])
     return True
 

@@ -36,8 +36,20 @@ logger = logging.getLogger(__name__)
 #: What a ClientApp process would otherwise import on every message (the expensive part of its start).
 #: Opacus (``client.app`` imports it through ``common.dp``) alone took 1.4 s per message on an idle
 #: core: it pulls in ``torch.distributed.tensor`` and SymPy.
-WARM_MODULES = ("numpy", "scipy.ndimage", "torch", "h5py", "nibabel", "pydantic", "opacus", "finufft",
-                "prometheus_client", "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
+WARM_MODULES = (
+    "numpy",
+    "scipy.ndimage",
+    "torch",
+    "h5py",
+    "nibabel",
+    "pydantic",
+    "opacus",
+    "finufft",
+    "prometheus_client",
+    "flwr.app",
+    "flwr.clientapp",
+    "flwr.supernode.runtime.run_clientapp",
+)
 
 
 def warm_up(modules: tuple[str, ...] = WARM_MODULES) -> float:
@@ -104,9 +116,14 @@ def _run_task(spec: ExecutionSpec, certificates: bytes | None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-        run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
-                      certificates=certificates, parent_pid=spec.parent_pid,
-                      runtime_dependency_install=spec.runtime_dependency_install)
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=certificates,
+            parent_pid=spec.parent_pid,
+            runtime_dependency_install=spec.runtime_dependency_install,
+        )
         return 0
     except SystemExit as exc:  # flwr_exit ends the task with its exit code
         return exc.code if isinstance(exc.code, int) else 1

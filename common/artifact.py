@@ -170,8 +170,13 @@ def card_id(run_name: str, round: int, state_dict: dict[str, torch.Tensor]) -> s
     return f"{safe}-r{round:04d}-{digest.hexdigest()[:12]}"
 
 
-def write_artifact(out_dir: Path, state_dict: dict[str, torch.Tensor], card_fields: dict[str, Any],
-                   extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> ModelCard:
+def write_artifact(
+    out_dir: Path,
+    state_dict: dict[str, torch.Tensor],
+    card_fields: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
+    overwrite: bool = False,
+) -> ModelCard:
     """Write weights + card (+ ``extra_files``) into ``out_dir`` all at once or not at all.
 
     ``card_fields`` are the :class:`ModelCard` fields other than ``id``, ``created``, ``versions`` and
@@ -185,8 +190,10 @@ def write_artifact(out_dir: Path, state_dict: dict[str, torch.Tensor], card_fiel
     if out_dir.is_dir():
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ARTIFACT_FILES)
         if foreign:
-            raise OutputError(f"--out: {out_dir} holds files that are not an exported model ({', '.join(foreign[:3])}); "
-                              "not replacing it, choose a new folder")
+            raise OutputError(
+                f"--out: {out_dir} holds files that are not an exported model ({', '.join(foreign[:3])}); "
+                "not replacing it, choose a new folder"
+            )
     identifier = card_id(str(card_fields.get("run_name", "run")), int(card_fields["round"]), state_dict)
     blob = weights_bytes(state_dict, identifier)
     card = ModelCard(
@@ -271,8 +278,10 @@ def load_artifact(path: str | os.PathLike[str], device: torch.device | str = "cp
     except RuntimeError as exc:
         raise DataError(f"{folder / card.weights.file}: weights do not fit {card.architecture.name}: {exc}") from exc
     if count_parameters(model) != card.architecture.num_parameters:
-        raise DataError(f"{source}: architecture.num_parameters: card says {card.architecture.num_parameters}, "
-                        f"the model has {count_parameters(model)}")
+        raise DataError(
+            f"{source}: architecture.num_parameters: card says {card.architecture.num_parameters}, "
+            f"the model has {count_parameters(model)}"
+        )
     model.to(torch.device(device)).eval()
     logger.info("loaded model %s (%s, round %d)", card.id, card.architecture.name, card.round)
     return LoadedModel(model=model, card=card, path=folder)

@@ -64,8 +64,11 @@ def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         current = stack.pop()
         current.formatter_class = DefaultsHelpFormatter
         for action in current._actions:
-            if action.help is None and action.option_strings and not (
-                    action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)):
+            if (
+                action.help is None
+                and action.option_strings
+                and not (action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS))
+            ):
                 action.help = "(default: %(default)s)"
             if isinstance(action, argparse._SubParsersAction):
                 stack.extend(action.choices.values())
@@ -80,7 +83,9 @@ def _number(kind: type[_Number], minimum: float, inclusive: bool = True) -> Call
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if value < minimum or (not inclusive and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum:g}, got {text}")
         return value
@@ -155,8 +160,9 @@ def interruptible() -> Iterator[None]:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand's ``func`` inside the error boundary; returns the exit code."""
     args = prepare_parser(parser).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     debug = bool(getattr(args, "debug", False))
 
     def fail(code: int, message: str) -> int:
@@ -190,5 +196,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         cause = _os_cause(exc)
         if cause is not None:  # e.g. h5py writing through a Python file: a full disk surfaces as SystemError
             return fail(EXIT_OS, _os_message(cause))
-        return fail(EXIT_INTERNAL, f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the "
-                                   "traceback, and report it)")
+        return fail(
+            EXIT_INTERNAL,
+            f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and report it)",
+        )

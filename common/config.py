@@ -103,7 +103,7 @@ class ScannerConfig(_Strict):
         if self.trajectory == "cartesian":
             for key in ("spokes", "interleaves", "readout_samples"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"{key} applies to non-Cartesian trajectories only (trajectory = \"cartesian\")")
+                    raise ValueError(f'{key} applies to non-Cartesian trajectories only (trajectory = "cartesian")')
             missing = [key for key in ("mask", "center_fraction") if getattr(self, key) is None]
             if missing:
                 raise ValueError(f"{missing[0]} is required for a Cartesian site (or set trajectory)")
@@ -159,7 +159,7 @@ class SiteConfig(_Strict):
     @model_validator(mode="after")
     def _non_cartesian_support(self) -> SiteConfig:
         if self.scanner.trajectory != "cartesian" and self.supervision == "self":
-            raise ValueError("supervision = \"self\" (SSDU) splits a Cartesian mask; use it on Cartesian sites only")
+            raise ValueError('supervision = "self" (SSDU) splits a Cartesian mask; use it on Cartesian sites only')
         return self
 
     @field_validator("data_path")

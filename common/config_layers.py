@@ -25,7 +25,13 @@ from common.runconfig import RunConfig
 logger = logging.getLogger(__name__)
 
 DEFAULTS, PYPROJECT, DERIVED, RUN_FILE, COMMAND_LINE, SET = (
-    "defaults", "pyproject", "derived", "run file", "command line", "--set")
+    "defaults",
+    "pyproject",
+    "derived",
+    "run file",
+    "command line",
+    "--set",
+)
 #: Every source, lowest precedence first.
 SOURCES = (DEFAULTS, PYPROJECT, DERIVED, RUN_FILE, COMMAND_LINE, SET)
 #: Sources the user wrote for this run; what they set is never changed behind their back.
@@ -70,8 +76,12 @@ def read_run_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def resolve(layers: Mapping[str, Mapping[str, Any]], *, site_count: int | None = None,
-            derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> Resolved:
+def resolve(
+    layers: Mapping[str, Mapping[str, Any]],
+    *,
+    site_count: int | None = None,
+    derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> Resolved:
     """The run config of ``layers`` (source -> dashed values; any of :data:`SOURCES` but defaults).
 
     ``derive`` maps the settings so far to the :data:`DERIVED` layer's values (e.g. ``run-dir`` from
@@ -134,4 +144,3 @@ def pyproject_values(project_dir: Path) -> dict[str, Any]:
     """The [tool.flwr.app.config] table of ``project_dir/pyproject.toml``."""
     with open(project_dir / "pyproject.toml", "rb") as fh:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-

@@ -77,7 +77,7 @@ class WaveletProx:
             raise ValueError(f"levels must be >= 1, got {levels}")
         deepest = pywt.dwt_max_level(min(shape), kernel.dec_len)
         self.wavelet, self.levels, self.shape = wavelet, max(1, min(levels, deepest)), tuple(shape)
-        block = 2 ** self.levels
+        block = 2**self.levels
         self.padded = tuple(-(-n // block) * block for n in shape)
 
     def __call__(self, image: Tensor, threshold: float) -> Tensor:
@@ -123,8 +123,16 @@ def l1_wavelet_sense(
     """
     if iterations < 1:
         raise ValueError(f"need lam >= 0 and iterations >= 1, got {lam} and {iterations}")
-    return l1_wavelet_sense_iterates(masked_kspace, mask, sens_maps, lam=lam, iterations=(iterations,),
-                                     wavelet=wavelet, levels=levels, on_iteration=on_iteration)[iterations]
+    return l1_wavelet_sense_iterates(
+        masked_kspace,
+        mask,
+        sens_maps,
+        lam=lam,
+        iterations=(iterations,),
+        wavelet=wavelet,
+        levels=levels,
+        on_iteration=on_iteration,
+    )[iterations]
 
 
 @torch.no_grad()
@@ -143,8 +151,10 @@ def l1_wavelet_sense_iterates(
 
     Tuning the iteration count on validation then costs one run per ``lam``, not one per (lam, count).
     """
-    if sens_maps.dim() != 4 or sens_maps.shape[:2] != masked_kspace.shape[:2] or (
-        masked_kspace.dim() == 4 and sens_maps.shape != masked_kspace.shape
+    if (
+        sens_maps.dim() != 4
+        or sens_maps.shape[:2] != masked_kspace.shape[:2]
+        or (masked_kspace.dim() == 4 and sens_maps.shape != masked_kspace.shape)
     ):
         raise ValueError(
             f"expected k-space (B, C, H, W) or samples (B, C, K) and maps (B, C, H, W) of equal shape, got "
@@ -160,22 +170,33 @@ def l1_wavelet_sense_iterates(
         operator = SenseNufft.from_batch(mask.to(torch.float32), maps)
         data_adjoint = operator.gridded(masked_kspace.to(torch.complex64))
         step = 1.0 / max(_power_iteration(operator.normal, data_adjoint.shape), 1e-12)
-        return _fista(data_adjoint, lambda z: operator.normal(z) - data_adjoint, prox, step, lam, iterations,
-                      on_iteration)
+        return _fista(
+            data_adjoint, lambda z: operator.normal(z) - data_adjoint, prox, step, lam, iterations, on_iteration
+        )
     if mask.dim() != 4 or mask.shape[-2:] != masked_kspace.shape[-2:]:
         raise ValueError(f"expected a mask (B, 1, H, W) matching the k-space, got {tuple(mask.shape)}")
     kspace = masked_kspace.to(torch.complex64)
     mask = mask.to(torch.float32)
     step = 1.0 / max(lipschitz(mask, maps), 1e-12)
     return _fista(
-        _adjoint(kspace, mask, maps), lambda z: _adjoint(_forward(z, mask, maps) - kspace, mask, maps),
-        prox, step, lam, iterations, on_iteration,
+        _adjoint(kspace, mask, maps),
+        lambda z: _adjoint(_forward(z, mask, maps) - kspace, mask, maps),
+        prox,
+        step,
+        lam,
+        iterations,
+        on_iteration,
     )
 
 
 def _fista(
-    x: Tensor, gradient: Callable[[Tensor], Tensor], prox: WaveletProx, step: float, lam: float,
-    iterations: tuple[int, ...], on_iteration: Callable[[int], None] | None = None,
+    x: Tensor,
+    gradient: Callable[[Tensor], Tensor],
+    prox: WaveletProx,
+    step: float,
+    lam: float,
+    iterations: tuple[int, ...],
+    on_iteration: Callable[[int], None] | None = None,
 ) -> dict[int, Tensor]:
     """FISTA from ``x`` with the data-term ``gradient`` and the wavelet prox (plain gradient steps at lam 0);
     the iterate after each count in ``iterations``; ``on_iteration(done)`` after each iteration."""

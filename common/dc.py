@@ -59,9 +59,7 @@ class DataConsistency(nn.Module):
         lam = self.log_lam.exp()
         return torch.where(sampled, (kspace + lam * masked_kspace) / (1.0 + lam), kspace)
 
-    def forward(
-        self, image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor | None = None) -> Tensor:
         """DC on a combined complex image (B,H,W) given k-space (B,C,H,W), mask (B,1,H,W), maps (B,C,H,W).
 
         Without ``sens_maps`` the data must be single-coil (C = 1) and the image is its own coil image.

@@ -35,8 +35,9 @@ def noise_share_std(noise_multiplier: float, clip: float, min_sites: int) -> flo
     return noise_multiplier * clip / float(np.sqrt(min_sites))
 
 
-def clip_and_add_noise_share(update: Sequence[np.ndarray], *, clip: float, noise_multiplier: float, min_sites: int,
-                             rng: np.random.Generator) -> tuple[list[np.ndarray], bool]:
+def clip_and_add_noise_share(
+    update: Sequence[np.ndarray], *, clip: float, noise_multiplier: float, min_sites: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], bool]:
     """The site's update clipped to ``clip`` plus its noise share; and whether clipping changed it."""
     clipped, norm = clip_update(update, clip)
     std = noise_share_std(noise_multiplier, clip, min_sites)

@@ -119,7 +119,7 @@ def render_pyproject(text: str, source: str = PYPROJECT) -> str:
             flags=re.MULTILINE,
         )
         if count != 1:
-            raise DocsError(f"{source}: {_CONFIG_TABLE}: {key}: needs one `{key} = \"...\"  # ...` line, found {count}")
+            raise DocsError(f'{source}: {_CONFIG_TABLE}: {key}: needs one `{key} = "..."  # ...` line, found {count}')
     return text[:body_start] + table + text[end:]
 
 

@@ -54,7 +54,9 @@ def _multi_input_grad_sample(
     for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
         setattr(bare, hooks, OrderedDict())
 
-    def surrogate(values: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> torch.Tensor:
+    def surrogate(
+        values: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.func.functional_call(bare, values, tuple(x.unsqueeze(0) for x in inputs))
         grad_out = grad_out.unsqueeze(0)
         if out.is_complex():
@@ -62,7 +64,9 @@ def _multi_input_grad_sample(
         return (out * grad_out).sum()
 
     detached = {k: v.detach() for k, v in params.items()}
-    per_sample = torch.func.vmap(torch.func.grad(surrogate), in_dims=(None, 0, 0))(detached, tuple(activations), backprops)
+    per_sample = torch.func.vmap(torch.func.grad(surrogate), in_dims=(None, 0, 0))(
+        detached, tuple(activations), backprops
+    )
     return {p: per_sample[name] for name, p in params.items()}
 
 

@@ -329,9 +329,7 @@ def _gaussian_1d(width: int, acceleration: float, nlf: int, rng: np.random.Gener
 # --------------------------------------------------------------------------- 2-D patterns
 
 
-def _gaussian_2d(
-    shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _gaussian_2d(shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Pixels outside the box drawn with probability proportional to a 2-D Gaussian around DC."""
     weights = np.exp(-0.5 * (_normalised_radius(shape) / (2 * GAUSSIAN_SIGMA_FRACTION)) ** 2)
     outer = np.flatnonzero(~calib)
@@ -457,9 +455,7 @@ def _next_scale(lo: float, lo_count: int, hi: float, hi_count: int, target: int)
     return min(max(guess, lo + margin), hi - margin)
 
 
-def _poisson(
-    shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _poisson(shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Builder-table adapter: callers of ``make_mask`` need the mask, not the tuned scale."""
     return poisson_mask(shape, budget, calib, rng)[0]
 
@@ -483,6 +479,7 @@ def _tune_trajectory(
 ) -> np.ndarray:
     """Smallest density parameter whose trajectory (plus calibration) reaches ``budget``;
     the over-shoot is trimmed from the outermost k-space radius."""
+
     def count(param: float) -> tuple[np.ndarray, int]:
         mask = draw(param) | calib
         return mask, int(mask.sum())
@@ -503,9 +500,7 @@ def _tune_trajectory(
     return _trim(hi_mask, calib, budget, _pixel_radius(shape))
 
 
-def _radial(
-    shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _radial(shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Equally spaced full spokes through DC with a random rotation; the spoke count is tuned."""
     height, width = shape
     steps = math.ceil((math.hypot(height / 2, width / 2) + 1) / _RASTER_STEP)
@@ -523,9 +518,7 @@ def _radial(
     return _tune_trajectory(shape, budget, calib, draw, integer=True)
 
 
-def _spiral(
-    shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _spiral(shape: tuple[int, int], budget: int, calib: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Variable-density spiral interleaves (radius ~ t**power) reaching the k-space corners;
     the number of turns is tuned."""
     height, width = shape
@@ -563,22 +556,33 @@ class _Pattern2D(NamedTuple):
 
 
 _BUILDERS_1D: dict[str, _Pattern1D] = {
-    "random": _Pattern1D(_random_1d, "Cartesian columns: the ACS centre plus outer columns drawn uniformly "
-                                     "(fastMRI's RandomMaskFunc, exact column count)"),
-    "equispaced": _Pattern1D(_equispaced_1d, "Cartesian columns: the ACS centre plus equally spaced lines "
-                                             "(fastMRI's EquispacedMaskFractionFunc)"),
-    "gaussian1d": _Pattern1D(_gaussian_1d, "Cartesian columns: the ACS centre plus outer columns drawn with a "
-                                           "Gaussian density around DC"),
+    "random": _Pattern1D(
+        _random_1d,
+        "Cartesian columns: the ACS centre plus outer columns drawn uniformly "
+        "(fastMRI's RandomMaskFunc, exact column count)",
+    ),
+    "equispaced": _Pattern1D(
+        _equispaced_1d,
+        "Cartesian columns: the ACS centre plus equally spaced lines (fastMRI's EquispacedMaskFractionFunc)",
+    ),
+    "gaussian1d": _Pattern1D(
+        _gaussian_1d, "Cartesian columns: the ACS centre plus outer columns drawn with a Gaussian density around DC"
+    ),
 }
 _BUILDERS_2D: dict[str, _Pattern2D] = {
-    "gaussian2d": _Pattern2D(_gaussian_2d, "2-D points: a calibration box plus points drawn with a Gaussian "
-                                           "density around DC"),
-    "poisson": _Pattern2D(_poisson, "2-D points: a calibration box plus variable-density Poisson-disc points "
-                                    "(denser at DC)"),
-    "radial": _Pattern2D(_radial, "non-Cartesian: a calibration box plus equally spaced full spokes through "
-                                  "DC, randomly rotated, rasterised"),
-    "spiral": _Pattern2D(_spiral, "non-Cartesian: a calibration box plus variable-density spiral "
-                                  "interleaves, rasterised"),
+    "gaussian2d": _Pattern2D(
+        _gaussian_2d, "2-D points: a calibration box plus points drawn with a Gaussian density around DC"
+    ),
+    "poisson": _Pattern2D(
+        _poisson, "2-D points: a calibration box plus variable-density Poisson-disc points (denser at DC)"
+    ),
+    "radial": _Pattern2D(
+        _radial,
+        "non-Cartesian: a calibration box plus equally spaced full spokes through DC, randomly rotated, rasterised",
+    ),
+    "spiral": _Pattern2D(
+        _spiral, "non-Cartesian: a calibration box plus variable-density spiral interleaves, rasterised"
+    ),
 }
 #: Every sampling pattern a site config may name: the builders' keys, so the two cannot disagree.
 PATTERNS: tuple[str, ...] = (*_BUILDERS_1D, *_BUILDERS_2D)

@@ -108,8 +108,7 @@ def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float
     gt_v, pred_v = _as_volumes("ssim", gt, pred)
     if min(gt_v.shape[-2:]) < SSIM_WIN_SIZE:
         raise ValueError(
-            f"ssim: slices of shape {gt_v.shape[-2:]} are smaller than the {SSIM_WIN_SIZE}x"
-            f"{SSIM_WIN_SIZE} window"
+            f"ssim: slices of shape {gt_v.shape[-2:]} are smaller than the {SSIM_WIN_SIZE}x{SSIM_WIN_SIZE} window"
         )
     data_range = _data_range("ssim", gt_v, maxval)
     return float(_ssim_slices(gt_v, pred_v, data_range).mean())
@@ -139,9 +138,7 @@ class SSIMLoss(nn.Module):
         num = win_size**2
         self.cov_norm = num / (num - 1)
 
-    def forward(
-        self, X: torch.Tensor, Y: torch.Tensor, data_range: torch.Tensor | float
-    ) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, Y: torch.Tensor, data_range: torch.Tensor | float) -> torch.Tensor:
         """X, Y: (B, 1, H, W) or (B, H, W); data_range: (B,) per-image range (e.g. target max)."""
         if X.shape != Y.shape:
             raise ValueError(f"SSIMLoss: shape mismatch: X {tuple(X.shape)} vs Y {tuple(Y.shape)}")
@@ -150,17 +147,13 @@ class SSIMLoss(nn.Module):
         if X.dim() != 4 or X.shape[1] != 1:
             raise ValueError(f"SSIMLoss: expected (B, 1, H, W) or (B, H, W), got {tuple(X.shape)}")
         if min(X.shape[-2:]) < self.win_size:
-            raise ValueError(
-                f"SSIMLoss: images {tuple(X.shape[-2:])} are smaller than the {self.win_size}-window"
-            )
+            raise ValueError(f"SSIMLoss: images {tuple(X.shape[-2:])} are smaller than the {self.win_size}-window")
         batch = X.shape[0]
         data_range = torch.as_tensor(data_range, dtype=X.dtype, device=X.device)
         if data_range.dim() == 0:
             data_range = data_range.expand(batch)
         if data_range.shape != (batch,):
-            raise ValueError(
-                f"SSIMLoss: data_range must have shape ({batch},), got {tuple(data_range.shape)}"
-            )
+            raise ValueError(f"SSIMLoss: data_range must have shape ({batch},), got {tuple(data_range.shape)}")
         data_range = data_range[:, None, None, None]
         # built in the input dtype: a float32 1/49 cast up would cost float64 inputs ~1e-7 accuracy
         kernel = (1, 1, self.win_size, self.win_size)

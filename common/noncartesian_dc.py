@@ -81,8 +81,9 @@ class NonCartesianCascade(Protocol):
     def forward_non_cartesian(self, image: Tensor, data_adjoint: Tensor, operator: SenseNufft) -> Tensor: ...
 
 
-def run_cascades(cascades: Iterable[NonCartesianCascade], samples: Tensor, trajectory: Tensor,
-                 sens_maps: Tensor) -> Tensor:
+def run_cascades(
+    cascades: Iterable[NonCartesianCascade], samples: Tensor, trajectory: Tensor, sens_maps: Tensor
+) -> Tensor:
     """The complex image after every cascade, started from the density-compensated adjoint of ``samples``."""
     operator = SenseNufft.from_batch(trajectory, sens_maps)
     data_adjoint = operator.gridded(samples)

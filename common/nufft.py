@@ -58,7 +58,11 @@ def _type2(image: Tensor, coords: Tensor) -> Tensor:
     ky, kx = _radians(coords, image.dtype)
     flat = image.detach().cpu().resolve_conj().numpy().reshape(-1, height, width)
     out = finufft.nufft2d2(
-        ky, kx, np.ascontiguousarray(flat), isign=-1, eps=_EPS[image.dtype],
+        ky,
+        kx,
+        np.ascontiguousarray(flat),
+        isign=-1,
+        eps=_EPS[image.dtype],
         nthreads=_threads(coords.shape[0], flat.shape[0]),
     )
     out = torch.from_numpy(np.asarray(out).reshape(*lead, coords.shape[0])) / math.sqrt(height * width)
@@ -71,7 +75,12 @@ def _type1(samples: Tensor, coords: Tensor, shape: tuple[int, int]) -> Tensor:
     ky, kx = _radians(coords, samples.dtype)
     flat = samples.detach().cpu().resolve_conj().numpy().reshape(-1, samples.shape[-1])
     out = finufft.nufft2d1(
-        ky, kx, np.ascontiguousarray(flat), shape, isign=1, eps=_EPS[samples.dtype],
+        ky,
+        kx,
+        np.ascontiguousarray(flat),
+        shape,
+        isign=1,
+        eps=_EPS[samples.dtype],
         nthreads=_threads(coords.shape[0], flat.shape[0]),
     )
     out = torch.from_numpy(np.asarray(out).reshape(*lead, *shape)) / math.sqrt(shape[0] * shape[1])

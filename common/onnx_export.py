@@ -75,8 +75,12 @@ def export_shape(acquisitions: Sequence[Acquisition]) -> tuple[int, int, int, in
     return DEFAULT_SHAPE
 
 
-def export_onnx(model: nn.Module, acquisitions: Sequence[Acquisition] = (), shape: tuple[int, int, int, int] | None = None,
-                tolerance: float = TOLERANCE) -> tuple[bytes, OnnxInfo]:
+def export_onnx(
+    model: nn.Module,
+    acquisitions: Sequence[Acquisition] = (),
+    shape: tuple[int, int, int, int] | None = None,
+    tolerance: float = TOLERANCE,
+) -> tuple[bytes, OnnxInfo]:
     """ONNX bytes of ``model`` at ``shape`` (default :func:`export_shape`) and its card entry, checked in ONNX Runtime."""
     name = model_name(model)
     if not MODEL_ENTRIES[name].onnx_exportable or not isinstance(model, UnetRecon):
@@ -93,8 +97,15 @@ def export_onnx(model: nn.Module, acquisitions: Sequence[Acquisition] = (), shap
     example = torch.randn(batch, coils, height, width, 2, generator=generator)  # image pixels of order 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=OPSET, verbose=False,
-                                    input_names=["kspace"], output_names=["image"])
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            verbose=False,
+            input_names=["kspace"],
+            output_names=["image"],
+        )
     assert program is not None
     buffer = io.BytesIO()
     program.save(buffer)  # type: ignore[arg-type]
@@ -102,15 +113,23 @@ def export_onnx(model: nn.Module, acquisitions: Sequence[Acquisition] = (), shap
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {"kspace": example.numpy()})[0]
     with torch.no_grad():
-        reference = model(torch.view_as_complex(example.contiguous()), torch.ones(batch, 1, height, width),
-                          torch.ones(batch, coils, height, width, dtype=torch.complex64)).numpy()
+        reference = model(
+            torch.view_as_complex(example.contiguous()),
+            torch.ones(batch, 1, height, width),
+            torch.ones(batch, coils, height, width, dtype=torch.complex64),
+        ).numpy()
     error = float(np.max(np.abs(onnx_out - reference)))
     if not error <= tolerance:
         raise ConfigError(f"--onnx: ONNX output differs from PyTorch by {error:.3g} (> {tolerance:g}); not exported")
     import hashlib
 
-    info = OnnxInfo(sha256=hashlib.sha256(blob).hexdigest(), opset=OPSET, input_shape=(batch, coils, height, width, 2),
-                    inputs=["kspace: masked k-space as (real, imag) pairs, scaled as in training"],
-                    max_abs_error=error, tolerance=tolerance)
+    info = OnnxInfo(
+        sha256=hashlib.sha256(blob).hexdigest(),
+        opset=OPSET,
+        input_shape=(batch, coils, height, width, 2),
+        inputs=["kspace: masked k-space as (real, imag) pairs, scaled as in training"],
+        max_abs_error=error,
+        tolerance=tolerance,
+    )
     logger.info("ONNX export at %s: max |ONNX - PyTorch| = %.2e", info.input_shape, error)
     return blob, info

@@ -26,16 +26,22 @@ class Manifest:
 
     def to_config(self, prefix: str) -> dict[str, list[str]]:
         """As string lists under ``prefix.names`` / ``.dtypes`` / ``.shapes`` (a shape as "2,3"; "" for 0-d)."""
-        return {f"{prefix}.names": list(self.names), f"{prefix}.dtypes": list(self.dtypes),
-                f"{prefix}.shapes": [",".join(str(n) for n in shape) for shape in self.shapes]}
+        return {
+            f"{prefix}.names": list(self.names),
+            f"{prefix}.dtypes": list(self.dtypes),
+            f"{prefix}.shapes": [",".join(str(n) for n in shape) for shape in self.shapes],
+        }
 
     @classmethod
     def from_config(cls, values: Mapping[str, object], prefix: str) -> Manifest:
         """The manifest :meth:`to_config` wrote under ``prefix``; ``FedSenseError`` if it is not there."""
         try:
             names, dtypes, shapes = (list(values[f"{prefix}.{part}"]) for part in ("names", "dtypes", "shapes"))  # type: ignore[call-overload]
-            return cls([str(n) for n in names], [str(d) for d in dtypes],
-                       [[int(n) for n in str(shape).split(",")] if shape else [] for shape in shapes])
+            return cls(
+                [str(n) for n in names],
+                [str(d) for d in dtypes],
+                [[int(n) for n in str(shape).split(",")] if shape else [] for shape in shapes],
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise FedSenseError(f"packed arrays: no valid manifest for {prefix!r} ({exc})") from None
 
@@ -64,7 +70,7 @@ def unpack(buffer: np.ndarray, manifest: Manifest) -> dict[str, np.ndarray]:
         size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
         if offset + size > data.size:
             raise FedSenseError(f"packed arrays: {name!r} runs past the end of the buffer")
-        out[name] = data[offset:offset + size].view(dtype).reshape(shape).copy()
+        out[name] = data[offset : offset + size].view(dtype).reshape(shape).copy()
         offset += size
     if offset != data.size:
         raise FedSenseError(f"packed arrays: {data.size - offset} bytes left over after the last array")

@@ -40,8 +40,13 @@ def subject_groups(dataset: torch.utils.data.Dataset) -> list[list[int]]:
     return list(groups.values())
 
 
-def subject_gradients(model: GradSampleModule, dataset: torch.utils.data.Dataset, groups: Sequence[Sequence[int]],
-                      criterion: ReconLoss, chunk: int) -> tuple[list[list[torch.Tensor]], float]:
+def subject_gradients(
+    model: GradSampleModule,
+    dataset: torch.utils.data.Dataset,
+    groups: Sequence[Sequence[int]],
+    criterion: ReconLoss,
+    chunk: int,
+) -> tuple[list[list[torch.Tensor]], float]:
     """Each subject's gradient: the sum of its slices' loss gradients (unclipped); and the mean slice loss.
 
     Slices run through the model ``chunk`` at a time, whatever subject they belong to.
@@ -51,7 +56,7 @@ def subject_gradients(model: GradSampleModule, dataset: torch.utils.data.Dataset
     owners = [(g, i) for g, members in enumerate(groups) for i in members]
     total, count = 0.0, 0
     for start in range(0, len(owners), chunk):
-        part = owners[start:start + chunk]
+        part = owners[start : start + chunk]
         batch = default_collate([dataset[i] for _, i in part])
         model.zero_grad(set_to_none=True)
         pred = predict(model, batch)
@@ -75,8 +80,10 @@ def subject_gradients(model: GradSampleModule, dataset: torch.utils.data.Dataset
 
 def clip_subjects(grads: list[list[torch.Tensor]], max_norm: float) -> tuple[list[torch.Tensor] | None, list[float]]:
     """The sum over subjects of each subject's gradient clipped to L2 norm ≤ ``max_norm``; and their norms."""
-    norms = [float(torch.sqrt(sum((torch.sum(g.double() ** 2) for g in subject), torch.zeros((), dtype=torch.float64))))
-             for subject in grads]
+    norms = [
+        float(torch.sqrt(sum((torch.sum(g.double() ** 2) for g in subject), torch.zeros((), dtype=torch.float64))))
+        for subject in grads
+    ]
     if not grads:
         return None, norms
     summed = [torch.zeros_like(g) for g in grads[0]]

@@ -54,11 +54,15 @@ def split_state(
     unmatched = [p for p in patterns if not any(fnmatchcase(name, p) for name in state)]
     if unmatched:
         examples = ", ".join(list(state)[:3])
-        raise ConfigError(f"{source}: pattern(s) {unmatched} match no parameter of the model (names look like {examples})")
+        raise ConfigError(
+            f"{source}: pattern(s) {unmatched} match no parameter of the model (names look like {examples})"
+        )
     shared = {k: v for k, v in state.items() if not is_local(k, patterns)}
     local = {k: v for k, v in state.items() if is_local(k, patterns)}
     if patterns and not shared:
-        raise ConfigError(f"{source}: the patterns {list(patterns)} keep every parameter local; nothing is left to share")
+        raise ConfigError(
+            f"{source}: the patterns {list(patterns)} keep every parameter local; nothing is left to share"
+        )
     return shared, local
 
 
@@ -81,9 +85,12 @@ def personal_layers(model: nn.Module) -> tuple[str, ...]:
         last = [n for n in convs if n.startswith("cascades.0.")][-1]
         patterns = [f"cascades.*.{last.removeprefix('cascades.0.')}.*", "cascades.*.dc.*"]
     elif name == "unet":
-        norms = [n for n, m in model.named_modules()
-                 if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-                 and any(True for _ in m.parameters(recurse=False))]
+        norms = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+            and any(True for _ in m.parameters(recurse=False))
+        ]
         patterns = [f"{convs[-1]}.*", *(f"{n}.*" for n in norms)]
     else:
         raise ConfigError(f"local-layers: no personal layers chosen for model {name!r} (unrolled and unet have them)")
@@ -158,5 +165,12 @@ def fine_tune(
                 logger.info("fine-tuning stopped after %d steps: no better %s in %d validations", done, metric, stale)
                 break
     model.load_state_dict(best_state)
-    return FineTuneResult(state_dict=best_state, metrics=best_metrics, start_metrics=dict(start.metrics),
-                          best_step=best_step, steps=done, num_examples=start.num_examples, history=history)
+    return FineTuneResult(
+        state_dict=best_state,
+        metrics=best_metrics,
+        start_metrics=dict(start.metrics),
+        best_step=best_step,
+        steps=done,
+        num_examples=start.num_examples,
+        history=history,
+    )

@@ -92,8 +92,11 @@ def architecture(model: nn.Module) -> list[Any]:
 def decision_key(facts: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any], mode: str) -> str:
     """SHA-256 over the machine, the model's architecture, the batch's tensor shapes and the mode."""
     shapes = {k: [list(v.shape), str(v.dtype)] for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor)}
-    payload = json.dumps({"format": FORMAT, "facts": dict(facts), "model": architecture(model), "shapes": shapes,
-                          "mode": mode}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {"format": FORMAT, "facts": dict(facts), "model": architecture(model), "shapes": shapes, "mode": mode},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -107,8 +110,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: nn.Module, batch: Mapping[str, Any], device: torch.device, mode: str, *, repeats: int = 3,
-            clock: Callable[[], float] | None = None) -> dict[str, float]:
+def measure(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    device: torch.device,
+    mode: str,
+    *,
+    repeats: int = 3,
+    clock: Callable[[], float] | None = None,
+) -> dict[str, float]:
     """Best-of-``repeats`` seconds per step in each precision, after one untimed warm-up step each.
 
     On a CPU the clock is this process's CPU time (``time.process_time``), not wall time: a site's
@@ -158,9 +168,16 @@ def bf16_candidate(device: torch.device) -> bool:
     return cpu_has_bf16()
 
 
-def choose_precision(spec: str, model: nn.Module, batch: Mapping[str, Any], device: torch.device | str,
-                     mode: Mode = "train", *, source: str = "precision",
-                     measure_fn: Measure | None = None) -> Precision:
+def choose_precision(
+    spec: str,
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    device: torch.device | str,
+    mode: Mode = "train",
+    *,
+    source: str = "precision",
+    measure_fn: Measure | None = None,
+) -> Precision:
     """The precision to run ``model`` at: ``spec`` itself, or for ``auto`` the measured (cached) choice."""
     if spec not in PRECISIONS:
         raise ConfigError(f"{source}: must be one of {', '.join(PRECISIONS)}, got {spec!r}")
@@ -184,12 +201,28 @@ def choose_precision(spec: str, model: nn.Module, batch: Mapping[str, Any], devi
         return cached
     timings = (measure_fn or measure)(model, batch, device, mode)
     choice = decide(timings)
-    logger.info("precision auto (%s, %s): fp32 %.3f s/step, bf16 %.3f s/step (%.2fx) -> %s", mode, device.type,
-                timings["fp32"], timings["bf16"], timings["fp32"] / timings["bf16"], choice)
+    logger.info(
+        "precision auto (%s, %s): fp32 %.3f s/step, bf16 %.3f s/step (%.2fx) -> %s",
+        mode,
+        device.type,
+        timings["fp32"],
+        timings["bf16"],
+        timings["fp32"] / timings["bf16"],
+        choice,
+    )
     _decided[key] = choice
     if directory is not None:
-        _store(directory, key, {"format": FORMAT, "choice": choice, "seconds_per_step": timings, "mode": mode,
-                                "facts": machine_facts(device)})
+        _store(
+            directory,
+            key,
+            {
+                "format": FORMAT,
+                "choice": choice,
+                "seconds_per_step": timings,
+                "mode": mode,
+                "facts": machine_facts(device),
+            },
+        )
     return choice
 
 

@@ -23,7 +23,9 @@ def _data_problem(config: SiteConfig) -> str | None:
     """Why ``config``'s data folder cannot be used, or None when it holds a usable file."""
     root = config.data_path
     if not root.is_dir():
-        return f"{root}: directory does not exist" + (" (run `fedsense data demo` for demo data)" if not root.exists() else "")
+        return f"{root}: directory does not exist" + (
+            " (run `fedsense data demo` for demo data)" if not root.exists() else ""
+        )
     if not os.access(root, os.R_OK | os.X_OK):
         return f"{root}: directory is not readable by uid {os.getuid()}"
     entry = dataset_kind(config.dataset)

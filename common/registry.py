@@ -17,7 +17,7 @@ from dataclasses import dataclass
 STRATEGY_DESCRIPTIONS: dict[str, str] = {
     "fedavg": "FedAvg: the example-weighted mean of the sites' updated weights (McMahan et al. 2017)",
     "fedprox": "FedProx: FedAvg, with each site's local training held near the global model by the "
-               "proximal term (μ/2)·‖w − w_global‖², μ = `proximal-mu` (Li et al. 2020)",
+    "proximal term (μ/2)·‖w − w_global‖², μ = `proximal-mu` (Li et al. 2020)",
     "fedmedian": "FedMedian: the coordinate-wise median of the sites' weights; robust to a faulty or hostile site",
     "fedtrimmedavg": "FedTrimmedAvg: the coordinate-wise mean after dropping the `trim-beta` fraction at each end",
     "fedadam": "FedAdam: an Adam step of the server on the mean update taken as a pseudo-gradient (Reddi et al. 2021)",
@@ -25,7 +25,7 @@ STRATEGY_DESCRIPTIONS: dict[str, str] = {
     "fedadagrad": "FedAdagrad: FedAdam with Adagrad's accumulated second moment",
     "fedavgm": "FedAvgM: server SGD with momentum on the mean update (Hsu et al. 2019)",
     "scaffold": "SCAFFOLD: FedAvg with each site's local gradients corrected by control variates (server's "
-                "minus the site's), which removes client drift on heterogeneous sites (Karimireddy et al. 2020)",
+    "minus the site's), which removes client drift on heterogeneous sites (Karimireddy et al. 2020)",
 }
 
 
@@ -62,20 +62,27 @@ MODEL_ENTRIES: dict[str, ModelEntry] = {
     "unet": ModelEntry(
         "end-to-end U-Net on the coil-combined zero-filled image (fastMRI's baseline); at radial / spiral "
         "sites on the density-compensated NUFFT adjoint",
-        dc_operator="none", supports_ssdu=False, onnx_exportable=True),
+        dc_operator="none",
+        supports_ssdu=False,
+        onnx_exportable=True,
+    ),
     "unrolled": ModelEntry(
         "unrolled cascade of small residual CNNs, each followed by a closed-form data-consistency "
         "layer (after Schlemper et al.'s DC-CNN); at radial / spiral sites the DC is CG-SENSE "
-        "(`nc_dc = \"cg\"`) or a gradient step on the NUFFT",
-        dc_operator="closed-form", supports_ssdu=True),
+        '(`nc_dc = "cg"`) or a gradient step on the NUFFT',
+        dc_operator="closed-form",
+        supports_ssdu=True,
+    ),
     "varnet": ModelEntry(
         "end-to-end VarNet: gradient data consistency in multi-coil k-space with coil maps estimated by "
         "the model (after Sriram et al. 2020); at radial / spiral sites each cascade runs its image-domain "
         "twin (gradient DC on the NUFFT, the same weights) with the site's own maps",
-        dc_operator="gradient", supports_ssdu=True,
+        dc_operator="gradient",
+        supports_ssdu=True,
         dp_refusal="its coil-sensitivity network runs on every coil image as a separate batch element (B·C), so "
-                   "Opacus' per-sample gradients would be per coil, not per slice, and clipping would not bound "
-                   "a slice's influence; use unet or unrolled"),
+        "Opacus' per-sample gradients would be per coil, not per slice, and clipping would not bound "
+        "a slice's influence; use unet or unrolled",
+    ),
 }
 #: Reconstruction models: name -> what it is, for the docs.
 MODEL_DESCRIPTIONS: dict[str, str] = {name: entry.description for name, entry in MODEL_ENTRIES.items()}
@@ -83,7 +90,7 @@ MODEL_DESCRIPTIONS: dict[str, str] = {name: entry.description for name, entry in
 BASELINE_DESCRIPTIONS: dict[str, str] = {
     "local": "each site trains its own model on its own data only, for the same rounds and local steps",
     "centralized": "one model on all sites' training slices pooled, every slice equally likely, with as many "
-                   "steps per round as all sites of a federated round together",
+    "steps per round as all sites of a federated round together",
     "centralized-balanced": "the same, with the batches drawn from each site in turn, so every site gets equal steps",
     "zero-filled": "no learning: the inverse FFT of the undersampled k-space (round 0 only)",
 }
@@ -96,10 +103,10 @@ LOSS_DESCRIPTIONS: dict[str, str] = {
 #: Experiment trackers (run-config ``tracking``, comma-separated): name -> what the server writes, for the docs.
 TRACKER_DESCRIPTIONS: dict[str, str] = {
     "mlflow": "an MLflow run: the flattened run config as params, sites' scanners as tags, per-site and global "
-              "metrics with step = round, phase wall times, the best round, sample images, the exported model "
-              "as an artifact and a registered model version",
+    "metrics with step = round, phase wall times, the best round, sample images, the exported model "
+    "as an artifact and a registered model version",
     "tensorboard": "TensorBoard event files under the run directory's `tensorboard/`: per-site and global "
-                   "scalars per round, sample images, the run config as text",
+    "scalars per round, sample images, the run config as text",
 }
 
 STRATEGIES: tuple[str, ...] = tuple(STRATEGY_DESCRIPTIONS)

@@ -131,11 +131,15 @@ class RunConfig(BaseModel):
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ValueError("one of local-epochs or local-steps must be > 0")
         if self.round_deadline >= self.round_timeout:
-            raise ValueError(f"round-deadline ({self.round_deadline:g} s) must be shorter than round-timeout "
-                             f"({self.round_timeout:g} s), or 0 (off)")
+            raise ValueError(
+                f"round-deadline ({self.round_deadline:g} s) must be shorter than round-timeout "
+                f"({self.round_timeout:g} s), or 0 (off)"
+            )
         if self.adaptive_local_steps and (self.round_deadline == 0 or self.local_steps == 0):
-            raise ValueError("adaptive-local-steps needs round-deadline > 0 and local-steps > 0 (it scales the "
-                             "local steps of slow sites to the deadline)")
+            raise ValueError(
+                "adaptive-local-steps needs round-deadline > 0 and local-steps > 0 (it scales the "
+                "local steps of slow sites to the deadline)"
+            )
         if self.round_deadline > 0 and self.secagg:
             raise ValueError("round-deadline does not apply to SecAgg+ rounds (secagg = true): set it to 0")
         try:

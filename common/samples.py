@@ -44,9 +44,7 @@ def latest_samples(directory: str | Path) -> tuple[int, dict[str, dict[str, np.n
     root = Path(directory)
     if not root.is_dir():
         return None
-    rounds = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _ROUND_DIR.match(p.name))
-    )
+    rounds = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _ROUND_DIR.match(p.name)))
     for rnd, path in reversed(rounds):
         sites: dict[str, dict[str, np.ndarray]] = {}
         for f in sorted(path.glob("*.npz")):

@@ -26,13 +26,21 @@ class ControlledSteps:
     """A training step hook (``common.training.train``'s ``step_hook``): corrects the gradients and
     accumulates the uncorrected ones, from which :meth:`new_local` gives ``c_i⁺``."""
 
-    def __init__(self, model: nn.Module, global_c: Mapping[str, torch.Tensor], local_c: Mapping[str, torch.Tensor],
-                 names: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        global_c: Mapping[str, torch.Tensor],
+        local_c: Mapping[str, torch.Tensor],
+        names: Iterable[str] | None = None,
+    ) -> None:
         """Controls the trainable parameters of ``model`` named in ``names`` (default: all of them)."""
         wanted = None if names is None else set(names)
-        self.params = {name: p for name, p in model.named_parameters()
-                       if p.requires_grad and (wanted is None or name in wanted)}
-        self.offset = {name: _or_zero(global_c, name, p) - _or_zero(local_c, name, p) for name, p in self.params.items()}
+        self.params = {
+            name: p for name, p in model.named_parameters() if p.requires_grad and (wanted is None or name in wanted)
+        }
+        self.offset = {
+            name: _or_zero(global_c, name, p) - _or_zero(local_c, name, p) for name, p in self.params.items()
+        }
         self.sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in self.params.items()}
         self.steps = 0
 
@@ -62,8 +70,9 @@ def local_delta(new_local: Mapping[str, torch.Tensor], old_local: Mapping[str, t
     return {name: value - _or_zero(old_local, name, value) for name, value in new_local.items()}
 
 
-def server_update(global_c: Mapping[str, np.ndarray], deltas: Iterable[Mapping[str, np.ndarray]],
-                  total_sites: int) -> dict[str, np.ndarray]:
+def server_update(
+    global_c: Mapping[str, np.ndarray], deltas: Iterable[Mapping[str, np.ndarray]], total_sites: int
+) -> dict[str, np.ndarray]:
     """``c + |S|/N · mean(Δc_i)`` over the sites S whose updates were aggregated, N the sites in all.
 
     Every value is an ndarray of its parameter's shape and dtype, 0-d ones included.

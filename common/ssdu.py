@@ -41,7 +41,6 @@ _TRAIN_STREAM, _VALIDATION_STREAM = 0, 1
 _EPS = 1e-12
 
 
-
 @dataclass(frozen=True)
 class Split:
     """One partition of the acquired locations Ω (H, W) bool: Λ (network input) and Θ (loss)."""
@@ -61,8 +60,7 @@ def check_model(model: str, source: str = "run config") -> None:
     """Refuse a model that cannot be trained self-supervised, before any data is touched."""
     if model not in MODEL_ENTRIES or not MODEL_ENTRIES[model].supports_ssdu:
         raise ConfigError(
-            f"{source}: model: {model!r} cannot train at a self-supervised site (supervision = \"self\"): "
-            + _NO_KSPACE
+            f'{source}: model: {model!r} cannot train at a self-supervised site (supervision = "self"): ' + _NO_KSPACE
         )
 
 

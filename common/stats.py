@@ -73,9 +73,7 @@ def _seeds_by_slices(values: Sequence[float] | Sequence[Sequence[float]] | np.nd
     return array
 
 
-def hierarchical_resamples(
-    diff: np.ndarray, subjects: Sequence[str], *, resamples: int, seed: int
-) -> np.ndarray:
+def hierarchical_resamples(diff: np.ndarray, subjects: Sequence[str], *, resamples: int, seed: int) -> np.ndarray:
     """Bootstrap means of ``diff`` (seeds, slices): seeds, then subjects, then slices within subjects.
 
     Each resample draws as many seeds as there are (with replacement) and averages the drawn seeds' rows;
@@ -133,8 +131,15 @@ def hierarchical_bootstrap(
     means = hierarchical_resamples(diff, subjects, resamples=resamples, seed=seed)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
-    return PairedDifference(float(diff.mean()), float(low), float(high), int(diff.shape[1]), level,
-                            seeds=int(diff.shape[0]), subjects=len(set(subjects)))
+    return PairedDifference(
+        float(diff.mean()),
+        float(low),
+        float(high),
+        int(diff.shape[1]),
+        level,
+        seeds=int(diff.shape[0]),
+        subjects=len(set(subjects)),
+    )
 
 
 def join_verdict(gain: PairedDifference) -> str:

@@ -201,8 +201,7 @@ def train(
         count += 1
         if on_step is not None:
             on_step()
-    return TrainResult(loss=running / max(count, 1), steps=count, num_examples=len(loader.dataset),
-                       precision=precision)
+    return TrainResult(loss=running / max(count, 1), steps=count, num_examples=len(loader.dataset), precision=precision)
 
 
 def _unscale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -285,5 +284,6 @@ def evaluate(
     for k, v in metrics.items():
         if not math.isfinite(v):
             logger.warning("evaluation metric %s is not finite (%s)", k, v)
-    return EvalResult(metrics=metrics, num_examples=n_slices, num_volumes=len(preds), samples=samples,
-                      precision=precision)
+    return EvalResult(
+        metrics=metrics, num_examples=n_slices, num_volumes=len(preds), samples=samples, precision=precision
+    )

@@ -104,9 +104,7 @@ def variable_density_spiral(interleaves: int, readout_samples: int, matrix: int,
     return torch.from_numpy(np.stack((ky.ravel(), kx.ravel()), axis=-1).astype(np.float32))
 
 
-def make_trajectory(
-    kind: str, count: int, readout_samples: int, matrix: int, oversampling: float
-) -> Tensor:
+def make_trajectory(kind: str, count: int, readout_samples: int, matrix: int, oversampling: float) -> Tensor:
     """The site's trajectory by name: ``count`` spokes (radial-ga) or interleaves (spiral)."""
     if kind == "radial-ga":
         return golden_angle_radial(count, readout_samples, matrix, oversampling)

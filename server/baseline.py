@@ -84,23 +84,43 @@ class Baseline:
             result: EvalResult
             if site in self.self_supervised:
                 result = evaluate_self_supervised(
-                    models[site], loader, rho=self.run.ssdu_rho, seed=self.run.seed,
-                    reference=cast(ReferencedDataset, datasets["val"]).has_reference, loss=self.run.loss,
-                    max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples)
+                    models[site],
+                    loader,
+                    rho=self.run.ssdu_rho,
+                    seed=self.run.seed,
+                    reference=cast(ReferencedDataset, datasets["val"]).has_reference,
+                    loss=self.run.loss,
+                    max_slices=self.run.max_eval_slices,
+                    num_samples=self.run.num_samples,
+                )
             else:
-                result = evaluate(models[site], loader, loss=self.run.loss,
-                                  max_slices=self.run.max_eval_slices, num_samples=self.run.num_samples,
-                                  device=self.device, precision=self.precision)
+                result = evaluate(
+                    models[site],
+                    loader,
+                    loss=self.run.loss,
+                    max_slices=self.run.max_eval_slices,
+                    num_samples=self.run.num_samples,
+                    device=self.device,
+                    precision=self.precision,
+                )
             if result.samples:
                 save_samples(self.sample_dir, rnd, site, result.samples)
-            records.append(site_record(self.run.name, rnd, "evaluate", site, result.num_examples, result.metrics,
-                                   **self._supervision(site)))
+            records.append(
+                site_record(
+                    self.run.name, rnd, "evaluate", site, result.num_examples, result.metrics, **self._supervision(site)
+                )
+            )
         summary = global_record(self.run.name, rnd, "evaluate", records)
         self.store.append_metrics(records + [summary])
         return summary
 
-    def _checkpoint(self, rnd: int, state: dict[str, Any], summary: dict[str, Any],
-                    optimisers: dict[str, torch.optim.Optimizer | None]) -> bool:
+    def _checkpoint(
+        self,
+        rnd: int,
+        state: dict[str, Any],
+        summary: dict[str, Any],
+        optimisers: dict[str, torch.optim.Optimizer | None],
+    ) -> bool:
         """Save round ``rnd`` (with the kept Adam states, so a resume continues exactly), update ``best.json``;
         True when patience is exhausted (stop)."""
         kept = {name: opt.state_dict() for name, opt in optimisers.items() if opt is not None}
@@ -110,8 +130,9 @@ class Baseline:
             logger.info("%s: stopping early after round %d", self.kind, rnd)
         return self.best.exhausted
 
-    def _restore(self, models: dict[str, torch.nn.Module], optimisers: dict[str, torch.optim.Optimizer | None],
-                 prefixed: bool) -> int:
+    def _restore(
+        self, models: dict[str, torch.nn.Module], optimisers: dict[str, torch.optim.Optimizer | None], prefixed: bool
+    ) -> int:
         """Load the last complete round's checkpoint into ``models`` / ``optimisers``; the round to start from.
 
         ``prefixed``: the checkpoint holds several models as ``NAME/param`` (the local baseline).
@@ -149,8 +170,10 @@ class Baseline:
         if self.resume and self.store.config_path.is_file():
             stored = self.store.read_config().get("baseline")
             if stored != self.kind:
-                raise ConfigError(f"{self.store.config_path}: cannot resume a {self.kind} baseline: the run there is "
-                                  f"{'a ' + stored + ' baseline' if stored else 'not a baseline'}")
+                raise ConfigError(
+                    f"{self.store.config_path}: cannot resume a {self.kind} baseline: the run there is "
+                    f"{'a ' + stored + ' baseline' if stored else 'not a baseline'}"
+                )
         self.store.init({**self.run.to_flat(), "baseline": self.kind}, resume=self.resume)
         try:
             with ProcessTree():  # Ctrl-C / SIGTERM: data-loading workers stop with it
@@ -189,13 +212,37 @@ class Baseline:
             records = []
             for site, datasets in self.sites.items():
                 logger.info("%s: round %d/%d: training %s", self.kind, rnd, self.run.num_server_rounds, site)
-                loader = make_loader(datasets["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd,
-                                     augment=self.run.augment)
-                res = train(models[site], loader, epochs=self.run.local_epochs, steps=self.run.local_steps,
-                            lr=self.run.learning_rate, loss=self.run.loss, batch_loss=self._loss(rnd),
-                            device=self.device, precision=self.precision, optimiser=optimisers[site])
-                records.append(site_record(self.run.name, rnd, "train", site, res.num_examples, {"loss": res.loss, "steps": res.steps},
-                                       **self._supervision(site), precision=res.precision))
+                loader = make_loader(
+                    datasets["train"],
+                    self.run.batch_size,
+                    shuffle=True,
+                    seed=self.run.seed + rnd,
+                    augment=self.run.augment,
+                )
+                res = train(
+                    models[site],
+                    loader,
+                    epochs=self.run.local_epochs,
+                    steps=self.run.local_steps,
+                    lr=self.run.learning_rate,
+                    loss=self.run.loss,
+                    batch_loss=self._loss(rnd),
+                    device=self.device,
+                    precision=self.precision,
+                    optimiser=optimisers[site],
+                )
+                records.append(
+                    site_record(
+                        self.run.name,
+                        rnd,
+                        "train",
+                        site,
+                        res.num_examples,
+                        {"loss": res.loss, "steps": res.steps},
+                        **self._supervision(site),
+                        precision=res.precision,
+                    )
+                )
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
             summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
@@ -206,7 +253,9 @@ class Baseline:
         model = self._new_model()
         optimiser = self._optimiser(model)
         per_site_steps = [
-            self.run.local_steps if self.run.local_steps else self.run.local_epochs * -(-len(d["train"]) // self.run.batch_size)
+            self.run.local_steps
+            if self.run.local_steps
+            else self.run.local_epochs * -(-len(d["train"]) // self.run.batch_size)
             for d in self.sites.values()
         ]
         start = self._restore({GLOBAL_SITE: model}, {GLOBAL_SITE: optimiser}, prefixed=False)
@@ -215,22 +264,56 @@ class Baseline:
         for rnd in range(start, self.run.num_server_rounds + 1):
             loader: PooledLoader | InterleavedLoader
             if pooled:
-                loader = PooledLoader([d["train"] for d in self.sites.values()], self.run.batch_size,
-                                      seed=self.run.seed + rnd, augment=self.run.augment)
+                loader = PooledLoader(
+                    [d["train"] for d in self.sites.values()],
+                    self.run.batch_size,
+                    seed=self.run.seed + rnd,
+                    augment=self.run.augment,
+                )
             else:
-                loader = InterleavedLoader([
-                    make_loader(d["train"], self.run.batch_size, shuffle=True, seed=self.run.seed + rnd,
-                                augment=self.run.augment)
-                    for d in self.sites.values()
-                ])
-            logger.info("%s: round %d/%d: training %d steps on all sites", self.kind, rnd, self.run.num_server_rounds,
-                        sum(per_site_steps))
-            res = train(model, loader, steps=sum(per_site_steps), lr=self.run.learning_rate, loss=self.run.loss,
-                        batch_loss=self._loss(rnd), device=self.device, precision=self.precision, optimiser=optimiser)
-            self.store.append_metrics([
-                site_record(self.run.name, rnd, "train", GLOBAL_SITE, res.num_examples, {"loss": res.loss, "steps": res.steps},
-                            precision=res.precision)
-            ])
+                loader = InterleavedLoader(
+                    [
+                        make_loader(
+                            d["train"],
+                            self.run.batch_size,
+                            shuffle=True,
+                            seed=self.run.seed + rnd,
+                            augment=self.run.augment,
+                        )
+                        for d in self.sites.values()
+                    ]
+                )
+            logger.info(
+                "%s: round %d/%d: training %d steps on all sites",
+                self.kind,
+                rnd,
+                self.run.num_server_rounds,
+                sum(per_site_steps),
+            )
+            res = train(
+                model,
+                loader,
+                steps=sum(per_site_steps),
+                lr=self.run.learning_rate,
+                loss=self.run.loss,
+                batch_loss=self._loss(rnd),
+                device=self.device,
+                precision=self.precision,
+                optimiser=optimiser,
+            )
+            self.store.append_metrics(
+                [
+                    site_record(
+                        self.run.name,
+                        rnd,
+                        "train",
+                        GLOBAL_SITE,
+                        res.num_examples,
+                        {"loss": res.loss, "steps": res.steps},
+                        precision=res.precision,
+                    )
+                ]
+            )
             summary = self._evaluate(rnd, {site: model for site in self.sites})
             if self._checkpoint(rnd, cpu_state_dict(model), summary, {GLOBAL_SITE: optimiser}):
                 return

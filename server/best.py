@@ -98,8 +98,9 @@ class BestTracker:
     def stop_detail(self) -> dict[str, Any]:
         """What ``status_detail`` records when a run stops early."""
         best = f"best round {self.best['round']}" if self.best is not None else f"no finite {self.metric} at all"
-        return {"early_stop": f"no {self.metric} improvement for {self.stale} round(s) (patience {self.patience}); "
-                              f"{best}"}
+        return {
+            "early_stop": f"no {self.metric} improvement for {self.stale} round(s) (patience {self.patience}); {best}"
+        }
 
 
 def read_best(run_dir: str | Path) -> dict[str, Any] | None:

@@ -37,8 +37,9 @@ class Clipped:
         return f"num-examples {self.claimed:g} > cap {self.cap}: clipped to {self.cap}"
 
 
-def apply_caps(replies: list[Message], caps: Mapping[str, int], key: str = WEIGHT_KEY
-               ) -> tuple[list[Message], list[Rejection], list[Clipped]]:
+def apply_caps(
+    replies: list[Message], caps: Mapping[str, int], key: str = WEIGHT_KEY
+) -> tuple[list[Message], list[Rejection], list[Clipped]]:
     """Clip each reply's ``key`` (``num-examples``) to its site's cap (in place); reject uncapped sites.
 
     Evaluation replies are capped the same way (their ``num-examples`` weigh the global validation
@@ -55,8 +56,9 @@ def apply_caps(replies: list[Message], caps: Mapping[str, int], key: str = WEIGH
         site = site_of(msg)
         cap = caps.get(site)
         if cap is None:
-            rejected.append(Rejection(site, "no num-examples cap registered for this site (site-caps)",
-                                      msg.metadata.message_id))
+            rejected.append(
+                Rejection(site, "no num-examples cap registered for this site (site-caps)", msg.metadata.message_id)
+            )
             continue
         record = next(iter(msg.content.metric_records.values()))
         if key not in record:

@@ -53,13 +53,23 @@ def _parse_set(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 #: The run options of the command line and the run-config key each sets.
-OPTION_KEYS = (("rounds", "num-server-rounds"), ("strategy", "strategy"), ("mu", "proximal-mu"),
-               ("model", "model"), ("run_dir", "run-dir"), ("local_steps", "local-steps"),
-               ("name", "name"), ("seed", "seed"), ("tracking", "tracking"), ("tracking_uri", "tracking-uri"))
+OPTION_KEYS = (
+    ("rounds", "num-server-rounds"),
+    ("strategy", "strategy"),
+    ("mu", "proximal-mu"),
+    ("model", "model"),
+    ("run_dir", "run-dir"),
+    ("local_steps", "local-steps"),
+    ("name", "name"),
+    ("seed", "seed"),
+    ("tracking", "tracking"),
+    ("tracking_uri", "tracking-uri"),
+)
 
 
-def _run_config(args: argparse.Namespace, defaults: dict[str, Any],
-                derive: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> RunConfig:
+def _run_config(
+    args: argparse.Namespace, defaults: dict[str, Any], derive: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+) -> RunConfig:
     """The run config through :func:`common.config_layers.resolve`: pyproject < derived < --run-file <
     command-line options < --set; ``derive`` gives the values that follow from the others (the run dir)."""
     from common import config_layers as layers
@@ -102,16 +112,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", nargs="+", type=Path, required=True, help="site config TOML files, one per site")
     p.add_argument("--rounds", type=positive_int, help="number of federated rounds")
     p.add_argument("--model", choices=MODELS)
-    p.add_argument("--local-steps", type=nonnegative_int, help="optimisation steps per site and round (0: use local-epochs)")
+    p.add_argument(
+        "--local-steps", type=nonnegative_int, help="optimisation steps per site and round (0: use local-epochs)"
+    )
     p.add_argument("--run-dir", help="where metrics and checkpoints go (default: runs/<name>)")
     p.add_argument("--name", help="run name shown in tables and plots")
     p.add_argument("--seed", type=nonnegative_int)
     p.add_argument("--tracking", help="server-side experiment trackers: mlflow, tensorboard or both, comma-separated")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the run directory)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the run directory)"
+    )
     p.add_argument("--run-file", help="TOML file of run-config keys (over pyproject's, under options and --set)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run in the run directory (its own files only) instead of refusing")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in the run directory (its own files only) instead of refusing",
+    )
 
 
 def _site_places(run: RunConfig) -> dict[str, list[Path]]:
@@ -181,8 +198,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     resume = not args.overwrite and _interrupted_baseline(RunDir(run.run_dir), args.kind)
     _claim_run_dir(run, resume=resume, overwrite=args.overwrite)
     baseline = Baseline(args.kind, run)
-    print(f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}"
-          + ("; resuming the interrupted run" if resume else ""), flush=True)
+    print(
+        f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}"
+        + ("; resuming the interrupted run" if resume else ""),
+        flush=True,
+    )
     with reporting_rounds(RunDir(run.run_dir), run.num_server_rounds, lambda line: print(line, flush=True)):
         store = baseline.execute(resume=resume)
     show(store.path, fmt="table", out=sys.stdout)
@@ -197,8 +217,9 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     sites = [load_site_config(p) for p in args.site_config] or None
     for site in sites or ():
         check_not_input(Path(args.out) / site.name, [Path(p) for p in args.site_config])
-    written = generate_demo(Path(args.out), size=args.size, subjects=args.subjects, seed=args.seed, sites=sites,
-                            overwrite=args.overwrite)
+    written = generate_demo(
+        Path(args.out), size=args.size, subjects=args.subjects, seed=args.seed, sites=sites, overwrite=args.overwrite
+    )
     for name, info in written.items():
         print(f"{name}: {info.get('folder', '')}" + (f" (site config {info['config']})" if "config" in info else ""))
     return 0
@@ -209,10 +230,20 @@ def cmd_data_partition(args: argparse.Namespace) -> int:
     from server.viewer.partition import print_partition_summary
 
     spec = PartitionSpec(
-        dataset=args.dataset, root=Path(args.root), by=args.by, out=Path(args.out), sites=args.sites,
-        alpha=args.alpha, label=args.label, partition_csv=Path(args.partition_csv) if args.partition_csv else None,
-        max_subjects=args.max_subjects, contrasts=tuple(args.contrasts or ()), seed=args.seed,
-        profile=args.profile, link="copy" if args.copy else args.link, max_slices_per_volume=args.max_slices,
+        dataset=args.dataset,
+        root=Path(args.root),
+        by=args.by,
+        out=Path(args.out),
+        sites=args.sites,
+        alpha=args.alpha,
+        label=args.label,
+        partition_csv=Path(args.partition_csv) if args.partition_csv else None,
+        max_subjects=args.max_subjects,
+        contrasts=tuple(args.contrasts or ()),
+        seed=args.seed,
+        profile=args.profile,
+        link="copy" if args.copy else args.link,
+        max_slices_per_volume=args.max_slices,
         overwrite=args.overwrite,
     )
     result = partition_dataset(spec)
@@ -247,16 +278,29 @@ def cmd_metrics_plot(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from server.viewer.dashboard import serve
 
-    serve(Path(args.run_dir), host=args.host, port=args.port, token_file=args.token_file, wait=args.wait,
-          metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    serve(
+        Path(args.run_dir),
+        host=args.host,
+        port=args.port,
+        token_file=args.token_file,
+        wait=args.wait,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from server.export import export_run
 
-    card = export_run(Path(args.run_dir), Path(args.out), which=args.round, onnx=args.onnx,
-                      site_configs=[Path(p) for p in args.site_config], overwrite=args.overwrite)
+    card = export_run(
+        Path(args.run_dir),
+        Path(args.out),
+        which=args.round,
+        onnx=args.onnx,
+        site_configs=[Path(p) for p in args.site_config],
+        overwrite=args.overwrite,
+    )
     print(f"{card.id}: round {card.round} of {card.run_name} -> {args.out}")
     if card.onnx is not None:
         print(f"onnx: {card.onnx.file} (max |error| vs PyTorch {card.onnx.max_abs_error:.2e})")
@@ -266,8 +310,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verdict(args: argparse.Namespace) -> int:
     from server.verdict import table, verdicts
 
-    rows = verdicts(Path(args.run_dir), Path(args.local), args.site, args.split,
-                    site_state_dir=Path(args.site_state_dir) if args.site_state_dir else None)
+    rows = verdicts(
+        Path(args.run_dir),
+        Path(args.local),
+        args.site,
+        args.split,
+        site_state_dir=Path(args.site_state_dir) if args.site_state_dir else None,
+    )
     print(table(rows, args.split))
     return 0
 
@@ -279,7 +328,9 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsense", description="Federated compressed-sensing MRI reconstruction on Flower.")
+    parser = argparse.ArgumentParser(
+        prog="fedsense", description="Federated compressed-sensing MRI reconstruction on Flower."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -291,8 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="run the simulated sites on this existing Ray cluster (HOST:PORT of its head)")
     p.add_argument("--client-cpus", type=positive_int, help="CPUs per simulated site (Flower's default: 2)")
     p.add_argument("--client-gpus", type=nonnegative_float, help="GPUs (or fractions) per simulated site (default: 0)")
-    p.add_argument("--skip-data-check", action="store_true",
-                   help="start even if a site fails the `fedsense data check` readiness test run first")
+    p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="start even if a site fails the `fedsense data check` readiness test run first",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("baseline", help=f"a baseline on the same sites: {', '.join(BASELINES)}")
@@ -304,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("demo", help="write offline demo data (real file formats, MNI anatomy)")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=positive_int, default=128, help="in-plane matrix of the written data (>= 16)")
-    p.add_argument("--subjects", type=positive_int, help="subjects per site (default: each site config's demo.subjects)")
+    p.add_argument(
+        "--subjects", type=positive_int, help="subjects per site (default: each site config's demo.subjects)"
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--site-config", action="append", default=[], help="generate only these sites' data")
     p.add_argument("--overwrite", action="store_true", help="replace earlier demo site folders in --out")
@@ -313,8 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("partition", help="simulated hospitals from fastMRI / BraTS / IXI: site folders + TOMLs")
     p.add_argument("--dataset", required=True, choices=("fastmri", "brats", "ixi"))
     p.add_argument("--root", required=True, help="the downloaded dataset's folder")
-    p.add_argument("--by", required=True, help="ixi: hospital; brats: institution; fastmri: scanner | "
-                   "field-strength | contrast; any: random | dirichlet")
+    p.add_argument(
+        "--by",
+        required=True,
+        help="ixi: hospital; brats: institution; fastmri: scanner | field-strength | contrast; any: random | dirichlet",
+    )
     p.add_argument("--out", required=True, help="folder for <site>/ (links to the files) and <site>.toml")
     p.add_argument("--sites", type=positive_int, help="number of sites (random, dirichlet)")
     p.add_argument("--alpha", type=positive_float, help="Dirichlet concentration (dirichlet; small = more non-IID)")
@@ -323,21 +382,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-subjects", type=positive_int, help="at most this many subjects per site (seeded choice)")
     p.add_argument("--contrasts", nargs="+", help="only these contrasts (e.g. T2 PD, flair, AXT2)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--profile", default="3t-16ch", help="scanner profile for settings the data does not record: "
-                   "3t-16ch | 1.5t-8ch | 3t-4ch | a site TOML whose [scanner] to use")
-    p.add_argument("--link", choices=("auto", "hard", "symlink"), default="auto",
-                   help="how site folders refer to the files (auto: hard link, symlink across filesystems)")
+    p.add_argument(
+        "--profile",
+        default="3t-16ch",
+        help="scanner profile for settings the data does not record: "
+        "3t-16ch | 1.5t-8ch | 3t-4ch | a site TOML whose [scanner] to use",
+    )
+    p.add_argument(
+        "--link",
+        choices=("auto", "hard", "symlink"),
+        default="auto",
+        help="how site folders refer to the files (auto: hard link, symlink across filesystems)",
+    )
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     p.add_argument("--max-slices", type=positive_int, help="max_slices_per_volume of the written site configs")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier partition in --out (only the files it wrote; edited ones are refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier partition in --out (only the files it wrote; edited ones are refused)",
+    )
     p.set_defaults(func=cmd_data_partition)
     p = data.add_parser("check", help="(site side) can this site's data train? counts, masks, bad files, manifest")
     p.add_argument("site_config", help="the site's TOML")
     p.add_argument("--manifest", type=Path, help="where to write the dataset manifest (default: SITE.manifest.json)")
     p.set_defaults(func=cmd_data_check)
 
-    metrics = sub.add_parser("metrics", help="view a run's per-round metrics").add_subparsers(dest="metrics_command", required=True)
+    metrics = sub.add_parser("metrics", help="view a run's per-round metrics").add_subparsers(
+        dest="metrics_command", required=True
+    )
     p = metrics.add_parser("show", help="table of rounds x sites")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -352,11 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8050)
-    p.add_argument("--token-file", type=Path,
-                   help="require the token in this file (created, and printed once, at first start); needed beyond 127.0.0.1")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="require the token in this file (created, and printed once, at first start); needed beyond 127.0.0.1",
+    )
     p.add_argument("--wait", action="store_true", help="wait for a run directory that does not exist yet")
-    p.add_argument("--metrics-port", type=port_number, default=0,
-                   help="also serve the run's Prometheus gauges alone, without the token, on this port (default 0: off)")
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=0,
+        help="also serve the run's Prometheus gauges alone, without the token, on this port (default 0: off)",
+    )
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface of --metrics-port (default 127.0.0.1)")
     p.set_defaults(func=cmd_dashboard)
 
@@ -366,16 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the artifact")
     p.add_argument("--onnx", action="store_true", help="also export the network as ONNX, checked against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier exported model in --out")
-    p.add_argument("--site-config", action="append", default=[],
-                   help="site TOML(s) whose acquisition goes into the card (default: the run's own sites)")
+    p.add_argument(
+        "--site-config",
+        action="append",
+        default=[],
+        help="site TOML(s) whose acquisition goes into the card (default: the run's own sites)",
+    )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("verdict", help="should each site join? its best federated model vs its local baseline, with a CI")
+    p = sub.add_parser(
+        "verdict", help="should each site join? its best federated model vs its local baseline, with a CI"
+    )
     p.add_argument("run_dir", help="a finished federated run (or a pooled centralized baseline run)")
     p.add_argument("--local", required=True, help="the local baseline run of the same sites (fedsense baseline local)")
     p.add_argument("--site", action="append", default=[], help="only this site (repeatable; default: every site)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split of each site to score")
-    p.add_argument("--site-state-dir", help="where the sites' fine-tuned models are (default: the run's site-state-dir)")
+    p.add_argument(
+        "--site-state-dir", help="where the sites' fine-tuned models are (default: the run's site-state-dir)"
+    )
     p.set_defaults(func=cmd_verdict)
 
     for name, text in SITE_COMMANDS.items():
@@ -385,11 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from server import operator, pki
 
-    p = sub.add_parser("pki", parents=[pki.build_parser()], add_help=False,
-                       help="CA, SuperLink certificate and per-site SuperNode keys (idempotent; --rotate SITE)")
+    p = sub.add_parser(
+        "pki",
+        parents=[pki.build_parser()],
+        add_help=False,
+        help="CA, SuperLink certificate and per-site SuperNode keys (idempotent; --rotate SITE)",
+    )
     p.set_defaults(func=pki.run)
-    p = sub.add_parser("operator", parents=[operator.build_parser()], add_help=False,
-                       help="run a flwr command through the front door with an operator client certificate")
+    p = sub.add_parser(
+        "operator",
+        parents=[operator.build_parser()],
+        add_help=False,
+        help="run a flwr command through the front door with an operator client certificate",
+    )
     p.set_defaults(func=operator.run)
     return parser
 

@@ -84,8 +84,12 @@ def send_and_collect(
         if not pending or now >= stop:
             break
         if now >= cutoff and answered >= enough:
-            logger.info("round-deadline (%g s) passed with %d replies: %d straggler(s) not waited for",
-                        round_deadline, answered, len(pending))
+            logger.info(
+                "round-deadline (%g s) passed with %d replies: %d straggler(s) not waited for",
+                round_deadline,
+                answered,
+                len(pending),
+            )
             break
         # Replies tend to come in bursts (sites of similar speed): poll fast again after one.
         interval = first_interval if arrived else min(2 * interval, max_interval)
@@ -108,9 +112,13 @@ def quick_reply_object_pulls() -> bool:
         return True
     wanted = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
     if not callable(current) or not wanted <= set(inspect.signature(current).parameters):
-        logger.warning("reply objects are pulled with Flower's own back-off: %s.pull_objects does not take %s",
-                       REPLY_OBJECTS_MODULE, ", ".join(sorted(wanted)))
+        logger.warning(
+            "reply objects are pulled with Flower's own back-off: %s.pull_objects does not take %s",
+            REPLY_OBJECTS_MODULE,
+            ", ".join(sorted(wanted)),
+        )
         return False
-    module.pull_objects = functools.partial(current, initial_backoff=FIRST_INTERVAL,
-                                            backoff_cap=REPLY_OBJECT_LONGEST, max_tries_per_object=None)
+    module.pull_objects = functools.partial(
+        current, initial_backoff=FIRST_INTERVAL, backoff_cap=REPLY_OBJECT_LONGEST, max_tries_per_object=None
+    )
     return True

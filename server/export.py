@@ -26,6 +26,7 @@ from server.store import GLOBAL_SITE, RunDir
 
 logger = logging.getLogger(__name__)
 
+
 def select_round(run: RunDir, which: str) -> tuple[int, dict[str, Any] | None]:
     """``best`` (from best.json), ``last`` (newest loadable checkpoint) or a round number -> (round, best)."""
     if which == "best":
@@ -79,16 +80,30 @@ def _site_configs(paths: list[str], extra: list[Path]) -> dict[str, SiteConfig]:
     return found
 
 
-def build_card_fields(run: RunDir, round: int, selection: str, best: dict[str, Any] | None,
-                      checkpoint_config: dict[str, Any], site_configs: list[Path]) -> dict[str, Any]:
+def build_card_fields(
+    run: RunDir,
+    round: int,
+    selection: str,
+    best: dict[str, Any] | None,
+    checkpoint_config: dict[str, Any],
+    site_configs: list[Path],
+) -> dict[str, Any]:
     """Everything the model card says about the run, from the run directory."""
     config = {**run.read_config(), **checkpoint_config} if run.config_path.exists() else dict(checkpoint_config)
     run_config = {k: v for k, v in config.items() if k not in ("status", "status_time", "status_detail", "started_at")}
     if config.get("baseline") == "local":
-        raise FedSenseError(f"{run.path}: a local-only baseline holds one model per site; there is no single model to export")
+        raise FedSenseError(
+            f"{run.path}: a local-only baseline holds one model per site; there is no single model to export"
+        )
     try:
-        settings = RunConfig.from_flat({k: v for k, v in run_config.items() if k in RunConfig.model_fields
-                                        or k.replace("-", "_") in RunConfig.model_fields}, source=str(run.config_path))
+        settings = RunConfig.from_flat(
+            {
+                k: v
+                for k, v in run_config.items()
+                if k in RunConfig.model_fields or k.replace("-", "_") in RunConfig.model_fields
+            },
+            source=str(run.config_path),
+        )
     except ConfigError as exc:
         raise FedSenseError(f"{run.config_path}: cannot rebuild the run config: {exc}") from exc
     records = run.read_metrics(dedupe=True)
@@ -100,15 +115,20 @@ def build_card_fields(run: RunDir, round: int, selection: str, best: dict[str, A
     configs = _site_configs(settings.site_list, site_configs)
     names = sorted(set(train_counts) | (set(validation) - {GLOBAL_SITE}) | set(configs))
     sites = [
-        SiteEntry(name=name, num_examples=train_counts.get(name), validation=validation.get(name, {}),
-                  acquisition=_acquisition(configs[name]) if name in configs else None)
+        SiteEntry(
+            name=name,
+            num_examples=train_counts.get(name),
+            validation=validation.get(name, {}),
+            acquisition=_acquisition(configs[name]) if name in configs else None,
+        )
         for name in names
     ]
     model = build_model(settings.model, source=str(run.config_path), **settings.model_kwargs)
     completed = {r["round"] for r in records if r["phase"] == "evaluate" and r["site"] == GLOBAL_SITE}
     return {
-        "architecture": Architecture(name=settings.model, args=settings.model_kwargs,
-                                     num_parameters=count_parameters(model)),
+        "architecture": Architecture(
+            name=settings.model, args=settings.model_kwargs, num_parameters=count_parameters(model)
+        ),
         "run_name": settings.name,
         "run_config": run_config,
         "round": round,
@@ -121,8 +141,14 @@ def build_card_fields(run: RunDir, round: int, selection: str, best: dict[str, A
     }
 
 
-def export_run(run_dir: str | Path, out: str | Path, which: str = "best", onnx: bool = False,
-               site_configs: list[Path] | None = None, overwrite: bool = False) -> ModelCard:
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    which: str = "best",
+    onnx: bool = False,
+    site_configs: list[Path] | None = None,
+    overwrite: bool = False,
+) -> ModelCard:
     """Export round ``which`` of ``run_dir`` into the artifact folder ``out``; returns its card.
 
     ``out`` may not be, hold or lie in the run directory or a site config; an earlier artifact there is

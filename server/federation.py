@@ -53,8 +53,14 @@ class RoundFailed(FedSenseError):
     """Too few sites replied (or survived validation) for a round to be aggregated."""
 
 
-def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], prefix: str = "",
-                  reply_seconds: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+def _site_records(
+    run: RunConfig,
+    rnd: int,
+    phase: str,
+    replies: list[Message],
+    prefix: str = "",
+    reply_seconds: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """One record per reply; ``prefix`` selects (and strips) the metrics of a carried evaluation.
 
     Without a prefix, carried metrics are left out, so a training record holds training metrics only.
@@ -66,7 +72,7 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], 
     for msg in replies:
         raw = dict(next(iter(msg.content.metric_records.values())))
         if prefix:
-            metrics = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+            metrics = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
             if "num-examples" not in metrics:
                 continue
         else:
@@ -75,8 +81,11 @@ def _site_records(run: RunConfig, rnd: int, phase: str, replies: list[Message], 
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         seconds = (reply_seconds or {}).get(msg.metadata.reply_to_message_id)
         timing = {"reply_seconds": seconds} if seconds is not None else {}
-        records.append(site_record(run.name, rnd, phase, site_of(msg), n, numeric, **supervision_of(msg),
-                                   **precision_of(msg), **timing))
+        records.append(
+            site_record(
+                run.name, rnd, phase, site_of(msg), n, numeric, **supervision_of(msg), **precision_of(msg), **timing
+            )
+        )
     return records
 
 
@@ -86,8 +95,12 @@ def _global_record(
     """The example-weighted mean of the sites' metrics, with who contributed and who did not."""
     slowest = max((r["metrics"].get("compute-seconds", 0.0) for r in site_records), default=0.0)
     return global_record(
-        run.name, rnd, phase, site_records,
-        rejected=[{"site": r.site, "reason": r.reason} for r in rejected], seconds=seconds,
+        run.name,
+        rnd,
+        phase,
+        site_records,
+        rejected=[{"site": r.site, "reason": r.reason} for r in rejected],
+        seconds=seconds,
         # Wall time of the phase beyond the slowest site's own compute: what federation costs.
         overhead_seconds=seconds - slowest,
     )
@@ -187,14 +200,23 @@ class Federation:
         messages = [m for m in messages if m.metadata.dst_node_id not in busy]
         cutoff = self.run.round_deadline if deadline else 0.0
         t0 = time.monotonic()
-        arrivals = send_and_collect(self.grid, messages, self.run.round_timeout, round_deadline=cutoff,
-                                    enough=self.run.min_train_nodes, also_pull=self.outstanding)
+        arrivals = send_and_collect(
+            self.grid,
+            messages,
+            self.run.round_timeout,
+            round_deadline=cutoff,
+            enough=self.run.min_train_nodes,
+            also_pull=self.outstanding,
+        )
         timed_out = time.monotonic() - t0 >= self.run.round_timeout
         replies = [a.message for a in arrivals]
         # The grid stamps each message with its id while sending it.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-        self.reply_seconds = {a.message.metadata.reply_to_message_id: a.seconds for a in arrivals
-                              if a.message.metadata.reply_to_message_id in sent}
+        self.reply_seconds = {
+            a.message.metadata.reply_to_message_id: a.seconds
+            for a in arrivals
+            if a.message.metadata.reply_to_message_id in sent
+        }
         self.phase = (sent, replies)
         fresh, stale = self.receipts.screen(sent, replies)
         stale = self._late_stragglers(replies, stale)
@@ -215,8 +237,10 @@ class Federation:
         else:
             self.stragglers = []
             reason = f"no reply within round-timeout ({self.run.round_timeout:g} s)"
-        silent = [Rejection(self.node_sites.get(node, f"node-{node}") if cutoff > 0 else f"node-{node}", reason)
-                  for node in unanswered.values()]
+        silent = [
+            Rejection(self.node_sites.get(node, f"node-{node}") if cutoff > 0 else f"node-{node}", reason)
+            for node in unanswered.values()
+        ]
         for msg in skipped:
             node = msg.metadata.dst_node_id
             name = self.node_sites.get(node, f"node-{node}")
@@ -231,20 +255,31 @@ class Federation:
         now = time.monotonic()
         for message_id, late in list(self.outstanding.items()):
             if now - late.sent > self.run.round_timeout:
-                logger.warning("gave up on round %d's message %s to node %d after round-timeout", late.round,
-                               message_id[:12], late.node)
+                logger.warning(
+                    "gave up on round %d's message %s to node %d after round-timeout",
+                    late.round,
+                    message_id[:12],
+                    late.node,
+                )
                 del self.outstanding[message_id]
         return {late.node: late.round for late in self.outstanding.values()}
 
     def _late_stragglers(self, replies: list[Message], stale: list[Rejection]) -> list[Rejection]:
         """Name the stragglers' late replies among ``stale`` as such; their step times still pace the site."""
-        late = {m.metadata.message_id: self.outstanding.pop(m.metadata.reply_to_message_id).round
-                for m in replies if m.metadata.reply_to_message_id in self.outstanding}
+        late = {
+            m.metadata.message_id: self.outstanding.pop(m.metadata.reply_to_message_id).round
+            for m in replies
+            if m.metadata.reply_to_message_id in self.outstanding
+        }
         self.pace.observe([m for m in replies if m.metadata.message_id in late], {})
         for message_id, rnd in late.items():
             logger.info("discarded a straggler's late reply to round %d (message %s)", rnd, message_id[:12])
-        return [Rejection(r.site, f"late: a straggler's reply to round {late[r.message_id]}, discarded", r.message_id)
-                if r.message_id in late else r for r in stale]
+        return [
+            Rejection(r.site, f"late: a straggler's reply to round {late[r.message_id]}, discarded", r.message_id)
+            if r.message_id in late
+            else r
+            for r in stale
+        ]
 
     def _record(self, rnd: int, phase: str, accepted: list[Message], rejected: list[Rejection]) -> None:
         """Append the last phase's verdicts to ``received.jsonl`` (:class:`server.receipts.Receipts`)."""
@@ -257,8 +292,13 @@ class Federation:
         return self.run.evaluate_with_train and self.run.fraction_evaluate > 0.0
 
     def _train_config(self, rnd: int) -> ConfigRecord:
-        return ConfigRecord({PROXIMAL_MU: self.run.proximal_term_mu, EVALUATE_FIRST: self.carries_evaluation,
-                             **self.round_state.train_config(rnd)})
+        return ConfigRecord(
+            {
+                PROXIMAL_MU: self.run.proximal_term_mu,
+                EVALUATE_FIRST: self.carries_evaluation,
+                **self.round_state.train_config(rnd),
+            }
+        )
 
     def _train_messages(self, rnd: int, arrays: ArrayRecord) -> list[Message]:
         """The strategy's training messages, with the records its round state adds to each.
@@ -346,9 +386,7 @@ class Federation:
         self._record(rnd, "train", valid, rejected)
         if len(valid) < self.run.min_train_nodes:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no reply in time"
-            raise RoundFailed(
-                f"round {rnd}: {len(valid)} valid updates, {self.run.min_train_nodes} needed ({reasons})"
-            )
+            raise RoundFailed(f"round {rnd}: {len(valid)} valid updates, {self.run.min_train_nodes} needed ({reasons})")
         new_arrays, _ = self.strategy.aggregate_train(rnd, valid)
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
@@ -377,7 +415,9 @@ class Federation:
         if not messages:
             raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
         nodes = [m.metadata.dst_node_id for m in messages]
-        secure = secure_mean_update(self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records["config"])
+        secure = secure_mean_update(
+            self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records["config"]
+        )
         self.carried = None
         if self.carries_evaluation:
             evaluated = _site_records(self.run, rnd - 1, "evaluate", secure.replies, prefix=CARRIED)
@@ -392,11 +432,24 @@ class Federation:
             raise RoundFailed(f"round {rnd}: SecAgg+ unmasked no sum of {self.run.min_train_nodes} sites ({reasons})")
         if not all(np.all(np.isfinite(v)) for v in secure.mean_update.values()):
             raise RoundFailed(f"round {rnd}: the SecAgg+ aggregate is not finite (every site's weight was 0?)")
-        total = sum(float(cast(float, r.content.metric_records["metrics"].get("num-examples", 0))) for r in secure.replies)
-        mean = Message(RecordDict({"arrays": apply_update(arrays, secure.mean_update),
-                                   "metrics": MetricRecord({"num-examples": max(total, 1.0),
-                                                            **({"dp-weight": 1.0} if self.run.dp_client_level != "off" else {})})}),
-                       dst_node_id=0, message_type=MessageType.TRAIN)
+        total = sum(
+            float(cast(float, r.content.metric_records["metrics"].get("num-examples", 0))) for r in secure.replies
+        )
+        mean = Message(
+            RecordDict(
+                {
+                    "arrays": apply_update(arrays, secure.mean_update),
+                    "metrics": MetricRecord(
+                        {
+                            "num-examples": max(total, 1.0),
+                            **({"dp-weight": 1.0} if self.run.dp_client_level != "off" else {}),
+                        }
+                    ),
+                }
+            ),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
         new_arrays, _ = self.strategy.aggregate_train(rnd, [mean])
         if new_arrays is None:
             raise RoundFailed(f"round {rnd}: the strategy produced no aggregate")
@@ -417,8 +470,10 @@ class Federation:
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
         config: dict[str, Any] = {SERVER_ROUND: rnd, STATE_ROUND: rnd if state_round is None else state_round}
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
-        messages = [Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
-                    for node in self.grid.get_node_ids()]
+        messages = [
+            Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
+            for node in self.grid.get_node_ids()
+        ]
         return self._metrics_phase(rnd, "finetune", messages, "fine-tuning")
 
     def run_rounds(self, start: int, arrays: ArrayRecord) -> tuple[int, ArrayRecord]:

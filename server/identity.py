@@ -27,6 +27,7 @@ from server.strategy import Rejection, site_of
 
 logger = logging.getLogger(__name__)
 
+
 def load_site_keys(path: str | Path) -> dict[str, str]:
     """Read a ``site-keys.json``; errors name the file and what is wrong in it."""
     path = Path(path)
@@ -85,8 +86,13 @@ class SiteIdentity:
         for msg in [m for m in kept if site_of(m) in twice]:
             kept.remove(msg)
             nodes = sorted(m.metadata.src_node_id for m in replies if site_of(m) == site_of(msg))
-            rejected.append(Rejection(site_of(msg), f"site name reported by {len(nodes)} nodes ({nodes}) in one phase",
-                                      msg.metadata.message_id))
+            rejected.append(
+                Rejection(
+                    site_of(msg),
+                    f"site name reported by {len(nodes)} nodes ({nodes}) in one phase",
+                    msg.metadata.message_id,
+                )
+            )
         for r in rejected:
             logger.warning("rejected reply from %s: %s", r.site, r.reason)
         return kept, rejected

@@ -119,7 +119,9 @@ def run_flwr(front_door: str, context: ssl.SSLContext, flwr_args: Sequence[str])
     try:
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{bridge.address}"\ninsecure = true\n', encoding="utf-8")
+            f'address = "{bridge.address}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
         from server.simulate import _bin, flower_env
 
         return subprocess.run([_bin("flwr"), *flwr_args], env=flower_env(home), check=False).returncode
@@ -132,10 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsense operator", description=__doc__.splitlines()[0])
     parser.add_argument("--front-door", required=True, help="HOST:PORT of the federation's front door")
     parser.add_argument("--root-cert", required=True, type=Path, help="the federation CA certificate (ca.crt)")
-    parser.add_argument("--cert", required=True, type=Path,
-                        help="operator certificate (fedsense pki --operator), or certificate and key in one PEM")
+    parser.add_argument(
+        "--cert",
+        required=True,
+        type=Path,
+        help="operator certificate (fedsense pki --operator), or certificate and key in one PEM",
+    )
     parser.add_argument("--key", type=Path, help="operator private key (if not in --cert)")
-    parser.add_argument("flwr_args", nargs=argparse.REMAINDER, help="-- then the flwr command, without a connection name")
+    parser.add_argument(
+        "flwr_args", nargs=argparse.REMAINDER, help="-- then the flwr command, without a connection name"
+    )
     return parser
 
 

@@ -61,10 +61,12 @@ class _ServerOptimiser:
             return arrays, metrics
         # np.array(order="C"), not np.ascontiguousarray: the latter turns a 0-d array (a scalar parameter
         # such as a data-consistency weight) into shape (1,), which the next round's updates would not match.
-        cast = ArrayRecord({
-            k: Array(np.array(a.numpy(), dtype=self._sent_dtypes.get(k, a.numpy().dtype), order="C"))
-            for k, a in arrays.items()
-        })
+        cast = ArrayRecord(
+            {
+                k: Array(np.array(a.numpy(), dtype=self._sent_dtypes.get(k, a.numpy().dtype), order="C"))
+                for k, a in arrays.items()
+            }
+        )
         return cast, metrics
 
     @abstractmethod
@@ -124,16 +126,29 @@ class ResumableFedAvgM(_ServerOptimiser, FedAvgM):
 def build_server_optimiser(run: RunConfig, common: Mapping[str, Any]) -> FedAvg:
     """The server-optimiser strategy named by ``run.strategy`` with the run config's hyper-parameters."""
     if run.strategy == "fedadam":
-        return ResumableFedAdam(eta=run.server_eta, eta_l=run.learning_rate, beta_1=run.server_beta_1,
-                                beta_2=run.server_beta_2, tau=run.server_tau, **common)
+        return ResumableFedAdam(
+            eta=run.server_eta,
+            eta_l=run.learning_rate,
+            beta_1=run.server_beta_1,
+            beta_2=run.server_beta_2,
+            tau=run.server_tau,
+            **common,
+        )
     if run.strategy == "fedyogi":
-        return ResumableFedYogi(eta=run.server_eta, eta_l=run.learning_rate, beta_1=run.server_beta_1,
-                                beta_2=run.server_beta_2, tau=run.server_tau, **common)
+        return ResumableFedYogi(
+            eta=run.server_eta,
+            eta_l=run.learning_rate,
+            beta_1=run.server_beta_1,
+            beta_2=run.server_beta_2,
+            tau=run.server_tau,
+            **common,
+        )
     if run.strategy == "fedadagrad":
         return ResumableFedAdagrad(eta=run.server_eta, eta_l=run.learning_rate, tau=run.server_tau, **common)
     if run.strategy == "fedavgm":
-        return ResumableFedAvgM(server_learning_rate=run.server_learning_rate,
-                                server_momentum=run.server_momentum, **common)
+        return ResumableFedAvgM(
+            server_learning_rate=run.server_learning_rate, server_momentum=run.server_momentum, **common
+        )
     raise ValueError(f"{run.strategy!r} is not a server optimiser ({', '.join(SERVER_OPTIMISERS)})")
 
 

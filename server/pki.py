@@ -104,7 +104,11 @@ def _load_or_create_key(path: Path, ssh_format: bool = False) -> ec.EllipticCurv
     """Existing keys are kept (certificates and registrations depend on them)."""
     if path.exists():
         data = path.read_bytes()
-        key = serialization.load_ssh_private_key(data, None) if ssh_format else serialization.load_pem_private_key(data, None)
+        key = (
+            serialization.load_ssh_private_key(data, None)
+            if ssh_format
+            else serialization.load_pem_private_key(data, None)
+        )
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{path}: not an EC private key")
         os.chmod(path, 0o600)
@@ -131,8 +135,12 @@ def _san(names: Sequence[str]) -> x509.SubjectAlternativeName:
 
 
 def _ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, "FedSense deployment CA")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "FedSense deployment CA"),
+        ]
+    )
     now = _now()
     return (
         x509.CertificateBuilder()
@@ -144,9 +152,17 @@ def _ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -154,16 +170,32 @@ def _ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     )
 
 
-def _server_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-                 names: Sequence[str]) -> x509.Certificate:
-    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"), x509.NameAttribute(NameOID.COMMON_NAME, names[0])]
-    return _leaf_cert(key, ca, ca_key, subject, ExtendedKeyUsageOID.SERVER_AUTH, _san(names),
-                      x509.SubjectKeyIdentifier.from_public_key(key.public_key()))
+def _server_cert(
+    key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, names: Sequence[str]
+) -> x509.Certificate:
+    subject = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
+        x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
+    ]
+    return _leaf_cert(
+        key,
+        ca,
+        ca_key,
+        subject,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        _san(names),
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+    )
 
 
-def _leaf_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-               subject: list[x509.NameAttribute], usage: x509.ObjectIdentifier,
-               *extensions: x509.ExtensionType) -> x509.Certificate:
+def _leaf_cert(
+    key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    subject: list[x509.NameAttribute],
+    usage: x509.ObjectIdentifier,
+    *extensions: x509.ExtensionType,
+) -> x509.Certificate:
     """A certificate signed by the federation CA for one server or client use (``usage``), P-384 / SHA-384."""
     now = _now()
     builder = (
@@ -176,22 +208,32 @@ def _leaf_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec
         .not_valid_after(min(now + dt.timedelta(days=SERVER_DAYS), ca.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
     for extension in extensions:
         builder = builder.add_extension(extension, critical=False)
-    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                                    critical=False)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+    )
     return builder.sign(ca_key, hashes.SHA384())
 
 
-def _server_cert_current(path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-                         names: Sequence[str]) -> bool:
+def _server_cert_current(
+    path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, names: Sequence[str]
+) -> bool:
     """An existing certificate is kept while it still fits: same key, same CA, same SANs, not expiring."""
     if not path.exists():
         return False
@@ -208,11 +250,14 @@ def _server_cert_current(path: Path, key: ec.EllipticCurvePrivateKey, ca: x509.C
     return cert.public_key() == key.public_key() and sans == _san(names) and not expiring
 
 
-def _operator_cert(key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-                   name: str) -> x509.Certificate:
-    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
-               x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operators"),
-               x509.NameAttribute(NameOID.COMMON_NAME, name)]
+def _operator_cert(
+    key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, name: str
+) -> x509.Certificate:
+    subject = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedSense"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "operators"),
+        x509.NameAttribute(NameOID.COMMON_NAME, name),
+    ]
     return _leaf_cert(key, ca, ca_key, subject, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
@@ -235,8 +280,9 @@ def issue_operator(out_dir: str | Path, name: str) -> tuple[Path, Path]:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         try:
             cert.verify_directly_issued_by(ca)
-            current = (cert.public_key() == key.public_key()
-                       and cert.not_valid_after_utc - _now() >= dt.timedelta(days=RENEW_BEFORE_DAYS))
+            current = cert.public_key() == key.public_key() and cert.not_valid_after_utc - _now() >= dt.timedelta(
+                days=RENEW_BEFORE_DAYS
+            )
         except (ValueError, TypeError, InvalidSignature):
             current = False
     if not current:
@@ -253,8 +299,11 @@ def key_fingerprint(public_key: bytes) -> str:
     """
     text = public_key.strip()
     try:
-        key = (serialization.load_ssh_public_key(text) if text.startswith(b"ecdsa-") or text.startswith(b"ssh-")
-               else serialization.load_pem_public_key(text))
+        key = (
+            serialization.load_ssh_public_key(text)
+            if text.startswith(b"ecdsa-") or text.startswith(b"ssh-")
+            else serialization.load_pem_public_key(text)
+        )
     except (ValueError, TypeError) as exc:
         raise ValueError(f"not a PEM or OpenSSH public key: {exc}") from exc
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -281,8 +330,11 @@ def write_site_keys(out_dir: str | Path) -> Path:
     """
     out = Path(out_dir)
     path = out / SITE_KEYS_FILE
-    _write(path, (json.dumps(site_keys_of((out / "sites").glob("*.pub")), indent=1, sort_keys=True) + "\n").encode(),
-           private=False)
+    _write(
+        path,
+        (json.dumps(site_keys_of((out / "sites").glob("*.pub")), indent=1, sort_keys=True) + "\n").encode(),
+        private=False,
+    )
     return path
 
 
@@ -301,8 +353,9 @@ def _site_keys(paths: SiteKeys) -> None:
         logger.info("wrote %s", paths.public_key)
 
 
-def generate_pki(out_dir: str | Path, server_names: Sequence[str] = DEFAULT_SERVER_NAMES,
-                 sites: Sequence[str] = ()) -> Pki:
+def generate_pki(
+    out_dir: str | Path, server_names: Sequence[str] = DEFAULT_SERVER_NAMES, sites: Sequence[str] = ()
+) -> Pki:
     """Create whatever is missing under ``out_dir``; existing keys (and still-valid certificates) stay byte-identical.
 
     ``server_names`` are the names and IPs the SuperLink is reached under (they become the
@@ -366,15 +419,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedsense pki", description="Create (idempotently) the CA, SuperLink TLS certificate and site auth keys."
     )
     parser.add_argument("--out", required=True, type=Path, help="directory for the key material")
-    parser.add_argument("--server-name", action="append", dest="server_names", metavar="NAME",
-                        help=f"DNS name or IP of the SuperLink (repeat; default: {', '.join(DEFAULT_SERVER_NAMES)})")
-    parser.add_argument("--site", action="append", dest="sites", default=[], metavar="SITE",
-                        help="site that gets a SuperNode auth key pair (repeat)")
-    parser.add_argument("--rotate", action="append", default=[], metavar="SITE",
-                        help="replace this site's key pair (old one kept under sites/retired/)")
-    parser.add_argument("--operator", action="append", dest="operators", default=[], metavar="NAME",
-                        help="issue an operator client certificate (operators/NAME.crt/.key): Control API access "
-                             "through the front door (repeat)")
+    parser.add_argument(
+        "--server-name",
+        action="append",
+        dest="server_names",
+        metavar="NAME",
+        help=f"DNS name or IP of the SuperLink (repeat; default: {', '.join(DEFAULT_SERVER_NAMES)})",
+    )
+    parser.add_argument(
+        "--site",
+        action="append",
+        dest="sites",
+        default=[],
+        metavar="SITE",
+        help="site that gets a SuperNode auth key pair (repeat)",
+    )
+    parser.add_argument(
+        "--rotate",
+        action="append",
+        default=[],
+        metavar="SITE",
+        help="replace this site's key pair (old one kept under sites/retired/)",
+    )
+    parser.add_argument(
+        "--operator",
+        action="append",
+        dest="operators",
+        default=[],
+        metavar="NAME",
+        help="issue an operator client certificate (operators/NAME.crt/.key): Control API access "
+        "through the front door (repeat)",
+    )
     return parser
 
 
@@ -385,7 +460,9 @@ def run(args: argparse.Namespace) -> int:
         rotate_site_key(args.out, site)
     for name in args.operators:
         issue_operator(args.out, name)
-    logger.info("PKI ready in %s (sites: %s)", pki.root, ", ".join(sorted(set(args.sites) | set(args.rotate))) or "none")
+    logger.info(
+        "PKI ready in %s (sites: %s)", pki.root, ", ".join(sorted(set(args.sites) | set(args.rotate))) or "none"
+    )
     return 0
 
 

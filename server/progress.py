@@ -25,8 +25,9 @@ def round_line(record: dict, num_rounds: int) -> str:
     )
 
 
-def _follow(store: RunDir, num_rounds: int, stop: threading.Event, report: Callable[[str], None],
-            interval: float) -> None:
+def _follow(
+    store: RunDir, num_rounds: int, stop: threading.Event, report: Callable[[str], None], interval: float
+) -> None:
     seen: set[int] = set()
     while True:
         stopping = stop.wait(interval)
@@ -43,8 +44,9 @@ def _follow(store: RunDir, num_rounds: int, stop: threading.Event, report: Calla
 
 
 @contextmanager
-def reporting_rounds(store: RunDir, num_rounds: int, report: Callable[[str], None],
-                     interval: float = 1.0) -> Iterator[None]:
+def reporting_rounds(
+    store: RunDir, num_rounds: int, report: Callable[[str], None], interval: float = 1.0
+) -> Iterator[None]:
     """Report each finished round of ``store`` while the ``with`` body runs (and any left at its end)."""
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(store, num_rounds, stop, report, interval), daemon=True)

@@ -32,5 +32,7 @@ def check_readiness(sites: Sequence[str | Path], report: Callable[[str], None]) 
         reasons = [*result.problems, *(f"{result.data_path / name}: {reason}" for name, reason in result.skipped)]
         refused.append(f"site {result.site} ({site}) is NOT READY: " + "; ".join(reasons))
     if refused:
-        raise FedSenseError("\n".join(refused) + "\n`fedsense data check SITE.toml` shows the details; "
-                            "--skip-data-check starts the run anyway")
+        raise FedSenseError(
+            "\n".join(refused) + "\n`fedsense data check SITE.toml` shows the details; "
+            "--skip-data-check starts the run anyway"
+        )

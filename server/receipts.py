@@ -34,7 +34,9 @@ class Receipts:
         self.path = Path(run_dir) / RECEIVED_FILE
         #: Ids of the replies accepted so far in this run (a resumed run: also before it stopped).
         self.accepted: set[str] = (
-            {r["message_id"] for r in read_receipts(self.path) if r["accepted"] and r["message_id"]} if resume else set()
+            {r["message_id"] for r in read_receipts(self.path) if r["accepted"] and r["message_id"]}
+            if resume
+            else set()
         )
 
     def screen(self, sent: Mapping[str, int], replies: list[Message]) -> tuple[list[Message], list[Rejection]]:
@@ -60,8 +62,15 @@ class Receipts:
             logger.warning("rejected reply from %s: %s", _name(msg), reason)
         return kept, rejected
 
-    def record(self, rnd: int, phase: str, sent: Mapping[str, int], received: list[Message],
-               accepted: list[Message], rejected: list[Rejection]) -> None:
+    def record(
+        self,
+        rnd: int,
+        phase: str,
+        sent: Mapping[str, int],
+        received: list[Message],
+        accepted: list[Message],
+        rejected: list[Rejection],
+    ) -> None:
         """Append one phase's verdicts: each reply received (accepted, or the reason it was not) and each silence."""
         reasons = {r.message_id: r.reason for r in rejected if r.message_id}
         taken = {m.metadata.message_id for m in accepted}
@@ -71,16 +80,33 @@ class Receipts:
             own = msg.metadata.message_id
             ok = own in unclaimed
             unclaimed.discard(own)
-            lines.append({
-                "round": rnd, "phase": phase, "message_id": own, "reply_to": msg.metadata.reply_to_message_id,
-                "node": msg.metadata.src_node_id, "site": _name(msg), "accepted": ok,
-                "reason": "" if ok else reasons.get(own, "not aggregated"),
-            })
+            lines.append(
+                {
+                    "round": rnd,
+                    "phase": phase,
+                    "message_id": own,
+                    "reply_to": msg.metadata.reply_to_message_id,
+                    "node": msg.metadata.src_node_id,
+                    "site": _name(msg),
+                    "accepted": ok,
+                    "reason": "" if ok else reasons.get(own, "not aggregated"),
+                }
+            )
         answered = {m.metadata.reply_to_message_id for m in received}
         for message_id, node in sent.items():
             if message_id not in answered:
-                lines.append({"round": rnd, "phase": phase, "message_id": "", "reply_to": message_id, "node": node,
-                              "site": f"node-{node}", "accepted": False, "reason": "no reply"})
+                lines.append(
+                    {
+                        "round": rnd,
+                        "phase": phase,
+                        "message_id": "",
+                        "reply_to": message_id,
+                        "node": node,
+                        "site": f"node-{node}",
+                        "accepted": False,
+                        "reason": "no reply",
+                    }
+                )
         self.accepted |= taken
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as stream:

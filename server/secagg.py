@@ -68,12 +68,14 @@ class _SampledSites(LegacyStrategy):
     def initialize_parameters(self, client_manager: Any) -> Parameters | None:
         return None
 
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any
-                      ) -> list[tuple[ClientProxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: Any
+    ) -> list[tuple[ClientProxy, FitIns]]:
         return [(proxy, self.fitins) for proxy in self.proxies]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: Any
-                      ) -> tuple[Parameters | None, dict[str, Any]]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: Any
+    ) -> tuple[Parameters | None, dict[str, Any]]:
         # The workflow sets every result's parameters to the one unmasked aggregate.
         self.results = results
         if results:
@@ -113,8 +115,9 @@ def check_capacity(run: RunConfig, sites: int) -> None:
         )
 
 
-def secure_mean_update(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, node_ids: Sequence[int],
-                       config: ConfigRecord) -> SecureRound:
+def secure_mean_update(
+    grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord, node_ids: Sequence[int], config: ConfigRecord
+) -> SecureRound:
     """Run round ``rnd``'s training on ``node_ids`` through SecAgg+; the weighted mean update, if unmasked.
 
     ``config`` is the training config FedSense's strategy would have sent each site.
@@ -122,15 +125,21 @@ def secure_mean_update(grid: Grid, run: RunConfig, rnd: int, arrays: ArrayRecord
     check_capacity(run, len(node_ids))
     keys = list(arrays.keys())
     reference = [arrays[k].numpy() for k in keys]
-    fitins = FitIns(ndarrays_to_parameters(reference), {**cast(dict[str, Scalar], dict(config)), KEYS: json.dumps(keys)})
+    fitins = FitIns(
+        ndarrays_to_parameters(reference), {**cast(dict[str, Scalar], dict(config)), KEYS: json.dumps(keys)}
+    )
     proxies: list[ClientProxy] = [GridClientProxy(nid, grid, grid.run.run_id) for nid in node_ids]
     strategy = _SampledSites(proxies, fitins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: rnd}), MAIN_PARAMS_RECORD: arrays})
-    context = LegacyContext(Context(grid.run.run_id, 0, {}, state, {}), strategy=strategy,
-                            client_manager=SimpleClientManager())
+    context = LegacyContext(
+        Context(grid.run.run_id, 0, {}, state, {}), strategy=strategy, client_manager=SimpleClientManager()
+    )
     workflow = SecAggPlusWorkflow(
-        run.secagg_num_shares, run.secagg_reconstruction_threshold, max_weight=run.secagg_max_weight,
-        clipping_range=run.secagg_clipping_range, quantization_range=run.secagg_quantization_range,
+        run.secagg_num_shares,
+        run.secagg_reconstruction_threshold,
+        max_weight=run.secagg_max_weight,
+        clipping_range=run.secagg_clipping_range,
+        quantization_range=run.secagg_quantization_range,
         modulus_range=MODULUS,
     )
     timed = _TimedGrid(grid, run.round_timeout)
@@ -157,6 +166,10 @@ def apply_update(arrays: ArrayRecord, mean_update: dict[str, np.ndarray]) -> Arr
 def _metrics_reply(fitres: FitRes) -> Message:
     """A site's plain training metrics as FedSense's reply layout (``metrics`` + ``site``), without arrays."""
     metrics = dict(fitres.metrics)
-    site = ConfigRecord({"name": str(metrics.pop(SITE_NAME, "")), "supervision": str(metrics.pop(SITE_SUPERVISION, "full"))})
-    numeric: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    site = ConfigRecord(
+        {"name": str(metrics.pop(SITE_NAME, "")), "supervision": str(metrics.pop(SITE_SUPERVISION, "full"))}
+    )
+    numeric: dict[str, Any] = {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     return Message(RecordDict({"metrics": MetricRecord(numeric), "site": site}), dst_node_id=0, message_type="train")

@@ -90,8 +90,12 @@ def flower_env(home: Path) -> dict[str, str]:
     own Flower configuration), no runtime ``uv sync`` of the app's dependencies, no update check,
     and this interpreter's Flower executables first on PATH."""
     env = dict(os.environ)
-    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -117,19 +121,36 @@ class SimulationSuperLink:
             encoding="utf-8",
         )
         command = [
-            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.home / "state.db"), "--log-file", str(self.home / "superlink.log"),
+            _bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.home / "state.db"),
+            "--log-file",
+            str(self.home / "superlink.log"),
             "--disable-runtime-dependency-installation",
         ]
         self.process = subprocess.Popen(
-            command, cwd=self.cwd, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent if _LIBC is not None else None,
+            command,
+            cwd=self.cwd,
+            env=self.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if _LIBC is not None else None,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise FedSenseError(f"flower-superlink exited with {self.process.returncode}; see {self.home / 'superlink.log'}")
+                raise FedSenseError(
+                    f"flower-superlink exited with {self.process.returncode}; see {self.home / 'superlink.log'}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self
@@ -202,8 +223,14 @@ class SimResources:
         return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float = 3600,
-             report: Callable[[str], None] = logger.info, resources: SimResources | None = None) -> RunDir:
+def simulate(
+    run: RunConfig,
+    *,
+    project_dir: Path | None = None,
+    timeout: float = 3600,
+    report: Callable[[str], None] = logger.info,
+    resources: SimResources | None = None,
+) -> RunDir:
     """Run ``run`` with one simulated SuperNode per site; returns the finished run directory.
 
     Raises ``FedSenseError`` when the run fails or does not finish within ``timeout`` seconds. On
@@ -219,7 +246,8 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
     project = project_dir or find_project_dir()
     run_dir = Path(run.run_dir).resolve()
     absolute = updated(
-        run, "simulate (absolute paths)",
+        run,
+        "simulate (absolute paths)",
         run_dir=str(run_dir),
         sites=",".join(str(Path(s).resolve()) for s in sites),
         sample_dir=str(Path(run.sample_dir).resolve()) if run.sample_dir else str(run_dir / "samples"),
@@ -238,14 +266,23 @@ def simulate(run: RunConfig, *, project_dir: Path | None = None, timeout: float 
             tree.stop()  # no process of the run may write to the run directory after it is marked
             last = store.mark_interrupted("run the same command again: it resumes after this round (resume=true)")
             if last is not None:
-                report(f"interrupted; every process of the run stopped; {run_dir} resumes after round {last} "
-                       "when the same command is run again")
+                report(
+                    f"interrupted; every process of the run stopped; {run_dir} resumes after round {last} "
+                    "when the same command is run again"
+                )
             raise
     return store
 
 
-def _simulate(run: RunConfig, absolute: RunConfig, store: RunDir, project: Path, timeout: float,
-              report: Callable[[str], None], resources: SimResources) -> None:
+def _simulate(
+    run: RunConfig,
+    absolute: RunConfig,
+    store: RunDir,
+    project: Path,
+    timeout: float,
+    report: Callable[[str], None],
+    resources: SimResources,
+) -> None:
     """Start the private SuperLink, submit the run and follow it to its end."""
     sites, run_dir = run.site_list, store.path
     home = Path(tempfile.mkdtemp(prefix="fedsense-flwr-"))
@@ -254,16 +291,32 @@ def _simulate(run: RunConfig, absolute: RunConfig, store: RunDir, project: Path,
     try:
         with SimulationSuperLink(home, project, extra_env=resources.env()) as link:
             command = [
-                _bin("flwr"), "run", str(project), CONNECTION, "--run-config", str(overrides),
-                "--federation-config", resources.federation_config(len(sites)), "--stream",
+                _bin("flwr"),
+                "run",
+                str(project),
+                CONNECTION,
+                "--run-config",
+                str(overrides),
+                "--federation-config",
+                resources.federation_config(len(sites)),
+                "--stream",
             ]
             where = f" on the Ray cluster at {resources.ray_address}" if resources.ray_address else ""
-            report(f"simulating {len(sites)} sites x {run.num_server_rounds} rounds ({run.strategy}){where}; "
-                   f"log: {run_dir / 'flower.log'}")
+            report(
+                f"simulating {len(sites)} sites x {run.num_server_rounds} rounds ({run.strategy}){where}; "
+                f"log: {run_dir / 'flower.log'}"
+            )
             with open(run_dir / "flower.log", "ab") as log, reporting_rounds(store, run.num_server_rounds, report):
                 try:
-                    proc = subprocess.run(command, cwd=project, env=link.env(), stdout=log, stderr=subprocess.STDOUT,
-                                          timeout=timeout, check=False)
+                    proc = subprocess.run(
+                        command,
+                        cwd=project,
+                        env=link.env(),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        timeout=timeout,
+                        check=False,
+                    )
                 except subprocess.TimeoutExpired as exc:
                     raise FedSenseError(f"simulation did not finish within {timeout:.0f} s") from exc
             status = _run_status(link)
@@ -279,8 +332,14 @@ def _simulate(run: RunConfig, absolute: RunConfig, store: RunDir, project: Path,
 
 def _run_status(link: SimulationSuperLink) -> str:
     """The status of the (only) run on the private SuperLink, e.g. ``finished:completed``."""
-    out = subprocess.run([_bin("flwr"), "ls", CONNECTION, "--format", "json"], env=link.env(),
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [_bin("flwr"), "ls", CONNECTION, "--format", "json"],
+        env=link.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     try:
         runs = json.loads(out.stdout)["runs"]
     except (json.JSONDecodeError, KeyError) as exc:

@@ -39,12 +39,19 @@ def _without_config(message: str, paths: Sequence[Path]) -> str:
     for path in paths:
         prefix = f"{path}: "
         if path.suffix == ".toml" and message.startswith(prefix) and len(message) > len(prefix):
-            return message[len(prefix):]
+            return message[len(prefix) :]
     return message
 
 
-def _follow(log: Path, start: int, sites: Places, stop: threading.Event,
-            report: Callable[[str], None], seen: list[str], interval: float) -> None:
+def _follow(
+    log: Path,
+    start: int,
+    sites: Places,
+    stop: threading.Event,
+    report: Callable[[str], None],
+    seen: list[str],
+    interval: float,
+) -> None:
     position, partial = start, ""
     while True:
         stopping = stop.wait(interval)
@@ -74,8 +81,9 @@ def _follow(log: Path, start: int, sites: Places, stop: threading.Event,
 
 
 @contextmanager
-def reporting_site_errors(log: Path, sites: Places, report: Callable[[str], None],
-                          interval: float = 0.5) -> Iterator[list[str]]:
+def reporting_site_errors(
+    log: Path, sites: Places, report: Callable[[str], None], interval: float = 0.5
+) -> Iterator[list[str]]:
     """Report each new site error written to ``log`` while the body runs; yields the list of them."""
     start = log.stat().st_size if log.exists() else 0
     seen: list[str] = []
@@ -111,11 +119,15 @@ def missed_phases(records: Sequence[Mapping[str, Any]], expected: Sequence[str])
 
 def missed_summary(missed: Mapping[str, Sequence[str]], phases: int) -> str:
     """One line per site a finished run went without, for the screen."""
-    return "\n".join(f"site {site} took no part in {len(which)} of {phases} phases ({', '.join(which)})"
-                     for site, which in sorted(missed.items()))
+    return "\n".join(
+        f"site {site} took no part in {len(which)} of {phases} phases ({', '.join(which)})"
+        for site, which in sorted(missed.items())
+    )
 
 
-def finished_without(records: Sequence[Mapping[str, Any]], expected: Sequence[str], errors: Sequence[str]) -> str | None:
+def finished_without(
+    records: Sequence[Mapping[str, Any]], expected: Sequence[str], errors: Sequence[str]
+) -> str | None:
     """What to tell the operator of a run that finished although sites failed in it; None when none did.
 
     The federation goes on without a failing site while ``min-train-nodes`` others answer, so such a run
@@ -126,8 +138,11 @@ def finished_without(records: Sequence[Mapping[str, Any]], expected: Sequence[st
     missed = missed_phases(phases, expected)
     if not missed:
         return None
-    return "\n".join([
-        "the run finished, but not with every site: its model and metrics come from the sites that answered",
-        missed_summary(missed, len(phases)), *errors,
-        "fix the site (`fedsense data check SITE.toml`) and run again with --overwrite, or leave it out of --sites",
-    ])
+    return "\n".join(
+        [
+            "the run finished, but not with every site: its model and metrics come from the sites that answered",
+            missed_summary(missed, len(phases)),
+            *errors,
+            "fix the site (`fedsense data check SITE.toml`) and run again with --overwrite, or leave it out of --sites",
+        ]
+    )

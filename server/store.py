@@ -36,8 +36,16 @@ SAMPLES_DIR = "samples"
 BEST_FILE = "best.json"
 # Everything a run writes into its directory (simulate adds the logs and, by default, site-state/):
 # all that ``--overwrite`` removes before a run starts again; anything else there is left alone.
-RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, BEST_FILE, CHECKPOINT_DIR, SAMPLES_DIR, "site-state", "flower.log",
-               "superlink.log")
+RUN_ENTRIES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    BEST_FILE,
+    CHECKPOINT_DIR,
+    SAMPLES_DIR,
+    "site-state",
+    "flower.log",
+    "superlink.log",
+)
 GLOBAL_SITE = "__global__"
 PHASES = ("train", "evaluate", "finetune")  # finetune: the sites' personalised models after the last round
 # interrupted: stopped by a signal, resumable; finished-without-sites: all rounds ran, but some site took no part
@@ -52,8 +60,21 @@ NON_IDENTITY_KEYS = RUNTIME_KEYS | {"resume", "tracking", "tracking-uri", "metri
 # What a run *is*: resuming continues a run directory only when none of these changed (a resume may
 # add rounds or change timeouts, never the model, the data or how updates are combined).
 RESUME_IDENTITY_KEYS = (
-    "name", "model", "model-args", "sites", "site-caps", "strategy", "proximal-mu", "trim-beta", "loss",
-    "learning-rate", "local-epochs", "local-steps", "batch-size", "seed", "fraction-train",
+    "name",
+    "model",
+    "model-args",
+    "sites",
+    "site-caps",
+    "strategy",
+    "proximal-mu",
+    "trim-beta",
+    "loss",
+    "learning-rate",
+    "local-epochs",
+    "local-steps",
+    "batch-size",
+    "seed",
+    "fraction-train",
 )
 
 _CHECKPOINT_RE = re.compile(r"^round-(\d{4,})\.pt$")
@@ -82,9 +103,7 @@ def validate_record(record: object) -> dict[str, Any]:
     if not _is_number(out["time"]) or not math.isfinite(out["time"]):
         raise FedSenseError(f"metrics record: 'time' must be a finite number, got {out['time']!r}")
     if not _is_int(out["num_examples"]) or out["num_examples"] < 0:
-        raise FedSenseError(
-            f"metrics record: 'num_examples' must be an integer >= 0, got {out['num_examples']!r}"
-        )
+        raise FedSenseError(f"metrics record: 'num_examples' must be an integer >= 0, got {out['num_examples']!r}")
     if not isinstance(out["metrics"], Mapping):
         raise FedSenseError("metrics record: 'metrics' must be an object")
     metrics: dict[str, float | None] = {}
@@ -94,9 +113,7 @@ def validate_record(record: object) -> dict[str, Any]:
         elif _is_number(value) and math.isfinite(value):
             metrics[str(name)] = float(value)
         else:
-            raise FedSenseError(
-                f"metrics record: metric {name!r} must be a finite number or null, got {value!r}"
-            )
+            raise FedSenseError(f"metrics record: metric {name!r} must be a finite number or null, got {value!r}")
     out["metrics"] = metrics
     return out
 
@@ -143,18 +160,36 @@ def weighted_mean(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def site_record(run: str, rnd: int, phase: str, site: str, num_examples: int, metrics: Mapping[str, float],
-                **extra: Any) -> dict[str, Any]:
+def site_record(
+    run: str, rnd: int, phase: str, site: str, num_examples: int, metrics: Mapping[str, float], **extra: Any
+) -> dict[str, Any]:
     """One site's metrics.jsonl record of one phase of one round (the contract of ``validate_record``)."""
-    return {"run": run, "round": rnd, "phase": phase, "site": site, "time": time.time(),
-            "num_examples": num_examples, "metrics": dict(metrics), **extra}
+    return {
+        "run": run,
+        "round": rnd,
+        "phase": phase,
+        "site": site,
+        "time": time.time(),
+        "num_examples": num_examples,
+        "metrics": dict(metrics),
+        **extra,
+    }
 
 
-def global_record(run: str, rnd: int, phase: str, site_records: Sequence[Mapping[str, Any]],
-                  **extra: Any) -> dict[str, Any]:
+def global_record(
+    run: str, rnd: int, phase: str, site_records: Sequence[Mapping[str, Any]], **extra: Any
+) -> dict[str, Any]:
     """The ``__global__`` record of a phase: the example-weighted mean of ``site_records`` and who took part."""
-    return site_record(run, rnd, phase, GLOBAL_SITE, sum(r["num_examples"] for r in site_records),
-                       weighted_mean(site_records), sites=sorted(r["site"] for r in site_records), **extra)
+    return site_record(
+        run,
+        rnd,
+        phase,
+        GLOBAL_SITE,
+        sum(r["num_examples"] for r in site_records),
+        weighted_mean(site_records),
+        sites=sorted(r["site"] for r in site_records),
+        **extra,
+    )
 
 
 class RunDir:
@@ -182,9 +217,7 @@ class RunDir:
         """
         reserved = RUNTIME_KEYS.intersection(config)
         if reserved:
-            raise FedSenseError(
-                f"{self.config_path}: config must not contain the runtime key(s) {sorted(reserved)}"
-            )
+            raise FedSenseError(f"{self.config_path}: config must not contain the runtime key(s) {sorted(reserved)}")
         # Round-trip through JSON so the comparison sees what the file would hold (tuples → lists),
         # and an unserialisable config fails before anything touches the disk.
         new = json.loads(_to_json(config, self.config_path))
@@ -234,8 +267,10 @@ class RunDir:
         if resume or not self.config_path.exists():
             return
         if not overwrite:
-            raise OutputError(f"--run-dir: {self.path} holds an earlier run; pass --overwrite to replace it, "
-                              "--set resume=true to continue it, or choose another --run-dir")
+            raise OutputError(
+                f"--run-dir: {self.path} holds an earlier run; pass --overwrite to replace it, "
+                "--set resume=true to continue it, or choose another --run-dir"
+            )
         for name in RUN_ENTRIES:
             entry = self.path / name
             if entry.is_dir() and not entry.is_symlink():
@@ -297,11 +332,16 @@ class RunDir:
         """
         config = self.read_config()
         if config.get("status") != "finished":
-            raise FedSenseError(f"{self.config_path}: status is {config.get('status')!r}; only a finished run can be "
-                                "marked finished-without-sites")
+            raise FedSenseError(
+                f"{self.config_path}: status is {config.get('status')!r}; only a finished run can be "
+                "marked finished-without-sites"
+            )
         detail = dict(config.get("status_detail") or {})
-        self.set_status("finished-without-sites", **detail, missed_sites={site: list(phases) for site, phases
-                                                                          in sorted(missed.items())})
+        self.set_status(
+            "finished-without-sites",
+            **detail,
+            missed_sites={site: list(phases) for site, phases in sorted(missed.items())},
+        )
 
     def read_config(self) -> dict[str, Any]:
         """The run config with its ``status``; ``FedSenseError`` if missing or unreadable."""
@@ -400,11 +440,7 @@ class RunDir:
 
     def completed_rounds(self) -> set[int]:
         """Rounds that are complete, i.e. have a ``__global__`` evaluate record."""
-        return {
-            r["round"]
-            for r in self.read_metrics()
-            if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"
-        }
+        return {r["round"] for r in self.read_metrics() if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"}
 
     # checkpoints -------------------------------------------------------------------------------
 
@@ -412,8 +448,13 @@ class RunDir:
         """Where the checkpoint of ``round`` lives."""
         return self.checkpoint_dir / f"round-{round:04d}.pt"
 
-    def save_checkpoint(self, round: int, state_dict: Mapping[str, Any], config: Mapping[str, Any],
-                        extra: Mapping[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        round: int,
+        state_dict: Mapping[str, Any],
+        config: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Atomically write ``{"round", "state_dict", "config"}`` for ``round``; returns its path.
 
         ``extra`` adds keys the run needs to resume exactly (e.g. ``"server_optimizer"``).
@@ -433,13 +474,19 @@ class RunDir:
 
         path = self.checkpoint_path(round)
         if not path.is_file():
-            have = sorted(p.name for p in self.checkpoint_dir.glob("round-*.pt")) if self.checkpoint_dir.is_dir() else []
+            have = (
+                sorted(p.name for p in self.checkpoint_dir.glob("round-*.pt")) if self.checkpoint_dir.is_dir() else []
+            )
             raise FedSenseError(f"{path}: no checkpoint for round {round} (have: {', '.join(have) or 'none'})")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt files
             raise DataError(f"{path}: unreadable checkpoint: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("round") != round or not isinstance(payload.get("state_dict"), dict):
+        if (
+            not isinstance(payload, dict)
+            or payload.get("round") != round
+            or not isinstance(payload.get("state_dict"), dict)
+        ):
             raise DataError(f"{path}: not a round-{round} checkpoint with a state_dict")
         return payload
 
@@ -480,8 +527,12 @@ class RunDir:
             raise FedSenseError(f"{self.best_path}: round {round} has no checkpoint ({checkpoint})")
         if not math.isfinite(value):
             raise FedSenseError(f"{self.best_path}: {metric} of round {round} is not finite ({value})")
-        best = {"round": round, "metric": metric, "value": float(value),
-                "checkpoint": checkpoint.relative_to(self.path).as_posix()}
+        best = {
+            "round": round,
+            "metric": metric,
+            "value": float(value),
+            "checkpoint": checkpoint.relative_to(self.path).as_posix(),
+        }
         atomic_write_bytes(self.best_path, (json.dumps(best, indent=2, allow_nan=False) + "\n").encode())
         return best
 
@@ -494,8 +545,13 @@ class RunDir:
             best = _read_json(self.best_path)
         except FileNotFoundError:
             return None
-        if (not isinstance(best, dict) or not _is_int(best.get("round")) or not isinstance(best.get("metric"), str)
-                or not _is_number(best.get("value")) or not isinstance(best.get("checkpoint"), str)):
+        if (
+            not isinstance(best, dict)
+            or not _is_int(best.get("round"))
+            or not isinstance(best.get("metric"), str)
+            or not _is_number(best.get("value"))
+            or not isinstance(best.get("checkpoint"), str)
+        ):
             raise FedSenseError(f"{self.best_path}: needs round (int), metric (str), value (number), checkpoint (str)")
         return best
 

@@ -107,8 +107,11 @@ def validate_updates(
     rejected: list[Rejection] = []
     for msg in replies:
         if msg.has_error():
-            rejected.append(Rejection(f"node-{msg.metadata.src_node_id}", f"error reply: {msg.error.reason}",
-                                      msg.metadata.message_id))
+            rejected.append(
+                Rejection(
+                    f"node-{msg.metadata.src_node_id}", f"error reply: {msg.error.reason}", msg.metadata.message_id
+                )
+            )
             continue
         site = site_of(msg)
         reason, distance = _check_update(msg, reference)
@@ -122,8 +125,11 @@ def validate_updates(
         for msg, distance in accepted:
             if median > 0 and distance > norm_outlier_factor * median:
                 rejected.append(
-                    Rejection(site_of(msg), f"update norm {distance:.4g} > {norm_outlier_factor} x median {median:.4g}",
-                              msg.metadata.message_id)
+                    Rejection(
+                        site_of(msg),
+                        f"update norm {distance:.4g} > {norm_outlier_factor} x median {median:.4g}",
+                        msg.metadata.message_id,
+                    )
                 )
             else:
                 kept.append((msg, distance))

@@ -73,12 +73,17 @@ def _run(path: Path, role: str) -> tuple[RunDir, dict[str, Any]]:
 
 def _local_models(store: RunDir, config: dict[str, Any], site: str) -> tuple[int, torch.nn.Module]:
     """The local run's model of ``site`` at that site's best validation PSNR round."""
-    val = {r["round"]: r["metrics"]["psnr"] for r in store.read_metrics(dedupe=True)
-           if r["phase"] == "evaluate" and r["site"] == site and r["round"] >= 1 and r["metrics"].get("psnr") is not None}
+    val = {
+        r["round"]: r["metrics"]["psnr"]
+        for r in store.read_metrics(dedupe=True)
+        if r["phase"] == "evaluate" and r["site"] == site and r["round"] >= 1 and r["metrics"].get("psnr") is not None
+    }
     rnd = best_round(val, "psnr")
     if rnd is None:
         raise FedSenseError(f"{store.path}: local run has no validation record of site {site!r}")
-    state = {k.split("/", 1)[1]: v for k, v in store.load_checkpoint(rnd)["state_dict"].items() if k.startswith(f"{site}/")}
+    state = {
+        k.split("/", 1)[1]: v for k, v in store.load_checkpoint(rnd)["state_dict"].items() if k.startswith(f"{site}/")
+    }
     if not state:
         raise FedSenseError(f"{store.checkpoint_path(rnd)}: no weights of site {site!r}")
     return rnd, _model(config, state, store.checkpoint_path(rnd))
@@ -97,8 +102,14 @@ def _scores(model: torch.nn.Module, loader: Any) -> tuple[list[float], list[str]
     return values, subjects
 
 
-def verdicts(run_dir: Path, local_dir: Path, sites: Sequence[str] = (), split: str = "test",
-             seed: int = 0, site_state_dir: Path | None = None) -> list[SiteVerdict]:
+def verdicts(
+    run_dir: Path,
+    local_dir: Path,
+    sites: Sequence[str] = (),
+    split: str = "test",
+    seed: int = 0,
+    site_state_dir: Path | None = None,
+) -> list[SiteVerdict]:
     """One :class:`SiteVerdict` per site of the federated run (or per name in ``sites``).
 
     ``site_state_dir`` is where the sites' fine-tuned models are (a deployed site keeps them on its own
@@ -109,13 +120,16 @@ def verdicts(run_dir: Path, local_dir: Path, sites: Sequence[str] = (), split: s
         raise FedSenseError(f"{run_dir}: is a {fed_config['baseline']!r} baseline run, not a federated (or pooled) one")
     local, local_config = _run(local_dir, "local")
     if local_config.get("baseline") != "local":
-        raise FedSenseError(f"{local_dir}: not a local baseline run (its baseline is {local_config.get('baseline')!r}); "
-                            "make one with `fedsense baseline local`")
+        raise FedSenseError(
+            f"{local_dir}: not a local baseline run (its baseline is {local_config.get('baseline')!r}); "
+            "make one with `fedsense baseline local`"
+        )
     selected = fed.best()
     if selected is None:
         raise FedSenseError(f"{run_dir}: no best.json (the run has not finished a validated round)")
-    global_model = _model(fed_config, fed.load_checkpoint(selected["round"])["state_dict"],
-                          fed.checkpoint_path(selected["round"]))
+    global_model = _model(
+        fed_config, fed.load_checkpoint(selected["round"])["state_dict"], fed.checkpoint_path(selected["round"])
+    )
     state_dir = site_state_dir or Path(fed_config.get("site-state-dir") or fed.path / "site-state")
     if site_state_dir is not None and not site_state_dir.is_dir():
         raise FedSenseError(f"{site_state_dir}: --site-state-dir not found")
@@ -141,15 +155,30 @@ def verdicts(run_dir: Path, local_dir: Path, sites: Sequence[str] = (), split: s
         if not fed_scores:
             raise FedSenseError(f"{paths[list(loaded).index(site)]}: site {site!r} has no {split} slices")
         gain = hierarchical_bootstrap(fed_scores, local_scores, subjects, seed=seed)
-        out.append(SiteVerdict(site, which, local_round, float(np.mean(fed_scores)), float(np.mean(local_scores)),
-                               gain, join_verdict(gain)))
+        out.append(
+            SiteVerdict(
+                site,
+                which,
+                local_round,
+                float(np.mean(fed_scores)),
+                float(np.mean(local_scores)),
+                gain,
+                join_verdict(gain),
+            )
+        )
     return out
 
 
 def table(rows: Sequence[SiteVerdict], split: str) -> str:
     """The verdicts as a markdown table."""
-    lines = [f"| site | federated model | local best round | {split} PSNR federated | {split} PSNR local | "
-             "gain (dB) [95 % CI] | test subjects | verdict |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.site} | {r.federated} | {r.local_round} | {r.federated_psnr:.2f} | {r.local_psnr:.2f} | "
-              f"{r.gain} | {r.gain.subjects} | {r.verdict} |" for r in rows]
+    lines = [
+        f"| site | federated model | local best round | {split} PSNR federated | {split} PSNR local | "
+        "gain (dB) [95 % CI] | test subjects | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.site} | {r.federated} | {r.local_round} | {r.federated_psnr:.2f} | {r.local_psnr:.2f} | "
+        f"{r.gain} | {r.gain.subjects} | {r.verdict} |"
+        for r in rows
+    ]
     return "\n".join(lines)

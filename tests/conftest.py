@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SITE_NAMES = ("site-a", "site-b", "site-c")
 
 
-def write_small_sites(directory: Path, names: tuple[str, ...] = SITE_NAMES, size: int = 64,
-                      slices: int = 6) -> list[Path]:
+def write_small_sites(
+    directory: Path, names: tuple[str, ...] = SITE_NAMES, size: int = 64, slices: int = 6
+) -> list[Path]:
     """Copies of ``deploy/sites/*.toml`` at ``size``², few slices, with data under ``directory/data``."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -161,13 +161,21 @@ class Deployment:
         """Environment of every Flower process: the same as ``fedsense simulate`` gives its own."""
         return flower_env(self.home)
 
-    def _spawn(self, command: list[str], log: Path, env: Mapping[str, str] | None = None,
-               cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, command: list[str], log: Path, env: Mapping[str, str] | None = None, cpus: set[int] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``command`` logging to ``log``; ``cpus`` pins it (and all it starts) to those cores."""
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with open(log, "ab") as stream:
-            process = subprocess.Popen(command, cwd=self.workdir, env={**self.env(), **(env or {})}, stdout=stream,
-                                       stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
+            process = subprocess.Popen(
+                command,
+                cwd=self.workdir,
+                env={**self.env(), **(env or {})},
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=pin,
+            )
         self.started.append(process)
         return process
 
@@ -176,8 +184,16 @@ class Deployment:
     def start_superlink(self) -> None:
         """Start (or restart, on the same port and database) the SuperLink; returns once it listens."""
         command = [
-            str(_BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.home / "state.db"),
+            str(_BIN / "flower-superlink"),
+            "--insecure",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.home / "state.db"),
             "--disable-runtime-dependency-installation",
         ]
         link = self.superlink = self._spawn(command, self.logs / "superlink.log", cpus=self.superlink_cpus)
@@ -200,9 +216,16 @@ class Deployment:
 
     # SuperNodes --------------------------------------------------------------------------------
 
-    def start_supernode(self, name: str, site_config: Path | None = None, warm: bool = False,
-                        env: Mapping[str, str] | None = None, cpus: set[int] | None = None,
-                        superlink: str | None = None, args: Sequence[str] = ()) -> None:
+    def start_supernode(
+        self,
+        name: str,
+        site_config: Path | None = None,
+        warm: bool = False,
+        env: Mapping[str, str] | None = None,
+        cpus: set[int] | None = None,
+        superlink: str | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         """Start (or restart) site ``name``'s SuperNode; ``site_config`` is needed the first time.
 
         ``warm``: through ``fedsense client`` (SuperNode in process isolation plus the warm
@@ -218,14 +241,28 @@ class Deployment:
         self._node_logs[name] = self.logs / f"supernode-{name}-{starts + 1}.log"
         if warm:
             command = [
-                sys.executable, "-m", "client.supernode", "--insecure", "--superlink", address,
-                "--site-config", str(self._site_configs[name]), "--runtime-port", str(free_port()), *args,
+                sys.executable,
+                "-m",
+                "client.supernode",
+                "--insecure",
+                "--superlink",
+                address,
+                "--site-config",
+                str(self._site_configs[name]),
+                "--runtime-port",
+                str(free_port()),
+                *args,
             ]
         else:
             command = [
-                str(_BIN / "flower-supernode"), "--insecure", "--superlink", address,
-                "--node-config", f"site-config='{self._site_configs[name]}'",
-                "--port", str(free_port()),  # this SuperNode's local ClientApp Runtime API
+                str(_BIN / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                address,
+                "--node-config",
+                f"site-config='{self._site_configs[name]}'",
+                "--port",
+                str(free_port()),  # this SuperNode's local ClientApp Runtime API
             ]
         self.supernodes[name] = self._spawn(command, self._node_logs[name], env, cpus)
 
@@ -247,8 +284,15 @@ class Deployment:
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
         """A ``flwr`` CLI command against this SuperLink with ``--format json``; its parsed output."""
-        out = subprocess.run([str(_BIN / "flwr"), *args, "--format", "json"], cwd=self.project, env=self.env(),
-                             capture_output=True, text=True, timeout=timeout, check=False)
+        out = subprocess.run(
+            [str(_BIN / "flwr"), *args, "--format", "json"],
+            cwd=self.project,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         try:
             return dict(json.loads(out.stdout))
         except json.JSONDecodeError as exc:
@@ -270,6 +314,7 @@ class Deployment:
 
     def wait_finished(self, run_id: int, timeout: float) -> str:
         """Block until run ``run_id`` has finished; returns its status (``finished:completed`` etc.)."""
+
         def finished() -> str:
             status = self.status(run_id)
             return status if status.startswith("finished") else ""
@@ -284,8 +329,16 @@ def tiny_run(run_dir: Path, rounds: int, **overrides: object) -> dict[str, objec
     ClientApp task costs a process start.
     """
     return {
-        "name": "reliability", "num-server-rounds": rounds, "strategy": "fedavg",
-        "model-args": json.dumps({"chans": 4, "num_pool_layers": 2}), "local-steps": 1, "batch-size": 1,
-        "fraction-evaluate": 0.0, "max-eval-slices": 1, "node-wait-timeout": 60.0, "run-dir": str(run_dir),
-        "resume": False, **overrides,
+        "name": "reliability",
+        "num-server-rounds": rounds,
+        "strategy": "fedavg",
+        "model-args": json.dumps({"chans": 4, "num_pool_layers": 2}),
+        "local-steps": 1,
+        "batch-size": 1,
+        "fraction-evaluate": 0.0,
+        "max-eval-slices": 1,
+        "node-wait-timeout": 60.0,
+        "run-dir": str(run_dir),
+        "resume": False,
+        **overrides,
     }

@@ -24,9 +24,17 @@ FASTMRI_SCANNERS = {
 def demo_site(name: str, dataset: str, scanner: dict[str, Any] | None = None, **fields: Any) -> SiteConfig:
     """A site config for the demo generator only (give each a distinct demo seed: distinct subject ids)."""
     data = {
-        "name": name, "dataset": dataset, "data_path": ".",
-        "scanner": {"field_strength_t": 3.0, "coils": 4, "mask": "equispaced", "acceleration": 4,
-                    "center_fraction": 0.08, **(scanner or {})},
+        "name": name,
+        "dataset": dataset,
+        "data_path": ".",
+        "scanner": {
+            "field_strength_t": 3.0,
+            "coils": 4,
+            "mask": "equispaced",
+            "acceleration": 4,
+            "center_fraction": 0.08,
+            **(scanner or {}),
+        },
         **fields,
     }
     return parse_site_config(data, name)
@@ -37,12 +45,21 @@ def write_public_layout(
 ) -> dict[str, Any]:
     """``root/{ixi,brats,fastmri}`` as downloaded; returns what was written, per dataset and group."""
     generated = root / "generated"
-    sites = [demo_site(f"ixi-{h}", "ixi", hospital=h, demo={"subjects": subjects, "seed": k})
-             for k, h in enumerate(("HH", "Guys", "IOP"))]
+    sites = [
+        demo_site(f"ixi-{h}", "ixi", hospital=h, demo={"subjects": subjects, "seed": k})
+        for k, h in enumerate(("HH", "Guys", "IOP"))
+    ]
     sites.append(demo_site("brats", "brats", demo={"subjects": 2 * subjects, "seed": 5}))
-    sites += [demo_site(f"fastmri-{name}", "fastmri", contrasts=spec["contrasts"],
-                        demo={"subjects": subjects, "seed": 7 + k}, scanner={"field_strength_t": spec["field_strength_t"], "coils": spec["coils"]})
-              for k, (name, spec) in enumerate(FASTMRI_SCANNERS.items())]
+    sites += [
+        demo_site(
+            f"fastmri-{name}",
+            "fastmri",
+            contrasts=spec["contrasts"],
+            demo={"subjects": subjects, "seed": 7 + k},
+            scanner={"field_strength_t": spec["field_strength_t"], "coils": spec["coils"]},
+        )
+        for k, (name, spec) in enumerate(FASTMRI_SCANNERS.items())
+    ]
     written = generate_demo(generated, size=size, seed=0, sites=[s for s in sites if s.dataset in datasets])
     layout: dict[str, Any] = {"ixi": {}, "fastmri": {}, "brats": []}
     for hospital in ("HH", "Guys", "IOP") if "ixi" in datasets else ():

@@ -16,27 +16,43 @@ from common.masks import ACCELERATION_TOLERANCE, make_mask
 
 
 def _site(name: str, dataset: str, data_path: Path, mask: str, acceleration: float) -> SiteConfig:
-    return parse_site_config({
-        "name": name, "dataset": dataset, "data_path": str(data_path), "seed": 5,
-        "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.25},
-        "scanner": {"field_strength_t": 3.0, "coils": 3, "matrix": [32, 32], "noise_std": 0.02,
-                    "mask": mask, "acceleration": acceleration, "center_fraction": 0.125},
-        "max_slices_per_volume": 2,
-    }, f"{name}.toml")
+    return parse_site_config(
+        {
+            "name": name,
+            "dataset": dataset,
+            "data_path": str(data_path),
+            "seed": 5,
+            "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.25},
+            "scanner": {
+                "field_strength_t": 3.0,
+                "coils": 3,
+                "matrix": [32, 32],
+                "noise_std": 0.02,
+                "mask": mask,
+                "acceleration": acceleration,
+                "center_fraction": 0.125,
+            },
+            "max_slices_per_volume": 2,
+        },
+        f"{name}.toml",
+    )
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SiteConfig]:
     out = tmp_path_factory.mktemp("augment")
-    configs = {"fastmri": _site("h5", "fastmri", out / "h5", "equispaced", 4),
-               "brats": _site("nii", "brats", out / "nii", "random", 4)}
+    configs = {
+        "fastmri": _site("h5", "fastmri", out / "h5", "equispaced", 4),
+        "brats": _site("nii", "brats", out / "nii", "random", 4),
+    }
     generate_demo(out, size=32, subjects=4, seed=0, sites=list(configs.values()))
     return configs
 
 
 @pytest.mark.parametrize("kind", ["fastmri", "brats"])
 def test_train_masks_change_with_the_epoch_and_repeat_for_the_same_epoch(
-        sites: dict[str, SiteConfig], kind: str) -> None:
+    sites: dict[str, SiteConfig], kind: str
+) -> None:
     train = build_site_datasets(sites[kind])["train"]
     train.set_epoch((7, 0))
     first = train[0]
@@ -99,7 +115,7 @@ def test_augmented_masks_keep_the_sites_acceleration_and_calibration(sites: dict
         achieved = mask.size / mask.sum()
         assert abs(achieved - scanner.acceleration) <= ACCELERATION_TOLERANCE * scanner.acceleration
         # Every draw keeps the fully sampled calibration columns around DC.
-        assert np.all(mask[:, left:left + acs] == 1), epoch
+        assert np.all(mask[:, left : left + acs] == 1), epoch
 
 
 def test_loader_draws_a_new_epoch_per_pass_reproducibly(sites: dict[str, SiteConfig]) -> None:

@@ -15,24 +15,37 @@ pytestmark = pytest.mark.slow
 
 
 def run_config(sites: list[Path], run_dir: Path, name: str) -> RunConfig:
-    return RunConfig.from_flat({
-        "name": name, "num-server-rounds": 2, "model": "unet", "model-args": '{"chans": 8, "num_pool_layers": 2}',
-        "local-steps": 3, "batch-size": 2, "sites": ",".join(map(str, sites)), "run-dir": str(run_dir),
-    })
+    return RunConfig.from_flat(
+        {
+            "name": name,
+            "num-server-rounds": 2,
+            "model": "unet",
+            "model-args": '{"chans": 8, "num_pool_layers": 2}',
+            "local-steps": 3,
+            "batch-size": 2,
+            "sites": ",".join(map(str, sites)),
+            "run-dir": str(run_dir),
+        }
+    )
 
 
 def test_zero_filled_local_and_centralized_write_comparable_runs(small_sites: list[Path], tmp_path: Path) -> None:
     names = {"site-a", "site-b", "site-c"}
-    stores = {kind: Baseline(kind, run_config(small_sites, tmp_path / kind, kind)).execute()
-              for kind in ("zero-filled", "local", "centralized")}
+    stores = {
+        kind: Baseline(kind, run_config(small_sites, tmp_path / kind, kind)).execute()
+        for kind in ("zero-filled", "local", "centralized")
+    }
 
     zf = stores["zero-filled"].read_metrics()
     assert {r["site"] for r in zf} == names | {GLOBAL_SITE} and {r["round"] for r in zf} == {0}
 
     local = stores["local"].read_metrics()
     for rnd in (1, 2):
-        steps = {r["site"]: r["metrics"]["steps"] for r in local if r["round"] == rnd and r["phase"] == "train"
-                 and r["site"] != GLOBAL_SITE}
+        steps = {
+            r["site"]: r["metrics"]["steps"]
+            for r in local
+            if r["round"] == rnd and r["phase"] == "train" and r["site"] != GLOBAL_SITE
+        }
         assert steps == {n: 3.0 for n in names}
     central = stores["centralized"].read_metrics()
     # Same optimisation budget per round as a federated round: sites x local steps.
@@ -42,17 +55,20 @@ def test_zero_filled_local_and_centralized_write_comparable_runs(small_sites: li
         evals = {r["site"] for r in store.read_metrics() if r["round"] == last and r["phase"] == "evaluate"}
         assert evals == names | {GLOBAL_SITE}
         assert store.read_config()["status"] == "finished"
+
     # Learning beats no learning on the pooled model after two rounds.
     def final_psnr(store):  # type: ignore[no-untyped-def]
         rows = [r for r in store.read_metrics() if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"]
         return max(rows, key=lambda r: r["round"])["metrics"]["psnr"]
+
     assert final_psnr(stores["centralized"]) > final_psnr(stores["zero-filled"])
     assert stores["local"].latest_checkpoint()[0] == 2
 
 
 @pytest.mark.parametrize("kind", ["local", "centralized"])
-def test_client_optimizer_keep_carries_adam_state_across_rounds(small_sites: list[Path], tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+def test_client_optimizer_keep_carries_adam_state_across_rounds(
+    small_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
     """With ``client-optimizer = keep`` each model's Adam is the same object every round and its step count
     grows round after round (as a federated site's does); with ``reset`` every round starts a fresh Adam."""
     import server.baseline as baseline
@@ -77,8 +93,9 @@ def test_client_optimizer_keep_carries_adam_state_across_rounds(small_sites: lis
 
 
 @pytest.mark.parametrize("kind", ["local", "centralized"])
-def test_an_interrupted_baseline_resumes_after_its_last_complete_round(small_sites: list[Path], tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+def test_an_interrupted_baseline_resumes_after_its_last_complete_round(
+    small_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
     """Ctrl-C in round 2 (between its training and its evaluation) marks the run interrupted after round 1;
     resumed (what ``fedsense baseline`` does when it finds it), it trains round 2 only and ends with the weights
     of a run that was never stopped (the checkpoint carries the kept Adam state)."""
@@ -87,8 +104,14 @@ def test_an_interrupted_baseline_resumes_after_its_last_complete_round(small_sit
     import server.baseline as baseline
 
     def config(run_dir: Path) -> RunConfig:
-        flat = {**run_config(small_sites[:2], run_dir, kind).to_flat(), "num-server-rounds": 2, "local-steps": 1,
-                "client-optimizer": "keep", "max-eval-slices": 1, "num-samples": 0}
+        flat = {
+            **run_config(small_sites[:2], run_dir, kind).to_flat(),
+            "num-server-rounds": 2,
+            "local-steps": 1,
+            "client-optimizer": "keep",
+            "max-eval-slices": 1,
+            "num-samples": 0,
+        }
         return RunConfig.from_flat(flat)
 
     straight = Baseline(kind, config(tmp_path / "straight")).execute()
@@ -111,7 +134,11 @@ def test_an_interrupted_baseline_resumes_after_its_last_complete_round(small_sit
 
     trained: list[int] = []
     real_train = baseline.train
-    monkeypatch.setattr(baseline, "train", lambda *a, **k: (trained.append(k["batch_loss"].self_supervised.epoch), real_train(*a, **k))[1])
+    monkeypatch.setattr(
+        baseline,
+        "train",
+        lambda *a, **k: (trained.append(k["batch_loss"].self_supervised.epoch), real_train(*a, **k))[1],
+    )
     resumed = Baseline(kind, config(tmp_path / "stopped")).execute(resume=True)
     assert resumed.read_config()["status"] == "finished"
     assert not cli._interrupted_baseline(resumed, kind)

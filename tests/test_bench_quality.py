@@ -13,8 +13,9 @@ from bench import quality
 pytestmark = pytest.mark.slow
 
 
-def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     docs = tmp_path / "BENCH.md"
     docs.write_text(f"# before\n{quality.DOC_BEGIN}\nold numbers\n{quality.DOC_END}\n# after\n", encoding="utf-8")
     from mlflow.tracking import MlflowClient
@@ -28,8 +29,14 @@ def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(tmp_path: Path
     # process log to their own experiment (test_tracking failed in CI when it leaked).
     assert "MLFLOW_EXPERIMENT_NAME" not in os.environ
     out = capsys.readouterr().out
-    for row in ("zero-filled", "CS L1-wavelet (tuned)", "U-Net local", "U-Net centralized (pooled)",
-                "U-Net FedAvg", "U-Net FedAvg + fine-tune"):
+    for row in (
+        "zero-filled",
+        "CS L1-wavelet (tuned)",
+        "U-Net local",
+        "U-Net centralized (pooled)",
+        "U-Net FedAvg",
+        "U-Net FedAvg + fine-tune",
+    ):
         assert f"| {row} |" in out
     assert "site-d" in out  # the low-data scenario's fourth site
     assert "unseen acquisition (site-x: 1 T, 20 coils" in out and "gaussian2d mask" in out
@@ -65,8 +72,9 @@ def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(tmp_path: Path
     assert {"unet-local-s0", "unet-centralized-s0", "unet-fedavg-s0"} <= set(tracked)
     for name in ("unet-centralized-s0", "unet-fedavg-s0"):
         records = RunDir(runs / name).read_metrics(dedupe=True)
-        expected = {r["round"]: r["metrics"]["psnr"] for r in records
-                    if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"}
+        expected = {
+            r["round"]: r["metrics"]["psnr"] for r in records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"
+        }
         history = client.get_metric_history(tracked[name].info.run_id, "global/evaluate/psnr")
         assert {m.step: m.value for m in history} == pytest.approx(expected), name
     assert (tmp_path / "artifacts").is_dir()

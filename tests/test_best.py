@@ -19,8 +19,19 @@ from server.viewer.table import show
 
 
 def _eval(run: RunDir, rnd: int, **metrics: float) -> None:
-    run.append_metrics([{"run": "r", "round": rnd, "phase": "evaluate", "site": GLOBAL_SITE, "time": 0.0,
-                         "num_examples": 4, "metrics": metrics}])
+    run.append_metrics(
+        [
+            {
+                "run": "r",
+                "round": rnd,
+                "phase": "evaluate",
+                "site": GLOBAL_SITE,
+                "time": 0.0,
+                "num_examples": 4,
+                "metrics": metrics,
+            }
+        ]
+    )
 
 
 def _checkpoint(run: RunDir, rnd: int) -> None:

@@ -23,12 +23,27 @@ ROUNDS, PATIENCE = 4, 1
 def run_config(sites: list[Path], run_dir: Path, **extra: object) -> RunConfig:
     # A learning rate this high makes validation PSNR fall back after an early peak, so patience 1 must
     # stop the run before its last round (training is deterministic for the seed).
-    return RunConfig.from_flat({
-        "name": "early", "num-server-rounds": ROUNDS, "strategy": "fedavg", "model": "unet", "model-args": MODEL_ARGS,
-        "local-steps": 3, "batch-size": 2, "learning-rate": 0.2, "min-train-nodes": len(sites),
-        "min-evaluate-nodes": len(sites), "min-available-nodes": len(sites), "sites": ",".join(map(str, sites)),
-        "run-dir": str(run_dir), "num-samples": 0, "patience": PATIENCE, "resume": False, **extra,
-    })
+    return RunConfig.from_flat(
+        {
+            "name": "early",
+            "num-server-rounds": ROUNDS,
+            "strategy": "fedavg",
+            "model": "unet",
+            "model-args": MODEL_ARGS,
+            "local-steps": 3,
+            "batch-size": 2,
+            "learning-rate": 0.2,
+            "min-train-nodes": len(sites),
+            "min-evaluate-nodes": len(sites),
+            "min-available-nodes": len(sites),
+            "sites": ",".join(map(str, sites)),
+            "run-dir": str(run_dir),
+            "num-samples": 0,
+            "patience": PATIENCE,
+            "resume": False,
+            **extra,
+        }
+    )
 
 
 def assert_stopped_early_at_best(store: RunDir, metric: str = "psnr") -> dict:
@@ -48,7 +63,8 @@ def assert_stopped_early_at_best(store: RunDir, metric: str = "psnr") -> dict:
 
 
 def test_flower_run_stops_early_and_best_json_points_at_a_loadable_checkpoint(
-        small_sites: list[Path], tmp_path: Path) -> None:
+    small_sites: list[Path], tmp_path: Path
+) -> None:
     store = simulate(run_config(small_sites[:2], tmp_path / "fed"), timeout=900)
     payload = assert_stopped_early_at_best(store)
     model = build_model("unet", chans=8, num_pool_layers=2)
@@ -57,7 +73,9 @@ def test_flower_run_stops_early_and_best_json_points_at_a_loadable_checkpoint(
 
 
 def test_pooled_centralized_baseline_keeps_best_json_and_stops_early(small_sites: list[Path], tmp_path: Path) -> None:
-    store = Baseline("centralized", run_config(small_sites[:2], tmp_path / "central", **{"select-metric": "nmse"})).execute()
+    store = Baseline(
+        "centralized", run_config(small_sites[:2], tmp_path / "central", **{"select-metric": "nmse"})
+    ).execute()
     assert_stopped_early_at_best(store, "nmse")
     trained = [r for r in store.read_metrics() if r["phase"] == "train" and r["site"] == GLOBAL_SITE]
     assert len(trained) == max(global_values(store, "nmse"))

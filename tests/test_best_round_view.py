@@ -20,8 +20,20 @@ from server.viewer.table import show
 def run(tmp_path: Path) -> RunDir:
     run = RunDir(tmp_path / "run")
     run.init({"name": "best-demo", "strategy": "fedavg", "num_rounds": 3}, resume=False)
-    run.append_metrics([{"run": "best-demo", "round": r, "phase": "evaluate", "site": "__global__", "time": 1.7e9 + r,
-                         "num_examples": 4, "metrics": {"psnr": 20.0 + (r == 2)}} for r in (1, 2, 3)])
+    run.append_metrics(
+        [
+            {
+                "run": "best-demo",
+                "round": r,
+                "phase": "evaluate",
+                "site": "__global__",
+                "time": 1.7e9 + r,
+                "num_examples": 4,
+                "metrics": {"psnr": 20.0 + (r == 2)},
+            }
+            for r in (1, 2, 3)
+        ]
+    )
     return run
 
 
@@ -37,8 +49,9 @@ def test_table_and_dashboard_show_best_round_and_export_command(run: RunDir) -> 
     run.checkpoint_dir.mkdir()
     (run.checkpoint_dir / "round-0003.pt").write_bytes(b"")
     assert f"fedsense export {run.path} --round last --out model/" in " ".join(_table(run).split())
-    (run.path / "best.json").write_text(json.dumps(
-        {"round": 2, "metric": "psnr", "value": 21.0, "checkpoint": "checkpoints/round-0002.pt"}))
+    (run.path / "best.json").write_text(
+        json.dumps({"round": 2, "metric": "psnr", "value": 21.0, "checkpoint": "checkpoints/round-0002.pt"})
+    )
     text = " ".join(_table(run).split())
     assert "best round 2 by psnr (21.00)" in text and f"fedsense export {run.path} --round best --out model/" in text
     dashboard = start(run.path)

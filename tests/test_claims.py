@@ -16,10 +16,14 @@ CAP = 10
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
 def test_a_site_claiming_ten_times_its_cap_weighs_only_its_cap(strategy: str) -> None:
-    run = RunConfig(strategy=strategy, min_train_nodes=1, min_available_nodes=1,
-                    site_caps='{"a": 10, "b": 10, "liar": 10}')
-    replies = [reply(1, "a", shifted(1.0), n=CAP), reply(2, "b", shifted(1.0), n=CAP),
-               reply(3, "liar", shifted(100.0), n=10 * CAP)]
+    run = RunConfig(
+        strategy=strategy, min_train_nodes=1, min_available_nodes=1, site_caps='{"a": 10, "b": 10, "liar": 10}'
+    )
+    replies = [
+        reply(1, "a", shifted(1.0), n=CAP),
+        reply(2, "b", shifted(1.0), n=CAP),
+        reply(3, "liar", shifted(100.0), n=10 * CAP),
+    ]
     valid, rejected = validate_updates(replies, global_record())
     kept, uncapped, clipped = apply_caps(valid, run.caps)
     assert rejected == uncapped == [] and len(kept) == 3

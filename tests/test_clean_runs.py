@@ -41,15 +41,23 @@ def _container_runs(tmp_path: Path) -> Path:
 
 def test_clean_removes_runs_a_container_wrote(tmp_path: Path) -> None:
     prefix = _as_user()
-    if not shutil.which("docker") or subprocess.run(["docker", "image", "inspect", BASE_IMAGE],
-                                                    capture_output=True, check=False).returncode != 0:
+    if (
+        not shutil.which("docker")
+        or subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True, check=False).returncode != 0
+    ):
         pytest.skip(f"no Docker engine or no {BASE_IMAGE} (make images builds it)")
     runs = _container_runs(tmp_path)
     plain = subprocess.run([*prefix, "rm", "-rf", str(runs)], capture_output=True, check=False)
     assert plain.returncode != 0 and (runs / "old-run" / "metrics.jsonl").exists()  # what users ran into
-    done = subprocess.run([*prefix, "bash", str(ROOT / "deploy" / "clean-runs.sh"), "runs"], cwd=tmp_path,
-                          env={**os.environ, "BASE_IMAGE": BASE_IMAGE}, capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [*prefix, "bash", str(ROOT / "deploy" / "clean-runs.sh"), "runs"],
+        cwd=tmp_path,
+        env={**os.environ, "BASE_IMAGE": BASE_IMAGE},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert not runs.exists() and list(tmp_path.iterdir()) == []
 
@@ -57,8 +65,14 @@ def test_clean_removes_runs_a_container_wrote(tmp_path: Path) -> None:
 def test_clean_without_the_image_says_how_and_removes_nothing(tmp_path: Path) -> None:
     prefix = _as_user()
     runs = _container_runs(tmp_path)
-    done = subprocess.run([*prefix, "bash", str(ROOT / "deploy" / "clean-runs.sh"), "runs"], cwd=tmp_path,
-                          env={**os.environ, "BASE_IMAGE": "fedsense/no-such-image:none"}, capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [*prefix, "bash", str(ROOT / "deploy" / "clean-runs.sh"), "runs"],
+        cwd=tmp_path,
+        env={**os.environ, "BASE_IMAGE": "fedsense/no-such-image:none"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 1 and "sudo rm -rf runs" in done.stderr, done.stderr
     assert (runs / "old-run" / "metrics.jsonl").read_text() == "{}\n"

@@ -41,15 +41,31 @@ def world(small_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> 
     """The inputs: three demo sites, a 1-round centralized run of a tiny U-Net, and its exported model."""
     base = tmp_path_factory.mktemp("adversarial")
     run_dir = base / "run"
-    Baseline("centralized", RunConfig.from_flat({
-        "name": "central", "num-server-rounds": 1, "model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
-        "local-steps": 1, "batch-size": 2, "sites": ",".join(map(str, small_sites)), "run-dir": str(run_dir),
-        "num-samples": 0, "max-eval-slices": 1,
-    })).execute()
+    Baseline(
+        "centralized",
+        RunConfig.from_flat(
+            {
+                "name": "central",
+                "num-server-rounds": 1,
+                "model": "unet",
+                "model-args": '{"chans": 4, "num_pool_layers": 2}',
+                "local-steps": 1,
+                "batch-size": 2,
+                "sites": ",".join(map(str, small_sites)),
+                "run-dir": str(run_dir),
+                "num-samples": 0,
+                "max-eval-slices": 1,
+            }
+        ),
+    ).execute()
     model = base / "model"
     assert cli.main(["export", str(run_dir), "--round", "last", "--out", str(model)]) == 0
-    return {"run": run_dir, "model": model, "sites": small_sites[0].parent, "h5": next(
-        (small_sites[0].parent / "data" / "site-a").glob("*.h5"))}
+    return {
+        "run": run_dir,
+        "model": model,
+        "sites": small_sites[0].parent,
+        "h5": next((small_sites[0].parent / "data" / "site-a").glob("*.h5")),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +95,9 @@ def refused(result: tuple[int, str, str], code: int, *names: object) -> None:
         assert str(name) in err, (name, err)
 
 
-def test_reconstruct_never_writes_over_inputs_or_old_outputs(world: dict[str, Path], tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_reconstruct_never_writes_over_inputs_or_old_outputs(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     h5, model = world["h5"], world["model"]
     base = ["reconstruct", "--model", model, h5, *MASK]
     refused(fedsense(capsys, *base, "--out", h5.parent), EXIT_OUTPUT, f"{h5.parent} contains the input {h5}")
@@ -88,35 +105,55 @@ def test_reconstruct_never_writes_over_inputs_or_old_outputs(world: dict[str, Pa
     linked = tmp_path / "linked"
     linked.mkdir()
     os.link(h5, linked / h5.name)  # the same file under another folder: found by inode, not by name
-    refused(fedsense(capsys, "reconstruct", "--model", model, linked / h5.name, *MASK, "--out", h5.parent),
-            EXIT_OUTPUT, f"{h5} is the input {linked / h5.name}")
+    refused(
+        fedsense(capsys, "reconstruct", "--model", model, linked / h5.name, *MASK, "--out", h5.parent),
+        EXIT_OUTPUT,
+        f"{h5} is the input {linked / h5.name}",
+    )
     (tmp_path / "afile").write_text("mine")
     refused(fedsense(capsys, *base, "--out", tmp_path / "afile"), EXIT_OUTPUT, "afile is an existing file")
     assert (tmp_path / "afile").read_text() == "mine"
-    refused(fedsense(capsys, "reconstruct", "--model", model, h5, h5, *MASK, "--out", tmp_path / "o"),
-            EXIT_OUTPUT, f"would write {tmp_path / 'o' / h5.name}")
+    refused(
+        fedsense(capsys, "reconstruct", "--model", model, h5, h5, *MASK, "--out", tmp_path / "o"),
+        EXIT_OUTPUT,
+        f"would write {tmp_path / 'o' / h5.name}",
+    )
     missing = tmp_path / "nope.h5"
-    refused(fedsense(capsys, "reconstruct", "--model", model, missing, *MASK, "--out", tmp_path / "o"),
-            EXIT_USAGE, missing)
-    refused(fedsense(capsys, "reconstruct", "--model", tmp_path / "nomodel", h5, "--out", tmp_path / "o"),
-            EXIT_USAGE, tmp_path / "nomodel")
-    refused(fedsense(capsys, *base, "--acceleration", "-4", "--out", tmp_path / "o"), EXIT_USAGE,
-            "--acceleration: must be > 0")
+    refused(
+        fedsense(capsys, "reconstruct", "--model", model, missing, *MASK, "--out", tmp_path / "o"), EXIT_USAGE, missing
+    )
+    refused(
+        fedsense(capsys, "reconstruct", "--model", tmp_path / "nomodel", h5, "--out", tmp_path / "o"),
+        EXIT_USAGE,
+        tmp_path / "nomodel",
+    )
+    refused(
+        fedsense(capsys, *base, "--acceleration", "-4", "--out", tmp_path / "o"),
+        EXIT_USAGE,
+        "--acceleration: must be > 0",
+    )
     assert fedsense(capsys, *base, "--out", tmp_path / "o")[0] == 0
     first = (tmp_path / "o" / h5.name).read_bytes()
-    refused(fedsense(capsys, *base, "--out", tmp_path / "o"), EXIT_OUTPUT,
-            f"{tmp_path / 'o' / h5.name} already exists; pass --overwrite")
+    refused(
+        fedsense(capsys, *base, "--out", tmp_path / "o"),
+        EXIT_OUTPUT,
+        f"{tmp_path / 'o' / h5.name} already exists; pass --overwrite",
+    )
     assert (tmp_path / "o" / h5.name).read_bytes() == first
     assert fedsense(capsys, *base, "--out", tmp_path / "o", "--overwrite")[0] == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [h5.name]  # no temp file left behind
 
 
-def test_export_plot_and_demo_refuse_to_replace(world: dict[str, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_plot_and_demo_refuse_to_replace(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = world["run"]
     refused(fedsense(capsys, "export", run, "--out", run / "model"), EXIT_OUTPUT, "is inside the input folder")
-    refused(fedsense(capsys, "export", run, "--out", world["model"]), EXIT_OUTPUT,
-            f"{world['model']} already exists and is not empty; pass --overwrite")
+    refused(
+        fedsense(capsys, "export", run, "--out", world["model"]),
+        EXIT_OUTPUT,
+        f"{world['model']} already exists and is not empty; pass --overwrite",
+    )
     refused(fedsense(capsys, "export", run, "--round", "7", "--out", tmp_path / "m"), EXIT_USAGE, "round 7")
     assert not (tmp_path / "m").exists()
     refused(fedsense(capsys, "metrics", "plot", run, "--out", run), EXIT_OUTPUT, f"{run} is the input")
@@ -124,17 +161,26 @@ def test_export_plot_and_demo_refuse_to_replace(world: dict[str, Path], tmp_path
     refused(fedsense(capsys, "metrics", "plot", run, "--out", tmp_path / "plots"), EXIT_OUTPUT, "--overwrite")
     site = world["sites"] / "site-a.toml"
     demo = ["data", "demo", "--size", "16", "--subjects", "1", "--site-config", site]
-    refused(fedsense(capsys, *demo, "--out", world["sites"] / "data"), EXIT_OUTPUT,
-            f"{world['sites'] / 'data' / 'site-a'}: holds earlier demo data; pass --overwrite")
+    refused(
+        fedsense(capsys, *demo, "--out", world["sites"] / "data"),
+        EXIT_OUTPUT,
+        f"{world['sites'] / 'data' / 'site-a'}: holds earlier demo data; pass --overwrite",
+    )
     refused(fedsense(capsys, *demo, "--out", site), EXIT_OUTPUT, "is an existing file")
-    refused(fedsense(capsys, *demo[:-1], tmp_path / "missing.toml", "--out", tmp_path / "d"), EXIT_USAGE,
-            tmp_path / "missing.toml")
+    refused(
+        fedsense(capsys, *demo[:-1], tmp_path / "missing.toml", "--out", tmp_path / "d"),
+        EXIT_USAGE,
+        tmp_path / "missing.toml",
+    )
 
 
 def _stats(root: Path) -> dict[Path, tuple[int, int, str]]:
     """Every file under ``root``: inode, mtime and content hash (a rewrite with the same bytes shows too)."""
-    return {p: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_demo_checks_every_output_before_it_writes_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,27 +189,36 @@ def test_demo_checks_every_output_before_it_writes_one(tmp_path: Path, capsys: p
     out = tmp_path / "demo"
     assert fedsense(capsys, *demo, "--out", out)[0] == 0
     before = _stats(out)
-    refused(fedsense(capsys, *demo, "--out", out), EXIT_OUTPUT,
-            f"{out / 'site-a.toml'}: holds an earlier demo site config; pass --overwrite")
+    refused(
+        fedsense(capsys, *demo, "--out", out),
+        EXIT_OUTPUT,
+        f"{out / 'site-a.toml'}: holds an earlier demo site config; pass --overwrite",
+    )
     assert _stats(out) == before  # the configs were rewritten before the data folders were refused
     foreign = tmp_path / "foreign"
     (foreign / "site-c").mkdir(parents=True)
     (foreign / "site-c" / "scan.nii.gz").write_bytes(b"a hospital's scan")
     (foreign / "site-b.toml").write_text("mine")
     for argv in ([*demo, "--out", foreign], [*demo, "--out", foreign, "--overwrite"]):
-        refused(fedsense(capsys, *argv), EXIT_OUTPUT,
-                f"{foreign / 'site-b.toml'}: exists and was not written by the demo generator")
+        refused(
+            fedsense(capsys, *argv),
+            EXIT_OUTPUT,
+            f"{foreign / 'site-b.toml'}: exists and was not written by the demo generator",
+        )
     (foreign / "site-b.toml").unlink()
-    refused(fedsense(capsys, *demo, "--out", foreign, "--overwrite"), EXIT_OUTPUT,
-            f"{foreign / 'site-c'}: exists and was not written by the demo generator")
+    refused(
+        fedsense(capsys, *demo, "--out", foreign, "--overwrite"),
+        EXIT_OUTPUT,
+        f"{foreign / 'site-c'}: exists and was not written by the demo generator",
+    )
     assert sorted(p.relative_to(foreign).as_posix() for p in foreign.rglob("*")) == ["site-c", "site-c/scan.nii.gz"]
     assert (foreign / "site-c" / "scan.nii.gz").read_bytes() == b"a hospital's scan"
     assert fedsense(capsys, *demo, "--out", out, "--overwrite")[0] == 0
 
 
-def test_export_refuses_its_output_before_loading_the_model(world: dict[str, Path], tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_refuses_its_output_before_loading_the_model(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from server import export
 
     def must_not_load(*args: object, **kwargs: object) -> None:
@@ -171,30 +226,65 @@ def test_export_refuses_its_output_before_loading_the_model(world: dict[str, Pat
 
     monkeypatch.setattr(export, "select_round", must_not_load)
     (tmp_path / "afile").write_text("mine")
-    refused(fedsense(capsys, "export", world["run"], "--out", tmp_path / "afile"), EXIT_OUTPUT,
-            f"{tmp_path / 'afile'} is an existing file")
-    refused(fedsense(capsys, "export", world["run"], "--out", world["model"]), EXIT_OUTPUT,
-            f"{world['model']} already exists and is not empty; pass --overwrite")
+    refused(
+        fedsense(capsys, "export", world["run"], "--out", tmp_path / "afile"),
+        EXIT_OUTPUT,
+        f"{tmp_path / 'afile'} is an existing file",
+    )
+    refused(
+        fedsense(capsys, "export", world["run"], "--out", world["model"]),
+        EXIT_OUTPUT,
+        f"{world['model']} already exists and is not empty; pass --overwrite",
+    )
     assert (tmp_path / "afile").read_text() == "mine"
 
 
-def test_bad_numbers_typos_and_missing_arguments_are_one_line(world: dict[str, Path], tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_numbers_typos_and_missing_arguments_are_one_line(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sites = sorted(map(str, world["sites"].glob("*.toml")))
-    refused(fedsense(capsys, "evaluate", "--model", world["model"], "--sites", *sites, "--batch-size", "0"),
-            EXIT_USAGE, "--batch-size: must be >= 1, got 0")
-    refused(fedsense(capsys, "evaluate", "--model", world["model"], "--sites", *sites, "--max-slices", "-1"),
-            EXIT_USAGE, "--max-slices: must be >= 0, got -1")
-    refused(fedsense(capsys, "data", "partition", "--dataset", "ixi", "--root", tmp_path, "--by", "hospital",
-                     "--out", tmp_path / "p", "--max-slices", "-1"), EXIT_USAGE, "--max-slices: must be >= 1")
+    refused(
+        fedsense(capsys, "evaluate", "--model", world["model"], "--sites", *sites, "--batch-size", "0"),
+        EXIT_USAGE,
+        "--batch-size: must be >= 1, got 0",
+    )
+    refused(
+        fedsense(capsys, "evaluate", "--model", world["model"], "--sites", *sites, "--max-slices", "-1"),
+        EXIT_USAGE,
+        "--max-slices: must be >= 0, got -1",
+    )
+    refused(
+        fedsense(
+            capsys,
+            "data",
+            "partition",
+            "--dataset",
+            "ixi",
+            "--root",
+            tmp_path,
+            "--by",
+            "hospital",
+            "--out",
+            tmp_path / "p",
+            "--max-slices",
+            "-1",
+        ),
+        EXIT_USAGE,
+        "--max-slices: must be >= 1",
+    )
     refused(fedsense(capsys, "simulate", "--sites", *sites, "--rounds", "0"), EXIT_USAGE, "--rounds: must be >= 1")
     refused(fedsense(capsys, "simulate", "--sites", *sites, "--rounds", "two"), EXIT_USAGE, "expected an integer")
-    refused(fedsense(capsys, "simulate", "--sites", *sites, "--set", "learnig-rate=0.1"), EXIT_USAGE,
-            "--set learnig-rate: no such run-config key; did you mean learning-rate")
-    refused(fedsense(capsys, "simulate", "--sites", *sites, "--set", "learning-rate=-1"), EXIT_USAGE,
-            "learning-rate")
-    refused(fedsense(capsys, "simulate", "--sites", tmp_path / "ghost.toml", "--run-dir", tmp_path / "r"),
-            EXIT_USAGE, tmp_path / "ghost.toml")
+    refused(
+        fedsense(capsys, "simulate", "--sites", *sites, "--set", "learnig-rate=0.1"),
+        EXIT_USAGE,
+        "--set learnig-rate: no such run-config key; did you mean learning-rate",
+    )
+    refused(fedsense(capsys, "simulate", "--sites", *sites, "--set", "learning-rate=-1"), EXIT_USAGE, "learning-rate")
+    refused(
+        fedsense(capsys, "simulate", "--sites", tmp_path / "ghost.toml", "--run-dir", tmp_path / "r"),
+        EXIT_USAGE,
+        tmp_path / "ghost.toml",
+    )
     refused(fedsense(capsys, "export", world["run"]), EXIT_USAGE, "--out")
     refused(fedsense(capsys, "reconstruct", "--model", world["model"]), EXIT_USAGE, "inputs")
     refused(fedsense(capsys, "data", "check", tmp_path / "ghost.toml"), EXIT_USAGE, tmp_path / "ghost.toml")
@@ -204,8 +294,9 @@ def test_bad_numbers_typos_and_missing_arguments_are_one_line(world: dict[str, P
     assert "(>= 16) (default: 128)" in " ".join(fedsense(capsys, "data", "demo", "--help")[1].split())
 
 
-def test_viewers_refuse_what_is_not_a_run(world: dict[str, Path], tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_viewers_refuse_what_is_not_a_run(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     refused(fedsense(capsys, "metrics", "show", world["sites"]), EXIT_USAGE, f"{world['sites']}: not a run directory")
     refused(fedsense(capsys, "metrics", "show", tmp_path / "ghost"), EXIT_USAGE, tmp_path / "ghost")
     refused(fedsense(capsys, "dashboard", tmp_path / "ghost"), EXIT_USAGE, f"{tmp_path / 'ghost'}: no such run")
@@ -213,19 +304,25 @@ def test_viewers_refuse_what_is_not_a_run(world: dict[str, Path], tmp_path: Path
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        refused(fedsense(capsys, "dashboard", world["run"], "--port", port), EXIT_USAGE, f"--port {port}: already in use")
+        refused(
+            fedsense(capsys, "dashboard", world["run"], "--port", port), EXIT_USAGE, f"--port {port}: already in use"
+        )
     shown = fedsense(capsys, "metrics", "show", world["run"])[1]
     assert "rounds evaluated 1/1" in shown and "fedsense export" in shown
 
 
-def test_a_baseline_into_an_existing_run_is_refused_before_it_trains(world: dict[str, Path],
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_baseline_into_an_existing_run_is_refused_before_it_trains(
+    world: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     sites = sorted(map(str, world["sites"].glob("*.toml")))
     code, out, err = fedsense(capsys, "baseline", "local", "--sites", *sites, "--run-dir", world["run"])
     refused((code, out, err), EXIT_OUTPUT, f"--run-dir: {world['run']} holds an earlier run; pass --overwrite")
     assert "round" not in out  # nothing of the old run printed as if it were this one's
-    refused(fedsense(capsys, "baseline", "local", "--sites", *sites, "--run-dir", world["sites"] / "data"),
-            EXIT_OUTPUT, "contains the input")
+    refused(
+        fedsense(capsys, "baseline", "local", "--sites", *sites, "--run-dir", world["sites"] / "data"),
+        EXIT_OUTPUT,
+        "contains the input",
+    )
 
 
 def _limit_file_size() -> None:
@@ -235,14 +332,33 @@ def _limit_file_size() -> None:
 def test_full_disk_and_closed_pipe_in_real_processes(world: dict[str, Path], tmp_path: Path) -> None:
     """A file-size limit (what a full disk looks like to a writer) and ``| head``: real processes only."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([str(FEDSENSE), "reconstruct", "--model", str(world["model"]), str(world["h5"]), *MASK,
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env,
-                          preexec_fn=_limit_file_size, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            str(FEDSENSE),
+            "reconstruct",
+            "--model",
+            str(world["model"]),
+            str(world["h5"]),
+            *MASK,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limit_file_size,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == EXIT_OS, proc.stderr
     assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
     assert not [p for p in (tmp_path / "o").iterdir()]  # the partial file was removed, nothing half-written
-    show = subprocess.Popen([str(FEDSENSE), "metrics", "show", str(world["run"]), "--format", "json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    show = subprocess.Popen(
+        [str(FEDSENSE), "metrics", "show", str(world["run"]), "--format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     assert show.stdout is not None and show.stderr is not None
     show.stdout.close()  # the reader is gone before the table is written, as with a quick `| head`
     err = show.stderr.read().decode()
@@ -275,8 +391,9 @@ def test_unreadable_inputs_and_read_only_outputs_are_one_line(world: dict[str, P
     before = _hashes(tmp_path)
 
     def run(*argv: object) -> tuple[int, str]:
-        proc = subprocess.run([*prefix, str(FEDSENSE), *map(str, argv)], capture_output=True, text=True, env=env,
-                              timeout=300, check=False)
+        proc = subprocess.run(
+            [*prefix, str(FEDSENSE), *map(str, argv)], capture_output=True, text=True, env=env, timeout=300, check=False
+        )
         assert "Traceback" not in proc.stdout + proc.stderr
         return proc.returncode, proc.stderr
 

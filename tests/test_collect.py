@@ -97,8 +97,9 @@ def test_all_replies_already_there_means_no_sleep() -> None:
     assert clock.sleeps == []
 
 
-def test_reply_objects_are_retried_quickly_and_patiently(monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_reply_objects_are_retried_quickly_and_patiently(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     grid_module = importlib.import_module(collect.REPLY_OBJECTS_MODULE)
     # Flower's own (a ServerApp run earlier in this process has wrapped it already); restored afterwards.
     flower_pull = getattr(grid_module.pull_objects, "func", grid_module.pull_objects)
@@ -106,8 +107,11 @@ def test_reply_objects_are_retried_quickly_and_patiently(monkeypatch: pytest.Mon
     assert collect.quick_reply_object_pulls() and collect.quick_reply_object_pulls()  # idempotent
     patched = grid_module.pull_objects
     assert patched.func is flower_pull  # wrapped once
-    assert patched.keywords == {"initial_backoff": collect.FIRST_INTERVAL,
-                                "backoff_cap": collect.REPLY_OBJECT_LONGEST, "max_tries_per_object": None}
+    assert patched.keywords == {
+        "initial_backoff": collect.FIRST_INTERVAL,
+        "backoff_cap": collect.REPLY_OBJECT_LONGEST,
+        "max_tries_per_object": None,
+    }
     monkeypatch.setattr(grid_module, "pull_objects", lambda object_ids, pull_object_fn: {})
     with caplog.at_level(logging.WARNING, logger="server.collect"):
         assert not collect.quick_reply_object_pulls()

@@ -80,8 +80,13 @@ def image(compose_cmd: list[str]) -> str:
     """`make images`: wheelhouse, base image if missing, image build (layer cache makes reruns fast)."""
     started = time.monotonic()
     # monitoring-image: Debian's Prometheus for the `monitoring` profile (built once, then skipped).
-    proc = subprocess.run(["make", "-C", str(ROOT), "images", "monitoring-image", f"IMAGE={IMAGE}"],
-                          capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
+    proc = subprocess.run(
+        ["make", "-C", str(ROOT), "images", "monitoring-image", f"IMAGE={IMAGE}"],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, f"make images failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     logger.info("make images: %.0f s", time.monotonic() - started)
     return IMAGE
@@ -95,8 +100,10 @@ def _leftovers(project: str) -> dict[str, list[str]]:
         "volumes": ["docker", "volume", "ls", "-q", "--filter", label],
         "networks": ["docker", "network", "ls", "-q", "--filter", label],
     }
-    return {kind: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
-            for kind, cmd in listings.items()}
+    return {
+        kind: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+        for kind, cmd in listings.items()
+    }
 
 
 @dataclass
@@ -110,8 +117,9 @@ class Project:
 
     def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """The compose command; with ``check`` a failure fails the test with compose's output."""
-        proc = subprocess.run([*self.base, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            [*self.base, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check and proc.returncode != 0:
             pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         return proc
@@ -121,7 +129,14 @@ class Project:
 def _project(compose_cmd: list[str], files: list[Path], directory: Path, env: dict[str, str]) -> Iterator[Project]:
     """A compose project with a unique name; `down -v` afterwards, and nothing labelled with it may remain."""
     name = f"fedsense-test-{uuid.uuid4().hex[:8]}"
-    base = [*compose_cmd, "-p", name, *(a for f in files for a in ("-f", str(f))), "--project-directory", str(directory)]
+    base = [
+        *compose_cmd,
+        "-p",
+        name,
+        *(a for f in files for a in ("-f", str(f))),
+        "--project-directory",
+        str(directory),
+    ]
     project = Project(name, base, {**os.environ, **env}, directory)
     try:
         yield project
@@ -142,8 +157,13 @@ RESTARTS = (("site-a", 0), ("site-b", 1), ("site-c", 2))
 
 
 def _container_state(container: str) -> dict:
-    out = subprocess.run(["docker", "inspect", "--format", "{{json .State}}", container], capture_output=True,
-                         text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["docker", "inspect", "--format", "{{json .State}}", container],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -184,15 +204,18 @@ def test_compose_federation_survives_every_site_restarting_once(
 
         def rejoined(site: str, since: float) -> bool:
             """Whether ``site`` took part in a phase that began after ``since``."""
-            return any(r["site"] == GLOBAL_SITE and site in r.get("sites", []) and r["time"] - r["seconds"] > since
-                       for r in store.read_metrics())
+            return any(
+                r["site"] == GLOBAL_SITE and site in r.get("sites", []) and r["time"] - r["seconds"] > since
+                for r in store.read_metrics()
+            )
 
         restarted_at: dict[str, float] = {}
         for site, after_round in RESTARTS:
             deadline = time.monotonic() + RUN_TIMEOUT
             # A round is complete once its global evaluate record is in metrics.jsonl.
             while after_round not in store.completed_rounds() or not all(
-                    rejoined(name, when) for name, when in restarted_at.items()):
+                rejoined(name, when) for name, when in restarted_at.items()
+            ):
                 if not _container_state(submit)["Running"]:
                     pytest.fail(f"submit ended before round {after_round} completed:\n{logs()}")
                 if time.monotonic() > deadline:
@@ -201,11 +224,17 @@ def test_compose_federation_survives_every_site_restarting_once(
             t0 = time.monotonic()
             project.run("restart", "--timeout", "10", site, timeout=120)
             restarted_at[site] = time.time()  # the container is running again; its old processes are gone
-            logger.info("round %d complete at %.0f s; %s restarted in %.1f s", after_round,
-                        t0 - started, site, time.monotonic() - t0)
+            logger.info(
+                "round %d complete at %.0f s; %s restarted in %.1f s",
+                after_round,
+                t0 - started,
+                site,
+                time.monotonic() - t0,
+            )
 
-        code = subprocess.run(["docker", "wait", submit], capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                              check=True).stdout.strip()
+        code = subprocess.run(
+            ["docker", "wait", submit], capture_output=True, text=True, timeout=RUN_TIMEOUT, check=True
+        ).stdout.strip()
         logger.info("submit finished after %.0f s", time.monotonic() - started)
         if code != "0":
             pytest.fail(f"submit exited {code}:\n{logs()}")
@@ -231,14 +260,23 @@ def test_compose_federation_survives_every_site_restarting_once(
     summaries = {(r["round"], r["phase"]): r for r in records if r["site"] == GLOBAL_SITE}
     assert sorted(summaries) == [(0, "evaluate")] + [(rnd, phase) for rnd in rounds for phase in ("evaluate", "train")]
     for (rnd, phase), summary in sorted(summaries.items()):
-        logger.info("round %d %s: %.0f s, sites %s, rejected %s", rnd, phase, summary["seconds"],
-                    summary["sites"], summary["rejected"])
+        logger.info(
+            "round %d %s: %.0f s, sites %s, rejected %s",
+            rnd,
+            phase,
+            summary["seconds"],
+            summary["sites"],
+            summary["rejected"],
+        )
         assert len(summary["sites"]) >= 2 and set(summary["sites"]) <= SITES, summary
 
     # Every site trained again in a round whose training began after its restart.
     for site, when in restarted_at.items():
-        later = [r["round"] for (_, phase), r in sorted(summaries.items())
-                 if phase == "train" and site in r["sites"] and r["time"] - r["seconds"] > when]
+        later = [
+            r["round"]
+            for (_, phase), r in sorted(summaries.items())
+            if phase == "train" and site in r["sites"] and r["time"] - r["seconds"] > when
+        ]
         assert later, f"{site} never trained after its restart"
 
     # A loadable checkpoint per round, nothing else.
@@ -278,8 +316,9 @@ def federation(compose_cmd: list[str], image: str, tmp_path_factory: pytest.Temp
 def test_compose_federation_runs_to_completion(federation: Project) -> None:
     started = time.monotonic()
     submit = federation.run("ps", "-q", "submit").stdout.strip()
-    code = subprocess.run(["docker", "wait", submit], capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                          check=True).stdout.strip()
+    code = subprocess.run(
+        ["docker", "wait", submit], capture_output=True, text=True, timeout=RUN_TIMEOUT, check=True
+    ).stdout.strip()
     logger.info("submit finished after %.0f s more", time.monotonic() - started)
     if code != "0":
         pytest.fail(f"submit exited {code}:\n{federation.run('logs', '--no-color', '--tail', '60').stdout[-12000:]}")
@@ -300,8 +339,10 @@ def test_compose_federation_runs_to_completion(federation: Project) -> None:
     assert run_dir.stat().st_uid == (os.getuid() or IMAGE_UID)
 
     # Each site holds only its own key; the SuperLink side never gets the CA key.
-    for service, expected in (("site-a", {"auth.key", "auth.pub", "ca.crt"}),
-                              ("superlink", {"ca.crt", "server.crt", "server.key", "superexec.secret", "sites"})):
+    for service, expected in (
+        ("site-a", {"auth.key", "auth.pub", "ca.crt"}),
+        ("superlink", {"ca.crt", "server.crt", "server.key", "superexec.secret", "sites"}),
+    ):
         listing = federation.run("exec", "-T", service, "ls", "-A", "/keys").stdout
         assert set(listing.split()) == expected, (service, listing)
 
@@ -334,14 +375,17 @@ def test_compose_federation_runs_to_completion(federation: Project) -> None:
     # The monitoring profile's Prometheus scraped the ServerApp's /metrics while the run went on: its
     # round counter started at 0 and advanced (the last round may end between two scrapes).
     prometheus = federation.run("port", "prometheus", "9090").stdout.strip()
-    seen = {q: _prometheus_value(prometheus, f"{q}_over_time(fedsense_rounds_finished_total[1h])")
-            for q in ("min", "max")}
+    seen = {
+        q: _prometheus_value(prometheus, f"{q}_over_time(fedsense_rounds_finished_total[1h])") for q in ("min", "max")
+    }
     assert seen["min"] == 0 and 1 <= seen["max"] <= ROUNDS, seen
     # ... and every site's own /metrics (no port published): each site target up, and each site's last
     # round trained seen at 1 and then at the last round (scraped every second; rounds are seconds apart).
     assert _prometheus_value(prometheus, 'count(up{job="fedsense-sites"} == 1)') == len(SITES)
-    site_rounds = {q: _prometheus_value(prometheus, f"{q}({q}_over_time(fedsense_site_last_round_trained[1h]))")
-                   for q in ("min", "max")}
+    site_rounds = {
+        q: _prometheus_value(prometheus, f"{q}({q}_over_time(fedsense_site_last_round_trained[1h]))")
+        for q in ("min", "max")
+    }
     assert site_rounds == {"min": 1, "max": ROUNDS}, site_rounds
     assert _prometheus_value(prometheus, "min(max_over_time(fedsense_site_train_steps_total[1h]))") >= ROUNDS
     # ... and the dashboard's tokenless run gauges, which outlive the ServerApp: the finished run's rounds.
@@ -382,8 +426,9 @@ def _published(container: str) -> list[str]:
 def _https(address: str, ca: Path, path: str, body: bytes | None = None) -> tuple[int, str]:
     """Status and body of one request to the front door (its certificate verified against the CA)."""
     context = ssl.create_default_context(cafile=str(ca))
-    request = urllib.request.Request(f"https://{address}{path}", data=body,
-                                     headers={"content-type": "application/protobuf"})
+    request = urllib.request.Request(
+        f"https://{address}{path}", data=body, headers={"content-type": "application/protobuf"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30, context=context) as response:
             return response.status, response.read().decode(errors="replace")
@@ -395,8 +440,10 @@ def _dashboard_token(project: Project) -> str:
     """The token the dashboard printed (once) at its first start."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        found = re.search(r"dashboard token \(shown once; kept in [^)]*\): (\S+)",
-                          project.run("logs", "--no-color", "dashboard").stdout)
+        found = re.search(
+            r"dashboard token \(shown once; kept in [^)]*\): (\S+)",
+            project.run("logs", "--no-color", "dashboard").stdout,
+        )
         if found:
             return found.group(1)
         time.sleep(1)
@@ -422,13 +469,20 @@ def test_institution_site_joins_with_its_own_key(federation: Project, compose_cm
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "centre"\n\n[superlink.centre]\naddress = "{door}"\n'
-        f'root-certificates = "{ca}"\n', encoding="utf-8")
+        f'[superlink]\ndefault = "centre"\n\n[superlink.centre]\naddress = "{door}"\nroot-certificates = "{ca}"\n',
+        encoding="utf-8",
+    )
     flwr_env = {**os.environ, "FLWR_HOME": str(home)}
 
     def flwr(*args: str) -> dict:
-        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=flwr_env,
-                             capture_output=True, text=True, timeout=120, check=False)
+        out = subprocess.run(
+            [str(BIN / "flwr"), *args, "--format", "json"],
+            env=flwr_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         return json.loads(out.stdout)
 
     refused = flwr("supernode", "register", str(site_keys.public_key), "centre", "--name", "site-d")
@@ -443,25 +497,65 @@ def test_institution_site_joins_with_its_own_key(federation: Project, compose_cm
     bundle.chmod(0o600)
 
     def operator(*args: str) -> dict:
-        out = subprocess.run([str(BIN / "fedsense"), "operator", "--front-door", door, "--root-cert", str(ca),
-                              "--cert", str(bundle), "--", *args, "--format", "json"],
-                             capture_output=True, text=True, timeout=120, check=False)
+        out = subprocess.run(
+            [
+                str(BIN / "fedsense"),
+                "operator",
+                "--front-door",
+                door,
+                "--root-cert",
+                str(ca),
+                "--cert",
+                str(bundle),
+                "--",
+                *args,
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         return json.loads(out.stdout)
 
     registered = operator("supernode", "register", str(site_keys.public_key), "--name", "site-d")
     assert registered.get("success"), registered
-    started = operator("run", str(ROOT), "--run-config",
-                       'num-server-rounds=1 run-dir="/runs/operator-test" name="operator-test"')
+    started = operator(
+        "run", str(ROOT), "--run-config", 'num-server-rounds=1 run-dir="/runs/operator-test" name="operator-test"'
+    )
     assert started.get("success") and started.get("run-id"), started
     assert operator("stop", str(started["run-id"])).get("success")
 
     config = tmp_path / "site-d.toml"
-    config.write_text(re.sub(r'(?m)^name = .*$', 'name = "site-d"',
-                             (ROOT / "deploy" / "sites" / "site-b.toml").read_text(encoding="utf-8")), encoding="utf-8")
+    config.write_text(
+        re.sub(
+            r"(?m)^name = .*$",
+            'name = "site-d"',
+            (ROOT / "deploy" / "sites" / "site-b.toml").read_text(encoding="utf-8"),
+        ),
+        encoding="utf-8",
+    )
     # The hospital's data: written on the host beforehand, then mounted read-only.
-    demo = subprocess.run([str(BIN / "fedsense"), "data", "demo", "--out", str(tmp_path / "demo"), "--size", "64",
-                           "--subjects", "3", "--site-config", str(config)], capture_output=True, text=True,
-                          timeout=300, check=False)
+    demo = subprocess.run(
+        [
+            str(BIN / "fedsense"),
+            "data",
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--size",
+            "64",
+            "--subjects",
+            "3",
+            "--site-config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert demo.returncode == 0, demo.stderr[-3000:]
     data = tmp_path / "demo" / "site-d"
     user = f"{os.getuid()}:{os.getgid()}"
@@ -474,9 +568,15 @@ def test_institution_site_joins_with_its_own_key(federation: Project, compose_cm
     before = {p: (p.stat().st_mtime_ns, p.stat().st_uid) for p in data.rglob("*")}
     network = tmp_path / "network.yml"  # a hospital reaches the front door by DNS; here: the demo's edge network
     network.write_text(f"networks:\n  default:\n    external: true\n    name: {federation.name}_edge\n")
-    env = {"FEDSENSE_IMAGE": IMAGE, "FEDSENSE_SITE": "site-d", "FEDSENSE_SUPERLINK": "frontdoor:9443",
-           "FEDSENSE_KEYS": str(keys), "FEDSENSE_SITE_CONFIG": str(config), "FEDSENSE_DATA": str(data),
-           "FEDSENSE_USER": user}
+    env = {
+        "FEDSENSE_IMAGE": IMAGE,
+        "FEDSENSE_SITE": "site-d",
+        "FEDSENSE_SUPERLINK": "frontdoor:9443",
+        "FEDSENSE_KEYS": str(keys),
+        "FEDSENSE_SITE_CONFIG": str(config),
+        "FEDSENSE_DATA": str(data),
+        "FEDSENSE_USER": user,
+    }
     files = [ROOT / "deploy" / "site" / "docker-compose.yml", network]
     with _project(compose_cmd, files, tmp_path, env) as site:
         site.run("up", "-d", timeout=RUN_TIMEOUT)

@@ -94,8 +94,12 @@ def test_brats_2023_contrast_names_map_to_canonical() -> None:
         ("acceleration = 4", "acceleration = 0.5", "scanner.acceleration", "must be >= 1"),
         ("center_fraction = 0.08", "center_fraction = 1.5", "scanner.center_fraction", "must be < 1"),
         ("coils = 4", "coil = 4", "scanner.coil", "unknown field"),
-        ('dataset = "ixi"', 'dataset = "oasis"', "dataset",
-         "unknown dataset kind 'oasis'; known kinds: brats, fastmri, ixi"),
+        (
+            'dataset = "ixi"',
+            'dataset = "oasis"',
+            "dataset",
+            "unknown dataset kind 'oasis'; known kinds: brats, fastmri, ixi",
+        ),
         ('contrasts = ["T1", "t2"]', 'contrasts = ["T1", "DWI"]', "contrasts", "unknown ixi contrast"),
         ('hospital = "Guys"', 'hospital = "Mayo"', "hospital", "must be one of Guys, HH, IOP"),
         ("val_fraction = 0.2", "val_fraction = 0.9", "split", "val_fraction + test_fraction must be < 1"),
@@ -115,17 +119,13 @@ def test_bad_values_name_file_and_field(tmp_path: Path, old: str, new: str, fiel
 
 
 def test_hospital_only_for_ixi(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, BASE.replace('dataset = "ixi"', 'dataset = "brats"').replace('["T1", "t2"]', '["t1"]')
-    )
+    path = write(tmp_path, BASE.replace('dataset = "ixi"', 'dataset = "brats"').replace('["T1", "t2"]', '["t1"]'))
     with pytest.raises(ConfigError, match=r"guys\.toml: hospital: brats data is not split by hospital"):
         load_site_config(path)
 
 
 def test_every_error_is_reported(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, BASE.replace("coils = 4", "coils = 0").replace("acceleration = 4", "acceleration = 0")
-    )
+    path = write(tmp_path, BASE.replace("coils = 4", "coils = 0").replace("acceleration = 4", "acceleration = 0"))
     with pytest.raises(ConfigError) as info:
         load_site_config(path)
     lines = str(info.value).splitlines()

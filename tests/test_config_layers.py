@@ -48,7 +48,7 @@ def _variants(key: str) -> list[Any]:
         candidates = [f'{{"chans": {i}}}' for i in range(1, 8)]
     else:
         candidates = [*STRATEGIES, *MODELS, *LOSSES, *TRACKERS, *(f"{default}-{i}" for i in range(1, 8))]
-    return [v for v in dict.fromkeys(candidates) if v != default and _valid(key, v)][:len(SETTABLE)]
+    return [v for v in dict.fromkeys(candidates) if v != default and _valid(key, v)][: len(SETTABLE)]
 
 
 @pytest.mark.parametrize("key", layers.run_config_keys())
@@ -56,7 +56,7 @@ def test_every_key_is_taken_from_the_highest_source_that_sets_it(key: str) -> No
     variants = _variants(key)
     assert variants, f"{key}: no valid non-default value found"
     for top, source in enumerate(SETTABLE):
-        values = {s: variants[i % len(variants)] for i, s in enumerate(SETTABLE[:top + 1])}
+        values = {s: variants[i % len(variants)] for i, s in enumerate(SETTABLE[: top + 1])}
         given = {s: {key: v} for s, v in values.items() if s != layers.DERIVED}
         given[layers.PYPROJECT] = {**COMPANIONS.get(key, {}), **given[layers.PYPROJECT]}
         derive = (lambda _flat, v=values[layers.DERIVED]: {key: v}) if layers.DERIVED in values else None
@@ -77,7 +77,8 @@ def test_a_derived_value_follows_the_final_name_and_never_overrides_the_user() -
 
 
 def test_node_minima_above_the_site_count_warn_when_defaulted_and_fail_when_chosen(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level(logging.WARNING, logger="common.config_layers"):
         run = layers.resolve({layers.PYPROJECT: {"min-train-nodes": 2}}, site_count=1).run
     assert run.min_train_nodes == 1 and "min-train-nodes lowered from 2 (pyproject)" in caplog.text
@@ -90,10 +91,10 @@ def test_errors_name_the_source_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^--set: proximal-mu: "):
         layers.resolve({layers.PYPROJECT: {"proximal-mu": 0.1}, layers.SET: {"proximal-mu": -1}})
     run_file = tmp_path / "run.toml"
-    run_file.write_text('learnig-rate = 0.1\n')
+    run_file.write_text("learnig-rate = 0.1\n")
     with pytest.raises(ConfigError, match=f"run file {run_file} learnig-rate: no such run-config key; did you mean"):
         layers.read_run_file(run_file)
-    run_file.write_text('learning-rate = [\n')
+    run_file.write_text("learning-rate = [\n")
     with pytest.raises(ConfigError, match=f"run file {run_file}: not valid TOML"):
         layers.read_run_file(run_file)
     with pytest.raises(ConfigError, match=r"^simulate: name: "):
@@ -107,8 +108,9 @@ def _cli(argv: list[str]) -> RunConfig:
     args = build_parser().parse_args(argv)
     assert args.func in (cmd_simulate, cmd_baseline)
     if args.func is cmd_baseline:
-        return _run_config(args, _app_defaults(),
-                           derive=lambda flat: {"run-dir": f"runs/{args.kind}", "name": args.kind})
+        return _run_config(
+            args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{args.kind}", "name": args.kind}
+        )
     return _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{flat['name']}"})
 
 

@@ -20,23 +20,29 @@ def block_phantom(size: int = SIZE) -> np.ndarray:
     """Piecewise-constant rectangles (on a dyadic grid at 64²: exactly sparse in the Haar basis)."""
     image = np.zeros((size, size), dtype=np.float32)
     at = lambda i: i * size // SIZE  # noqa: E731
-    image[at(8):at(24), at(8):at(40)] = 1.0
-    image[at(32):at(56), at(16):at(32)] = 0.6
-    image[at(40):at(48), at(40):at(56)] = 0.8
-    image[at(24):at(32), at(44):at(52)] = 0.3
+    image[at(8) : at(24), at(8) : at(40)] = 1.0
+    image[at(32) : at(56), at(16) : at(32)] = 0.6
+    image[at(40) : at(48), at(40) : at(56)] = 0.8
+    image[at(24) : at(32), at(44) : at(52)] = 0.3
     return image
 
 
-def acquire(image: np.ndarray, coils: int, pattern: str, acceleration: float, noise: float = 0.0,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def acquire(
+    image: np.ndarray,
+    coils: int,
+    pattern: str,
+    acceleration: float,
+    noise: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masked k-space, mask, maps), batch of one, as the site datasets deliver them."""
     maps = torch.from_numpy(birdcage_maps(coils, image.shape))[None]
     mask = torch.from_numpy(make_mask(pattern, image.shape, acceleration, 0.08, seed=0).mask)[None, None]
     kspace = fft2c(torch.from_numpy(image).to(torch.complex64)[None, None] * maps)
     if noise:
         generator = torch.Generator().manual_seed(1)
-        kspace = kspace + noise * torch.complex(torch.randn(kspace.shape, generator=generator),
-                                                torch.randn(kspace.shape, generator=generator))
+        kspace = kspace + noise * torch.complex(
+            torch.randn(kspace.shape, generator=generator), torch.randn(kspace.shape, generator=generator)
+        )
     return kspace * mask, mask, maps
 
 

@@ -39,8 +39,9 @@ def test_token_is_required_by_query_header_or_cookie(tmp_path: Path) -> None:
         assert code == 200 and headers["Set-Cookie"].startswith(f"{access.COOKIE}={token}; HttpOnly")
         assert fetch(base + "api/metrics", Cookie=f"{access.COOKIE}={token}")[0] == 200
         # Read-only: nothing but GET is served.
-        post = urllib.request.Request(base + "api/config", data=b"{}", method="POST",
-                                      headers={"Authorization": f"Bearer {token}"})
+        post = urllib.request.Request(
+            base + "api/config", data=b"{}", method="POST", headers={"Authorization": f"Bearer {token}"}
+        )
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(post, timeout=10)
         assert info.value.code == 501

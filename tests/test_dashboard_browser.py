@@ -39,8 +39,12 @@ def round_records(round: int) -> list[dict[str, Any]]:
             "metrics": (
                 {"loss": 0.9 / (round + i)}
                 if phase == "train"
-                else {"loss": 0.4 / (round + i), "psnr": 24.0 + 1.37 * round + 0.61 * i,
-                      "ssim": 0.61 + 0.031 * round + 0.007 * i, "nmse": 0.08 / (round + i)}
+                else {
+                    "loss": 0.4 / (round + i),
+                    "psnr": 24.0 + 1.37 * round + 0.61 * i,
+                    "ssim": 0.61 + 0.031 * round + 0.007 * i,
+                    "nmse": 0.08 / (round + i),
+                }
             ),
         }
         for phase in ("train", "evaluate")
@@ -58,8 +62,10 @@ def phantom(shift: float) -> np.ndarray:
 @pytest.fixture
 def run(tmp_path: Path) -> RunDir:
     run = RunDir(tmp_path / "run")
-    run.init({"name": "browser-demo", "strategy": "fedprox", "num_rounds": 6, "model": "unet",
-              "proximal-mu": 0.01}, resume=False)
+    run.init(
+        {"name": "browser-demo", "strategy": "fedprox", "num_rounds": 6, "model": "unet", "proximal-mu": 0.01},
+        resume=False,
+    )
     for round in (1, 2, 3):
         run.append_metrics(round_records(round))
     noise = np.random.default_rng(1).normal(0, 0.04, (2, 64, 64))
@@ -99,8 +105,16 @@ def test_json_endpoints_serve_the_run(dashboard: DashboardServer, run: RunDir) -
 
 @pytest.mark.parametrize(
     "path",
-    ["config.json", "metrics.jsonl", "../config.json", "static/../../config.json", "%2e%2e/%2e%2e/etc/passwd",
-     "api/../../etc/passwd", "api/samples/round-0003.npz", "static/dashboard.html"],
+    [
+        "config.json",
+        "metrics.jsonl",
+        "../config.json",
+        "static/../../config.json",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "api/../../etc/passwd",
+        "api/samples/round-0003.npz",
+        "static/dashboard.html",
+    ],
 )
 def test_unknown_paths_are_404_without_traversal(dashboard: DashboardServer, path: str) -> None:
     status, _, body = get(dashboard.url + path)
@@ -140,9 +154,16 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1440,1900",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1440,1900",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -180,12 +201,14 @@ def test_page_plots_points_fills_table_and_follows_new_rounds(
         evaluated, trained = expected[(site, "evaluate")]["metrics"], expected[(site, "train")]["metrics"]
         for metric in ("psnr", "ssim", "nmse", "loss"):
             assert float(cell(site, metric).get_attribute("data-value")) == evaluated[metric]
-        assert cell(site, "psnr").text == f'{evaluated["psnr"]:.2f}'
+        assert cell(site, "psnr").text == f"{evaluated['psnr']:.2f}"
         assert float(cell(site, "train_loss").get_attribute("data-value")) == trained["loss"]
-    wait.until(lambda _: all(
-        img.get_attribute("naturalWidth") not in (None, "0")
-        for img in browser.find_elements(By.CSS_SELECTOR, "#samples img")
-    ))
+    wait.until(
+        lambda _: all(
+            img.get_attribute("naturalWidth") not in (None, "0")
+            for img in browser.find_elements(By.CSS_SELECTOR, "#samples img")
+        )
+    )
     assert len(browser.find_elements(By.CSS_SELECTOR, "#samples img")) == 3
     browser.save_screenshot("/tmp/dashboard.png")
 
@@ -193,7 +216,7 @@ def test_page_plots_points_fills_table_and_follows_new_rounds(
     run.append_metrics(round_records(4))
     wait.until(lambda _: len(points(4)) == len(SITES))
     assert len(points()) == 4 * len(SITES)
-    assert cell("__global__", "psnr").text == f'{round_records(4)[-1]["metrics"]["psnr"]:.2f}'
+    assert cell("__global__", "psnr").text == f"{round_records(4)[-1]['metrics']['psnr']:.2f}"
     assert browser.execute_script("return window.fedsenseMarker") == "same page"
     run.set_status("finished")
     wait.until(lambda _: browser.find_element(By.ID, "run-status").text.lower() == "finished")

@@ -31,8 +31,9 @@ def public(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _sites(public: Path, out: Path, dataset: str, by: str, **kw: object) -> Path:
     """Partitioned with copies, so a test that damages a file never touches the shared originals."""
-    return partition_dataset(PartitionSpec(dataset=dataset, root=public / dataset, by=by, out=out, link="copy",
-                                           **kw)).out  # type: ignore[arg-type]
+    return partition_dataset(
+        PartitionSpec(dataset=dataset, root=public / dataset, by=by, out=out, link="copy", **kw)
+    ).out  # type: ignore[arg-type]
 
 
 def _edit(toml: Path, pattern: str, replacement: str) -> None:
@@ -77,8 +78,9 @@ def test_ready_site_counts_every_slice_and_writes_its_manifest(public: Path, tmp
     assert cli_main(["data", "check", str(toml)]) == 0
 
 
-def test_corrupted_files_make_the_site_not_ready(public: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupted_files_make_the_site_not_ready(
+    public: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = _sites(public, tmp_path / "s", "ixi", "hospital")
     toml = out / "ixi-hh.toml"
     truncated = sorted((out / "ixi-hh").rglob("*-T2.nii.gz"))[0]
@@ -128,8 +130,10 @@ def test_site_without_validation_subjects_cannot_train(public: Path, tmp_path: P
 
 
 def test_server_cli_does_not_import_client_code() -> None:
-    code = ("import sys, server.cli; server.cli.build_parser(); "
-            "sys.exit(any(m == 'client' or m.startswith('client.') for m in sys.modules))")
+    code = (
+        "import sys, server.cli; server.cli.build_parser(); "
+        "sys.exit(any(m == 'client' or m.startswith('client.') for m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
 
 
@@ -141,6 +145,8 @@ def test_site_whose_folder_holds_no_data_of_its_kind(public: Path, tmp_path: Pat
     _edit(toml, r"^contrasts = .*$", "")
     report = check_site(toml)
     assert not report.ready and report.manifest is None
-    assert report.problems == [f"{out / 'ixi-guys'}: no BraTS NIfTI files found "
-                               "(e.g. BraTS20_Training_001_flair.nii.gz or BraTS-GLI-00000-000-t2f.nii.gz)"]
+    assert report.problems == [
+        f"{out / 'ixi-guys'}: no BraTS NIfTI files found "
+        "(e.g. BraTS20_Training_001_flair.nii.gz or BraTS-GLI-00000-000-t2f.nii.gz)"
+    ]
     assert cli_main(["data", "check", str(toml)]) == 1

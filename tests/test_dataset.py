@@ -91,9 +91,7 @@ def test_sample_matches_the_contract(sites: dict[str, SiteConfig], kind: str) ->
     assert set(sample["mask"].unique().tolist()) == {0.0, 1.0}
     assert sample["target"].shape == (height, width) and sample["target"].dtype == torch.float32
     assert isinstance(sample["scale"], float) and isinstance(sample["max_value"], float)
-    assert (
-        "/" not in sample["fname"] and sample["site"] == config.name and isinstance(sample["slice_idx"], int)
-    )
+    assert "/" not in sample["fname"] and sample["site"] == config.name and isinstance(sample["slice_idx"], int)
     # Unsampled k-space is zero, and the scale makes the zero-filled RSS image peak at exactly 1.
     assert torch.all(sample["masked_kspace"][:, sample["mask"][0] == 0] == 0)
     zero_filled = rss(ifft2c(sample["masked_kspace"]), dim=0)
@@ -106,9 +104,7 @@ def test_mask_is_deterministic_per_file_and_slice(sites: dict[str, SiteConfig]) 
     config = sites["brats"]
     dataset = SiteDataset(config, "train")
     first, again = dataset[1], dataset[1]
-    assert torch.equal(first["mask"], again["mask"]) and torch.equal(
-        first["masked_kspace"], again["masked_kspace"]
-    )
+    assert torch.equal(first["mask"], again["mask"]) and torch.equal(first["masked_kspace"], again["masked_kspace"])
     expected = make_mask("random", (32, 32), 4, 0.1, seed_for(9, first["fname"], first["slice_idx"])).mask
     np.testing.assert_array_equal(first["mask"][0].numpy(), expected)
     masks = {tuple(dataset[i]["mask"][0, 0].tolist()) for i in range(len(dataset))}
@@ -118,9 +114,7 @@ def test_mask_is_deterministic_per_file_and_slice(sites: dict[str, SiteConfig]) 
 def test_splits_are_by_subject(sites: dict[str, SiteConfig]) -> None:
     for config in sites.values():
         datasets = build_site_datasets(config)
-        subjects = {
-            split: {ds.reader.examples[i].subject for i in ds.indices} for split, ds in datasets.items()
-        }
+        subjects = {split: {ds.reader.examples[i].subject for i in ds.indices} for split, ds in datasets.items()}
         assert all(subjects.values()), subjects  # 4 subjects: every split non-empty
         assert not subjects["train"] & subjects["val"]
         assert not subjects["train"] & subjects["test"]
@@ -198,9 +192,7 @@ def test_bad_files_strict_and_skipped(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"^{tmp_path / 'broken.h5'}: "):
         build_site_datasets(strict)
 
-    skipping = site(
-        "s", "fastmri", tmp_path, skip_bad_files=True, split={"val_fraction": 0.0, "test_fraction": 0.0}
-    )
+    skipping = site("s", "fastmri", tmp_path, skip_bad_files=True, split={"val_fraction": 0.0, "test_fraction": 0.0})
     dataset = build_site_datasets(skipping)["train"]
     assert [p.name for p, _ in dataset.skipped] == ["broken.h5"]
     samples = [dataset[i] for i in range(len(dataset))]  # f0.h5 slice 1 holds NaN: f0 is dropped from then on

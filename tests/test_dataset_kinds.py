@@ -21,9 +21,13 @@ from common.preflight import check_sites
 from tests.conftest import write_small_sites
 
 TOY = DatasetKind(
-    name="toy", description="IXI's T1 volumes, one hospital-less site", files="toy NIfTI",
-    find=lambda config: find_ixi_files(config.data_path, ["T1"]), is_file=has_nifti_magic,
-    reader=lambda _config, min_foreground: (IXIReader, {"min_foreground": min_foreground}), raw_kspace=False,
+    name="toy",
+    description="IXI's T1 volumes, one hospital-less site",
+    files="toy NIfTI",
+    find=lambda config: find_ixi_files(config.data_path, ["T1"]),
+    is_file=has_nifti_magic,
+    reader=lambda _config, min_foreground: (IXIReader, {"min_foreground": min_foreground}),
+    raw_kspace=False,
     contrasts=fixed_contrasts("toy", ("T1",), str.upper),
 )
 
@@ -52,10 +56,14 @@ def toy_site(ixi_site: Path, tmp_path: Path, **replace: str) -> Path:
 
 
 def test_an_unknown_kind_is_refused_naming_the_field_and_the_known_kinds(
-        registry: None, ixi_site: Path, tmp_path: Path) -> None:
+    registry: None, ixi_site: Path, tmp_path: Path
+) -> None:
     path = toy_site(ixi_site, tmp_path)
-    with pytest.raises(ConfigError, match=rf"{path.name}: dataset: unknown dataset kind 'toy'; "
-                                          r"known kinds: brats, fastmri, ixi"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{path.name}: dataset: unknown dataset kind 'toy'; "
+        r"known kinds: brats, fastmri, ixi",
+    ):
         load_site_config(path)
 
 

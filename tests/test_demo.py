@@ -118,9 +118,7 @@ def test_rerun_replaces_only_demo_folders(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="ixisite: holds earlier demo data; pass --overwrite"):
         generate_demo(tmp_path, size=32, subjects=1, sites=[site])
     generate_demo(tmp_path, size=32, subjects=1, sites=[site], overwrite=True)
-    assert (tmp_path / "ixisite" / MARKER).exists() and len(
-        list((tmp_path / "ixisite").glob("*.nii.gz"))
-    ) == 3
+    assert (tmp_path / "ixisite" / MARKER).exists() and len(list((tmp_path / "ixisite").glob("*.nii.gz"))) == 3
     precious = tmp_path / "real" / "ixisite"
     precious.mkdir(parents=True)
     (precious / "IXI002-Guys-0828-T1.nii.gz").write_bytes(b"real data")
@@ -135,9 +133,7 @@ def test_main_with_site_files(tmp_path: Path) -> None:
         '[scanner]\nfield_strength_t = 1.5\ncoils = 2\nmask = "random"\n'
         "acceleration = 4\ncenter_fraction = 0.08\n"
     )
-    assert (
-        main(["--out", str(tmp_path / "out"), "--size", "32", "--subjects", "1", "--sites", str(toml)]) == 0
-    )
+    assert main(["--out", str(tmp_path / "out"), "--size", "32", "--subjects", "1", "--sites", str(toml)]) == 0
     assert len(list((tmp_path / "out" / "s").rglob("*.nii.gz"))) == 5  # four contrasts and the label map
     assert main(["--out", str(tmp_path / "out"), "--size", "8", "--sites", str(toml)]) == 2
 
@@ -186,8 +182,15 @@ def test_atrophy_enlarges_csf_and_labels_follow_tumour_fractions() -> None:
     from common.data.phantom import PATIENTS, make_subject
 
     young, old = (
-        make_subject(np.random.default_rng(3), 48, 8, slice_thickness_mm=6.0, z_start_mm=0.0, lesion=True,
-                     variation=replace(PATIENTS, atrophy=(a, a), wmh_per_atrophy=0.0))
+        make_subject(
+            np.random.default_rng(3),
+            48,
+            8,
+            slice_thickness_mm=6.0,
+            z_start_mm=0.0,
+            lesion=True,
+            variation=replace(PATIENTS, atrophy=(a, a), wmh_per_atrophy=0.0),
+        )
         for a in (0.0, 1.0)
     )
     assert old.volume_ml("csf") > 1.2 * young.volume_ml("csf")
@@ -204,8 +207,14 @@ def test_patient_model_has_white_matter_lesions_bright_on_flair() -> None:
 
     from common.data.phantom import PATIENTS, make_subject
 
-    subject = make_subject(np.random.default_rng(1), 64, 8, slice_thickness_mm=6.0, z_start_mm=0.0,
-                           variation=replace(PATIENTS, atrophy=(1.0, 1.0)))
+    subject = make_subject(
+        np.random.default_rng(1),
+        64,
+        8,
+        slice_thickness_mm=6.0,
+        z_start_mm=0.0,
+        variation=replace(PATIENTS, atrophy=(1.0, 1.0)),
+    )
     lesion, white = subject.tissues["wmh"] > 0.8, subject.tissues["wm"] > 0.9
     assert lesion.sum() > 3 and subject.volume_ml("wmh") > 0
     flair = subject.image("FLAIR") / subject.bias

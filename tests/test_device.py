@@ -26,11 +26,21 @@ def _batches(count: int, size: int = 32, coils: int = 4) -> list[dict[str, objec
         image = ((x**2 + (1.3 * y) ** 2) < 0.6 - 0.05 * k).float() * (1 + 0.3 * x)
         kspace = fft2c(image.to(torch.complex64) * maps)
         mask = torch.zeros(1, size, size)
-        mask[..., :: 3] = 1
+        mask[..., ::3] = 1
         mask[..., size // 2 - 3 : size // 2 + 3] = 1
-        out.append({"masked_kspace": (kspace * mask)[None], "mask": mask[None], "sens_maps": maps[None],
-                    "target": image[None], "scale": torch.ones(1), "max_value": image.max()[None],
-                    "site": ["s"], "fname": [f"v{k}"], "slice_idx": torch.tensor([0])})
+        out.append(
+            {
+                "masked_kspace": (kspace * mask)[None],
+                "mask": mask[None],
+                "sens_maps": maps[None],
+                "target": image[None],
+                "scale": torch.ones(1),
+                "max_value": image.max()[None],
+                "site": ["s"],
+                "fname": [f"v{k}"],
+                "slice_idx": torch.tensor([0]),
+            }
+        )
     return out
 
 
@@ -68,8 +78,11 @@ def test_bf16_autocasts_the_network_but_dc_stays_complex64() -> None:
     assert torch.allclose(mixed, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
 
 
-SMALL = {"unet": {"chans": 8, "num_pool_layers": 2}, "unrolled": {"num_cascades": 2, "chans": 8, "num_layers": 3},
-         "varnet": {"num_cascades": 2, "chans": 4, "sens_chans": 2}}
+SMALL = {
+    "unet": {"chans": 8, "num_pool_layers": 2},
+    "unrolled": {"num_cascades": 2, "chans": 8, "num_layers": 3},
+    "varnet": {"num_cascades": 2, "chans": 4, "sens_chans": 2},
+}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -35,10 +35,19 @@ MASK = MaskSettings("equispaced", 4.0, 0.08)
 
 
 def _card() -> ModelCard:
-    return ModelCard(id="test-model-0001", created="2026-01-01T00:00:00Z",
-                     architecture={"name": "unet", "args": {}, "num_parameters": 0}, run_name="t", run_config={},
-                     round=1, round_selection="last", rounds_completed=1, sites=[], versions={},
-                     weights={"sha256": "0" * 64})
+    return ModelCard(
+        id="test-model-0001",
+        created="2026-01-01T00:00:00Z",
+        architecture={"name": "unet", "args": {}, "num_parameters": 0},
+        run_name="t",
+        run_config={},
+        round=1,
+        round_selection="last",
+        rounds_completed=1,
+        sites=[],
+        versions={},
+        weights={"sha256": "0" * 64},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +60,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return h5, nifti, paths[1]
 
 
-def _reconstruct(inputs: list[Path], out: Path, site: Path | None = None,
-                 policy: PatientIdPolicy | None = None) -> list[Path]:
+def _reconstruct(
+    inputs: list[Path], out: Path, site: Path | None = None, policy: PatientIdPolicy | None = None
+) -> list[Path]:
     loaded = LoadedModel(torch.nn.Identity(), _card(), out)
     config = load_site_config(site) if site else None
     recon = Reconstructor(loaded, device=torch.device("cpu"), site=config, mask=MASK, zero_filled_only=True)
@@ -93,10 +103,14 @@ def test_every_written_file_passes_dciodvfy_with_header_geometry(demo: tuple[Pat
     assert [float(v) for v in first.PixelSpacing] == pytest.approx([fov[0] / matrix[0], fov[1] / matrix[1]])
     assert float(first.SliceThickness) == pytest.approx(fov[2] / matrix[2])
     assert float(first.MagneticFieldStrength) == pytest.approx(field)
-    assert list(first.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and "test-model-0001" in first.DerivationDescription
+    assert (
+        list(first.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and "test-model-0001" in first.DerivationDescription
+    )
     for name in ("PatientBirthDate", "StudyID", "AccessionNumber", "EchoTime", "ReferringPhysicianName"):
         assert name in first, name
-    normal = np.cross(np.array(first.ImageOrientationPatient[:3], float), np.array(first.ImageOrientationPatient[3:], float))
+    normal = np.cross(
+        np.array(first.ImageOrientationPatient[:3], float), np.array(first.ImageOrientationPatient[3:], float)
+    )
     along = [float(np.dot(np.array(d.ImagePositionPatient, float), normal)) for d in series]
     np.testing.assert_allclose(np.diff(along), fov[2] / matrix[2], rtol=1e-6)
     assert {d.PatientID for d in series} == {first.PatientID}
@@ -114,8 +128,11 @@ def test_every_written_file_passes_dciodvfy_with_header_geometry(demo: tuple[Pat
         points = np.array([[*c, 1.0] for c in itertools.product(*[(0, n - 1) for n in shape])]).T
         return np.array(sorted(map(tuple, np.round((affine @ points)[:3].T, 3))))
 
-    np.testing.assert_allclose(corners(dicom_volume.affine, dicom_volume.spatial_shape),
-                               corners(lps @ image.affine, image.shape[:3]), atol=1e-2)
+    np.testing.assert_allclose(
+        corners(dicom_volume.affine, dicom_volume.spatial_shape),
+        corners(lps @ image.affine, image.shape[:3]),
+        atol=1e-2,
+    )
     assert sorted(dicom_volume.spacing) == pytest.approx(sorted(float(z) for z in image.header.get_zooms()[:3]))
     assert float(_series(nifti_dir)[0].MagneticFieldStrength) == load_site_config(site).scanner.field_strength_t
 
@@ -152,7 +169,8 @@ def test_patient_id_options_are_validated_naming_the_option(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_salted_pseudonym_is_stable_and_header_without_geometry_is_refused(
-        demo: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    demo: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     h5 = demo[0]
     salt = tmp_path / "salt"
     salt.write_bytes(b"a-site-secret-of-enough-bytes")
@@ -177,7 +195,19 @@ def test_salted_pseudonym_is_stable_and_header_without_geometry_is_refused(
 def test_cli_checks_patient_options_before_anything_else(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     salt = tmp_path / "salt"
     salt.write_bytes(b"0123456789abcdef")
-    code = client_main(["reconstruct", "--model", str(tmp_path / "no-model"), str(tmp_path / "x.h5"),
-                        "--out", str(tmp_path / "o"), "--patient-id", "P1", "--pseudonym-salt-file", str(salt)])
+    code = client_main(
+        [
+            "reconstruct",
+            "--model",
+            str(tmp_path / "no-model"),
+            str(tmp_path / "x.h5"),
+            "--out",
+            str(tmp_path / "o"),
+            "--patient-id",
+            "P1",
+            "--pseudonym-salt-file",
+            str(salt),
+        ]
+    )
     assert code == 2 and "--patient-id, --pseudonym-salt-file: give at most one" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -31,8 +31,12 @@ def test_clip_update_matches_torch_clip_grad_norm() -> None:
 def test_the_noise_shares_of_the_sites_sum_to_the_calibrated_noise(sites: int) -> None:
     sigma, clip, min_sites, entries = 1.3, 0.2, 4, 200_000
     rng = np.random.default_rng(1)
-    shares = [clip_and_add_noise_share([np.zeros(entries)], clip=clip, noise_multiplier=sigma, min_sites=min_sites,
-                                       rng=rng)[0][0] for _ in range(sites)]
+    shares = [
+        clip_and_add_noise_share([np.zeros(entries)], clip=clip, noise_multiplier=sigma, min_sites=min_sites, rng=rng)[
+            0
+        ][0]
+        for _ in range(sites)
+    ]
     total = np.sum(shares, axis=0)
     # m = min_sites shares give N(0, σ²C²); every further site only adds variance.
     expected = sigma * clip * np.sqrt(sites / min_sites)
@@ -43,17 +47,27 @@ def test_the_noise_shares_of_the_sites_sum_to_the_calibrated_noise(sites: int) -
 
 def test_a_clipped_site_is_flagged_and_bounded() -> None:
     update = [np.full(100, 1.0)]  # norm 10
-    out, clipped = clip_and_add_noise_share(update, clip=1.0, noise_multiplier=0.0, min_sites=3,
-                                            rng=np.random.default_rng(0))
+    out, clipped = clip_and_add_noise_share(
+        update, clip=1.0, noise_multiplier=0.0, min_sites=3, rng=np.random.default_rng(0)
+    )
     assert clipped and np.linalg.norm(out[0]) == pytest.approx(1.0)
-    _, clipped = clip_and_add_noise_share(update, clip=20.0, noise_multiplier=0.0, min_sites=3,
-                                          rng=np.random.default_rng(0))
+    _, clipped = clip_and_add_noise_share(
+        update, clip=20.0, noise_multiplier=0.0, min_sites=3, rng=np.random.default_rng(0)
+    )
     assert not clipped
 
 
 def _config(**extra: object) -> RunConfig:
-    return RunConfig.from_flat({"secagg": True, "min-train-nodes": 3, "min-available-nodes": 3,
-                                "dp-client-clip": 0.1, "dp-client-noise": 1.0, **extra})
+    return RunConfig.from_flat(
+        {
+            "secagg": True,
+            "min-train-nodes": 3,
+            "min-available-nodes": 3,
+            "dp-client-clip": 0.1,
+            "dp-client-noise": 1.0,
+            **extra,
+        }
+    )
 
 
 def test_secagg_allows_client_side_clipping_only() -> None:

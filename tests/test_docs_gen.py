@@ -28,8 +28,13 @@ def test_generated_doc_regions_are_current() -> None:
 
 def test_every_registered_name_and_description_is_in_the_readme_once() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for descriptions in (registry.STRATEGY_DESCRIPTIONS, registry.MODEL_DESCRIPTIONS, registry.BASELINE_DESCRIPTIONS,
-                         registry.LOSS_DESCRIPTIONS, docs_gen.PATTERN_DESCRIPTIONS):
+    for descriptions in (
+        registry.STRATEGY_DESCRIPTIONS,
+        registry.MODEL_DESCRIPTIONS,
+        registry.BASELINE_DESCRIPTIONS,
+        registry.LOSS_DESCRIPTIONS,
+        docs_gen.PATTERN_DESCRIPTIONS,
+    ):
         for name, text in descriptions.items():
             assert readme.count(f"| `{name}` | {text} |") == 1, name
 
@@ -50,8 +55,10 @@ def test_a_hand_edit_inside_a_region_is_stale_and_regenerating_restores_it(tmp_p
     root = _copy_tree(tmp_path)
     path = root / "docs/ARCHITECTURE.md"
     original = path.read_text(encoding="utf-8")
-    edited = original.replace("`unet`, `unrolled`, `varnet`<!-- /registry:models:names -->",
-                              "`unet`, `unrolled`<!-- /registry:models:names -->")
+    edited = original.replace(
+        "`unet`, `unrolled`, `varnet`<!-- /registry:models:names -->",
+        "`unet`, `unrolled`<!-- /registry:models:names -->",
+    )
     assert edited != original
     path.write_text(edited, encoding="utf-8")
     assert stale(root) == [path]
@@ -62,8 +69,9 @@ def test_a_hand_edit_inside_a_region_is_stale_and_regenerating_restores_it(tmp_p
 def test_a_hand_edit_of_a_pyproject_comment_is_stale(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     path = root / PYPROJECT
-    path.write_text(path.read_text(encoding="utf-8").replace("# unet | unrolled | varnet", "# unet | unrolled"),
-                    encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8").replace("# unet | unrolled | varnet", "# unet | unrolled"), encoding="utf-8"
+    )
     assert stale(root) == [path]
 
 
@@ -86,7 +94,7 @@ def test_a_kind_with_no_table_anywhere_is_an_error(tmp_path: Path) -> None:
     path = root / "README.md"
     text = path.read_text(encoding="utf-8")
     start, end = text.index("<!-- registry:losses -->"), text.index("<!-- /registry:losses -->")
-    path.write_text(text[:start] + text[end + len("<!-- /registry:losses -->"):], encoding="utf-8")
+    path.write_text(text[:start] + text[end + len("<!-- /registry:losses -->") :], encoding="utf-8")
     with pytest.raises(DocsError, match="no <!-- registry:KIND --> table for losses"):
         stale(root)
 
@@ -94,7 +102,8 @@ def test_a_kind_with_no_table_anywhere_is_an_error(tmp_path: Path) -> None:
 def test_a_missing_pyproject_key_line_is_an_error(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     path = root / PYPROJECT
-    path.write_text(path.read_text(encoding="utf-8").replace('\nloss = "l1"', '\nloss="l1"\nloss-x = "l1"'),
-                    encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8").replace('\nloss = "l1"', '\nloss="l1"\nloss-x = "l1"'), encoding="utf-8"
+    )
     with pytest.raises(DocsError, match="loss: needs one"):
         stale(root)

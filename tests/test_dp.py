@@ -77,8 +77,13 @@ def test_clipped_per_sample_gradients_are_bounded_and_match_per_slice_backward(n
         expected.append(torch.cat([p.grad.flatten() for p in params]).clone())
     bound = 0.5 * min(float(g.norm()) for g in expected)  # every slice is clipped
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=bound,
-                      expected_batch_size=len(samples), loss_reduction="mean")
+    opt = DPOptimizer(
+        torch.optim.SGD(params, lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=bound,
+        expected_batch_size=len(samples),
+        loss_reduction="mean",
+    )
     b = batch_of(samples)
     criterion(predict(gsm, b), b["target"], b["max_value"]).backward()
     per_sample = torch.cat([p.grad_sample.reshape(len(samples), -1) for p in params], dim=1)
@@ -112,9 +117,19 @@ def independent_epsilon(history: list[tuple[float, float, int]], delta: float) -
 
 
 def dp_run(**extra: object) -> RunConfig:
-    return RunConfig.from_flat({"model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
-                                "local-steps": 1, "batch-size": 2, "dp-noise-multiplier": 1.0, "dp-unit": "sample",
-                                "dp-max-grad-norm": 1.0, "dp-delta": 1e-5, **extra})
+    return RunConfig.from_flat(
+        {
+            "model": "unet",
+            "model-args": '{"chans": 4, "num_pool_layers": 2}',
+            "local-steps": 1,
+            "batch-size": 2,
+            "dp-noise-multiplier": 1.0,
+            "dp-unit": "sample",
+            "dp-max-grad-norm": 1.0,
+            "dp-delta": 1e-5,
+            **extra,
+        }
+    )
 
 
 def test_epsilon_grows_per_round_and_matches_opacus_rdp_and_the_budget_stops_training() -> None:
@@ -149,8 +164,13 @@ def test_dp_sgd_adds_calibrated_noise() -> None:
     model = torch.nn.Linear(4, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5,
-                      expected_batch_size=8, loss_reduction="mean")
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=2.0,
+        max_grad_norm=0.5,
+        expected_batch_size=8,
+        loss_reduction="mean",
+    )
     draws = []
     for _ in range(300):
         opt.zero_grad()
@@ -170,7 +190,9 @@ def test_fedprox_under_dp_pulls_toward_the_global_weights() -> None:
         model = small_model("unet")
         torch.manual_seed(1)
         train_private(model, loader, noise_multiplier=0.5, max_grad_norm=1.0, steps=2, lr=0.01, proximal_mu=mu)
-        dist[mu] = sum(float(((p.detach() - q.detach()) ** 2).sum()) for p, q in zip(model.parameters(), start.parameters()))
+        dist[mu] = sum(
+            float(((p.detach() - q.detach()) ** 2).sum()) for p, q in zip(model.parameters(), start.parameters())
+        )
     assert dist[50.0] < dist[0.0]
 
 
@@ -189,18 +211,40 @@ class ThreeNodeGrid:
 
 
 def test_server_side_clipping_bounds_each_update_and_averages_uniformly(task_identity: None) -> None:
-    run = RunConfig.from_flat({"strategy": "fedavg", "min-train-nodes": 3, "min-available-nodes": 3,
-                               "min-evaluate-nodes": 3, "dp-client-level": "server-fixed", "dp-client-clip": 1.5})
+    run = RunConfig.from_flat(
+        {
+            "strategy": "fedavg",
+            "min-train-nodes": 3,
+            "min-available-nodes": 3,
+            "min-evaluate-nodes": 3,
+            "dp-client-level": "server-fixed",
+            "dp-client-clip": 1.5,
+        }
+    )
     strategy = wrap_client_dp(build_strategy(run), run)
     global_w = {"w": np.ones((4, 5), np.float32), "b": np.zeros(5, np.float32)}
-    asks = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in global_w.items()}),
-                                         ConfigRecord(), ThreeNodeGrid()))
+    asks = list(
+        strategy.configure_train(
+            1, ArrayRecord({k: Array(v) for k, v in global_w.items()}), ConfigRecord(), ThreeNodeGrid()
+        )
+    )
     rng = np.random.default_rng(0)
-    updates = [{k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in global_w.items()}
-               for scale in (0.01, 2.0, 10.0)]  # one small (unclipped), two large
-    replies = [Message(RecordDict({"arrays": ArrayRecord({k: Array(global_w[k] + u[k]) for k in u}),
-                                   "metrics": MetricRecord({"num-examples": 10 * (i + 1), "dp-weight": 1.0})}),
-                       reply_to=ask) for i, (ask, u) in enumerate(zip(asks, updates))]
+    updates = [
+        {k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in global_w.items()}
+        for scale in (0.01, 2.0, 10.0)
+    ]  # one small (unclipped), two large
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(global_w[k] + u[k]) for k in u}),
+                    "metrics": MetricRecord({"num-examples": 10 * (i + 1), "dp-weight": 1.0}),
+                }
+            ),
+            reply_to=ask,
+        )
+        for i, (ask, u) in enumerate(zip(asks, updates))
+    ]
     aggregate, _ = strategy.aggregate_train(1, replies)
     expected = {k: np.zeros_like(v) for k, v in global_w.items()}
     for u in updates:  # independent: clip each update to norm 1.5, then the plain (unweighted) mean
@@ -223,21 +267,27 @@ def test_client_side_clipping_bounds_the_update_norm(task_identity: None) -> Non
     clip = 0.7
 
     def train_app(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"arrays": ArrayRecord(local_w), "metrics": MetricRecord({"num-examples": 4})}),
-                       reply_to=msg)
+        return Message(
+            RecordDict({"arrays": ArrayRecord(local_w), "metrics": MetricRecord({"num-examples": 4})}), reply_to=msg
+        )
 
     def send(config: dict[str, float]) -> dict[str, np.ndarray]:
-        msg = Message(RecordDict({"arrays": ArrayRecord(global_w), "config": ConfigRecord(config)}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
+        msg = Message(
+            RecordDict({"arrays": ArrayRecord(global_w), "config": ConfigRecord(config)}),
+            dst_node_id=1,
+            message_type=MessageType.TRAIN,
+        )
         context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
         reply = client_dp_mod(msg, context, train_app)
         return {k: v.numpy() for k, v in reply.content["arrays"].items()}
 
     clipped = send({KEY_CLIPPING_NORM: clip})
-    norm = np.sqrt(sum(float((v ** 2).sum()) for v in clipped.values()))
+    norm = np.sqrt(sum(float((v**2).sum()) for v in clipped.values()))
     assert norm == pytest.approx(clip, rel=1e-5)
     raw = np.concatenate([local_w["w"].numpy(), local_w["b"].numpy()])
-    np.testing.assert_allclose(np.concatenate([clipped["w"], clipped["b"]]), raw * clip / np.linalg.norm(raw), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([clipped["w"], clipped["b"]]), raw * clip / np.linalg.norm(raw), rtol=1e-5
+    )
     untouched = send({"proximal-mu": 0.0})  # client-level DP off: the reply is not changed
     np.testing.assert_array_equal(untouched["w"], local_w["w"].numpy())
 
@@ -255,15 +305,26 @@ def test_privacy_combinations_are_refused_at_config_time() -> None:
 
 def test_metrics_show_has_epsilon_columns_only_for_dp_runs(tmp_path: Path) -> None:
     def record(site: str, metrics: dict[str, float]) -> dict[str, object]:
-        return {"run": "r", "round": 1, "phase": "train", "site": site, "time": 1.0, "num_examples": 4,
-                "metrics": metrics}
+        return {
+            "run": "r",
+            "round": 1,
+            "phase": "train",
+            "site": site,
+            "time": 1.0,
+            "num_examples": 4,
+            "metrics": metrics,
+        }
 
     plain, private = RunDir(tmp_path / "plain"), RunDir(tmp_path / "dp")
     for store in (plain, private):
         store.init({"name": store.path.name}, resume=False)
     plain.append_metrics([record("site-a", {"loss": 0.5})])
-    private.append_metrics([record("site-a", {"loss": 0.5, "dp-epsilon": 1.234567}),
-                            record(GLOBAL_SITE, {"loss": 0.5, "dp-client-epsilon": 7.5})])
+    private.append_metrics(
+        [
+            record("site-a", {"loss": 0.5, "dp-epsilon": 1.234567}),
+            record(GLOBAL_SITE, {"loss": 0.5, "dp-client-epsilon": 7.5}),
+        ]
+    )
     out = io.StringIO()
     show(plain.path, fmt="csv", out=out)
     assert out.getvalue().splitlines()[0] == ",".join(COLUMNS)
@@ -276,10 +337,20 @@ def test_metrics_show_has_epsilon_columns_only_for_dp_runs(tmp_path: Path) -> No
 
 
 def test_a_resumed_run_continues_the_client_level_budget() -> None:
-    run = RunConfig.from_flat({"strategy": "fedavg", "min-train-nodes": 3, "min-available-nodes": 3,
-                               "dp-client-level": "client-fixed", "dp-client-noise": 0.8, "dp-delta": 1e-5})
-    assert client_dp_metrics(wrap_client_dp(build_strategy(run), run)) == {"dp-client-epsilon": 0.0,
-                                                                          "dp-client-delta": 1e-5}
+    run = RunConfig.from_flat(
+        {
+            "strategy": "fedavg",
+            "min-train-nodes": 3,
+            "min-available-nodes": 3,
+            "dp-client-level": "client-fixed",
+            "dp-client-noise": 0.8,
+            "dp-delta": 1e-5,
+        }
+    )
+    assert client_dp_metrics(wrap_client_dp(build_strategy(run), run)) == {
+        "dp-client-epsilon": 0.0,
+        "dp-client-delta": 1e-5,
+    }
     acc = rdp.RdpAccountant()
     acc.compose(dp_event.GaussianDpEvent(0.8), 2)
     resumed = client_dp_metrics(wrap_client_dp(build_strategy(run), run, rounds_done=2))

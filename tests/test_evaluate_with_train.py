@@ -20,8 +20,9 @@ def evaluations(store: RunDir) -> dict[tuple[int, str], dict]:
 def test_carried_evaluation_equals_separate_evaluation(small_sites: list[Path], tmp_path: Path) -> None:
     common = {"strategy": "fedavg", "local-steps": 2, "augment": False}
     separate = simulate(small_run(small_sites, tmp_path / "separate", rounds=2, **common), timeout=900)
-    carried = simulate(small_run(small_sites, tmp_path / "carried", rounds=2, **common,
-                                 **{"evaluate-with-train": True}), timeout=900)
+    carried = simulate(
+        small_run(small_sites, tmp_path / "carried", rounds=2, **common, **{"evaluate-with-train": True}), timeout=900
+    )
     a, b = evaluations(separate), evaluations(carried)
     sites = {"site-a", "site-b", "site-c", GLOBAL_SITE}
     assert set(a) == set(b) == {(rnd, site) for rnd in (0, 1, 2) for site in sites}

@@ -21,8 +21,18 @@ ARGS = {"chans": 4, "num_pool_layers": 2}
 def _federated_run(path: Path, **config: object) -> tuple[RunDir, dict[str, torch.Tensor]]:
     """Two rounds of a two-site run as the federation writes it: per-site train/evaluate records, checkpoints."""
     run = RunDir(path)
-    run.init({"name": "fed", "num-server-rounds": 2, "model": "unet", "model-args": json.dumps(ARGS),
-              "sites": "", "strategy": "fedavg", **config}, resume=False)
+    run.init(
+        {
+            "name": "fed",
+            "num-server-rounds": 2,
+            "model": "unet",
+            "model-args": json.dumps(ARGS),
+            "sites": "",
+            "strategy": "fedavg",
+            **config,
+        },
+        resume=False,
+    )
     torch.manual_seed(0)
     state = {}
     for rnd in (1, 2):
@@ -30,12 +40,39 @@ def _federated_run(path: Path, **config: object) -> tuple[RunDir, dict[str, torc
         state[rnd] = model.state_dict()
         records = []
         for site, n in (("site-a", 12), ("site-b", 30)):
-            records.append({"run": "fed", "round": rnd, "phase": "train", "site": site, "time": 1.0, "num_examples": n,
-                            "metrics": {"loss": 0.1}})
-            records.append({"run": "fed", "round": rnd, "phase": "evaluate", "site": site, "time": 1.0,
-                            "num_examples": 4, "metrics": {"psnr": 25.0 + rnd + (site == "site-b"), "ssim": 0.8}})
-        records.append({"run": "fed", "round": rnd, "phase": "evaluate", "site": "__global__", "time": 1.0,
-                        "num_examples": 8, "metrics": {"psnr": 26.0 + rnd}})
+            records.append(
+                {
+                    "run": "fed",
+                    "round": rnd,
+                    "phase": "train",
+                    "site": site,
+                    "time": 1.0,
+                    "num_examples": n,
+                    "metrics": {"loss": 0.1},
+                }
+            )
+            records.append(
+                {
+                    "run": "fed",
+                    "round": rnd,
+                    "phase": "evaluate",
+                    "site": site,
+                    "time": 1.0,
+                    "num_examples": 4,
+                    "metrics": {"psnr": 25.0 + rnd + (site == "site-b"), "ssim": 0.8},
+                }
+            )
+        records.append(
+            {
+                "run": "fed",
+                "round": rnd,
+                "phase": "evaluate",
+                "site": "__global__",
+                "time": 1.0,
+                "num_examples": 8,
+                "metrics": {"psnr": 26.0 + rnd},
+            }
+        )
         run.append_metrics(records)
         run.save_checkpoint(rnd, state[rnd], {"name": "fed"})
     return run, state[1]

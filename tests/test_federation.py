@@ -20,18 +20,32 @@ MODEL_ARGS = '{"chans": 8, "num_pool_layers": 2}'
 
 
 def small_run(sites: list[Path], run_dir: Path, rounds: int, **extra: object) -> RunConfig:
-    return RunConfig.from_flat({
-        "name": "it", "num-server-rounds": rounds, "strategy": "fedprox", "proximal-mu": 0.01,
-        "model": "unet", "model-args": MODEL_ARGS, "local-steps": 4, "batch-size": 2,
-        "learning-rate": 3e-3, "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites),
-        "min-available-nodes": len(sites), "sites": ",".join(map(str, sites)), "run-dir": str(run_dir),
-        **extra,
-    })
+    return RunConfig.from_flat(
+        {
+            "name": "it",
+            "num-server-rounds": rounds,
+            "strategy": "fedprox",
+            "proximal-mu": 0.01,
+            "model": "unet",
+            "model-args": MODEL_ARGS,
+            "local-steps": 4,
+            "batch-size": 2,
+            "learning-rate": 3e-3,
+            "min-train-nodes": len(sites),
+            "min-evaluate-nodes": len(sites),
+            "min-available-nodes": len(sites),
+            "sites": ",".join(map(str, sites)),
+            "run-dir": str(run_dir),
+            **extra,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
-def finished_run(small_sites: list[Path], tmp_path_factory: pytest.TempPathFactory,
-                 ) -> tuple[RunDir, Path]:
+def finished_run(
+    small_sites: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[RunDir, Path]:
     run_dir = tmp_path_factory.mktemp("run") / "fedprox"
     audit = run_dir.parent / "egress.jsonl"
     mp = pytest.MonkeyPatch()
@@ -63,8 +77,9 @@ def test_every_site_and_round_is_recorded_with_checkpoints(finished_run: tuple[R
 
 def test_validation_psnr_after_the_last_round_beats_round_zero(finished_run: tuple[RunDir, Path]) -> None:
     store, _ = finished_run
-    glob = {r["round"]: r["metrics"] for r in store.read_metrics()
-            if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"}
+    glob = {
+        r["round"]: r["metrics"] for r in store.read_metrics() if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"
+    }
     assert glob[2]["psnr"] > glob[0]["psnr"] + 0.5
     assert glob[2]["ssim"] > glob[0]["ssim"]
 

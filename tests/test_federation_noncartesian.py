@@ -42,21 +42,41 @@ def radial_site(directory: Path) -> Path:
 
 
 def test_cartesian_and_radial_sites_train_one_model(tmp_path: Path) -> None:
-    sites = [*write_small_sites(tmp_path / "cartesian", names=("site-a",), size=SIZE, slices=4),
-             radial_site(tmp_path / "radial")]
+    sites = [
+        *write_small_sites(tmp_path / "cartesian", names=("site-a",), size=SIZE, slices=4),
+        radial_site(tmp_path / "radial"),
+    ]
     run_dir = tmp_path / "run"
-    store = simulate(RunConfig.from_flat({
-        "name": "mixed", "num-server-rounds": 1, "strategy": "fedavg", "model": "unrolled",
-        "model-args": '{"num_cascades": 2, "chans": 4, "num_layers": 3, "lam": 1.0}', "local-steps": 2,
-        "batch-size": 2, "learning-rate": 1e-3, "min-train-nodes": 2, "min-evaluate-nodes": 2,
-        "min-available-nodes": 2, "sites": ",".join(map(str, sites)), "run-dir": str(run_dir),
-        "max-eval-slices": 2, "num-samples": 0,
-    }), timeout=900)
+    store = simulate(
+        RunConfig.from_flat(
+            {
+                "name": "mixed",
+                "num-server-rounds": 1,
+                "strategy": "fedavg",
+                "model": "unrolled",
+                "model-args": '{"num_cascades": 2, "chans": 4, "num_layers": 3, "lam": 1.0}',
+                "local-steps": 2,
+                "batch-size": 2,
+                "learning-rate": 1e-3,
+                "min-train-nodes": 2,
+                "min-evaluate-nodes": 2,
+                "min-available-nodes": 2,
+                "sites": ",".join(map(str, sites)),
+                "run-dir": str(run_dir),
+                "max-eval-slices": 2,
+                "num-samples": 0,
+            }
+        ),
+        timeout=900,
+    )
     assert store.read_config()["status"] == "finished"
     records = store.read_metrics()
     for phase in ("train", "evaluate"):
         assert {r["site"] for r in records if r["round"] == 1 and r["phase"] == phase} == {
-            "site-a", "site-r", GLOBAL_SITE}
+            "site-a",
+            "site-r",
+            GLOBAL_SITE,
+        }
     radial = [r for r in records if r["site"] == "site-r" and r["phase"] == "evaluate"]
     assert radial and all(math.isfinite(r["metrics"]["psnr"]) and r["metrics"]["psnr"] > 10 for r in radial)
     # One shared model: the round's checkpoint holds the same lam parameters both kinds of site trained.
@@ -66,8 +86,12 @@ def test_cartesian_and_radial_sites_train_one_model(tmp_path: Path) -> None:
     model = tmp_path / "model"
     assert cli.main(["export", str(run_dir), "--round", "last", "--out", str(model)]) == 0
     source = sorted((tmp_path / "radial" / "data" / "site-r").glob("*.h5"))[0]
-    assert cli.main(["reconstruct", "--model", str(model), str(source), "--out", str(tmp_path / "recon"),
-                     "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            ["reconstruct", "--model", str(model), str(source), "--out", str(tmp_path / "recon"), "--device", "cpu"]
+        )
+        == 0
+    )
     gridding = Reconstructor(load_artifact(model), device=torch.device("cpu"), zero_filled_only=True)
     reconstruct_files(gridding, [source], tmp_path / "zf", "h5")
     with h5py.File(source, "r") as f:

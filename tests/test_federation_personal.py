@@ -29,9 +29,17 @@ pytestmark = pytest.mark.slow
 LOCAL = "unet.up_conv.1.*"  # with 2 pool layers: the last decoder block and the output head
 ETA, BETA_1, BETA_2, TAU = 0.01, 0.9, 0.99, 1e-3
 PERSONAL = {
-    "strategy": "fedadam", "proximal-mu": 0.0, "server-eta": ETA, "server-beta-1": BETA_1,
-    "server-beta-2": BETA_2, "server-tau": TAU, "local-layers": LOCAL, "client-optimizer": "keep",
-    "fine-tune-steps": 4, "fine-tune-eval-every": 2, "max-eval-slices": 4,
+    "strategy": "fedadam",
+    "proximal-mu": 0.0,
+    "server-eta": ETA,
+    "server-beta-1": BETA_1,
+    "server-beta-2": BETA_2,
+    "server-tau": TAU,
+    "local-layers": LOCAL,
+    "client-optimizer": "keep",
+    "fine-tune-steps": 4,
+    "fine-tune-eval-every": 2,
+    "max-eval-slices": 4,
 }
 
 
@@ -84,8 +92,11 @@ def test_server_aggregates_and_checkpoints_only_the_shared_part(personal: tuple[
 def test_each_site_evaluates_its_own_personalised_model(personal: tuple[RunDir, Path], small_sites: list[Path]) -> None:
     store, _ = personal
     shared = torch.load(store.checkpoint_path(2), weights_only=True)["state_dict"]
-    recorded = {r["site"]: r["metrics"]["psnr"] for r in store.read_metrics()
-                if r["round"] == 2 and r["phase"] == "evaluate" and r["site"] != GLOBAL_SITE}
+    recorded = {
+        r["site"]: r["metrics"]["psnr"]
+        for r in store.read_metrics()
+        if r["round"] == 2 and r["phase"] == "evaluate" and r["site"] != GLOBAL_SITE
+    }
     heads = {}
     for path in small_sites[:2]:
         config, datasets = load_site(str(path))
@@ -115,19 +126,30 @@ def test_fine_tuning_is_recorded_and_its_weights_stay_at_the_site(personal: tupl
 
 
 def test_fedadam_step_is_adam_on_the_example_weighted_pseudo_gradient(
-        personal: tuple[RunDir, Path], small_sites: list[Path], tmp_path: Path) -> None:
+    personal: tuple[RunDir, Path], small_sites: list[Path], tmp_path: Path
+) -> None:
     """Round 1 of the personal run against one FedAvg round of the same sites and seeds.
 
     The sites' first-round training does not depend on the server strategy, so FedAvg's aggregate is
     the example-weighted average of exactly the updates FedAdam received.
     """
     store, _ = personal
-    one_round = {**PERSONAL, "strategy": "fedavg", "fine-tune-steps": 0, "fraction-evaluate": 0.0,
-                 "min-evaluate-nodes": 0}
+    one_round = {
+        **PERSONAL,
+        "strategy": "fedavg",
+        "fine-tune-steps": 0,
+        "fraction-evaluate": 0.0,
+        "min-evaluate-nodes": 0,
+    }
     average = simulate(small_run(small_sites[:2], tmp_path / "avg", rounds=1, **one_round), timeout=900)
     x0 = {k: v.double().numpy() for k, v in initial_state().items() if k in shared_keys()}
-    mean = {k: v.double().numpy() for k, v in torch.load(average.checkpoint_path(1), weights_only=True)["state_dict"].items()}
-    got = {k: v.double().numpy() for k, v in torch.load(store.checkpoint_path(1), weights_only=True)["state_dict"].items()}
+    mean = {
+        k: v.double().numpy()
+        for k, v in torch.load(average.checkpoint_path(1), weights_only=True)["state_dict"].items()
+    }
+    got = {
+        k: v.double().numpy() for k, v in torch.load(store.checkpoint_path(1), weights_only=True)["state_dict"].items()
+    }
     t = 2  # Flower numbers FedAdam's steps from server_round + 1
     step = ETA * np.sqrt(1 - BETA_2**t) / (1 - BETA_1**t)
     for k in x0:
@@ -138,7 +160,8 @@ def test_fedadam_step_is_adam_on_the_example_weighted_pseudo_gradient(
 
 
 def test_a_resumed_run_restores_local_layers_and_optimiser_states(
-        personal: tuple[RunDir, Path], small_sites: list[Path], tmp_path: Path) -> None:
+    personal: tuple[RunDir, Path], small_sites: list[Path], tmp_path: Path
+) -> None:
     """The server dies after the sites trained round 2 but before its checkpoint: resumed as a new Flower
     run (empty Contexts), round 2 must repeat exactly, from round 1's files, as it went straight through."""
     straight, _ = personal

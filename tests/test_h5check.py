@@ -20,8 +20,14 @@ from common.data.dataset import SiteDataset
 from common.errors import DataError
 from test_readers import write_h5
 
-SCANNER = {"field_strength_t": 3.0, "coils": 2, "matrix": [16, 16], "mask": "random", "acceleration": 2,
-           "center_fraction": 0.2}
+SCANNER = {
+    "field_strength_t": 3.0,
+    "coils": 2,
+    "matrix": [16, 16],
+    "mask": "random",
+    "acceleration": 2,
+    "center_fraction": 0.2,
+}
 LIMIT = 3.0
 
 
@@ -36,9 +42,18 @@ def poisonous_h5(path: Path) -> Path:
 
 
 def site(tmp_path: Path, **extra: object):
-    return parse_site_config({"name": "h5", "dataset": "fastmri", "data_path": str(tmp_path), "scanner": SCANNER,
-                              "split": {"val_fraction": 0.0, "test_fraction": 0.0}, "file_check_seconds": LIMIT,
-                              **extra}, "h5.toml")
+    return parse_site_config(
+        {
+            "name": "h5",
+            "dataset": "fastmri",
+            "data_path": str(tmp_path),
+            "scanner": SCANNER,
+            "split": {"val_fraction": 0.0, "test_fraction": 0.0},
+            "file_check_seconds": LIMIT,
+            **extra,
+        },
+        "h5.toml",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -115,15 +130,32 @@ def test_a_site_with_a_hanging_file_replies_and_the_round_completes_with_the_oth
 
     sites = write_small_sites(tmp_path / "sites", size=64, slices=2)
     poisonous_h5(tmp_path / "sites" / "data" / "site-a" / "zz-crafted.h5")
-    sites[0].write_text(sites[0].read_text(encoding="utf-8").replace(
-        "max_slices_per_volume = 2", f"max_slices_per_volume = 2\nfile_check_seconds = {LIMIT}"), encoding="utf-8")
+    sites[0].write_text(
+        sites[0]
+        .read_text(encoding="utf-8")
+        .replace("max_slices_per_volume = 2", f"max_slices_per_volume = 2\nfile_check_seconds = {LIMIT}"),
+        encoding="utf-8",
+    )
     timeout = 45.0
-    run = RunConfig.from_flat({
-        "name": "h5", "num-server-rounds": 1, "strategy": "fedavg", "model": "unet",
-        "model-args": '{"chans": 8, "num_pool_layers": 2}', "local-epochs": 0, "local-steps": 1, "batch-size": 2,
-        "max-eval-slices": 2, "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 3,
-        "round-timeout": timeout, "sites": ",".join(map(str, sites)), "run-dir": str(tmp_path / "run"),
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "h5",
+            "num-server-rounds": 1,
+            "strategy": "fedavg",
+            "model": "unet",
+            "model-args": '{"chans": 8, "num_pool_layers": 2}',
+            "local-epochs": 0,
+            "local-steps": 1,
+            "batch-size": 2,
+            "max-eval-slices": 2,
+            "min-train-nodes": 2,
+            "min-evaluate-nodes": 2,
+            "min-available-nodes": 3,
+            "round-timeout": timeout,
+            "sites": ",".join(map(str, sites)),
+            "run-dir": str(tmp_path / "run"),
+        }
+    )
     store = simulate(run, timeout=900)
     summaries = [r for r in store.read_metrics() if r["site"] == GLOBAL_SITE]
     assert [(r["round"], r["phase"]) for r in summaries] == [(0, "evaluate"), (1, "train"), (1, "evaluate")]

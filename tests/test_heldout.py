@@ -10,8 +10,15 @@ from common.config import ScannerConfig
 from common.data.heldout import HeldOutImage, heldout_sample, load_heldout_images, score_heldout
 from common.metrics import psnr
 
-SCANNER = ScannerConfig(field_strength_t=1.5, coils=4, matrix=(64, 64), noise_std=0.0, mask="equispaced",
-                        acceleration=4, center_fraction=0.08)
+SCANNER = ScannerConfig(
+    field_strength_t=1.5,
+    coils=4,
+    matrix=(64, 64),
+    noise_std=0.0,
+    mask="equispaced",
+    acceleration=4,
+    center_fraction=0.08,
+)
 
 
 def test_loads_real_images_from_nibabel_and_pydicom() -> None:

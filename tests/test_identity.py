@@ -38,8 +38,10 @@ def test_one_key_has_one_fingerprint_in_openssh_and_pem(tmp_path: Path) -> None:
     pki = generate_pki(tmp_path, sites=["site-a", "site-b"])
     a, b = pki.sites["site-a"].public_key, pki.sites["site-b"].public_key
     assert key_fingerprint(a.read_bytes()) == key_fingerprint(pem_of(a)) != key_fingerprint(pem_of(b))
-    assert load_site_keys(tmp_path / SITE_KEYS_FILE) == {key_fingerprint(a.read_bytes()): "site-a",
-                                                         key_fingerprint(b.read_bytes()): "site-b"}
+    assert load_site_keys(tmp_path / SITE_KEYS_FILE) == {
+        key_fingerprint(a.read_bytes()): "site-a",
+        key_fingerprint(b.read_bytes()): "site-b",
+    }
     old = key_fingerprint(a.read_bytes())
     rotate_site_key(tmp_path, "site-a")  # the retired key no longer speaks for site-a
     keys = load_site_keys(tmp_path / SITE_KEYS_FILE)
@@ -58,8 +60,11 @@ def test_a_bad_site_keys_file_is_named(tmp_path: Path) -> None:
 
 
 def reply(node: int, site: str) -> Message:
-    msg = Message(RecordDict({"metrics": MetricRecord({"num-examples": 4}), "site": ConfigRecord({"name": site})}),
-                  dst_node_id=node, message_type="train")
+    msg = Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 4}), "site": ConfigRecord({"name": site})}),
+        dst_node_id=node,
+        message_type="train",
+    )
     msg.metadata.__dict__["_src_node_id"] = node
     return msg
 
@@ -68,7 +73,9 @@ def test_without_keys_two_nodes_may_not_report_one_site() -> None:
     identity = SiteIdentity({})
     kept, rejected = identity.check([reply(1, "site-a"), reply(2, "site-a"), reply(3, "site-b")])
     assert [m.metadata.src_node_id for m in kept] == [3]
-    assert [(r.site, r.reason) for r in rejected] == [("site-a", "site name reported by 2 nodes ([1, 2]) in one phase")] * 2
+    assert [(r.site, r.reason) for r in rejected] == [
+        ("site-a", "site name reported by 2 nodes ([1, 2]) in one phase")
+    ] * 2
 
 
 class KeyedGrid(TamperingGrid):
@@ -84,26 +91,43 @@ class KeyedGrid(TamperingGrid):
 
 def claims(name: str):  # returns a Tamper
     """The site's honest update, sent under another site's name."""
+
     def tamper(request: Message, honest: Message) -> Message:
-        content = RecordDict({"arrays": ArrayRecord(dict(honest.content["arrays"])),
-                              "metrics": MetricRecord(dict(honest.content["metrics"])),
-                              "site": ConfigRecord({**dict(honest.content["site"]), "name": name})})
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(dict(honest.content["arrays"])),
+                "metrics": MetricRecord(dict(honest.content["metrics"])),
+                "site": ConfigRecord({**dict(honest.content["site"]), "name": name}),
+            }
+        )
         return Message(content, reply_to=request)
+
     return tamper
 
 
 def run_keyed(sites: list[Path], tmp_path: Path, tamper: dict, keys_for: dict[str, str], **extra: object):
     """The real ServerApp ``main`` with site-keys on; node ``100+i`` holds the key of ``keys_for[site i]``."""
     pki = generate_pki(tmp_path / "pki", sites=sorted(set(keys_for.values())))
-    run = RunConfig.from_flat({
-        "name": "identity", "num-server-rounds": 1, "strategy": "fedavg", "model-args": json.dumps(MODEL_ARGS),
-        "local-steps": 1, "batch-size": 1, "fraction-evaluate": 0.0, "min-train-nodes": 1,
-        "min-available-nodes": len(sites), "round-timeout": 60.0, "node-wait-timeout": 5.0,
-        "run-dir": str(tmp_path / "run"), "resume": False, "site-keys": str(tmp_path / "pki" / SITE_KEYS_FILE),
-        **extra,
-    })
-    keys = {100 + i: pem_of(pki.sites[keys_for[p.stem]].public_key)
-            for i, p in enumerate(sites) if p.stem in keys_for}
+    run = RunConfig.from_flat(
+        {
+            "name": "identity",
+            "num-server-rounds": 1,
+            "strategy": "fedavg",
+            "model-args": json.dumps(MODEL_ARGS),
+            "local-steps": 1,
+            "batch-size": 1,
+            "fraction-evaluate": 0.0,
+            "min-train-nodes": 1,
+            "min-available-nodes": len(sites),
+            "round-timeout": 60.0,
+            "node-wait-timeout": 5.0,
+            "run-dir": str(tmp_path / "run"),
+            "resume": False,
+            "site-keys": str(tmp_path / "pki" / SITE_KEYS_FILE),
+            **extra,
+        }
+    )
+    keys = {100 + i: pem_of(pki.sites[keys_for[p.stem]].public_key) for i, p in enumerate(sites) if p.stem in keys_for}
     grid = KeyedGrid(sites, run.to_flat(), tamper, keys=keys)
     server.app.main(grid, Context(7, 1, {}, RecordDict(), run.to_flat()))
     return grid, RunDir(tmp_path / "run")
@@ -114,16 +138,22 @@ def test_a_site_claiming_another_sites_name_is_refused_and_its_cap_not_taken(
 ) -> None:
     caps = {"site-a": 1000, "site-b": 2, "site-c": 3}
     keys_for = {"site-a": "site-a", "site-b": "site-b"}  # site-c's node has a key that is not registered
-    _, store = run_keyed(small_sites, tmp_path, {(1, "site-b"): claims("site-a")}, keys_for,
-                            **{"site-caps": json.dumps(caps)})
+    _, store = run_keyed(
+        small_sites, tmp_path, {(1, "site-b"): claims("site-a")}, keys_for, **{"site-caps": json.dumps(caps)}
+    )
     summary = train_summary(store, 1)
     assert summary["sites"] == ["site-a"]
     rejected = {r["reason"] for r in summary["rejected"]}
-    assert rejected == {"reports site 'site-a' but node 101's key is registered to 'site-b'",
-                        "node 102's key is not registered to any site (site-keys)"}
+    assert rejected == {
+        "reports site 'site-a' but node 101's key is registered to 'site-b'",
+        "node 102's key is not registered to any site (site-keys)",
+    }
     receipts = read_receipts(store.path / "received.jsonl")
     assert sorted((r["site"], r["node"], r["accepted"]) for r in receipts) == [
-        ("site-a", 100, True), ("site-a", 101, False), ("site-c", 102, False)]
+        ("site-a", 100, True),
+        ("site-a", 101, False),
+        ("site-c", 102, False),
+    ]
     # The impostor's weight never reached the aggregate: site-a alone, at its own claim.
     assert [r["site"] for r in store.read_metrics() if r["site"] != GLOBAL_SITE] == ["site-a"]
 
@@ -131,8 +161,13 @@ def test_a_site_claiming_another_sites_name_is_refused_and_its_cap_not_taken(
 def test_evaluation_num_examples_are_capped_like_training(small_sites: list[Path], tmp_path: Path) -> None:
     caps = {"site-a": 1, "site-b": 2, "site-c": 3}
     keys_for = {p.stem: p.stem for p in small_sites}
-    _, store = run_keyed(small_sites, tmp_path, {}, keys_for,
-                         **{"site-caps": json.dumps(caps), "fraction-evaluate": 1.0, "min-evaluate-nodes": 3})
+    _, store = run_keyed(
+        small_sites,
+        tmp_path,
+        {},
+        keys_for,
+        **{"site-caps": json.dumps(caps), "fraction-evaluate": 1.0, "min-evaluate-nodes": 3},
+    )
     evaluated = [r for r in store.read_metrics() if r["phase"] == "evaluate" and r["site"] != GLOBAL_SITE]
     assert {r["round"] for r in evaluated} == {0, 1}
     assert all(r["num_examples"] == caps[r["site"]] for r in evaluated), evaluated

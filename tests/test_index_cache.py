@@ -95,8 +95,9 @@ def test_every_change_that_matters_rebuilds_the_index(
     assert spy == [], "and the rebuilt index is cached again"
 
 
-def test_no_cache_dir_means_no_cache(sites: dict[str, SiteConfig], tmp_path: Path, spy: list[Path],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_cache_dir_means_no_cache(
+    sites: dict[str, SiteConfig], tmp_path: Path, spy: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(index_cache.ENV_DIR, "off")
     assert index_cache.default_cache_dir() is None
     config = copy_site(sites["site-c"], tmp_path)

@@ -142,9 +142,14 @@ def test_a_command_started_with_sigint_ignored_still_stops_on_ctrl_c(tmp_path: P
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "dashboard", str(tmp_path / "not-yet"), "--wait",
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=_sigint_ignored)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "dashboard", str(tmp_path / "not-yet"), "--wait", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_sigint_ignored,
+    )
     try:
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
@@ -169,10 +174,30 @@ ROUNDS = 12
 
 
 def _simulate_command(sites: list[Path], run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "simulate", "--sites", *map(str, sites), "--rounds", str(ROUNDS),
-            "--model", "unet", "--set", 'model-args={"chans": 4, "num_pool_layers": 1}', "--local-steps", "1",
-            "--run-dir", str(run_dir), "--set", "batch-size=1", "--set", "max-eval-slices=2",
-            "--set", "num-samples=0"]
+    return [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "simulate",
+        "--sites",
+        *map(str, sites),
+        "--rounds",
+        str(ROUNDS),
+        "--model",
+        "unet",
+        "--set",
+        'model-args={"chans": 4, "num_pool_layers": 1}',
+        "--local-steps",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "batch-size=1",
+        "--set",
+        "max-eval-slices=2",
+        "--set",
+        "num-samples=0",
+    ]
 
 
 @pytest.mark.slow
@@ -183,8 +208,14 @@ def test_ctrl_c_during_simulate_leaves_no_process_and_the_run_resumes(tmp_path: 
     command = _simulate_command(sites, run_dir)
     # SIGINT at its default, as for a command typed at a terminal, even where the tests run as a background job
     # (which inherits it ignored: the cause of this test's old failures, a run that ignored Ctrl-C to its end).
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     checkpoint = run_dir / "checkpoints" / "round-0001.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:

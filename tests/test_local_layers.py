@@ -26,8 +26,9 @@ def test_unrolled_keeps_each_cascades_last_conv_and_dc_weight() -> None:
     local, total, patterns = _local_count("unrolled", num_cascades=4, chans=32, num_layers=5)
     assert (local, total) == (2316, 115724)  # 4 x (2x32x3x3 + 2 + 1 scalar DC weight)
     assert patterns == ("cascades.*.cnn.net.8.*", "cascades.*.dc.*")
-    hard = build_model("unrolled", num_cascades=2, chans=8, num_layers=3, lam=None,
-                       learnable_lam=False)  # hard DC: no DC weight
+    hard = build_model(
+        "unrolled", num_cascades=2, chans=8, num_layers=3, lam=None, learnable_lam=False
+    )  # hard DC: no DC weight
     assert personal_layers(hard) == ("cascades.*.cnn.net.4.*",)
 
 
@@ -43,9 +44,15 @@ def test_a_model_without_a_chosen_split_is_refused() -> None:
 
 
 def _memory(tmp_path: Path, patience: int) -> SiteMemory:
-    run = RunConfig.from_flat({"model": "unrolled", "model-args": {"num_cascades": 2, "chans": 4, "num_layers": 3},
-                               "local-layers": "cascades.*.dc.*", "patience": patience,
-                               "site-state-dir": str(tmp_path / "state")})
+    run = RunConfig.from_flat(
+        {
+            "model": "unrolled",
+            "model-args": {"num_cascades": 2, "chans": 4, "num_layers": 3},
+            "local-layers": "cascades.*.dc.*",
+            "patience": patience,
+            "site-state-dir": str(tmp_path / "state"),
+        }
+    )
     return SiteMemory(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), run, "site-a")
 
 

@@ -89,12 +89,8 @@ def test_seed_for_is_stable_across_processes_and_distinguishes_inputs() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("shape", "rate", "cf"), [((320, 320), 4, 0.08), ((640, 368), 8, 0.04), ((96, 80), 6, 0.05)]
-)
-def test_equispaced_lines_follow_fastmri_adjusted_spacing(
-    shape: tuple[int, int], rate: int, cf: float
-) -> None:
+@pytest.mark.parametrize(("shape", "rate", "cf"), [((320, 320), 4, 0.08), ((640, 368), 8, 0.04), ((96, 80), 6, 0.05)])
+def test_equispaced_lines_follow_fastmri_adjusted_spacing(shape: tuple[int, int], rate: int, cf: float) -> None:
     width = shape[1]
     result = make_mask("equispaced", shape, rate, cf, seed=11)
     nlf = round(width * cf)

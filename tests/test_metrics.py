@@ -32,10 +32,7 @@ def volumes() -> tuple[np.ndarray, np.ndarray]:
 def reference_ssim(gt: np.ndarray, pred: np.ndarray, data_range: float) -> float:
     return float(
         np.mean(
-            [
-                structural_similarity(g, p, data_range=data_range, win_size=7, K1=0.01, K2=0.03)
-                for g, p in zip(gt, pred)
-            ]
+            [structural_similarity(g, p, data_range=data_range, win_size=7, K1=0.01, K2=0.03) for g, p in zip(gt, pred)]
         )
     )
 
@@ -64,9 +61,7 @@ def test_psnr_matches_formula_and_skimage_over_the_whole_volume(
     by_hand = 10 * math.log10(gt.max() ** 2 / np.mean((gt - pred) ** 2))
     assert psnr(gt, pred) == pytest.approx(by_hand, abs=1e-10)
     assert psnr(gt, pred) == pytest.approx(peak_signal_noise_ratio(gt, pred, data_range=gt.max()), abs=1e-10)
-    assert psnr(gt, pred, maxval=10.0) == pytest.approx(
-        10 * math.log10(100.0 / np.mean((gt - pred) ** 2)), abs=1e-10
-    )
+    assert psnr(gt, pred, maxval=10.0) == pytest.approx(10 * math.log10(100.0 / np.mean((gt - pred) ** 2)), abs=1e-10)
     slice_mean = np.mean([psnr(g, p, maxval=gt.max()) for g, p in zip(gt, pred)])
     assert abs(psnr(gt, pred) - slice_mean) > 1e-3, "volume PSNR is not a mean of slice PSNRs"
 

@@ -12,8 +12,11 @@ from common.runconfig import RunConfig
 
 
 def test_ssdu_and_dp_sgd_read_a_new_models_entry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(MODEL_ENTRIES, "toy", ModelEntry("a toy", dc_operator="gradient", supports_ssdu=True,
-                                                         dp_refusal="the toy mixes slices"))
+    monkeypatch.setitem(
+        MODEL_ENTRIES,
+        "toy",
+        ModelEntry("a toy", dc_operator="gradient", supports_ssdu=True, dp_refusal="the toy mixes slices"),
+    )
     ssdu.check_model("toy")  # accepted: its entry says it predicts k-space
     with pytest.raises(ConfigError, match="'toy' cannot be trained with DP-SGD: the toy mixes slices"):
         dp.check_model("toy", nn.Linear(1, 1))

@@ -23,13 +23,27 @@ from common.trajectories import golden_angle_radial, radial_acceleration, variab
 
 
 def _site(name: str, dataset: str, data_path: Path, **scanner: object) -> object:
-    base = {"field_strength_t": 3.0, "coils": 4, "matrix": [32, 32], "noise_std": 0.01,
-            "trajectory": "radial-ga", "acceleration": 2}
-    return parse_site_config({
-        "name": name, "dataset": dataset, "data_path": str(data_path), "seed": 3,
-        "contrasts": ["AXT2"] if dataset == "fastmri" else ["T1"], "max_slices_per_volume": 3,
-        "split": {"seed": 0, "val_fraction": 0.34, "test_fraction": 0.0}, "scanner": {**base, **scanner},
-    }, f"{name}.toml")
+    base = {
+        "field_strength_t": 3.0,
+        "coils": 4,
+        "matrix": [32, 32],
+        "noise_std": 0.01,
+        "trajectory": "radial-ga",
+        "acceleration": 2,
+    }
+    return parse_site_config(
+        {
+            "name": name,
+            "dataset": dataset,
+            "data_path": str(data_path),
+            "seed": 3,
+            "contrasts": ["AXT2"] if dataset == "fastmri" else ["T1"],
+            "max_slices_per_volume": 3,
+            "split": {"seed": 0, "val_fraction": 0.34, "test_fraction": 0.0},
+            "scanner": {**base, **scanner},
+        },
+        f"{name}.toml",
+    )
 
 
 def test_golden_angle_spokes_and_spiral_geometry():
@@ -45,15 +59,20 @@ def test_golden_angle_spokes_and_spiral_geometry():
     assert np.all(np.diff(radius, axis=1) > 0)
 
 
-@pytest.mark.parametrize(("scanner", "message"), [
-    ({"trajectory": "radial-ga", "acceleration": 4, "spokes": 10}, "spokes = 10 gives R = "),
-    ({"trajectory": "radial-ga", "acceleration": 4, "mask": "random"}, "mask applies to Cartesian sites only"),
-    ({"trajectory": "spiral", "acceleration": 4, "spokes": 10}, "spokes applies to radial-ga"),
-    ({"trajectory": "cartesian", "mask": "random", "center_fraction": 0.1, "acceleration": 4, "spokes": 3},
-     "spokes applies to non-Cartesian"),
-    ({"trajectory": "cartesian", "acceleration": 4}, "mask is required for a Cartesian site"),
-    ({"trajectory": "radial-ga", "acceleration": 4, "readout_samples": 4000}, "beyond the matrix edge"),
-])
+@pytest.mark.parametrize(
+    ("scanner", "message"),
+    [
+        ({"trajectory": "radial-ga", "acceleration": 4, "spokes": 10}, "spokes = 10 gives R = "),
+        ({"trajectory": "radial-ga", "acceleration": 4, "mask": "random"}, "mask applies to Cartesian sites only"),
+        ({"trajectory": "spiral", "acceleration": 4, "spokes": 10}, "spokes applies to radial-ga"),
+        (
+            {"trajectory": "cartesian", "mask": "random", "center_fraction": 0.1, "acceleration": 4, "spokes": 3},
+            "spokes applies to non-Cartesian",
+        ),
+        ({"trajectory": "cartesian", "acceleration": 4}, "mask is required for a Cartesian site"),
+        ({"trajectory": "radial-ga", "acceleration": 4, "readout_samples": 4000}, "beyond the matrix edge"),
+    ],
+)
 def test_bad_trajectory_settings_name_the_field(tmp_path: Path, scanner: dict, message: str):
     with pytest.raises(ConfigError, match=f"^r.toml: scanner: .*{message}"):
         _site("r", "ixi", tmp_path, **{"noise_std": 0.0, **scanner})
@@ -93,9 +112,10 @@ def test_raw_radial_h5_site_trains_from_its_own_files(tmp_path: Path):
     toml = tmp_path / "raw.toml"
     toml.write_text(
         f'name = "raw"\ndataset = "fastmri"\ndata_path = "{(tmp_path / "raw").as_posix()}"\ncontrasts = ["AXT2"]\n'
-        'max_slices_per_volume = 3\n[split]\nval_fraction = 0.34\ntest_fraction = 0.0\n[scanner]\n'
+        "max_slices_per_volume = 3\n[split]\nval_fraction = 0.34\ntest_fraction = 0.0\n[scanner]\n"
         'field_strength_t = 3.0\ncoils = 4\nmatrix = [32, 32]\ntrajectory = "radial-ga"\nacceleration = 2\n',
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     report = check_site(toml, tmp_path / "manifest.json")
     assert report.ready, report.problems
     assert report.trajectory is not None and report.trajectory.startswith("radial-ga: 25 spokes x 64 samples")
@@ -123,7 +143,13 @@ def test_simulated_radial_site_from_magnitude_images(tmp_path: Path):
 
 def test_self_supervision_is_refused_on_a_radial_site(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"^r.toml: <root>: .*SSDU"):
-        parse_site_config({
-            "name": "r", "dataset": "ixi", "data_path": str(tmp_path), "supervision": "self",
-            "scanner": {"field_strength_t": 3.0, "coils": 4, "trajectory": "radial-ga", "acceleration": 4},
-        }, "r.toml")
+        parse_site_config(
+            {
+                "name": "r",
+                "dataset": "ixi",
+                "data_path": str(tmp_path),
+                "supervision": "self",
+                "scanner": {"field_strength_t": 3.0, "coils": 4, "trajectory": "radial-ga", "acceleration": 4},
+            },
+            "r.toml",
+        )

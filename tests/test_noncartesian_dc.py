@@ -92,8 +92,10 @@ def test_gradcheck_through_cg_sense_dc():
     lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     data_adjoint = operator.gridded(samples)
     assert torch.autograd.gradcheck(
-        lambda x, weight: cg_sense_dc(x, data_adjoint, operator, weight, iterations=3), (image, lam),
-        atol=1e-6, fast_mode=True,
+        lambda x, weight: cg_sense_dc(x, data_adjoint, operator, weight, iterations=3),
+        (image, lam),
+        atol=1e-6,
+        fast_mode=True,
     )
     assert torch.autograd.gradcheck(
         lambda x, weight: gradient_dc(x, data_adjoint, operator, weight), (image, lam), atol=1e-6, fast_mode=True
@@ -135,8 +137,9 @@ def test_varnet_non_cartesian_cascades_equal_the_cartesian_ones_on_a_full_grid()
         for cascade in model.cascades:
             cascade.dc.eta.fill_(0.7)
         expected = model(kspace, torch.ones(1, 1, size, size), maps)
-        rows, cols = torch.meshgrid((torch.arange(size) - size // 2) / size, (torch.arange(size) - size // 2) / size,
-                                    indexing="ij")
+        rows, cols = torch.meshgrid(
+            (torch.arange(size) - size // 2) / size, (torch.arange(size) - size // 2) / size, indexing="ij"
+        )
         coords = torch.stack((rows.reshape(-1), cols.reshape(-1)), dim=-1)
         trajectory = torch.cat((coords, torch.ones(size * size, 1)), dim=-1)[None]
         got = model(kspace.reshape(1, coils, -1), trajectory, maps)
@@ -147,8 +150,11 @@ def test_varnet_non_cartesian_cascades_equal_the_cartesian_ones_on_a_full_grid()
 def test_every_model_trains_at_radial_and_cartesian_sites_with_one_state(name: str):
     """Which models a radial site may use is every registered one: a new model must support it too."""
     torch.manual_seed(0)
-    small = {"unet": {"chans": 4, "num_pool_layers": 2}, "unrolled": {"num_cascades": 2, "chans": 4, "lam": 1.0},
-             "varnet": {"num_cascades": 2, "chans": 4, "num_pool_layers": 2}}
+    small = {
+        "unet": {"chans": 4, "num_pool_layers": 2},
+        "unrolled": {"num_cascades": 2, "chans": 4, "lam": 1.0},
+        "varnet": {"num_cascades": 2, "chans": 4, "num_pool_layers": 2},
+    }
     model = build_model(name, **small[name])
     maps = torch.ones(2, 3, 16, 16, dtype=torch.complex64) / math.sqrt(3)
     mask = torch.zeros(2, 1, 16, 16)

@@ -177,8 +177,9 @@ def test_density_weights_on_a_cartesian_subset_reproduce_cartesian_zero_filling(
     """
     size = 32
     rows = [r for r in range(size) if abs(r - size // 2) < 4 or r % 4 == 0]
-    ky, kx = torch.meshgrid((torch.tensor(rows) - size // 2) / size, (torch.arange(size) - size // 2) / size,
-                            indexing="ij")
+    ky, kx = torch.meshgrid(
+        (torch.tensor(rows) - size // 2) / size, (torch.arange(size) - size // 2) / size, indexing="ij"
+    )
     coords = torch.stack((ky.reshape(-1), kx.reshape(-1)), dim=-1)
     dcf = density_compensation(coords, (size, size))
     assert torch.allclose(dcf, torch.ones_like(dcf), atol=1e-3)
@@ -197,7 +198,7 @@ def _sharp_phantom(size: int) -> torch.Tensor:
     obj -= 0.5 * ((((yy - size // 10) / (0.12 * size)) ** 2 + (xx / (0.09 * size)) ** 2) < 1)
     for row, col in ((-8, -6), (-8, 4), (6, -8), (10, 6)):
         r, c = size // 2 + row * size // 64, size // 2 + col * size // 64
-        obj[r:r + max(2, size // 32), c:c + max(2, size // 32)] = 1.5
+        obj[r : r + max(2, size // 32), c : c + max(2, size // 32)] = 1.5
     return torch.from_numpy(obj).to(torch.complex64)
 
 

@@ -22,7 +22,8 @@ def test_operator_certificate_is_a_client_certificate_of_the_ca_and_kept(tmp_pat
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()))
     assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
-        [ExtendedKeyUsageOID.CLIENT_AUTH])
+        [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
     assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "operators"
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alice"
     assert key_path.stat().st_mode & 0o777 == 0o600

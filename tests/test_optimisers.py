@@ -29,8 +29,11 @@ class TwoNodes:
 
 RNG = np.random.default_rng(0)
 # "s": a 0-d parameter, like the unrolled network's data-consistency weights.
-START = {"w": RNG.standard_normal((3, 2)).astype(np.float32), "b": RNG.standard_normal(2).astype(np.float32),
-         "s": np.array(0.3, dtype=np.float32)}
+START = {
+    "w": RNG.standard_normal((3, 2)).astype(np.float32),
+    "b": RNG.standard_normal(2).astype(np.float32),
+    "s": np.array(0.3, dtype=np.float32),
+}
 
 
 def record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -46,8 +49,9 @@ def reply(arrays: dict[str, np.ndarray], n: int) -> Message:
 def site_updates(current: dict[str, np.ndarray], rnd: int) -> list[tuple[dict[str, np.ndarray], int]]:
     """Two sites' locally trained weights (deterministic per round), with their example counts."""
     rng = np.random.default_rng(rnd)
-    return [({k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in current.items()}, n)
-            for n in (3, 9)]
+    return [
+        ({k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in current.items()}, n) for n in (3, 9)
+    ]
 
 
 def server_round(strategy, rnd: int, current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -69,8 +73,9 @@ def run_config(strategy: str, **extra: object) -> RunConfig:
 
 def test_fedadam_is_adam_on_the_averaged_pseudo_gradient() -> None:
     eta, b1, b2, tau = 0.05, 0.8, 0.95, 1e-3
-    strategy = build_strategy(run_config("fedadam", **{"server-eta": eta, "server-beta-1": b1,
-                                                       "server-beta-2": b2, "server-tau": tau}))
+    strategy = build_strategy(
+        run_config("fedadam", **{"server-eta": eta, "server-beta-1": b1, "server-beta-2": b2, "server-tau": tau})
+    )
     x = {k: v.astype(np.float64) for k, v in START.items()}
     current = dict(START)
     m = {k: np.zeros_like(v) for k, v in x.items()}

@@ -69,14 +69,17 @@ def test_server_packing_is_what_the_site_unpacks_and_back() -> None:
     assert len(packed["arrays"]) == 1 and packed["config"]["server-round"] == 2
     at_site = protocol.unpack_content(packed, site.RECORDS)["arrays"].to_torch_state_dict()
     assert list(at_site) == list(state) and all(torch.equal(at_site[k], state[k]) for k in state)
-    reply = protocol.pack_content(RecordDict({"arrays": ArrayRecord(at_site), "metrics": MetricRecord({"loss": 1.0})}),
-                                   site.RECORDS)
+    reply = protocol.pack_content(
+        RecordDict({"arrays": ArrayRecord(at_site), "metrics": MetricRecord({"loss": 1.0})}), site.RECORDS
+    )
     back = protocol.unpack_content(reply, hub.RECORDS)
     assert back["metrics"]["loss"] == 1.0 and protocol.MANIFEST not in back
     assert all(torch.equal(back["arrays"].to_torch_state_dict()[k], state[k]) for k in state)
     # Content that was never packed passes through untouched.
     plain = RecordDict({"metrics": MetricRecord({"psnr": 30.0})})
-    assert protocol.unpack_content(plain, hub.RECORDS) is plain and protocol.unpack_content(plain, site.RECORDS) is plain
+    assert (
+        protocol.unpack_content(plain, hub.RECORDS) is plain and protocol.unpack_content(plain, site.RECORDS) is plain
+    )
 
 
 class RecordingGrid:
@@ -129,16 +132,21 @@ def test_the_site_mod_unpacks_for_the_clientapp_and_packs_its_reply() -> None:
     reply = site.packed_transport_mod(msg, context, clientapp)
     assert list(seen) == list(state)
     assert len(reply.content["arrays"]) == 1 and protocol.MANIFEST in reply.content
-    assert all(torch.equal(protocol.unpack_content(reply.content, hub.RECORDS)["arrays"].to_torch_state_dict()[k], state[k])
-               for k in state)
+    assert all(
+        torch.equal(protocol.unpack_content(reply.content, hub.RECORDS)["arrays"].to_torch_state_dict()[k], state[k])
+        for k in state
+    )
 
 
 def test_a_message_of_another_protocol_version_is_refused_naming_both_versions() -> None:
     packed = protocol.pack_content(_content({"w": torch.ones(2)}), hub.RECORDS)
     assert packed[protocol.MANIFEST][protocol.VERSION_KEY] == protocol.PROTOCOL_VERSION
     packed[protocol.MANIFEST][protocol.VERSION_KEY] = protocol.PROTOCOL_VERSION + 1
-    with pytest.raises(protocol.ProtocolMismatch, match=f"protocol version {protocol.PROTOCOL_VERSION + 1}, "
-                       f"this side speaks protocol version {protocol.PROTOCOL_VERSION}"):
+    with pytest.raises(
+        protocol.ProtocolMismatch,
+        match=f"protocol version {protocol.PROTOCOL_VERSION + 1}, "
+        f"this side speaks protocol version {protocol.PROTOCOL_VERSION}",
+    ):
         protocol.unpack_content(packed, site.RECORDS)
     del packed[protocol.MANIFEST][protocol.VERSION_KEY]  # as a FedSense from before the protocol was versioned
     with pytest.raises(protocol.ProtocolMismatch, match="no protocol version"):

@@ -61,7 +61,10 @@ def test_ixi_by_hospital_links_each_hospitals_subjects(public: tuple[Path, dict]
     summary = json.loads((out / "partition.json").read_text())
     assert summary["links"] == {"hard": 27}
     assert {s["name"]: (s["subjects"], s["files"]) for s in summary["sites"]} == {
-        "ixi-guys": (3, 9), "ixi-hh": (3, 9), "ixi-iop": (3, 9)}
+        "ixi-guys": (3, 9),
+        "ixi-hh": (3, 9),
+        "ixi-iop": (3, 9),
+    }
     assert summary["sites"][0]["contrasts"] == {"PD": 3, "T1": 3, "T2": 3}
 
 
@@ -107,7 +110,9 @@ def test_brats_by_institution_from_a_fets_partition_csv(public: tuple[Path, dict
     out = partition_dataset(_spec(root, "brats", "institution", tmp_path / "sites", partition_csv=csv)).out
     for partition in ("1", "2"):
         assert _subjects_of(out, f"brats-inst-{partition}") == {s for s, p in plan.items() if p == partition}
-        assert len(list((out / f"brats-inst-{partition}").rglob("*.nii.gz"))) == 4 * list(plan.values()).count(partition)
+        assert len(list((out / f"brats-inst-{partition}").rglob("*.nii.gz"))) == 4 * list(plan.values()).count(
+            partition
+        )
 
 
 def test_brats_random_sites_keep_each_subjects_contrasts_together(public: tuple[Path, dict], tmp_path: Path) -> None:
@@ -136,8 +141,10 @@ def test_max_subjects_copy_and_symlink_modes(public: tuple[Path, dict], tmp_path
 
 def test_dirichlet_is_reproducible_and_subject_level(public: tuple[Path, dict], tmp_path: Path) -> None:
     root, layout = public
-    runs = [partition_dataset(_spec(root, "ixi", "dirichlet", tmp_path / f"d{i}", sites=2, alpha=0.5, seed=seed))
-            for i, seed in enumerate((7, 7))]
+    runs = [
+        partition_dataset(_spec(root, "ixi", "dirichlet", tmp_path / f"d{i}", sites=2, alpha=0.5, seed=seed))
+        for i, seed in enumerate((7, 7))
+    ]
     first, second = ({s["name"]: _subjects_of(r.out, s["name"]) for s in r.summary["sites"]} for r in runs)
     assert first == second
     every = {s for subjects in layout["ixi"].values() for s in subjects}
@@ -197,7 +204,9 @@ def test_csv_naming_missing_subjects_or_lacking_columns_is_refused(public: tuple
     root, layout = public
     csv = tmp_path / "p.csv"
     csv.write_text("Subject_ID,Partition_ID\n" + "".join(f"{s},1\n" for s in layout["brats"]) + "FeTS2022_01337,2\n")
-    with pytest.raises(DataError, match=r"p.csv: 1 of 7 subjects in the CSV are not in the dataset \(first: FeTS2022_01337\)"):
+    with pytest.raises(
+        DataError, match=r"p.csv: 1 of 7 subjects in the CSV are not in the dataset \(first: FeTS2022_01337\)"
+    ):
         partition_dataset(_spec(root, "brats", "institution", tmp_path / "o", partition_csv=csv))
     csv.write_text("subject,site\nBraTS20_Training_001,1\n")
     with pytest.raises(ConfigError, match=r"p.csv: header: missing column\(s\) \['subject_id', 'partition_id'\]"):
@@ -216,7 +225,9 @@ def test_empty_partitions_are_refused(public: tuple[Path, dict], tmp_path: Path)
         partition_dataset(_spec(root, "brats", "random", tmp_path / "o", sites=9))
 
 
-def test_output_is_never_written_over_foreign_data_or_into_the_dataset(public: tuple[Path, dict], tmp_path: Path) -> None:
+def test_output_is_never_written_over_foreign_data_or_into_the_dataset(
+    public: tuple[Path, dict], tmp_path: Path
+) -> None:
     root, _ = public
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -245,15 +256,46 @@ def test_output_is_never_written_over_foreign_data_or_into_the_dataset(public: t
     assert not any((out / name).exists() for name in ("ixi-hh", "ixi-guys", "ixi-iop"))
 
 
-def test_cli_prints_the_summary_table(public: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_the_summary_table(
+    public: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _ = public
-    code = cli_main(["data", "partition", "--dataset", "fastmri", "--root", str(root / "fastmri"),
-                     "--by", "field-strength", "--out", str(tmp_path / "o"), "--profile", "1.5t-8ch"])
+    code = cli_main(
+        [
+            "data",
+            "partition",
+            "--dataset",
+            "fastmri",
+            "--root",
+            str(root / "fastmri"),
+            "--by",
+            "field-strength",
+            "--out",
+            str(tmp_path / "o"),
+            "--profile",
+            "1.5t-8ch",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "fastmri-1.5t" in printed and "fastmri-3t" in printed and "AXT1:3" in printed
     assert load_site_config(tmp_path / "o" / "fastmri-3t.toml").scanner.mask == "random"  # sampling from the profile
-    assert cli_main(["data", "partition", "--dataset", "ixi", "--root", str(root / "ixi"), "--by", "scanner",
-                     "--out", str(tmp_path / "p")]) == 2
+    assert (
+        cli_main(
+            [
+                "data",
+                "partition",
+                "--dataset",
+                "ixi",
+                "--root",
+                str(root / "ixi"),
+                "--by",
+                "scanner",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
 
 
 # --------------------------------------------------------------------------- ISMRMRD header
@@ -268,15 +310,22 @@ def test_header_reader_takes_what_it_needs_and_names_what_is_wrong() -> None:
         f"<ismrmrdHeader {NS}><acquisitionSystemInformation><systemVendor>SIEMENS</systemVendor>"
         "<systemModel>Skyra</systemModel><systemFieldStrength_T>2.89362</systemFieldStrength_T>"
         f"<receiverChannels>16</receiverChannels><vendorExtra>1</vendorExtra></acquisitionSystemInformation>{MATRIX}"
-        "</ismrmrdHeader>")
+        "</ismrmrdHeader>"
+    )
     assert (header.scanner, header.field_strength_t, header.receiver_channels, header.encoded_matrix) == (
-        "SIEMENS Skyra", 2.89362, 16, (640, 372))
+        "SIEMENS Skyra",
+        2.89362,
+        16,
+        (640, 372),
+    )
     assert nominal_field(2.89362) == 3.0 and nominal_field(1.494) == 1.5 and nominal_field(2.2) == 2.2
     with pytest.raises(HeaderError, match="encoding/encodedSpace/matrixSize/x: required element is missing"):
         parse_scanner_header(f"<ismrmrdHeader {NS}></ismrmrdHeader>")
     with pytest.raises(HeaderError, match=r"systemFieldStrength_T: expected float, got 'x'"):
-        parse_scanner_header(f"<ismrmrdHeader {NS}><acquisitionSystemInformation><systemFieldStrength_T>x"
-                             f"</systemFieldStrength_T></acquisitionSystemInformation>{MATRIX}</ismrmrdHeader>")
+        parse_scanner_header(
+            f"<ismrmrdHeader {NS}><acquisitionSystemInformation><systemFieldStrength_T>x"
+            f"</systemFieldStrength_T></acquisitionSystemInformation>{MATRIX}</ismrmrdHeader>"
+        )
     with pytest.raises(HeaderError, match="DOCTYPE"):
         parse_scanner_header(f'<!DOCTYPE x [<!ENTITY a "aaaa">]><ismrmrdHeader {NS}>{MATRIX}</ismrmrdHeader>')
     with pytest.raises(HeaderError, match="root element"):
@@ -305,16 +354,55 @@ def test_partition_then_check_then_simulate(tmp_path: Path, capsys: pytest.Captu
 
     layout = write_public_layout(tmp_path / "public", size=64, subjects=3, datasets=("ixi",))
     out = tmp_path / "sites"
-    assert cli_main(["data", "partition", "--dataset", "ixi", "--root", str(tmp_path / "public" / "ixi"),
-                     "--by", "hospital", "--contrasts", "T2", "--max-slices", "3", "--profile", "3t-4ch",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "data",
+                "partition",
+                "--dataset",
+                "ixi",
+                "--root",
+                str(tmp_path / "public" / "ixi"),
+                "--by",
+                "hospital",
+                "--contrasts",
+                "T2",
+                "--max-slices",
+                "3",
+                "--profile",
+                "3t-4ch",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     tomls = sorted(str(p) for p in out.glob("*.toml"))
     for toml in tomls:
         assert cli_main(["data", "check", toml]) == 0
     run_dir = tmp_path / "run"
-    assert cli_main(["simulate", "--sites", *tomls, "--rounds", "1", "--local-steps", "2", "--run-dir", str(run_dir),
-                     "--set", 'model-args={"chans": 8, "num_pool_layers": 2}', "--set", "batch-size=2",
-                     "--timeout", "600"]) == 0
+    assert (
+        cli_main(
+            [
+                "simulate",
+                "--sites",
+                *tomls,
+                "--rounds",
+                "1",
+                "--local-steps",
+                "2",
+                "--run-dir",
+                str(run_dir),
+                "--set",
+                'model-args={"chans": 8, "num_pool_layers": 2}',
+                "--set",
+                "batch-size=2",
+                "--timeout",
+                "600",
+            ]
+        )
+        == 0
+    )
     store = RunDir(run_dir)
     assert store.read_config()["status"] == "finished"
     evaluated = {r["site"] for r in store.read_metrics() if r["round"] == 1 and r["phase"] == "evaluate"}
@@ -334,7 +422,8 @@ def test_fets_release_names_and_partition_csv(public: tuple[Path, dict], tmp_pat
             os.link(scan, target)
     csv = tmp_path / "partitioning_2.csv"
     csv.write_text("Subject_ID,Partition_ID\n" + "".join(f"{fid},{k % 2 + 1}\n" for k, fid in enumerate(ids.values())))
-    out = partition_dataset(PartitionSpec(dataset="brats", root=fets, by="institution", out=tmp_path / "o",
-                                          partition_csv=csv)).out
+    out = partition_dataset(
+        PartitionSpec(dataset="brats", root=fets, by="institution", out=tmp_path / "o", partition_csv=csv)
+    ).out
     assert _subjects_of(out, "brats-inst-1") == {fid for k, fid in enumerate(ids.values()) if k % 2 == 0}
     assert _subjects_of(out, "brats-inst-2") == {fid for k, fid in enumerate(ids.values()) if k % 2 == 1}

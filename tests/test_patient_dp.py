@@ -69,7 +69,7 @@ def test_one_subject_changes_a_step_by_at_most_c(train_set) -> None:  # type: ig
     full, norms = clip_subjects(grads, c)
     assert min(norms) > c
     for s in range(len(groups)):
-        without, _ = clip_subjects(grads[:s] + grads[s + 1:], c)
+        without, _ = clip_subjects(grads[:s] + grads[s + 1 :], c)
         diff = torch.sqrt(sum(torch.sum((a.double() - b.double()) ** 2) for a, b in zip(full, without)))
         assert float(diff) <= c * (1 + 1e-5)
         assert float(diff) >= c * (1 - 1e-4)  # clipped to exactly C
@@ -79,12 +79,14 @@ def test_patient_epsilon_matches_opacus_and_an_independent_accountant(train_set)
     net = model()
     before = [p.detach().clone() for p in net.parameters()]
     steps, sigma, delta = 3, 1.1, 1e-5
-    result, rate = train_patient_private(net, train_set, noise_multiplier=sigma, max_grad_norm=1.0,
-                                         subjects_per_step=2, steps=steps, chunk=4)
+    result, rate = train_patient_private(
+        net, train_set, noise_multiplier=sigma, max_grad_norm=1.0, subjects_per_step=2, steps=steps, chunk=4
+    )
     assert rate == pytest.approx(2 / len(subject_groups(train_set)))
     assert result.steps == steps and any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     ours = PrivacyLedger().with_round(sigma, rate, steps).epsilon(delta)
     from opacus.accountants import RDPAccountant
+
     opacus = RDPAccountant()
     for _ in range(steps):
         opacus.step(noise_multiplier=sigma, sample_rate=rate)
@@ -100,8 +102,16 @@ def test_the_site_reports_epsilon_per_patient(train_set) -> None:  # type: ignor
     from common.data.loaders import make_loader
     from common.runconfig import RunConfig
 
-    run = RunConfig.from_flat({"model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}', "local-steps": 2,
-                               "batch-size": 2, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5})
+    run = RunConfig.from_flat(
+        {
+            "model": "unet",
+            "model-args": '{"chans": 4, "num_pool_layers": 2}',
+            "local-steps": 2,
+            "batch-size": 2,
+            "dp-noise-multiplier": 1.0,
+            "dp-delta": 1e-5,
+        }
+    )
     assert run.dp_unit == "subject"  # the default privacy unit is the patient
     loader = make_loader(train_set, run.batch_size, shuffle=True, seed=0)
     result, ledger, metrics = train_with_budget(run, model(), loader, 0.0, PrivacyLedger())

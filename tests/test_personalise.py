@@ -19,15 +19,21 @@ MODEL_ARGS = {"chans": 4, "num_pool_layers": 2}
 def test_split_by_fnmatch_patterns() -> None:
     state = build_model("unet", **MODEL_ARGS).state_dict()
     shared, local = split_state(state, ("unet.up_conv.1.*",))
-    assert set(local) == {"unet.up_conv.1.0.layers.0.weight", "unet.up_conv.1.0.layers.4.weight",
-                          "unet.up_conv.1.1.weight", "unet.up_conv.1.1.bias"}
+    assert set(local) == {
+        "unet.up_conv.1.0.layers.0.weight",
+        "unet.up_conv.1.0.layers.4.weight",
+        "unet.up_conv.1.1.weight",
+        "unet.up_conv.1.1.bias",
+    }
     assert set(shared) | set(local) == set(state) and not set(shared) & set(local)
     assert list(shared) == [k for k in state if k not in local]  # model order is kept
     assert split_state(state, ()) == (dict(state), {})
     # Several patterns; '*' crosses dots as fnmatch does.
     _, lam = split_state(build_model("unrolled").state_dict(), ("*.dc.log_lam", "cascades.4.cnn.net.8.*"))
-    assert set(lam) == {f"cascades.{i}.dc.log_lam" for i in range(5)} | {"cascades.4.cnn.net.8.weight",
-                                                                        "cascades.4.cnn.net.8.bias"}
+    assert set(lam) == {f"cascades.{i}.dc.log_lam" for i in range(5)} | {
+        "cascades.4.cnn.net.8.weight",
+        "cascades.4.cnn.net.8.bias",
+    }
     assert is_local("sens_net.norm_unet.unet.bottleneck.layers.0.weight", ("sens_net.*",))
 
 
@@ -56,9 +62,19 @@ def batches(target_gain: float, n: int = 2) -> list[dict[str, object]]:
     out = []
     for i in range(n):
         k = torch.rand((1, 1, 8, 8), generator=gen).to(torch.complex64)
-        out.append({"masked_kspace": k, "mask": torch.ones(1, 1, 8, 8), "sens_maps": torch.ones(1, 1, 8, 8, dtype=torch.complex64),
-                    "target": target_gain * k.abs().sum(dim=1), "max_value": torch.tensor([target_gain * 1.0]),
-                    "scale": torch.tensor([1.0]), "fname": [f"v{i}"], "site": ["s"], "slice_idx": torch.tensor([0])})
+        out.append(
+            {
+                "masked_kspace": k,
+                "mask": torch.ones(1, 1, 8, 8),
+                "sens_maps": torch.ones(1, 1, 8, 8, dtype=torch.complex64),
+                "target": target_gain * k.abs().sum(dim=1),
+                "max_value": torch.tensor([target_gain * 1.0]),
+                "scale": torch.tensor([1.0]),
+                "fname": [f"v{i}"],
+                "site": ["s"],
+                "slice_idx": torch.tensor([0]),
+            }
+        )
     return out
 
 
@@ -87,9 +103,21 @@ def test_fine_tune_never_returns_worse_than_its_start_and_stops_early() -> None:
     json.dumps(result.metrics)  # scalars only: what a site may send
 
 
-NEW_KEYS = ("augment", "server-eta", "server-tau", "server-beta-1", "server-beta-2", "server-learning-rate",
-            "server-momentum", "client-optimizer", "local-layers", "site-state-dir", "fine-tune-steps",
-            "fine-tune-eval-every", "fine-tune-patience")
+NEW_KEYS = (
+    "augment",
+    "server-eta",
+    "server-tau",
+    "server-beta-1",
+    "server-beta-2",
+    "server-learning-rate",
+    "server-momentum",
+    "client-optimizer",
+    "local-layers",
+    "site-state-dir",
+    "fine-tune-steps",
+    "fine-tune-eval-every",
+    "fine-tune-patience",
+)
 
 
 def test_new_run_config_keys_have_the_same_defaults_in_pyproject() -> None:
@@ -103,8 +131,14 @@ def test_new_run_config_keys_have_the_same_defaults_in_pyproject() -> None:
     defaults = RunConfig().to_flat()
     assert {k: flat[k] for k in NEW_KEYS} == {k: defaults[k] for k in NEW_KEYS}
     assert RunConfig.from_flat({"local-layers": " unet.up_conv.2.* ,*.dc.eta,"}).local_layer_patterns == (
-        "unet.up_conv.2.*", "*.dc.eta")
-    for key, bad in (("client-optimizer", "sgd"), ("server-beta-1", 1.0), ("fine-tune-steps", -1),
-                     ("strategy", "fedadamw")):
+        "unet.up_conv.2.*",
+        "*.dc.eta",
+    )
+    for key, bad in (
+        ("client-optimizer", "sgd"),
+        ("server-beta-1", 1.0),
+        ("fine-tune-steps", -1),
+        ("strategy", "fedadamw"),
+    ):
         with pytest.raises(ConfigError, match=key):
             RunConfig.from_flat({key: bad})

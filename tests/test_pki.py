@@ -68,7 +68,9 @@ def test_new_site_added_without_touching_existing_material(pki) -> None:
     after = _snapshot(pki.root)
     # site-keys.json is an index of the keys (key fingerprint -> site): it gains site-c, nothing else changes.
     index = "site-keys.json"
-    assert {k: v for k, v in after.items() if k in before and k != index} == {k: v for k, v in before.items() if k != index}
+    assert {k: v for k, v in after.items() if k in before and k != index} == {
+        k: v for k, v in before.items() if k != index
+    }
     assert again.sites["site-c"].private_key.exists() and again.sites["site-c"].public_key.exists()
     assert sorted(json.loads((pki.root / index).read_text()).values()) == [*sorted(SITES), "site-c"]
 
@@ -133,6 +135,7 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_ho
     """One TLS handshake over a socketpair; the client side's error (if any) propagates."""
     left, right = socket.socketpair()
     with left, right:
+
         def serve() -> None:
             try:
                 with server_ctx.wrap_socket(right, server_side=True):

@@ -50,8 +50,11 @@ def test_pooled_training_augments_like_the_other_loaders(small_sites) -> None:  
     train = [load_site(str(path))[1]["train"] for path in small_sites[1:]]
 
     def one_pass(loader: PooledLoader) -> dict[tuple[str, str, int], torch.Tensor]:
-        return {(b["site"][i], b["fname"][i], int(b["slice_idx"][i])): b["mask"][i]
-                for b in loader for i in range(len(b["fname"]))}
+        return {
+            (b["site"][i], b["fname"][i], int(b["slice_idx"][i])): b["mask"][i]
+            for b in loader
+            for i in range(len(b["fname"]))
+        }
 
     def two_passes(augment: bool) -> tuple[dict, dict]:
         loader = PooledLoader(train, batch_size=4, seed=0, augment=augment)

@@ -39,8 +39,10 @@ class Timings:
         return dict(self.result)
 
 
-@pytest.mark.parametrize(("fp32", "bf16", "expected"), [
-    (1.0, 0.5, "bf16"), (1.1, 1.0, "bf16"), (1.09, 1.0, "fp32"), (1.0, 1.0, "fp32"), (0.5, 1.0, "fp32")])
+@pytest.mark.parametrize(
+    ("fp32", "bf16", "expected"),
+    [(1.0, 0.5, "bf16"), (1.1, 1.0, "bf16"), (1.09, 1.0, "fp32"), (1.0, 1.0, "fp32"), (0.5, 1.0, "fp32")],
+)
 def test_bf16_only_where_at_least_1_1x_faster(fp32: float, bf16: float, expected: str) -> None:
     assert auto.decide({"fp32": fp32, "bf16": bf16}) == expected
 
@@ -61,8 +63,10 @@ def test_measured_once_then_cached_on_disk_per_model_and_shape(unpinned: Path) -
     # Another shape, another model or the inference mode is a new question.
     slower = Timings(fp32=1.0, bf16=1.0)
     assert auto.choose_precision("auto", model, _batches(1, size=48)[0], CPU, measure_fn=slower) == "fp32"
-    assert auto.choose_precision("auto", build_model("unet", chans=4, num_pool_layers=2), batch, CPU,
-                                 measure_fn=slower) == "fp32"
+    assert (
+        auto.choose_precision("auto", build_model("unet", chans=4, num_pool_layers=2), batch, CPU, measure_fn=slower)
+        == "fp32"
+    )
     assert auto.choose_precision("auto", model, batch, CPU, "infer", measure_fn=slower) == "fp32"
     assert slower.calls == 3 and len(list(unpinned.glob("*.json"))) == 4
 
@@ -127,8 +131,9 @@ def test_real_measurement_leaves_the_model_and_rng_untouched(unpinned: Path) -> 
     assert torch.equal(state, torch.random.get_rng_state())
 
 
-def test_train_with_auto_reports_the_choice_and_matches_that_precision(unpinned: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_with_auto_reports_the_choice_and_matches_that_precision(
+    unpinned: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """auto that chose fp32 trains exactly as fp32 does, and the result says which precision ran."""
     batches = _batches(3)
     monkeypatch.setattr(auto, "measure", Timings(fp32=1.0, bf16=1.0))
@@ -143,8 +148,9 @@ def test_train_with_auto_reports_the_choice_and_matches_that_precision(unpinned:
     monkeypatch.setattr(auto, "_decided", {})
     monkeypatch.setenv(auto.ENV_DIR, "off")
     monkeypatch.setattr(auto, "measure", Timings(fp32=1.0, bf16=0.5))
-    result = train(build_model("unrolled", num_cascades=2, chans=4, num_layers=2), _Listed(batches), steps=1,
-                   precision="auto")
+    result = train(
+        build_model("unrolled", num_cascades=2, chans=4, num_layers=2), _Listed(batches), steps=1, precision="auto"
+    )
     assert result.precision == "bf16"
 
 
@@ -158,5 +164,6 @@ def test_learned_values_do_not_change_the_key_but_the_architecture_does() -> Non
         for p in model.parameters():
             p.add_(0.5)  # the DC weights' log-lambda too: repr(model) changes, the key must not
     assert auto.decision_key(facts, model, batch, "train") == key
-    assert auto.decision_key(facts, build_model("unrolled", num_cascades=2, chans=8, num_layers=2), batch,
-                             "train") != key
+    assert (
+        auto.decision_key(facts, build_model("unrolled", num_cascades=2, chans=8, num_layers=2), batch, "train") != key
+    )

@@ -30,7 +30,7 @@ def site_toml(tmp_path: Path, name: str, dataset: str = "fastmri", data: str = "
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f'name = "{name}"\ndataset = "{dataset}"\ndata_path = "{data}"\n{extra}\n'
-        "[scanner]\nfield_strength_t = 3.0\ncoils = 2\nmatrix = [16, 16]\nmask = \"random\"\n"
+        '[scanner]\nfield_strength_t = 3.0\ncoils = 2\nmatrix = [16, 16]\nmask = "random"\n'
         "acceleration = 2\ncenter_fraction = 0.2\n",
         encoding="utf-8",
     )
@@ -97,12 +97,20 @@ def test_simulate_with_a_bad_site_toml_fails_in_under_two_seconds(tmp_path: Path
     h5(tmp_path / "data" / "a.h5")
     good = site_toml(tmp_path, "a")
     bad = tmp_path / "b.toml"
-    bad.write_text(good.read_text(encoding="utf-8").replace('name = "a"', 'name = "b"').replace("coils = 2\n", ""),
-                   encoding="utf-8")
+    bad.write_text(
+        good.read_text(encoding="utf-8").replace('name = "a"', 'name = "b"').replace("coils = 2\n", ""),
+        encoding="utf-8",
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    proc = subprocess.run([str(FEDSENSE), "simulate", "--sites", str(good), str(bad), "--run-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        [str(FEDSENSE), "simulate", "--sites", str(good), str(bad), "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
     elapsed = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

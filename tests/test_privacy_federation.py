@@ -20,11 +20,23 @@ def test_dp_run_records_site_and_client_level_epsilon_per_round(small_sites: lis
     run_dir = tmp_path / "dp"
     audit = tmp_path / "egress.jsonl"
     sites = small_sites[:2]
-    run = small_run(sites, run_dir, rounds=2, **{
-        "name": "dp-it", "local-steps": 2, "max-eval-slices": 4,
-        "dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "dp-delta": 1e-5, "dp-unit": "sample",
-        "dp-client-level": "server-fixed", "dp-client-noise": 0.5, "dp-client-clip": 5.0,
-    })
+    run = small_run(
+        sites,
+        run_dir,
+        rounds=2,
+        **{
+            "name": "dp-it",
+            "local-steps": 2,
+            "max-eval-slices": 4,
+            "dp-noise-multiplier": 1.0,
+            "dp-max-grad-norm": 1.0,
+            "dp-delta": 1e-5,
+            "dp-unit": "sample",
+            "dp-client-level": "server-fixed",
+            "dp-client-noise": 0.5,
+            "dp-client-clip": 5.0,
+        },
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDSENSE_AUDIT_LOG", str(audit))
     try:

@@ -14,8 +14,15 @@ from server.store import GLOBAL_SITE, RunDir
 
 
 def record(rnd: int, site: str, phase: str = "evaluate", psnr: float = 20.0) -> dict:
-    rec = {"run": "r", "round": rnd, "phase": phase, "site": site, "time": time.time(), "num_examples": 2,
-           "metrics": {"psnr": psnr, "ssim": 0.5, "nmse": 0.1}}
+    rec = {
+        "run": "r",
+        "round": rnd,
+        "phase": phase,
+        "site": site,
+        "time": time.time(),
+        "num_examples": 2,
+        "metrics": {"psnr": psnr, "ssim": 0.5, "nmse": 0.1},
+    }
     if site == GLOBAL_SITE:
         rec.update(sites=["site-a"], rejected=[], seconds=1.0, overhead_seconds=0.1)
     return rec
@@ -40,10 +47,25 @@ def test_each_finished_round_is_reported_once_as_it_lands(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_the_baseline_command_reports_every_round(small_sites: list[Path], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    main(["baseline", "local", "--sites", *map(str, small_sites), "--rounds", "2", "--local-steps", "1",
-          "--run-dir", str(tmp_path / "local"), "--set", 'model-args={"chans": 4, "num_pool_layers": 2}'])
+def test_the_baseline_command_reports_every_round(
+    small_sites: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(
+        [
+            "baseline",
+            "local",
+            "--sites",
+            *map(str, small_sites),
+            "--rounds",
+            "2",
+            "--local-steps",
+            "1",
+            "--run-dir",
+            str(tmp_path / "local"),
+            "--set",
+            'model-args={"chans": 4, "num_pool_layers": 2}',
+        ]
+    )
     out = capsys.readouterr().out
     for rnd in (0, 1, 2):
         assert f"round {rnd}/2: PSNR " in out

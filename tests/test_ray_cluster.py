@@ -27,9 +27,7 @@ DRIVER_LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 def test_resources_become_flower_federation_config_and_ray_address() -> None:
     res = SimResources(ray_address="10.0.0.5:6379", client_cpus=1, client_gpus=0.5)
-    assert res.federation_config(3) == (
-        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.5"
-    )
+    assert res.federation_config(3) == ("num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.5")
     assert res.env() == {"RAY_ADDRESS": "10.0.0.5:6379"}
     assert SimResources().federation_config(4) == "num-supernodes=4"
     assert SimResources().env() == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # local Ray on loopback
@@ -74,8 +72,11 @@ def ray_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     port = free_port()
     address = f"127.0.0.1:{port}"
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
-    head = _ray_node(["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"],
-                     temp, tmp_path / "head.log")
+    head = _ray_node(
+        ["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"],
+        temp,
+        tmp_path / "head.log",
+    )
     worker = None
     try:
         deadline = time.monotonic() + 120
@@ -84,7 +85,9 @@ def ray_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
         try:
             while len([n for n in ray.nodes() if n["Alive"]]) < 2:
                 alive = head.poll() is None and worker.poll() is None
-                assert alive and time.monotonic() < deadline, (tmp_path / "worker.log").read_text(errors="replace")[-2000:]
+                assert alive and time.monotonic() < deadline, (tmp_path / "worker.log").read_text(errors="replace")[
+                    -2000:
+                ]
                 time.sleep(1)
         finally:
             ray.shutdown()
@@ -107,7 +110,11 @@ def test_a_simulation_runs_its_sites_on_both_nodes_of_an_existing_ray_cluster(
     store = simulate(run, timeout=900, resources=SimResources(ray_address=ray_cluster, client_cpus=1))
     records = store.read_metrics()
     assert {r["site"] for r in records if r["round"] == 1 and r["phase"] == "train"} == {
-        "site-a", "site-b", "site-c", GLOBAL_SITE}
+        "site-a",
+        "site-b",
+        "site-c",
+        GLOBAL_SITE,
+    }
     ray.init(address=ray_cluster, logging_level="ERROR")
     try:
         nodes = {n["NodeID"] for n in ray.nodes()}

@@ -51,9 +51,7 @@ def write_h5(
     """A fastMRI-layout file with readout oversampling (H = 2 x recon) and a zero-padded phase range."""
     rng = np.random.default_rng(seed)
     lead = (slices,) if coils is None else (slices, coils)
-    kspace = (rng.standard_normal((*lead, *shape)) + 1j * rng.standard_normal((*lead, *shape))).astype(
-        np.complex64
-    )
+    kspace = (rng.standard_normal((*lead, *shape)) + 1j * rng.standard_normal((*lead, *shape))).astype(np.complex64)
     with h5py.File(path, "w") as f:
         f["kspace"] = kspace
         if coils is not None:
@@ -69,9 +67,7 @@ def ras_volume(shape: tuple[int, int, int] = (24, 20, 10), empty: int = 2, seed:
     """An asymmetric RAS volume whose first and last ``empty`` axial slices hold nothing."""
     rng = np.random.default_rng(seed)
     volume = np.zeros(shape, np.float32)
-    volume[3:-3, 2:-5, empty:-empty] = rng.uniform(
-        100, 1000, (shape[0] - 6, shape[1] - 7, shape[2] - 2 * empty)
-    )
+    volume[3:-3, 2:-5, empty:-empty] = rng.uniform(100, 1000, (shape[0] - 6, shape[1] - 7, shape[2] - 2 * empty))
     return volume
 
 
@@ -102,9 +98,7 @@ def test_fastmri_multicoil_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data, kspace[2])
     assert data.dtype == np.complex64 and meta.kind == "kspace"
     assert meta.recon_size == (32, 32) and meta.target.shape == (32, 32)
-    np.testing.assert_allclose(
-        meta.target, center_crop(rss(ifft2c_np(kspace[2]), dim=0), (32, 32)), rtol=1e-5
-    )
+    np.testing.assert_allclose(meta.target, center_crop(rss(ifft2c_np(kspace[2]), dim=0), (32, 32)), rtol=1e-5)
     assert meta.volume_max == pytest.approx(float(center_crop(rss(ifft2c_np(kspace), dim=1), (32, 32)).max()))
     # encodingLimits: centre 22, last line 39 -> lines [2, 42) were acquired, the rest is zero padding.
     assert meta.acquired_columns == (2, 42)
@@ -164,9 +158,7 @@ def test_file_name_parsing() -> None:
 
 
 @pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("P", "S", "R"), ("A", "I", "L")])
-def test_nifti_any_orientation_reads_the_same_axial_slice(
-    tmp_path: Path, axcodes: tuple[str, str, str]
-) -> None:
+def test_nifti_any_orientation_reads_the_same_axial_slice(tmp_path: Path, axcodes: tuple[str, str, str]) -> None:
     volume = ras_volume()
     write_nifti(tmp_path / "s1" / "BraTS20_Training_001_t1.nii.gz", volume, axcodes)
     reader = BratsReader(tmp_path, find_brats_files(tmp_path))

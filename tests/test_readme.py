@@ -70,21 +70,37 @@ def test_using_the_trained_model_runs_as_written(tmp_path: Path) -> None:
         (tmp_path / "deploy" / "sites" / toml.name).write_text(text, encoding="utf-8")
     sites = sorted(str(p) for p in (tmp_path / "deploy" / "sites").glob("*.toml"))
     generate_demo(tmp_path / "demo-data", size=64, subjects=3, sites=[load_site_config(p) for p in sites])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
 
     def bash(command: str) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600, check=False)
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
         assert proc.returncode == 0, f"README: `{command}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         assert "Traceback" not in proc.stderr
         return proc
 
-    Baseline("centralized", RunConfig.from_flat({  # what `make demo` leaves in runs/demo, in seconds
-        "name": "demo", "num-server-rounds": 1, "model": "unet", "model-args": '{"chans": 4, "num_pool_layers": 2}',
-        "local-steps": 1, "batch-size": 2, "sites": ",".join(sites), "run-dir": str(tmp_path / "runs" / "demo"),
-        "num-samples": 0, "max-eval-slices": 1,
-    })).execute()
+    Baseline(
+        "centralized",
+        RunConfig.from_flat(
+            {  # what `make demo` leaves in runs/demo, in seconds
+                "name": "demo",
+                "num-server-rounds": 1,
+                "model": "unet",
+                "model-args": '{"chans": 4, "num_pool_layers": 2}',
+                "local-steps": 1,
+                "batch-size": 2,
+                "sites": ",".join(sites),
+                "run-dir": str(tmp_path / "runs" / "demo"),
+                "num-samples": 0,
+                "max-eval-slices": 1,
+            }
+        ),
+    ).execute()
     commands = readme_commands("Using the trained model")
     assert len(commands) == 5
     done = [bash(command) for command in commands]
@@ -99,8 +115,10 @@ def _first_block_commands(section: str) -> list[str]:
     text = README.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1]
     block = re.search(r"```bash\n(.*?)```", text, flags=re.S)
     assert block is not None
-    lines = [re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).strip()
-             for line in block.group(1).replace("\\\n", " ").splitlines()]
+    lines = [
+        re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).strip()
+        for line in block.group(1).replace("\\\n", " ").splitlines()
+    ]
     return [" ".join(line.split()) for line in lines if line.startswith("fedsense ")]
 
 
@@ -108,17 +126,23 @@ def _first_block_commands(section: str) -> list[str]:
 def test_using_it_runs_as_written(tmp_path: Path) -> None:
     (tmp_path / "deploy" / "sites").mkdir(parents=True)
     for toml in sorted((ROOT / "deploy" / "sites").glob("*.toml")):
-        text = re.sub(r"(?m)^max_slices_per_volume = .*$", "max_slices_per_volume = 2", toml.read_text(encoding="utf-8"))
+        text = re.sub(
+            r"(?m)^max_slices_per_volume = .*$", "max_slices_per_volume = 2", toml.read_text(encoding="utf-8")
+        )
         text = re.sub(r"(?m)^matrix = .*$", "matrix = [64, 64]", text)  # the scanner at the data's --size 64
         (tmp_path / "deploy" / "sites" / toml.name).write_text(text, encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     commands = _first_block_commands("Using it")
     assert [c.split()[1] for c in commands] == ["data", "simulate", "baseline", "metrics", "metrics", "dashboard"]
     outputs = []
     for command in commands[:-1]:
-        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600, check=False)
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
         assert proc.returncode == 0, f"README: `{command}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         assert "Traceback" not in proc.stderr
         outputs.append(proc.stdout)
@@ -127,8 +151,15 @@ def test_using_it_runs_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "local" / "metrics.jsonl").exists() and list((tmp_path / "plots").iterdir())
 
     port = int(commands[-1].split("--port ")[1].split()[0])
-    dashboard = subprocess.Popen(["bash", "-c", commands[-1]], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    dashboard = subprocess.Popen(
+        ["bash", "-c", commands[-1]],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline, page = time.monotonic() + 60, ""
         while not page and dashboard.poll() is None and time.monotonic() < deadline:

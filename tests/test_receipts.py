@@ -36,8 +36,9 @@ def request(node: int, message_id: str) -> Message:
 
 
 def answer(req: Message, site: str, message_id: str) -> Message:
-    reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3}), "site": ConfigRecord({"name": site})}),
-                    reply_to=req)
+    reply = Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 3}), "site": ConfigRecord({"name": site})}), reply_to=req
+    )
     reply.metadata.__dict__["_message_id"] = message_id
     reply.metadata.__dict__["_src_node_id"] = req.metadata.dst_node_id
     return reply
@@ -98,8 +99,13 @@ def test_late_duplicate_and_replayed_replies_are_rejected_with_reasons(tmp_path:
     ]
     lines = read_receipts(tmp_path / RECEIVED_FILE)
     accepted = [(line["round"], line["site"], line["message_id"]) for line in lines if line["accepted"]]
-    assert accepted == [(1, "site-a", "rep-1"), (1, "site-b", "rep-2"), (1, "site-c", "rep-3"),
-                        (2, "site-a", "rep-4"), (2, "site-b", "rep-5")]
+    assert accepted == [
+        (1, "site-a", "rep-1"),
+        (1, "site-b", "rep-2"),
+        (1, "site-c", "rep-3"),
+        (2, "site-a", "rep-4"),
+        (2, "site-b", "rep-5"),
+    ]
     round2 = [line for line in lines if line["round"] == 2 and not line["accepted"]]
     # One line per reply received: node 3 did answer (with the replay), so it has no "no reply" line.
     assert sorted(line["reason"].split(":")[0] for line in round2) == ["duplicate", "late or stray", "replayed"]
@@ -107,8 +113,9 @@ def test_late_duplicate_and_replayed_replies_are_rejected_with_reasons(tmp_path:
 
 def test_a_resumed_run_remembers_what_it_accepted(tmp_path: Path) -> None:
     req = request(1, "req-1")
-    Receipts(tmp_path).record(1, "train", {"req-1": 1}, [answer(req, "site-a", "rep-1")],
-                              [answer(req, "site-a", "rep-1")], [])
+    Receipts(tmp_path).record(
+        1, "train", {"req-1": 1}, [answer(req, "site-a", "rep-1")], [answer(req, "site-a", "rep-1")], []
+    )
     again = [answer(request(1, "req-9"), "site-a", "rep-1")]
     assert Receipts(tmp_path, resume=True).screen({"req-9": 1}, again)[1][0].reason.startswith("replayed")
     assert Receipts(tmp_path).screen({"req-9": 1}, again)[1] == []  # a fresh run starts a fresh ledger

@@ -35,24 +35,73 @@ from common.errors import ConfigError, DataError, FedSenseError
 from test_readers import ras_volume, write_h5, write_nifti
 
 ROOT = Path(__file__).resolve().parent.parent
-SCANNER = {"field_strength_t": 3.0, "coils": 2, "matrix": [16, 16], "mask": "random", "acceleration": 2,
-           "center_fraction": 0.2}
+SCANNER = {
+    "field_strength_t": 3.0,
+    "coils": 2,
+    "matrix": [16, 16],
+    "mask": "random",
+    "acceleration": 2,
+    "center_fraction": 0.2,
+}
 FUZZ_MEMORY = 4 << 30
 CASE_SECONDS = 30
 # Values a mutated TOML line may get: wrong types, out-of-range and non-finite numbers, odd strings.
 TOML_VALUES = (
-    "0", "-1", "1", "2", "0.5", "3.0", "1e-300", "1e300", "1e400", "-1e400", "nan", "inf", "-inf", "100000",
-    "99999999999999999999", "true", '""', '"x"', '"~nouser_fedsense/data"', '"a\\u0000b"', '"../../etc"',
-    '"random"', '"radial"', '"ixi"', '"brats"', '"fastmri"', '"Guys"', "1979-05-27", "[]", "[1]", "[64, 64]",
-    "[16, 16, 16]", '[16, "a"]', "[100000, 100000]", "[2048, 16]", "{}", "{a = 1}", "[[1]]",
+    "0",
+    "-1",
+    "1",
+    "2",
+    "0.5",
+    "3.0",
+    "1e-300",
+    "1e300",
+    "1e400",
+    "-1e400",
+    "nan",
+    "inf",
+    "-inf",
+    "100000",
+    "99999999999999999999",
+    "true",
+    '""',
+    '"x"',
+    '"~nouser_fedsense/data"',
+    '"a\\u0000b"',
+    '"../../etc"',
+    '"random"',
+    '"radial"',
+    '"ixi"',
+    '"brats"',
+    '"fastmri"',
+    '"Guys"',
+    "1979-05-27",
+    "[]",
+    "[1]",
+    "[64, 64]",
+    "[16, 16, 16]",
+    '[16, "a"]',
+    "[100000, 100000]",
+    "[2048, 16]",
+    "{}",
+    "{a = 1}",
+    "[[1]]",
 )
-TOML_CHARS = ' =[]{}"\'\n#.,-_0123456789abcxyzé\\\t'
+TOML_CHARS = " =[]{}\"'\n#.,-_0123456789abcxyzé\\\t"
 
 
 def site_config(dataset: str, data_path: Path, **extra: object) -> SiteConfig:
     """A site over ``data_path`` with every subject in the training split."""
-    return parse_site_config({"name": "fuzz", "dataset": dataset, "data_path": str(data_path), "scanner": SCANNER,
-                              "split": {"val_fraction": 0.0, "test_fraction": 0.0}, **extra}, "fuzz.toml")
+    return parse_site_config(
+        {
+            "name": "fuzz",
+            "dataset": dataset,
+            "data_path": str(data_path),
+            "scanner": SCANNER,
+            "split": {"val_fraction": 0.0, "test_fraction": 0.0},
+            **extra,
+        },
+        "fuzz.toml",
+    )
 
 
 def read_all(dataset: SiteDataset) -> int:
@@ -100,8 +149,13 @@ def nifti_patched(offset: int, values: np.ndarray) -> Any:
         (nifti_patched(280, np.zeros(12, "<f4")), "no orientation to every axis"),  # a singular affine
         (nifti_patched(280, np.full(12, np.nan, "<f4")), "affine contains NaN or Inf"),
     ],
-    ids=["h5-header-is-a-datatype", "nifti-unknown-datatype", "nifti-negative-dim", "nifti-singular-affine",
-         "nifti-nan-affine"],
+    ids=[
+        "h5-header-is-a-datatype",
+        "nifti-unknown-datatype",
+        "nifti-negative-dim",
+        "nifti-singular-affine",
+        "nifti-nan-affine",
+    ],
 )
 def test_files_that_used_to_crash_the_readers_are_named_data_errors(tmp_path: Path, make: Any, reason: str) -> None:
     """Each of these raised TypeError, HeaderDataError, LinAlgError or ValueError before the fix."""
@@ -325,8 +379,14 @@ class CaseGuard:
 def run_fuzz(kind: str, seed: int, count: int, workdir: Path) -> Counter[str]:
     """Run one fuzz campaign in a child process (memory-capped, watchdogged); its outcome counts."""
     workdir.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, __file__, kind, str(seed), str(count), str(workdir)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, kind, str(seed), str(count), str(workdir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     kept = sorted(p.name for p in workdir.glob("failing-*.bin"))
     assert done.returncode == 0, f"{kind} fuzz failed on {kept} (inputs kept in {workdir}):\n{done.stderr[-6000:]}"
     return Counter(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -385,8 +445,10 @@ def write_site_for_toml_fuzz(workdir: Path, base: Path) -> None:
     data = workdir / "data"
     for name in ("IXI001-Guys-0001-T1.nii.gz", "IXI002-Guys-0002-T1.nii.gz", "IXI003-Guys-0003-T1.nii.gz"):
         write_nifti(data / name, ras_volume((16, 16, 6), empty=1))
-    base.write_text(BASE_TOML.replace('data_path = "data"', f'data_path = "{data}"').replace("[64, 64]", "[16, 16]"),
-                    encoding="utf-8")
+    base.write_text(
+        BASE_TOML.replace('data_path = "data"', f'data_path = "{data}"').replace("[64, 64]", "[16, 16]"),
+        encoding="utf-8",
+    )
 
 
 if __name__ == "__main__":

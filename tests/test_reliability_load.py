@@ -67,12 +67,24 @@ def test_sixteen_sites_two_with_bad_data_nothing_lost(small_sites: list[Path], t
     sites = write_sites(tmp_path / "sites", small_sites)
     skipped = SiteDataset(load_site_config(sites[14]), "train").skipped
     assert [p.name for p, _ in skipped] == ["IXI999-Guys-0001-T1.nii.gz"]  # site-14's bad file is real
-    run = RunConfig.from_flat({
-        "name": "load", "num-server-rounds": ROUNDS, "strategy": "fedmedian", "model-args": '{"chans": 4, "num_pool_layers": 2}',
-        "local-steps": 1, "batch-size": 1, "max-eval-slices": 1, "min-train-nodes": NUM_SITES - 1,
-        "min-evaluate-nodes": NUM_SITES - 1, "min-available-nodes": NUM_SITES, "round-timeout": 600.0,
-        "sites": ",".join(map(str, sites)), "run-dir": str(tmp_path / "run"), "resume": False,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "load",
+            "num-server-rounds": ROUNDS,
+            "strategy": "fedmedian",
+            "model-args": '{"chans": 4, "num_pool_layers": 2}',
+            "local-steps": 1,
+            "batch-size": 1,
+            "max-eval-slices": 1,
+            "min-train-nodes": NUM_SITES - 1,
+            "min-evaluate-nodes": NUM_SITES - 1,
+            "min-available-nodes": NUM_SITES,
+            "round-timeout": 600.0,
+            "sites": ",".join(map(str, sites)),
+            "run-dir": str(tmp_path / "run"),
+            "resume": False,
+        }
+    )
     started = time.monotonic()
     store = simulate(run, timeout=900)
     seconds = time.monotonic() - started
@@ -90,5 +102,7 @@ def test_sixteen_sites_two_with_bad_data_nothing_lost(small_sites: list[Path], t
         # The server learns that site-15 failed and how, but not its paths or code (they stay in its log).
         assert summary["rejected"][0]["reason"] == "error reply: DataError at the site (details in the site's log)"
     assert store.latest_checkpoint()[0] == ROUNDS
-    print(f"\nload: {NUM_SITES} sites x {ROUNDS} rounds (fedmedian), failures injected 2 (one bad file, one "
-          f"unreadable site), survived: {len(healthy)} sites every round, 1 rejected every phase; {seconds:.0f} s")
+    print(
+        f"\nload: {NUM_SITES} sites x {ROUNDS} rounds (fedmedian), failures injected 2 (one bad file, one "
+        f"unreadable site), survived: {len(healthy)} sites every round, 1 rejected every phase; {seconds:.0f} s"
+    )

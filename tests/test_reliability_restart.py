@@ -58,13 +58,16 @@ def writer(script: str, *args: str) -> subprocess.Popen[bytes]:
 def test_a_checkpoint_write_killed_halfway_leaves_only_whole_checkpoints(tmp_path: Path) -> None:
     store = RunDir(tmp_path / "run")
     # 64 MiB per checkpoint, so that each write lasts long enough to be caught in the middle.
-    process = writer("""
+    process = writer(
+        """
         import sys, torch
         from server.store import RunDir
         store, state = RunDir(sys.argv[1]), {"w": torch.ones(16, 1024, 1024)}
         for rnd in range(1, 1000):
             store.save_checkpoint(rnd, {"w": state["w"] * rnd}, {"rounds": 1000})
-    """, str(store.path))
+    """,
+        str(store.path),
+    )
 
     def temps() -> list[Path]:
         return [p for p in store.checkpoint_dir.glob(".round-*.pt.tmp") if p.name != ".round-0001.pt.tmp"]
@@ -72,7 +75,7 @@ def test_a_checkpoint_write_killed_halfway_leaves_only_whole_checkpoints(tmp_pat
     kill_when(process, temps, "the writer to be in the middle of its second or later checkpoint")
     torn = temps()
     assert len(torn) == 1, "the kill did not land during a write"
-    torn_round = int(torn[0].name[len(".round-"):].split(".")[0])
+    torn_round = int(torn[0].name[len(".round-") :].split(".")[0])
     whole = sorted(store.checkpoint_dir.glob("round-*.pt"))
     assert [p.name for p in whole] == [f"round-{r:04d}.pt" for r in range(1, torn_round)]
     for path in whole:  # every checkpoint under its final name is complete
@@ -88,7 +91,8 @@ def test_a_checkpoint_write_killed_halfway_leaves_only_whole_checkpoints(tmp_pat
 def test_a_metrics_append_killed_halfway_loses_no_complete_record(tmp_path: Path) -> None:
     store = RunDir(tmp_path / "run")
     # Batches of 2000 records (about 250 kB each), one append per round, as the ServerApp does.
-    process = writer("""
+    process = writer(
+        """
         import sys
         from server.store import RunDir
         store = RunDir(sys.argv[1])
@@ -98,9 +102,14 @@ def test_a_metrics_append_killed_halfway_loses_no_complete_record(tmp_path: Path
                  "num_examples": 1, "metrics": {"loss": 0.25, "psnr": 30.0, "ssim": 0.9}}
                 for i in range(2000)
             ])
-    """, str(store.path))
-    kill_when(process, lambda: store.metrics_path.exists() and store.metrics_path.stat().st_size > 2_000_000,
-              "the writer to have appended a few rounds")
+    """,
+        str(store.path),
+    )
+    kill_when(
+        process,
+        lambda: store.metrics_path.exists() and store.metrics_path.stat().st_size > 2_000_000,
+        "the writer to have appended a few rounds",
+    )
 
     records = store.read_metrics()  # tolerates a torn last line, and nothing else
     per_round = Counter(r["round"] for r in records)
@@ -109,8 +118,19 @@ def test_a_metrics_append_killed_halfway_loses_no_complete_record(tmp_path: Path
     assert per_round[last] <= 2000
 
     # The restarted server appends: a torn tail is cut first, so every line of the file parses.
-    store.append_metrics([{"run": "crash", "round": last, "phase": "train", "site": GLOBAL_SITE, "time": 2.0,
-                           "num_examples": 2000, "metrics": {"loss": 0.25}}])
+    store.append_metrics(
+        [
+            {
+                "run": "crash",
+                "round": last,
+                "phase": "train",
+                "site": GLOBAL_SITE,
+                "time": 2.0,
+                "num_examples": 2000,
+                "metrics": {"loss": 0.25},
+            }
+        ]
+    )
     raw = store.metrics_path.read_bytes()
     assert raw.endswith(b"\n")
     assert [json.loads(line)["round"] for line in raw.splitlines()] == [r["round"] for r in store.read_metrics()]
@@ -120,10 +140,18 @@ def test_a_metrics_append_killed_halfway_loses_no_complete_record(tmp_path: Path
 @pytest.mark.slow
 def test_a_server_killed_mid_round_resumes_from_its_last_checkpoint(small_sites: list[Path], tmp_path: Path) -> None:
     store = RunDir(tmp_path / "run")
-    config = tiny_run(store.path, rounds=2, resume=True, **{
-        "fraction-evaluate": 1.0, "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 2,
-        "round-timeout": 150.0,
-    })
+    config = tiny_run(
+        store.path,
+        rounds=2,
+        resume=True,
+        **{
+            "fraction-evaluate": 1.0,
+            "min-train-nodes": 2,
+            "min-evaluate-nodes": 2,
+            "min-available-nodes": 2,
+            "round-timeout": 150.0,
+        },
+    )
     sites = {"site-a", "site-b", GLOBAL_SITE}
 
     def round_2_trained() -> bool:
@@ -173,12 +201,29 @@ def test_a_killed_fedsense_simulate_leaves_nothing_running_and_resumes(small_sit
     run becomes a second writer of the same metrics and checkpoints.
     """
     store = RunDir(tmp_path / "run")
-    command = [str(Path(sys.executable).parent / "fedsense"), "simulate", "--sites", *map(str, small_sites[:2]),
-               "--rounds", "2", "--local-steps", "1", "--run-dir", str(store.path), "--name", "reliability",
-               "--set", 'model-args={"chans": 4, "num_pool_layers": 2}', "--set", "batch-size=1",
-               "--set", "max-eval-slices=1"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    command = [
+        str(Path(sys.executable).parent / "fedsense"),
+        "simulate",
+        "--sites",
+        *map(str, small_sites[:2]),
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--run-dir",
+        str(store.path),
+        "--name",
+        "reliability",
+        "--set",
+        'model-args={"chans": 4, "num_pool_layers": 2}',
+        "--set",
+        "batch-size=1",
+        "--set",
+        "max-eval-slices=1",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_for(lambda: store.checkpoint_path(1).exists(), 300, "round 1's checkpoint")
     finally:

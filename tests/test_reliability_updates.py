@@ -56,11 +56,13 @@ def arrays_of(reply: Message) -> dict[str, np.ndarray]:
 
 def forged(request: Message, reply: Message, arrays: dict[str, np.ndarray]) -> Message:
     """``reply`` with its weights replaced by ``arrays`` (metrics and site name kept)."""
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-        "metrics": MetricRecord(dict(reply.content["metrics"])),
-        "site": ConfigRecord(dict(reply.content["site"])),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord(dict(reply.content["metrics"])),
+            "site": ConfigRecord(dict(reply.content["site"])),
+        }
+    )
     return Message(content, reply_to=request)
 
 
@@ -153,22 +155,38 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_node_id", SERVER_NODE)
 
 
-def run_serverapp(sites: list[Path], run_dir: Path, tamper: dict[tuple[int, str], Tamper],
-                  rounds: int = 1, **extra: object) -> tuple[TamperingGrid, RunDir]:
+def run_serverapp(
+    sites: list[Path], run_dir: Path, tamper: dict[tuple[int, str], Tamper], rounds: int = 1, **extra: object
+) -> tuple[TamperingGrid, RunDir]:
     """The real ServerApp ``main`` for ``rounds`` training rounds (no federated evaluation)."""
-    run = RunConfig.from_flat({
-        "name": "bad-updates", "num-server-rounds": rounds, "strategy": "fedavg", "model-args": json.dumps(MODEL_ARGS),
-        "local-steps": 1, "batch-size": 1, "learning-rate": 1e-2, "fraction-evaluate": 0.0,
-        "min-train-nodes": 2, "min-available-nodes": len(sites), "round-timeout": 60.0, "node-wait-timeout": 5.0,
-        "run-dir": str(run_dir), "resume": False, **extra,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "bad-updates",
+            "num-server-rounds": rounds,
+            "strategy": "fedavg",
+            "model-args": json.dumps(MODEL_ARGS),
+            "local-steps": 1,
+            "batch-size": 1,
+            "learning-rate": 1e-2,
+            "fraction-evaluate": 0.0,
+            "min-train-nodes": 2,
+            "min-available-nodes": len(sites),
+            "round-timeout": 60.0,
+            "node-wait-timeout": 5.0,
+            "run-dir": str(run_dir),
+            "resume": False,
+            **extra,
+        }
+    )
     grid = TamperingGrid(sites, run.to_flat(), tamper)
     server.app.main(grid, Context(RUN_ID, SERVER_NODE, {}, RecordDict(), run.to_flat()))
     return grid, RunDir(run_dir)
 
 
 def train_summary(store: RunDir, rnd: int) -> dict[str, Any]:
-    return next(r for r in store.read_metrics() if r["round"] == rnd and r["phase"] == "train" and r["site"] == GLOBAL_SITE)
+    return next(
+        r for r in store.read_metrics() if r["round"] == rnd and r["phase"] == "train" and r["site"] == GLOBAL_SITE
+    )
 
 
 def weighted_mean(replies: Iterable[Message]) -> dict[str, np.ndarray]:
@@ -234,14 +252,22 @@ def test_rejections_are_recorded_per_site_and_round(small_sites: list[Path], tmp
     assert rejected[3] == [{"site": f"node-{node['site-b']}", "reason": "error reply: ClientApp raised: out of memory"}]
     assert rejected[4] == [{"site": f"node-{node['site-c']}", "reason": "no reply within round-timeout (2 s)"}]
     # The ledger of replies (server.receipts) names the same: the error reply received, the silence.
-    refused = {(r["round"], r["site"], r["reason"]) for r in read_receipts(store.path / RECEIVED_FILE)
-               if r["round"] in (3, 4) and not r["accepted"]}
-    assert refused == {(3, f"node-{node['site-b']}", "error reply: ClientApp raised: out of memory"),
-                       (4, f"node-{node['site-c']}", "no reply")}
+    refused = {
+        (r["round"], r["site"], r["reason"])
+        for r in read_receipts(store.path / RECEIVED_FILE)
+        if r["round"] in (3, 4) and not r["accepted"]
+    }
+    assert refused == {
+        (3, f"node-{node['site-b']}", "error reply: ClientApp raised: out of memory"),
+        (4, f"node-{node['site-c']}", "no reply"),
+    }
     # The server waited out round-timeout for the lost reply before closing the round.
     assert train_summary(store, 4)["seconds"] >= 2.0
     assert [train_summary(store, rnd)["sites"] for rnd in (1, 2, 3, 4)] == [
-        ["site-a", "site-b"], ["site-b", "site-c"], ["site-a", "site-c"], ["site-a", "site-b"]
+        ["site-a", "site-b"],
+        ["site-b", "site-c"],
+        ["site-a", "site-c"],
+        ["site-a", "site-b"],
     ]
     assert store.latest_checkpoint()[0] == 4
 
@@ -262,8 +288,9 @@ def test_robust_aggregation_keeps_a_finite_outlier_inside_the_honest_range(
     small_sites: list[Path], tmp_path: Path, strategy: str
 ) -> None:
     """Validation passes the boosted update (norm check off); the robust aggregate still ignores it."""
-    grid, store = run_serverapp(small_sites, tmp_path / "run", {(1, "site-c"): boosted},
-                                strategy=strategy, **{"trim-beta": 0.34})
+    grid, store = run_serverapp(
+        small_sites, tmp_path / "run", {(1, "site-c"): boosted}, strategy=strategy, **{"trim-beta": 0.34}
+    )
     assert train_summary(store, 1)["sites"] == ["site-a", "site-b", "site-c"]
     honest = [arrays_of(m) for m in grid.received[1].values()]
     got = checkpoint(store, 1)
@@ -278,8 +305,12 @@ def test_a_site_whose_clientapp_fails_tells_the_server_only_the_error_type(
 ) -> None:
     """The privacy boundary holds for failures too: no site path or traceback travels, and it is audited."""
     broken = tmp_path / "site-x.toml"
-    broken.write_text(small_sites[0].read_text(encoding="utf-8").replace('name = "site-a"', 'name = "site-x"')
-                      .replace(str(small_sites[0].parent / "data" / "site-a"), str(tmp_path / "gone")))
+    broken.write_text(
+        small_sites[0]
+        .read_text(encoding="utf-8")
+        .replace('name = "site-a"', 'name = "site-x"')
+        .replace(str(small_sites[0].parent / "data" / "site-a"), str(tmp_path / "gone"))
+    )
     audit = tmp_path / "egress.jsonl"
     monkeypatch.setenv("FEDSENSE_AUDIT_LOG", str(audit))
     grid, store = run_serverapp([*small_sites, broken], tmp_path / "run", {})
@@ -289,4 +320,6 @@ def test_a_site_whose_clientapp_fails_tells_the_server_only_the_error_type(
     ]
     assert str(tmp_path) not in store.metrics_path.read_text()
     errors = [json.loads(line) for line in audit.read_text().splitlines() if "error" in json.loads(line)]
-    assert errors == [{"time": errors[0]["time"], "type": "train", "error": "DataError at the site (details in the site's log)"}]
+    assert errors == [
+        {"time": errors[0]["time"], "type": "train", "error": "DataError at the site (details in the site's log)"}
+    ]

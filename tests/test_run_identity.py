@@ -31,9 +31,17 @@ def test_resume_with_the_same_identity_continues_and_may_add_rounds(tmp_path: Pa
     assert store.read_config()["num-server-rounds"] == 9
 
 
-@pytest.mark.parametrize(("key", "value"), [("model", "varnet"), ("model-args", '{"chans": 8}'),
-                                             ("sites", "/a.toml"), ("strategy", "fedavg"),
-                                             ("site-caps", '{"a": 3}'), ("learning-rate", 0.5)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("model", "varnet"),
+        ("model-args", '{"chans": 8}'),
+        ("sites", "/a.toml"),
+        ("strategy", "fedavg"),
+        ("site-caps", '{"a": 3}'),
+        ("learning-rate", 0.5),
+    ],
+)
 def test_resume_with_a_changed_identity_is_refused_naming_the_keys(tmp_path: Path, key: str, value: object) -> None:
     assert key in RESUME_IDENTITY_KEYS
     store = RunDir(tmp_path / "run")
@@ -74,8 +82,11 @@ def test_a_run_directory_of_another_user_is_refused_with_the_fix() -> None:
         run.chmod(0o755)
         shutil.rmtree(base)
     assert done.returncode != 0
-    assert re.search(rf"{re.escape(str(run))}: run directory is not writable by uid \d+ \({re.escape(str(run))} is "
-                     r"owned by uid \d+, mode 0[57]55\).*Fix: `sudo chown -R", done.stderr), done.stderr[-2000:]
+    assert re.search(
+        rf"{re.escape(str(run))}: run directory is not writable by uid \d+ \({re.escape(str(run))} is "
+        r"owned by uid \d+, mode 0[57]55\).*Fix: `sudo chown -R",
+        done.stderr,
+    ), done.stderr[-2000:]
 
 
 def test_a_run_directory_under_a_file_is_refused_with_the_fix(tmp_path: Path) -> None:

@@ -26,8 +26,9 @@ def _problem(seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return curvatures, [rng.normal(0.0, 3.0, DIM) for _ in range(SITES)]
 
 
-def _reference(curvatures: list[np.ndarray], optima: list[np.ndarray], rounds: int,
-               scaffold: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _reference(
+    curvatures: list[np.ndarray], optima: list[np.ndarray], rounds: int, scaffold: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Algorithm 1 of Karimireddy et al. 2020 (option II, all sites sampled, global step 1), in numpy."""
     x, c = np.zeros(DIM), np.zeros(DIM)
     local = [np.zeros(DIM) for _ in range(SITES)]
@@ -63,8 +64,9 @@ class _Batches:
         yield {}
 
 
-def _federated(curvatures: list[np.ndarray], optima: list[np.ndarray], rounds: int,
-               scaffold: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _federated(
+    curvatures: list[np.ndarray], optima: list[np.ndarray], rounds: int, scaffold: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """The same run with FedSense's pieces: common.training.train's loop with SGD and the step hook."""
     x, c = np.zeros(DIM), {}
     local: list[dict[str, torch.Tensor]] = [{} for _ in range(SITES)]
@@ -79,8 +81,14 @@ def _federated(curvatures: list[np.ndarray], optima: list[np.ndarray], rounds: i
                 return 0.5 * d @ a @ d  # noqa: B023
 
             hook = ControlledSteps(model, {"w": torch.tensor(c.get("w", np.zeros(DIM)))}, local[i])
-            train(model, _Batches(), steps=STEPS, batch_loss=quadratic,
-                  optimiser=torch.optim.SGD(model.parameters(), lr=LR), step_hook=hook if scaffold else None)
+            train(
+                model,
+                _Batches(),
+                steps=STEPS,
+                batch_loss=quadratic,
+                optimiser=torch.optim.SGD(model.parameters(), lr=LR),
+                step_hook=hook if scaffold else None,
+            )
             if scaffold:
                 new = hook.new_local()
                 deltas.append({k: v.numpy() for k, v in local_delta(new, local[i]).items()})
@@ -121,7 +129,8 @@ def test_server_update_scales_by_the_sampled_fraction_and_keeps_dtypes() -> None
 
 
 def test_the_server_takes_each_sites_delta_out_of_its_reply_and_refuses_a_bad_one(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -176,8 +185,12 @@ def test_a_sites_control_variate_is_kept_in_its_round_files_for_a_resumed_run(tm
     model = nn.Linear(2, 1)
 
     def memory() -> SiteMemory:  # a new Flower run: an empty Context
-        return SiteMemory(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), run,
-                          "site-a", strategy_state=True)
+        return SiteMemory(
+            Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+            run,
+            "site-a",
+            strategy_state=True,
+        )
 
     c_i = {"weight": torch.tensor([[0.25, -1.0]])}
     memory().remember(3, model, None, c_i)
@@ -205,8 +218,13 @@ def test_scalar_parameters_get_0d_array_variates_the_server_can_send(monkeypatch
     delta = local_delta(steps.new_local(), {})
     assert delta["scale"].shape == ()
     arrays = ArrayRecord({"scale": Array(np.array(0.5, np.float32))})
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1}),
-                          SCAFFOLD_DELTA: ArrayRecord({"scale": Array(delta["scale"].numpy())})})
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "metrics": MetricRecord({"num-examples": 1}),
+            SCAFFOLD_DELTA: ArrayRecord({"scale": Array(delta["scale"].numpy())}),
+        }
+    )
     state = ScaffoldState()
     reply = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
     assert state.take([reply], arrays) == []

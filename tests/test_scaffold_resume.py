@@ -27,10 +27,23 @@ SITES = ("site-a", "site-b")
 
 
 def scaffold_run(run_dir: Path, sites: list[Path], resume: bool) -> RunConfig:
-    return RunConfig.from_flat(tiny_run(run_dir, rounds=2, **{
-        "name": "scaffold", "strategy": "scaffold", "local-steps": 2, "min-train-nodes": 2,
-        "min-available-nodes": 2, "min-evaluate-nodes": 0, "sites": ",".join(map(str, sites)),
-        "site-state-dir": str(run_dir / "site-state"), "resume": resume}))
+    return RunConfig.from_flat(
+        tiny_run(
+            run_dir,
+            rounds=2,
+            **{
+                "name": "scaffold",
+                "strategy": "scaffold",
+                "local-steps": 2,
+                "min-train-nodes": 2,
+                "min-available-nodes": 2,
+                "min-evaluate-nodes": 0,
+                "sites": ",".join(map(str, sites)),
+                "site-state-dir": str(run_dir / "site-state"),
+                "resume": resume,
+            },
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +64,11 @@ def test_scaffold_runs_in_simulate(straight: tuple[RunDir, Path]) -> None:
     store, audit = straight
     train = [r for r in store.read_metrics() if r["phase"] == "train"]
     assert sorted((r["round"], r["site"]) for r in train if r["site"] != GLOBAL_SITE) == [
-        (1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b")]
+        (1, "site-a"),
+        (1, "site-b"),
+        (2, "site-a"),
+        (2, "site-b"),
+    ]
     assert all(not r["rejected"] for r in train if r["site"] == GLOBAL_SITE)
     replies = [json.loads(line) for line in audit.read_text().splitlines()]
     deltas = [r["arrays"][SCAFFOLD_DELTA] for r in replies if SCAFFOLD_DELTA in r.get("arrays", {})]
@@ -62,7 +79,8 @@ def test_scaffold_runs_in_simulate(straight: tuple[RunDir, Path]) -> None:
 
 
 def test_the_control_variates_are_checkpointed_at_the_server_and_kept_at_the_sites(
-        straight: tuple[RunDir, Path]) -> None:
+    straight: tuple[RunDir, Path],
+) -> None:
     store, _ = straight
     first = torch.load(store.checkpoint_path(1), weights_only=True)
     assert any(v.abs().sum() > 0 for v in first["round_state"]["c"].values())
@@ -72,7 +90,8 @@ def test_the_control_variates_are_checkpointed_at_the_server_and_kept_at_the_sit
 
 
 def test_a_resumed_scaffold_run_ends_with_the_weights_of_an_uninterrupted_one(
-        straight: tuple[RunDir, Path], small_sites: list[Path], tmp_path: Path) -> None:
+    straight: tuple[RunDir, Path], small_sites: list[Path], tmp_path: Path
+) -> None:
     store, _ = straight
     run_dir = tmp_path / "resumed"
     shutil.copytree(store.path, run_dir)

@@ -82,16 +82,33 @@ def _task_identity() -> Iterator[None]:
     mp.undo()
 
 
-def one_round(sites: list[Path], run_dir: Path, secagg: bool, drop: tuple[int, str] | None = None,
-              **extra: object) -> tuple[RecordingGrid, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def one_round(
+    sites: list[Path], run_dir: Path, secagg: bool, drop: tuple[int, str] | None = None, **extra: object
+) -> tuple[RecordingGrid, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One training round of the real ServerApp; the grid, the initial and the round-1 global weights."""
-    run = RunConfig.from_flat({
-        "name": "secagg", "num-server-rounds": 1, "strategy": "fedavg", "model-args": json.dumps(MODEL_ARGS),
-        "local-steps": 2, "batch-size": 1, "learning-rate": 1e-2, "fraction-evaluate": 0.0,
-        "min-train-nodes": 2, "min-available-nodes": len(sites), "round-timeout": 60.0, "node-wait-timeout": 5.0,
-        "run-dir": str(run_dir), "resume": False, "secagg": secagg, "secagg-clipping-range": CLIP,
-        "secagg-quantization-range": LEVELS, "secagg-max-weight": MAX_WEIGHT, **extra,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "secagg",
+            "num-server-rounds": 1,
+            "strategy": "fedavg",
+            "model-args": json.dumps(MODEL_ARGS),
+            "local-steps": 2,
+            "batch-size": 1,
+            "learning-rate": 1e-2,
+            "fraction-evaluate": 0.0,
+            "min-train-nodes": 2,
+            "min-available-nodes": len(sites),
+            "round-timeout": 60.0,
+            "node-wait-timeout": 5.0,
+            "run-dir": str(run_dir),
+            "resume": False,
+            "secagg": secagg,
+            "secagg-clipping-range": CLIP,
+            "secagg-quantization-range": LEVELS,
+            "secagg-max-weight": MAX_WEIGHT,
+            **extra,
+        }
+    )
     grid = RecordingGrid(sites, run.to_flat(), drop)
     server.app.main(grid, Context(RUN_ID, SERVER_NODE, {}, RecordDict(), run.to_flat()))
     store = RunDir(run_dir)
@@ -105,6 +122,7 @@ def _initial(run: RunConfig) -> dict[str, np.ndarray]:
     import torch
 
     from common.models import build_model
+
     torch.manual_seed(run.seed)
     return {k: v.numpy() for k, v in build_model(run.model, **run.model_kwargs).state_dict().items()}
 
@@ -180,12 +198,14 @@ def test_the_server_receives_no_individual_update(plain, secure) -> None:  # typ
             assert mask.std() > 0.25 * 2**32  # a uniform mask has std 2**32 / sqrt(12) ≈ 0.29 * 2**32
 
 
-def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_sum(plain, small_sites: list[Path],
-                                                                      tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_sum(
+    plain, small_sites: list[Path], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     updates, start, _ = plain
     dropped_node = FIRST_NODE + 1  # the second site
-    _, _, after = one_round(small_sites, tmp_path / "run", secagg=True,
-                               drop=(dropped_node, Stage.COLLECT_MASKED_VECTORS))
+    _, _, after = one_round(
+        small_sites, tmp_path / "run", secagg=True, drop=(dropped_node, Stage.COLLECT_MASKED_VECTORS)
+    )
     gone = load_site_config(small_sites[1]).name
     survivors = {name: nu for name, nu in updates.items() if name != gone}
     assert len(survivors) == 2
@@ -198,8 +218,12 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_sum(plain, smal
 
 
 def test_refused_where_the_server_needs_individual_updates() -> None:
-    for extra, words in [({"strategy": "fedmedian"}, "fedmedian"), ({"norm-outlier-factor": 3.0}, "norm-outlier-factor"),
-                         ({"site-caps": '{"a": 5}'}, "site-caps"), ({"secagg-reconstruction-threshold": 3}, "less than")]:
+    for extra, words in [
+        ({"strategy": "fedmedian"}, "fedmedian"),
+        ({"norm-outlier-factor": 3.0}, "norm-outlier-factor"),
+        ({"site-caps": '{"a": 5}'}, "site-caps"),
+        ({"secagg-reconstruction-threshold": 3}, "less than"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             RunConfig.from_flat({"secagg": True, **extra})
     assert RunConfig.from_flat({"secagg": True, "strategy": "fedadam"}).secagg
@@ -209,11 +233,22 @@ def test_fedsense_simulate_with_secagg_runs_to_completion(small_sites: list[Path
     """The real Flower runtime (SuperLink, simulation engine, ``flwr run``): two SecAgg+ rounds with FedProx."""
     from server.simulate import SimResources, simulate
 
-    run = RunConfig.from_flat({
-        "name": "secagg-sim", "num-server-rounds": 2, "strategy": "fedprox", "model-args": json.dumps(MODEL_ARGS),
-        "local-steps": 2, "batch-size": 2, "min-train-nodes": 3, "min-evaluate-nodes": 3, "min-available-nodes": 3,
-        "sites": ",".join(map(str, small_sites)), "run-dir": str(tmp_path / "run"), "secagg": True,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "secagg-sim",
+            "num-server-rounds": 2,
+            "strategy": "fedprox",
+            "model-args": json.dumps(MODEL_ARGS),
+            "local-steps": 2,
+            "batch-size": 2,
+            "min-train-nodes": 3,
+            "min-evaluate-nodes": 3,
+            "min-available-nodes": 3,
+            "sites": ",".join(map(str, small_sites)),
+            "run-dir": str(tmp_path / "run"),
+            "secagg": True,
+        }
+    )
     # One CPU per site: the four SecAgg+ stages per round then reach the three sites together.
     store = simulate(run, timeout=600, resources=SimResources(client_cpus=1))
     assert {1, 2} <= store.completed_rounds()
@@ -229,17 +264,29 @@ def test_the_egress_audit_logs_masked_vectors_by_size() -> None:
     """A site's audit log names what SecAgg+ sends (masked vectors, key shares) by size, not by content."""
     from client.audit import describe
 
-    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [b"\x01" * 40, b"\x02" * 8],
-                                                            Key.PUBLIC_KEY_1: b"k" * 32, "stage": "setup"})})
+    content = RecordDict(
+        {
+            RECORD_KEY_CONFIGS: ConfigRecord(
+                {Key.MASKED_PARAMETERS: [b"\x01" * 40, b"\x02" * 8], Key.PUBLIC_KEY_1: b"k" * 32, "stage": "setup"}
+            )
+        }
+    )
     entry = describe(Message(content, dst_node_id=1, message_type=MessageType.TRAIN))
-    assert entry["configs"][RECORD_KEY_CONFIGS] == {Key.MASKED_PARAMETERS: {"bytes": [40, 8]},
-                                                   Key.PUBLIC_KEY_1: {"bytes": 32}, "stage": "setup"}
+    assert entry["configs"][RECORD_KEY_CONFIGS] == {
+        Key.MASKED_PARAMETERS: {"bytes": [40, 8]},
+        Key.PUBLIC_KEY_1: {"bytes": 32},
+        "stage": "setup",
+    }
 
 
 def test_secagg_with_patient_level_dp_at_the_sites(small_sites: list[Path], tmp_path: Path) -> None:
     """The allowed combination: each site trains with patient-level DP-SGD, SecAgg+ hides its update."""
-    _, start, after = one_round(small_sites, tmp_path / "run", secagg=True,
-                                **{"dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "batch-size": 1})
+    _, start, after = one_round(
+        small_sites,
+        tmp_path / "run",
+        secagg=True,
+        **{"dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0, "batch-size": 1},
+    )
     assert any(not np.array_equal(start[k], after[k]) for k in start)
     sites = [r for r in RunDir(tmp_path / "run").read_metrics() if r["phase"] == "train" and r["site"] != "__global__"]
     assert len(sites) == 3
@@ -260,19 +307,32 @@ def test_secagg_with_client_level_dp_clips_and_noises_at_the_sites(small_sites: 
     clip, sigma = 1e-3, 2.0
     dp = {"dp-client-level": "client-fixed", "dp-client-clip": clip, "min-train-nodes": 3, "dp-delta": 1e-5}
     _, start, after = one_round(small_sites, tmp_path / "quiet", secagg=True, **dp, **{"dp-client-noise": 0.0})
-    mean = np.concatenate([(after[k].astype(np.float64) - start[k]).ravel() for k in start if start[k].dtype.kind == "f"])
+    mean = np.concatenate(
+        [(after[k].astype(np.float64) - start[k]).ravel() for k in start if start[k].dtype.kind == "f"]
+    )
     bound = 3 * 2 * CLIP / LEVELS * np.sqrt(mean.size)  # one quantisation level per site and entry
     assert 0 < np.linalg.norm(mean) <= clip + bound  # three updates, each clipped to C: their mean too
-    sites = [r for r in RunDir(tmp_path / "quiet").read_metrics() if r["phase"] == "train" and r["site"] != "__global__"]
+    sites = [
+        r for r in RunDir(tmp_path / "quiet").read_metrics() if r["phase"] == "train" and r["site"] != "__global__"
+    ]
     assert len(sites) == 3 and all(r["metrics"]["dp-client-clipped"] == 1.0 for r in sites)
 
     _, start, after = one_round(small_sites, tmp_path / "noisy", secagg=True, **dp, **{"dp-client-noise": sigma})
-    mean = np.concatenate([(after[k].astype(np.float64) - start[k]).ravel() for k in start if start[k].dtype.kind == "f"])
+    mean = np.concatenate(
+        [(after[k].astype(np.float64) - start[k]).ravel() for k in start if start[k].dtype.kind == "f"]
+    )
     # The clipped mean has norm ≤ C; the noise's norm is ~ σC/3 · √entries, far larger.
     assert np.std(mean) == pytest.approx(sigma * clip / 3, rel=0.1)
-    summary = [r for r in RunDir(tmp_path / "noisy").read_metrics() if r["phase"] == "train" and r["site"] == "__global__"]
-    accountant = RdpAccountant(PrivacyConfig(target_delta=1e-5, population_size=3,
-                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    summary = [
+        r for r in RunDir(tmp_path / "noisy").read_metrics() if r["phase"] == "train" and r["site"] == "__global__"
+    ]
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=1e-5,
+            population_size=3,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
     accountant.compose(GaussianPrivacyEvent(sigma, 3, 3))
     assert summary[0]["metrics"]["dp-client-epsilon"] == pytest.approx(accountant.get_privacy_spent().epsilon)

@@ -13,8 +13,13 @@ from common.runconfig import RunConfig
 
 
 def _context(run_id: int, node_id: int, **run_config: Any) -> Context:
-    return Context(run_id=run_id, node_id=node_id, node_config={"site-config": f"site-{node_id}.toml"},
-                   state=RecordDict(), run_config={"seed": 1, **run_config})
+    return Context(
+        run_id=run_id,
+        node_id=node_id,
+        node_config={"site-config": f"site-{node_id}.toml"},
+        state=RecordDict(),
+        run_config={"seed": 1, **run_config},
+    )
 
 
 def test_the_context_is_built_on_a_runs_first_message_only(monkeypatch: pytest.MonkeyPatch) -> None:

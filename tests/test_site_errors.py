@@ -31,27 +31,40 @@ def test_a_logged_site_error_is_reported_once_with_the_site_name(tmp_path: Path)
     with reporting_site_errors(log, places, reported.append, interval=0.02) as seen:
         with open(log, "a") as stream:
             for _ in range(2):  # Flower retries: the same failure twice is reported once
-                stream.write(f"{RAY_PREFIX}    raise DataError(f\"{{path}}: unreadable NIfTI data ({{exc}})\") from exc\n")
+                stream.write(
+                    f'{RAY_PREFIX}    raise DataError(f"{{path}}: unreadable NIfTI data ({{exc}})") from exc\n'
+                )
                 stream.write(f"{RAY_PREFIX}common.errors.DataError: {bad}: unreadable NIfTI data (truncated)\n")
             # Ray's deduplicated copy of the same line: its colour codes and count are not part of the message.
-            stream.write(f"{RAY_PREFIX}common.errors.DataError: {bad}: unreadable NIfTI data (truncated)"
-                         "\x1b[32m [repeated 2x across cluster]\x1b[0m\n")
+            stream.write(
+                f"{RAY_PREFIX}common.errors.DataError: {bad}: unreadable NIfTI data (truncated)"
+                "\x1b[32m [repeated 2x across cluster]\x1b[0m\n"
+            )
             # A settings error the ClientApp prefixed with its site config (client/site_errors.py).
-            stream.write(f"{RAY_PREFIX}common.errors.ConfigError: {tmp_path / 'site-b.toml'}: mask: acceleration: "
-                         "R=6 not reachable\n")
+            stream.write(
+                f"{RAY_PREFIX}common.errors.ConfigError: {tmp_path / 'site-b.toml'}: mask: acceleration: "
+                "R=6 not reachable\n"
+            )
             stream.write(f"{RAY_PREFIX}common.errors.ConfigError: elsewhere: no site named")  # no newline yet
             stream.flush()
             deadline = time.monotonic() + 10
             while len(reported) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
-    assert reported == seen == [f"site site-b: {bad}: unreadable NIfTI data (truncated)",
-                                "site site-b: mask: acceleration: R=6 not reachable"]
+    assert (
+        reported
+        == seen
+        == [
+            f"site site-b: {bad}: unreadable NIfTI data (truncated)",
+            "site site-b: mask: acceleration: R=6 not reachable",
+        ]
+    )
     assert site_of(f"{tmp_path / 'site-b.toml'}: scanner.coils: required", places) == "site-b"
     assert site_of("/somewhere/else.h5: bad", places) is None
 
 
 def test_simulate_refuses_a_site_with_a_corrupt_file_before_flower_starts(
-        small_sites: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    small_sites: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sites = []
     for toml in small_sites:
         text = toml.read_text().replace(str(toml.parent / "data"), str(tmp_path / "data"))
@@ -83,6 +96,7 @@ def test_a_site_error_without_the_site_config_gets_it_in_front(tmp_path: Path) -
     def failing(error: Exception):  # type: ignore[no-untyped-def]
         def call_next(msg, ctx):  # type: ignore[no-untyped-def]
             raise error
+
         return call_next
 
     with pytest.raises(ConfigError, match=rf"^{toml}: mask: acceleration: too high$") as info:
@@ -104,17 +118,24 @@ def test_a_site_error_without_the_site_config_gets_it_in_front(tmp_path: Path) -
 
 
 def _global(rnd: int, phase: str, sites: list[str], rejected: list[str]) -> dict:
-    return {"round": rnd, "phase": phase, "site": "__global__", "sites": sites,
-            "rejected": [{"site": r, "reason": "error reply: DataError at the site"} for r in rejected]}
+    return {
+        "round": rnd,
+        "phase": phase,
+        "site": "__global__",
+        "sites": sites,
+        "rejected": [{"site": r, "reason": "error reply: DataError at the site"} for r in rejected],
+    }
 
 
 def test_the_sites_a_finished_run_went_without_are_named_by_the_phases_they_missed() -> None:
-    records = [_global(0, "evaluate", ["site-a", "site-b"], ["node-7"]),
-               {"round": 1, "phase": "train", "site": "site-a", "rejected": [{"site": "x"}]},  # a site's own record
-               _global(1, "train", ["site-a", "site-b"], ["node-7"]),
-               _global(1, "evaluate", ["site-a", "site-b", "site-c"], []),
-               # Two absent but one rejected (a sampled fraction): the rejected label, not a guess.
-               _global(2, "train", ["site-a"], ["node-9"])]
+    records = [
+        _global(0, "evaluate", ["site-a", "site-b"], ["node-7"]),
+        {"round": 1, "phase": "train", "site": "site-a", "rejected": [{"site": "x"}]},  # a site's own record
+        _global(1, "train", ["site-a", "site-b"], ["node-7"]),
+        _global(1, "evaluate", ["site-a", "site-b", "site-c"], []),
+        # Two absent but one rejected (a sampled fraction): the rejected label, not a guess.
+        _global(2, "train", ["site-a"], ["node-9"]),
+    ]
     expected = ["site-a", "site-b", "site-c"]
     assert missed_phases(records, expected) == {"site-c": ["evaluate 0", "train 1"], "node-9": ["train 2"]}
     text = finished_without(records, expected, ["site site-c: /d/f.nii.gz: unreadable"])
@@ -138,13 +159,40 @@ def test_a_site_failing_during_a_live_run_is_named_on_screen_and_the_run_exits_5
     bad = sorted((tmp_path / "sites" / "data" / "site-c").glob("*.nii.gz"))[0]
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     inputs = _digests(tmp_path / "sites")
-    command = [sys.executable, "-m", "server.cli", "simulate", "--sites", *map(str, sites), "--rounds", "1",
-               "--model", "unet", "--set", 'model-args={"chans": 4, "num_pool_layers": 1}', "--local-steps", "1",
-               "--run-dir", str(tmp_path / "run"), "--set", "batch-size=1", "--set", "max-eval-slices=2",
-               "--set", "num-samples=0", "--set", "min-train-nodes=1", "--set", "min-evaluate-nodes=1",
-               "--client-cpus", "1", "--skip-data-check"]
-    proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "simulate",
+        "--sites",
+        *map(str, sites),
+        "--rounds",
+        "1",
+        "--model",
+        "unet",
+        "--set",
+        'model-args={"chans": 4, "num_pool_layers": 1}',
+        "--local-steps",
+        "1",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "batch-size=1",
+        "--set",
+        "max-eval-slices=2",
+        "--set",
+        "num-samples=0",
+        "--set",
+        "min-train-nodes=1",
+        "--set",
+        "min-evaluate-nodes=1",
+        "--client-cpus",
+        "1",
+        "--skip-data-check",
+    ]
+    proc = subprocess.Popen(
+        command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     out, err = proc.communicate(timeout=400)
     reason = f"site site-c: {bad}: unreadable NIfTI data"
     assert proc.returncode == 5, out[-2000:] + err[-2000:]

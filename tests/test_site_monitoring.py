@@ -38,15 +38,19 @@ def scraped(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the site's ``/metrics``, by name and labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def record_in_a_process(env: dict[str, str], code: str) -> None:
     """Run ``code`` (with ``monitor = site_monitor()``) in a fresh Python process, as a ClientApp task runs."""
     script = f"from client.monitoring import site_monitor\nmonitor = site_monitor()\n{code}\n"
-    subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT), **env}, check=True,
-                   timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT), **env}, check=True, timeout=60
+    )
 
 
 def test_tasks_in_separate_processes_add_up_on_the_one_endpoint() -> None:
@@ -54,13 +58,17 @@ def test_tasks_in_separate_processes_add_up_on_the_one_endpoint() -> None:
     try:
         # Round 1 and round 2 of a site: each task a process of its own; 3 then 2 timed steps; one task also
         # meets 2 bad files (skip-bad-files) beyond the one known before it started.
-        record_in_a_process(server.env, "step = monitor.step_timer()\nfor _ in range(3):\n    step()\n"
-                                        "monitor.trained(1)")
-        record_in_a_process(server.env, "from types import SimpleNamespace as Dataset\n"
-                                        "monitor.watch({'train': Dataset(skipped=['known.h5'])})\n"
-                                        "step = monitor.step_timer()\nfor _ in range(2):\n    step()\n"
-                                        "monitor.trained(2)\n"
-                                        "monitor.finished({'train': Dataset(skipped=['known.h5', 'b.h5', 'c.h5'])})")
+        record_in_a_process(
+            server.env, "step = monitor.step_timer()\nfor _ in range(3):\n    step()\nmonitor.trained(1)"
+        )
+        record_in_a_process(
+            server.env,
+            "from types import SimpleNamespace as Dataset\n"
+            "monitor.watch({'train': Dataset(skipped=['known.h5'])})\n"
+            "step = monitor.step_timer()\nfor _ in range(2):\n    step()\n"
+            "monitor.trained(2)\n"
+            "monitor.finished({'train': Dataset(skipped=['known.h5', 'b.h5', 'c.h5'])})",
+        )
         record_in_a_process(server.env, "monitor.trained(3, steps=4)")  # DP-SGD: steps counted, not timed
         values = scraped(server.port)
     finally:
@@ -84,12 +92,15 @@ def test_without_a_serving_site_process_nothing_is_recorded(monkeypatch: pytest.
 def test_a_read_error_that_ends_a_task_is_counted_and_still_raised() -> None:
     server = SiteMetricsServer(0)
     try:
-        record_in_a_process(server.env, "from client.monitoring import counting_read_errors\n"
-                                        "from common.errors import DataError\n"
-                                        "def fails():\n    raise DataError('x.h5')\n"
-                                        "try:\n    counting_read_errors(fails)()\nexcept DataError:\n    pass\n"
-                                        "else:\n    raise SystemExit(1)\n"
-                                        "counting_read_errors(lambda: None)()")  # a task that ends well counts nothing
+        record_in_a_process(
+            server.env,
+            "from client.monitoring import counting_read_errors\n"
+            "from common.errors import DataError\n"
+            "def fails():\n    raise DataError('x.h5')\n"
+            "try:\n    counting_read_errors(fails)()\nexcept DataError:\n    pass\n"
+            "else:\n    raise SystemExit(1)\n"
+            "counting_read_errors(lambda: None)()",
+        )  # a task that ends well counts nothing
         values = scraped(server.port)
     finally:
         server.close()
@@ -104,8 +115,11 @@ def test_a_taken_port_leaves_the_site_running_without_metrics() -> None:
         taken.listen()
         before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
         assert serve_site_metrics(taken.getsockname()[1], "127.0.0.1") is None
-        leaked = {n for n in set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) - before
-                  if n.startswith("fedsense-site-metrics-")}
+        leaked = {
+            n
+            for n in set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) - before
+            if n.startswith("fedsense-site-metrics-")
+        }
     assert not leaked
 
 
@@ -134,11 +148,17 @@ def test_sites_serve_their_steps_during_a_real_deployment_run(small_sites: list[
     rounds = 2
     store = RunDir(tmp_path / "run")
     server_port = free_port()  # the ServerApp's own /metrics (server.tracking.prometheus), in the same run
-    config = tiny_run(store.path, rounds, **{"min-available-nodes": 2, "min-train-nodes": 2, "local-steps": 2,
-                                             "metrics-port": server_port})
+    config = tiny_run(
+        store.path,
+        rounds,
+        **{"min-available-nodes": 2, "min-train-nodes": 2, "local-steps": 2, "metrics-port": server_port},
+    )
     ports = {"site-a": free_port(), "site-b": free_port()}
-    counters = {"site-a": "fedsense_site_train_steps_total", "site-b": "fedsense_site_train_steps_total",
-                "server": "fedsense_rounds_finished_total"}
+    counters = {
+        "site-a": "fedsense_site_train_steps_total",
+        "site-b": "fedsense_site_train_steps_total",
+        "server": "fedsense_rounds_finished_total",
+    }
     seen: dict[str, list[float]] = {name: [] for name in counters}  # each counter, in time order
     stop = threading.Event()
 
@@ -158,10 +178,20 @@ def test_sites_serve_their_steps_during_a_real_deployment_run(small_sites: list[
         temp = {name: tmp_path / f"tmp-{name}" for name in ports}
         for directory in temp.values():
             directory.mkdir()
-        deployment.start_supernode("site-a", small_sites[0], warm=True, env={"TMPDIR": str(temp["site-a"])},
-                                   args=["--metrics-port", str(ports["site-a"])])
-        deployment.start_supernode("site-b", small_sites[1], warm=True, env={"TMPDIR": str(temp["site-b"])},
-                                   args=["--cold-clientapps", "--metrics-port", str(ports["site-b"])])
+        deployment.start_supernode(
+            "site-a",
+            small_sites[0],
+            warm=True,
+            env={"TMPDIR": str(temp["site-a"])},
+            args=["--metrics-port", str(ports["site-a"])],
+        )
+        deployment.start_supernode(
+            "site-b",
+            small_sites[1],
+            warm=True,
+            env={"TMPDIR": str(temp["site-b"])},
+            args=["--cold-clientapps", "--metrics-port", str(ports["site-b"])],
+        )
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:

@@ -33,12 +33,15 @@ def _same(a: list[dict[str, object]], b: list[dict[str, object]]) -> None:
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["fastmri", "brats", "ixi"])
-def test_cached_batches_equal_uncached_exactly(small_sites: list[Path], index: int,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_batches_equal_uncached_exactly(
+    small_sites: list[Path], index: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = small_sites[index]
     monkeypatch.setenv(slice_cache.ENV_MB, "0")
-    plain = {(split, aug): _batches(path, split, aug, passes=3) for split, aug in
-             (("train", True), ("train", False), ("val", False))}
+    plain = {
+        (split, aug): _batches(path, split, aug, passes=3)
+        for split, aug in (("train", True), ("train", False), ("val", False))
+    }
     monkeypatch.setenv(slice_cache.ENV_MB, "256")
     cache = slice_cache.shared_cache()
     assert cache is not None
@@ -60,6 +63,7 @@ def test_budget_evicts_least_recently_used_and_skips_oversized() -> None:
         def compute() -> np.ndarray:
             computed.append(name)
             return np.zeros(size)  # float64: 8 bytes each
+
         return compute
 
     for name in "abc":

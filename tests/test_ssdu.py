@@ -49,8 +49,9 @@ def _np_ssdu_loss(pred: np.ndarray, y: np.ndarray, theta: np.ndarray) -> float:
 
 @pytest.mark.parametrize(("pattern", "accel", "cf"), MASKS)
 @pytest.mark.parametrize("rho", [0.2, 0.4])
-def test_split_partitions_omega_and_keeps_the_calibration_region(pattern: str, accel: float, cf: float,
-                                                                  rho: float) -> None:
+def test_split_partitions_omega_and_keeps_the_calibration_region(
+    pattern: str, accel: float, cf: float, rho: float
+) -> None:
     omega = make_mask(pattern, (64, 80), accel, cf, seed=3).mask > 0
     for seed in range(5):
         split = split_omega(omega, rho, np.random.default_rng(seed))
@@ -107,10 +108,13 @@ def _batch(coils: int = 4, size: int = 32, n: int = 2) -> dict[str, object]:
     maps /= np.sqrt((np.abs(maps) ** 2).sum(axis=1, keepdims=True))
     image = rng.standard_normal((n, size, size)) + 1j * rng.standard_normal((n, size, size))
     kspace = _np_fft2c(maps * image[:, None]) * omega
-    return {"masked_kspace": torch.from_numpy(kspace.astype(np.complex64)),
-            "mask": torch.from_numpy(omega.astype(np.float32)),
-            "sens_maps": torch.from_numpy(maps.astype(np.complex64)),
-            "fname": [f"f{i}.h5" for i in range(n)], "slice_idx": torch.arange(n)}
+    return {
+        "masked_kspace": torch.from_numpy(kspace.astype(np.complex64)),
+        "mask": torch.from_numpy(omega.astype(np.float32)),
+        "sens_maps": torch.from_numpy(maps.astype(np.complex64)),
+        "fname": [f"f{i}.h5" for i in range(n)],
+        "slice_idx": torch.arange(n),
+    }
 
 
 @pytest.mark.parametrize("num_masks", [1, 3])
@@ -129,8 +133,9 @@ def test_training_loss_goes_through_the_coil_maps_on_theta(num_masks: int) -> No
         i = j // num_masks
         lam = torch.from_numpy(split.lam[None, None].astype(np.float32))
         with torch.no_grad():  # the network itself is torch; the forward model to Θ is numpy
-            image = model.reconstruct(torch.from_numpy(y[i : i + 1]) * lam, lam,
-                                      torch.from_numpy(maps[i : i + 1]))[0].numpy()
+            image = model.reconstruct(torch.from_numpy(y[i : i + 1]) * lam, lam, torch.from_numpy(maps[i : i + 1]))[
+                0
+            ].numpy()
         values.append(_np_ssdu_loss(_np_fft2c(maps[i] * image), y[i], split.theta[None]))
     assert got == pytest.approx(np.mean(values), rel=1e-4)
     assert loss.draws == 1
@@ -155,10 +160,14 @@ def test_varnet_is_trained_on_its_own_kspace_estimate() -> None:
     model = build_model("varnet", num_cascades=1, chans=4, num_pool_layers=1, sens_chans=2, sens_pool_layers=1)
     batch = _batch()
     kspace = predict_kspace(model, batch["masked_kspace"], batch["mask"], batch["sens_maps"])  # type: ignore[arg-type]
-    assert torch.allclose(model(batch["masked_kspace"], batch["mask"], batch["sens_maps"]),
-                          torch.linalg.vector_norm(torch.fft.fftshift(torch.fft.ifft2(
-                              torch.fft.ifftshift(kspace, dim=(-2, -1)), norm="ortho"), dim=(-2, -1)), dim=1),
-                          atol=1e-5)
+    assert torch.allclose(
+        model(batch["masked_kspace"], batch["mask"], batch["sens_maps"]),
+        torch.linalg.vector_norm(
+            torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(kspace, dim=(-2, -1)), norm="ortho"), dim=(-2, -1)),
+            dim=1,
+        ),
+        atol=1e-5,
+    )
 
 
 def test_the_end_to_end_unet_is_refused_with_the_reason() -> None:
@@ -168,8 +177,12 @@ def test_the_end_to_end_unet_is_refused_with_the_reason() -> None:
     check_model("varnet")
     batch = _batch()
     with pytest.raises(ConfigError, match="magnitude image"):
-        predict_kspace(build_model("unet", chans=4, num_pool_layers=1), batch["masked_kspace"],  # type: ignore[arg-type]
-                       batch["mask"], batch["sens_maps"])  # type: ignore[arg-type]
+        predict_kspace(
+            build_model("unet", chans=4, num_pool_layers=1),
+            batch["masked_kspace"],  # type: ignore[arg-type]
+            batch["mask"],
+            batch["sens_maps"],
+        )  # type: ignore[arg-type]
 
 
 def test_zero_filled_input_scores_two_on_the_heldout_loss() -> None:

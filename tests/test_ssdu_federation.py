@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 # Installed as sitecustomize in every Python process of the run: once common.data.readers is
 # imported, wrap each reader's read_slice (may read the reference) and read_acquisition (never
 # does), and log each call with whether it happened inside the ClientApp's train().
-SPY = '''
+SPY = """
 import importlib.abc, importlib.machinery, json, os, sys
 
 LOG = os.environ["FEDSENSE_TEST_READER_SPY"]
@@ -69,7 +69,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _Finder())
-'''
+"""
 
 
 def test_mixed_federation_with_a_self_supervised_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,12 +81,24 @@ def test_mixed_federation_with_a_self_supervised_site(tmp_path: Path, monkeypatc
     (spy_dir / "sitecustomize.py").write_text(SPY, encoding="utf-8")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(spy_dir), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("FEDSENSE_TEST_READER_SPY", str(spy_log))
-    run = RunConfig.from_flat({
-        "name": "ssdu-it", "num-server-rounds": 2, "strategy": "fedavg", "model": "unrolled",
-        "model-args": '{"num_cascades": 2, "chans": 8, "num_layers": 3}', "local-steps": 3, "batch-size": 2,
-        "learning-rate": 1e-3, "min-train-nodes": 3, "min-evaluate-nodes": 3, "min-available-nodes": 3,
-        "sites": ",".join(map(str, sites)), "run-dir": str(tmp_path / "run"), "ssdu-masks": 2,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "ssdu-it",
+            "num-server-rounds": 2,
+            "strategy": "fedavg",
+            "model": "unrolled",
+            "model-args": '{"num_cascades": 2, "chans": 8, "num_layers": 3}',
+            "local-steps": 3,
+            "batch-size": 2,
+            "learning-rate": 1e-3,
+            "min-train-nodes": 3,
+            "min-evaluate-nodes": 3,
+            "min-available-nodes": 3,
+            "sites": ",".join(map(str, sites)),
+            "run-dir": str(tmp_path / "run"),
+            "ssdu-masks": 2,
+        }
+    )
     store: RunDir = simulate(run, timeout=900)
 
     records = store.read_metrics(dedupe=True)

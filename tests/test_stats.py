@@ -26,8 +26,9 @@ def test_agrees_with_scipy_and_the_normal_approximation() -> None:
     b = rng.normal(20, 3, 400)
     a = b + rng.normal(0.4, 1.0, 400)  # shared per-slice variation cancels in the pairs
     got = paired_bootstrap(a, b, resamples=20_000, seed=1)
-    ref = scipy_stats.bootstrap(((a - b),), np.mean, confidence_level=0.95, n_resamples=20_000,
-                                method="percentile", random_state=2).confidence_interval
+    ref = scipy_stats.bootstrap(
+        ((a - b),), np.mean, confidence_level=0.95, n_resamples=20_000, method="percentile", random_state=2
+    ).confidence_interval
     assert got.low == pytest.approx(ref.low, abs=0.02) and got.high == pytest.approx(ref.high, abs=0.02)
     half = 1.96 * np.std(a - b, ddof=1) / np.sqrt(400)
     assert got.low == pytest.approx(np.mean(a - b) - half, abs=0.02)
@@ -45,6 +46,7 @@ def test_rejects_unpaired_or_empty_input() -> None:
 
 
 # ----------------------------------------------------------------------------- hierarchical bootstrap
+
 
 def _frequencies(means: np.ndarray) -> dict[float, float]:
     values, counts = np.unique(np.round(means, 6), return_counts=True)

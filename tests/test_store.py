@@ -71,7 +71,10 @@ def test_a_finished_run_without_some_sites_is_marked_so_and_keeps_its_detail(run
     run.mark_finished_without({"site-c": ("evaluate 0", "train 1")})
     config = run.read_config()
     assert config["status"] == "finished-without-sites"
-    assert config["status_detail"] == {"early_stop": "no improvement", "missed_sites": {"site-c": ["evaluate 0", "train 1"]}}
+    assert config["status_detail"] == {
+        "early_stop": "no improvement",
+        "missed_sites": {"site-c": ["evaluate 0", "train 1"]},
+    }
 
 
 def test_append_read_round_trip(run: RunDir) -> None:

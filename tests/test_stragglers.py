@@ -41,8 +41,9 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_deadline_ends_the_phase_once_enough_replied() -> None:
     clock = Clock()
     grid = DelayedGrid(clock, {1: 0.2, 2: 0.4, 3: 30.0})
-    replies = send_and_collect(grid, asks([1, 2, 3]), timeout=600.0, round_deadline=2.0, enough=2,
-                               clock=clock, sleep=clock.sleep)
+    replies = send_and_collect(
+        grid, asks([1, 2, 3]), timeout=600.0, round_deadline=2.0, enough=2, clock=clock, sleep=clock.sleep
+    )
     assert sorted(r.message.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
     assert clock.now == pytest.approx(2.0)  # woke exactly at the deadline, not a back-off step later
 
@@ -50,16 +51,23 @@ def test_deadline_ends_the_phase_once_enough_replied() -> None:
 def test_before_the_deadline_only_all_replies_end_the_phase() -> None:
     clock = Clock()
     grid = DelayedGrid(clock, {1: 0.2, 2: 0.9})
-    assert len(send_and_collect(grid, asks([1, 2]), timeout=600.0, round_deadline=5.0, enough=1,
-                                clock=clock, sleep=clock.sleep)) == 2
+    assert (
+        len(
+            send_and_collect(
+                grid, asks([1, 2]), timeout=600.0, round_deadline=5.0, enough=1, clock=clock, sleep=clock.sleep
+            )
+        )
+        == 2
+    )
     assert clock.now < 1.2
 
 
 def test_past_the_deadline_the_phase_waits_for_enough_replies() -> None:
     clock = Clock()
     grid = DelayedGrid(clock, {1: 0.5, 2: 7.0, 3: 40.0})
-    replies = send_and_collect(grid, asks([1, 2, 3]), timeout=600.0, round_deadline=2.0, enough=2,
-                               clock=clock, sleep=clock.sleep)
+    replies = send_and_collect(
+        grid, asks([1, 2, 3]), timeout=600.0, round_deadline=2.0, enough=2, clock=clock, sleep=clock.sleep
+    )
     assert len(replies) == 2 and 7.0 <= clock.now <= 7.3
 
 
@@ -73,15 +81,17 @@ def test_without_a_deadline_the_slowest_site_sets_the_pace() -> None:
 def test_late_replies_are_pulled_with_a_later_phase_but_never_waited_for() -> None:
     clock = Clock()
     grid = DelayedGrid(clock, {1: 0.1, 2: 5.0})
-    first = send_and_collect(grid, asks([1, 2]), timeout=600.0, round_deadline=1.0, enough=1,
-                             clock=clock, sleep=clock.sleep)
+    first = send_and_collect(
+        grid, asks([1, 2]), timeout=600.0, round_deadline=1.0, enough=1, clock=clock, sleep=clock.sleep
+    )
     assert [r.message.metadata.reply_to_message_id for r in first] == ["m0"]
     clock.now = 6.0  # the straggler's reply is in the SuperLink now, under the first phase's message m1
     grid.ready["m1"] = (0.0, grid.ready.pop("m1")[1])
     grid.delays = {3: 0.1}
     grid.ready["old-m1"] = grid.ready.pop("m1")
-    later = send_and_collect(grid, asks([3]), timeout=600.0, also_pull=["old-m1", "never-answered"],
-                             clock=clock, sleep=clock.sleep)
+    later = send_and_collect(
+        grid, asks([3]), timeout=600.0, also_pull=["old-m1", "never-answered"], clock=clock, sleep=clock.sleep
+    )
     assert len(later) == 2 and clock.now <= 6.2  # the never-answered message did not hold the phase
 
 
@@ -89,18 +99,33 @@ def test_late_replies_are_pulled_with_a_later_phase_but_never_waited_for() -> No
 
 
 def _run(tmp_path: Path, **overrides: object) -> RunConfig:
-    flat = {"round-deadline": 2.0, "round-timeout": 60.0, "adaptive-local-steps": True, "local-steps": 20,
-            "min-train-nodes": 1, "min-available-nodes": 2, "strategy": "fedavg", "run-dir": str(tmp_path / "run"),
-            "resume": False, **overrides}
+    flat = {
+        "round-deadline": 2.0,
+        "round-timeout": 60.0,
+        "adaptive-local-steps": True,
+        "local-steps": 20,
+        "min-train-nodes": 1,
+        "min-available-nodes": 2,
+        "strategy": "fedavg",
+        "run-dir": str(tmp_path / "run"),
+        "resume": False,
+        **overrides,
+    }
     return RunConfig.from_flat(flat)
 
 
 def _train_reply(node: int, answers: str, steps: int, compute: float, site: str) -> Message:
     ask = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     ask.metadata.__dict__["_message_id"] = answers
-    reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 4, "steps": steps,
-                                                         "compute-seconds": compute}),
-                                "site": ConfigRecord({"name": site})}), reply_to=ask)
+    reply = Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 4, "steps": steps, "compute-seconds": compute}),
+                "site": ConfigRecord({"name": site}),
+            }
+        ),
+        reply_to=ask,
+    )
     reply.metadata.__dict__["_src_node_id"] = node
     return reply
 
@@ -108,8 +133,7 @@ def _train_reply(node: int, answers: str, steps: int, compute: float, site: str)
 def test_a_measured_slow_site_gets_the_steps_that_fit_the_deadline(tmp_path: Path) -> None:
     pace = Pace(_run(tmp_path))
     # node 1: 0.01 s/step; node 2: 0.5 s/step with 0.2 s of set-up and transport.
-    pace.observe([_train_reply(1, "a", 20, 0.2, "fast"), _train_reply(2, "b", 20, 10.0, "slow")],
-                 {"a": 0.3, "b": 10.2})
+    pace.observe([_train_reply(1, "a", 20, 0.2, "fast"), _train_reply(2, "b", 20, 10.0, "slow")], {"a": 0.3, "b": 10.2})
     assert pace.steps_for(1) is None  # all 20 steps fit: no override
     assert pace.steps_for(2) == int((SAFETY * 2.0 - 0.2) / 0.5) == 2
 
@@ -153,8 +177,10 @@ class TimedGrid:
             self.received.append(msg)
             node = msg.metadata.dst_node_id
             steps = int(msg.content["config"].get(LOCAL_STEPS, 20)) if "config" in msg.content else 20
-            self.ready[mid] = (time.monotonic() + self.delays[node],
-                               _train_reply(node, mid, steps, self.delays[node], f"site-{node}"))
+            self.ready[mid] = (
+                time.monotonic() + self.delays[node],
+                _train_reply(node, mid, steps, self.delays[node], f"site-{node}"),
+            )
             ids.append(mid)
         return ids
 
@@ -169,8 +195,9 @@ def _federation(tmp_path: Path, grid: TimedGrid, **overrides: object) -> Federat
 
 
 def _asks(nodes: Iterable[int]) -> list[Message]:
-    return [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.TRAIN)
-            for n in nodes]
+    return [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes
+    ]
 
 
 def test_the_train_phase_names_stragglers_and_discards_their_late_reply(tmp_path: Path) -> None:
@@ -209,20 +236,34 @@ def test_paced_sites_get_their_own_local_steps_in_the_train_config(tmp_path: Pat
 # --- configuration and the rehearsal slowdown ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"round-deadline": 60.0, "round-timeout": 30.0}, "round-deadline (60 s) must be shorter than round-timeout"),
-    ({"round-deadline": 0.0, "adaptive-local-steps": True}, "adaptive-local-steps needs round-deadline > 0"),
-    ({"round-deadline": -1.0}, "round-deadline"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"round-deadline": 60.0, "round-timeout": 30.0}, "round-deadline (60 s) must be shorter than round-timeout"),
+        ({"round-deadline": 0.0, "adaptive-local-steps": True}, "adaptive-local-steps needs round-deadline > 0"),
+        ({"round-deadline": -1.0}, "round-deadline"),
+    ],
+)
 def test_run_config_checks_the_deadline(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         RunConfig.from_flat(overrides)
 
 
 def _site(rehearsal: dict[str, object]) -> dict[str, object]:
-    return {"name": "site-a", "dataset": "ixi", "data_path": "/data", "rehearsal": rehearsal,
-            "scanner": {"field_strength_t": 3.0, "coils": 4, "matrix": [64, 64], "mask": "poisson",
-                        "acceleration": 4.0, "center_fraction": 0.08}}
+    return {
+        "name": "site-a",
+        "dataset": "ixi",
+        "data_path": "/data",
+        "rehearsal": rehearsal,
+        "scanner": {
+            "field_strength_t": 3.0,
+            "coils": 4,
+            "matrix": [64, 64],
+            "mask": "poisson",
+            "acceleration": 4.0,
+            "center_fraction": 0.08,
+        },
+    }
 
 
 def test_site_rehearsal_slowdown_is_validated() -> None:
@@ -289,7 +330,9 @@ def test_a_site_still_training_is_not_sent_the_next_round_and_counts_as_a_stragg
     fed._round = 3
     ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # site-3 is still on round 2: not asked
     assert [m.metadata.src_node_id for m in ok] == [1, 2] and fed.stragglers == ["site-3"]
-    assert [(r.site, r.reason) for r in rejected] == [("site-3", "straggler: still training round 2; not sent this phase")]
+    assert [(r.site, r.reason) for r in rejected] == [
+        ("site-3", "straggler: still training round 2; not sent this phase")
+    ]
     assert [m.metadata.dst_node_id for m in grid.received[-2:]] == [1, 2]
     time.sleep(0.4)
     fed._round = 4

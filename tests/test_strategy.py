@@ -24,11 +24,13 @@ GLOBAL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 
 def reply(node: int, site: str, arrays: dict[str, np.ndarray], n: int = 10) -> Message:
     ask = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
-        "site": ConfigRecord({"name": site}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": n, "loss": 1.0}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
     return Message(content=content, reply_to=ask)
 
 
@@ -102,8 +104,17 @@ def test_robust_strategies_resist_one_extreme_update() -> None:
         assert np.allclose(arrays["w"].numpy(), 1.0), name
 
 
-@pytest.mark.parametrize("strategy, expected", [("fedprox", 0.05), ("fedavg", 0.0), ("fedmedian", 0.0),
-                                                ("fedtrimmedavg", 0.0), ("fedadam", 0.0), ("fedavgm", 0.0)])
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("fedprox", 0.05),
+        ("fedavg", 0.0),
+        ("fedmedian", 0.0),
+        ("fedtrimmedavg", 0.0),
+        ("fedadam", 0.0),
+        ("fedavgm", 0.0),
+    ],
+)
 def test_only_fedprox_sends_a_proximal_term(strategy: str, expected: float) -> None:
     """The rule has one owner (RunConfig.proximal_term_mu); what the sites receive is what it says."""
     run = RunConfig(strategy=strategy, proximal_mu=0.05, min_train_nodes=1, min_available_nodes=1)

@@ -36,8 +36,14 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Every ``time.sleep`` made from here on, recorded instead of slept; Flower's module restored afterwards."""
     recorded: list[float] = []
     monkeypatch.setattr(time, "sleep", recorded.append)
-    for name in ("time", "_pull_and_store_message", "_push_messages", "_init_connection",
-                 "register_signal_handlers", "pull_objects"):
+    for name in (
+        "time",
+        "_pull_and_store_message",
+        "_push_messages",
+        "_init_connection",
+        "register_signal_handlers",
+        "pull_objects",
+    ):
         monkeypatch.setattr(flower, name, getattr(flower, name))  # undone at teardown, whatever install() did
     monkeypatch.delattr(flower, "__fedsense_poll__", raising=False)
     return recorded
@@ -68,8 +74,13 @@ def _run_flower_loop(monkeypatch: pytest.MonkeyPatch, pulls: list[int | None], p
     from flwr.supernode.nodestate import NodeStateFactory
 
     with pytest.raises(_Done):
-        flower.start_client_internal(state_factory=NodeStateFactory(ObjectStoreFactory()), server_address="x:1",
-                                     node_config={}, insecure=True, isolation="process")
+        flower.start_client_internal(
+            state_factory=NodeStateFactory(ObjectStoreFactory()),
+            server_address="x:1",
+            node_config={},
+            insecure=True,
+            isolation="process",
+        )
     return pushed
 
 
@@ -79,15 +90,17 @@ def _expected_waits(first: float, longest: float, empty_pulls: int) -> list[floa
 
 
 def test_the_patched_flower_loop_backs_off_and_starts_short_after_each_message(
-        sleeps: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pushed = _run_flower_loop(monkeypatch, [None] * 6 + [7] + [None] * 2 + [7] + [7], patch=True)
     assert len(pushed) == 3
     assert sleeps == _expected_waits(0.1, 1.0, 6) + _expected_waits(0.1, 1.0, 2)
     assert sleeps == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 0.1, 0.2]
 
 
-def test_without_the_patch_flower_waits_3_s_per_empty_pull(sleeps: list[float],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_patch_flower_waits_3_s_per_empty_pull(
+    sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The stand-ins reproduce the cost the patch removes (so the test above can tell the two apart)."""
     _run_flower_loop(monkeypatch, [None, None, 7], patch=False)
     assert sleeps == [3, 3]
@@ -119,8 +132,9 @@ def test_install_is_idempotent(sleeps: list[float], monkeypatch: pytest.MonkeyPa
 
 
 def test_missing_target_falls_back_to_flowers_waits(caplog: pytest.LogCaptureFixture) -> None:
-    module = types.SimpleNamespace(time=time, start_client_internal=flower.start_client_internal,
-                                   _push_messages=flower._push_messages)  # no _pull_and_store_message
+    module = types.SimpleNamespace(
+        time=time, start_client_internal=flower.start_client_internal, _push_messages=flower._push_messages
+    )  # no _pull_and_store_message
     with caplog.at_level(logging.WARNING, logger="client.supernode_poll"):
         assert not supernode_poll.install(1.0, module=module)
     assert "_pull_and_store_message does not exist" in caplog.text
@@ -132,16 +146,20 @@ def test_changed_flower_loop_falls_back(caplog: pytest.LogCaptureFixture) -> Non
         """A loop that pulls but waits differently."""
         _pull_and_store_message()  # noqa: F821 - never called
 
-    module = types.SimpleNamespace(time=time, start_client_internal=start_client_internal,
-                                   _pull_and_store_message=flower._pull_and_store_message,
-                                   _push_messages=flower._push_messages)
+    module = types.SimpleNamespace(
+        time=time,
+        start_client_internal=start_client_internal,
+        _pull_and_store_message=flower._pull_and_store_message,
+        _push_messages=flower._push_messages,
+    )
     with caplog.at_level(logging.WARNING, logger="client.supernode_poll"):
         assert not supernode_poll.install(1.0, module=module)
     assert "time.sleep(3)" in caplog.text and module._pull_and_store_message is flower._pull_and_store_message
 
 
-def test_other_flower_version_falls_back(sleeps: list[float], monkeypatch: pytest.MonkeyPatch,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_other_flower_version_falls_back(
+    sleeps: list[float], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(supernode_poll, "flower_version", lambda: "1.42.0")
     pull = flower._pull_and_store_message
     with caplog.at_level(logging.WARNING, logger="client.supernode_poll"):
@@ -150,8 +168,9 @@ def test_other_flower_version_falls_back(sleeps: list[float], monkeypatch: pytes
     assert flower._pull_and_store_message is pull and flower.time is time
 
 
-@pytest.mark.parametrize(("value", "expected"), [(None, 1.0), ("", 1.0), ("0.5", 0.5), (2, 2.0), ("flower", None),
-                                                 (" Flower ", None)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, 1.0), ("", 1.0), ("0.5", 0.5), (2, 2.0), ("flower", None), (" Flower ", None)]
+)
 def test_poll_interval_values(value: object, expected: float | None) -> None:
     assert supernode_poll.parse_poll_interval(value, "--poll-interval") == expected
 
@@ -180,8 +199,7 @@ def test_the_warm_superexec_polls_its_supernode_often_unless_told() -> None:
     assert superexec_env("0.1", {})[supernode_poll.SUPEREXEC_POLL_ENV] == "0.1"
     assert supernode_poll.SUPEREXEC_POLL_ENV not in superexec_env("flower", {})
     assert superexec_env(None, {supernode_poll.SUPEREXEC_POLL_ENV: "2"})[supernode_poll.SUPEREXEC_POLL_ENV] == "2"
-    assert superexec_env(None, {"FEDSENSE_POLL_INTERVAL": "flower"}).get(
-        supernode_poll.SUPEREXEC_POLL_ENV) is None
+    assert superexec_env(None, {"FEDSENSE_POLL_INTERVAL": "flower"}).get(supernode_poll.SUPEREXEC_POLL_ENV) is None
     # Told through the environment, the SuperExec's forked ClientApps keep Flower's object-pull waits too.
     assert superexec_env("flower", {})["FEDSENSE_POLL_INTERVAL"] == "flower"
 
@@ -223,7 +241,8 @@ def test_object_pulls_retry_after_tenths_of_a_second_with_the_patch(object_waits
     assert flower.pull_objects is not objects.pull_objects and flower.pull_objects.__fedsense_poll__
     assert supernode_poll.install_object_pulls()  # idempotent: not wrapped twice
     assert flower.pull_objects.__wrapped__.__name__ == "pull_objects" and not hasattr(
-        flower.pull_objects.__wrapped__, "__fedsense_poll__")
+        flower.pull_objects.__wrapped__, "__fedsense_poll__"
+    )
 
 
 def test_without_the_patch_object_pulls_wait_seconds(object_waits: list[float]) -> None:
@@ -231,8 +250,9 @@ def test_without_the_patch_object_pulls_wait_seconds(object_waits: list[float]) 
     assert object_waits == pytest.approx([1, 2, 4], rel=0.21)
 
 
-def test_object_pulls_fall_back_on_another_flower(object_waits: list[float], monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_object_pulls_fall_back_on_another_flower(
+    object_waits: list[float], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(supernode_poll, "flower_version", lambda: "1.42.0")
     with caplog.at_level(logging.WARNING, logger="client.supernode_poll"):
         assert not supernode_poll.install_object_pulls()

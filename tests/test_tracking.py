@@ -50,12 +50,19 @@ def test_record_values_name_every_scalar_by_site_phase_and_metric() -> None:
     a = site_record("r", 3, "train", "site-a", 10, {"loss": 0.5}, reply_seconds=2.0)
     b = site_record("r", 3, "train", "site b!", 30, {"loss": 0.1})
     g = global_record("r", 3, "train", [a, b], rejected=[{"site": "node-7", "reason": "late"}], seconds=9.0)
-    assert record_values(a) == {"site-a/train/loss": 0.5, "site-a/train/num-examples": 10.0,
-                                "site-a/train/reply-seconds": 2.0}
+    assert record_values(a) == {
+        "site-a/train/loss": 0.5,
+        "site-a/train/num-examples": 10.0,
+        "site-a/train/reply-seconds": 2.0,
+    }
     assert record_values(b) == {"site b_/train/loss": 0.1, "site b_/train/num-examples": 30.0}
-    assert record_values(g) == {"global/train/loss": pytest.approx((10 * 0.5 + 30 * 0.1) / 40),
-                                "global/train/num-examples": 40.0, "global/train/seconds": 9.0,
-                                "global/train/sites-replied": 2.0, "global/train/sites-rejected": 1.0}
+    assert record_values(g) == {
+        "global/train/loss": pytest.approx((10 * 0.5 + 30 * 0.1) / 40),
+        "global/train/num-examples": 40.0,
+        "global/train/seconds": 9.0,
+        "global/train/sites-replied": 2.0,
+        "global/train/sites-rejected": 1.0,
+    }
 
 
 def test_sample_panel_puts_zero_filled_recon_and_target_side_by_side_at_the_target_range() -> None:
@@ -65,7 +72,7 @@ def test_sample_panel_puts_zero_filled_recon_and_target_side_by_side_at_the_targ
     assert panel.shape == (8, 15) and panel.dtype == np.uint8
     for i in range(2):
         row = np.hstack([zf[i], recon[i], target[i]]) / target[i].max()
-        np.testing.assert_array_equal(panel[4 * i:4 * i + 4], np.round(np.clip(row, 0, 1) * 255).astype(np.uint8))
+        np.testing.assert_array_equal(panel[4 * i : 4 * i + 4], np.round(np.clip(row, 0, 1) * 255).astype(np.uint8))
 
 
 class Recorder(Observer):
@@ -118,8 +125,14 @@ def test_tracked_run_dir_tells_observers_every_write_and_a_broken_one_harms_noth
     recorder = Recorder()
     store = TrackedRunDir(tmp_path / "run", [Broken(), recorder])
     _one_round(store)
-    assert recorder.calls == [("start", False), ("metrics", [(1, "site-a"), (1, GLOBAL_SITE)]), ("checkpoint", 1),
-                              ("best", 1), ("finish", "finished"), ("close", None)]
+    assert recorder.calls == [
+        ("start", False),
+        ("metrics", [(1, "site-a"), (1, GLOBAL_SITE)]),
+        ("checkpoint", 1),
+        ("best", 1),
+        ("finish", "finished"),
+        ("close", None),
+    ]
     assert [r["site"] for r in store.read_metrics()] == ["site-a", GLOBAL_SITE]  # the file write is unaffected
     assert store.observers == []  # closed with the run
 
@@ -179,14 +192,19 @@ def test_server_metrics_follow_the_run_directory(tmp_path: Path) -> None:
     store.init({"name": "r"}, resume=False)
     a = site_record("r", 1, "evaluate", "site-a", 4, {"psnr": 20.0, "dp-epsilon": 3.5})
     b = site_record("r", 1, "evaluate", "site-b", 12, {"psnr": 24.0, "dp-epsilon": 2.0})
-    store.append_metrics([a, b, global_record("r", 1, "evaluate", [a, b], seconds=7.0,
-                                              rejected=[{"site": "node-3", "reason": "late"}])])
+    store.append_metrics(
+        [a, b, global_record("r", 1, "evaluate", [a, b], seconds=7.0, rejected=[{"site": "node-3", "reason": "late"}])]
+    )
     store.save_checkpoint(1, {}, {})
 
     def value(name: str, **labels: str) -> float:
         text = generate_latest(metrics.registry).decode()
-        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return next(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     assert value("fedsense_rounds_finished_total") == 1.0
     assert value("fedsense_global_psnr_db") == pytest.approx((4 * 20.0 + 12 * 24.0) / 16)
@@ -208,8 +226,11 @@ def test_dashboard_metrics_describe_the_run_directory_before_during_and_after_a_
         with urllib.request.urlopen(url + "metrics", timeout=10) as response:
             assert response.headers["Content-Type"].startswith("text/plain")
             text = response.read().decode()
-        return {(s.name, s.labels.get("status", "")): s.value
-                for f in text_string_to_metric_families(text) for s in f.samples}
+        return {
+            (s.name, s.labels.get("status", "")): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
 
     store = RunDir(tmp_path / "run")
     server = start(store.path)
@@ -228,7 +249,8 @@ def test_dashboard_metrics_describe_the_run_directory_before_during_and_after_a_
     assert after[("fedsense_run_status", "finished")] == 1.0 and after[("fedsense_run_status", "running")] == 0.0
     assert after[("fedsense_run_best_round", "")] == 1.0
     assert after[("fedsense_run_last_record_timestamp_seconds", "")] == pytest.approx(
-        max(r["time"] for r in store.read_metrics()))
+        max(r["time"] for r in store.read_metrics())
+    )
 
 
 def test_dashboard_metrics_port_serves_the_gauges_without_the_token_and_nothing_else(tmp_path: Path) -> None:
@@ -242,11 +264,28 @@ def test_dashboard_metrics_port_serves_the_gauges_without_the_token_and_nothing_
     _one_round(store)
     port, metrics_port = free_port(), free_port()
     dashboard = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "dashboard", str(store.path), "--port", str(port), "--token-file",
-         str(token_file), "--metrics-port", str(metrics_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "dashboard",
+            str(store.path),
+            "--port",
+            str(port),
+            "--token-file",
+            str(token_file),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_for(lambda: scrape(f"http://127.0.0.1:{metrics_port}/metrics", "fedsense_run_rounds_completed"), 60,
-                 "the dashboard's metrics port")
+        wait_for(
+            lambda: scrape(f"http://127.0.0.1:{metrics_port}/metrics", "fedsense_run_rounds_completed"),
+            60,
+            "the dashboard's metrics port",
+        )
         # The tokenless listener answers the gauges whatever the path: no page, no samples, no JSON.
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/api/samples/latest.png", timeout=5) as response:
             assert response.headers["Content-Type"].startswith("text/plain")
@@ -271,12 +310,27 @@ def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
 
 
 def run_config(sites: list[Path], run_dir: Path, uri: str, name: str, **extra: Any) -> RunConfig:
-    return RunConfig.from_flat({
-        "name": name, "num-server-rounds": ROUNDS, "strategy": "fedavg", "model": "unet", "model-args": MODEL_ARGS,
-        "local-steps": 2, "batch-size": 2, "min-train-nodes": len(sites), "min-evaluate-nodes": len(sites),
-        "min-available-nodes": len(sites), "sites": ",".join(map(str, sites)), "run-dir": str(run_dir),
-        "num-samples": 1, "resume": False, "tracking": "mlflow,tensorboard", "tracking-uri": uri, **extra,
-    })
+    return RunConfig.from_flat(
+        {
+            "name": name,
+            "num-server-rounds": ROUNDS,
+            "strategy": "fedavg",
+            "model": "unet",
+            "model-args": MODEL_ARGS,
+            "local-steps": 2,
+            "batch-size": 2,
+            "min-train-nodes": len(sites),
+            "min-evaluate-nodes": len(sites),
+            "min-available-nodes": len(sites),
+            "sites": ",".join(map(str, sites)),
+            "run-dir": str(run_dir),
+            "num-samples": 1,
+            "resume": False,
+            "tracking": "mlflow,tensorboard",
+            "tracking-uri": uri,
+            **extra,
+        }
+    )
 
 
 class Federating(threading.Thread):
@@ -308,8 +362,9 @@ def scrape(url: str, sample: str) -> float | None:
             text = response.read().decode()
     except OSError:
         return None
-    return next((s.value for family in text_string_to_metric_families(text) for s in family.samples
-                 if s.name == sample), None)
+    return next(
+        (s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == sample), None
+    )
 
 
 def assert_complete(store: RunDir) -> None:
@@ -323,13 +378,13 @@ def assert_complete(store: RunDir) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_simulation_logs_params_per_site_history_and_model_to_mlflow_and_tensorboard(
-        small_sites: list[Path], tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    small_sites: list[Path], tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sites, port = small_sites[:2], free_port()
-    federation = Federating(run_config(sites, tmp_path / "fed", mlflow_server.uri, "tracked",
-                                       **{"metrics-port": port}))
+    federation = Federating(run_config(sites, tmp_path / "fed", mlflow_server.uri, "tracked", **{"metrics-port": port}))
     federation.start()
     seen: list[float] = []  # fedsense_rounds_finished_total as the ServerApp's /metrics says, in time order
     sent = 0.0  # array bytes the ServerApp's grid sent to the sites
@@ -365,7 +420,9 @@ def test_simulation_logs_params_per_site_history_and_model_to_mlflow_and_tensorb
     best = store.best()
     assert run.data.tags["fedsense.best_round"] == str(best["round"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
-        "model/model.safetensors", "model/model-card.json"}
+        "model/model.safetensors",
+        "model/model-card.json",
+    }
     [version] = client.search_model_versions("name='fedsense-tracked'")
     assert version.run_id == run.info.run_id and version.tags["round"] == str(best["round"])
     pngs = client.list_artifacts(run.info.run_id, f"samples/round-{ROUNDS:04d}")
@@ -373,11 +430,15 @@ def test_simulation_logs_params_per_site_history_and_model_to_mlflow_and_tensorb
 
     events = EventAccumulator(str(store.path / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
-    for key, rounds in (("site-a/train/loss", range(1, ROUNDS + 1)), ("site-b/evaluate/psnr", range(ROUNDS + 1)),
-                        ("global/evaluate/psnr", range(ROUNDS + 1))):
+    for key, rounds in (
+        ("site-a/train/loss", range(1, ROUNDS + 1)),
+        ("site-b/evaluate/psnr", range(ROUNDS + 1)),
+        ("global/evaluate/psnr", range(ROUNDS + 1)),
+    ):
         assert [e.step for e in events.Scalars(key)] == list(rounds), key
     assert events.Scalars("global/evaluate/psnr")[-1].value == pytest.approx(
-        [r for r in records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"][-1]["metrics"]["psnr"])
+        [r for r in records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"][-1]["metrics"]["psnr"]
+    )
     assert ROUNDS in [e.step for e in events.Images("samples/site-a")]
     assert "run-config/text_summary" in events.Tags()["tensors"]
 
@@ -385,7 +446,8 @@ def test_simulation_logs_params_per_site_history_and_model_to_mlflow_and_tensorb
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_federation_finishes_when_the_tracking_server_dies_mid_run(
-        small_sites: list[Path], tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    small_sites: list[Path], tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -22,8 +22,10 @@ def synthetic_samples(n: int = 6, size: int = 24, seed: int = 0) -> list[dict[st
     samples = []
     for i in range(n):
         blobs = sum(
-            torch.rand((), generator=g) * torch.exp(-((xx - torch.rand((), generator=g) + 0.5) ** 2
-                                                     + (yy - torch.rand((), generator=g) + 0.5) ** 2) / 0.1)
+            torch.rand((), generator=g)
+            * torch.exp(
+                -((xx - torch.rand((), generator=g) + 0.5) ** 2 + (yy - torch.rand((), generator=g) + 0.5) ** 2) / 0.1
+            )
             for _ in range(3)
         )
         image = (blobs * (xx**2 + yy**2 < 0.8)).to(torch.complex64)
@@ -31,11 +33,20 @@ def synthetic_samples(n: int = 6, size: int = 24, seed: int = 0) -> list[dict[st
         mask[size // 2 - 2 : size // 2 + 2] = 1
         mask2d = mask.expand(size, size).unsqueeze(0)
         kspace = fft2c(image).unsqueeze(0) * mask2d
-        samples.append({
-            "masked_kspace": kspace, "mask": mask2d, "sens_maps": torch.ones(1, size, size, dtype=torch.complex64),
-            "target": image.abs(), "scale": 1.0, "max_value": float(image.abs().max()),
-            "fname": f"vol{i // 3}.h5", "subject": f"s{i // 3}", "site": "synthetic", "slice_idx": i % 3,
-        })
+        samples.append(
+            {
+                "masked_kspace": kspace,
+                "mask": mask2d,
+                "sens_maps": torch.ones(1, size, size, dtype=torch.complex64),
+                "target": image.abs(),
+                "scale": 1.0,
+                "max_value": float(image.abs().max()),
+                "fname": f"vol{i // 3}.h5",
+                "subject": f"s{i // 3}",
+                "site": "synthetic",
+                "slice_idx": i % 3,
+            }
+        )
     return samples
 
 
@@ -74,8 +85,14 @@ def _plain_adam_l1(model: torch.nn.Module, batches: list[dict[str, object]], lr:
 def test_mu_zero_gives_exactly_a_plain_training_run() -> None:
     data = synthetic_samples()
     a, b = fresh_model(), fresh_model()
-    train(a, loader(data), steps=3, lr=1e-2, proximal_mu=0.0,
-          global_params=[p.detach().clone() - 1.0 for p in a.parameters()])
+    train(
+        a,
+        loader(data),
+        steps=3,
+        lr=1e-2,
+        proximal_mu=0.0,
+        global_params=[p.detach().clone() - 1.0 for p in a.parameters()],
+    )
     _plain_adam_l1(b, list(loader(data)), lr=1e-2)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
@@ -132,7 +149,9 @@ def test_training_reduces_the_loss_and_evaluate_is_volume_level() -> None:
     vols = {}
     for s in data:
         k = s["masked_kspace"]
-        img = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1)).abs()[0]
+        img = torch.fft.fftshift(
+            torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1)
+        ).abs()[0]
         vols.setdefault(s["fname"], []).append((img.numpy(), s["target"].numpy()))
     expected = []
     for pairs in vols.values():

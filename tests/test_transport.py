@@ -71,8 +71,14 @@ class SuperLink:
         return f"127.0.0.1:{self.port}"
 
     def flwr(self, *args: str) -> dict:
-        out = subprocess.run([str(BIN / "flwr"), *args, "fedsense", "--format", "json"], env=self.env,
-                             capture_output=True, text=True, timeout=60, check=False)
+        out = subprocess.run(
+            [str(BIN / "flwr"), *args, "fedsense", "--format", "json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         return json.loads(out.stdout)
 
 
@@ -82,11 +88,27 @@ def _start_superlink(pki: Pki, tmp: Path, stack: list[subprocess.Popen[bytes]]) 
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "fedsense"\n\n[superlink.fedsense]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{pki.ca_cert}"\n', encoding="utf-8")
+        f'root-certificates = "{pki.ca_cert}"\n',
+        encoding="utf-8",
+    )
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
-           "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth", "--isolation", "process",
-           "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
+    cmd = [
+        str(BIN / "flower-superlink"),
+        "--ssl-ca-certfile",
+        str(pki.ca_cert),
+        "--ssl-certfile",
+        str(pki.server_cert),
+        "--ssl-keyfile",
+        str(pki.server_key),
+        "--enable-supernode-auth",
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     link = SuperLink(port, pki, env, tmp / "superlink.log")
     stack.append(_start(cmd, link.log, env))
     deadline = time.monotonic() + 60
@@ -136,8 +158,9 @@ def _run_supernode(cmd: list[str], log: Path, env: dict[str, str], processes: li
 def _supernode_cmd(link: SuperLink, site: str, **kwargs) -> list[str]:
     keys = link.pki.sites[site]
     options = {"root_cert": link.pki.ca_cert, "auth_key": keys.private_key, **kwargs}
-    return build_supernode_command(link.address, site_config=SITE_CONFIG, runtime_port=_free_port(),
-                                   max_retries=1, max_wait_time=10, **options)
+    return build_supernode_command(
+        link.address, site_config=SITE_CONFIG, runtime_port=_free_port(), max_retries=1, max_wait_time=10, **options
+    )
 
 
 @pytest.mark.slow
@@ -168,8 +191,9 @@ def test_unregistered_key_is_refused(superlink: SuperLink, processes: list, tmp_
 
 
 @pytest.mark.slow
-def test_plaintext_client_is_refused(superlink: SuperLink, processes: list, tmp_path: Path,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_plaintext_client_is_refused(
+    superlink: SuperLink, processes: list, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="client.supernode"):
         cmd = _supernode_cmd(superlink, "site-a", root_cert=None, auth_key=None, insecure=True)
     assert "NOT encrypted" in caplog.text
@@ -194,8 +218,15 @@ def test_certificate_from_another_ca_is_refused(superlink: SuperLink, processes:
     """An impostor SuperLink whose certificate another CA signed: the site, trusting only its CA, refuses it."""
     rogue = generate_pki(tmp_path / "rogue-pki", ["localhost", "127.0.0.1"], [])
     impostor = _start_superlink(rogue, tmp_path / "impostor", processes)
-    cmd = build_supernode_command(impostor.address, superlink.pki.ca_cert, superlink.pki.sites["site-a"].private_key,
-                                  SITE_CONFIG, runtime_port=_free_port(), max_retries=1, max_wait_time=10)
+    cmd = build_supernode_command(
+        impostor.address,
+        superlink.pki.ca_cert,
+        superlink.pki.sites["site-a"].private_key,
+        SITE_CONFIG,
+        runtime_port=_free_port(),
+        max_retries=1,
+        max_wait_time=10,
+    )
     log = tmp_path / "wrong-ca.log"
     code = _run_supernode(cmd, log, superlink.env, processes)
     output = log.read_text(errors="replace")
@@ -209,8 +240,16 @@ def test_command_for_a_site(tmp_path: Path) -> None:
     key.write_text("key")
     cmd = build_supernode_command("fl.example.org:9092", ca, key, SITE_CONFIG)
     assert cmd[:3] == [sys.executable, "-m", "client.supernode_poll"]  # Flower's flower-supernode, short poll
-    assert cmd[3:] == ["--superlink", "fl.example.org:9092", "--root-certificates", str(ca),
-                       "--auth-supernode-private-key", str(key), "--node-config", f"site-config='{SITE_CONFIG}'"]
+    assert cmd[3:] == [
+        "--superlink",
+        "fl.example.org:9092",
+        "--root-certificates",
+        str(ca),
+        "--auth-supernode-private-key",
+        str(key),
+        "--node-config",
+        f"site-config='{SITE_CONFIG}'",
+    ]
 
 
 @pytest.mark.parametrize(

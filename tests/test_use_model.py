@@ -44,11 +44,21 @@ MASK = MaskSettings("equispaced", 4.0, 0.08, seed=5)
 def trained_run(small_sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-round centralized run of a small U-Net over the three demo sites (checkpoints + metrics)."""
     run_dir = tmp_path_factory.mktemp("run") / "central"
-    run = RunConfig.from_flat({
-        "name": "central", "num-server-rounds": 2, "model": "unet", "model-args": '{"chans": 8, "num_pool_layers": 2}',
-        "local-steps": 5, "batch-size": 2, "learning-rate": 0.003, "sites": ",".join(map(str, small_sites)),
-        "run-dir": str(run_dir), "num-samples": 0, "max-eval-slices": 6,
-    })
+    run = RunConfig.from_flat(
+        {
+            "name": "central",
+            "num-server-rounds": 2,
+            "model": "unet",
+            "model-args": '{"chans": 8, "num_pool_layers": 2}',
+            "local-steps": 5,
+            "batch-size": 2,
+            "learning-rate": 0.003,
+            "sites": ",".join(map(str, small_sites)),
+            "run-dir": str(run_dir),
+            "num-samples": 0,
+            "max-eval-slices": 6,
+        }
+    )
     Baseline("centralized", run).execute()
     return run_dir
 
@@ -77,8 +87,11 @@ def test_export_round_trips_exact_weights_without_pickle(trained_run: Path, arti
     for key, value in checkpoint["state_dict"].items():
         assert torch.equal(state[key], value), key
     card = json.loads((artifact / CARD_FILE).read_text())
-    assert card["round"] == 2 and card["architecture"] == {"name": "unet", "args": {"chans": 8, "num_pool_layers": 2},
-                                                           "num_parameters": card["architecture"]["num_parameters"]}
+    assert card["round"] == 2 and card["architecture"] == {
+        "name": "unet",
+        "args": {"chans": 8, "num_pool_layers": 2},
+        "num_parameters": card["architecture"]["num_parameters"],
+    }
     sites = {s["name"]: s for s in card["sites"]}
     assert set(sites) == {"site-a", "site-b", "site-c"}
     assert sites["site-a"]["acquisition"]["coils"] == 16 and sites["site-b"]["acquisition"]["mask"] == "random"
@@ -86,6 +99,7 @@ def test_export_round_trips_exact_weights_without_pickle(trained_run: Path, arti
     assert all(s["num_examples"] is None and s["validation"]["psnr"] > 0 for s in sites.values())
     assert card["versions"]["flwr"] and card["versions"]["fedsense"]
     import hashlib
+
     assert card["weights"]["sha256"] == hashlib.sha256((artifact / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
@@ -137,8 +151,26 @@ def test_evaluate_equals_training_evaluate(small_sites: list[Path], artifact: Pa
     expected_model = evaluate(loaded.model, make_loader(datasets["test"], 2, shuffle=False, seed=0)).metrics
     expected_zf = evaluate(None, make_loader(datasets["test"], 2, shuffle=False, seed=0)).metrics
 
-    assert cli.main(["evaluate", "--model", str(artifact), "--sites", str(site), "--split", "test",
-                     "--batch-size", "2", "--format", "json", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                str(artifact),
+                "--sites",
+                str(site),
+                "--split",
+                "test",
+                "--batch-size",
+                "2",
+                "--format",
+                "json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     table = {(r["site"], r["method"]): r for r in json.loads(capsys.readouterr().out)}
     for method, expected in (("model", expected_model), ("zero-filled", expected_zf)):
         for metric in ("psnr", "ssim", "nmse"):
@@ -148,8 +180,9 @@ def test_evaluate_equals_training_evaluate(small_sites: list[Path], artifact: Pa
     assert table[("all sites", "model")]["psnr"] == pytest.approx(expected_model["psnr"], rel=1e-6)
 
 
-def test_evaluate_cs_baseline_scores_every_site(small_sites: list[Path], artifact: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_cs_baseline_scores_every_site(
+    small_sites: list[Path], artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import client.evaluate as evaluate_module
 
     advanced: list[tuple[str, float]] = []  # (the bar's description, slices) per advance
@@ -161,8 +194,9 @@ def test_evaluate_cs_baseline_scores_every_site(small_sites: list[Path], artifac
 
     monkeypatch.setattr(evaluate_module, "Progress", Recording)
     loaded = load_artifact(artifact)
-    scores = evaluate_sites(loaded.model, small_sites[2:], split="test", baselines=["zero-filled", "cs"], batch_size=4,
-                            max_slices=4)
+    scores = evaluate_sites(
+        loaded.model, small_sites[2:], split="test", baselines=["zero-filled", "cs"], batch_size=4, max_slices=4
+    )
     table = {(r["site"], r["method"]): r for r in rows(scores)}
     # Classical CS is a real baseline: better than zero-filled on this poisson-disc site.
     assert table[("site-c", "cs")]["psnr"] > table[("site-c", "zero-filled")]["psnr"]
@@ -177,12 +211,34 @@ def _fastmri_file(small_sites: list[Path]) -> Path:
     return test_file
 
 
-def test_reconstruct_fastmri_h5_beats_zero_filled_and_reads_back(small_sites: list[Path], artifact: Path,
-                                                                   tmp_path: Path) -> None:
+def test_reconstruct_fastmri_h5_beats_zero_filled_and_reads_back(
+    small_sites: list[Path], artifact: Path, tmp_path: Path
+) -> None:
     source = _fastmri_file(small_sites)
     out = tmp_path / "out"
-    assert cli.main(["reconstruct", "--model", str(artifact), str(source), "--out", str(out), "--mask", "equispaced",
-                     "--acceleration", "4", "--center-fraction", "0.08", "--seed", "5", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "reconstruct",
+                "--model",
+                str(artifact),
+                str(source),
+                "--out",
+                str(out),
+                "--mask",
+                "equispaced",
+                "--acceleration",
+                "4",
+                "--center-fraction",
+                "0.08",
+                "--seed",
+                "5",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with h5py.File(source, "r") as f:
         kspace, target = f["kspace"][()], f["reconstruction_rss"][()]
     with h5py.File(out / source.name, "r") as f:
@@ -196,8 +252,12 @@ def test_reconstruct_fastmri_h5_beats_zero_filled_and_reads_back(small_sites: li
     assert gain > 0.0, gain
 
     # The fastMRI test-set layout (undersampled k-space + its 'mask') gives the same reconstruction.
-    masks = np.stack([make_mask("equispaced", kspace.shape[-2:], 4.0, 0.08, seed_for(5, source.name, k)).mask
-                      for k in range(len(kspace))])
+    masks = np.stack(
+        [
+            make_mask("equispaced", kspace.shape[-2:], 4.0, 0.08, seed_for(5, source.name, k)).mask
+            for k in range(len(kspace))
+        ]
+    )
     assert np.all(masks == masks[:, :1, :])  # column masks
     undersampled = tmp_path / "in" / "same_mask_file.h5"
     undersampled.parent.mkdir()
@@ -207,17 +267,25 @@ def test_reconstruct_fastmri_h5_beats_zero_filled_and_reads_back(small_sites: li
     with h5py.File(source, "r") as f, h5py.File(undersampled, "a") as g:
         g["ismrmrd_header"] = f["ismrmrd_header"][()]
     loaded = load_artifact(artifact)
-    written = reconstruct_files(Reconstructor(loaded, device=torch.device("cpu")), [undersampled], tmp_path / "out2", "h5")
+    written = reconstruct_files(
+        Reconstructor(loaded, device=torch.device("cpu")), [undersampled], tmp_path / "out2", "h5"
+    )
     with h5py.File(written[0], "r") as f:
         first = f["reconstruction"][0]
     slice0 = MaskSettings("equispaced", 4.0, 0.08, seed=5)
-    same = reconstruct_files(Reconstructor(loaded, device=torch.device("cpu"), mask=slice0), [source], tmp_path / "o3", "h5")
+    same = reconstruct_files(
+        Reconstructor(loaded, device=torch.device("cpu"), mask=slice0), [source], tmp_path / "o3", "h5"
+    )
     with h5py.File(same[0], "r") as f:
         reference = f["reconstruction"][0]
-    if np.array_equal(masks[0], make_mask("equispaced", kspace.shape[-2:], 4.0, 0.08, seed_for(5, source.name, 0)).mask):
+    if np.array_equal(
+        masks[0], make_mask("equispaced", kspace.shape[-2:], 4.0, 0.08, seed_for(5, source.name, 0)).mask
+    ):
         np.testing.assert_allclose(first, reference, rtol=1e-4, atol=1e-6 * reference.max())
 
-    dicom_dir = reconstruct_files(Reconstructor(loaded, device=torch.device("cpu"), mask=MASK), [source], tmp_path / "dcm", "dicom")[0]
+    dicom_dir = reconstruct_files(
+        Reconstructor(loaded, device=torch.device("cpu"), mask=MASK), [source], tmp_path / "dcm", "dicom"
+    )[0]
     files = sorted(dicom_dir.glob("*.dcm"))
     assert len(files) == len(kspace)
     ds = pydicom.dcmread(files[0])
@@ -226,8 +294,9 @@ def test_reconstruct_fastmri_h5_beats_zero_filled_and_reads_back(small_sites: li
     np.testing.assert_allclose(pixels, np.maximum(recon[0], 0), atol=float(ds.RescaleSlope))
 
 
-def test_reconstruct_nifti_keeps_geometry_and_beats_zero_filled(small_sites: list[Path], artifact: Path,
-                                                                 tmp_path: Path) -> None:
+def test_reconstruct_nifti_keeps_geometry_and_beats_zero_filled(
+    small_sites: list[Path], artifact: Path, tmp_path: Path
+) -> None:
     site = load_site_config(small_sites[1])
     _, datasets = load_site(str(small_sites[1]))
     source = datasets["test"].reader.examples[datasets["test"].indices[0]].path
@@ -235,8 +304,12 @@ def test_reconstruct_nifti_keeps_geometry_and_beats_zero_filled(small_sites: lis
     reconstructor = Reconstructor(loaded, device=torch.device("cpu"), site=site)
     volume = reconstructor.volume(source, reconstructor.check(source))
     written = [write_volume(volume, tmp_path, "nifti", loaded.card)]
-    zero = reconstruct_files(Reconstructor(loaded, device=torch.device("cpu"), site=site, zero_filled_only=True),
-                             [source], tmp_path / "zero", None)
+    zero = reconstruct_files(
+        Reconstructor(loaded, device=torch.device("cpu"), site=site, zero_filled_only=True),
+        [source],
+        tmp_path / "zero",
+        None,
+    )
     original = nib.load(source)
     recon, zf = nib.load(written[0]), nib.load(zero[0])
     assert recon.shape == original.shape and np.allclose(recon.affine, original.affine)
@@ -253,7 +326,9 @@ def test_reconstruct_nifti_keeps_geometry_and_beats_zero_filled(small_sites: lis
     assert spacing == pytest.approx(float(original.header.get_zooms()[2]), rel=1e-3)
 
 
-def test_reconstruct_refuses_bad_inputs_and_writes_nothing(small_sites: list[Path], artifact: Path, tmp_path: Path) -> None:
+def test_reconstruct_refuses_bad_inputs_and_writes_nothing(
+    small_sites: list[Path], artifact: Path, tmp_path: Path
+) -> None:
     source = _fastmri_file(small_sites)
     with h5py.File(source, "r") as f:
         kspace, header = f["kspace"][()], f["ismrmrd_header"][()]
@@ -271,8 +346,11 @@ def test_reconstruct_refuses_bad_inputs_and_writes_nothing(small_sites: list[Pat
     loaded = load_artifact(artifact)
     out = tmp_path / "out"
     recon = Reconstructor(loaded, device=torch.device("cpu"), mask=MASK)
-    for name, message in (("no_kspace.h5", "missing dataset 'kspace'"), ("two_coils.h5", "has 2 coil"),
-                          ("nan.h5", "NaN")):
+    for name, message in (
+        ("no_kspace.h5", "missing dataset 'kspace'"),
+        ("two_coils.h5", "has 2 coil"),
+        ("nan.h5", "NaN"),
+    ):
         with pytest.raises(DataError, match=message) as info:
             reconstruct_files(recon, [tmp_path / name], out, "h5")
         assert str(tmp_path / name) in str(info.value)
@@ -285,13 +363,17 @@ def test_reconstruct_refuses_bad_inputs_and_writes_nothing(small_sites: list[Pat
     assert leftovers == [], leftovers
 
 
-def test_onnx_export_matches_pytorch(artifact: Path, small_sites: list[Path], trained_run: Path, tmp_path: Path) -> None:
+def test_onnx_export_matches_pytorch(
+    artifact: Path, small_sites: list[Path], trained_run: Path, tmp_path: Path
+) -> None:
     import onnxruntime as ort
 
     out = tmp_path / "with-onnx"
     site = str(small_sites[1])  # the first simulated site (8 coils, 64²) sets the export shape
-    assert cli.main(["export", str(trained_run), "--round", "last", "--out", str(out), "--onnx",
-                     "--site-config", site]) == 0
+    assert (
+        cli.main(["export", str(trained_run), "--round", "last", "--out", str(out), "--onnx", "--site-config", site])
+        == 0
+    )
     card = json.loads((out / CARD_FILE).read_text())
     loaded = load_artifact(out)
     _, datasets = load_site(site)

@@ -30,11 +30,21 @@ def test_errors_name_the_bad_run_directory(tmp_path: Path, capsys: pytest.Captur
 
 @pytest.mark.slow
 def test_verdict_on_real_runs_and_a_personalised_model_equal_to_the_local_one(
-        small_sites: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    small_sites: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     def run(kind: str) -> Path:
-        config = RunConfig.from_flat({
-            "name": kind, "num-server-rounds": 2, "model": "unet", "model-args": '{"chans": 8, "num_pool_layers": 2}',
-            "local-steps": 2, "batch-size": 2, "sites": ",".join(map(str, small_sites)), "run-dir": str(tmp_path / kind)})
+        config = RunConfig.from_flat(
+            {
+                "name": kind,
+                "num-server-rounds": 2,
+                "model": "unet",
+                "model-args": '{"chans": 8, "num_pool_layers": 2}',
+                "local-steps": 2,
+                "batch-size": 2,
+                "sites": ",".join(map(str, small_sites)),
+                "run-dir": str(tmp_path / kind),
+            }
+        )
         return Baseline(kind, config).execute().path
 
     local, pooled = run("local"), run("centralized")
@@ -46,13 +56,30 @@ def test_verdict_on_real_runs_and_a_personalised_model_equal_to_the_local_one(
     # site-a's "personalised" model is its own local model: the gain must be exactly 0, so "no benefit".
     rows = {r.site: r for r in verdicts(pooled, local)}
     a = rows["site-a"]
-    state = {k.split("/", 1)[1]: v for k, v in torch.load(local / "checkpoints" / f"round-{a.local_round:04d}.pt",
-                                                           weights_only=True)["state_dict"].items()
-             if k.startswith("site-a/")}
+    state = {
+        k.split("/", 1)[1]: v
+        for k, v in torch.load(local / "checkpoints" / f"round-{a.local_round:04d}.pt", weights_only=True)[
+            "state_dict"
+        ].items()
+        if k.startswith("site-a/")
+    }
     (pooled / "site-state" / "site-a").mkdir(parents=True)
     torch.save({"state_dict": state}, pooled / "site-state" / "site-a" / FINETUNED_FILE)
-    assert main(["verdict", str(pooled), "--local", str(local), "--site", "site-a",
-                 "--site-state-dir", str(pooled / "site-state")]) == 0
+    assert (
+        main(
+            [
+                "verdict",
+                str(pooled),
+                "--local",
+                str(local),
+                "--site",
+                "site-a",
+                "--site-state-dir",
+                str(pooled / "site-state"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| site-a | personalised (fine-tuned) |" in out and "+0.00 [+0.00, +0.00]" in out and "no benefit" in out
     assert set(rows) == {"site-a", "site-b", "site-c"}

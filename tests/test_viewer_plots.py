@@ -33,8 +33,12 @@ def make_run(path: Path, name: str, strategy: str, gain: float, samples: bool = 
                     "metrics": (
                         {"loss": 1 / (round + i)}
                         if phase == "train"
-                        else {"loss": 0.5 / round, "psnr": 25 + gain * round + i, "ssim": 0.6 + 0.05 * round,
-                              "nmse": 0.1 / round}
+                        else {
+                            "loss": 0.5 / round,
+                            "psnr": 25 + gain * round + i,
+                            "ssim": 0.6 + 0.05 * round,
+                            "nmse": 0.1 / round,
+                        }
                     ),
                 }
                 for phase in ("train", "evaluate")

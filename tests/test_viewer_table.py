@@ -143,12 +143,29 @@ def test_bad_arguments_and_missing_run(run: RunDir, tmp_path: Path) -> None:
 def test_self_supervised_sites_are_marked_with_their_heldout_loss(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "mixed")
     run.init({"name": "mixed", "strategy": "fedavg"}, resume=False)
-    run.append_metrics([
-        {"run": "mixed", "round": 1, "phase": "evaluate", "site": "site-a", "time": 1.7e9, "num_examples": 4,
-         "metrics": {"psnr": 30.0, "ssdu-loss": 0.61234}, "supervision": "self"},
-        {"run": "mixed", "round": 1, "phase": "evaluate", "site": "site-b", "time": 1.7e9, "num_examples": 4,
-         "metrics": {"psnr": 31.0}},
-    ])
+    run.append_metrics(
+        [
+            {
+                "run": "mixed",
+                "round": 1,
+                "phase": "evaluate",
+                "site": "site-a",
+                "time": 1.7e9,
+                "num_examples": 4,
+                "metrics": {"psnr": 30.0, "ssdu-loss": 0.61234},
+                "supervision": "self",
+            },
+            {
+                "run": "mixed",
+                "round": 1,
+                "phase": "evaluate",
+                "site": "site-b",
+                "time": 1.7e9,
+                "num_examples": 4,
+                "metrics": {"psnr": 31.0},
+            },
+        ]
+    )
     out = io.StringIO()
     show(run.path, out=out)
     text = out.getvalue()

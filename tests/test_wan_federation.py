@@ -26,12 +26,15 @@ def test_a_run_over_vpn_links_with_a_20_s_partition_finishes_with_each_update_ac
 ) -> None:
     store = RunDir(tmp_path / "run")
     rounds = 3
-    config = tiny_run(store.path, rounds=rounds, **{"min-train-nodes": 2, "min-available-nodes": 2,
-                                                    "round-timeout": 60.0})
+    config = tiny_run(
+        store.path, rounds=rounds, **{"min-train-nodes": 2, "min-available-nodes": 2, "round-timeout": 60.0}
+    )
     link = profile("vpn")
     with Deployment(tmp_path / "deployment") as deployment:
-        proxies = {p.stem: ProxyThread(("127.0.0.1", deployment.port), link, seed=i).__enter__()
-                   for i, p in enumerate(small_sites)}
+        proxies = {
+            p.stem: ProxyThread(("127.0.0.1", deployment.port), link, seed=i).__enter__()
+            for i, p in enumerate(small_sites)
+        }
         try:
             for path in small_sites:
                 deployment.start_supernode(path.stem, path, superlink=proxies[path.stem].address)

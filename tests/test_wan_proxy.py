@@ -100,9 +100,7 @@ def test_token_bucket_is_shared_by_all_connections() -> None:
     assert TokenBucket(0.0).reserve(3.0, 10**9) == 3.0  # unlimited
 
 
-def test_a_refusing_partition_resets_open_connections_and_refuses_new_ones_until_it_ends(
-    echo: tuple[str, int]
-) -> None:
+def test_a_refusing_partition_resets_open_connections_and_refuses_new_ones_until_it_ends(echo: tuple[str, int]) -> None:
     with ProxyThread(echo, PRESETS["lan"]) as proxy:
         sock = connect(proxy)
         round_trip(sock)
@@ -153,6 +151,7 @@ def test_profiles_are_validated_and_named() -> None:
         profile("lan", rtt_ms=-1)
     with pytest.raises(ValueError, match="preset 'wan'"):
         profile("wan")
-    args = build_parser().parse_args(["--listen", "127.0.0.1:1", "--upstream", "h:2", "--rtt-ms", "80",
-                                      "--partition", "10:20"])
+    args = build_parser().parse_args(
+        ["--listen", "127.0.0.1:1", "--upstream", "h:2", "--rtt-ms", "80", "--partition", "10:20"]
+    )
     assert (args.rtt_ms, args.upstream, args.partition) == (80.0, ("h", 2), [(10.0, 20.0)])

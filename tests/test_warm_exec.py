@@ -32,10 +32,17 @@ def test_the_warm_command_pair(tmp_path: Path) -> None:
 def _modules_around(task: str) -> tuple[set[str], set[str]]:
     """``sys.modules`` names in a fresh process after ``warm_up()``, before and after running ``task`` (Python
     source): what they differ by, a forked ClientApp task would import again on every message."""
-    code = ("import json, sys\nfrom client.warm_exec import warm_up\nwarm_up()\nbefore = sorted(sys.modules)\n"
-            f"{task}\nprint(json.dumps([before, sorted(sys.modules)]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import json, sys\nfrom client.warm_exec import warm_up\nwarm_up()\nbefore = sorted(sys.modules)\n"
+        f"{task}\nprint(json.dumps([before, sorted(sys.modules)]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     before, after = json.loads(out.stdout.strip().splitlines()[-1])
     return set(before), set(after)
 
@@ -54,7 +61,8 @@ def test_a_forked_task_s_first_optimiser_imports_nothing() -> None:
         "model = torch.nn.Conv2d(1, 1, 3)\n"
         "optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)\n"
         "model(torch.zeros(1, 1, 8, 8)).sum().backward()\n"
-        "optimiser.step()")
+        "optimiser.step()"
+    )
     new = sorted(after - before)
     assert not new, f"imported by every task's first training step: {new[:10]} ({len(new)} modules)"
 
@@ -62,8 +70,17 @@ def test_a_forked_task_s_first_optimiser_imports_nothing() -> None:
 @pytest.mark.slow
 def test_warm_and_cold_sites_train_and_evaluate_together(small_sites: list[Path], tmp_path: Path) -> None:
     store = RunDir(tmp_path / "run")
-    config = tiny_run(store.path, rounds=2, **{"fraction-evaluate": 1.0, "min-available-nodes": 3,
-                                               "min-train-nodes": 3, "min-evaluate-nodes": 3, "round-timeout": 300.0})
+    config = tiny_run(
+        store.path,
+        rounds=2,
+        **{
+            "fraction-evaluate": 1.0,
+            "min-available-nodes": 3,
+            "min-train-nodes": 3,
+            "min-evaluate-nodes": 3,
+            "round-timeout": 300.0,
+        },
+    )
     warm = {"site-a", "site-b"}
     seen: dict[str, set[str]] = {name: set() for name in ("site-a", "site-b", "site-c")}
     stop = threading.Event()

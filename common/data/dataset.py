@@ -114,6 +114,7 @@ class SiteDataset(Dataset):
 
         This is what every augmented draw of the slice starts from: only the mask, noise and phase differ.
         """
+
         def read() -> tuple[np.ndarray, SliceMeta]:
             data, meta = self.reader.read_slice(example_index)
             if meta.kind == "image":
@@ -133,8 +134,13 @@ class SiteDataset(Dataset):
             seed = augmentation_seed(seed, self.epoch)
         if self.config.scanner.trajectory != "cartesian":
             sample = noncartesian_sample(self.config, data, meta, seed)
-            return {**sample, "fname": fname, "subject": example.subject, "site": self.config.name,
-                    "slice_idx": int(example.slice_idx)}
+            return {
+                **sample,
+                "fname": fname,
+                "subject": example.subject,
+                "site": self.config.name,
+                "slice_idx": int(example.slice_idx),
+            }
         acquired = acquire(self.config, data, meta, seed, on_matrix=True)
         masked, mask, sens_maps = acquired.masked, acquired.mask, acquired.sens_maps
         if acquired.simulated is not None:
@@ -181,8 +187,14 @@ class Acquisition:
     simulated: np.ndarray | None  # the simulated magnitude object (image data only)
 
 
-def acquired_mask(pattern: str, shape: tuple[int, int], acceleration: float, center_fraction: float, seed: int,
-                  acquired_columns: tuple[int, int] | None) -> np.ndarray:
+def acquired_mask(
+    pattern: str,
+    shape: tuple[int, int],
+    acceleration: float,
+    center_fraction: float,
+    seed: int,
+    acquired_columns: tuple[int, int] | None,
+) -> np.ndarray:
     """The sampling mask of one slice, never over k-space columns the scanner did not acquire."""
     mask = make_mask(pattern, (shape[0], shape[1]), acceleration, center_fraction, seed).mask.copy()
     if acquired_columns is not None:
@@ -192,7 +204,9 @@ def acquired_mask(pattern: str, shape: tuple[int, int], acceleration: float, cen
     return mask
 
 
-def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int, *, on_matrix: bool = False) -> Acquisition:
+def acquire(
+    config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int, *, on_matrix: bool = False
+) -> Acquisition:
     """The site's acquisition of one slice: magnitude data through the scanner simulation, stored
     k-space as it is; the site's mask (never over columns the scanner did not acquire); coil maps
     simulated, or estimated from the calibration region of the masked k-space.
@@ -202,14 +216,18 @@ def acquire(config: SiteConfig, data: np.ndarray, meta: SliceMeta, seed: int, *,
     scanner = config.scanner
     simulated = None
     if meta.kind == "image":
-        simulation = (acquire_magnitude(data, scanner, seed) if on_matrix
-                      else simulate_acquisition(data, scanner, seed, image_max=meta.volume_max))
+        simulation = (
+            acquire_magnitude(data, scanner, seed)
+            if on_matrix
+            else simulate_acquisition(data, scanner, seed, image_max=meta.volume_max)
+        )
         kspace, simulated = simulation.kspace, simulation.target
     else:
         kspace = data
     assert scanner.mask is not None and scanner.center_fraction is not None  # a Cartesian scanner
-    mask = acquired_mask(scanner.mask, kspace.shape[-2:], scanner.acceleration, scanner.center_fraction, seed,
-                         meta.acquired_columns)
+    mask = acquired_mask(
+        scanner.mask, kspace.shape[-2:], scanner.acceleration, scanner.center_fraction, seed, meta.acquired_columns
+    )
     masked = (kspace * mask).astype(np.complex64)
     if meta.kind == "image":
         sens_maps = simulation.sens_maps
@@ -224,9 +242,7 @@ def augmentation_seed(slice_seed: int, epoch: tuple[int, ...]) -> int:
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
-def _crop_size(
-    meta: SliceMeta, target_shape: tuple[int, ...], kspace_shape: tuple[int, int]
-) -> tuple[int, int]:
+def _crop_size(meta: SliceMeta, target_shape: tuple[int, ...], kspace_shape: tuple[int, int]) -> tuple[int, int]:
     """The target's size, clipped to the image as fastMRI does for scans narrower than their recon matrix.
 
     Simulated data is reconstructed at the full matrix; fastMRI data at the stored reconstruction's size,

@@ -146,7 +146,10 @@ def example_site_files(out: Path) -> dict[str, tuple[Path, str]]:
         name = parse_site_config(tomllib.loads(text), file_name).name
         if not _DATA_PATH_LINE.search(text):
             raise ConfigError(f"{file_name}: data_path: missing in the example site config")
-        files[name] = (out / f"{name}.toml", SITE_FILE_HEADER + _DATA_PATH_LINE.sub(f'data_path = "{name}"', text, count=1))
+        files[name] = (
+            out / f"{name}.toml",
+            SITE_FILE_HEADER + _DATA_PATH_LINE.sub(f'data_path = "{name}"', text, count=1),
+        )
     return files
 
 
@@ -201,8 +204,7 @@ def _write_fastmri(
     unknown = [a for a in acquisitions if a not in FASTMRI_ACQUISITIONS]
     if unknown:
         raise ConfigError(
-            f"{site.name}: contrasts: the demo cannot synthesise {unknown}; "
-            f"use {', '.join(FASTMRI_ACQUISITIONS)}"
+            f"{site.name}: contrasts: the demo cannot synthesise {unknown}; use {', '.join(FASTMRI_ACQUISITIONS)}"
         )
     scanner = site.scanner.model_copy(update={"matrix": (size, size)})
     base_seed = int(rng.integers(2**31))
@@ -223,23 +225,34 @@ def _write_fastmri(
         patient_id = f"{rng.integers(16**12):012x}"
         fname = f"file_brain_{acquisition}_{200 + i}_{6000000 + int(rng.integers(1000000))}.h5"
         if scanner.trajectory != "cartesian":  # raw radial / spiral samples (common.data.noncartesian_h5)
-            scans = [simulate_noncartesian(image, scanner, seed_for(base_seed, fname, k), image_max=volume_max)
-                     for k, image in enumerate(volume)]
-            header = _ismrmrd_header(size, num_slices, thickness, scanner.coils, scanner.field_strength_t,
-                                     acquisition, trajectory=ISMRMRD_TRAJECTORY[scanner.trajectory])
+            scans = [
+                simulate_noncartesian(image, scanner, seed_for(base_seed, fname, k), image_max=volume_max)
+                for k, image in enumerate(volume)
+            ]
+            header = _ismrmrd_header(
+                size,
+                num_slices,
+                thickness,
+                scanner.coils,
+                scanner.field_strength_t,
+                acquisition,
+                trajectory=ISMRMRD_TRAJECTORY[scanner.trajectory],
+            )
             write_noncartesian_h5(
-                site_dir / fname, np.stack([s["samples"] for s in scans]),
-                np.stack([s["trajectory"][:, :2] for s in scans]), header,
-                target=np.stack([s["target"] for s in scans]), acquisition=acquisition, patient_id=patient_id,
+                site_dir / fname,
+                np.stack([s["samples"] for s in scans]),
+                np.stack([s["trajectory"][:, :2] for s in scans]),
+                header,
+                target=np.stack([s["target"] for s in scans]),
+                acquisition=acquisition,
+                patient_id=patient_id,
             )
             files.append(fname)
             patients.append(patient_id)
             continue
         kspace = np.stack(
             [
-                simulate_acquisition(
-                    image, scanner, seed_for(base_seed, fname, k), image_max=volume_max
-                ).kspace
+                simulate_acquisition(image, scanner, seed_for(base_seed, fname, k), image_max=volume_max).kspace
                 for k, image in enumerate(volume)
             ]
         )
@@ -260,7 +273,12 @@ def _write_fastmri(
 
 
 def _ismrmrd_header(
-    size: int, num_slices: int, thickness: float, coils: int, field_t: float, protocol: str,
+    size: int,
+    num_slices: int,
+    thickness: float,
+    coils: int,
+    field_t: float,
+    protocol: str,
     trajectory: str = "cartesian",
 ) -> bytes:
     """An ISMRMRD XML header with the fields fastMRI's loaders read (matrix sizes, encoding limits)."""
@@ -310,9 +328,7 @@ def _save_nifti(volume: np.ndarray, subject: Subject, axcodes: tuple[str, str, s
     """Save a RAS volume as int16 NIfTI stored in ``axcodes`` voxel order, as scanners and archives vary."""
     img = nib.Nifti1Image(volume, subject.affine)
     target = nib.orientations.axcodes2ornt(axcodes)
-    img = img.as_reoriented(
-        nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine), target)
-    )
+    img = img.as_reoriented(nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine), target))
     img.header.set_xyzt_units("mm")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
@@ -347,9 +363,7 @@ def _write_brats(
         (site_dir / name).mkdir()
         for suffix, contrast in BRATS_FILE_CONTRASTS.items():
             fname = f"{name}_{suffix}.nii.gz"
-            _save_nifti(
-                _to_int16(subject.image(contrast), rng), subject, ("L", "P", "S"), site_dir / name / fname
-            )
+            _save_nifti(_to_int16(subject.image(contrast), rng), subject, ("L", "P", "S"), site_dir / name / fname)
             files.append(f"{name}/{fname}")
         seg = f"{name}_seg.nii.gz"
         _save_nifti(subject.labels(), subject, ("L", "P", "S"), site_dir / name / seg)
@@ -375,9 +389,7 @@ def _write_ixi(
         for contrast in IXI_FILE_CONTRASTS:
             clean = subject.image(contrast)
             sigma = 0.01 * float(clean.max())
-            noisy = np.abs(
-                clean + sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
-            )
+            noisy = np.abs(clean + sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)))
             axcodes = ("P", "S", "R") if contrast == "T1" else ("R", "A", "S")
             fname = f"{subject_id}-{hospital}-{series}-{contrast}.nii.gz"
             _save_nifti(_to_int16(noisy, rng), subject, axcodes, site_dir / fname)
@@ -396,15 +408,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="combined with each site's demo.seed")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier demo site folders")
-    parser.add_argument(
-        "--sites", type=Path, nargs="*", help=f"site TOMLs (default: {DEFAULT_SITES_DIR}/*.toml)"
-    )
+    parser.add_argument("--sites", type=Path, nargs="*", help=f"site TOMLs (default: {DEFAULT_SITES_DIR}/*.toml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         sites = [load_site_config(p) for p in args.sites] if args.sites else None
-        generate_demo(args.out, size=args.size, subjects=args.subjects, seed=args.seed, sites=sites,
-                      overwrite=args.overwrite)
+        generate_demo(
+            args.out, size=args.size, subjects=args.subjects, seed=args.seed, sites=sites, overwrite=args.overwrite
+        )
     except FedSenseError as exc:
         log.error("%s", exc)
         return 2

@@ -96,8 +96,13 @@ def _run_children(paths: list[Path], timeout: float) -> dict[Path, str | None]:
     pending = list(paths)
     while pending:
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env=_child_env())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", _CHILD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=_child_env(),
+        )
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps([str(p) for p in pending]).encode())
         proc.stdin.close()

@@ -135,19 +135,24 @@ class HeldOutScore:
 
 
 @torch.no_grad()
-def score_heldout(model: torch.nn.Module, scanner: ScannerConfig, seed: int = 0,
-                  images: list[HeldOutImage] | None = None) -> list[HeldOutScore]:
+def score_heldout(
+    model: torch.nn.Module, scanner: ScannerConfig, seed: int = 0, images: list[HeldOutImage] | None = None
+) -> list[HeldOutScore]:
     """Reconstruct every held-out image (acquired on ``scanner``) with ``model``; score it and zero-filled."""
     model.eval()
     scores = []
     for item in images if images is not None else load_heldout_images():
         sample = heldout_sample(item, scanner, seed)
-        batch: dict[str, object] = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in sample.items()}
+        batch: dict[str, object] = {
+            k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in sample.items()
+        }
         target = sample["target"].numpy()
         maxval = float(target.max())
-        scores.append(HeldOutScore(
-            item.name,
-            float(psnr(target, zero_filled(batch)[0].numpy(), maxval)),
-            float(psnr(target, predict(model, batch)[0].float().numpy(), maxval)),
-        ))
+        scores.append(
+            HeldOutScore(
+                item.name,
+                float(psnr(target, zero_filled(batch)[0].numpy(), maxval)),
+                float(psnr(target, predict(model, batch)[0].float().numpy(), maxval)),
+            )
+        )
     return scores

@@ -45,8 +45,9 @@ def index_key(root: Path, files: Sequence[Path], params: dict[str, Any]) -> str:
     for path in files:
         stat = path.stat()
         entries.append([os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns])
-    payload = json.dumps({"format": FORMAT, "root": str(root), "params": params, "files": entries},
-                         sort_keys=True, default=str)
+    payload = json.dumps(
+        {"format": FORMAT, "root": str(root), "params": params, "files": entries}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -86,9 +87,14 @@ def dataclass_from_json(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def cached(directory: Path | None, key_of: Callable[[], str], build: Callable[[], T],
-           restore: Callable[[dict[str, Any]], T], state_of: Callable[[T], dict[str, Any]],
-           keep: Callable[[T], bool] = lambda _: True) -> T:
+def cached(
+    directory: Path | None,
+    key_of: Callable[[], str],
+    build: Callable[[], T],
+    restore: Callable[[dict[str, Any]], T],
+    state_of: Callable[[T], dict[str, Any]],
+    keep: Callable[[T], bool] = lambda _: True,
+) -> T:
     """``restore`` the index from the cache when its key matches, else ``build`` it and cache its
     state (unless ``keep`` says this index should be rebuilt next time)."""
     if directory is None:

@@ -54,8 +54,7 @@ def has_nifti_magic(path: Path) -> bool:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as fh:
         head = fh.read(352)
-    return any(head[offset : offset + len(magic)] == magic
-               for offset, magics in _NIFTI_MAGICS for magic in magics)
+    return any(head[offset : offset + len(magic)] == magic for offset, magics in _NIFTI_MAGICS for magic in magics)
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,9 @@ def dataset_kind(name: str) -> DatasetKind:
     return kind
 
 
-def fixed_contrasts(dataset: str, allowed: tuple[str, ...], canonical: Callable[[str], str]
-                    ) -> Callable[[list[str]], list[str]]:
+def fixed_contrasts(
+    dataset: str, allowed: tuple[str, ...], canonical: Callable[[str], str]
+) -> Callable[[list[str]], list[str]]:
     """A :attr:`DatasetKind.contrasts` for a kind with a closed set of contrast names: each name made
     ``canonical`` (aliases, case), unknown ones refused, duplicates dropped."""
 
@@ -112,6 +112,7 @@ def fixed_contrasts(dataset: str, allowed: tuple[str, ...], canonical: Callable[
         if unknown:
             raise ValueError(f"unknown {dataset} contrast(s) {unknown}; use {', '.join(allowed)}")
         return list(dict.fromkeys(names))
+
     return check
 
 
@@ -124,22 +125,41 @@ def _fastmri_reader(config: SiteConfig, _min_foreground: float) -> ReaderChoice:
     return FastMRIReader, extra
 
 
-register(DatasetKind(
-    name="fastmri", description="fastMRI multi-coil raw k-space, HDF5", files="fastMRI HDF5 (*.h5)",
-    find=lambda config: find_fastmri_files(config.data_path), is_file=has_hdf5_signature,
-    reader=_fastmri_reader, raw_kspace=True,
-    # Acquisition names (AXT2, CORPD_FBK, ...) are open-ended; compared case-insensitively.
-    contrasts=lambda values: [c.upper() for c in values],
-))
-register(DatasetKind(
-    name="brats", description="BraTS magnitude volumes, NIfTI", files="BraTS NIfTI",
-    find=lambda config: find_brats_files(config.data_path, config.contrasts), is_file=has_nifti_magic,
-    reader=lambda _config, min_foreground: (BratsReader, {"min_foreground": min_foreground}), raw_kspace=False,
-    contrasts=fixed_contrasts("brats", BRATS_CONTRASTS, lambda c: BRATS_ALIASES.get(c.lower(), c.lower())),
-))
-register(DatasetKind(
-    name="ixi", description="IXI magnitude volumes, NIfTI", files="IXI NIfTI",
-    find=lambda config: find_ixi_files(config.data_path, config.contrasts, config.hospital), is_file=has_nifti_magic,
-    reader=lambda _config, min_foreground: (IXIReader, {"min_foreground": min_foreground}), raw_kspace=False,
-    contrasts=fixed_contrasts("ixi", IXI_CONTRASTS, str.upper), hospitals=IXI_HOSPITALS,
-))
+register(
+    DatasetKind(
+        name="fastmri",
+        description="fastMRI multi-coil raw k-space, HDF5",
+        files="fastMRI HDF5 (*.h5)",
+        find=lambda config: find_fastmri_files(config.data_path),
+        is_file=has_hdf5_signature,
+        reader=_fastmri_reader,
+        raw_kspace=True,
+        # Acquisition names (AXT2, CORPD_FBK, ...) are open-ended; compared case-insensitively.
+        contrasts=lambda values: [c.upper() for c in values],
+    )
+)
+register(
+    DatasetKind(
+        name="brats",
+        description="BraTS magnitude volumes, NIfTI",
+        files="BraTS NIfTI",
+        find=lambda config: find_brats_files(config.data_path, config.contrasts),
+        is_file=has_nifti_magic,
+        reader=lambda _config, min_foreground: (BratsReader, {"min_foreground": min_foreground}),
+        raw_kspace=False,
+        contrasts=fixed_contrasts("brats", BRATS_CONTRASTS, lambda c: BRATS_ALIASES.get(c.lower(), c.lower())),
+    )
+)
+register(
+    DatasetKind(
+        name="ixi",
+        description="IXI magnitude volumes, NIfTI",
+        files="IXI NIfTI",
+        find=lambda config: find_ixi_files(config.data_path, config.contrasts, config.hospital),
+        is_file=has_nifti_magic,
+        reader=lambda _config, min_foreground: (IXIReader, {"min_foreground": min_foreground}),
+        raw_kspace=False,
+        contrasts=fixed_contrasts("ixi", IXI_CONTRASTS, str.upper),
+        hospitals=IXI_HOSPITALS,
+    )
+)

@@ -41,8 +41,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, aug
     phase), seeded by (``seed``, pass number); without it the slices' fixed draws are used.
     """
     generator = torch.Generator().manual_seed(seed)
-    return EpochLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0,
-                       augment_seed=seed if augment else None)
+    return EpochLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=0,
+        augment_seed=seed if augment else None,
+    )
 
 
 class EpochLoader(DataLoader):

@@ -94,17 +94,23 @@ def noncartesian_sample(config: SiteConfig, data: np.ndarray, meta: SliceMeta, s
         volume_max = 1.0  # the simulation divides by the volume maximum
     elif meta.kind == "noncartesian" and meta.trajectory is not None:
         if meta.target is None:
-            raise DataError(f"{config.data_path}: a slice without 'reconstruction_rss': supervised training "
-                            "needs a reference image")
+            raise DataError(
+                f"{config.data_path}: a slice without 'reconstruction_rss': supervised training needs a reference image"
+            )
         target = meta.target
         prepared = prepare_stored(data, meta.trajectory, meta.recon_size)
         volume_max = meta.volume_max if meta.volume_max is not None else float(target.max())
         scale = float(prepared["scale"])
-        return {**prepared, "target": torch.from_numpy(np.asarray(target, dtype=np.float32) * np.float32(scale)),
-                "max_value": float(volume_max * scale)}
+        return {
+            **prepared,
+            "target": torch.from_numpy(np.asarray(target, dtype=np.float32) * np.float32(scale)),
+            "max_value": float(volume_max * scale),
+        }
     else:
-        raise DataError(f"{config.data_path}: a {config.scanner.trajectory} site needs magnitude images or "
-                        "non-Cartesian HDF5 files; this file holds Cartesian k-space")
+        raise DataError(
+            f"{config.data_path}: a {config.scanner.trajectory} site needs magnitude images or "
+            "non-Cartesian HDF5 files; this file holds Cartesian k-space"
+        )
     scale = _scale(samples, trajectory, (int(target.shape[-2]), int(target.shape[-1])))
     return {
         "masked_kspace": samples * scale,
@@ -132,8 +138,12 @@ def prepare_stored(samples: np.ndarray, coords: np.ndarray, shape: tuple[int, in
     trajectory = file_trajectory(coords, shape)
     maps = estimate_maps_from_centre(samples_t, trajectory[:, :2], trajectory[:, 2], shape)
     scale = _scale(samples_t, trajectory, shape)
-    return {"masked_kspace": samples_t * scale, "mask": trajectory,
-            "sens_maps": maps.to(torch.complex64), "scale": float(scale)}
+    return {
+        "masked_kspace": samples_t * scale,
+        "mask": trajectory,
+        "sens_maps": maps.to(torch.complex64),
+        "scale": float(scale),
+    }
 
 
 _FILE_TRAJECTORIES: dict[tuple[bytes, tuple[int, int]], torch.Tensor] = {}

@@ -91,12 +91,16 @@ class NonCartesianReader(FastMRIReader):
                 if not isinstance(kspace, h5py.Dataset) or not isinstance(trajectory, h5py.Dataset):
                     raise DataError(f"{path}: missing dataset 'kspace' or 'trajectory' (not a non-Cartesian file)")
                 if kspace.ndim != 3 or kspace.dtype.kind != "c" or 0 in kspace.shape:
-                    raise DataError(f"{path}: 'kspace' is {kspace.dtype} {kspace.shape}; expected complex "
-                                    "(slices, coils, K) samples")
+                    raise DataError(
+                        f"{path}: 'kspace' is {kspace.dtype} {kspace.shape}; expected complex "
+                        "(slices, coils, K) samples"
+                    )
                 expected = (kspace.shape[0], kspace.shape[2], 2)
                 if trajectory.shape != expected or trajectory.dtype.kind != "f":
-                    raise DataError(f"{path}: 'trajectory' is {trajectory.dtype} {trajectory.shape}; expected "
-                                    f"float {expected} to match 'kspace' {kspace.shape}")
+                    raise DataError(
+                        f"{path}: 'trajectory' is {trajectory.dtype} {trajectory.shape}; expected "
+                        f"float {expected} to match 'kspace' {kspace.shape}"
+                    )
                 acquisition = _attr_str(f.attrs.get("acquisition"), default="")
                 if self._contrasts and acquisition.upper() not in self._contrasts:
                     return []
@@ -144,8 +148,13 @@ class NonCartesianReader(FastMRIReader):
             raise DataError(f"{where}: trajectory must be finite and within [-0.5, 0.5] cycles per pixel")
         if target is not None and not np.all(np.isfinite(target)):
             raise DataError(f"{where}: reconstruction_rss contains NaN or Inf")
-        meta = SliceMeta(kind="noncartesian", recon_size=info.recon_size, volume_max=info.volume_max,
-                         target=target, trajectory=coords)
+        meta = SliceMeta(
+            kind="noncartesian",
+            recon_size=info.recon_size,
+            volume_max=info.volume_max,
+            target=target,
+            trajectory=coords,
+        )
         return samples, meta
 
 

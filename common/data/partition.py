@@ -72,16 +72,31 @@ IXI_FIELD_STRENGTH_T = {"HH": 3.0, "Guys": 1.5, "IOP": 1.5}
 # fastMRI sites take field strength, coils and matrix from their files and the sampling from here.
 PROFILES: dict[str, ScannerConfig] = {
     "3t-16ch": ScannerConfig(
-        field_strength_t=3.0, coils=16, matrix=(128, 128), noise_std=0.01,
-        mask="equispaced", acceleration=4, center_fraction=0.08,
+        field_strength_t=3.0,
+        coils=16,
+        matrix=(128, 128),
+        noise_std=0.01,
+        mask="equispaced",
+        acceleration=4,
+        center_fraction=0.08,
     ),
     "1.5t-8ch": ScannerConfig(
-        field_strength_t=1.5, coils=8, matrix=(128, 128), noise_std=0.02,
-        mask="random", acceleration=4, center_fraction=0.08,
+        field_strength_t=1.5,
+        coils=8,
+        matrix=(128, 128),
+        noise_std=0.02,
+        mask="random",
+        acceleration=4,
+        center_fraction=0.08,
     ),
     "3t-4ch": ScannerConfig(
-        field_strength_t=3.0, coils=4, matrix=(128, 128), noise_std=0.01,
-        mask="poisson", acceleration=4, center_fraction=0.08,
+        field_strength_t=3.0,
+        coils=4,
+        matrix=(128, 128),
+        noise_std=0.01,
+        mask="poisson",
+        acceleration=4,
+        center_fraction=0.08,
     ),
 }
 DEFAULT_PROFILE = "3t-16ch"
@@ -150,8 +165,14 @@ def discover(dataset: str, root: Path, contrasts: Sequence[str] = ()) -> Invento
         volumes, skipped = _discover_nifti(dataset, root, wanted)
     if not volumes:
         raise DataError(_layout_message(dataset, root, wanted, skipped))
-    log.info("%s: %d %s file(s) of %d subject(s); %d skipped", root, len(volumes), dataset,
-             len({v.subject for v in volumes}), len(skipped))
+    log.info(
+        "%s: %d %s file(s) of %d subject(s); %d skipped",
+        root,
+        len(volumes),
+        dataset,
+        len({v.subject for v in volumes}),
+        len(skipped),
+    )
     return Inventory(dataset, root, volumes, skipped)
 
 
@@ -159,8 +180,13 @@ def _canonical_contrasts(dataset: str, contrasts: Sequence[str]) -> tuple[str, .
     """The contrast filter in each dataset's own spelling, validated as a site config would validate it."""
     if not contrasts:
         return ()
-    probe = {"name": "probe", "dataset": dataset, "data_path": ".", "contrasts": list(contrasts),
-             "scanner": PROFILES[DEFAULT_PROFILE].model_dump()}
+    probe = {
+        "name": "probe",
+        "dataset": dataset,
+        "data_path": ".",
+        "contrasts": list(contrasts),
+        "scanner": PROFILES[DEFAULT_PROFILE].model_dump(),
+    }
     return tuple(parse_site_config(probe, "partition: --contrasts").contrasts)
 
 
@@ -169,7 +195,7 @@ def _layout_message(dataset: str, root: Path, wanted: Sequence[str], skipped: li
     examples = {
         "fastmri": "*.h5 files with a 'kspace' dataset and an ismrmrd_header",
         "brats": "BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz, BraTS-GLI-00000-000-t2f.nii.gz "
-                 "or FeTS2022_00000_t1.nii.gz",
+        "or FeTS2022_00000_t1.nii.gz",
         "ixi": "IXI002-Guys-0828-T1.nii.gz",
     }
     found = {
@@ -250,8 +276,9 @@ def _discover_nifti(dataset: str, root: Path, wanted: Sequence[str]) -> tuple[li
             hospital = parsed[1]
             keys["hospital"] = hospital
             field_t = IXI_FIELD_STRENGTH_T[hospital]
-        volumes.append(Volume(source.path, rel, source.subject or rel, source.contrast or "unknown", slices,
-                              keys, field_t))
+        volumes.append(
+            Volume(source.path, rel, source.subject or rel, source.contrast or "unknown", slices, keys, field_t)
+        )
     return volumes, skipped
 
 
@@ -280,8 +307,10 @@ def read_partition_csv(path: Path) -> dict[str, str]:
     columns = {name.strip().lower(): name for name in reader.fieldnames or []}
     missing = [c for c in ("subject_id", "partition_id") if c not in columns]
     if missing:
-        raise ConfigError(f"{path}: header: missing column(s) {missing}; a FeTS partition CSV has "
-                          f"Subject_ID,Partition_ID (found {reader.fieldnames})")
+        raise ConfigError(
+            f"{path}: header: missing column(s) {missing}; a FeTS partition CSV has "
+            f"Subject_ID,Partition_ID (found {reader.fieldnames})"
+        )
     mapping: dict[str, str] = {}
     for line, row in enumerate(reader, start=2):
         subject = (row[columns["subject_id"]] or "").strip()
@@ -300,8 +329,9 @@ def random_assignment(subjects: Iterable[str], sites: int, seed: int) -> dict[st
     """Seeded, near-equal split of subjects over ``sites`` (subject-level; independent of input order)."""
     ordered = sorted(set(subjects))
     if sites < 1 or sites > len(ordered):
-        raise ConfigError(f"partition: --sites: must lie in [1, {len(ordered)}] (one subject per site at least), "
-                          f"got {sites}")
+        raise ConfigError(
+            f"partition: --sites: must lie in [1, {len(ordered)}] (one subject per site at least), got {sites}"
+        )
     order = np.random.default_rng(seed).permutation(len(ordered))
     return {ordered[k]: i for i, part in enumerate(np.array_split(order, sites)) for k in part}
 
@@ -318,8 +348,10 @@ def dirichlet_assignment(
     if not alpha > 0 or alpha == float("inf"):
         raise ConfigError(f"partition: --alpha: must be a positive number, got {alpha}")
     if sites < 1 or sites * min_subjects > len(labels):
-        raise ConfigError(f"partition: --sites: {sites} sites need at least {sites * min_subjects} subjects, "
-                          f"the dataset has {len(labels)}")
+        raise ConfigError(
+            f"partition: --sites: {sites} sites need at least {sites * min_subjects} subjects, "
+            f"the dataset has {len(labels)}"
+        )
     rng = np.random.default_rng(seed)
     classes = sorted(set(labels.values()))
     members = {c: sorted(s for s, label in labels.items() if label == c) for c in classes}
@@ -334,8 +366,10 @@ def dirichlet_assignment(
         sizes = Counter(assignment.values())
         if all(sizes.get(site, 0) >= min_subjects for site in range(sites)):
             return assignment
-    raise DataError(f"partition: dirichlet: after {max_draws} draws some of the {sites} sites stay empty with "
-                    f"alpha={alpha:g} over {len(labels)} subjects; raise --alpha or lower --sites")
+    raise DataError(
+        f"partition: dirichlet: after {max_draws} draws some of the {sites} sites stay empty with "
+        f"alpha={alpha:g} over {len(labels)} subjects; raise --alpha or lower --sites"
+    )
 
 
 def cap_subjects(subjects: Iterable[str], limit: int | None, seed: int) -> list[str]:
@@ -360,8 +394,10 @@ def assign(inventory: Inventory, spec: PartitionSpec) -> dict[str, list[Volume]]
     groups: dict[str, list[Volume]] = defaultdict(list)
     if by == "institution":
         if spec.partition_csv is None:
-            raise ConfigError("partition: --partition-csv: required with --by institution (FeTS format); "
-                              "without one use --by random --sites N")
+            raise ConfigError(
+                "partition: --partition-csv: required with --by institution (FeTS format); "
+                "without one use --by random --sites N"
+            )
         site_of = _institutions(spec.partition_csv, subjects)
         for v in inventory.volumes:
             if v.subject in site_of:
@@ -397,12 +433,18 @@ def _institutions(csv_path: Path, subjects: Sequence[str]) -> dict[str, str]:
     present = set(subjects)
     absent = sorted(s for s in mapping if s not in present)
     if absent:
-        raise DataError(f"{csv_path}: {len(absent)} of {len(mapping)} subjects in the CSV are not in the dataset "
-                        f"(first: {', '.join(absent[:5])}); is --root the right folder?")
+        raise DataError(
+            f"{csv_path}: {len(absent)} of {len(mapping)} subjects in the CSV are not in the dataset "
+            f"(first: {', '.join(absent[:5])}); is --root the right folder?"
+        )
     unlisted = [s for s in subjects if s not in mapping]
     if unlisted:
-        log.warning("%s: %d subject(s) on disk are in no partition and are left out (first: %s)",
-                    csv_path, len(unlisted), ", ".join(unlisted[:5]))
+        log.warning(
+            "%s: %d subject(s) on disk are in no partition and are left out (first: %s)",
+            csv_path,
+            len(unlisted),
+            ", ".join(unlisted[:5]),
+        )
     return mapping
 
 
@@ -413,8 +455,9 @@ def _labels(inventory: Inventory, spec: PartitionSpec) -> dict[str, str]:
     label = spec.label or defaults[inventory.dataset]
     allowed = (*NATURAL_KEYS[inventory.dataset], "none")
     if label not in allowed:
-        raise ConfigError(f"partition: --label: must be one of {', '.join(allowed)} for {inventory.dataset}, "
-                          f"got {label!r}")
+        raise ConfigError(
+            f"partition: --label: must be one of {', '.join(allowed)} for {inventory.dataset}, got {label!r}"
+        )
     subjects = sorted({v.subject for v in inventory.volumes})
     if label == "none":
         return {s: "all" for s in subjects}
@@ -522,8 +565,11 @@ class PartitionResult:
 def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | None = None) -> PartitionResult:
     """Index, assign, link and write one validated site TOML per partition plus ``partition.json``."""
     root, out = Path(spec.root).resolve(), Path(spec.out).resolve()
-    inputs = [root, *([Path(spec.partition_csv)] if spec.partition_csv else []),
-              *([Path(spec.profile)] if spec.profile.endswith(".toml") else [])]
+    inputs = [
+        root,
+        *([Path(spec.partition_csv)] if spec.partition_csv else []),
+        *([Path(spec.profile)] if spec.profile.endswith(".toml") else []),
+    ]
     check_not_input(out, inputs)
     for name, value in (("--max-subjects", spec.max_subjects), ("--max-slices", spec.max_slices_per_volume)):
         if value is not None and value < 1:
@@ -544,8 +590,10 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
                 methods[_link(v.path, staging / name / v.rel, spec.link)] += 1
             scanner = site_scanner(volumes, profile)
             config = _site_mapping(name, spec, volumes, scanner, index)
-            text = site_toml(config, f"{name}: written by `fedsense data partition --dataset {spec.dataset} "
-                                     f"--by {spec.by}`\nfrom {root}")
+            text = site_toml(
+                config,
+                f"{name}: written by `fedsense data partition --dataset {spec.dataset} --by {spec.by}`\nfrom {root}",
+            )
             parse_site_config(tomllib.loads(text), str(out / f"{name}.toml"), base_dir=out)
             (staging / f"{name}.toml").write_text(text, encoding="utf-8")
             sites.append(_site_summary(name, volumes, scanner))
@@ -553,18 +601,29 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
             if progress is not None:
                 progress(f"{name}: {sites[-1]['subjects']} subjects, {sites[-1]['files']} files")
         summary = {
-            "dataset": spec.dataset, "root": str(root), "by": spec.by, "seed": spec.seed,
-            "alpha": spec.alpha, "label": spec.label, "sites_requested": spec.sites,
+            "dataset": spec.dataset,
+            "root": str(root),
+            "by": spec.by,
+            "seed": spec.seed,
+            "alpha": spec.alpha,
+            "label": spec.label,
+            "sites_requested": spec.sites,
             "partition_csv": str(spec.partition_csv) if spec.partition_csv else None,
-            "max_subjects": spec.max_subjects, "profile": spec.profile, "links": dict(methods),
+            "max_subjects": spec.max_subjects,
+            "profile": spec.profile,
+            "links": dict(methods),
             "sites": sites,
             "shared_subjects": _shared_subjects(groups),
-            "unassigned_subjects": sorted({v.subject for v in inventory.volumes}
-                                          - {v.subject for vs in groups.values() for v in vs}),
+            "unassigned_subjects": sorted(
+                {v.subject for v in inventory.volumes} - {v.subject for vs in groups.values() for v in vs}
+            ),
             "skipped": [{"file": rel, "reason": reason} for rel, reason in inventory.skipped],
-            "warnings": [f"{site['name']}: {site['subjects']} subject(s); the subject-level train/val/test "
-                         f"split needs {MIN_SUBJECTS_TO_EVALUATE} for every split to get one"
-                         for site in sites if site["subjects"] < MIN_SUBJECTS_TO_EVALUATE],
+            "warnings": [
+                f"{site['name']}: {site['subjects']} subject(s); the subject-level train/val/test "
+                f"split needs {MIN_SUBJECTS_TO_EVALUATE} for every split to get one"
+                for site in sites
+                if site["subjects"] < MIN_SUBJECTS_TO_EVALUATE
+            ],
         }
         atomic_write_bytes(staging / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
         _write_marker(staging)
@@ -575,8 +634,9 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
     return PartitionResult(out, tomls, summary)
 
 
-def _site_mapping(name: str, spec: PartitionSpec, volumes: Sequence[Volume], scanner: ScannerConfig,
-                  index: int) -> dict[str, Any]:
+def _site_mapping(
+    name: str, spec: PartitionSpec, volumes: Sequence[Volume], scanner: ScannerConfig, index: int
+) -> dict[str, Any]:
     contrasts = sorted({v.contrast for v in volumes})
     hospitals = {v.keys.get("hospital") for v in volumes}
     return {
@@ -631,8 +691,10 @@ def _written_files(folder: Path) -> dict[str, str]:
 
 
 def _write_marker(staging: Path) -> None:
-    marker = {"written_by": "fedsense data partition; the files below are links or generated, safe to delete",
-              "files": _written_files(staging)}
+    marker = {
+        "written_by": "fedsense data partition; the files below are links or generated, safe to delete",
+        "files": _written_files(staging),
+    }
     (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
@@ -650,13 +712,17 @@ def _earlier_partition(out: Path, overwrite: bool) -> dict[str, str]:
     try:
         files = dict(json.loads(marker.read_text(encoding="utf-8"))["files"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{marker}: does not list the files an earlier partition wrote (an older FedSense?); "
-                        f"not knowing which files are its own, nothing is replaced: remove {out} yourself") from exc
+        raise DataError(
+            f"{marker}: does not list the files an earlier partition wrote (an older FedSense?); "
+            f"not knowing which files are its own, nothing is replaced: remove {out} yourself"
+        ) from exc
     for rel, digest in files.items():
         path = out / rel
         if digest != "link" and path.is_file() and _sha256(path) != digest:
-            raise OutputError(f"{path}: edited since fedsense data partition wrote it; move it away (or use "
-                              "another --out) to replace the partition")
+            raise OutputError(
+                f"{path}: edited since fedsense data partition wrote it; move it away (or use "
+                "another --out) to replace the partition"
+            )
     return files
 
 

@@ -103,8 +103,13 @@ def load_template() -> Template:
             raise DataError(f"{path}: cannot read the MNI template: {exc}") from exc
         affine = img.affine
     brain = (arrays["t1"] > _BRAIN_THRESHOLD).astype(np.float32)
-    return Template(gm=arrays["gm"], wm=arrays["wm"], brain=brain, affine=np.asarray(affine),
-                    texture=_texture(arrays["t1"], arrays["gm"], arrays["wm"], brain))
+    return Template(
+        gm=arrays["gm"],
+        wm=arrays["wm"],
+        brain=brain,
+        affine=np.asarray(affine),
+        texture=_texture(arrays["t1"], arrays["gm"], arrays["wm"], brain),
+    )
 
 
 def _texture(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -150,10 +155,30 @@ class Variation:
     jitter: float  # std of the per-tissue relative intensity
 
 
-PATIENTS = Variation(scale=(0.86, 1.14), yaw_deg=12.0, pitch_deg=12.0, roll_deg=5.0, shift_mm=4.0, warp_mm=3.0,
-                     atrophy=(0.0, 1.0), wmh_per_atrophy=14.0, bias=(0.03, 0.20), jitter=0.06)
-WARPS = Variation(scale=(0.92, 1.08), yaw_deg=6.0, pitch_deg=4.0, roll_deg=0.0, shift_mm=3.0, warp_mm=2.5,
-                  atrophy=(0.0, 0.0), wmh_per_atrophy=0.0, bias=(0.08, 0.08), jitter=0.04)
+PATIENTS = Variation(
+    scale=(0.86, 1.14),
+    yaw_deg=12.0,
+    pitch_deg=12.0,
+    roll_deg=5.0,
+    shift_mm=4.0,
+    warp_mm=3.0,
+    atrophy=(0.0, 1.0),
+    wmh_per_atrophy=14.0,
+    bias=(0.03, 0.20),
+    jitter=0.06,
+)
+WARPS = Variation(
+    scale=(0.92, 1.08),
+    yaw_deg=6.0,
+    pitch_deg=4.0,
+    roll_deg=0.0,
+    shift_mm=3.0,
+    warp_mm=2.5,
+    atrophy=(0.0, 0.0),
+    wmh_per_atrophy=0.0,
+    bias=(0.08, 0.08),
+    jitter=0.04,
+)
 
 
 @dataclass(frozen=True)
@@ -258,8 +283,13 @@ def make_subject(
     v = variation
     centre = np.array([0.0, _BRAIN_CENTRE_Y_MM, 10.0])
     scale = rng.uniform(*v.scale, size=3)
-    angles = np.deg2rad([rng.uniform(-v.yaw_deg, v.yaw_deg), rng.uniform(-v.pitch_deg, v.pitch_deg),
-                         rng.uniform(-v.roll_deg, v.roll_deg)])
+    angles = np.deg2rad(
+        [
+            rng.uniform(-v.yaw_deg, v.yaw_deg),
+            rng.uniform(-v.pitch_deg, v.pitch_deg),
+            rng.uniform(-v.roll_deg, v.roll_deg),
+        ]
+    )
     linear = _rotation(*angles) @ np.diag(1.0 / scale)
     warp = np.stack([_smooth_field(rng, shape) for _ in range(3)], axis=-1) * v.warp_mm
     points = (grid - centre) @ linear.T + centre + rng.normal(0.0, v.shift_mm, size=3) + warp

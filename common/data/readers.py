@@ -358,9 +358,7 @@ class FastMRIReader(SliceReader):
         if not np.all(np.isfinite(kspace)):
             raise DataError(f"{example.path}: slice {example.slice_idx}: k-space contains NaN or Inf")
         if target is not None and not np.all(np.isfinite(target)):
-            raise DataError(
-                f"{example.path}: slice {example.slice_idx}: {info.target_key} contains NaN or Inf"
-            )
+            raise DataError(f"{example.path}: slice {example.slice_idx}: {info.target_key} contains NaN or Inf")
         meta = SliceMeta(
             kind="kspace",
             recon_size=info.recon_size,
@@ -383,9 +381,7 @@ def _attr_str(value: object, default: str) -> str:
 def _target_key(f: h5py.File, multicoil: bool) -> str | None:
     """The stored reference reconstruction: RSS for multi-coil, ESC for single-coil (fastMRI's choice)."""
     preferred = (
-        ("reconstruction_rss", "reconstruction_esc")
-        if multicoil
-        else ("reconstruction_esc", "reconstruction_rss")
+        ("reconstruction_rss", "reconstruction_esc") if multicoil else ("reconstruction_esc", "reconstruction_rss")
     )
     for key in preferred:
         if isinstance(f.get(key), h5py.Dataset) and f[key].ndim == 3:
@@ -578,9 +574,7 @@ class IXIReader(NiftiReader):
 
 
 def _nifti_files(root: Path) -> list[Path]:
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii"))
-    )
+    return sorted(p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")))
 
 
 def find_brats_files(root: Path, contrasts: Sequence[str] = ()) -> list[SourceFile]:
@@ -596,9 +590,7 @@ def find_brats_files(root: Path, contrasts: Sequence[str] = ()) -> list[SourceFi
     return found
 
 
-def find_ixi_files(
-    root: Path, contrasts: Sequence[str] = (), hospital: str | None = None
-) -> list[SourceFile]:
+def find_ixi_files(root: Path, contrasts: Sequence[str] = (), hospital: str | None = None) -> list[SourceFile]:
     """IXI volumes under ``root`` with the wanted contrasts (T1/T2/PD when empty) from ``hospital`` (any)."""
     wanted = set(contrasts)
     found = []
@@ -618,8 +610,11 @@ def find_fastmri_files(root: Path) -> list[SourceFile]:
     return [SourceFile(p) for p in sorted(root.rglob("*.h5")) if p.is_file()]
 
 
-def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROUND,
-                cache_dir: Path | Literal["default"] | None = "default") -> SliceReader:
+def open_reader(
+    config: SiteConfig,
+    min_foreground: float = DEFAULT_MIN_FOREGROUND,
+    cache_dir: Path | Literal["default"] | None = "default",
+) -> SliceReader:
     """The reader for a site's dataset kind, indexed over ``config.data_path``.
 
     The index comes from the site's index cache (``cache_dir``; by default
@@ -632,13 +627,14 @@ def open_reader(config: SiteConfig, min_foreground: float = DEFAULT_MIN_FOREGROU
     root = config.data_path
     if not root.is_dir():
         raise DataError(f"{root}: data directory does not exist")
-    common: dict[str, Any] = {"max_slices_per_volume": config.max_slices_per_volume,
-                              "skip_bad_files": config.skip_bad_files}
+    common: dict[str, Any] = {
+        "max_slices_per_volume": config.max_slices_per_volume,
+        "skip_bad_files": config.skip_bad_files,
+    }
     kind = dataset_kind(config.dataset)
     reader_cls, extra = kind.reader(config, min_foreground)
     files = kind.find(config)
-    params = {"reader": reader_cls.__name__, **common, **extra,
-              "names": [[f.subject, f.contrast] for f in files]}
+    params = {"reader": reader_cls.__name__, **common, **extra, "names": [[f.subject, f.contrast] for f in files]}
     return index_cache.cached(
         index_cache.default_cache_dir() if cache_dir == "default" else cache_dir,
         key_of=lambda: index_cache.index_key(root, [f.path for f in files], params),

@@ -117,7 +117,9 @@ def parse_scanner_header(xml: bytes | str) -> ScannerHeader:
     except ET.ParseError as exc:
         raise HeaderError(f"ismrmrd_header: not well-formed XML ({exc})") from None
     if root.tag != f"{{{ISMRMRD_NAMESPACE}}}ismrmrdHeader":
-        raise HeaderError(f"ismrmrd_header: root element is {root.tag!r}; expected ismrmrdHeader in {ISMRMRD_NAMESPACE}")
+        raise HeaderError(
+            f"ismrmrd_header: root element is {root.tag!r}; expected ismrmrdHeader in {ISMRMRD_NAMESPACE}"
+        )
     system = "acquisitionSystemInformation"
     x = _number(root, "encoding/encodedSpace/matrixSize/x", int, required=True)
     y = _number(root, "encoding/encodedSpace/matrixSize/y", int, required=True)

@@ -112,6 +112,7 @@ def build_selfsup_datasets(config: SiteConfig) -> dict[Split, SiteDataset]:
     }
     for split, dataset in datasets.items():
         if isinstance(dataset, ReferencedDataset) and not dataset.has_reference:
-            log.info("site %s: %s split has no reference; only the held-out k-space loss is reported",
-                     config.name, split)
+            log.info(
+                "site %s: %s split has no reference; only the held-out k-space loss is reported", config.name, split
+            )
     return datasets

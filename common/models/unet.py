@@ -94,9 +94,7 @@ class Unet(nn.Module):
             self.up_conv.append(ConvBlock(ch * 2, ch, drop_prob))
             ch //= 2
         self.up_transpose.append(TransposeConvBlock(ch * 2, ch))
-        self.up_conv.append(
-            nn.Sequential(ConvBlock(ch * 2, ch, drop_prob), nn.Conv2d(ch, out_chans, kernel_size=1))
-        )
+        self.up_conv.append(nn.Sequential(ConvBlock(ch * 2, ch, drop_prob), nn.Conv2d(ch, out_chans, kernel_size=1)))
 
     @property
     def min_size(self) -> int:
@@ -160,7 +158,12 @@ class UnetRecon(nn.Module):
     """
 
     def __init__(
-        self, chans: int = 16, num_pool_layers: int = 3, drop_prob: float = 0.0, eps: float = 1e-11, residual: bool = True
+        self,
+        chans: int = 16,
+        num_pool_layers: int = 3,
+        drop_prob: float = 0.0,
+        eps: float = 1e-11,
+        residual: bool = True,
     ) -> None:
         super().__init__()
         self.unet = Unet(1, 1, chans, num_pool_layers, drop_prob)

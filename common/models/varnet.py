@@ -92,9 +92,7 @@ class VarNet(nn.Module):
         if num_cascades < 1:
             raise ValueError(f"num_cascades must be >= 1, got {num_cascades}")
         self.sens_net = SensitivityModel(sens_chans, sens_pool_layers, drop_prob) if estimate_maps else None
-        self.cascades = nn.ModuleList(
-            VarNetBlock(chans, num_pool_layers, drop_prob) for _ in range(num_cascades)
-        )
+        self.cascades = nn.ModuleList(VarNetBlock(chans, num_pool_layers, drop_prob) for _ in range(num_cascades))
 
     def sensitivity_maps(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """The maps the cascades use: estimated by the model, or the given ones."""
@@ -105,8 +103,10 @@ class VarNet(nn.Module):
     def reconstruct_kspace(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """The final multi-coil k-space estimate (B,C,H,W): what a k-space loss (SSDU) compares."""
         if is_non_cartesian(masked_kspace):
-            raise ValueError("non-Cartesian samples have no multi-coil k-space grid to return (a k-space loss, "
-                             "SSDU, is Cartesian only); forward() reconstructs them")
+            raise ValueError(
+                "non-Cartesian samples have no multi-coil k-space grid to return (a k-space loss, "
+                "SSDU, is Cartesian only); forward() reconstructs them"
+            )
         maps = self.sensitivity_maps(masked_kspace, mask, sens_maps)
         kspace = masked_kspace
         for cascade in self.cascades:
@@ -120,5 +120,7 @@ class VarNet(nn.Module):
         given maps are used (normalised to sum_c |S_c|^2 = 1, so |x| is the RSS of the coil images S x).
         """
         if is_non_cartesian(masked_kspace):
-            return run_cascades(cast(Iterable[NonCartesianCascade], self.cascades), masked_kspace, mask, sens_maps).abs()
+            return run_cascades(
+                cast(Iterable[NonCartesianCascade], self.cascades), masked_kspace, mask, sens_maps
+            ).abs()
         return rss(ifft2c(self.reconstruct_kspace(masked_kspace, mask, sens_maps)), dim=1)

@@ -31,7 +31,9 @@ def write_connection(superlink: str, root_cert: Path) -> None:
     """The SuperLink connection lives in $FLWR_HOME/config.toml since Flower 1.2x ("[superlink.NAME]")."""
     home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     home.mkdir(parents=True, exist_ok=True)
-    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": superlink, "root-certificates": str(root_cert)}}}
+    config = {
+        "superlink": {"default": CONNECTION, CONNECTION: {"address": superlink, "root-certificates": str(root_cert)}}
+    }
     (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
@@ -138,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.choices["submit"]
     p.add_argument("--app", type=Path, default=Path(os.environ.get("FEDSENSE_APP", "/opt/fedsense-app")))
     p.add_argument("--run-dir", required=True, help="where the ServerApp writes metrics and checkpoints")
-    p.add_argument("--run-config", action="append", default=[],
-                   help="extra KEY=VALUE overrides (default: $FEDSENSE_RUN_CONFIG)")
+    p.add_argument(
+        "--run-config", action="append", default=[], help="extra KEY=VALUE overrides (default: $FEDSENSE_RUN_CONFIG)"
+    )
     p.add_argument("--poll", type=float, default=5.0)
     args = parser.parse_args(argv)
 

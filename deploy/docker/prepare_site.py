@@ -58,15 +58,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", required=True)
-    parser.add_argument("--template", type=Path, default=os.environ.get("FEDSENSE_SITE_CONFIG"),
-                        help="site TOML (default: $FEDSENSE_SITE_CONFIG, else the image's deploy/sites/SITE.toml)")
+    parser.add_argument(
+        "--template",
+        type=Path,
+        default=os.environ.get("FEDSENSE_SITE_CONFIG"),
+        help="site TOML (default: $FEDSENSE_SITE_CONFIG, else the image's deploy/sites/SITE.toml)",
+    )
     parser.add_argument("--data", type=Path, default=Path("/data"))
     parser.add_argument("--out", type=Path, default=Path.home() / "site.toml")
-    parser.add_argument("--generate-demo", action="store_true",
-                        help="write demo data into an empty --data (the demo-data role; sites never do)")
+    parser.add_argument(
+        "--generate-demo",
+        action="store_true",
+        help="write demo data into an empty --data (the demo-data role; sites never do)",
+    )
     args = parser.parse_args(argv)
 
-    template = args.template or Path(os.environ.get("FEDSENSE_APP", "/opt/fedsense-app")) / "deploy/sites" / f"{args.site}.toml"
+    template = (
+        args.template
+        or Path(os.environ.get("FEDSENSE_APP", "/opt/fedsense-app")) / "deploy/sites" / f"{args.site}.toml"
+    )
     real = sorted(p.name for p in args.data.iterdir() if p.name not in IGNORED) if args.data.is_dir() else []
     if real:
         logger.info("using the data mounted at %s (%d entries; no demo data)", args.data, len(real))
@@ -78,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.generate_demo:
             demo_data(config, demo_root, os.environ.get("FEDSENSE_DEMO_SIZE"), os.environ.get("FEDSENSE_DEMO_SUBJECTS"))
         elif not (demo_root / f".{name}.complete").exists():
-            logger.error("%s holds no data: mount the site's data there (read-only), or run the demo-data "
-                         "role first for demo data", args.data)
+            logger.error(
+                "%s holds no data: mount the site's data there (read-only), or run the demo-data "
+                "role first for demo data",
+                args.data,
+            )
             return 1
     print(config)
     return 0

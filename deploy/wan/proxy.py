@@ -132,8 +132,9 @@ def _abort(writer: asyncio.StreamWriter) -> None:
 class FaultProxy:
     """Carries TCP connections from ``listen`` to ``upstream`` through an emulated link (asyncio)."""
 
-    def __init__(self, upstream: tuple[str, int], link: LinkProfile, listen: tuple[str, int] = ("127.0.0.1", 0),
-                 seed: int = 0) -> None:
+    def __init__(
+        self, upstream: tuple[str, int], link: LinkProfile, listen: tuple[str, int] = ("127.0.0.1", 0), seed: int = 0
+    ) -> None:
         self.upstream, self.link, self.listen = upstream, link, listen
         self.random = random.Random(seed)
         self.counters = Counters()
@@ -151,7 +152,9 @@ class FaultProxy:
         if self.link.reset_every_s > 0:
             self._chores.append(asyncio.create_task(self._every(self.link.reset_every_s, self._reset_all)))
         if self.link.stall_every_s > 0 and self.link.stall_s > 0:
-            self._chores.append(asyncio.create_task(self._every(self.link.stall_every_s, self._stall, self.link.stall_s)))
+            self._chores.append(
+                asyncio.create_task(self._every(self.link.stall_every_s, self._stall, self.link.stall_s))
+            )
         logger.info("link proxy %s:%d -> %s:%d (%s)", self.listen[0], self.port, *self.upstream, self.link)
 
     async def stop(self) -> None:
@@ -236,8 +239,9 @@ class FaultProxy:
         await asyncio.gather(*pair.tasks, return_exceptions=True)
         self.pairs.discard(pair)  # both directions closed (or the pair was reset)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bucket: TokenBucket,
-                    counter: str, pair: _Pair) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bucket: TokenBucket, counter: str, pair: _Pair
+    ) -> None:
         """Read chunks from one end and deliver each after its delay and its turn on the link."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUED)
@@ -260,8 +264,14 @@ class FaultProxy:
             self.pairs.discard(pair)
             pair.reset()
 
-    async def _deliver(self, queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter,
-                       bucket: TokenBucket, counter: str, pair: _Pair) -> None:
+    async def _deliver(
+        self,
+        queue: asyncio.Queue[tuple[float, bytes]],
+        writer: asyncio.StreamWriter,
+        bucket: TokenBucket,
+        counter: str,
+        pair: _Pair,
+    ) -> None:
         loop = asyncio.get_running_loop()
         while True:
             due, chunk = await queue.get()
@@ -281,8 +291,9 @@ class FaultProxy:
 class ProxyThread:
     """A :class:`FaultProxy` on its own event loop thread, for synchronous callers (tests, benchmarks)."""
 
-    def __init__(self, upstream: tuple[str, int], link: LinkProfile, listen: tuple[str, int] = ("127.0.0.1", 0),
-                 seed: int = 0) -> None:
+    def __init__(
+        self, upstream: tuple[str, int], link: LinkProfile, listen: tuple[str, int] = ("127.0.0.1", 0), seed: int = 0
+    ) -> None:
         self.proxy = FaultProxy(upstream, link, listen, seed)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="link-proxy", daemon=True)
@@ -309,6 +320,7 @@ class ProxyThread:
 
     def partition(self, seconds: float, mode: PartitionMode = "refuse") -> None:
         """Cut the link for ``seconds`` from now (see :meth:`FaultProxy.partition`)."""
+
         async def cut() -> None:
             self.proxy.partition(seconds, mode)
 
@@ -324,8 +336,12 @@ def netem_available() -> bool:
     tc, unshare = shutil.which("tc"), shutil.which("unshare")
     if tc is None or unshare is None:
         return False
-    probe = subprocess.run([unshare, "--net", tc, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
-                           capture_output=True, text=True, check=False)
+    probe = subprocess.run(
+        [unshare, "--net", tc, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return probe.returncode == 0
 
 
@@ -351,8 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="lan")
     for name, info in LinkProfile.model_fields.items():
         parser.add_argument(f"--{info.alias}", dest=name, type=float, help=f"{info.description} (overrides the preset)")
-    parser.add_argument("--partition", type=_partition, action="append", default=[], metavar="AT:SECONDS",
-                        help="cut the link AT seconds after start for SECONDS (repeat)")
+    parser.add_argument(
+        "--partition",
+        type=_partition,
+        action="append",
+        default=[],
+        metavar="AT:SECONDS",
+        help="cut the link AT seconds after start for SECONDS (repeat)",
+    )
     parser.add_argument("--partition-mode", choices=["refuse", "blackhole"], default="refuse")
     parser.add_argument("--seed", type=int, default=0)
     return parser

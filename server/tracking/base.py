@@ -88,8 +88,9 @@ class Background(Observer):
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            logger.warning("%s: still busy after %.0f s; %d queued update(s) are dropped",
-                           self.name, timeout, self._queue.qsize())
+            logger.warning(
+                "%s: still busy after %.0f s; %d queued update(s) are dropped", self.name, timeout, self._queue.qsize()
+            )
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:

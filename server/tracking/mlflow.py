@@ -36,8 +36,11 @@ EXPERIMENT = "fedsense"
 STATE_FILE = "mlflow.json"
 #: MLflow's own HTTP retries (7, doubling) would hold a dead server's call for minutes; the worker
 #: thread retries instead (server.tracking.base). Set only where the user has not.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 #: MLflow's limits per log_batch call.
 MAX_PARAMS, MAX_METRICS = 100, 1000
 
@@ -120,7 +123,7 @@ class MlflowTracker(Observer):
 
         params = [Param(str(k), str(v)[:6000]) for k, v in sorted(config.items())]
         for i in range(0, len(params), MAX_PARAMS):
-            self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS])
+            self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS])
         state = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment_id": experiment_id}
         atomic_write_bytes(self.state_path, (json.dumps(state, indent=2) + "\n").encode())
         logger.info("mlflow: run %s in experiment %r at %s", self.run_id, experiment, self.uri)
@@ -142,7 +145,7 @@ class MlflowTracker(Observer):
                 self.sites.add(site)
             metrics += [Metric(key, value, stamp, rnd) for key, value in record_values(record).items()]
         for i in range(0, len(metrics), MAX_METRICS):
-            self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS])
+            self.client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS])
         self.client.set_tag(run_id, "fedsense.sites", ",".join(sorted(self.sites)))
         evaluated = {int(r["round"]) for r in records if r["phase"] == "evaluate" and r["site"] == GLOBAL_SITE}
         for rnd in evaluated:
@@ -189,6 +192,7 @@ class MlflowTracker(Observer):
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        version = self.client.create_model_version(name, source, run_id=run_id,
-                                                   tags={"round": str(card.round), "selection": which})
+        version = self.client.create_model_version(
+            name, source, run_id=run_id, tags={"round": str(card.round), "selection": which}
+        )
         logger.info("mlflow: model %s version %s (round %d)", name, version.version, card.round)

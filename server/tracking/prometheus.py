@@ -45,24 +45,36 @@ class ServerMetrics(Observer):
         self.rounds_finished = Counter("fedsense_rounds_finished", "Rounds aggregated and checkpointed", registry=r)
         self.phase = Enum("fedsense_phase", "What the federation is doing", states=list(PHASE_STATES), registry=r)
         self.connected = Gauge("fedsense_sites_connected", "SuperNodes connected at the last look", registry=r)
-        self.replied = Gauge("fedsense_sites_replied", "Sites whose reply was used in the last phase", ["phase"],
-                             registry=r)
-        self.failed = Gauge("fedsense_sites_failed", "Sites rejected or silent in the last phase", ["phase"],
-                            registry=r)
-        self.round_seconds = Histogram("fedsense_round_duration_seconds", "Wall time of a round", buckets=BUCKETS,
-                                       registry=r)
-        self.phase_seconds = Histogram("fedsense_phase_duration_seconds", "Wall time of a phase", ["phase"],
-                                       buckets=BUCKETS, registry=r)
-        self.bytes = Counter("fedsense_message_bytes", "Array bytes sent to and received from sites", ["direction"],
-                             registry=r)
-        self.round_bytes = Gauge("fedsense_round_bytes", "Array bytes of the last finished round", ["direction"],
-                                 registry=r)
-        self.globals = {name: Gauge(metric, f"Global validation {name} of the last evaluated round", registry=r)
-                        for name, metric in GLOBAL_GAUGES.items()}
-        self.epsilon = Gauge("fedsense_dp_epsilon", "Largest DP epsilon spent so far (site DP-SGD or client-level)",
-                             registry=r)
-        self.last_round_finished = Gauge("fedsense_last_round_finished_timestamp_seconds",
-                                         "When the last round was checkpointed, or the run started (Unix time)", registry=r)
+        self.replied = Gauge(
+            "fedsense_sites_replied", "Sites whose reply was used in the last phase", ["phase"], registry=r
+        )
+        self.failed = Gauge(
+            "fedsense_sites_failed", "Sites rejected or silent in the last phase", ["phase"], registry=r
+        )
+        self.round_seconds = Histogram(
+            "fedsense_round_duration_seconds", "Wall time of a round", buckets=BUCKETS, registry=r
+        )
+        self.phase_seconds = Histogram(
+            "fedsense_phase_duration_seconds", "Wall time of a phase", ["phase"], buckets=BUCKETS, registry=r
+        )
+        self.bytes = Counter(
+            "fedsense_message_bytes", "Array bytes sent to and received from sites", ["direction"], registry=r
+        )
+        self.round_bytes = Gauge(
+            "fedsense_round_bytes", "Array bytes of the last finished round", ["direction"], registry=r
+        )
+        self.globals = {
+            name: Gauge(metric, f"Global validation {name} of the last evaluated round", registry=r)
+            for name, metric in GLOBAL_GAUGES.items()
+        }
+        self.epsilon = Gauge(
+            "fedsense_dp_epsilon", "Largest DP epsilon spent so far (site DP-SGD or client-level)", registry=r
+        )
+        self.last_round_finished = Gauge(
+            "fedsense_last_round_finished_timestamp_seconds",
+            "When the last round was checkpointed, or the run started (Unix time)",
+            registry=r,
+        )
         self._round_started = time.time()
         self._this_round = {"sent": 0, "received": 0}
         self._server: Any = None
@@ -85,8 +97,13 @@ class ServerMetrics(Observer):
         self._count("received", replies)
 
     def _count(self, direction: str, messages: Sequence[Message]) -> None:
-        size = sum(len(array.data) for msg in messages if not msg.has_error()
-                   for record in msg.content.array_records.values() for array in record.values())
+        size = sum(
+            len(array.data)
+            for msg in messages
+            if not msg.has_error()
+            for record in msg.content.array_records.values()
+            for array in record.values()
+        )
         self.bytes.labels(direction).inc(size)
         self._this_round[direction] += size
 
@@ -98,8 +115,12 @@ class ServerMetrics(Observer):
         self.last_round_finished.set(self._round_started)  # "no round for N minutes" counts from the start
 
     def metrics(self, records: Sequence[Mapping[str, Any]]) -> None:
-        epsilons = [v for r in records for k, v in r["metrics"].items() if k.startswith("dp-") and "epsilon" in k
-                    and v is not None]
+        epsilons = [
+            v
+            for r in records
+            for k, v in r["metrics"].items()
+            if k.startswith("dp-") and "epsilon" in k and v is not None
+        ]
         if epsilons:
             self._epsilon = max(self._epsilon, *epsilons)
             self.epsilon.set(self._epsilon)

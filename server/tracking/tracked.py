@@ -45,8 +45,13 @@ class TrackedRunDir(RunDir):
         if records:
             self._tell("metrics", [validate_record(r) for r in records])
 
-    def save_checkpoint(self, round: int, state_dict: Mapping[str, Any], config: Mapping[str, Any],
-                        extra: Mapping[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        round: int,
+        state_dict: Mapping[str, Any],
+        config: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
         path = super().save_checkpoint(round, state_dict, config, extra)
         self._tell("checkpoint", round)
         return path

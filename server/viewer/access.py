@@ -61,7 +61,7 @@ def presented(headers, query: dict[str, list[str]]) -> tuple[str | None, bool]: 
         return query["token"][0], True
     auth = headers.get("Authorization", "")
     if auth.startswith("Bearer "):
-        return auth[len("Bearer "):].strip(), False
+        return auth[len("Bearer ") :].strip(), False
     try:
         cookie = SimpleCookie(headers.get("Cookie", ""))
     except CookieError:

@@ -39,8 +39,13 @@ class DashboardServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a browser holding a connection open must not block shutdown
 
-    def __init__(self, run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        token: str | None = None,
+    ) -> None:
         super().__init__((host, port), _Handler)
         self.run_dir = Path(run_dir)
         self.token = token
@@ -103,8 +108,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.token is not None:
             given, in_query = access.presented(self.headers, parse_qs(url.query))
             if not access.matches(self.server.token, given):
-                self._send_json({"error": "this dashboard needs its token (?token=... once, or "
-                                          "Authorization: Bearer ...)"}, HTTPStatus.UNAUTHORIZED)
+                self._send_json(
+                    {"error": "this dashboard needs its token (?token=... once, or Authorization: Bearer ...)"},
+                    HTTPStatus.UNAUTHORIZED,
+                )
                 return
             if in_query:
                 self._cookie = f"{access.COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/"
@@ -135,8 +142,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _metrics(self, query: dict[str, list[str]]) -> None:
         view = load_run(self.server.run_dir, must_exist=False)
-        self._send_json({"columns": COLUMNS, "rows": view.rows(), "best": view.best,
-                         "self_supervised": sorted(view.self_supervised_sites())})
+        self._send_json(
+            {
+                "columns": COLUMNS,
+                "rows": view.rows(),
+                "best": view.best,
+                "self_supervised": sorted(view.self_supervised_sites()),
+            }
+        )
 
     def _prometheus(self, query: dict[str, list[str]]) -> None:
         from server.viewer.run_metrics import run_metrics_text  # only when Prometheus scrapes
@@ -192,9 +205,15 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("dashboard %s: " + format, self.address_string(), *args)
 
 
-def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          token_file: Path | None = None, wait: bool = False, metrics_port: int = 0,
-          metrics_host: str = DEFAULT_HOST) -> None:
+def serve(
+    run_dir: str | os.PathLike[str],
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    token_file: Path | None = None,
+    wait: bool = False,
+    metrics_port: int = 0,
+    metrics_host: str = DEFAULT_HOST,
+) -> None:
     """Serve the dashboard of ``run_dir`` until interrupted (blocking; Ctrl-C stops it).
 
     A missing directory is an error (a typo would otherwise wait for ever), unless ``wait``: then the
@@ -204,26 +223,33 @@ def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int =
     Prometheus that should not hold the token (:mod:`server.viewer.run_metrics`).
     """
     if not wait and not Path(run_dir).is_dir():
-        raise FedSenseError(f"{run_dir}: no such run directory (pass --wait to wait for a run that has not "
-                            "started yet)")
+        raise FedSenseError(
+            f"{run_dir}: no such run directory (pass --wait to wait for a run that has not started yet)"
+        )
     token = None
     if token_file is None and not access.is_loopback(host):
-        raise FedSenseError(f"dashboard: --host {host}: published beyond this machine, the dashboard needs "
-                            "--token-file (a token is generated there at first start)")
+        raise FedSenseError(
+            f"dashboard: --host {host}: published beyond this machine, the dashboard needs "
+            "--token-file (a token is generated there at first start)"
+        )
     if token_file is not None:
         token, created = access.load_or_create_token(Path(token_file))
         if created:
             # Printed once, to whoever started it (container logs: `docker compose logs dashboard`).
-            print(f"dashboard token (shown once; kept in {token_file}): {token}\n"
-                  f"open http://HOST:PORT/?token={token} once; the browser keeps it as a cookie", flush=True)
+            print(
+                f"dashboard token (shown once; kept in {token_file}): {token}\n"
+                f"open http://HOST:PORT/?token={token} once; the browser keeps it as a cookie",
+                flush=True,
+            )
         else:
             logger.info("dashboard token: the one in %s", token_file)
     try:
         server = DashboardServer(run_dir, host, port, token=token)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise FedSenseError(f"dashboard: --port {port}: already in use on {host}; stop what uses it or "
-                                "choose another --port") from exc
+            raise FedSenseError(
+                f"dashboard: --port {port}: already in use on {host}; stop what uses it or choose another --port"
+            ) from exc
         raise
     metrics = None
     if metrics_port:
@@ -233,8 +259,9 @@ def serve(run_dir: str | os.PathLike[str], host: str = DEFAULT_HOST, port: int =
             metrics = serve_run_metrics(run_dir, metrics_port, metrics_host)
         except OSError as exc:
             server.server_close()
-            raise FedSenseError(f"dashboard: --metrics-port {metrics_port}: cannot listen on {metrics_host}: "
-                                f"{exc.strerror}") from exc
+            raise FedSenseError(
+                f"dashboard: --metrics-port {metrics_port}: cannot listen on {metrics_host}: {exc.strerror}"
+            ) from exc
     with server:
         logger.info("dashboard of %s at %s", server.run_dir, server.url)
         try:

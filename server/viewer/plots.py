@@ -31,8 +31,9 @@ MAX_SAMPLE_ROWS = 4  # images per site in a samples figure; more makes panels un
 _CURVES = tuple((phase, metric) for phase in ("evaluate", "train") for metric in DISPLAY_METRICS)
 
 
-def plot(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], overwrite: bool = False
-         ) -> list[Path]:
+def plot(
+    run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], overwrite: bool = False
+) -> list[Path]:
     """Write PNG figures to ``out_dir`` and return their paths.
 
     ``out_dir`` may not be, hold or lie in a run directory; a non-empty one is written into only with
@@ -164,7 +165,13 @@ def samples_figure(samples: Samples, sites: Sequence[str] | None = None) -> Figu
             if col in (1, len(PANELS) - 1):
                 text = scores if col == 1 else f"{scores}\nmax {error.max():.3g}"
                 ax.text(
-                    0.02, 0.02, text, transform=ax.transAxes, fontsize=7.5, color="white", va="bottom",
+                    0.02,
+                    0.02,
+                    text,
+                    transform=ax.transAxes,
+                    fontsize=7.5,
+                    color="white",
+                    va="bottom",
                     bbox={"facecolor": "black", "alpha": 0.6, "pad": 2, "edgecolor": "none"},
                 )
             if is_error:
@@ -181,4 +188,3 @@ def figure_png(fig: Figure) -> bytes:
 
 def _save(fig: Figure, path: Path) -> None:
     atomic_write_bytes(path, figure_png(fig))
-

@@ -28,8 +28,11 @@ from server.viewer.run_view import load_run
 logger = logging.getLogger(__name__)
 
 #: Global validation metrics exported as gauges, by metric name.
-GLOBAL_GAUGES = {"psnr": "fedsense_run_global_psnr_db", "ssim": "fedsense_run_global_ssim",
-                 "nmse": "fedsense_run_global_nmse"}
+GLOBAL_GAUGES = {
+    "psnr": "fedsense_run_global_psnr_db",
+    "ssim": "fedsense_run_global_ssim",
+    "nmse": "fedsense_run_global_nmse",
+}
 
 
 class RunCollector(Collector):
@@ -41,27 +44,33 @@ class RunCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         view = load_run(self.run_dir, must_exist=False)
         run = str(view.config.get("name", os.path.basename(os.fspath(self.run_dir))))
-        status = GaugeMetricFamily("fedsense_run_status", "1 for the run's status in config.json",
-                                   labels=["run", "status"])
+        status = GaugeMetricFamily(
+            "fedsense_run_status", "1 for the run's status in config.json", labels=["run", "status"]
+        )
         for name in STATUSES:
             status.add_metric([run, name], 1.0 if view.config.get("status") == name else 0.0)
         yield status
         evaluated = [r for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"]
-        rounds = GaugeMetricFamily("fedsense_run_rounds_completed", "Highest round with a global evaluation",
-                                   labels=["run"])
+        rounds = GaugeMetricFamily(
+            "fedsense_run_rounds_completed", "Highest round with a global evaluation", labels=["run"]
+        )
         rounds.add_metric([run], float(max((r["round"] for r in evaluated), default=0)))
         yield rounds
         if evaluated:
             last = max(evaluated, key=lambda r: r["round"])
             for name, metric in GLOBAL_GAUGES.items():
                 if last["metrics"].get(name) is not None:
-                    gauge = GaugeMetricFamily(metric, f"Global validation {name} of the last evaluated round",
-                                              labels=["run"])
+                    gauge = GaugeMetricFamily(
+                        metric, f"Global validation {name} of the last evaluated round", labels=["run"]
+                    )
                     gauge.add_metric([run], last["metrics"][name])
                     yield gauge
         if view.records:
-            stamp = GaugeMetricFamily("fedsense_run_last_record_timestamp_seconds",
-                                      "When the newest metrics record was written (Unix time)", labels=["run"])
+            stamp = GaugeMetricFamily(
+                "fedsense_run_last_record_timestamp_seconds",
+                "When the newest metrics record was written (Unix time)",
+                labels=["run"],
+            )
             stamp.add_metric([run], max(r["time"] for r in view.records))
             yield stamp
         if view.best is not None:

@@ -21,11 +21,24 @@ PRIVACY_METRICS = ("dp-epsilon", "dp-client-epsilon")
 COLUMNS = ("round", "phase", "site", "num_examples", *METRICS)
 # Image quality first: that is what a reader of a reconstruction run looks for.
 DISPLAY_METRICS = ("psnr", "ssim", "nmse", "loss", "ssdu-loss")
-METRIC_LABELS = {"loss": "loss", "psnr": "PSNR (dB)", "ssim": "SSIM", "nmse": "NMSE",
-                 "ssdu-loss": "held-out k-space loss (self-supervised sites)",
-                 "dp-epsilon": "site ε (DP-SGD)", "dp-client-epsilon": "client-level ε"}
-METRIC_FORMATS = {"loss": "{:.4g}", "psnr": "{:.2f}", "ssim": "{:.4f}", "nmse": "{:.4g}", "ssdu-loss": "{:.4g}",
-                  "dp-epsilon": "{:.3f}", "dp-client-epsilon": "{:.3f}"}
+METRIC_LABELS = {
+    "loss": "loss",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "nmse": "NMSE",
+    "ssdu-loss": "held-out k-space loss (self-supervised sites)",
+    "dp-epsilon": "site ε (DP-SGD)",
+    "dp-client-epsilon": "client-level ε",
+}
+METRIC_FORMATS = {
+    "loss": "{:.4g}",
+    "psnr": "{:.2f}",
+    "ssim": "{:.4f}",
+    "nmse": "{:.4g}",
+    "ssdu-loss": "{:.4g}",
+    "dp-epsilon": "{:.3f}",
+    "dp-client-epsilon": "{:.3f}",
+}
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,10 @@ def show(
     stream = out if out is not None else sys.stdout
     view = load_run(run_dir)
     if not view.config and not RunDir(view.path).metrics_path.exists():
-        raise FedSenseError(f"{view.path}: not a run directory (no {CONFIG_FILE} or {METRICS_FILE}); give the folder "
-                            "`fedsense simulate` or `fedsense baseline` wrote (--run-dir)")
+        raise FedSenseError(
+            f"{view.path}: not a run directory (no {CONFIG_FILE} or {METRICS_FILE}); give the folder "
+            "`fedsense simulate` or `fedsense baseline` wrote (--run-dir)"
+        )
     if fmt == "csv":
         rows = view.rows(phase)
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]) if rows else COLUMNS, lineterminator="\n")
@@ -61,8 +63,12 @@ def show(
         json.dump(view.rows(phase), stream, indent=2, allow_nan=False)
         stream.write("\n")
     else:
-        _print_tables(view, stream, (phase,) if phase else ("evaluate", "finetune", "train"),
-                      metrics or (*DISPLAY_METRICS, *PRIVACY_METRICS))
+        _print_tables(
+            view,
+            stream,
+            (phase,) if phase else ("evaluate", "finetune", "train"),
+            metrics or (*DISPLAY_METRICS, *PRIVACY_METRICS),
+        )
 
 
 def next_steps(view: RunView) -> list[str]:
@@ -79,8 +85,10 @@ def next_steps(view: RunView) -> list[str]:
     elif view.status == "finished-without-sites":
         missed = (view.config.get("status_detail") or {}).get("missed_sites") or {}
         which = "; ".join(f"{site} missed {', '.join(phases)}" for site, phases in missed.items())
-        lines.append("[bold yellow]finished-without-sites[/bold yellow]: the model never saw every site's data"
-                     + (f" ({which})" if which else ""))
+        lines.append(
+            "[bold yellow]finished-without-sites[/bold yellow]: the model never saw every site's data"
+            + (f" ({which})" if which else "")
+        )
     kind = view.config.get("baseline")
     if kind == "zero-filled":
         lines.append("zero-filled baseline: no model to export")
@@ -97,8 +105,9 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
     """One table per (phase, metric) that has values: rounds down, sites across, global last."""
     console = Console(file=stream)
     # Round 0 is the evaluation before training, not one of the planned rounds.
-    done = len({r["round"] for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate"
-                and r["round"] >= 1})
+    done = len(
+        {r["round"] for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate" and r["round"] >= 1}
+    )
     planned = f"/{view.num_rounds}" if view.num_rounds is not None else ""
     console.print(
         f"[bold]{view.label}[/bold]  status [bold]{view.status}[/bold]  "
@@ -137,9 +146,11 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
                 table.add_column(name, justify="right", style="bold" if is_global else None)
             for round_, values in sorted(cells.items()):
                 marked = phase == "evaluate" and round_ == best
-                table.add_row(f"*{round_}" if marked else str(round_),
-                              *(format_metric(metric, values.get(site)) for site in sites),
-                              style="bold yellow" if marked else None)
+                table.add_row(
+                    f"*{round_}" if marked else str(round_),
+                    *(format_metric(metric, values.get(site)) for site in sites),
+                    style="bold yellow" if marked else None,
+                )
             console.print(table)
             printed = True
     if "train" in phases:
@@ -159,8 +170,10 @@ def _print_stragglers(view: RunView, console: Console) -> bool:
 
     False (nothing printed) for a run without a deadline.
     """
-    rounds = sorted((r for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "train"
-                     and "stragglers" in r), key=lambda r: r["round"])
+    rounds = sorted(
+        (r for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "train" and "stragglers" in r),
+        key=lambda r: r["round"],
+    )
     if not rounds:
         return False
     table = Table(title="train · stragglers (round-deadline)", title_justify="left")
@@ -170,7 +183,8 @@ def _print_stragglers(view: RunView, console: Console) -> bool:
     table.add_column("adaptive local steps")
     for record in rounds:
         steps = ", ".join(f"{site}: {n}" for site, n in sorted(record.get("local_steps", {}).items()))
-        table.add_row(str(record["round"]), str(len(record["stragglers"])), ", ".join(record["stragglers"]) or "-",
-                      steps or "-")
+        table.add_row(
+            str(record["round"]), str(len(record["stragglers"])), ", ".join(record["stragglers"]) or "-", steps or "-"
+        )
     console.print(table)
     return True
