@@ -23,7 +23,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -173,9 +173,9 @@ class SiteMemory:
         local = self.context.state.array_records[LOCAL_KEY].to_torch_state_dict()
         strategy = self.context.state.array_records[STRATEGY_KEY].to_torch_state_dict()
         return SavedState(
-            int(meta["round"]),
+            int(cast(int, meta["round"])),
             local,
-            _optimiser_from_bytes(bytes(meta["optimizer"])),  # type: ignore[arg-type]
+            _optimiser_from_bytes(cast(bytes, meta["optimizer"])),
             strategy,
         )
 
