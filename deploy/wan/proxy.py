@@ -283,8 +283,10 @@ class FaultProxy:
                 return
             await asyncio.sleep(max(0.0, bucket.reserve(loop.time(), len(chunk)) - loop.time()))
             await self._unfrozen()
-            writer.write(chunk)
+            # Counted before the write: write() may hand the bytes to the socket at once, and a reader in
+            # another thread that has them all must never see a smaller count (the LAN test did, once).
             setattr(self.counters, counter, getattr(self.counters, counter) + len(chunk))
+            writer.write(chunk)
             await writer.drain()
 
 
