@@ -11,9 +11,12 @@ run with an empty Context. The fine-tuned personal model goes to ``<site-state-d
 Rounds: the state saved after training round r is what round r's evaluation and round r + 1's
 training start from. A resumed server repeats the round after its last checkpoint, and fine-tuning
 starts from the best round (``common.protocol.STATE_ROUND``), which early stopping leaves up to
-``patience`` rounds behind the last: so the files of the last ``patience + 2`` rounds are kept (every
-round's when patience is off, since the best round may then be any). What a site restores is the
-newest state no later than the round asked for.
+``patience`` rounds behind the last. So the last two rounds' files are kept whole (a resume starts from
+one of them), and older rounds' files back to ``patience + 2`` rounds (every round's when patience is off,
+since the best round may then be any) are cut down to what fine-tuning reads, the local layers (the
+Adam moments and control variates are model-sized; a run of hundreds of rounds would keep hundreds of
+copies); without local layers they are removed. What a site restores is the newest state no later than
+the round asked for.
 """
 
 from __future__ import annotations
@@ -88,13 +91,15 @@ class SiteMemory:
             return state
         older = self._from_files(upto_round)
         if older is None and state is not None:
+            # Trained local layers of a later round are closer to the asked round's than initial weights.
             logger.warning(
-                "site %s: no saved state of round %d or before (the newest is round %d); its local "
-                "layers start from their initial weights",
+                "site %s: no saved state of round %d or before (no site-state-dir keeps older rounds); "
+                "it uses its newest, of round %d",
                 self.site,
                 upto_round,
                 state.round,
             )
+            return state
         return older
 
     def model_state(self, shared: dict[str, torch.Tensor], saved: SavedState | None) -> dict[str, torch.Tensor]:
@@ -142,8 +147,22 @@ class SiteMemory:
         atomic_write(self.directory / f"round-{rnd:04d}.pt", lambda stream: torch.save(payload, stream))
         keep = self.kept_rounds
         for old, path in self._round_files():
-            if keep and old <= rnd - keep:
+            if old >= rnd - 1:
+                continue  # the last two rounds stay whole
+            if (keep and old <= rnd - keep) or not self.patterns:
                 path.unlink(missing_ok=True)
+            elif old == rnd - 2:  # older ones were cut down when they were this one
+                self._keep_local_only(path)
+
+    def _keep_local_only(self, path: Path) -> None:
+        """Rewrite a round's file with its local layers only: all that fine-tuning from that round reads."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for truncated/corrupt files
+            logger.warning("%s: not cut down, unreadable site state: %s", path, exc)
+            return
+        slim = {"round": payload["round"], "local": payload["local"], "optimizer": None, "strategy": {}}
+        atomic_write(path, lambda stream: torch.save(slim, stream))
 
     @property
     def kept_rounds(self) -> int:

@@ -168,17 +168,18 @@ class ProcessTree:
 
     def stop(self) -> list[int]:
         """Stop every process started within the block now (e.g. on interrupt, before recording the run's
-        state, so that no writer is left); returns their pids. A second Ctrl-C meanwhile is ignored: it
-        must not abandon the processes half-stopped."""
+        state, so that no writer is left); returns their pids. A second Ctrl-C or a SIGTERM meanwhile (a
+        supervisor's, ``docker stop``'s) is ignored: it must not abandon the processes half-stopped, nor
+        skip recording the run's state after them."""
         if _LIBC is None:
             return []
         main = threading.current_thread() is threading.main_thread()
-        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
             stopped = stop_descendants(self.grace, keep=self._keep)
         finally:
-            if previous_sigint is not None:
-                signal.signal(signal.SIGINT, previous_sigint)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if stopped:
             logger.debug("stopped %d process(es) left by the command: %s", len(stopped), stopped)
         return stopped

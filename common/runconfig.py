@@ -142,6 +142,13 @@ class RunConfig(BaseModel):
             )
         if self.round_deadline > 0 and self.secagg:
             raise ValueError("round-deadline does not apply to SecAgg+ rounds (secagg = true): set it to 0")
+        if self.round_deadline > 0 and self.strategy == "scaffold":
+            # A straggler keeps its new control variate c_i while the server discards its Δc_i, so the
+            # server's c would stop being the mean of the sites' c_i for the rest of the run.
+            raise ValueError(
+                "round-deadline does not apply to strategy = scaffold (a straggler's control variate would "
+                "drift from the server's): set it to 0"
+            )
         try:
             args = json.loads(self.model_args)
         except json.JSONDecodeError as exc:

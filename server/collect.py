@@ -56,7 +56,8 @@ def send_and_collect(
     """Push ``messages``, then pull until every one is answered or ``timeout`` seconds have passed.
 
     With ``round_deadline`` > 0, pulling also stops once that many seconds have passed and at least
-    ``enough`` of ``messages`` are answered (before the deadline only all of them end the phase).
+    ``enough`` of ``messages`` are answered without an error (before the deadline only all of them end
+    the phase).
     ``also_pull`` names earlier phases' unanswered messages: replies to them that arrive while this
     phase polls are returned too (the caller rejects them as late), but the phase never waits for them.
 
@@ -78,7 +79,7 @@ def send_and_collect(
             answers = reply.metadata.reply_to_message_id
             if answers in pending:
                 pending.discard(answers)
-                answered += 1
+                answered += not reply.has_error()  # an error reply is no update: it does not make the round
             late.discard(answers)
         replies.extend(Arrival(reply, now - pushed) for reply in arrived)
         if not pending or now >= stop:

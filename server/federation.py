@@ -40,6 +40,7 @@ from server.privacy import client_dp_metrics, secure_client_dp_metrics
 from server.receipts import Receipts
 from server.round_state import round_state_of
 from server.secagg import apply_update, secure_mean_update
+from server.site_errors import LATE, STRAGGLER
 from server.store import RunDir, global_record, site_record
 from server.strategy import Rejection, precision_of, site_of, supervision_of, validate_updates
 
@@ -181,12 +182,15 @@ class Federation:
                 )
             time.sleep(1.0)
 
-    def _send(self, messages: Iterable[Message], deadline: bool = False) -> tuple[list[Message], list[Rejection]]:
+    def _send(
+        self, messages: Iterable[Message], deadline: bool = False, settle: bool = False
+    ) -> tuple[list[Message], list[Rejection]]:
         """Send one phase's messages and collect the replies until ``round-timeout``.
 
         With ``deadline`` (a training phase) and a ``round-deadline``, collection ends at the deadline once
         ``min-train-nodes`` replied; the sites still silent are this phase's :attr:`stragglers`, and so are
-        the sites not sent this phase's message because they still train an earlier round's.
+        the sites not sent this phase's message because they still train an earlier round's. With ``settle``
+        (fine-tuning: every site's last chance) the phase first waits for those, up to their ``round-timeout``.
 
         Returns the replies that are not errors, in site order, and a rejection for every node that sent an error
         or nothing in time (so the round's record accounts for every site it asked), for every late, duplicate
@@ -194,7 +198,9 @@ class Federation:
         site other than its key's (:mod:`server.identity`).
         """
         messages = list(messages)
-        busy = self._busy_nodes()
+        early = self._pull_late(settle)  # a straggler whose late reply is in is free for this phase
+        pulled = {m.metadata.reply_to_message_id for m in early}
+        busy = self._busy_nodes(pulled)
         skipped = [m for m in messages if m.metadata.dst_node_id in busy]
         # A straggler still training an earlier round is not sent more work: it would only queue behind that.
         messages = [m for m in messages if m.metadata.dst_node_id not in busy]
@@ -206,10 +212,10 @@ class Federation:
             self.run.round_timeout,
             round_deadline=cutoff,
             enough=self.run.min_train_nodes,
-            also_pull=self.outstanding,
+            also_pull=set(self.outstanding) - pulled,
         )
         timed_out = time.monotonic() - t0 >= self.run.round_timeout
-        replies = [a.message for a in arrivals]
+        replies = early + [a.message for a in arrivals]
         # The grid stamps each message with its id while sending it.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         self.reply_seconds = {
@@ -233,7 +239,7 @@ class Federation:
             self.stragglers = sorted(self.node_sites.get(node, f"node-{node}") for node in unanswered.values())
             self.outstanding.update({mid: Outstanding(self._round, node, t0) for mid, node in unanswered.items()})
             self.pace.missed(unanswered.values())
-            reason = f"straggler: no reply by round-deadline ({cutoff:g} s); a late reply is discarded"
+            reason = f"{STRAGGLER}no reply by round-deadline ({cutoff:g} s); a late reply is discarded"
         else:
             self.stragglers = []
             reason = f"no reply within round-timeout ({self.run.round_timeout:g} s)"
@@ -244,14 +250,33 @@ class Federation:
         for msg in skipped:
             node = msg.metadata.dst_node_id
             name = self.node_sites.get(node, f"node-{node}")
-            silent.append(Rejection(name, f"straggler: still training round {busy[node]}; not sent this phase"))
+            silent.append(Rejection(name, f"{STRAGGLER}still training round {busy[node]}; not sent this phase"))
+            self.paced.pop(name, None)  # its paced steps were never sent
             if cutoff > 0:
                 self.stragglers = sorted([*self.stragglers, name])
         return ok, failed + silent + stale + impostors
 
-    def _busy_nodes(self) -> dict[int, int]:
-        """Nodes still training an earlier round (node -> that round); a message unanswered for longer than
-        ``round-timeout`` is given up (its node is asked again)."""
+    def _pull_late(self, wait: bool = False) -> list[Message]:
+        """The stragglers' late replies at the SuperLink: one pull, or with ``wait`` every one that comes
+        within its message's ``round-timeout``."""
+        pending = set(self.outstanding)
+        if not pending:
+            return []
+        stop = max(late.sent for late in self.outstanding.values()) + self.run.round_timeout
+        if wait:
+            logger.info("waiting for %d straggler(s) to finish their round", len(pending))
+        replies: list[Message] = []
+        while True:
+            arrived = list(self.grid.pull_messages(sorted(pending)))
+            replies += arrived
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            if not wait or not pending or time.monotonic() >= stop:
+                return replies
+            time.sleep(0.1)
+
+    def _busy_nodes(self, answered: set[str]) -> dict[int, int]:
+        """Nodes still training an earlier round (node -> that round), leaving out the messages ``answered``
+        already; a message unanswered for longer than ``round-timeout`` is given up (its node is asked again)."""
         now = time.monotonic()
         for message_id, late in list(self.outstanding.items()):
             if now - late.sent > self.run.round_timeout:
@@ -262,7 +287,7 @@ class Federation:
                     late.node,
                 )
                 del self.outstanding[message_id]
-        return {late.node: late.round for late in self.outstanding.values()}
+        return {late.node: late.round for mid, late in self.outstanding.items() if mid not in answered}
 
     def _late_stragglers(self, replies: list[Message], stale: list[Rejection]) -> list[Rejection]:
         """Name the stragglers' late replies among ``stale`` as such; their step times still pace the site."""
@@ -275,7 +300,7 @@ class Federation:
         for message_id, rnd in late.items():
             logger.info("discarded a straggler's late reply to round %d (message %s)", rnd, message_id[:12])
         return [
-            Rejection(r.site, f"late: a straggler's reply to round {late[r.message_id]}, discarded", r.message_id)
+            Rejection(r.site, f"{LATE} to round {late[r.message_id]}, discarded", r.message_id)
             if r.message_id in late
             else r
             for r in stale
@@ -330,13 +355,16 @@ class Federation:
         messages = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), self.grid)
         return self._metrics_phase(rnd, "evaluate", messages, f"round {rnd}: evaluation")
 
-    def _metrics_phase(self, rnd: int, phase: str, messages: Iterable[Message], what: str) -> dict[str, Any]:
+    def _metrics_phase(
+        self, rnd: int, phase: str, messages: Iterable[Message], what: str, settle: bool = False
+    ) -> dict[str, Any]:
         """Send a phase whose replies carry only metrics; at least ``min-evaluate-nodes`` must answer.
 
-        Records every site's metrics and their global summary as ``phase`` of round ``rnd``.
+        Records every site's metrics and their global summary as ``phase`` of round ``rnd``; ``settle``:
+        see :meth:`_send`.
         """
         t0 = time.time()
-        ok, failed = self._send(messages)
+        ok, failed = self._send(messages, settle=settle)
         # Evaluation claims are capped like training ones: they weigh the global validation metrics.
         ok, uncapped, clipped = apply_caps(ok, self.run.caps)
         failed += uncapped
@@ -474,7 +502,8 @@ class Federation:
             Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
             for node in self.grid.get_node_ids()
         ]
-        return self._metrics_phase(rnd, "finetune", messages, "fine-tuning")
+        # A straggler still training the last round is waited for: it must not be left without its model.
+        return self._metrics_phase(rnd, "finetune", messages, "fine-tuning", settle=True)
 
     def run_rounds(self, start: int, arrays: ArrayRecord) -> tuple[int, ArrayRecord]:
         """Rounds ``start..N``; each ends with an atomic checkpoint of the global model.

@@ -4,7 +4,8 @@ With ``round-deadline`` the server aggregates without the sites still training; 
 slower than the deadline would never contribute. With ``adaptive-local-steps`` the server measures each
 site's seconds per local step (its reply's ``compute-seconds`` / ``steps``, late replies included) and
 what the rest of the round costs it (the reply's arrival time minus ``compute-seconds``: set-up and
-transport), and gives it, for the next round, the steps that fit in :data:`SAFETY` of the deadline, never
+transport; a node's first reply also holds its start-up, so overhead is learnt from its second reply
+on), and gives it, for the next round, the steps that fit in :data:`SAFETY` of the deadline, never
 more than ``local-steps`` nor fewer than one. A site that misses the deadline before any measurement of it
 arrives has its steps halved; every reply in time lets them double again, up to what its measurement allows.
 """
@@ -35,6 +36,8 @@ class Pace:
         self.overhead: dict[int, float] = {}
         #: Steps a node may get at most, lowered by each missed deadline before a measurement arrives.
         self.cap: dict[int, int] = {}
+        #: Nodes whose first in-time reply has been seen (its overhead was start-up, not a round's cost).
+        self.started: set[int] = set()
 
     def observe(self, replies: Iterable[Message], reply_seconds: Mapping[str, float]) -> None:
         """Learn from training replies; ``reply_seconds`` holds the arrival times of this phase's own replies."""
@@ -49,7 +52,9 @@ class Pace:
             self.step_seconds[node] = float(compute) / float(steps)
             arrived = reply_seconds.get(msg.metadata.reply_to_message_id)
             if arrived is not None:  # in time: its overhead is this round's, and it may take more steps again
-                self.overhead[node] = max(arrived - float(compute), 0.0)
+                if node in self.started:
+                    self.overhead[node] = max(arrived - float(compute), 0.0)
+                self.started.add(node)
                 if node in self.cap:
                     self.cap[node] = min(2 * self.cap[node], self.base)
 

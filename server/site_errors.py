@@ -17,6 +17,11 @@ from typing import Any
 
 from server.store import GLOBAL_SITE
 
+#: How a phase's record words its ``round-deadline`` stragglers (server.federation writes them with these).
+STRAGGLER = "straggler: "
+LATE = "late: a straggler's reply"
+PACED = (STRAGGLER, LATE)
+
 ERROR_LINE = re.compile(r"common\.errors\.(?:DataError|ConfigError|FedSenseError|OutputError): (?P<message>.+)$")
 # Ray colours its log prefixes and appends "[repeated 2x across cluster]" to lines it deduplicated.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -103,14 +108,16 @@ def missed_phases(records: Sequence[Mapping[str, Any]], expected: Sequence[str])
     A site's error reply carries no site name (its reason is redacted: file paths never leave a site), so
     a phase with rejections names as missing the expected sites absent from its ``sites``; when that
     count does not match the rejections (a sampled fraction of sites), the rejected labels are kept.
-    Returns site -> phases it missed, e.g. ``{"site-c": ["evaluate 0", "train 1"]}``.
+    A ``round-deadline`` straggler (and its late reply) is the deadline working, not a failed site: it is
+    not counted. Returns site -> phases it missed, e.g. ``{"site-c": ["evaluate 0", "train 1"]}``.
     """
     missed: dict[str, list[str]] = {}
     for record in records:
-        rejected = record.get("rejected") or []
+        rejected = [r for r in record.get("rejected") or [] if not str(r.get("reason", "")).startswith(PACED)]
         if record.get("site") != GLOBAL_SITE or not rejected:
             continue
-        absent = sorted(set(expected) - set(record.get("sites", ())))
+        paced = {str(r["site"]) for r in record.get("rejected") or [] if str(r.get("reason", "")).startswith(PACED)}
+        absent = sorted(set(expected) - set(record.get("sites", ())) - paced)
         labels = absent if len(absent) == len(rejected) else sorted(str(r["site"]) for r in rejected)
         for label in labels:
             missed.setdefault(label, []).append(f"{record['phase']} {record['round']}")

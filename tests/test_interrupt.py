@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,22 @@ def test_orphans_of_the_command_are_reaped_not_left_as_zombies() -> None:
     assert child.wait(timeout=5) == -signal.SIGTERM
     child.stdout.close()
     assert not Path(f"/proc/{grandchild}").exists()  # stopped and reaped: not even a zombie is left
+
+
+def test_a_sigterm_while_stopping_does_not_abandon_the_stop() -> None:
+    """A supervisor's SIGTERM during the grace period must not skip what follows stop() (recording the run)."""
+    after_stop: list[int] = []
+    with pytest.raises(KeyboardInterrupt), ProcessTree(grace=5.0) as tree:
+        child = subprocess.Popen([sys.executable, "-c", EXIT_3_ON_SIGTERM], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            after_stop.extend(tree.stop())  # the child takes 0.5 s to go; the SIGTERM arrives meanwhile
+            raise
+    assert after_stop == [child.pid] and child.wait(timeout=5) == 3
+    child.stdout.close()
 
 
 def test_sigint_raises_keyboard_interrupt_even_when_inherited_as_ignored() -> None:

@@ -81,3 +81,42 @@ def test_with_patience_off_every_rounds_state_is_kept(tmp_path: Path) -> None:
     _remember_rounds(memory, 5)
     assert len(list(memory.directory.iterdir())) == 5
     assert float(next(iter(memory.restore(1).local.values()))) == 1.0
+
+
+def _remember_with_adam(memory: SiteMemory, rounds: int) -> None:
+    model = build_model(memory.run.model, **memory.run.model_kwargs)
+    optimiser = torch.optim.Adam(model.parameters())
+    for rnd in range(1, rounds + 1):
+        sum(p.square().sum() for p in model.parameters()).backward()  # any gradient fills Adam's moments
+        optimiser.step()
+        memory.remember(rnd, model, optimiser)
+
+
+def test_older_rounds_keep_only_their_local_layers_the_last_two_stay_whole(tmp_path: Path) -> None:
+    """The Adam moments are model-sized: hundreds of rounds must not keep hundreds of copies."""
+    memory = _memory(tmp_path, patience=0)
+    memory.run = memory.run.model_copy(update={"client_optimizer": "keep"})
+    _remember_with_adam(memory, 5)
+    files = {p.name: torch.load(p, weights_only=True) for p in memory.directory.iterdir()}
+    assert sorted(files) == [f"round-{r:04d}.pt" for r in range(1, 6)]
+    for rnd in range(1, 6):
+        payload = files[f"round-{rnd:04d}.pt"]
+        assert payload["local"] and (payload["optimizer"] is not None) == (rnd >= 4), rnd
+    assert memory.restore(2).local.keys() == files["round-0005.pt"]["local"].keys()  # fine-tuning's read
+
+
+def test_without_local_layers_only_the_last_two_rounds_files_are_kept(tmp_path: Path) -> None:
+    memory = _memory(tmp_path, patience=0)
+    memory.run = memory.run.model_copy(update={"client_optimizer": "keep", "local_layers": ""})
+    memory.patterns = memory.run.local_layer_patterns
+    _remember_with_adam(memory, 5)
+    assert sorted(p.name for p in memory.directory.iterdir()) == ["round-0004.pt", "round-0005.pt"]
+
+
+def test_without_a_state_dir_an_older_round_gets_the_newest_state_not_initial_weights(tmp_path: Path) -> None:
+    memory = _memory(tmp_path, patience=0)
+    memory.directory = None
+    _remember_rounds(memory, 4)
+    restored = memory.restore(2)  # fine-tuning from best round 2; only round 4 is in memory
+    assert restored is not None and restored.round == 4
+    assert all(float(v) == 4.0 for v in restored.local.values())

@@ -146,6 +146,27 @@ def test_the_sites_a_finished_run_went_without_are_named_by_the_phases_they_miss
     assert finished_without([_global(1, "train", expected, [])], expected, []) is None
 
 
+def test_round_deadline_stragglers_are_not_sites_the_run_went_without() -> None:
+    """A straggler the deadline left behind (and its discarded late reply) is the policy working: no exit 5."""
+    expected = ["site-a", "site-b", "site-c"]
+    straggler = {"site": "site-c", "reason": "straggler: no reply by round-deadline (1.5 s); a late reply is discarded"}
+    busy = {"site": "site-c", "reason": "straggler: still training round 1; not sent this phase"}
+    late = {"site": "site-c", "reason": "late: a straggler's reply to round 1, discarded"}
+    records = [
+        {**_global(1, "train", ["site-a", "site-b"], []), "rejected": [straggler]},
+        {**_global(2, "train", ["site-a", "site-b"], []), "rejected": [busy]},
+        {**_global(3, "train", ["site-a", "site-b", "site-c"], []), "rejected": [late]},
+    ]
+    assert missed_phases(records, expected) == {}
+    assert finished_without(records, expected, []) is None
+    # A failing site beside a straggler is still named, and only it.
+    failing = {
+        **_global(4, "train", ["site-a"], ["node-2"]),
+        "rejected": [straggler, {"site": "node-2", "reason": "x"}],
+    }
+    assert missed_phases([*records, failing], expected) == {"site-b": ["train 4"]}
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.rehearsal import slowed
@@ -69,6 +69,34 @@ def test_past_the_deadline_the_phase_waits_for_enough_replies() -> None:
         grid, asks([1, 2, 3]), timeout=600.0, round_deadline=2.0, enough=2, clock=clock, sleep=clock.sleep
     )
     assert len(replies) == 2 and 7.0 <= clock.now <= 7.3
+
+
+class FailingGrid(DelayedGrid):
+    """A DelayedGrid whose replies from ``failing`` nodes are error replies."""
+
+    def __init__(self, clock: Clock, delays: dict[int, float | None], failing: set[int]) -> None:
+        super().__init__(clock, delays)
+        self.failing = failing
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for msg in messages:
+            if msg.metadata.dst_node_id in self.failing:
+                ready = self.ready[msg.metadata.message_id][0]
+                self.ready[msg.metadata.message_id] = (ready, Message(Error(code=0, reason="DataError"), reply_to=msg))
+        return ids
+
+
+def test_an_error_reply_does_not_count_towards_enough() -> None:
+    """A fast failing site must not end the phase at the deadline: it would leave too few updates."""
+    clock = Clock()
+    grid = FailingGrid(clock, {1: 0.2, 2: 0.3, 3: 6.0}, failing={2})
+    replies = send_and_collect(
+        grid, asks([1, 2, 3]), timeout=600.0, round_deadline=2.0, enough=2, clock=clock, sleep=clock.sleep
+    )
+    assert len(replies) == 3 and [r.message.has_error() for r in replies] == [False, True, False]
+    assert 6.0 <= clock.now <= 6.3  # waited past the deadline for the slow site that has an update
 
 
 def test_without_a_deadline_the_slowest_site_sets_the_pace() -> None:
@@ -132,9 +160,15 @@ def _train_reply(node: int, answers: str, steps: int, compute: float, site: str)
 
 def test_a_measured_slow_site_gets_the_steps_that_fit_the_deadline(tmp_path: Path) -> None:
     pace = Pace(_run(tmp_path))
-    # node 1: 0.01 s/step; node 2: 0.5 s/step with 0.2 s of set-up and transport.
-    pace.observe([_train_reply(1, "a", 20, 0.2, "fast"), _train_reply(2, "b", 20, 10.0, "slow")], {"a": 0.3, "b": 10.2})
+    # First replies: the sites' start-up (3 s) is in them, and is not a round's overhead.
+    pace.observe(
+        [_train_reply(1, "a0", 20, 0.2, "fast"), _train_reply(2, "b0", 20, 10.0, "slow")], {"a0": 3.2, "b0": 13}
+    )
     assert pace.steps_for(1) is None  # all 20 steps fit: no override
+    assert pace.steps_for(2) == int(SAFETY * 2.0 / 0.5) == 3
+    # Later replies: node 1 at 0.01 s/step; node 2 at 0.5 s/step with 0.2 s of set-up and transport.
+    pace.observe([_train_reply(1, "a", 20, 0.2, "fast"), _train_reply(2, "b", 20, 10.0, "slow")], {"a": 0.3, "b": 10.2})
+    assert pace.steps_for(1) is None
     assert pace.steps_for(2) == int((SAFETY * 2.0 - 0.2) / 0.5) == 2
 
 
@@ -242,6 +276,7 @@ def test_paced_sites_get_their_own_local_steps_in_the_train_config(tmp_path: Pat
         ({"round-deadline": 60.0, "round-timeout": 30.0}, "round-deadline (60 s) must be shorter than round-timeout"),
         ({"round-deadline": 0.0, "adaptive-local-steps": True}, "adaptive-local-steps needs round-deadline > 0"),
         ({"round-deadline": -1.0}, "round-deadline"),
+        ({"round-deadline": 5.0, "strategy": "scaffold"}, "round-deadline does not apply to strategy = scaffold"),
     ],
 )
 def test_run_config_checks_the_deadline(overrides: dict[str, object], message: str) -> None:
@@ -328,17 +363,34 @@ def test_a_site_still_training_is_not_sent_the_next_round_and_counts_as_a_stragg
     fed._send(_asks([1, 2, 3]), deadline=True)
     assert fed.stragglers == ["site-3"]
     fed._round = 3
+    fed.paced = {"site-1": 5, "site-3": 10}  # as _train_messages would have planned them
     ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # site-3 is still on round 2: not asked
+    assert fed.paced == {"site-1": 5}  # the round's record does not claim steps site-3 was never sent
     assert [m.metadata.src_node_id for m in ok] == [1, 2] and fed.stragglers == ["site-3"]
     assert [(r.site, r.reason) for r in rejected] == [
         ("site-3", "straggler: still training round 2; not sent this phase")
     ]
     assert [m.metadata.dst_node_id for m in grid.received[-2:]] == [1, 2]
-    time.sleep(0.4)
+    time.sleep(0.4)  # site-3 has finished round 2 now
     fed._round = 4
-    ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # its late reply is pulled with this phase ...
-    assert len(ok) == 2 and [r.reason[:5] for r in rejected] == ["strag", "late:"]
-    fed._round = 5
     grid.delays[3] = 0.01
-    ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # ... so the next one asks it again
-    assert len(ok) == 3 and fed.stragglers == [] and not rejected
+    ok, rejected = fed._send(_asks([1, 2, 3]), deadline=True)  # its late reply is pulled first, so it is asked
+    assert [m.metadata.src_node_id for m in ok] == [1, 2, 3] and fed.stragglers == []
+    assert [(r.site, r.reason) for r in rejected] == [("site-3", "late: a straggler's reply to round 2, discarded")]
+    assert not fed.outstanding
+
+
+def test_fine_tuning_waits_for_a_straggler_still_training_so_every_site_takes_part(tmp_path: Path) -> None:
+    grid = TimedGrid({1: 0.01, 2: 0.01})
+    fed = _federation(tmp_path, grid, **{"round-deadline": 0.2})
+    fed._send(_asks([1, 2]), deadline=True)
+    grid.delays[2] = 0.8
+    fed._round = 2
+    fed._send(_asks([1, 2]), deadline=True)
+    assert fed.stragglers == ["site-2"]
+    grid.delays[2] = 0.01
+    started = time.monotonic()
+    ok, rejected = fed._send(_asks([1, 2]), settle=True)  # the fine-tuning phase
+    assert time.monotonic() - started >= 0.4  # waited for site-2's round 2 ...
+    assert [m.metadata.src_node_id for m in ok] == [1, 2]  # ... then asked it too
+    assert [r.reason for r in rejected] == ["late: a straggler's reply to round 2, discarded"]
