@@ -18,9 +18,17 @@ RECORDS = protocol.RecordTypes(RecordDict, ArrayRecord, Array, ConfigRecord)
 
 
 def packed_transport_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Unpack the server's message, run the ClientApp, pack its reply (an error reply has no content)."""
+    """Unpack the server's message, run the ClientApp, pack its reply (an error reply has no content).
+
+    Weights that came as float16 (``transport-dtype = "fp16"``) are answered in kind: the reply's weights
+    travel as float16 differences from the weights received.
+    """
+    fp16 = protocol.is_fp16(msg.content)
     msg.content = protocol.unpack_content(msg.content, RECORDS)
+    received = None
+    if fp16 and protocol.ARRAYS in msg.content.array_records:
+        received = {name: a.numpy() for name, a in msg.content.array_records[protocol.ARRAYS].items()}
     reply = call_next(msg, context)
     if not reply.has_error() and reply.content.array_records:
-        reply.content = protocol.pack_content(reply.content, RECORDS)
+        reply.content = protocol.pack_content(reply.content, RECORDS, fp16=fp16, base=received)
     return reply

@@ -38,6 +38,8 @@ class RunConfig(BaseModel):
     round_deadline: float = Field(0.0, ge=0.0)
     adaptive_local_steps: bool = False  # slow sites get fewer local steps, to finish by round-deadline
     node_wait_timeout: float = Field(600.0, gt=0.0)
+    # How the weights travel: fp16 halves the bytes (server: rounded weights; sites: float16 changes).
+    transport_dtype: Literal["fp32", "fp16"] = "fp32"
     model: str = "unet"
     model_args: str = "{}"
     local_epochs: int = Field(1, ge=0)
@@ -142,6 +144,11 @@ class RunConfig(BaseModel):
             )
         if self.round_deadline > 0 and self.secagg:
             raise ValueError("round-deadline does not apply to SecAgg+ rounds (secagg = true): set it to 0")
+        if self.transport_dtype == "fp16" and self.secagg:
+            raise ValueError(
+                'transport-dtype = "fp16" does not apply to SecAgg+ rounds (secagg = true: they quantise the '
+                'update themselves): set it to "fp32"'
+            )
         if self.round_deadline > 0 and self.strategy == "scaffold":
             # A straggler keeps its new control variate c_i while the server discards its Δc_i, so the
             # server's c would stop being the mean of the sites' c_i for the rest of the run.

@@ -34,7 +34,8 @@ def main(grid: Grid, context: Context) -> None:
     quick_reply_object_pulls()
     monitor = server_metrics(run)  # Prometheus /metrics on metrics-port (None: off)
     # The ClientApp's packed_transport_mod unpacks at the site.
-    grid = PackedGrid(grid) if monitor is None else MonitoredGrid(grid, monitor)
+    fp16 = run.transport_dtype == "fp16"
+    grid = PackedGrid(grid, fp16) if monitor is None else MonitoredGrid(grid, monitor, fp16)
     torch.manual_seed(run.seed)
     model = build_model(run.model, **run.model_kwargs)
     # Local layers (local-layers) stay at the sites: the server aggregates and checkpoints the rest.

@@ -9,8 +9,9 @@ layout and the protocol version.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
@@ -23,10 +24,17 @@ RECORDS = protocol.RecordTypes(RecordDict, ArrayRecord, Array, ConfigRecord)
 
 
 class PackedGrid(Grid):
-    """``grid`` with the arrays of every pushed message packed and those of every pulled reply unpacked."""
+    """``grid`` with the arrays of every pushed message packed and those of every pulled reply unpacked.
 
-    def __init__(self, grid: Grid) -> None:
+    With ``fp16`` (``transport-dtype = "fp16"``) the weights go out as float16 and the sites answer with
+    float16 differences from what they received; the grid keeps, per message, those received weights
+    until its reply is pulled, to add the differences back.
+    """
+
+    def __init__(self, grid: Grid, fp16: bool = False) -> None:
         self.grid = grid
+        self.fp16 = fp16
+        self.received: dict[str, Mapping[str, np.ndarray]] = {}
 
     @property
     def run(self) -> Run:
@@ -47,35 +55,53 @@ class PackedGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(_packed(messages))
+        messages, received = self._packed(messages)
+        ids = list(self.grid.push_messages(messages))
+        self._remember(messages, received)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return _unpacked(self.grid.pull_messages(message_ids))
+        return self._unpacked(self.grid.pull_messages(message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return _unpacked(self.grid.send_and_receive(_packed(messages), timeout=timeout))
+        messages, received = self._packed(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self._remember(messages, received)  # the grid stamped the ids while sending
+        return self._unpacked(replies)
 
+    def _packed(self, messages: Iterable[Message]) -> tuple[list[Message], dict[int, Mapping[str, np.ndarray]]]:
+        """``messages`` packed in place (the grid stamps its ids on these same objects, as callers expect),
+        and with ``fp16``, by position, the weights each site will receive.
 
-def _packed(messages: Iterable[Message]) -> list[Message]:
-    """``messages`` packed in place (the grid stamps its ids on these same objects, as callers expect).
+        A strategy gives every site the same content object: it is packed (and rounded) once.
+        """
+        messages = list(messages)
+        done: dict[int, tuple[RecordDict, RecordDict, Mapping[str, np.ndarray] | None]] = {}  # the original kept alive
+        received: dict[int, Mapping[str, np.ndarray]] = {}
+        for i, msg in enumerate(messages):
+            if msg.content.array_records:
+                original = msg.content
+                if id(original) not in done:
+                    sent = None
+                    if self.fp16 and protocol.ARRAYS in original.array_records:
+                        weights = {n: a.numpy() for n, a in original.array_records[protocol.ARRAYS].items()}
+                        sent = protocol.received_weights(weights)
+                    done[id(original)] = (original, protocol.pack_content(original, RECORDS, fp16=self.fp16), sent)
+                msg.content = done[id(original)][1]
+                if (sent := done[id(original)][2]) is not None:
+                    received[i] = sent
+        return messages, received
 
-    A strategy gives every site the same content object: it is packed once.
-    """
-    messages = list(messages)
-    done: dict[int, tuple[RecordDict, RecordDict]] = {}  # id -> (original, packed); the original kept alive
-    for msg in messages:
-        if msg.content.array_records:
-            original = msg.content
-            if id(original) not in done:
-                done[id(original)] = (original, protocol.pack_content(original, RECORDS))
-            msg.content = done[id(original)][1]
-    return messages
+    def _remember(self, messages: list[Message], received: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        for i, weights in received.items():
+            if messages[i].metadata.message_id:
+                self.received[messages[i].metadata.message_id] = weights
 
-
-def _unpacked(replies: Iterable[Message]) -> list[Message]:
-    """``replies`` with their arrays unpacked in place (an error reply has no content)."""
-    replies = list(replies)
-    for reply in replies:
-        if not reply.has_error():
-            reply.content = protocol.unpack_content(reply.content, RECORDS)
-    return replies
+    def _unpacked(self, replies: Iterable[Message]) -> list[Message]:
+        """``replies`` with their arrays unpacked in place (an error reply has no content)."""
+        replies = list(replies)
+        for reply in replies:
+            base = self.received.pop(reply.metadata.reply_to_message_id, None)
+            if not reply.has_error():
+                reply.content = protocol.unpack_content(reply.content, RECORDS, base=base)
+        return replies

@@ -51,7 +51,11 @@ def finished_run(
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDSENSE_AUDIT_LOG", str(audit))
     try:
-        store = simulate(small_run(small_sites, run_dir, rounds=2, **{"local-steps": 12}), timeout=900)
+        # transport-dtype = "fp16": the weights travel as float16 and the updates as float16 changes, so these
+        # tests also show that such a run trains (the fp32 default runs in every other federation test).
+        store = simulate(
+            small_run(small_sites, run_dir, rounds=2, **{"local-steps": 12, "transport-dtype": "fp16"}), timeout=900
+        )
     finally:
         mp.undo()
     return store, audit
@@ -73,6 +77,7 @@ def test_every_site_and_round_is_recorded_with_checkpoints(finished_run: tuple[R
         payload = torch.load(store.checkpoint_path(rnd), weights_only=True)
         assert payload["round"] == rnd and payload["config"]["model"] == "unet"
     assert store.read_config()["status"] == "finished"
+    assert store.read_config()["transport-dtype"] == "fp16"
 
 
 def test_validation_psnr_after_the_last_round_beats_round_zero(finished_run: tuple[RunDir, Path]) -> None:

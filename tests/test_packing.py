@@ -169,3 +169,60 @@ def test_the_server_refuses_a_reply_of_another_protocol_version() -> None:
     grid = hub.PackedGrid(RecordingGrid([Message(packed, reply_to=ask)]))  # type: ignore[arg-type]
     with pytest.raises(protocol.ProtocolMismatch, match="this side speaks protocol version"):
         grid.pull_messages(["m0"])
+
+
+# --- fp16 transport (transport-dtype = "fp16") ------------------------------------------------------
+
+
+def test_fp16_transport_rounds_the_weights_sent_and_adds_the_sites_fp16_change_to_what_it_received() -> None:
+    """Server → site: float16 weights; site → server: float16 differences from them. Checked against the
+    same arithmetic done by hand in numpy: what the server gets back differs from the site's weights only by
+    the float16 rounding of the round's change (relative 2^-11 of it), not of the weights."""
+    model = build_model("unrolled", num_cascades=2, chans=4, num_layers=3)  # 0-d DC weights included
+    state = model.state_dict()
+    grid = hub.PackedGrid(RecordingGrid([]), fp16=True)  # type: ignore[arg-type]
+    messages = [Message(_content(state), dst_node_id=1, message_type=MessageType.TRAIN)]
+    grid.push_messages(messages)
+    pushed = grid.grid.pushed[0]  # type: ignore[attr-defined]
+    assert protocol.is_fp16(pushed.content)
+    assert pushed.content["arrays"][protocol.PACKED].numpy().nbytes == sum(v.numel() * 2 for v in state.values())
+    change = {k: torch.randn_like(v) * 1e-3 for k, v in state.items()}
+    seen: dict[str, np.ndarray] = {}
+
+    def clientapp(message: Message, context: Context) -> Message:
+        received = message.content["arrays"].to_torch_state_dict()
+        seen.update({k: v.numpy().copy() for k, v in received.items()})
+        return Message(
+            RecordDict({"arrays": ArrayRecord({k: received[k] + change[k] for k in received})}), reply_to=message
+        )
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = site.packed_transport_mod(pushed, context, clientapp)
+    for k, v in state.items():  # the site trained from the float16-rounded weights
+        np.testing.assert_array_equal(seen[k], v.numpy().astype(np.float16).astype(np.float32))
+    assert reply.content[protocol.MANIFEST][f"arrays.{protocol.ENCODING}"] == protocol.FP16_DELTA
+    grid.grid.replies = [reply]  # type: ignore[attr-defined]
+    got = next(iter(grid.pull_messages([messages[0].metadata.message_id]))).content["arrays"].to_torch_state_dict()
+    for k in state:
+        local = seen[k] + change[k].numpy()
+        expected = seen[k] + (local - seen[k]).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(got[k].numpy(), expected)
+        assert np.abs(got[k].numpy() - local).max() <= 2**-11 * np.abs(local - seen[k]).max() + 1e-12
+    assert not grid.received  # the weights kept for the reply are let go
+
+
+def test_fp16_differences_without_the_weights_they_belong_to_are_refused() -> None:
+    state = {"w": torch.ones(3)}
+    packed = protocol.pack_content(_content(state), site.RECORDS, base={"w": np.ones(3, np.float32)})
+    with pytest.raises(FedSenseError, match="without the weights they are relative to"):
+        protocol.unpack_content(packed, hub.RECORDS)
+
+
+def test_without_fp16_nothing_is_rounded_and_non_float32_arrays_never_are() -> None:
+    state = {"w": torch.full((3,), 1 / 3), "steps": torch.tensor([7], dtype=torch.int64)}
+    plain = protocol.unpack_content(protocol.pack_content(_content(state), site.RECORDS), hub.RECORDS)
+    assert torch.equal(plain["arrays"].to_torch_state_dict()["w"], state["w"])
+    half = protocol.unpack_content(protocol.pack_content(_content(state), site.RECORDS, fp16=True), hub.RECORDS)
+    got = half["arrays"].to_torch_state_dict()
+    assert got["w"].dtype == torch.float32 and not torch.equal(got["w"], state["w"])
+    assert got["steps"].dtype == torch.int64 and torch.equal(got["steps"], state["steps"])

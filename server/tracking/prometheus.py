@@ -167,8 +167,8 @@ class ServerMetrics(Observer):
 class MonitoredGrid(PackedGrid):
     """The ServerApp's packed grid, telling :class:`ServerMetrics` what it sends, receives and sees connected."""
 
-    def __init__(self, grid: Grid, metrics: ServerMetrics) -> None:
-        super().__init__(grid)
+    def __init__(self, grid: Grid, metrics: ServerMetrics, fp16: bool = False) -> None:
+        super().__init__(grid, fp16)
         self.metrics = metrics
 
     def get_node_ids(self) -> Iterable[int]:
