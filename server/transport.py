@@ -82,14 +82,14 @@ class PackedGrid(Grid):
             if msg.content.array_records:
                 original = msg.content
                 if id(original) not in done:
-                    sent = None
+                    sent: Mapping[str, np.ndarray] | None = None
                     if self.fp16 and protocol.ARRAYS in original.array_records:
                         weights = {n: a.numpy() for n, a in original.array_records[protocol.ARRAYS].items()}
                         sent = protocol.received_weights(weights)
                     done[id(original)] = (original, protocol.pack_content(original, RECORDS, fp16=self.fp16), sent)
                 msg.content = done[id(original)][1]
-                if (sent := done[id(original)][2]) is not None:
-                    received[i] = sent
+                if (weights_sent := done[id(original)][2]) is not None:
+                    received[i] = weights_sent
         return messages, received
 
     def _remember(self, messages: list[Message], received: Mapping[int, Mapping[str, np.ndarray]]) -> None:
