@@ -4,8 +4,8 @@ With ``round-deadline`` the server aggregates without the sites still training; 
 slower than the deadline would never contribute. With ``adaptive-local-steps`` the server measures each
 site's seconds per local step (its reply's ``compute-seconds`` / ``steps``, late replies included) and
 what the rest of the round costs it (the reply's arrival time minus ``compute-seconds``: set-up and
-transport; a node's first reply also holds its start-up, so overhead is learnt from its second reply
-on), and gives it, for the next round, the steps that fit in :data:`SAFETY` of the deadline, never
+transport; a node's first reply, in time or late, also holds its start-up, so overhead is learnt from
+its next reply in time), and gives it, for the next round, the steps that fit in :data:`SAFETY` of the deadline, never
 more than ``local-steps`` nor fewer than one. A site that misses the deadline before any measurement of it
 arrives has its steps halved; every reply in time lets them double again, up to what its measurement allows.
 """
@@ -36,7 +36,7 @@ class Pace:
         self.overhead: dict[int, float] = {}
         #: Steps a node may get at most, lowered by each missed deadline before a measurement arrives.
         self.cap: dict[int, int] = {}
-        #: Nodes whose first in-time reply has been seen (its overhead was start-up, not a round's cost).
+        #: Nodes whose first reply has been seen (its overhead was start-up, not a round's cost).
         self.started: set[int] = set()
 
     def observe(self, replies: Iterable[Message], reply_seconds: Mapping[str, float]) -> None:
@@ -51,10 +51,11 @@ class Pace:
             node = msg.metadata.src_node_id
             self.step_seconds[node] = float(compute) / float(steps)
             arrived = reply_seconds.get(msg.metadata.reply_to_message_id)
+            first = node not in self.started  # late or not, the node's first reply holds its start-up
+            self.started.add(node)
             if arrived is not None:  # in time: its overhead is this round's, and it may take more steps again
-                if node in self.started:
+                if not first:
                     self.overhead[node] = max(arrived - float(compute), 0.0)
-                self.started.add(node)
                 if node in self.cap:
                     self.cap[node] = min(2 * self.cap[node], self.base)
 

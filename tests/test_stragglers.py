@@ -172,6 +172,17 @@ def test_a_measured_slow_site_gets_the_steps_that_fit_the_deadline(tmp_path: Pat
     assert pace.steps_for(2) == int((SAFETY * 2.0 - 0.2) / 0.5) == 2
 
 
+def test_the_overhead_is_learnt_from_the_first_reply_in_time_after_a_late_first_reply(tmp_path: Path) -> None:
+    # bench.stragglers, round deadline 0.8 s: site-c's start-up made its first reply late; its next reply was
+    # in time (3 steps at 0.15 s/step, arriving at 0.78 s: 0.33 s of set-up and transport). Planned without
+    # that overhead it got 4 steps (0.6 s of 0.64 s) and missed the deadline again.
+    pace = Pace(_run(tmp_path, **{"round-deadline": 0.8, "local-steps": 8}))
+    pace.observe([_train_reply(2, "late", 8, 1.2, "slow")], {})  # late: its reply is no phase's own
+    assert pace.steps_for(2) == int(SAFETY * 0.8 / 0.15) == 4
+    pace.observe([_train_reply(2, "b", 3, 0.45, "slow")], {"b": 0.78})
+    assert pace.steps_for(2) == int((SAFETY * 0.8 - 0.33) / 0.15) == 2
+
+
 def test_a_straggler_not_yet_measured_is_halved_then_recovers(tmp_path: Path) -> None:
     pace = Pace(_run(tmp_path))
     pace.missed([2])
