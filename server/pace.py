@@ -5,8 +5,9 @@ slower than the deadline would never contribute. With ``adaptive-local-steps`` t
 site's seconds per local step (its reply's ``compute-seconds`` / ``steps``, late replies included) and
 what the rest of the round costs it (the reply's arrival time minus ``compute-seconds``: set-up and
 transport; a node's first reply, in time or late, also holds its start-up, so overhead is learnt from
-its next reply in time), and gives it, for the next round, the steps that fit in :data:`SAFETY` of the deadline, never
-more than ``local-steps`` nor fewer than one. A site that misses the deadline before any measurement of it
+its next reply in time, and until then taken to be the other nodes' median), and gives it, for the next
+round, the steps that fit in :data:`SAFETY` of the deadline, never more than ``local-steps`` nor fewer
+than one. A site that misses the deadline before any measurement of it
 arrives has its steps halved; every reply in time lets them double again, up to what its measurement allows.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 
 from flwr.app import Message
@@ -70,8 +72,18 @@ class Pace:
             return default
         steps = self.cap.get(node, self.base)
         if node in self.step_seconds:
-            budget = SAFETY * self.deadline - self.overhead.get(node, 0.0)
+            budget = SAFETY * self.deadline - self._overhead(node)
             fits = math.floor(budget / self.step_seconds[node]) if self.step_seconds[node] > 0 else self.base
             steps = min(steps, fits)
         steps = max(1, min(steps, self.base))
         return default if steps == self.base else steps
+
+    def _overhead(self, node: int) -> float:
+        """``node``'s measured overhead; before its first measurement, the median of the other nodes'.
+
+        Set-up and transport cost every site about the same; planning with none let a straggler's first
+        round after its start-up miss the deadline again (``bench.stragglers``, round-deadline 0.8 s).
+        """
+        if node in self.overhead:
+            return self.overhead[node]
+        return statistics.median(self.overhead.values()) if self.overhead else 0.0

@@ -183,6 +183,16 @@ def test_the_overhead_is_learnt_from_the_first_reply_in_time_after_a_late_first_
     assert pace.steps_for(2) == int((SAFETY * 0.8 - 0.33) / 0.15) == 2
 
 
+def test_until_its_overhead_is_measured_a_node_is_planned_with_the_other_nodes_median(tmp_path: Path) -> None:
+    pace = Pace(_run(tmp_path, **{"round-deadline": 0.8, "local-steps": 8}))
+    for answers, arrived in (("a0", 5.0), ("a1", 0.3), ("b0", 5.0), ("b1", 0.4), ("d0", 5.0), ("d1", 0.5)):
+        node = {"a": 1, "b": 3, "d": 4}[answers[0]]
+        pace.observe([_train_reply(node, answers, 8, 0.16, "fast")], {answers: arrived})
+    # Overheads 0.14, 0.24, 0.34 s: site-c, whose only reply was late, is planned with 0.24 s.
+    pace.observe([_train_reply(2, "late", 8, 1.2, "slow")], {})
+    assert pace.steps_for(2) == int((SAFETY * 0.8 - 0.24) / 0.15) == 2
+
+
 def test_a_straggler_not_yet_measured_is_halved_then_recovers(tmp_path: Path) -> None:
     pace = Pace(_run(tmp_path))
     pace.missed([2])
