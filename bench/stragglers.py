@@ -7,7 +7,7 @@ gets the steps that fit). Printed side by side: the mean train-phase seconds of 
 the simulation's start-up), the final model's validation PSNR over every site's slices (scored here,
 from the last checkpoint), and the ratios to the no-deadline arm. Run::
 
-    python -m bench.stragglers [--rounds 6 --slowdown 4 --deadline 1.5 --out runs/bench-stragglers]
+    python -m bench.stragglers [--rounds 6 --slowdown 4 --deadline 0.8 --out runs/bench-stragglers]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--slowdown", type=float, default=4.0, help=f"{SLOW_SITE}'s rehearsal slowdown")
-    parser.add_argument("--deadline", type=float, default=1.5, help="round-deadline of the deadline arms (s)")
+    parser.add_argument("--deadline", type=float, default=0.8, help="round-deadline of the deadline arms (s)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--subjects", type=int, default=3)
     parser.add_argument("--slices", type=int, default=6)

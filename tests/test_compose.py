@@ -4,7 +4,8 @@ front door (nginx), which admits the Control API only to operator certificates; 
 published and the dashboard wants its token; the `monitoring` profile's Prometheus saw the ServerApp's and the
 sites' round counters advance and the dashboard's tokenless run gauges; an institution's
 deploy/site/docker-compose.yml then joins (non-root, data read-only) with a key an operator registered through the front door; a separate run restarts
-each site once while it trains and loses nothing; everything created is removed again.
+each site once while it trains and loses nothing; another runs with every site behind its own `vpn` link proxy
+(deploy/wan/docker-compose.wan.yml) through a 20 s partition of one site; everything created is removed again.
 
 Needs a Docker engine (deploy/ci/setup-docker.sh starts one); skipped, with the reason, without it.
 """
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ import pytest
 import torch
 
 from server.pki import generate_pki
+from server.receipts import RECEIVED_FILE, read_receipts
 from server.store import GLOBAL_SITE, RunDir, validate_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
@@ -285,6 +288,76 @@ def test_compose_federation_survives_every_site_restarting_once(
         payload = torch.load(store.checkpoint_path(rnd), map_location="cpu", weights_only=True)
         assert payload["round"] == rnd and payload["state_dict"]
         assert all(torch.isfinite(t).all() for t in payload["state_dict"].values())
+
+
+# Also before the `federation` fixture's project, so this run too has the machine to itself.
+WAN_ROUNDS = 4
+PARTITION_S = 20
+
+
+def test_compose_federation_over_vpn_links_finishes_through_a_20_s_partition(
+    compose_cmd: list[str], image: str, tmp_path: Path
+) -> None:
+    """deploy/wan/docker-compose.wan.yml: each site dials the front door through its own link proxy container
+    (the ``vpn`` preset: 50 ± 10 ms, 20 Mbit/s); after round 1, site-c's link is frozen for 20 s (``docker
+    compose pause``: nothing moves, nothing is refused, as when packets vanish). The run finishes, the server's
+    ledger holds each accepted update exactly once, and each proxy carried its own site's traffic both ways.
+    """
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(ROOT / "deploy" / "wan", tmp_path / "deploy" / "wan")  # mounted into the proxy containers
+    env = {
+        "FEDSENSE_IMAGE": image,
+        "FEDSENSE_RUN_NAME": "wan-test",
+        "FEDSENSE_FRONTDOOR_PUBLISH": "127.0.0.1:",
+        "FEDSENSE_DASHBOARD_PUBLISH": "127.0.0.1:",
+        "FEDSENSE_WAN_PRESET": "vpn",
+        "FEDSENSE_RUN_CONFIG": (
+            f'num-server-rounds={WAN_ROUNDS} strategy="fedavg" '
+            "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=60 node-wait-timeout=120 "
+            """model-args='{"chans": 8, "num_pool_layers": 2}' """
+            "local-epochs=0 local-steps=1 batch-size=2 max-eval-slices=2"
+        ),
+    }
+    store = RunDir(tmp_path / "runs" / "wan-test")
+    files = [ROOT / "docker-compose.yml", ROOT / "deploy" / "wan" / "docker-compose.wan.yml"]
+    links = [f"wan-{site}" for site in sorted(SITES)]
+    with _project(compose_cmd, files, tmp_path, env) as project:
+        started = time.monotonic()
+        project.run("up", "-d", timeout=RUN_TIMEOUT)
+        submit = project.run("ps", "-q", "submit").stdout.strip()
+        while 1 not in store.completed_rounds():
+            assert _container_state(submit)["Running"], project.run("logs", "--no-color", "--tail", "60").stdout
+            assert time.monotonic() - started < RUN_TIMEOUT, "round 1 did not complete"
+            time.sleep(0.5)
+        logger.info("round 1 complete at %.0f s; freezing wan-site-c for %d s", time.monotonic() - started, PARTITION_S)
+        project.run("pause", "wan-site-c")
+        time.sleep(PARTITION_S)
+        project.run("unpause", "wan-site-c")
+        code = subprocess.run(
+            ["docker", "wait", submit], capture_output=True, text=True, timeout=RUN_TIMEOUT, check=True
+        ).stdout.strip()
+        logger.info("submit finished after %.0f s", time.monotonic() - started)
+        assert code == "0", project.run("logs", "--no-color", "--tail", "80").stdout[-12000:]
+        project.run("stop", "--timeout", "10", *links)  # each proxy logs what it carried as it stops
+        for link in links:
+            log = project.run("logs", "--no-color", link).stdout
+            assert "-> frontdoor:9443 (rtt_ms=50.0 jitter_ms=10.0 bandwidth_mbit=20.0" in log, (link, log[-2000:])
+            carried = re.search(r"link proxy stopped: (\d+) connection\(s\).*; (\d+) B up .*, (\d+) B down", log)
+            assert carried, (link, log[-2000:])
+            connections, up, down = map(int, carried.groups())
+            logger.info("%s carried %d connection(s), %d B up, %d B down", link, connections, up, down)
+            assert connections >= 1 and up > 0 and down > 0, link
+
+    assert store.read_config()["status"] == "finished"
+    accepted = [r for r in read_receipts(store.path / RECEIVED_FILE) if r["accepted"] and r["phase"] == "train"]
+    # Exactly once: no message id twice, no site twice in a round; every site, site-c included, took part.
+    assert len({r["message_id"] for r in accepted}) == len(accepted)
+    per_round = Counter((r["round"], r["site"]) for r in accepted)
+    assert max(per_round.values()) == 1 and {rnd for rnd, _ in per_round} == set(range(1, WAN_ROUNDS + 1))
+    assert {site for _, site in per_round} == SITES
+    # The freeze fell inside a round, which waited for site-c's reply (no round-deadline) and then went on.
+    train = {r["round"]: r for r in store.read_metrics() if r["phase"] == "train" and r["site"] == GLOBAL_SITE}
+    assert max(r["seconds"] for rnd, r in train.items() if rnd >= 2) >= PARTITION_S - 2, train
 
 
 @pytest.fixture(scope="module")

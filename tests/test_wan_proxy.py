@@ -7,15 +7,22 @@ with bounds wide enough for a loaded 2-core machine but tight enough that a prox
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from deploy.wan.proxy import PRESETS, LinkProfile, ProxyThread, TokenBucket, build_parser, profile
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -155,3 +162,45 @@ def test_profiles_are_validated_and_named() -> None:
         ["--listen", "127.0.0.1:1", "--upstream", "h:2", "--rtt-ms", "80", "--partition", "10:20"]
     )
     assert (args.rtt_ms, args.upstream, args.partition) == (80.0, ("h", 2), [(10.0, 20.0)])
+
+
+def test_the_command_carries_a_connection_and_reports_its_totals_on_sigterm(echo: tuple[str, int]) -> None:
+    """``python -m deploy.wan.proxy`` as a container runs it: SIGTERM (``docker stop``) ends it with its totals."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # a free port for the proxy to listen on
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deploy.wan.proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            f"{echo[0]}:{echo[1]}",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the proxy did not start listening"
+                time.sleep(0.1)
+        with sock:
+            sock.sendall(b"x" * 1000)
+            got = b""
+            while len(got) < 1000:
+                got += sock.recv(65536)
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log
+    assert re.search(
+        r"link proxy stopped: 1 connection\(s\), 0 refused, 0 reset, 0 stall\(s\); 1000 B up .*, 1000 B down", log
+    ), log

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -382,13 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(args: argparse.Namespace, link: LinkProfile) -> None:
+async def _serve(args: argparse.Namespace, link: LinkProfile) -> Counters:
+    """Carry connections until SIGTERM or SIGINT (``docker stop``, Ctrl-C); what went through, for the log."""
     proxy = FaultProxy(args.upstream, link, args.listen, args.seed)
     await proxy.start()
     loop = asyncio.get_running_loop()
     for at, seconds in args.partition:
         loop.call_later(at, proxy.partition, seconds, args.partition_mode)
-    await asyncio.Event().wait()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await proxy.stop()
+    return proxy.counters
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -402,10 +409,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if netem_available():
         logger.info("this kernel has sch_netem; the proxy still emulates the link in user space")
-    try:
-        asyncio.run(_serve(args, link))
-    except KeyboardInterrupt:
-        pass
+    counters = asyncio.run(_serve(args, link))
+    # One line an operator (or tests/test_compose.py) reads to see that the site's traffic went this way.
+    logger.info(
+        "link proxy stopped: %d connection(s), %d refused, %d reset, %d stall(s); %d B up (site -> upstream), "
+        "%d B down",
+        counters.connections,
+        counters.refused,
+        counters.resets,
+        counters.stalls,
+        counters.bytes_up,
+        counters.bytes_down,
+    )
     return 0
 
 
