@@ -112,6 +112,11 @@ def kill_tree(process: subprocess.Popen[bytes]) -> set[int]:
             except ProcessLookupError:
                 pass
     process.wait(timeout=30)
+    # SIGKILL is not instant: a large (torch) process takes a moment to tear down after it. Callers check
+    # that nothing survived, so wait for the teardown (fresh-clone CI once saw one still exiting).
+    deadline = time.monotonic() + 10
+    while killed & _processes().keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return killed
 
 
