@@ -7,8 +7,8 @@ what the rest of the round costs it (the reply's arrival time minus ``compute-se
 transport; a node's first reply, in time or late, also holds its start-up, so overhead is learnt from
 its next reply in time, and until then taken to be the other nodes' median), and gives it, for the next
 round, the steps that fit in :data:`SAFETY` of the deadline, never more than ``local-steps`` nor fewer
-than one. A site that misses the deadline before any measurement of it
-arrives has its steps halved; every reply in time lets them double again, up to what its measurement allows.
+than one. A site that misses the deadline before any measurement of it arrives has its steps halved;
+every reply in time lets them double again, up to what its measurement allows.
 """
 
 from __future__ import annotations
