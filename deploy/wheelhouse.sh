@@ -44,7 +44,7 @@ PY
 "$PYTHON" -m pip freeze --all --exclude-editable 2>/dev/null \
     | grep -viE '^(fedsense|pip|-e )' | grep -v ' @ ' >"$STAGE/constraints.txt"
 grep -iE '^setuptools==' "$STAGE/constraints.txt" >"$STAGE/build-requirements.txt" \
-    || echo 'setuptools>=68' >"$STAGE/build-requirements.txt"
+    || echo 'setuptools>=77' >"$STAGE/build-requirements.txt"
 
 STAMP="$(cat "$STAGE"/*.txt | sha256sum | cut -d' ' -f1)"
 if [[ "${FORCE:-0}" != 1 && -f "$OUT/.stamp" && "$(cat "$OUT/.stamp")" == "$STAMP" ]]; then
