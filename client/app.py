@@ -24,6 +24,7 @@ from client.site_context import site_context
 from client.site_errors import site_named_errors_mod
 from client.site_state import SavedState, SiteMemory
 from client.transport import packed_transport_mod
+from common.config_layers import updated
 from common.data.loaders import make_loader
 from common.device import resolve_device, use_cpu_allotment
 from common.errors import ConfigError
@@ -98,7 +99,9 @@ def train(msg: Message, context: Context) -> Message:
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
     if LOCAL_STEPS in msg.content["config"]:
         # adaptive-local-steps: the server gives a slow site fewer steps, so it replies by the round's deadline.
-        run = run.model_copy(update={"local_steps": int(cast(int, msg.content["config"][LOCAL_STEPS]))})
+        run = updated(
+            run, "server (adaptive local steps)", local_steps=int(cast(int, msg.content["config"][LOCAL_STEPS]))
+        )
     clock.setup_done()
     monitor = site_monitor()
     monitor.watch(datasets)

@@ -29,8 +29,8 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, pa
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.site_context import site_context
 from common.distributed_dp import clip_and_add_noise_share
-from common.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    run = RunConfig.from_flat(dict(context.run_config))
+    run = site_context(context).run  # built once per run by the train handler that just answered
     metrics: dict[str, Any] = dict(reply.content["metrics"])
     site = reply.content["site"]
     trained = reply.content.array_records.get("arrays")
