@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from common.command import OutputConsole
 from common.config import SiteConfig, load_site_config
 from common.data.dataset import SiteDataset
 from common.data.kinds import dataset_kind
@@ -320,9 +320,9 @@ def _manifest_files(
 
 def print_report(report: CheckReport, out: TextIO | None = None) -> None:
     """The report as rich tables, verdict last."""
-    console = Console(file=out or sys.stdout)
+    console = OutputConsole(file=out or sys.stdout)
     if not console.is_terminal:  # a file or pipe: wide enough that site names and contrasts stay whole
-        console = Console(file=console.file, width=120)
+        console = OutputConsole(file=console.file, width=120)
     console.print(f"[bold]{report.site}[/bold] ({report.dataset})  [dim]{escape(str(report.data_path))}[/dim]")
     contrasts = sorted({c for counts in report.slices.values() for c in counts})
     if contrasts:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from common.command import nonnegative_int, positive_float, positive_int, run_command
+from common.command import CommandParser, nonnegative_int, positive_float, positive_int, run_command
 from common.errors import FedSenseError
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by --help
@@ -120,7 +120,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: argparse._SubParsersAction[CommandParser]) -> None:
     """Register ``evaluate``, ``reconstruct`` and ``client`` on a ``fedsense`` subparser set."""
     p = sub.add_parser("evaluate", help="score an exported model and baselines on this site's own data")
     p.add_argument("--model", required=True, type=Path, help="exported model folder (fedsense export)")
@@ -179,7 +179,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsense", description="FedSense site-side commands.")
+    parser = CommandParser(prog="fedsense", description="FedSense site-side commands.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_commands(parser.add_subparsers(dest="command", required=True))
     return parser

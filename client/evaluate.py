@@ -23,8 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor, nn
 
+from common.command import OutputConsole
 from common.cs import l1_wavelet_sense
-from common.data.loaders import load_site, make_loader
+from common.data.loaders import empty_split_error, load_site, make_loader
 from common.errors import ConfigError
 from common.training import Batch, evaluate
 
@@ -117,6 +118,9 @@ def evaluate_sites(
     for name in baselines:
         methods.append((name, None if name == "zero-filled" else CSRecon()))
     sites = [load_site(str(path)) for path in site_configs]
+    for _, datasets in sites:  # every site's split, before the first score is spent on another site
+        if len(datasets[split]) == 0:
+            raise empty_split_error(datasets[split])
     total = sum(min(len(d[split]), max_slices or len(d[split])) for _, d in sites) * len(methods)
     scores: list[Score] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -225,4 +229,4 @@ def render(table_rows: Sequence[dict[str, Any]], fmt: str, stream: TextIO, title
             value = row[key]
             cells.append("–" if value is None else _FORMATS[key].format(value))
         table.add_row(*cells, style="bold" if row["site"] == ALL_SITES else None)
-    Console(file=stream).print(table)
+    OutputConsole(file=stream).print(table)

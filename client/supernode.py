@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from client.monitoring import serve_site_metrics
 from client.supernode_poll import parse_poll_interval, superexec_env
-from common.command import port_number
+from common.command import CommandParser, port_number
 from common.errors import ConfigError, FedSenseError
 
 logger = logging.getLogger(__name__)
@@ -124,9 +124,9 @@ def build_superexec_command(runtime_port: int | None, supernode_pid: int) -> lis
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
     """Arguments of ``fedsense client`` / ``python -m client.supernode``."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fedsense client", description="Join the federation as this site's SuperNode (outbound HTTPS only)."
     )
     parser.add_argument("--superlink", required=True, help="SuperLink Fleet API address, HOST:PORT")

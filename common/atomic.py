@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from common.errors import FedSenseError
+
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write via ``.NAME.tmp`` in the same directory, fsync, then ``os.replace`` onto ``path``.
@@ -28,8 +30,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        named = os_error_at(exc, tmp, path)
+        if named is not None:
+            raise named from exc
         raise
     fsync_dir(path.parent)
 
@@ -51,8 +56,8 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
@@ -65,11 +70,49 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
         elif target.exists():
             target.rmdir()
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        named = os_error_at(exc, tmp, target)
+        if named is not None:
+            raise named from exc
         raise
     shutil.rmtree(old, ignore_errors=True)
     fsync_dir(target.parent)
+
+
+def os_error_at(exc: BaseException, tmp: Path, target: Path) -> OSError | None:
+    """``exc`` naming the user's ``target`` instead of no file or the temporary ``tmp`` it was written as;
+    None: leave ``exc`` as it is (not the file system's, or it names other files already).
+
+    ``write()`` on a full disk names no file, and h5py's errors pack theirs into a multi-line dump: the user
+    would read only "File too large", or a hidden ``.NAME.tmp`` they never asked for. The new error names
+    ``target`` (or the file under it whose temporary twin failed) with the system's short reason, and keeps
+    the errno, so it is the same OSError subclass.
+    """
+    cause: BaseException | None = exc
+    for _ in range(8):  # h5py raises a RuntimeError while closing, during the OSError of the write itself
+        if not isinstance(cause, Exception) or isinstance(cause, (OSError, FedSenseError)):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, OSError):
+        return None
+
+    def at_target(name: object) -> str | None:
+        if not isinstance(name, (str, bytes)):
+            return None
+        try:
+            return str(target / Path(os.fsdecode(name)).relative_to(tmp))
+        except ValueError:
+            return None
+
+    names = [cause.filename, cause.filename2]
+    moved = [at_target(name) for name in names]
+    if any(name is not None for name in names) and not any(moved):
+        return None
+    first = moved[0] or (str(cause.filename) if cause.filename is not None else str(target))
+    second = moved[1] or cause.filename2
+    reason = os.strerror(cause.errno) if cause.errno else (cause.strerror or str(cause)).splitlines()[0]
+    return OSError(cause.errno, reason, first, None, second)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -20,7 +20,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
-from typing import TypeVar
+from typing import NoReturn, TypeVar
+
+from rich.console import Console
 
 from common.errors import FedSenseError, OutputError
 
@@ -33,6 +35,29 @@ EXIT_SITE_FAILED = 5
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
+
+
+class OutputConsole(Console):
+    """A rich console for a command's output: a reader that went away is a broken pipe for the error boundary.
+
+    rich's own handling exits with status 1 (``SystemExit``), so ``fedsense metrics show RUN | head`` would
+    look like a failure instead of the documented 141.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line, like every other error (README "Exit codes").
+
+    argparse prints the whole usage block above the message; here the message names the command and
+    points at its ``--help``. Subcommand parsers inherit the class (``add_subparsers`` uses the parent's).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -56,13 +81,21 @@ def _version() -> str:
 
 
 def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--debug`` and ``--version``, and make every (sub)command's ``--help`` show the defaults."""
+    """Add ``--debug`` and ``--version``, and make every (sub)command's ``--help`` show the defaults.
+
+    ``--debug`` is accepted before or after the subcommand (an error's message says "rerun with --debug", and
+    users add it at the end); a subcommand's copy has no default, so it never resets one given before.
+    """
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     stack = [parser]
     while stack:
         current = stack.pop()
         current.formatter_class = DefaultsHelpFormatter
+        if current is not parser and "--debug" not in current._option_string_actions:
+            current.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+            )
         for action in current._actions:
             if (
                 action.help is None

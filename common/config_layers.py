@@ -40,6 +40,21 @@ USER_SOURCES = (RUN_FILE, COMMAND_LINE, SET)
 NODE_MINIMA = ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes")
 
 
+#: The run options of the command line (argparse dest) and the run-config key each sets.
+OPTION_KEYS = (
+    ("rounds", "num-server-rounds"),
+    ("strategy", "strategy"),
+    ("mu", "proximal-mu"),
+    ("model", "model"),
+    ("run_dir", "run-dir"),
+    ("local_steps", "local-steps"),
+    ("name", "name"),
+    ("seed", "seed"),
+    ("tracking", "tracking"),
+    ("tracking_uri", "tracking-uri"),
+)
+
+
 def run_config_keys() -> list[str]:
     """Every run-config key, dashed as in TOML."""
     return [name.replace("_", "-") for name in RunConfig.model_fields]
@@ -58,7 +73,8 @@ def check_keys(values: Mapping[str, Any], source: str) -> None:
     known = run_config_keys()
     for key in values:
         if key not in known:
-            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            option = dict(OPTION_KEYS).get(key.replace("-", "_"))
+            near = [option] if option else difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(near)}?" if near else "see [tool.flwr.app.config] in pyproject.toml"
             raise ConfigError(f"{source} {key}: no such run-config key; {hint}")
 

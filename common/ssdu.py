@@ -254,7 +254,9 @@ def heldout_loss(
         if max_slices and count >= max_slices:
             break
     if count == 0:
-        raise ValueError("evaluation loader yielded no slice (empty split)")
+        from common.data.loaders import empty_split_error  # the data layer, loaded only for this error
+
+        raise empty_split_error(loader)
     if not math.isfinite(total):
         logger.warning("held-out SSDU loss is not finite (%s)", total)
     return total / count, count, len(volumes)

@@ -270,7 +270,9 @@ def evaluate(
         if max_slices and n_slices >= max_slices:
             break
     if n_slices == 0:
-        raise ValueError("evaluation loader yielded no slice (empty split)")
+        from common.data.loaders import empty_split_error  # the data layer, loaded only for this error
+
+        raise empty_split_error(loader)
     per_volume: dict[str, list[float]] = defaultdict(list)
     for key in preds:
         order = sorted(preds[key])

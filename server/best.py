@@ -9,10 +9,12 @@ which keeps ``best.json`` in the run directory pointing at that round's checkpoi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +111,22 @@ def read_best(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def export_command(run_dir: str | Path, best: dict[str, Any] | None) -> str:
-    """The ``fedsense export`` line for the best round (the last one when there is no best.json)."""
+    """The ``fedsense export`` line for the best round (the last one when there is no best.json).
+
+    Its ``--out`` is a folder that does not exist yet in the current directory (``model/``, else ``model-2/``, ...):
+    export refuses an existing one, and ``--overwrite`` would replace a model exported earlier, perhaps of another
+    run or round, that the user may still want; a new folder works as written and loses nothing.
+    """
     which = "best" if best is not None else "last"
-    return f"fedsense export {shlex.quote(str(run_dir))} --round {which} --out model/"
+    out = next(name for name in _model_folders() if not os.path.lexists(name))
+    return f"fedsense export {shlex.quote(str(run_dir))} --round {which} --out {out}/"
+
+
+def _model_folders() -> Iterator[str]:
+    """``model``, ``model-2``, ``model-3``, ...: the names :func:`export_command` suggests, in order."""
+    yield "model"
+    for number in itertools.count(2):
+        yield f"model-{number}"
 
 
 def best_summary(best: dict[str, Any] | None) -> str | None:

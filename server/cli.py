@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.command import (
     EXIT_SITE_FAILED,
+    CommandParser,
     nonnegative_float,
     nonnegative_int,
     port_number,
@@ -24,6 +26,8 @@ from common.registry import BASELINES, MODELS, STRATEGIES
 if TYPE_CHECKING:
     from common.runconfig import RunConfig
     from server.store import RunDir
+
+logger = logging.getLogger(__name__)
 
 
 # Site-side subcommands live in client/cli.py; they are handed over by module name (as Flower loads
@@ -52,21 +56,6 @@ def _parse_set(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-#: The run options of the command line and the run-config key each sets.
-OPTION_KEYS = (
-    ("rounds", "num-server-rounds"),
-    ("strategy", "strategy"),
-    ("mu", "proximal-mu"),
-    ("model", "model"),
-    ("run_dir", "run-dir"),
-    ("local_steps", "local-steps"),
-    ("name", "name"),
-    ("seed", "seed"),
-    ("tracking", "tracking"),
-    ("tracking_uri", "tracking-uri"),
-)
-
-
 def _run_config(
     args: argparse.Namespace, defaults: dict[str, Any], derive: Callable[[Mapping[str, Any]], Mapping[str, Any]]
 ) -> RunConfig:
@@ -74,7 +63,9 @@ def _run_config(
     command-line options < --set; ``derive`` gives the values that follow from the others (the run dir)."""
     from common import config_layers as layers
 
-    options = {key: getattr(args, option) for option, key in OPTION_KEYS if getattr(args, option, None) is not None}
+    options = {
+        key: getattr(args, option) for option, key in layers.OPTION_KEYS if getattr(args, option, None) is not None
+    }
     sources = {
         layers.PYPROJECT: defaults,
         layers.RUN_FILE: layers.read_run_file(Path(args.run_file)) if args.run_file else {},
@@ -84,9 +75,10 @@ def _run_config(
     return layers.resolve(sources, site_count=len(args.sites), derive=derive).run
 
 
-def _claim_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> None:
+def _claim_run_dir(run: RunConfig, resume: bool, overwrite: bool, continuable: bool = False) -> None:
     """Before any data is read: the run directory is no site config or data folder, nor holds or lies in one,
-    and an earlier run there is continued (``resume``) or replaced only with ``--overwrite``."""
+    and an earlier run there is continued (``resume``) or replaced only with ``--overwrite`` (``continuable``: a
+    refusal may suggest ``resume=true``)."""
     from common.config import load_site_config
     from common.outputs import check_not_input
     from server.store import RunDir
@@ -98,7 +90,7 @@ def _claim_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> None:
         except FedSenseError:
             pass  # the site checks that follow name what is wrong with it
     check_not_input(Path(run.run_dir), inputs, "--run-dir")
-    RunDir(run.run_dir).check_fresh(resume, overwrite)
+    RunDir(run.run_dir).check_fresh(resume, overwrite, continuable)
 
 
 def _app_defaults() -> dict[str, Any]:
@@ -106,6 +98,22 @@ def _app_defaults() -> dict[str, Any]:
     from server.simulate import find_project_dir
 
     return pyproject_values(find_project_dir())
+
+
+def _show_run_defaults(p: argparse.ArgumentParser) -> None:
+    """Name, in ``--help``, the default each run option takes from pyproject's run config (its own is None)."""
+    from common.config_layers import OPTION_KEYS
+
+    try:
+        defaults = _app_defaults()
+    except (OSError, FedSenseError) as exc:  # help must still work; the run itself will say what is missing
+        logger.debug("run-config defaults unavailable for --help: %s", exc)
+        return
+    for action in p._actions:
+        key = dict(OPTION_KEYS).get(action.dest)
+        if key in defaults and action.default is None and "default" not in (action.help or ""):
+            shown = (str(defaults[key]) or "''").replace("%", "%%")
+            action.help = f"{action.help or ''} (default: {shown}, run-config key {key})".lstrip()
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -142,22 +150,43 @@ def _site_places(run: RunConfig) -> dict[str, list[Path]]:
     return places
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def _add_data_check_option(p: argparse.ArgumentParser) -> None:
+    """The override of :func:`_check_sites_ready`, the same for every command that starts a run."""
+    p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="start even if a site fails the `fedsense data check` readiness test run first",
+    )
+
+
+def _check_sites_ready(run: RunConfig, skip_data_check: bool, report: Callable[[str], None]) -> None:
+    """Every site config, then (unless skipped) every site's data, before the run directory is created: a site
+    that cannot train or be evaluated is refused now, not after a failed run was left behind."""
     from common.preflight import check_sites
     from server.readiness import check_readiness
+
+    check_sites(run.site_list)  # every config problem at once, before any data is read
+    if not skip_data_check:
+        check_readiness(run.site_list, report)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulate import SimResources, simulate
     from server.site_errors import (
         finished_without,
         missed_phases,
         reporting_site_errors,
     )
+    from server.store import RunDir
 
     run = _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{flat['name']}"})
-    _claim_run_dir(run, run.resume, args.overwrite)
+    # resume = true (the default) continues a federated run that did not finish, or a finished one asked for more
+    # rounds; any other run or a baseline there is refused as `fedsense baseline` refuses one, before any data
+    # is read (--overwrite replaces it).
+    continuable = not args.overwrite and _continues(RunDir(run.run_dir), baseline=None, rounds=run.num_server_rounds)
+    _claim_run_dir(run, run.resume and continuable, args.overwrite, continuable)
     report = lambda line: print(line, flush=True)  # noqa: E731
-    check_sites(run.site_list)  # every config problem at once, before any data is read
-    if not args.skip_data_check:
-        check_readiness(run.site_list, report)
+    _check_sites_ready(run, args.skip_data_check, report)
     resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
     places = _site_places(run)
     with reporting_site_errors(Path(run.run_dir) / "flower.log", places, report) as site_errors:
@@ -179,12 +208,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted_baseline(store: RunDir, kind: str) -> bool:
-    """Whether ``store`` holds a ``kind`` baseline stopped by a signal (a resume continues it)."""
+def _continues(store: RunDir, baseline: str | None, rounds: int | None = None) -> bool:
+    """Whether the same command continues the run in ``store`` (else it needs ``--overwrite``).
+
+    ``baseline``: a baseline of that kind continues only after a signal stopped it; ``None`` (``simulate``): a
+    federated run continues unless it finished (a failed or crashed one resumes from its last checkpoint); a
+    finished one continues only to train more ``rounds`` than it ran (re-running it as it was would only print
+    the old results).
+    """
     if not store.config_path.is_file():
         return False
     config = store.read_config()
-    return config.get("status") == "interrupted" and config.get("baseline") == kind
+    if config.get("baseline") != baseline:
+        return False  # a run of another kind: resuming it would mix two runs
+    if baseline is None:
+        if config.get("status") in ("finished", "finished-without-sites"):
+            return rounds is not None and rounds > int(config.get("num-server-rounds", 0))
+        return True
+    return config.get("status") == "interrupted"
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
@@ -195,8 +236,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     run = _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{args.kind}", "name": args.kind})
     # The same command after Ctrl-C continues the interrupted baseline; a finished one needs --overwrite.
-    resume = not args.overwrite and _interrupted_baseline(RunDir(run.run_dir), args.kind)
+    resume = not args.overwrite and _continues(RunDir(run.run_dir), args.kind)
     _claim_run_dir(run, resume=resume, overwrite=args.overwrite)
+    _check_sites_ready(run, args.skip_data_check, lambda line: print(line, flush=True))
     baseline = Baseline(args.kind, run)
     print(
         f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}"
@@ -328,9 +370,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedsense", description="Federated compressed-sensing MRI reconstruction on Flower."
-    )
+    parser = CommandParser(prog="fedsense", description="Federated compressed-sensing MRI reconstruction on Flower.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -342,16 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="run the simulated sites on this existing Ray cluster (HOST:PORT of its head)")
     p.add_argument("--client-cpus", type=positive_int, help="CPUs per simulated site (Flower's default: 2)")
     p.add_argument("--client-gpus", type=nonnegative_float, help="GPUs (or fractions) per simulated site (default: 0)")
-    p.add_argument(
-        "--skip-data-check",
-        action="store_true",
-        help="start even if a site fails the `fedsense data check` readiness test run first",
-    )
+    _add_data_check_option(p)
+    _show_run_defaults(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("baseline", help=f"a baseline on the same sites: {', '.join(BASELINES)}")
     p.add_argument("kind", choices=BASELINES)
     _add_run_options(p)
+    _add_data_check_option(p)
+    _show_run_defaults(p)
     p.set_defaults(func=cmd_baseline)
 
     data = sub.add_parser("data", help="site data tools").add_subparsers(dest="data_command", required=True)

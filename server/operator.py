@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.command import CommandParser
 from common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ def run_flwr(front_door: str, context: ssl.SSLContext, flwr_args: Sequence[str])
         shutil.rmtree(home, ignore_errors=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsense operator", description=__doc__.splitlines()[0])
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="fedsense operator", description=__doc__.splitlines()[0])
     parser.add_argument("--front-door", required=True, help="HOST:PORT of the federation's front door")
     parser.add_argument("--root-cert", required=True, type=Path, help="the federation CA certificate (ca.crt)")
     parser.add_argument(

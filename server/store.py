@@ -9,6 +9,7 @@ same directory while a run is still going, so every file that is rewritten goes 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -243,7 +244,7 @@ class RunDir:
             keys = set(RESUME_IDENTITY_KEYS) & stored.keys()
         else:
             keys = (stored.keys() | new.keys()) - NON_IDENTITY_KEYS
-        changed = sorted(k for k in keys if stored.get(k) != new.get(k))
+        changed = sorted(k for k in keys if _identity_value(k, stored.get(k)) != _identity_value(k, new.get(k)))
         if not changed:
             if not resume:
                 logger.warning("%s: restarting the same run config without resume", self.path)
@@ -259,17 +260,22 @@ class RunDir:
             "choose another run directory or resume"
         )
 
-    def check_fresh(self, resume: bool, overwrite: bool) -> None:
+    def check_fresh(self, resume: bool, overwrite: bool, continuable: bool = False) -> None:
         """Refuse to start a new run over an earlier one unless it is resumed or ``overwrite`` is given;
-        with ``overwrite`` the earlier run's own files (:data:`RUN_ENTRIES`) are removed first."""
+        with ``overwrite`` the earlier run's own files (:data:`RUN_ENTRIES`) are removed first.
+
+        ``continuable``: the refused command would continue the earlier run with ``resume=true``; only then
+        does the refusal suggest it (a finished run, or one of another kind, cannot be continued).
+        """
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"--run-dir: {self.path} is an existing file, not a folder")
         if resume or not self.config_path.exists():
             return
         if not overwrite:
+            continue_it = "--set resume=true to continue it, " if continuable else ""
             raise OutputError(
-                f"--run-dir: {self.path} holds an earlier run; pass --overwrite to replace it, "
-                "--set resume=true to continue it, or choose another --run-dir"
+                f"--run-dir: {self.path} holds an earlier run; pass --overwrite to replace it, {continue_it}"
+                f"or choose another --run-dir{self._what_run()}"
             )
         for name in RUN_ENTRIES:
             entry = self.path / name
@@ -277,6 +283,16 @@ class RunDir:
                 shutil.rmtree(entry)
             else:
                 entry.unlink(missing_ok=True)
+
+    def _what_run(self) -> str:
+        """`` (a centralized baseline, finished)``: which run a refusal is about; empty where config.json is unreadable
+        (the refusal itself still holds)."""
+        try:
+            config = self.read_config()
+        except FedSenseError:
+            return ""
+        kind = f"a {config['baseline']} baseline" if config.get("baseline") else "a federated run"
+        return f" ({kind}, {config.get('status', 'status unknown')})"
 
     def check_writable(self) -> None:
         """Create the directory and prove this process can write in it, or say how to fix it.
@@ -292,14 +308,29 @@ class RunDir:
             probe.unlink()
             for sub in (self.config_path, self.metrics_path, self.checkpoint_dir):
                 if sub.exists() and not os.access(sub, os.W_OK):
-                    raise PermissionError(f"{sub} is not writable")
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(sub))
         except OSError as exc:
-            owner = _owner_of(self.path)
-            raise FedSenseError(
-                f"{self.path}: run directory is not writable by uid {os.getuid()} ({owner}): {exc}. Fix: "
-                f"`sudo chown -R {os.getuid()}:{os.getgid()} {self.path}`, or choose another run directory "
-                "(--run-dir / run-dir)"
-            ) from exc
+            raise self._not_writable(exc) from exc
+
+    def _not_writable(self, exc: OSError) -> OSError:
+        """:meth:`check_writable`'s refusal: still an OSError (the file system said no, exit 4), naming the folder
+        or file that refused and a fix that helps there: a chown where another user owns it, a chmod where its
+        mode forbids writing; else (a read-only file system, a file in the way) only another run directory."""
+        failed = Path(os.fsdecode(exc.filename)) if isinstance(exc.filename, (str, bytes)) else self.path
+        blocker = next((p for p in (failed, *failed.parents) if p.exists()), None)
+        uid, gid = os.getuid(), os.getgid()
+        fix = ""
+        if blocker is not None and exc.errno in (errno.EACCES, errno.EPERM):
+            inside = blocker == self.path or self.path in blocker.parents  # then fix the whole run directory
+            if blocker.stat().st_uid != uid:
+                fix = f"`sudo chown {'-R ' if inside else ''}{uid}:{gid} {self.path if inside else blocker}`, or "
+            else:
+                fix = f"`chmod {'-R ' if inside else ''}u+w {self.path if inside else blocker}`, or "
+        return OSError(
+            exc.errno,
+            f"{self.path}: run directory is not writable by uid {uid} ({_owner_of(failed)}): "
+            f"{exc.strerror or exc}. Fix: {fix}choose another run directory (--run-dir / run-dir)",
+        )
 
     def set_status(self, status: str, **extra: Any) -> None:
         """Record the run's status; ``extra`` (e.g. ``error=...``) goes under ``status_detail``.
@@ -587,6 +618,14 @@ class RunDir:
                 raise DataError(f"{source / f'round-{round:04d}' / site}.npz: misses {', '.join(missing)}")
             sites[site] = SiteSamples(**{k: arrays[k] for k in (*_SAMPLE_ARRAYS, "psnr", "ssim")})
         return Samples(round=round, sites=sites, path=source / f"round-{round:04d}")
+
+
+def _identity_value(key: str, value: Any) -> Any:
+    """``value`` as a run's identity compares it: site configs by resolved path, so that ``demo/a.toml`` and
+    ``/data/demo/a.toml`` are the same site (a baseline records the paths as given, simulate resolves them)."""
+    if key == "sites" and isinstance(value, str):
+        return [str(Path(site.strip()).resolve()) for site in value.split(",") if site.strip()]
+    return value
 
 
 def _numbered_files(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:

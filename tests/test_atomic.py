@@ -36,3 +36,23 @@ def test_a_leftover_temp_from_a_crash_is_discarded(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "model") as tmp:
         (tmp / "new.bin").write_bytes(b"new")
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["new.bin"]
+
+
+def test_a_write_error_names_the_target_not_the_temp_or_nothing(tmp_path: Path) -> None:
+    """``write()`` on a full disk names no file, an error in the temp folder names ``.NAME.tmp``: the user reads
+    the path they asked for, with the same errno (the same OSError subclass)."""
+    import errno
+
+    from common.atomic import atomic_write
+
+    def disk_full(stream: object) -> None:
+        raise OSError(errno.EFBIG, "a library's long account of it\nover two lines")
+
+    with pytest.raises(OSError, match="File too large") as caught:
+        atomic_write(tmp_path / "figure.png", disk_full)
+    assert (caught.value.errno, caught.value.filename) == (errno.EFBIG, str(tmp_path / "figure.png"))
+    with pytest.raises(PermissionError) as denied:
+        with atomic_dir(tmp_path / "model") as tmp:
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "weights" / "w.bin"))
+    assert denied.value.filename == str(tmp_path / "model" / "weights" / "w.bin")
+    assert list(tmp_path.iterdir()) == []

@@ -130,7 +130,7 @@ def test_an_interrupted_baseline_resumes_after_its_last_complete_round(
     detail = stopped.read_config()["status_detail"]
     assert stopped.read_config()["status"] == "interrupted" and detail["last_complete_round"] == 1
     kept = stopped.checkpoint_path(1).stat().st_mtime_ns
-    assert cli._interrupted_baseline(stopped, kind) and not cli._interrupted_baseline(stopped, "zero-filled")
+    assert cli._continues(stopped, kind) and not cli._continues(stopped, "zero-filled")
 
     trained: list[int] = []
     real_train = baseline.train
@@ -141,7 +141,7 @@ def test_an_interrupted_baseline_resumes_after_its_last_complete_round(
     )
     resumed = Baseline(kind, config(tmp_path / "stopped")).execute(resume=True)
     assert resumed.read_config()["status"] == "finished"
-    assert not cli._interrupted_baseline(resumed, kind)
+    assert not cli._continues(resumed, kind)
     assert sorted(set(trained)) == [2] and stopped.checkpoint_path(1).stat().st_mtime_ns == kept
     final, reference = resumed.load_checkpoint(2)["state_dict"], straight.load_checkpoint(2)["state_dict"]
     assert final.keys() == reference.keys()

@@ -64,6 +64,22 @@ def test_table_and_dashboard_show_best_round_and_export_command(run: RunDir) -> 
     assert config["export_command"].endswith("--round best --out model/")
 
 
+def test_the_export_hint_never_names_an_existing_folder(
+    run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export refuses an existing ``--out``: after one export to model/ the hint moves on to a new folder."""
+    run.checkpoint_dir.mkdir()
+    (run.checkpoint_dir / "round-0003.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert "--round last --out model/" in " ".join(_table(run).split())
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"exported earlier")
+    assert f"fedsense export {run.path} --round last --out model-2/" in " ".join(_table(run).split())
+    (tmp_path / "model-2").write_text("a file in the way")
+    text = " ".join(_table(run).split())
+    assert "--out model-3/" in text and "--overwrite" not in text
+
+
 def test_a_broken_best_json_is_named(run: RunDir) -> None:
     (run.path / "best.json").write_text('{"round": "two"}')
     with pytest.raises(FedSenseError, match=r"best.json: needs round"):

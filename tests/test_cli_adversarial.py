@@ -289,6 +289,20 @@ def test_bad_numbers_typos_and_missing_arguments_are_one_line(
     refused(fedsense(capsys, "reconstruct", "--model", world["model"]), EXIT_USAGE, "inputs")
     refused(fedsense(capsys, "data", "check", tmp_path / "ghost.toml"), EXIT_USAGE, tmp_path / "ghost.toml")
     refused(fedsense(capsys, "dashboard", world["run"], "--port", "70000"), EXIT_USAGE, "--port: must be <= 65535")
+    refused(
+        fedsense(capsys, "simulate", "--sites", *sites, "--set", "rounds=3"),
+        EXIT_USAGE,
+        "--set rounds: no such run-config key; did you mean num-server-rounds?",
+    )
+    code, out, err = fedsense(capsys, "simulate", "--rounds", "2")  # --sites missing: argparse's own error
+    assert code == EXIT_USAGE and out == "", (code, out, err)
+    assert err.splitlines() == [
+        "fedsense simulate: error: the following arguments are required: --sites (see `fedsense simulate --help`)"
+    ]
+    simulate_help = " ".join(fedsense(capsys, "simulate", "--help")[1].split())
+    assert "(default: 3, run-config key num-server-rounds)" in simulate_help  # pyproject's, not argparse's None
+    assert "(default: fedprox, run-config key strategy)" in simulate_help
+    assert "(default: 0, run-config key seed)" in " ".join(fedsense(capsys, "baseline", "--help")[1].split())
     assert fedsense(capsys, "--version")[1].startswith("fedsense ")
     assert "--batch-size BATCH_SIZE (default: 4)" in " ".join(fedsense(capsys, "evaluate", "--help")[1].split())
     assert "(>= 16) (default: 128)" in " ".join(fedsense(capsys, "data", "demo", "--help")[1].split())
@@ -323,6 +337,24 @@ def test_a_baseline_into_an_existing_run_is_refused_before_it_trains(
         EXIT_OUTPUT,
         "contains the input",
     )
+
+
+def test_simulate_into_a_finished_baseline_is_refused_as_baseline_refuses_it(
+    world: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an attempt to resume the baseline as a federated run (``cannot resume: … differs in …``), whether the
+    sites are given as the baseline had them (absolute) or relative to the current directory."""
+    monkeypatch.chdir(world["sites"])
+    absolute = sorted(map(str, world["sites"].glob("*.toml")))
+    for sites in (absolute, [Path(site).name for site in absolute]):
+        code, out, err = fedsense(capsys, "simulate", "--sites", *sites, "--rounds", "1", "--run-dir", world["run"])
+        refused(
+            (code, out, err),
+            EXIT_OUTPUT,
+            f"--run-dir: {world['run']} holds an earlier run; pass --overwrite to replace it, or choose another "
+            "--run-dir (a centralized baseline, finished)",
+        )
+        assert "cannot resume" not in err and "READY" not in out  # refused before any site's data is read
 
 
 def _limit_file_size() -> None:
@@ -363,6 +395,28 @@ def test_full_disk_and_closed_pipe_in_real_processes(world: dict[str, Path], tmp
     show.stdout.close()  # the reader is gone before the table is written, as with a quick `| head`
     err = show.stderr.read().decode()
     assert show.wait(timeout=120) == EXIT_BROKEN_PIPE and err == "", err
+    # The rich table too (rich's own broken-pipe handling exits 1).
+    table = subprocess.run(
+        f"{FEDSENSE} metrics show {world['run']} | head -c 1 >/dev/null; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert table.returncode == EXIT_BROKEN_PIPE and table.stderr == "", (table.returncode, table.stderr)
+    # --debug after the subcommand (where users add it when an error says "rerun with --debug").
+    debug = subprocess.run(
+        [str(FEDSENSE), "metrics", "show", str(tmp_path / "ghost"), "--debug"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert debug.returncode == EXIT_USAGE and "Traceback" in debug.stderr and "ghost" in debug.stderr, debug.stderr
 
 
 def _as_unprivileged() -> list[str]:
@@ -417,3 +471,144 @@ def test_unreadable_inputs_and_read_only_outputs_are_one_line(world: dict[str, P
         toml.chmod(0o644)
         read_only.chmod(0o755)
     assert _hashes(tmp_path) == before
+
+
+def test_pki_refuses_a_folder_of_other_files_and_names_a_foreign_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "scan.h5").write_bytes(b"raw k-space")
+    refused(fedsense(capsys, "pki", "--out", data), EXIT_OUTPUT, f"--out {data}: holds other files (scan.h5)")
+    assert sorted(p.name for p in data.iterdir()) == ["scan.h5"] and (data / "scan.h5").read_bytes() == b"raw k-space"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "ca.key").write_text("not a key\n")
+    refused(fedsense(capsys, "pki", "--out", foreign), EXIT_USAGE, f"{foreign / 'ca.key'}: not an unencrypted PEM")
+    assert sorted(p.name for p in foreign.iterdir()) == ["ca.key"]
+    # Its own folder, again: completed idempotently (a second site added), nothing refused.
+    own = tmp_path / "pki"
+    assert fedsense(capsys, "pki", "--out", own, "--site", "site-a")[0] == 0
+    before = (own / "ca.key").read_bytes()
+    assert fedsense(capsys, "pki", "--out", own, "--site", "site-b")[0] == 0
+    assert (own / "ca.key").read_bytes() == before and (own / "sites" / "site-b.pub").exists()
+
+
+def _demo_of_one_subject(capsys: pytest.CaptureFixture[str], out: Path) -> Path:
+    """The example sites with one subject each: all of it in the train split, val and test empty."""
+    assert fedsense(capsys, "data", "demo", "--size", "16", "--subjects", "1", "--out", out)[0] == 0
+    return out / "site-a.toml"
+
+
+def test_an_empty_split_names_the_site_and_a_site_not_ready_starts_no_baseline(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty split was an internal error (exit 70) naming no site; a baseline left a failed run behind."""
+    from common.data.loaders import load_site, make_loader
+    from common.errors import DataError
+    from common.ssdu import heldout_loss
+
+    site = _demo_of_one_subject(capsys, tmp_path / "demo")
+    data = tmp_path / "demo" / "site-a"
+    refused(
+        fedsense(capsys, "evaluate", "--model", world["model"], "--sites", site),
+        EXIT_USAGE,
+        f"{data.resolve()}: site site-a: the test split is empty (0 subject(s))",
+        "add subjects",
+    )
+    run = tmp_path / "run"
+    code, out, err = fedsense(capsys, "baseline", "zero-filled", "--sites", site, "--run-dir", run)
+    refused((code, out, err), EXIT_USAGE, f"site site-a ({site}) is NOT READY", "--skip-data-check")
+    assert not run.exists()  # refused before the run directory was made: the same command works once fixed
+    refused(
+        fedsense(capsys, "baseline", "zero-filled", "--sites", site, "--run-dir", run, "--skip-data-check"),
+        EXIT_USAGE,
+        "site site-a: the val split is empty",
+    )
+    _, datasets = load_site(str(site))  # the self-supervised validation of a site says the same
+    with pytest.raises(DataError, match="site site-a: the val split is empty"):
+        heldout_loss(None, make_loader(datasets["val"], 2, shuffle=False, seed=0), rho=0.4, seed=0)
+
+
+def test_a_demo_that_fails_part_way_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure in the last site (the first two written, the configs not yet) removes all this run made."""
+    import errno
+
+    from common.data import demo
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(demo, "_write_ixi", disk_full)
+    out = tmp_path / "demo"
+    out.mkdir()
+    refused(
+        fedsense(capsys, "data", "demo", "--size", "16", "--subjects", "1", "--out", out),
+        EXIT_OS,
+        f"{out / 'site-c'}: No space left on device",
+    )
+    assert list(out.iterdir()) == []  # no site folder, temporary folder or site config
+    monkeypatch.undo()
+    assert fedsense(capsys, "data", "demo", "--size", "16", "--subjects", "1", "--out", out)[0] == 0
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing_half_written(world: dict[str, Path], tmp_path: Path) -> None:
+    """``write()`` on a full disk names no file (h5py's error is a multi-line dump): the user's path is named."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def limited(*argv: object) -> list[str]:
+        proc = subprocess.run(
+            [str(FEDSENSE), *map(str, argv)],
+            capture_output=True,
+            text=True,
+            env=env,
+            preexec_fn=_limit_file_size,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == EXIT_OS and "Traceback" not in proc.stderr, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if not line[:4].isdigit()]  # not the log lines
+        assert len(errors) == 1 and errors[0].startswith("fedsense: error: "), proc.stderr
+        return errors
+
+    demo = tmp_path / "demo"
+    assert f"{demo / 'site-a'}: File too large" in limited("data", "demo", "--size", "16", "--out", demo)[0]
+    assert not demo.exists()  # no site config nor folder: the same command runs again without --overwrite
+    model = tmp_path / "model"
+    assert f"{model}: File too large" in limited("export", world["run"], "--round", "last", "--out", model)[0]
+    assert not model.exists() and [p.name for p in tmp_path.iterdir()] == []
+    plots = tmp_path / "plots"
+    error = limited("metrics", "plot", world["run"], "--out", plots)[0]
+    assert f"{plots}{os.sep}" in error and ".png: File too large" in error, error
+    assert not [p for p in plots.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_read_only_run_dir_or_partition_out_names_the_users_folder(world: dict[str, Path], tmp_path: Path) -> None:
+    """Permission is the file system saying no (exit 4); the fix named must help, and the path the user gave."""
+    prefix = _as_unprivileged()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+
+    def run(*argv: object) -> str:
+        proc = subprocess.run(
+            [*prefix, str(FEDSENSE), *map(str, argv)], capture_output=True, text=True, env=env, timeout=300, check=False
+        )
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("fedsense: error: ")]
+        assert proc.returncode == EXIT_OS and len(errors) == 1, proc.stderr
+        return errors[0]
+
+    try:
+        site = world["sites"] / "site-a.toml"
+        error = run("baseline", "zero-filled", "--sites", site, "--run-dir", read_only / "run")
+        assert f"({read_only} is owned by uid {os.getuid()}" in error and f"`chmod u+w {read_only}`" in error, error
+        assert "chown" not in error  # the folder is this user's own already
+        partition = ["data", "partition", "--dataset", "ixi", "--root", world["sites"] / "data" / "site-c"]
+        error = run(*partition, "--by", "hospital", "--out", read_only / "p")
+        assert f"{read_only / 'p'}: Permission denied" in error and ".partial" not in error, error
+        assert list(read_only.iterdir()) == []
+    finally:
+        read_only.chmod(0o755)

@@ -59,6 +59,49 @@ def test_a_key_the_stored_run_predates_does_not_block_a_resume(tmp_path: Path) -
     store.init(config(), resume=True)
 
 
+def test_site_configs_are_the_same_site_by_resolved_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A baseline records the paths as typed, simulate resolves them: ``demo/a.toml`` is ``/…/demo/a.toml``."""
+    monkeypatch.chdir(tmp_path)
+    store = RunDir(tmp_path / "run")
+    store.init(config(sites="demo/a.toml,demo/b.toml"), resume=True)
+    absolute = f"{tmp_path / 'demo' / 'a.toml'},{tmp_path / 'demo' / 'b.toml'}"
+    store.init(config(sites=absolute), resume=True)
+    store.init(config(sites="./demo/a.toml,demo/../demo/b.toml"), resume=False)  # the full identity check too
+    with pytest.raises(FedSenseError, match="differs in sites"):
+        store.init(config(sites="demo/b.toml,demo/a.toml"), resume=True)  # the order is the partition
+
+
+@pytest.mark.parametrize(
+    ("baseline", "status", "continues"),
+    [
+        (None, "interrupted", True),
+        (None, "failed", True),  # resumes from its last checkpoint
+        (None, "running", True),  # a crashed process never wrote its end
+        (None, "finished", False),
+        (None, "finished-without-sites", False),
+        ("centralized", "finished", False),  # simulate never continues a baseline...
+        ("centralized", "interrupted", False),
+    ],
+)
+def test_simulate_continues_only_an_unfinished_federated_run(
+    tmp_path: Path, baseline: str | None, status: str, continues: bool
+) -> None:
+    from server import cli
+
+    store = RunDir(tmp_path / "run")
+    store.init({**config(), **({"baseline": baseline} if baseline else {})}, resume=False)
+    store.set_status(status)
+    assert cli._continues(store, baseline=None) is continues
+    assert not cli._continues(store, "local")  # ...nor a baseline another kind of run
+    rounds = int(store.read_config()["num-server-rounds"])
+    # More rounds continue a finished federated run (and nothing else it would not continue anyway).
+    assert cli._continues(store, baseline=None, rounds=rounds + 2) is (baseline is None)
+    assert cli._continues(store, baseline=None, rounds=rounds) is continues
+    if not continues:
+        with pytest.raises(FedSenseError, match=r"holds an earlier run; pass --overwrite to replace it, or choose"):
+            store.check_fresh(resume=False, overwrite=False)
+
+
 def test_a_run_directory_of_another_user_is_refused_with_the_fix() -> None:
     """What happened after `make demo` as one user and the container's ServerApp as another.
 
@@ -84,7 +127,8 @@ def test_a_run_directory_of_another_user_is_refused_with_the_fix() -> None:
     assert done.returncode != 0
     assert re.search(
         rf"{re.escape(str(run))}: run directory is not writable by uid \d+ \({re.escape(str(run))} is "
-        r"owned by uid \d+, mode 0[57]55\).*Fix: `sudo chown -R",
+        # another user's folder is handed over; one's own read-only folder only needs its mode changed
+        r"owned by uid \d+, mode 0[57]55\).*Fix: `(sudo chown -R \d+:\d+|chmod -R u\+w) " + re.escape(str(run)) + "`",
         done.stderr,
     ), done.stderr[-2000:]
 
@@ -92,5 +136,5 @@ def test_a_run_directory_of_another_user_is_refused_with_the_fix() -> None:
 def test_a_run_directory_under_a_file_is_refused_with_the_fix(tmp_path: Path) -> None:
     """Also what root sees (it may write anywhere else): the directory cannot even be created."""
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FedSenseError, match=r"file/run: run directory is not writable .*Fix: "):
-        RunDir(tmp_path / "file" / "run").check_writable()
+    with pytest.raises(NotADirectoryError, match=r"file/run: run directory is not writable .*Fix: choose another"):
+        RunDir(tmp_path / "file" / "run").check_writable()  # an OSError: the file system said no (exit 4)

@@ -131,6 +131,34 @@ def test_table_says_which_sites_a_finished_run_went_without(run: RunDir) -> None
     assert "finished-without-sites: the model never saw every site's data (site-b missed train 2, evaluate 2)" in text
 
 
+def _table_text(run: RunDir) -> str:
+    out = io.StringIO()
+    show(run.path, out=out)
+    return " ".join(out.getvalue().split())
+
+
+def test_table_says_why_a_run_failed_and_how_an_interrupted_one_resumes(run: RunDir, tmp_path: Path) -> None:
+    """The reason and the last complete round are where set_status records them (``status_detail``)."""
+    run.set_status("failed", error="site-b: data/b/scan.h5: truncated file [kspace]")
+    assert "failed: site-b: data/b/scan.h5: truncated file [kspace]" in _table_text(run)  # no markup eaten
+    run.mark_interrupted("run the same command again")  # no checkpoint: nothing complete to continue from
+    assert "interrupted before any round was complete: run the same `fedsense simulate` command again" in _table_text(
+        run
+    )
+    run.set_status("interrupted", last_complete_round=2, resume="run the same command again")
+    assert (
+        "interrupted after round 2, the last complete one: run the same `fedsense simulate` command again "
+        "(same --run-dir and options, resume = true: the default) to resume with round 3"
+    ) in _table_text(run)
+    baseline = RunDir(tmp_path / "baseline")
+    baseline.init({"name": "local", "baseline": "local"}, resume=False)
+    baseline.set_status("interrupted", last_complete_round=1, resume="run the same command again")
+    assert (
+        "interrupted after round 1, the last complete one: run the same `fedsense baseline local` command again "
+        "(same --run-dir and options) to resume with round 2"
+    ) in _table_text(baseline)
+
+
 def test_bad_arguments_and_missing_run(run: RunDir, tmp_path: Path) -> None:
     with pytest.raises(FedSenseError, match="format must be"):
         show(run.path, fmt="xml", out=io.StringIO())

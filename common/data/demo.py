@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import time
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from contextlib import ExitStack, suppress
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -91,35 +93,60 @@ def generate_demo(
         _check_replaceable_file(target, overwrite)
     for name in names:
         _check_replaceable(Path(out) / name, overwrite)
-    site_files = write_site_files(examples)
-    sites = list(sites) if sites is not None else [load_site_config(p) for p in site_files.values()]
-    writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
+    if sites is None:  # the configs as they will be written (data_path relative to them), not yet on disk
+        sites = [
+            parse_site_config(tomllib.loads(text), str(target), base_dir=target.parent.resolve())
+            for target, text in examples.values()
+        ]
+    # Nothing is left half-written (a full disk, Ctrl-C): the site folders are built under temporary names and
+    # renamed in together once all are complete, then the configs that point at them are written; a failure
+    # removes what this run created, so the same command can simply be run again.
+    created = [p for p in (*(Path(out) / s.name for s in sites), *(t for t, _ in examples.values())) if not p.exists()]
+    out_is_new = not Path(out).exists()
     summary: dict[str, dict[str, Any]] = {}
-    for site in sites:
-        started = time.perf_counter()
-        site_dir = Path(out) / site.name
-        rng = np.random.default_rng([seed, site.demo.seed])
-        count = subjects if subjects is not None else site.demo.subjects
-        with atomic_dir(site_dir, replace=True) as building:  # an old folder there was checked above
-            (building / MARKER).write_text("synthetic demo data written by common.data.demo; safe to delete\n")
-            files, subject_ids = writers[site.dataset](building, site, size, count, rng)
-        summary[site.name] = {
-            "folder": str(site_dir),
-            "dataset": site.dataset,
-            "files": files,
-            "subjects": subject_ids,
-            **({"config": str(site_files[site.name])} if site.name in site_files else {}),
-        }
-        log.info(
-            "%s: wrote %d %s file(s) for %d subject(s) to %s in %.1f s",
-            site.name,
-            len(files),
-            site.dataset,
-            len(subject_ids),
-            site_dir,
-            time.perf_counter() - started,
-        )
+    try:
+        with ExitStack() as stack:
+            for site in sites:
+                summary[site.name] = _write_site(stack, Path(out), site, size, subjects, seed)
+        site_files = write_site_files(examples)
+    except BaseException:
+        for path in created:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if out_is_new:
+            with suppress(OSError):
+                Path(out).rmdir()  # only if empty
+        raise
+    for name, config in site_files.items():
+        summary[name]["config"] = str(config)
     return summary
+
+
+def _write_site(
+    stack: ExitStack, out: Path, site: SiteConfig, size: int, subjects: int | None, seed: int
+) -> dict[str, Any]:
+    """Build ``site``'s demo folder under a temporary name, renamed onto ``out/<name>`` when ``stack`` closes
+    without an error (an old folder there was checked by the caller); returns its summary."""
+    writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
+    started = time.perf_counter()
+    site_dir = out / site.name
+    rng = np.random.default_rng([seed, site.demo.seed])
+    count = subjects if subjects is not None else site.demo.subjects
+    building = stack.enter_context(atomic_dir(site_dir, replace=True))
+    (building / MARKER).write_text("synthetic demo data written by common.data.demo; safe to delete\n")
+    files, subject_ids = writers[site.dataset](building, site, size, count, rng)
+    log.info(
+        "%s: wrote %d %s file(s) for %d subject(s) to %s in %.1f s",
+        site.name,
+        len(files),
+        site.dataset,
+        len(subject_ids),
+        site_dir,
+        time.perf_counter() - started,
+    )
+    return {"folder": str(site_dir), "dataset": site.dataset, "files": files, "subjects": subject_ids}
 
 
 def default_site_files() -> dict[str, str]:

@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from common.config import SiteConfig, load_site_config
 from common.data.dataset import SiteDataset, build_site_datasets
 from common.data.selfsup import build_selfsup_datasets
+from common.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,24 @@ def _leaf_datasets(dataset: Dataset) -> list[SiteDataset]:
     if isinstance(dataset, Subset):
         return _leaf_datasets(dataset.dataset)
     return []
+
+
+def empty_split_error(source: object) -> DataError:
+    """The error for an evaluation that got no slice: a split without subjects is the site's data, not a bug,
+    so it names each empty site and split and what to change. ``source``: a loader or a dataset."""
+    dataset = source if isinstance(source, Dataset) else getattr(source, "dataset", None)
+    leaves = _leaf_datasets(dataset) if isinstance(dataset, Dataset) else []
+    advice = (
+        "evaluation needs slices in it: add subjects to the site (or partition the data into fewer sites), "
+        "or change [split] in its site config; `fedsense data check SITE.toml` shows the splits"
+    )
+    where = [
+        f"{leaf.config.data_path}: site {leaf.config.name}: the {leaf.split} split is empty "
+        f"({len(leaf.subjects)} subject(s))"
+        for leaf in leaves
+        if len(leaf) == 0
+    ]
+    return DataError(f"{'; '.join(where) or 'the evaluated split is empty (no slice)'}; {advice}")
 
 
 class InterleavedLoader:

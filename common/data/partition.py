@@ -34,7 +34,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 
-from common.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes, os_error_at
 from common.config import ScannerConfig, SiteConfig, format_validation_error, parse_site_config
 from common.data.readers import (
     _H5_ERRORS,
@@ -582,8 +582,8 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
     earlier = _earlier_partition(out, spec.overwrite)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         sites, tomls, methods = [], [], Counter[str]()
         for index, (name, volumes) in enumerate(groups.items()):
             for v in volumes:
@@ -628,8 +628,11 @@ def partition_dataset(spec: PartitionSpec, progress: Callable[[str], None] | Non
         atomic_write_bytes(staging / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
         _write_marker(staging)
         _install(staging, out, earlier)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        named = os_error_at(exc, staging, Path(spec.out))  # the --out the user gave, not the staging folder
+        if named is not None:
+            raise named from exc
         raise
     return PartitionResult(out, tomls, summary)
 

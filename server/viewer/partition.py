@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from common.command import OutputConsole
 
 
 def print_partition_summary(summary: dict[str, Any], out: TextIO) -> None:
     """One row per site, then what was left out (unreadable files, unassigned or shared subjects)."""
-    console = Console(file=out)
+    console = OutputConsole(file=out)
     if not console.is_terminal:  # a file or pipe: wide enough that site names and contrasts stay whole
-        console = Console(file=console.file, width=120)
+        console = OutputConsole(file=console.file, width=120)
     table = Table(title=f"{summary['dataset']} partitioned by {summary['by']}")
     for column in ("site", "subjects", "files", "slices", "contrasts", "field (T)", "coils", "matrix"):
         table.add_column(

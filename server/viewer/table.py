@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from common.command import OutputConsole
 from common.errors import FedSenseError
 from server.best import export_command
 from server.store import CONFIG_FILE, GLOBAL_SITE, METRICS_FILE, RunDir
@@ -77,8 +78,7 @@ def next_steps(view: RunView) -> list[str]:
     run = RunDir(view.path)
     lines = []
     if view.status in ("failed", "interrupted"):
-        error = view.config.get("error")
-        lines.append(f"[bold red]{view.status}[/bold red]" + (f": {error}" if error else ""))
+        lines.append(_stopped(view))
         logs = [str(run.path / name) for name in ("flower.log", "superlink.log") if (run.path / name).exists()]
         if logs:
             lines.append(f"logs: {' '.join(logs)}")
@@ -101,9 +101,33 @@ def next_steps(view: RunView) -> list[str]:
     return lines
 
 
+def _stopped(view: RunView) -> str:
+    """Why a failed run stopped, or where an interrupted one stopped and how it resumes.
+
+    Read from ``status_detail``, where :meth:`RunDir.set_status` nests them (``error``; ``last_complete_round``).
+    The resume is the same command again: ``simulate`` continues with ``resume = true`` (its default), ``baseline``
+    continues an interrupted baseline of its kind; the command's options are not recorded, so it cannot be printed.
+    """
+    detail = view.config.get("status_detail") or {}
+    line = f"[bold red]{view.status}[/bold red]"
+    if view.status == "failed":
+        error = detail.get("error")
+        return line + (f": {escape(str(error))}" if error else " (no reason recorded)")
+    kind = view.config.get("baseline")
+    again = (
+        f"run the same `fedsense {f'baseline {kind}' if kind else 'simulate'}` command again "
+        f"(same --run-dir and options{'' if kind else ', resume = true: the default'})"
+    )
+    last = detail.get("last_complete_round")
+    if kind == "zero-filled" or not isinstance(last, int):
+        return f"{line}: {again} to start it again"
+    where = f"after round {last}, the last complete one" if last else "before any round was complete"
+    return f"{line} {where}: {again} to resume with round {last + 1}"
+
+
 def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics: Sequence[str]) -> None:
     """One table per (phase, metric) that has values: rounds down, sites across, global last."""
-    console = Console(file=stream)
+    console = OutputConsole(file=stream)
     # Round 0 is the evaluation before training, not one of the planned rounds.
     done = len(
         {r["round"] for r in view.records if r["site"] == GLOBAL_SITE and r["phase"] == "evaluate" and r["round"] >= 1}
@@ -165,7 +189,7 @@ def _print_tables(view: RunView, stream: TextIO, phases: Sequence[str], metrics:
         )
 
 
-def _print_stragglers(view: RunView, console: Console) -> bool:
+def _print_stragglers(view: RunView, console: OutputConsole) -> bool:
     """The sites each training round did not wait for (``round-deadline``) and any reduced local steps.
 
     False (nothing printed) for a run without a deadline.
