@@ -214,6 +214,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
+        print("fedsense: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except OutputError as exc:
         return fail(EXIT_OUTPUT, str(exc))

@@ -246,7 +246,18 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         flush=True,
     )
     with reporting_rounds(RunDir(run.run_dir), run.num_server_rounds, lambda line: print(line, flush=True)):
-        store = baseline.execute(resume=resume)
+        try:
+            store = baseline.execute(resume=resume)
+        except KeyboardInterrupt:
+            stopped = RunDir(run.run_dir)
+            detail = stopped.read_config().get("status_detail", {}) if stopped.config_path.is_file() else {}
+            last = detail.get("last_complete_round")
+            if last is not None:  # as simulate says it: where the same command picks up
+                print(
+                    f"interrupted; {run.run_dir} resumes after round {last} when the same command is run again",
+                    flush=True,
+                )
+            raise
     show(store.path, fmt="table", out=sys.stdout)
     return 0
 

@@ -264,3 +264,35 @@ def test_ctrl_c_during_simulate_leaves_no_process_and_the_run_resumes(tmp_path: 
     assert sorted(before) == list(range(1, last + 1)) and set(trained) == set(range(1, ROUNDS + 1))
     assert (run_dir / "checkpoints" / f"round-{ROUNDS:04d}.pt").exists()
     assert not set(descendants()) - subreaper
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_baseline_says_where_it_resumes_and_it_does(tmp_path: Path, subreaper: set[int]) -> None:
+    """A real ``fedsense baseline`` stopped by SIGTERM (a supervisor, ``docker stop``) after its first checkpoint."""
+    sites = write_small_sites(tmp_path / "sites", ("site-a", "site-c"), size=32, slices=2)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = _simulate_command(sites, run_dir)
+    command[command.index("simulate")] = "baseline"
+    command.insert(command.index("baseline") + 1, "centralized")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = run_dir / "checkpoints" / "round-0001.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), proc.communicate(timeout=60) if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in out + err and err.strip().endswith("fedsense: interrupted"), err[-2000:]
+    left = set(descendants()) - subreaper
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left if _alive(p)]
+    config = json.loads((run_dir / "config.json").read_text())
+    last = config["status_detail"]["last_complete_round"]
+    assert config["status"] == "interrupted" and 1 <= last < ROUNDS, config
+    assert f"{run_dir} resumes after round {last} when the same command is run again" in out, out[-2000:]
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming the interrupted run" in resumed.stdout
+    assert json.loads((run_dir / "config.json").read_text())["status"] == "finished"
