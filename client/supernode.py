@@ -25,6 +25,7 @@ from client.monitoring import serve_site_metrics
 from client.supernode_poll import parse_poll_interval, superexec_env
 from common.command import CommandParser, port_number
 from common.errors import ConfigError, FedSenseError
+from common.keyfiles import load_certificates, load_ec_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,12 @@ def build_supernode_command(
             raise ConfigError("--root-cert: required (the deployment CA that signed the SuperLink certificate)")
         if not auth_key:
             raise ConfigError("--auth-key: required (this site's registered SuperNode private key)")
-        cmd += ["--root-certificates", str(_existing_file(root_cert, "--root-cert"))]
-        cmd += ["--auth-supernode-private-key", str(_existing_file(auth_key, "--auth-key"))]
+        root, key = _existing_file(root_cert, "--root-cert"), _existing_file(auth_key, "--auth-key")
+        # Checked here, naming the option and the file: Flower's SuperNode reports a wrong one only by exit code.
+        load_certificates(root, "--root-cert")
+        load_ec_private_key(key, "--auth-key", ssh_format=True)  # Flower loads it with load_ssh_private_key
+        cmd += ["--root-certificates", str(root)]
+        cmd += ["--auth-supernode-private-key", str(key)]
     site_path = _existing_file(site_config, "--site-config")
     if "'" in str(site_path):
         raise ConfigError(f"{site_path}: --site-config: the path must not contain a single quote")

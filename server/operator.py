@@ -28,6 +28,7 @@ from pathlib import Path
 
 from common.command import CommandParser
 from common.errors import ConfigError
+from common.keyfiles import load_certificate, load_certificates, load_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ def client_context(root_cert: Path, cert: Path, key: Path | None) -> ssl.SSLCont
     for flag, path in (("--root-cert", root_cert), ("--cert", cert), ("--key", key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: {flag}: no such file")
+    # Checked first, naming the option and the file (ssl names neither: "no certificate or crl found").
+    load_certificates(root_cert, "--root-cert")
+    load_certificate(cert, "--cert")
+    load_private_key(key if key is not None else cert, "--key" if key is not None else "--cert (its key)")
     context = ssl.create_default_context(cafile=str(root_cert))
     try:
         context.load_cert_chain(str(cert), str(key) if key is not None else None)

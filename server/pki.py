@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.command import CommandParser
 from common.errors import ConfigError, FedSenseError, OutputError
+from common.keyfiles import load_certificate, load_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -101,28 +102,6 @@ def _write(path: Path, data: bytes, private: bool) -> None:
         raise
 
 
-def _load_key(path: Path, ssh_format: bool = False) -> object:
-    """A private key file, or a ConfigError naming it (a foreign or damaged file is the user's to fix, not a bug)."""
-    try:
-        data = path.read_bytes()
-        return (
-            serialization.load_ssh_private_key(data, None)
-            if ssh_format
-            else serialization.load_pem_private_key(data, None)
-        )
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        kind = "an OpenSSH" if ssh_format else "an unencrypted PEM"
-        raise ConfigError(f"{path}: not {kind} private key ({exc})") from None
-
-
-def _load_cert(path: Path) -> x509.Certificate:
-    """A PEM certificate file, or a ConfigError naming it."""
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not a PEM certificate ({exc})") from None
-
-
 def _check_pki_folder(out: Path, paths: Pki) -> None:
     """Refuse to scatter keys into a folder of other files (a data folder, a home directory) by mistake.
 
@@ -142,7 +121,7 @@ def _check_pki_folder(out: Path, paths: Pki) -> None:
 def _load_or_create_key(path: Path, ssh_format: bool = False) -> ec.EllipticCurvePrivateKey:
     """Existing keys are kept (certificates and registrations depend on them)."""
     if path.exists():
-        key = _load_key(path, ssh_format)
+        key = load_private_key(path, ssh_format=ssh_format)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{path}: not an EC private key")
         os.chmod(path, 0o600)
@@ -271,7 +250,7 @@ def _server_cert_current(
     """An existing certificate is kept while it still fits: same key, same CA, same SANs, not expiring."""
     if not path.exists():
         return False
-    cert = _load_cert(path)
+    cert = load_certificate(path)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
@@ -303,15 +282,15 @@ def issue_operator(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     """
     out = Path(out_dir)
     check_site_name(name)
-    ca_key = _load_key(out / "ca.key")
+    ca_key = load_private_key(out / "ca.key")
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise FedSenseError(f"{out / 'ca.key'}: not an EC private key")
-    ca = _load_cert(out / "ca.crt")
+    ca = load_certificate(out / "ca.crt")
     cert_path, key_path = out / "operators" / f"{name}.crt", out / "operators" / f"{name}.key"
     key = _load_or_create_key(key_path)
     current = False
     if cert_path.exists():
-        cert = _load_cert(cert_path)
+        cert = load_certificate(cert_path)
         try:
             cert.verify_directly_issued_by(ca)
             current = cert.public_key() == key.public_key() and cert.not_valid_after_utc - _now() >= dt.timedelta(
@@ -405,7 +384,7 @@ def generate_pki(
     out.mkdir(parents=True, exist_ok=True)
 
     ca_key = _load_or_create_key(paths.ca_key)
-    ca = _load_cert(paths.ca_cert) if paths.ca_cert.exists() else None
+    ca = load_certificate(paths.ca_cert) if paths.ca_cert.exists() else None
     if ca is None or ca.public_key() != ca_key.public_key():
         ca = _ca_cert(ca_key)
         _write(paths.ca_cert, ca.public_bytes(serialization.Encoding.PEM), private=False)

@@ -78,6 +78,11 @@ def test_missing_or_mismatched_operator_files_are_config_errors(tmp_path: Path) 
         client_context(tmp_path / "ca.crt", tmp_path / "nope.pem", None)
     with pytest.raises(ConfigError, match="not a matching certificate and key"):
         client_context(tmp_path / "ca.crt", cert, tmp_path / "server.key")
+    # A key where a certificate belongs (and the reverse): the file and option named, not ssl's "no certificate".
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'ca.key'}: --root-cert: not a PEM certificate"):
+        client_context(tmp_path / "ca.key", cert, None)
+    with pytest.raises(ConfigError, match=f"{cert}: --key: not an unencrypted PEM private key"):
+        client_context(tmp_path / "ca.crt", cert, cert)
 
 
 def test_the_bridge_tries_the_front_door_again_before_giving_up(caplog: pytest.LogCaptureFixture) -> None:

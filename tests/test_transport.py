@@ -234,10 +234,14 @@ def test_certificate_from_another_ca_is_refused(superlink: SuperLink, processes:
     assert "CERTIFICATE_VERIFY_FAILED" in output
 
 
+def _key_material(tmp_path: Path) -> tuple[Path, Path]:
+    """A real CA certificate and site key (both are read before the SuperNode starts)."""
+    pki = generate_pki(tmp_path / "pki", sites=["site-a"])
+    return pki.ca_cert, pki.sites["site-a"].private_key
+
+
 def test_command_for_a_site(tmp_path: Path) -> None:
-    ca, key = tmp_path / "ca.crt", tmp_path / "site.key"
-    ca.write_text("ca")
-    key.write_text("key")
+    ca, key = _key_material(tmp_path)
     cmd = build_supernode_command("fl.example.org:9092", ca, key, SITE_CONFIG)
     assert cmd[:3] == [sys.executable, "-m", "client.supernode_poll"]  # Flower's flower-supernode, short poll
     assert cmd[3:] == [
@@ -261,12 +265,15 @@ def test_command_for_a_site(tmp_path: Path) -> None:
         ({"auth_key": None}, "--auth-key"),
         ({"auth_key": "/nonexistent/site.key"}, "no such file"),
         ({"insecure": True}, "--insecure"),
+        ({"root_cert": "KEY"}, "--root-cert: not a PEM certificate"),  # the two files swapped
+        ({"auth_key": "CA"}, "--auth-key: not an OpenSSH private key"),
+        ({"auth_key": "CA_KEY"}, "--auth-key: not an OpenSSH private key"),  # PEM, Flower wants OpenSSH
     ],
 )
 def test_unsafe_or_broken_commands_are_refused(tmp_path: Path, kwargs: dict, match: str) -> None:
-    ca, key = tmp_path / "ca.crt", tmp_path / "site.key"
-    ca.write_text("ca")
-    key.write_text("key")
+    ca, key = _key_material(tmp_path)
+    swap = {"KEY": key, "CA": ca, "CA_KEY": ca.with_name("ca.key")}
+    kwargs = {k: swap.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
     args = {"superlink": "fl.example.org:9092", "root_cert": ca, "auth_key": key, "site_config": SITE_CONFIG, **kwargs}
     with pytest.raises(ConfigError, match=match):
         build_supernode_command(**args)
