@@ -473,6 +473,37 @@ def test_unreadable_inputs_and_read_only_outputs_are_one_line(world: dict[str, P
     assert _hashes(tmp_path) == before
 
 
+def test_verdict_client_and_operator_name_the_wrong_file(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = sorted(world["sites"].glob("*.toml"))[0]
+    refused(fedsense(capsys, "verdict", tmp_path / "ghost", "--local", world["run"]), EXIT_USAGE, tmp_path / "ghost")
+    refused(
+        fedsense(capsys, "verdict", world["run"], "--local", world["run"]),
+        EXIT_USAGE,
+        f"{world['run']}: not a local baseline run",
+    )
+    # A site config where the CA certificate belongs; a data file where the SuperNode key belongs.
+    client = ("client", "--superlink", "127.0.0.1:9", "--site-config", site)
+    refused(
+        fedsense(capsys, *client, "--root-cert", site, "--auth-key", world["h5"]),
+        EXIT_USAGE,
+        f"{site}: --root-cert: not a PEM certificate",
+    )
+    assert fedsense(capsys, "pki", "--out", tmp_path / "pki", "--site", "site-a", "--operator", "alice")[0] == 0
+    refused(
+        fedsense(capsys, *client, "--root-cert", tmp_path / "pki" / "ca.crt", "--auth-key", world["h5"]),
+        EXIT_USAGE,
+        f"{world['h5']}: --auth-key: not an OpenSSH private key",
+    )
+    operator = ("operator", "--front-door", "127.0.0.1:9", "--cert", tmp_path / "pki" / "operators" / "alice.crt")
+    refused(
+        fedsense(capsys, *operator, "--root-cert", tmp_path / "pki" / "ca.key", "--", "flwr", "ls"),
+        EXIT_USAGE,
+        f"{tmp_path / 'pki' / 'ca.key'}: --root-cert: not a PEM certificate",
+    )
+
+
 def test_pki_refuses_a_folder_of_other_files_and_names_a_foreign_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
