@@ -173,7 +173,7 @@ def table(rows: Sequence[SiteVerdict], split: str) -> str:
     """The verdicts as a markdown table."""
     lines = [
         f"| site | federated model | local best round | {split} PSNR federated | {split} PSNR local | "
-        "gain (dB) [95 % CI] | test subjects | verdict |",
+        f"gain (dB) [95 % CI] | {split} subjects | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [

@@ -149,6 +149,15 @@ def test_using_it_runs_as_written(tmp_path: Path) -> None:
     assert "site-c" in outputs[3] and "status finished" in outputs[3]  # `metrics show`
     assert (tmp_path / "runs" / "fedsense-run" / "checkpoints" / "round-0002.pt").exists()
     assert (tmp_path / "runs" / "local" / "metrics.jsonl").exists() and list((tmp_path / "plots").iterdir())
+    # "Should a site join?" asks it of these two runs.
+    verdicts = readme_commands("Choosing a strategy and personalisation")
+    assert [c.split()[1] for c in verdicts] == ["verdict", "verdict"], verdicts
+    for command in verdicts:
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert proc.returncode == 0, f"README: `{command}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert "site-b" in proc.stdout and "Traceback" not in proc.stderr
 
     port = int(commands[-1].split("--port ")[1].split()[0])
     dashboard = subprocess.Popen(
