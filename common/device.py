@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -53,17 +53,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(spec: str, device: torch.device, source: str = "precision") -> Literal["fp32", "bf16"]:
-    """``auto`` -> bf16 on CUDA with bf16 support or a CPU with native bf16, else fp32."""
-    if spec not in PRECISIONS:
-        raise ConfigError(f"{source}: must be one of {', '.join(PRECISIONS)}, got {spec!r}")
-    if spec != "auto":
-        return spec  # type: ignore[return-value]
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 @contextlib.contextmanager

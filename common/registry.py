@@ -85,7 +85,20 @@ MODEL_ENTRIES: dict[str, ModelEntry] = {
     ),
 }
 #: Reconstruction models: name -> what it is, for the docs.
-MODEL_DESCRIPTIONS: dict[str, str] = {name: entry.description for name, entry in MODEL_ENTRIES.items()}
+
+
+def _capabilities(entry: ModelEntry) -> str:
+    """What a model can do, for the docs' table: read from its entry, as the code that refuses it reads it."""
+    yes = {True: "yes", False: "no"}
+    return (
+        f"data consistency: {entry.dc_operator}; SSDU: {yes[entry.supports_ssdu]}; "
+        f"DP-SGD: {yes[entry.supports_dp]}; ONNX export: {yes[entry.onnx_exportable]}"
+    )
+
+
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    name: f"{entry.description} ({_capabilities(entry)})" for name, entry in MODEL_ENTRIES.items()
+}
 #: Baselines (``fedsense baseline KIND``): name -> what it trains, for the docs.
 BASELINE_DESCRIPTIONS: dict[str, str] = {
     "local": "each site trains its own model on its own data only, for the same rounds and local steps",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedSenseError
-from server.store import GLOBAL_SITE, RunDir
+from server.store import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,6 @@ def best_round(values: Mapping[int, float], metric: str) -> int | None:
         if is_better(metric, values[rnd], None if best is None else values[best]):
             best = rnd
     return best
-
-
-def global_values(store: RunDir, metric: str, phase: str = "evaluate") -> dict[int, float]:
-    """``round -> __global__`` value of ``metric`` in the run's metrics (newest record per round)."""
-    return {
-        r["round"]: r["metrics"][metric]
-        for r in store.read_metrics(dedupe=True)
-        if r["site"] == GLOBAL_SITE and r["phase"] == phase and r["metrics"].get(metric) is not None
-    }
 
 
 class BestTracker:

@@ -10,8 +10,21 @@ import pytest
 
 from common.config import load_site_config
 from common.data.demo import generate_demo
+from server.store import GLOBAL_SITE, RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def global_values(store: RunDir, metric: str, phase: str = "evaluate") -> dict[int, float]:
+    """``round -> __global__`` value of ``metric`` in a run's metrics (newest record per round): the tests'
+    own reading of metrics.jsonl, to check what the product derived from it (best round, early stop)."""
+    return {
+        r["round"]: r["metrics"][metric]
+        for r in store.read_metrics(dedupe=True)
+        if r["site"] == GLOBAL_SITE and r["phase"] == phase and r["metrics"].get(metric) is not None
+    }
+
+
 SITE_NAMES = ("site-a", "site-b", "site-c")
 
 

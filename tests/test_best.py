@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from common.errors import FedSenseError
-from server.best import BestTracker, best_round, global_values, is_better
+from server.best import BestTracker, best_round, is_better
 from server.store import GLOBAL_SITE, RunDir
 from server.viewer import dashboard
 from server.viewer.table import show
+from tests.conftest import global_values
 
 
 def _eval(run: RunDir, rnd: int, **metrics: float) -> None:

@@ -10,9 +10,10 @@ import torch
 from common.models import build_model
 from common.runconfig import RunConfig
 from server.baseline import Baseline
-from server.best import best_round, global_values
+from server.best import best_round
 from server.simulate import simulate
 from server.store import GLOBAL_SITE, RunDir
+from tests.conftest import global_values
 
 pytestmark = pytest.mark.slow
 

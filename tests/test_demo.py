@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.config import SiteConfig, parse_site_config
-from common.data.demo import MARKER, default_sites, generate_demo, main
+from common.data.demo import MARKER, default_site_files, generate_demo, main
 from common.data.readers import open_reader, parse_ismrmrd_header
 from common.errors import OutputError
 
@@ -139,7 +139,7 @@ def test_main_with_site_files(tmp_path: Path) -> None:
 
 
 def test_default_sites_are_the_shipped_ones() -> None:
-    assert [site.name for site in default_sites()] == ["site-a", "site-b", "site-c"]
+    assert list(default_site_files()) == ["site-a.toml", "site-b.toml", "site-c.toml"]
 
 
 def test_anatomy_keeps_the_template_texture_within_a_tissue() -> None:

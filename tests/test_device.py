@@ -10,7 +10,7 @@ import torch
 
 from common.coils import birdcage_maps
 from common.dc import DataConsistency
-from common.device import autocast, cpu_state_dict, resolve_device, resolve_precision
+from common.device import autocast, cpu_state_dict, resolve_device
 from common.errors import ConfigError
 from common.fft import fft2c
 from common.models import build_model
@@ -52,10 +52,6 @@ def test_resolve_device_and_precision() -> None:
             resolve_device("cuda", "--device")
     with pytest.raises(ConfigError, match="--device: must be one of"):
         resolve_device("tpu", "--device")
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
-    with pytest.raises(ConfigError, match="precision"):
-        resolve_precision("fp16", torch.device("cpu"))
 
 
 def test_bf16_autocasts_the_network_but_dc_stays_complex64() -> None:

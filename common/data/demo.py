@@ -158,11 +158,6 @@ def default_site_files() -> dict[str, str]:
     return dict(sorted(texts.items()))
 
 
-def default_sites() -> list[SiteConfig]:
-    """The example site configs (see :func:`default_site_files`), validated."""
-    return [parse_site_config(tomllib.loads(text), name) for name, text in default_site_files().items()]
-
-
 def example_site_files(out: Path) -> dict[str, tuple[Path, str]]:
     """Site name -> (``out/<name>.toml``, its text) for each example site, with ``data_path`` = its demo folder.
 
