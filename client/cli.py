@@ -63,7 +63,9 @@ def _stops_children(command: Callable[[argparse.Namespace], int]) -> Callable[[a
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from client.evaluate import evaluate_sites, parse_baselines, render, rows
     from common.artifact import load_artifact
+    from common.preflight import check_sites
 
+    check_sites(args.sites)  # every config problem at once (a site given twice too), before the model loads
     device, precision = _devices(args)
     loaded = load_artifact(args.model, device=device)
     scores = evaluate_sites(

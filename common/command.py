@@ -60,6 +60,23 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _StoreOnce(argparse._StoreAction):
+    """A single-valued option given twice is a mistake (``--out a --out b``): argparse would keep the last."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        given: set[str] = namespace.__dict__.setdefault("_given_options", set())
+        if self.dest in given:
+            parser.error(f"{'/'.join(self.option_strings)} given twice; give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """``--help`` names each option's default, except the uninformative ones (None, False)."""
 
@@ -97,6 +114,8 @@ def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
             )
         for action in current._actions:
+            if type(action) is argparse._StoreAction and action.option_strings:
+                action.__class__ = _StoreOnce
             if (
                 action.help is None
                 and action.option_strings
@@ -193,6 +212,7 @@ def interruptible() -> Iterator[None]:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand's ``func`` inside the error boundary; returns the exit code."""
     args = prepare_parser(parser).parse_args(argv)
+    args.__dict__.pop("_given_options", None)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -286,6 +286,17 @@ def test_bad_numbers_typos_and_missing_arguments_are_one_line(
         tmp_path / "ghost.toml",
     )
     refused(fedsense(capsys, "export", world["run"]), EXIT_USAGE, "--out")
+    refused(
+        fedsense(capsys, "export", world["run"], "--out", tmp_path / "m1", "--out", tmp_path / "m2"),
+        EXIT_USAGE,
+        "--out given twice",
+    )
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+    refused(
+        fedsense(capsys, "evaluate", "--model", world["model"], "--sites", sites[0], sites[0]),
+        EXIT_USAGE,
+        f"{sites[0]}: name: 'site-a' is also the name of {sites[0]}",
+    )
     refused(fedsense(capsys, "reconstruct", "--model", world["model"]), EXIT_USAGE, "inputs")
     refused(fedsense(capsys, "data", "check", tmp_path / "ghost.toml"), EXIT_USAGE, tmp_path / "ghost.toml")
     refused(fedsense(capsys, "dashboard", world["run"], "--port", "70000"), EXIT_USAGE, "--port: must be <= 65535")
