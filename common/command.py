@@ -67,7 +67,7 @@ class _StoreOnce(argparse._StoreAction):
         self,
         parser: argparse.ArgumentParser,
         namespace: argparse.Namespace,
-        values: object,
+        values: str | Sequence[object] | None,
         option_string: str | None = None,
     ) -> None:
         given: set[str] = namespace.__dict__.setdefault("_given_options", set())
