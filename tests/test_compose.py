@@ -152,7 +152,7 @@ def _project(compose_cmd: list[str], files: list[Path], directory: Path, env: di
 
 
 # Runs first in this module (before the `federation` fixture starts its project), so it has the machine to itself.
-RESTART_ROUNDS = 16
+RESTART_ROUNDS = 10
 # (service, round after whose completion it is restarted); round 0 is the evaluation of the initial model.
 # A site is restarted only once the one before it has taken part in a phase again (rounds take seconds,
 # a site's restart longer), so one site at a time is away; enough rounds remain for the last to rejoin.
@@ -291,7 +291,7 @@ def test_compose_federation_survives_every_site_restarting_once(
 
 
 # Also before the `federation` fixture's project, so this run too has the machine to itself.
-WAN_ROUNDS = 4
+WAN_ROUNDS = 3
 PARTITION_S = 20
 
 

@@ -25,7 +25,7 @@ def test_a_run_over_vpn_links_with_a_20_s_partition_finishes_with_each_update_ac
     small_sites: list[Path], tmp_path: Path
 ) -> None:
     store = RunDir(tmp_path / "run")
-    rounds = 3
+    rounds = 2
     config = tiny_run(
         store.path, rounds=rounds, **{"min-train-nodes": 2, "min-available-nodes": 2, "round-timeout": 60.0}
     )
