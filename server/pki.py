@@ -42,7 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.command import CommandParser
 from common.errors import ConfigError, FedSenseError, OutputError
-from common.keyfiles import load_certificate, load_private_key
+from common.keyfiles import load_certificate, load_ec_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ def _check_pki_folder(out: Path, paths: Pki) -> None:
 def _load_or_create_key(path: Path, ssh_format: bool = False) -> ec.EllipticCurvePrivateKey:
     """Existing keys are kept (certificates and registrations depend on them)."""
     if path.exists():
-        key = load_private_key(path, ssh_format=ssh_format)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{path}: not an EC private key")
+        key = load_ec_private_key(path, ssh_format=ssh_format)
         os.chmod(path, 0o600)
         return key
     key = ec.generate_private_key(CURVE)
@@ -282,9 +280,7 @@ def issue_operator(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     """
     out = Path(out_dir)
     check_site_name(name)
-    ca_key = load_private_key(out / "ca.key")
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise FedSenseError(f"{out / 'ca.key'}: not an EC private key")
+    ca_key = load_ec_private_key(out / "ca.key", ssh_format=False)
     ca = load_certificate(out / "ca.crt")
     cert_path, key_path = out / "operators" / f"{name}.crt", out / "operators" / f"{name}.key"
     key = _load_or_create_key(key_path)

@@ -372,27 +372,23 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
 
-def test_full_disk_and_closed_pipe_in_real_processes(world: dict[str, Path], tmp_path: Path) -> None:
-    """A file-size limit (what a full disk looks like to a writer) and ``| head``: real processes only."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [
-            str(FEDSENSE),
-            "reconstruct",
-            "--model",
-            str(world["model"]),
-            str(world["h5"]),
-            *MASK,
-            "--out",
-            str(tmp_path / "o"),
-        ],
+def _run_with_4_kib_files(*argv: object) -> subprocess.CompletedProcess[str]:
+    """``fedsense ARGV`` in a real process that may write no file beyond 4 KiB (a full disk, to a writer)."""
+    return subprocess.run(
+        [str(FEDSENSE), *map(str, argv)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         preexec_fn=_limit_file_size,
         timeout=300,
         check=False,
     )
+
+
+def test_full_disk_and_closed_pipe_in_real_processes(world: dict[str, Path], tmp_path: Path) -> None:
+    """A file-size limit (what a full disk looks like to a writer) and ``| head``: real processes only."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = _run_with_4_kib_files("reconstruct", "--model", world["model"], world["h5"], *MASK, "--out", tmp_path / "o")
     assert proc.returncode == EXIT_OS, proc.stderr
     assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
     assert not [p for p in (tmp_path / "o").iterdir()]  # the partial file was removed, nothing half-written
@@ -598,18 +594,9 @@ def test_a_demo_that_fails_part_way_leaves_nothing_behind(
 
 def test_a_full_disk_names_the_file_and_leaves_nothing_half_written(world: dict[str, Path], tmp_path: Path) -> None:
     """``write()`` on a full disk names no file (h5py's error is a multi-line dump): the user's path is named."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def limited(*argv: object) -> list[str]:
-        proc = subprocess.run(
-            [str(FEDSENSE), *map(str, argv)],
-            capture_output=True,
-            text=True,
-            env=env,
-            preexec_fn=_limit_file_size,
-            timeout=300,
-            check=False,
-        )
+        proc = _run_with_4_kib_files(*argv)
         assert proc.returncode == EXIT_OS and "Traceback" not in proc.stderr, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if not line[:4].isdigit()]  # not the log lines
         assert len(errors) == 1 and errors[0].startswith("fedsense: error: "), proc.stderr

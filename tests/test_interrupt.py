@@ -190,12 +190,13 @@ def test_a_command_started_with_sigint_ignored_still_stops_on_ctrl_c(tmp_path: P
 ROUNDS = 12
 
 
-def _simulate_command(sites: list[Path], run_dir: Path) -> list[str]:
+def _run_command(sites: list[Path], run_dir: Path, *command: str) -> list[str]:
+    """``fedsense COMMAND`` (``simulate``, ``baseline centralized``) of a tiny ``ROUNDS``-round run."""
     return [
         sys.executable,
         "-m",
         "server.cli",
-        "simulate",
+        *command,
         "--sites",
         *map(str, sites),
         "--rounds",
@@ -222,7 +223,7 @@ def test_ctrl_c_during_simulate_leaves_no_process_and_the_run_resumes(tmp_path: 
     sites = write_small_sites(tmp_path / "sites", ("site-a", "site-c"), size=32, slices=2)
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = _simulate_command(sites, run_dir)
+    command = _run_command(sites, run_dir, "simulate")
     # SIGINT at its default, as for a command typed at a terminal, even where the tests run as a background job
     # (which inherits it ignored: the cause of this test's old failures, a run that ignored Ctrl-C to its end).
     proc = subprocess.Popen(
@@ -272,9 +273,7 @@ def test_sigterm_during_a_baseline_says_where_it_resumes_and_it_does(tmp_path: P
     sites = write_small_sites(tmp_path / "sites", ("site-a", "site-c"), size=32, slices=2)
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = _simulate_command(sites, run_dir)
-    command[command.index("simulate")] = "baseline"
-    command.insert(command.index("baseline") + 1, "centralized")
+    command = _run_command(sites, run_dir, "baseline", "centralized")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = run_dir / "checkpoints" / "round-0001.pt"
     deadline = time.monotonic() + 300
