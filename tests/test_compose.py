@@ -342,6 +342,9 @@ def test_compose_federation_over_vpn_links_finishes_through_a_20_s_partition(
         for link in links:
             log = project.run("logs", "--no-color", link).stdout
             assert "-> frontdoor:9443 (rtt_ms=50.0 jitter_ms=10.0 bandwidth_mbit=20.0" in log, (link, log[-2000:])
+            # The cap is the kernel's, set in the proxy's own namespace, and the proxy then left root.
+            assert "kernel shaping: 20 Mbit/s up (to port 9443) and down (from port 9443)" in log, (link, log[-2000:])
+            assert "running as fedsense" in log, (link, log[-2000:])
             carried = re.search(r"link proxy stopped: (\d+) connection\(s\).*; (\d+) B up .*, (\d+) B down", log)
             assert carried, (link, log[-2000:])
             connections, up, down = map(int, carried.groups())

@@ -7,7 +7,10 @@ with bounds wide enough for a loaded 2-core machine but tight enough that a prox
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -204,3 +207,117 @@ def test_the_command_carries_a_connection_and_reports_its_totals_on_sigterm(echo
     assert re.search(
         r"link proxy stopped: 1 connection\(s\), 0 refused, 0 reset, 0 stall\(s\); 1000 B up .*, 1000 B down", log
     ), log
+
+
+# Run inside a network namespace of its own (``unshare --net``, as a container has one): a server that takes
+# SIZE bytes and then answers SIZE bytes, the proxy command in front of it with the kernel capping the link,
+# and a client that times the upload (until the first answer byte) and the download. Prints one JSON line.
+_IN_NAMESPACE = r"""
+import json, socket, subprocess, sys, threading, time
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+SIZE, MBIT = int(sys.argv[1]), sys.argv[2]
+server = socket.create_server(("127.0.0.1", 9500))
+
+def serve():
+    conn, _ = server.accept()
+    got = 0
+    while got < SIZE:
+        got += len(conn.recv(65536))
+    conn.sendall(b"d" * SIZE)
+    conn.close()
+
+threading.Thread(target=serve, daemon=True).start()
+proxy = subprocess.Popen(
+    [sys.executable, "-m", "deploy.wan.proxy", "--listen", "127.0.0.1:9443", "--upstream", "127.0.0.1:9500",
+     "--bandwidth-mbit", MBIT, "--shaping", "kernel", "--user", "nobody"],
+    stderr=subprocess.PIPE, text=True,
+)
+deadline = time.monotonic() + 30
+while True:
+    try:
+        sock = socket.create_connection(("127.0.0.1", 9443), timeout=30)
+        break
+    except ConnectionRefusedError:
+        assert proxy.poll() is None and time.monotonic() < deadline, proxy.stderr.read()
+        time.sleep(0.1)
+started = time.monotonic()
+sock.sendall(b"u" * SIZE)
+got = len(sock.recv(65536))
+first = time.monotonic()
+while got < SIZE:
+    got += len(sock.recv(65536))
+done = time.monotonic()
+classes = subprocess.run(["tc", "-s", "class", "show", "dev", "lo"], capture_output=True, text=True).stdout
+proxy.terminate()
+_, log = proxy.communicate(timeout=30)
+print(json.dumps({"up_s": first - started, "down_s": done - first, "classes": classes, "log": log}))
+"""
+
+
+def _namespaces_and_tc() -> str | None:
+    """Why the kernel-shaping test cannot run here, or None."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("tc") is None:
+        return "needs root, unshare and tc (CI runs as root)"
+    probe = subprocess.run(
+        ["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return None if probe.returncode == 0 else f"this kernel has no HTB qdisc: {probe.stderr.strip()}"
+
+
+def test_kernel_shaping_caps_both_directions_in_the_links_own_namespace() -> None:
+    """``--shaping kernel``: tc caps upload and download at the preset's rate, the proxy's own bucket is off,
+    and the proxy drops root once the kernel is set (as the compose WAN profile runs it)."""
+    if (why := _namespaces_and_tc()) is not None:
+        pytest.skip(why)
+    size, mbit = 1_000_000, 8  # 1 MB at 1 MB/s: about 1 s each way
+    done = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", _IN_NAMESPACE, str(size), str(mbit)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for way in ("up_s", "down_s"):
+        assert 0.8 <= result[way] < 4.0, (way, result[way], result["log"])
+    # The kernel carried the bytes in the link's two classes (each at least the payload), at the set rate.
+    sent = {m[0]: int(m[1]) for m in re.findall(r"class htb (1:\d0) .*?\n Sent (\d+) bytes", result["classes"])}
+    assert sent["1:10"] >= size and sent["1:20"] >= size, result["classes"]
+    assert "class htb 1:10 root prio 0 rate 8Mbit ceil 8Mbit" in result["classes"]
+    assert "bandwidth by the kernel (tc)" in result["log"] and "running as nobody" in result["log"], result["log"]
+
+
+def test_kernel_shaping_refuses_clearly_without_the_right_to_set_it(echo: tuple[str, int]) -> None:
+    """Not root (or no NET_ADMIN): the command names the tc call that failed and exits 2, carrying nothing."""
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    else:
+        prefix = []
+    done = subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "deploy.wan.proxy",
+            "--listen",
+            "127.0.0.1:9444",
+            "--upstream",
+            f"{echo[0]}:{echo[1]}",
+            "--bandwidth-mbit",
+            "8",
+            "--shaping",
+            "kernel",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--shaping kernel: `tc qdisc replace dev" in done.stderr, done.stderr

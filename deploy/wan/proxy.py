@@ -2,13 +2,15 @@
 
 Hospitals join over VPNs and WANs (20-200 ms round trips, a few Mbit/s, links that reset or drop for
 minutes); a local deployment has none of that. This kernel has no ``sch_netem`` (``tc qdisc add ...
-netem`` answers "Specified qdisc kind is unknown"), so latency, jitter, bandwidth, stalls, resets and
-partitions are made here, in user space, per site:
+netem`` answers "Specified qdisc kind is unknown"), so latency, jitter, stalls, resets and partitions
+are made here, in user space, per site; the bandwidth cap too, or by the kernel (``--shaping kernel``):
 
 * latency: every chunk read from one side is delivered to the other ``rtt/2 ± jitter/2`` later
   (never before the chunk ahead of it: TCP does not reorder);
 * bandwidth: each direction of the link (all its connections together) is a token bucket of
-  ``bandwidth-mbit``;
+  ``bandwidth-mbit``: in this process, or with ``--shaping kernel`` in the kernel's traffic control
+  (``tc``: an HTB class per direction, told apart by port, on every interface of the proxy's network
+  namespace; the kernel paces packets, so TCP sees a real bottleneck: queueing, ACK clocking);
 * resets: every ``reset-every-s`` (± 20 %) all open connections are reset (RST), as a VPN re-key or a
   NAT that forgets them does;
 * stalls: after every ``stall-every-s`` (± 20 %) of service nothing moves for ``stall-s`` (a congested
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import pwd
 import random
 import shutil
 import signal
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 CHUNK = 16384  # bytes read at a time: at 5 Mbit/s one chunk is 26 ms of link time
 QUEUED = 64  # chunks in flight per direction and connection (1 MiB): beyond it the sender is held back
 PartitionMode = Literal["refuse", "blackhole"]
+Shaping = Literal["proxy", "kernel"]
 
 
 class LinkProfile(BaseModel):
@@ -134,12 +139,19 @@ class FaultProxy:
     """Carries TCP connections from ``listen`` to ``upstream`` through an emulated link (asyncio)."""
 
     def __init__(
-        self, upstream: tuple[str, int], link: LinkProfile, listen: tuple[str, int] = ("127.0.0.1", 0), seed: int = 0
+        self,
+        upstream: tuple[str, int],
+        link: LinkProfile,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+        seed: int = 0,
+        shaping: Shaping = "proxy",
     ) -> None:
-        self.upstream, self.link, self.listen = upstream, link, listen
+        """``shaping="kernel"``: the bandwidth cap is the kernel's (:func:`shape_in_kernel`), not this proxy's."""
+        self.upstream, self.link, self.listen, self.shaping = upstream, link, listen, shaping
         self.random = random.Random(seed)
         self.counters = Counters()
-        self.up, self.down = TokenBucket(link.bandwidth_mbit), TokenBucket(link.bandwidth_mbit)
+        mbit = link.bandwidth_mbit if shaping == "proxy" else 0.0
+        self.up, self.down = TokenBucket(mbit), TokenBucket(mbit)
         self.pairs: set[_Pair] = set()
         self.frozen_until = 0.0  # loop time: nothing is delivered before it (stalls, black-hole partitions)
         self.refusing_until = 0.0
@@ -156,7 +168,14 @@ class FaultProxy:
             self._chores.append(
                 asyncio.create_task(self._every(self.link.stall_every_s, self._stall, self.link.stall_s))
             )
-        logger.info("link proxy %s:%d -> %s:%d (%s)", self.listen[0], self.port, *self.upstream, self.link)
+        logger.info(
+            "link proxy %s:%d -> %s:%d (%s; bandwidth by the %s)",
+            self.listen[0],
+            self.port,
+            *self.upstream,
+            self.link,
+            "kernel (tc)" if self.shaping == "kernel" else "proxy",
+        )
 
     async def stop(self) -> None:
         for task in self._chores:
@@ -348,6 +367,75 @@ def netem_available() -> bool:
     return probe.returncode == 0
 
 
+class ShapingError(RuntimeError):
+    """The kernel refused the bandwidth cap (no ``tc``, no CAP_NET_ADMIN, no HTB in this kernel)."""
+
+
+def shaping_commands(device: str, listen_port: int, upstream_port: int, mbit: float) -> list[list[str]]:
+    """``tc`` commands that cap one interface's egress to ``mbit`` per direction of the proxied link.
+
+    The proxy's network namespace carries both directions: packets *to* the upstream (destination port
+    ``upstream_port``) are the site's upload, packets *from* the listening port are its download. Each
+    gets an HTB class (a token bucket) of its own; everything else (DNS, other services) goes unshaped.
+    """
+    rate = f"{mbit:g}mbit"
+    root = ["tc", "qdisc", "replace", "dev", device, "root", "handle", "1:", "htb", "default", "30"]
+    commands = [root]
+    for classid, this_rate, quantum in (("1:10", rate, "1514"), ("1:20", rate, "1514"), ("1:30", "10gbit", "60000")):
+        commands.append(
+            ["tc", "class", "add", "dev", device, "parent", "1:", "classid", classid, "htb"]
+            + ["rate", this_rate, "ceil", this_rate, "quantum", quantum]
+        )
+    for first, protocol, match in ((1, "ip", "ip"), (3, "ipv6", "ip6")):  # a filter priority holds one protocol
+        for prio, field_name, port, flow in (
+            (first, "dport", upstream_port, "1:10"),
+            (first + 1, "sport", listen_port, "1:20"),
+        ):
+            commands.append(
+                ["tc", "filter", "add", "dev", device, "parent", "1:", "protocol", protocol, "prio", str(prio)]
+                + ["u32", "match", match, field_name, str(port), "0xffff", "flowid", flow]
+            )
+    return commands
+
+
+def shape_in_kernel(listen_port: int, upstream_port: int, mbit: float) -> list[str]:
+    """Cap the link at ``mbit`` per direction on every interface of this network namespace; their names.
+
+    Replaces each interface's root qdisc: run it only in a namespace of the link's own (its container),
+    never on a host's interfaces. Needs ``tc`` and CAP_NET_ADMIN (root in the container).
+    """
+    if listen_port <= 0:
+        raise ShapingError("--shaping kernel needs a fixed --listen port (the download class is told by it)")
+    if shutil.which("tc") is None:
+        raise ShapingError("--shaping kernel: `tc` (iproute2) is not installed")
+    devices = sorted(name for _, name in socket.if_nameindex())  # this namespace's (not sysfs': the host's)
+    for device in devices:
+        for command in shaping_commands(device, listen_port, upstream_port, mbit):
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise ShapingError(f"--shaping kernel: `{' '.join(command)}` failed: {done.stderr.strip()}")
+    logger.info(
+        "kernel shaping: %g Mbit/s up (to port %d) and down (from port %d), HTB on %s",
+        mbit,
+        upstream_port,
+        listen_port,
+        ", ".join(devices),
+    )
+    return devices
+
+
+def drop_privileges(user: str) -> None:
+    """Run on as ``user`` once the kernel is configured: the proxy itself needs no root."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ShapingError(f"--user {user}: no such user") from None
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    logger.info("running as %s (uid %d)", user, entry.pw_uid)
+
+
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -380,12 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--partition-mode", choices=["refuse", "blackhole"], default="refuse")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shaping",
+        choices=["proxy", "kernel"],
+        default="proxy",
+        help="who caps the bandwidth: this process (proxy), or the kernel's traffic control (kernel: `tc` HTB on "
+        "every interface of this network namespace, so only in a container of the link's own; needs root)",
+    )
+    parser.add_argument("--user", help="with --shaping kernel as root: run on as this user once the kernel is set")
     return parser
 
 
 async def _serve(args: argparse.Namespace, link: LinkProfile) -> Counters:
     """Carry connections until SIGTERM or SIGINT (``docker stop``, Ctrl-C); what went through, for the log."""
-    proxy = FaultProxy(args.upstream, link, args.listen, args.seed)
+    proxy = FaultProxy(args.upstream, link, args.listen, args.seed, args.shaping)
     await proxy.start()
     loop = asyncio.get_running_loop()
     for at, seconds in args.partition:
@@ -408,7 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     if netem_available():
-        logger.info("this kernel has sch_netem; the proxy still emulates the link in user space")
+        logger.info("this kernel has sch_netem; the proxy still emulates latency and faults in user space")
+    try:
+        if args.shaping == "kernel" and link.bandwidth_mbit > 0:
+            shape_in_kernel(args.listen[1], args.upstream[1], link.bandwidth_mbit)
+        if args.user:
+            drop_privileges(args.user)
+    except (ShapingError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
     counters = asyncio.run(_serve(args, link))
     # One line an operator (or tests/test_compose.py) reads to see that the site's traffic went this way.
     logger.info(
