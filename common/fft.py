@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _AXES = (-2, -1)
 
@@ -39,6 +39,42 @@ def ifft2c_np(kspace: np.ndarray) -> np.ndarray:
     """NumPy twin of :func:`ifft2c`."""
     shifted = np.fft.ifftshift(kspace, axes=_AXES)
     return np.fft.fftshift(np.fft.ifft2(shifted, axes=_AXES, norm="ortho"), axes=_AXES)
+
+
+def centred_idft_matrix(n: int) -> np.ndarray:
+    """The (n, n) complex matrix of :func:`ifft2c` along one axis (columns: transformed basis)."""
+    eye = np.eye(n, dtype=np.complex128)
+    return np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(eye, axes=0), axis=0, norm="ortho"), axes=0)
+
+
+class RealIfft2c(nn.Module):
+    """:func:`ifft2c` at a fixed (H, W) in real arithmetic, for exporters without complex tensors (ONNX).
+
+    The centred orthonormal inverse DFT is two real matrix products per axis: k-space as real (..., H, W, 2)
+    pairs in, the image's real and imaginary parts (..., H, W) out.
+    """
+
+    rows_re: Tensor  # buffers, registered by name in __init__
+    rows_im: Tensor
+    cols_re: Tensor
+    cols_im: Tensor
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        rows, cols = centred_idft_matrix(height), centred_idft_matrix(width).T
+        for name, matrix in (("rows", rows), ("cols", cols)):
+            self.register_buffer(f"{name}_re", torch.from_numpy(matrix.real.astype(np.float32)))
+            self.register_buffer(f"{name}_im", torch.from_numpy(matrix.imag.astype(np.float32)))
+
+    def forward(self, kspace: Tensor) -> tuple[Tensor, Tensor]:
+        """Real (..., H, W, 2) k-space -> (real, imaginary) parts of its centred inverse DFT, each (..., H, W)."""
+        kr, ki = kspace[..., 0], kspace[..., 1]
+        # Rows: A_H @ K, then columns: (.) @ A_W^T, each a complex product in real arithmetic.
+        tr = torch.matmul(self.rows_re, kr) - torch.matmul(self.rows_im, ki)
+        ti = torch.matmul(self.rows_re, ki) + torch.matmul(self.rows_im, kr)
+        ir = torch.matmul(tr, self.cols_re) - torch.matmul(ti, self.cols_im)
+        ii = torch.matmul(tr, self.cols_im) + torch.matmul(ti, self.cols_re)
+        return ir, ii
 
 
 def complex_to_channels(x: Tensor) -> Tensor:

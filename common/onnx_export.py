@@ -3,11 +3,11 @@
 ONNX has no complex tensors, and torch 2.13's exporter cannot convert the complex coil and
 data-consistency operations of the unrolled network and VarNet (complex ``unsqueeze``,
 ``linalg_vector_norm``, ``prod`` over complex values fail to dispatch; measured while building this).
-The end-to-end U-Net needs only one complex step, the zero-filled image ``RSS(IFFT(k))``, and that is
-written here in real arithmetic: the centred orthonormal inverse DFT is two real matrix products per
-axis for a fixed matrix size. So ``unet`` models export, at a fixed (B, C, H, W), taking k-space as
-real (..., 2) pairs; the other models are refused with the reason. Every export is run in ONNX Runtime
-and compared with the PyTorch model on the same input; a difference above the tolerance fails it.
+A model whose registry entry declares ``onnx_exportable`` provides its own real-valued form through the
+:class:`OnnxExportable` hook: a module at a fixed (B, C, H, W) taking k-space as real (..., 2) pairs (the
+U-Net writes its one complex step, the zero-filled image ``RSS(IFFT(k))``, as real matrix products:
+:class:`common.fft.RealIfft2c`). Other models are refused with the reason. Every export is run in ONNX
+Runtime and compared with the PyTorch model on the same input; a difference above the tolerance fails it.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import io
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from common.artifact import Acquisition, OnnxInfo
 from common.errors import ConfigError
-from common.models import UnetRecon, model_name
+from common.models import model_name
 from common.registry import MODEL_ENTRIES
 
 logger = logging.getLogger(__name__)
@@ -34,37 +35,14 @@ TOLERANCE = 1e-3
 DEFAULT_SHAPE = (1, 1, 320, 320)
 
 
-def centred_idft_matrix(n: int) -> np.ndarray:
-    """The (n, n) complex matrix of :func:`common.fft.ifft2c` along one axis (columns: transformed basis)."""
-    eye = np.eye(n, dtype=np.complex128)
-    return np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(eye, axes=0), axis=0, norm="ortho"), axes=0)
+@runtime_checkable
+class OnnxExportable(Protocol):
+    """The hook of a model whose entry declares ``onnx_exportable``."""
 
-
-class RealUnetRecon(nn.Module):
-    """:class:`UnetRecon` on real-valued k-space (B, C, H, W, 2), with the IFFT as real matrix products."""
-
-    rows_re: Tensor  # buffers, registered by name in __init__
-    rows_im: Tensor
-    cols_re: Tensor
-    cols_im: Tensor
-
-    def __init__(self, model: UnetRecon, height: int, width: int) -> None:
-        super().__init__()
-        self.model = model
-        rows, cols = centred_idft_matrix(height), centred_idft_matrix(width).T
-        for name, matrix in (("rows", rows), ("cols", cols)):
-            self.register_buffer(f"{name}_re", torch.from_numpy(matrix.real.astype(np.float32)))
-            self.register_buffer(f"{name}_im", torch.from_numpy(matrix.imag.astype(np.float32)))
-
-    def forward(self, kspace: Tensor) -> Tensor:
-        """Real (B, C, H, W, 2) masked k-space -> magnitude (B, H, W), equal to ``UnetRecon``'s output."""
-        kr, ki = kspace[..., 0], kspace[..., 1]
-        # Rows: A_H @ K, then columns: (.) @ A_W^T, each a complex product in real arithmetic.
-        tr = torch.matmul(self.rows_re, kr) - torch.matmul(self.rows_im, ki)
-        ti = torch.matmul(self.rows_re, ki) + torch.matmul(self.rows_im, kr)
-        ir = torch.matmul(tr, self.cols_re) - torch.matmul(ti, self.cols_im)
-        ii = torch.matmul(tr, self.cols_im) + torch.matmul(ti, self.cols_re)
-        return self.model.refine(torch.sqrt((ir * ir + ii * ii).sum(dim=1)).unsqueeze(1))
+    def onnx_module(self, height: int, width: int) -> nn.Module:
+        """The model at (H, W) as a module from real (B, C, H, W, 2) masked k-space to magnitude (B, H, W),
+        equal to the model's output with an all-ones mask and coil maps, using only ONNX-convertible ops."""
+        ...
 
 
 def export_shape(acquisitions: Sequence[Acquisition]) -> tuple[int, int, int, int]:
@@ -83,7 +61,7 @@ def export_onnx(
 ) -> tuple[bytes, OnnxInfo]:
     """ONNX bytes of ``model`` at ``shape`` (default :func:`export_shape`) and its card entry, checked in ONNX Runtime."""
     name = model_name(model)
-    if not MODEL_ENTRIES[name].onnx_exportable or not isinstance(model, UnetRecon):
+    if not MODEL_ENTRIES[name].onnx_exportable or not isinstance(model, OnnxExportable):
         exportable = ", ".join(n for n, entry in MODEL_ENTRIES.items() if entry.onnx_exportable)
         raise ConfigError(
             f"--onnx: model {name} cannot be exported: its complex coil and data-consistency "
@@ -92,7 +70,7 @@ def export_onnx(
     import onnxruntime as ort
 
     batch, coils, height, width = shape or export_shape(acquisitions)
-    wrapper = RealUnetRecon(model, height, width).eval()
+    wrapper = model.onnx_module(height, width).eval()
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(batch, coils, height, width, 2, generator=generator)  # image pixels of order 1
     with warnings.catch_warnings():

@@ -1,9 +1,10 @@
 """The names of every pluggable kind, in one place that needs neither PyTorch nor Flower.
 
 Run-config validation, the CLI's choices, the error messages and the docs (README, ARCHITECTURE,
-pyproject's comments: :mod:`common.docs_gen`) read the names from here; each implementation (the model
-classes, the strategy builders, the baselines, the losses) is keyed by the same names and checked against them
-when its module is imported, so a name cannot exist in one list only. Each name carries the one-line
+pyproject's comments: :mod:`common.docs_gen`) read the names from here; each implementation (the strategy
+builders, the baselines, the losses) is keyed by the same names and checked against them when its module is
+imported, so a name cannot exist in one list only. A model's entry names its class itself (as
+``"module:Class"``, imported only when the model is built), so a model is its module and its entry. Each name carries the one-line
 description the docs show, so a description is written once, next to its name.
 (Mask patterns are derived from their builders in :mod:`common.masks`, which carry theirs.)
 """
@@ -35,14 +36,19 @@ DC_OPERATORS = ("none", "closed-form", "gradient")
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A reconstruction model's facts, declared once: SSDU, DP-SGD, ONNX export and the docs read them here."""
+    """A reconstruction model's facts, declared once: building it, SSDU, DP-SGD, ONNX export and the docs read
+    them here."""
 
     description: str
+    #: Its ``nn.Module`` class as ``"package.module:Class"``; :func:`common.models.build_model` imports it
+    #: on use, so this module (and the docs, the config validation) need no PyTorch.
+    implementation: str
     #: How its output is kept consistent with the acquired k-space: "none", "closed-form" or "gradient".
     dc_operator: str
     #: Whether its output can be taken to k-space, which SSDU's loss on the held-back locations needs.
     supports_ssdu: bool
-    #: Whether ``fedsense export --onnx`` can convert it (its operations all have ONNX counterparts).
+    #: Whether ``fedsense export --onnx`` can convert it: its class then has the ``onnx_module(height, width)``
+    #: hook of :class:`common.onnx_export.OnnxExportable` (a module on real (..., 2) k-space pairs).
     onnx_exportable: bool = False
     #: Why DP-SGD cannot train it; empty when it can.
     dp_refusal: str = ""
@@ -50,6 +56,9 @@ class ModelEntry:
     def __post_init__(self) -> None:
         if self.dc_operator not in DC_OPERATORS:
             raise ValueError(f"dc_operator: {self.dc_operator!r} is none of {', '.join(DC_OPERATORS)}")
+        module, _, attribute = self.implementation.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"implementation: {self.implementation!r} is not 'package.module:Class'")
 
     @property
     def supports_dp(self) -> bool:
@@ -62,6 +71,7 @@ MODEL_ENTRIES: dict[str, ModelEntry] = {
     "unet": ModelEntry(
         "end-to-end U-Net on the coil-combined zero-filled image (fastMRI's baseline); at radial / spiral "
         "sites on the density-compensated NUFFT adjoint",
+        implementation="common.models.unet:UnetRecon",
         dc_operator="none",
         supports_ssdu=False,
         onnx_exportable=True,
@@ -70,6 +80,7 @@ MODEL_ENTRIES: dict[str, ModelEntry] = {
         "unrolled cascade of small residual CNNs, each followed by a closed-form data-consistency "
         "layer (after Schlemper et al.'s DC-CNN); at radial / spiral sites the DC is CG-SENSE "
         '(`nc_dc = "cg"`) or a gradient step on the NUFFT',
+        implementation="common.models.unrolled:UnrolledNet",
         dc_operator="closed-form",
         supports_ssdu=True,
     ),
@@ -77,6 +88,7 @@ MODEL_ENTRIES: dict[str, ModelEntry] = {
         "end-to-end VarNet: gradient data consistency in multi-coil k-space with coil maps estimated by "
         "the model (after Sriram et al. 2020); at radial / spiral sites each cascade runs its image-domain "
         "twin (gradient DC on the NUFFT, the same weights) with the site's own maps",
+        implementation="common.models.varnet:VarNet",
         dc_operator="gradient",
         supports_ssdu=True,
         dp_refusal="its coil-sensitivity network runs on every coil image as a separate batch element (B·C), so "

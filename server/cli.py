@@ -6,7 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,6 +278,24 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PartitionableKinds:
+    """``data partition --dataset``'s choices: the registered dataset kinds with a partitioner, read from
+    :mod:`common.data.kinds` when argparse first asks (the kinds import h5py and nibabel, which building the
+    parser for every other command does not need)."""
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        from common.data.partition import partitionable_kinds
+
+        return partitionable_kinds()
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
 def cmd_data_partition(args: argparse.Namespace) -> int:
     from common.data.partition import PartitionSpec, partition_dataset
     from server.viewer.partition import print_partition_summary
@@ -417,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_demo)
 
     p = data.add_parser("partition", help="simulated hospitals from fastMRI / BraTS / IXI: site folders + TOMLs")
-    p.add_argument("--dataset", required=True, choices=("fastmri", "brats", "ixi"))
+    p.add_argument("--dataset", required=True, choices=_PartitionableKinds())
     p.add_argument("--root", required=True, help="the downloaded dataset's folder")
     p.add_argument(
         "--by",

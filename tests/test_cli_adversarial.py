@@ -579,7 +579,7 @@ def test_a_demo_that_fails_part_way_leaves_nothing_behind(
     def disk_full(*args: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(demo, "_write_ixi", disk_full)
+    monkeypatch.setattr(demo, "write_ixi", disk_full)
     out = tmp_path / "demo"
     out.mkdir()
     refused(

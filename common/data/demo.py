@@ -2,7 +2,8 @@
 
 ``fedsense data demo --out DIR`` (or ``python -m common.data.demo --out DIR``) writes, per site config,
 ``DIR/<site name>/`` holding fastMRI-style multi-coil HDF5, BraTS-style NIfTI folders or IXI-style NIfTI
-files, depending on the site's dataset kind. The anatomy comes from the MNI template bundled with nilearn
+files, depending on the site's dataset kind: each kind's entry in :mod:`common.data.kinds` names its writer
+here (``demo``), with the :data:`~common.data.kinds.DemoWriter` signature. The anatomy comes from the MNI template bundled with nilearn
 (see :mod:`common.data.phantom`), so nothing is downloaded; output is deterministic for a seed.
 """
 
@@ -29,6 +30,7 @@ from common.atomic import atomic_dir, atomic_write_bytes
 from common.coils import rss
 from common.config import SiteConfig, load_site_config, parse_site_config
 from common.data.acquisition import simulate_acquisition
+from common.data.kinds import dataset_kind
 from common.data.noncartesian import simulate_noncartesian
 from common.data.noncartesian_h5 import ISMRMRD_TRAJECTORY, write_noncartesian_h5
 from common.data.phantom import Subject, make_subject
@@ -129,14 +131,16 @@ def _write_site(
 ) -> dict[str, Any]:
     """Build ``site``'s demo folder under a temporary name, renamed onto ``out/<name>`` when ``stack`` closes
     without an error (an old folder there was checked by the caller); returns its summary."""
-    writers = {"fastmri": _write_fastmri, "brats": _write_brats, "ixi": _write_ixi}
+    writer = dataset_kind(site.dataset).demo
+    if writer is None:
+        raise ConfigError(f"{site.name}: dataset: the demo cannot synthesise {site.dataset} data")
     started = time.perf_counter()
     site_dir = out / site.name
     rng = np.random.default_rng([seed, site.demo.seed])
     count = subjects if subjects is not None else site.demo.subjects
     building = stack.enter_context(atomic_dir(site_dir, replace=True))
     (building / MARKER).write_text("synthetic demo data written by common.data.demo; safe to delete\n")
-    files, subject_ids = writers[site.dataset](building, site, size, count, rng)
+    files, subject_ids = writer(building, site, size, count, rng)
     log.info(
         "%s: wrote %d %s file(s) for %d subject(s) to %s in %.1f s",
         site.name,
@@ -218,7 +222,7 @@ def _axial_slices(volume: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- fastMRI HDF5
 
 
-def _write_fastmri(
+def write_fastmri(
     site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
     """One multi-coil brain file per subject, cycling through the site's acquisitions."""
@@ -370,7 +374,7 @@ def _nifti_subject(rng: np.random.Generator, size: int, *, scalp: bool, lesion: 
     )
 
 
-def _write_brats(
+def write_brats(
     site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
     """BraTS 2020 layout: ``BraTS20_Training_00K/BraTS20_Training_00K_{t1,t1ce,t2,flair,seg}.nii.gz``.
@@ -394,7 +398,7 @@ def _write_brats(
     return files, subjects
 
 
-def _write_ixi(
+def write_ixi(
     site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
     """IXI layout: ``IXI0KK-<hospital>-NNNN-{T1,T2,PD}.nii.gz``; not skull-stripped, Rician background.

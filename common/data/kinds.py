@@ -1,23 +1,30 @@
 """Dataset kinds: one registry entry per kind of data a site may hold, with everything that differs by kind.
 
 A site config's ``dataset`` names an entry here; its validation (contrast names, hospitals), the files
-the kind's folder holds, the cheap signature check ``fedsense simulate``'s preflight runs, and the
-reader that indexes the folder are looked up on that entry, so adding a kind is one entry and one
-:func:`register` call, with no if/elif chain to find elsewhere (see docs/ARCHITECTURE.md).
+the kind's folder holds, the cheap signature check ``fedsense simulate``'s preflight runs, the
+reader that indexes the folder, how ``fedsense data partition`` indexes and splits a downloaded copy
+(:class:`Partitioner`) and how ``fedsense data demo`` synthesises one (:data:`DemoWriter`) are looked up
+on that entry, so adding a kind is its module and one :func:`register` call, with no if/elif chain to
+find elsewhere (see docs/ARCHITECTURE.md).
 
 Importing this module imports the readers (h5py, nibabel); :mod:`common.config` therefore only looks
-kinds up while validating, when both modules are loaded.
+kinds up while validating, when both modules are loaded. The demo writers (phantom, PyTorch) are
+imported only when a demo is written.
 """
 
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.config import BRATS_ALIASES, BRATS_CONTRASTS, IXI_CONTRASTS, IXI_HOSPITALS, SiteConfig
+from common.data.discovery import Discovered, discover_brats, discover_fastmri, discover_ixi
 from common.data.readers import (
     BratsReader,
     FastMRIReader,
@@ -37,6 +44,42 @@ _NIFTI_MAGICS = ((344, (b"n+1\x00", b"ni1\x00")), (4, (b"n+2\x00",)))
 
 #: A reader class and the keyword arguments it takes beyond the common ones.
 ReaderChoice = tuple[type[SliceReader], dict[str, Any]]
+#: ``fedsense data demo``'s writer of one site's synthetic files: (folder to fill, the site, in-plane size,
+#: subjects, seeded generator) -> (the file names written, relative to the folder; the subject ids).
+DemoWriter = Callable[[Path, SiteConfig, int, int, np.random.Generator], tuple[list[str], list[str]]]
+
+
+@dataclass(frozen=True)
+class Partitioner:
+    """How ``fedsense data partition`` splits a downloaded copy of a kind into simulated hospitals."""
+
+    #: The kind's natural partition keys (``--by``; every :class:`~common.data.discovery.Volume` the
+    #: discovery returns carries them in ``keys``). ``"institution"`` is special: its sites come from a
+    #: FeTS partition CSV, not from the files.
+    keys: tuple[str, ...]
+    #: (dataset root, canonical contrasts wanted or empty for all) -> usable volumes, skipped files: headers only.
+    discover: Callable[[Path, Sequence[str]], Discovered]
+    #: Example file names, for the message when a root holds none ("IXI002-Guys-0828-T1.nii.gz").
+    examples: str
+    #: This kind's data files under a folder, counted to tell a user that ``--dataset`` names the wrong kind.
+    count: Callable[[Path], int]
+    #: What a Dirichlet split skews by default (a key, or "none": quantity skew). "institution" falls back
+    #: to "none" without a partition CSV.
+    default_label: str = "none"
+
+
+def deferred_demo(module: str, function: str) -> DemoWriter:
+    """The demo writer ``module.function``, imported when a demo is written (demo writers import the phantom
+    and PyTorch, which validating a site config does not need); looked up on each call, so a test may
+    replace it."""
+
+    def write(
+        site_dir: Path, site: SiteConfig, size: int, count: int, rng: np.random.Generator
+    ) -> tuple[list[str], list[str]]:
+        writer: DemoWriter = getattr(importlib.import_module(module), function)
+        return writer(site_dir, site, size, count, rng)
+
+    return write
 
 
 def has_hdf5_signature(path: Path) -> bool:
@@ -78,6 +121,10 @@ class DatasetKind:
     contrasts: Callable[[list[str]], list[str]]
     #: The values ``hospital`` may take (empty: this kind is not split by hospital).
     hospitals: tuple[str, ...] = ()
+    #: How ``fedsense data partition`` indexes and splits a downloaded copy (None: it cannot).
+    partition: Partitioner | None = None
+    #: How ``fedsense data demo`` writes synthetic files of this kind (None: it cannot).
+    demo: DemoWriter | None = None
 
 
 KINDS: dict[str, DatasetKind] = {}
@@ -136,6 +183,14 @@ register(
         raw_kspace=True,
         # Acquisition names (AXT2, CORPD_FBK, ...) are open-ended; compared case-insensitively.
         contrasts=lambda values: [c.upper() for c in values],
+        partition=Partitioner(
+            keys=("scanner", "field-strength", "contrast"),
+            discover=discover_fastmri,
+            examples="*.h5 files with a 'kspace' dataset and an ismrmrd_header",
+            count=lambda root: len(find_fastmri_files(root)),
+            default_label="contrast",
+        ),
+        demo=deferred_demo("common.data.demo", "write_fastmri"),
     )
 )
 register(
@@ -148,6 +203,15 @@ register(
         reader=lambda _config, min_foreground: (BratsReader, {"min_foreground": min_foreground}),
         raw_kspace=False,
         contrasts=fixed_contrasts("brats", BRATS_CONTRASTS, lambda c: BRATS_ALIASES.get(c.lower(), c.lower())),
+        partition=Partitioner(
+            keys=("institution",),
+            discover=discover_brats,
+            examples="BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz, BraTS-GLI-00000-000-t2f.nii.gz "
+            "or FeTS2022_00000_t1.nii.gz",
+            count=lambda root: len(find_brats_files(root)),
+            default_label="institution",
+        ),
+        demo=deferred_demo("common.data.demo", "write_brats"),
     )
 )
 register(
@@ -161,5 +225,13 @@ register(
         raw_kspace=False,
         contrasts=fixed_contrasts("ixi", IXI_CONTRASTS, str.upper),
         hospitals=IXI_HOSPITALS,
+        partition=Partitioner(
+            keys=("hospital",),
+            discover=discover_ixi,
+            examples="IXI002-Guys-0828-T1.nii.gz",
+            count=lambda root: len(find_ixi_files(root)),
+            default_label="hospital",
+        ),
+        demo=deferred_demo("common.data.demo", "write_ixi"),
     )
 )

@@ -26,47 +26,28 @@ import shutil
 import tomllib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import h5py
-import nibabel as nib
 import numpy as np
 
 from common.atomic import atomic_write_bytes, os_error_at
 from common.config import ScannerConfig, SiteConfig, format_validation_error, parse_site_config
-from common.data.readers import (
-    _H5_ERRORS,
-    _NIFTI_ERRORS,
-    _attr_str,
-    find_brats_files,
-    find_fastmri_files,
-    find_ixi_files,
-    parse_ixi_name,
-)
-from common.data.scanner_header import HeaderError, nominal_field, parse_scanner_header
+from common.data import kinds
+from common.data.discovery import Volume
+from common.data.kinds import Partitioner
 from common.errors import ConfigError, DataError, OutputError
 from common.outputs import check_not_input
 
 log = logging.getLogger(__name__)
 
-Dataset = Literal["fastmri", "brats", "ixi"]
 LinkMode = Literal["auto", "hard", "symlink", "copy"]
-NATURAL_KEYS: dict[str, tuple[str, ...]] = {
-    "ixi": ("hospital",),
-    "brats": ("institution",),
-    "fastmri": ("scanner", "field-strength", "contrast"),
-}
 SEEDED_KEYS = ("random", "dirichlet")
 MARKER = ".fedsense-partition"
 SUMMARY_NAME = "partition.json"
 # common.data.splits gives train, val and test a subject each only from three subjects on.
 MIN_SUBJECTS_TO_EVALUATE = 3
-
-# IXI's acquisition sites as the IXI project documents them (brain-development.org/ixi-dataset):
-# Hammersmith (HH) Philips 3 T, Guy's (Guys) Philips 1.5 T, Institute of Psychiatry (IOP) GE 1.5 T.
-IXI_FIELD_STRENGTH_T = {"HH": 3.0, "Guys": 1.5, "IOP": 1.5}
 
 # Scanner settings for data without a header (BraTS, IXI): coils, noise and the study's sampling.
 # fastMRI sites take field strength, coils and matrix from their files and the sampling from here.
@@ -102,21 +83,6 @@ PROFILES: dict[str, ScannerConfig] = {
 DEFAULT_PROFILE = "3t-16ch"
 
 
-@dataclass(frozen=True)
-class Volume:
-    """One data file of the source dataset, with what partitioning and the summary need from it."""
-
-    path: Path  # absolute
-    rel: str  # path relative to the dataset root, POSIX style: kept in the site folder
-    subject: str
-    contrast: str
-    slices: int
-    keys: Mapping[str, str] = field(default_factory=dict)  # natural partition keys of this file
-    field_strength_t: float | None = None
-    coils: int | None = None
-    matrix: tuple[int, int] | None = None
-
-
 @dataclass
 class Inventory:
     """Every usable file of a dataset root, and the files left out with the reason."""
@@ -131,7 +97,7 @@ class Inventory:
 class PartitionSpec:
     """What ``fedsense data partition`` was asked to do (validated by :func:`partition_dataset`)."""
 
-    dataset: Dataset
+    dataset: str  # a registered dataset kind with a partitioner (common.data.kinds)
     root: Path
     by: str
     out: Path
@@ -151,18 +117,27 @@ class PartitionSpec:
 # --------------------------------------------------------------------------- discovery
 
 
+def partitionable_kinds() -> tuple[str, ...]:
+    """The registered dataset kinds ``fedsense data partition`` can split (those with a partitioner)."""
+    return tuple(name for name, kind in kinds.KINDS.items() if kind.partition is not None)
+
+
+def partitioner(dataset: str) -> Partitioner:
+    """The registered kind ``dataset``'s partitioner; ConfigError naming the kinds that have one otherwise."""
+    kind = kinds.KINDS.get(dataset)
+    if kind is None or kind.partition is None:
+        raise ConfigError(f"partition: --dataset: must be one of {', '.join(partitionable_kinds())}, got {dataset!r}")
+    return kind.partition
+
+
 def discover(dataset: str, root: Path, contrasts: Sequence[str] = ()) -> Inventory:
     """Index ``root`` as a ``dataset`` tree (headers only, no pixel data); DataError if it holds none."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"{root}: dataset root does not exist or is not a folder")
-    if dataset not in NATURAL_KEYS:
-        raise ConfigError(f"partition: --dataset: must be one of {', '.join(NATURAL_KEYS)}, got {dataset!r}")
+    rules = partitioner(dataset)
     wanted = _canonical_contrasts(dataset, contrasts)
-    if dataset == "fastmri":
-        volumes, skipped = _discover_fastmri(root, wanted)
-    else:
-        volumes, skipped = _discover_nifti(dataset, root, wanted)
+    volumes, skipped = rules.discover(root, wanted)
     if not volumes:
         raise DataError(_layout_message(dataset, root, wanted, skipped))
     log.info(
@@ -192,106 +167,16 @@ def _canonical_contrasts(dataset: str, contrasts: Sequence[str]) -> tuple[str, .
 
 def _layout_message(dataset: str, root: Path, wanted: Sequence[str], skipped: list[tuple[str, str]]) -> str:
     """Why nothing was found, and what the folder looks like instead (a wrong --dataset or --root)."""
-    examples = {
-        "fastmri": "*.h5 files with a 'kspace' dataset and an ismrmrd_header",
-        "brats": "BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz, BraTS-GLI-00000-000-t2f.nii.gz "
-        "or FeTS2022_00000_t1.nii.gz",
-        "ixi": "IXI002-Guys-0828-T1.nii.gz",
-    }
-    found = {
-        "fastmri": len(find_fastmri_files(root)),
-        "brats": len(find_brats_files(root)),
-        "ixi": len(find_ixi_files(root)),
-    }
-    message = f"{root}: no {dataset} files found (expected names like {examples[dataset]})"
+    found = {kind: partitioner(kind).count(root) for kind in partitionable_kinds() if kind != dataset}
+    message = f"{root}: no {dataset} files found (expected names like {partitioner(dataset).examples})"
     if wanted:
         message += f" with contrasts {list(wanted)}"
     if skipped:
         message += f"; {len(skipped)} unreadable, first: {skipped[0][0]}: {skipped[0][1]}"
-    others = [f"{n} {kind}" for kind, n in found.items() if kind != dataset and n]
+    others = [f"{n} {kind}" for kind, n in found.items() if n]
     if others:
         message += f"; the folder holds {', '.join(others)} file(s): is --dataset right?"
     return message
-
-
-def _discover_fastmri(root: Path, wanted: Sequence[str]) -> tuple[list[Volume], list[tuple[str, str]]]:
-    volumes, skipped = [], []
-    for source in find_fastmri_files(root):
-        rel = source.path.relative_to(root).as_posix()
-        try:
-            volume = _fastmri_volume(source.path, rel)
-        except (DataError, HeaderError) as exc:
-            log.warning("%s: skipped: %s", source.path, exc)
-            skipped.append((rel, str(exc)))
-            continue
-        if not wanted or volume.contrast in wanted:
-            volumes.append(volume)
-    return volumes, skipped
-
-
-def _fastmri_volume(path: Path, rel: str) -> Volume:
-    """Shape from ``kspace``, acquisition from the attribute, scanner facts from the ISMRMRD header."""
-    try:
-        with h5py.File(path, "r") as f:
-            kspace = f.get("kspace")
-            if not isinstance(kspace, h5py.Dataset) or kspace.ndim not in (3, 4):
-                raise DataError(f"{path}: no 3-D or 4-D 'kspace' dataset")
-            shape = tuple(int(n) for n in kspace.shape)
-            if "ismrmrd_header" not in f:
-                raise DataError(f"{path}: no ismrmrd_header (scanner keys come from it)")
-            header = parse_scanner_header(f["ismrmrd_header"][()])
-            acquisition = _attr_str(f.attrs.get("acquisition"), default="").upper()
-            subject = _attr_str(f.attrs.get("patient_id"), default=path.stem)
-    except (DataError, HeaderError):
-        raise
-    except _H5_ERRORS as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    contrast = acquisition or (header.protocol or "unknown").upper()
-    coils = shape[1] if len(shape) == 4 else 1
-    keys = {
-        "scanner": header.scanner or "unknown",
-        "field-strength": f"{nominal_field(header.field_strength_t):g}T" if header.field_strength_t else "unknown",
-        "contrast": contrast,
-    }
-    field_t = nominal_field(header.field_strength_t) if header.field_strength_t else None
-    return Volume(path, rel, subject, contrast, shape[0], keys, field_t, coils, (shape[-2], shape[-1]))
-
-
-def _discover_nifti(dataset: str, root: Path, wanted: Sequence[str]) -> tuple[list[Volume], list[tuple[str, str]]]:
-    sources = find_brats_files(root, wanted) if dataset == "brats" else find_ixi_files(root, wanted)
-    volumes, skipped = [], []
-    for source in sources:
-        rel = source.path.relative_to(root).as_posix()
-        try:
-            slices = _nifti_axial_slices(source.path)
-        except DataError as exc:
-            log.warning("%s: skipped: %s", source.path, exc)
-            skipped.append((rel, str(exc)))
-            continue
-        keys: dict[str, str] = {}
-        field_t = None
-        if dataset == "ixi":
-            parsed = parse_ixi_name(source.path.name)
-            assert parsed is not None  # find_ixi_files only returns files with IXI names
-            hospital = parsed[1]
-            keys["hospital"] = hospital
-            field_t = IXI_FIELD_STRENGTH_T[hospital]
-        volumes.append(
-            Volume(source.path, rel, source.subject or rel, source.contrast or "unknown", slices, keys, field_t)
-        )
-    return volumes, skipped
-
-
-def _nifti_axial_slices(path: Path) -> int:
-    """Axial slice count from the header alone (the reader's full scan is ``data check``'s job)."""
-    try:
-        img = cast(nib.spatialimages.SpatialImage, nib.load(path))
-        codes = nib.aff2axcodes(img.affine)
-    except _NIFTI_ERRORS as exc:
-        raise DataError(f"{path}: unreadable NIfTI header ({exc})") from exc
-    if len(img.shape) not in (3, 4) or None in codes:
-        raise DataError(f"{path}: not a 3-D volume with an orientation (shape {img.shape}, axes {codes})")
-    return int(img.shape[next(i for i, c in enumerate(codes) if c in "SI")])
 
 
 # --------------------------------------------------------------------------- assignment
@@ -387,7 +272,7 @@ def slug(text: str) -> str:
 def assign(inventory: Inventory, spec: PartitionSpec) -> dict[str, list[Volume]]:
     """Site name -> its volumes, by the requested key; raises for bad keys, CSVs and empty partitions."""
     dataset, by = inventory.dataset, spec.by
-    allowed = (*NATURAL_KEYS[dataset], *SEEDED_KEYS)
+    allowed = (*partitioner(dataset).keys, *SEEDED_KEYS)
     if by not in allowed:
         raise ConfigError(f"partition: --by: {dataset} can be partitioned by {', '.join(allowed)}, got {by!r}")
     subjects = sorted({v.subject for v in inventory.volumes})
@@ -449,11 +334,12 @@ def _institutions(csv_path: Path, subjects: Sequence[str]) -> dict[str, str]:
 
 
 def _labels(inventory: Inventory, spec: PartitionSpec) -> dict[str, str]:
-    """Subject -> Dirichlet class: a natural key (default: contrast for fastMRI, hospital for IXI,
-    institution for BraTS with a CSV) or a single class (pure quantity skew)."""
-    defaults = {"fastmri": "contrast", "ixi": "hospital", "brats": "institution" if spec.partition_csv else "none"}
-    label = spec.label or defaults[inventory.dataset]
-    allowed = (*NATURAL_KEYS[inventory.dataset], "none")
+    """Subject -> Dirichlet class: a natural key (default: the kind's ``default_label``: contrast for
+    fastMRI, hospital for IXI, institution for BraTS with a CSV) or a single class (pure quantity skew)."""
+    rules = partitioner(inventory.dataset)
+    default = "none" if rules.default_label == "institution" and not spec.partition_csv else rules.default_label
+    label = spec.label or default
+    allowed = (*rules.keys, "none")
     if label not in allowed:
         raise ConfigError(
             f"partition: --label: must be one of {', '.join(allowed)} for {inventory.dataset}, got {label!r}"
@@ -647,7 +533,7 @@ def _site_mapping(
         "dataset": spec.dataset,
         "data_path": name,  # relative: resolved against the TOML's folder, so `out` can move
         "contrasts": contrasts,
-        "hospital": hospitals.pop() if spec.dataset == "ixi" and len(hospitals) == 1 else None,
+        "hospital": hospitals.pop() if kinds.KINDS[spec.dataset].hospitals and len(hospitals) == 1 else None,
         "seed": spec.seed + index,
         "max_slices_per_volume": spec.max_slices_per_volume,
         "split": SiteConfig.model_fields["split"].default.model_dump(),

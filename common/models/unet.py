@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.coils import rss
-from common.fft import channels_to_complex, complex_to_channels, ifft2c
+from common.fft import RealIfft2c, channels_to_complex, complex_to_channels, ifft2c
 from common.nufft import SenseNufft, is_non_cartesian
 
 # fastMRI's U-Net baseline clamps the normalised input so a few bright outliers cannot dominate.
@@ -186,8 +186,27 @@ class UnetRecon(nn.Module):
 
     def refine(self, zero_filled: Tensor) -> Tensor:
         """Zero-filled magnitude (B,1,H,W) -> reconstruction (B,H,W): the network's part, which the ONNX
-        export (:mod:`common.onnx_export`) reuses after its own real-valued inverse FFT."""
+        form (:meth:`onnx_module`) reuses after its real-valued inverse FFT."""
         x, mean, std = _normalise(zero_filled, self.eps)
         x = x.clamp(-_INPUT_CLAMP, _INPUT_CLAMP)
         out = x + self.unet(x) if self.residual else self.unet(x)
         return (out * std + mean).squeeze(1)
+
+    def onnx_module(self, height: int, width: int) -> nn.Module:
+        """This model at a fixed (H, W) on real k-space pairs, for :mod:`common.onnx_export`: ONNX has no
+        complex tensors, and the zero-filled image ``RSS(IFFT(k))`` is the one complex step of a U-Net."""
+        return RealKspaceUnetRecon(self, height, width)
+
+
+class RealKspaceUnetRecon(nn.Module):
+    """:class:`UnetRecon` on real-valued k-space (B, C, H, W, 2), with the IFFT as real matrix products."""
+
+    def __init__(self, model: UnetRecon, height: int, width: int) -> None:
+        super().__init__()
+        self.model = model
+        self.ifft = RealIfft2c(height, width)
+
+    def forward(self, kspace: Tensor) -> Tensor:
+        """Real (B, C, H, W, 2) masked k-space -> magnitude (B, H, W), equal to ``UnetRecon``'s output."""
+        ir, ii = self.ifft(kspace)
+        return self.model.refine(torch.sqrt((ir * ir + ii * ii).sum(dim=1)).unsqueeze(1))
