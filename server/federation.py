@@ -20,11 +20,16 @@ from flwr.serverapp.strategy import Strategy
 
 from common.errors import FedSenseError
 from common.protocol import (
+    ARRAYS,
     CARRIED,
+    COMPUTE_SECONDS,
     CONFIG,
+    DP_WEIGHT,
     EVALUATE_FIRST,
     FINETUNE_ACTION,
     LOCAL_STEPS,
+    METRICS,
+    NUM_EXAMPLES,
     PROXIMAL_MU,
     SERVER_ROUND,
     STATE_ROUND,
@@ -74,11 +79,11 @@ def _site_records(
         raw = dict(next(iter(msg.content.metric_records.values())))
         if prefix:
             metrics = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
-            if "num-examples" not in metrics:
+            if NUM_EXAMPLES not in metrics:
                 continue
         else:
             metrics = {k: v for k, v in raw.items() if not k.startswith(CARRIED)}
-        n = int(cast(int, metrics.pop("num-examples")))
+        n = int(cast(int, metrics.pop(NUM_EXAMPLES)))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         seconds = (reply_seconds or {}).get(msg.metadata.reply_to_message_id)
         timing = {"reply_seconds": seconds} if seconds is not None else {}
@@ -94,7 +99,7 @@ def _global_record(
     run: RunConfig, rnd: int, phase: str, site_records: list[dict[str, Any]], rejected: list[Rejection], seconds: float
 ) -> dict[str, Any]:
     """The example-weighted mean of the sites' metrics, with who contributed and who did not."""
-    slowest = max((r["metrics"].get("compute-seconds", 0.0) for r in site_records), default=0.0)
+    slowest = max((r["metrics"].get(COMPUTE_SECONDS, 0.0) for r in site_records), default=0.0)
     return global_record(
         run.name,
         rnd,
@@ -396,11 +401,11 @@ class Federation:
         self.pace.observe(replies, self.reply_seconds)
         self.carried = None
         if self.carries_evaluation:
-            carriers, _, eval_clipped = apply_caps(list(replies), self.run.caps, key=f"{CARRIED}num-examples")
+            carriers, _, eval_clipped = apply_caps(list(replies), self.run.caps, key=f"{CARRIED}{NUM_EXAMPLES}")
             evaluated = _site_records(self.run, rnd - 1, "evaluate", carriers, prefix=CARRIED)
             if evaluated:
                 # The evaluation rode on the training message: it has no wall time or overhead of its own.
-                compute = max(r["metrics"].get("compute-seconds", 0.0) for r in evaluated)
+                compute = max(r["metrics"].get(COMPUTE_SECONDS, 0.0) for r in evaluated)
                 self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, failed, compute)
                 self.carried["carried_by"] = f"round {rnd} train"
                 _note_clipped(self.carried, eval_clipped)
@@ -443,14 +448,12 @@ class Federation:
         if not messages:
             raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
         nodes = [m.metadata.dst_node_id for m in messages]
-        secure = secure_mean_update(
-            self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records["config"]
-        )
+        secure = secure_mean_update(self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records[CONFIG])
         self.carried = None
         if self.carries_evaluation:
             evaluated = _site_records(self.run, rnd - 1, "evaluate", secure.replies, prefix=CARRIED)
             if evaluated:
-                compute = max(r["metrics"].get("compute-seconds", 0.0) for r in evaluated)
+                compute = max(r["metrics"].get(COMPUTE_SECONDS, 0.0) for r in evaluated)
                 self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, [], compute)
                 self.carried["carried_by"] = f"round {rnd} train"
                 self.store.append_metrics(evaluated + [self.carried])
@@ -460,17 +463,15 @@ class Federation:
             raise RoundFailed(f"round {rnd}: SecAgg+ unmasked no sum of {self.run.min_train_nodes} sites ({reasons})")
         if not all(np.all(np.isfinite(v)) for v in secure.mean_update.values()):
             raise RoundFailed(f"round {rnd}: the SecAgg+ aggregate is not finite (every site's weight was 0?)")
-        total = sum(
-            float(cast(float, r.content.metric_records["metrics"].get("num-examples", 0))) for r in secure.replies
-        )
+        total = sum(float(cast(float, r.content.metric_records[METRICS].get(NUM_EXAMPLES, 0))) for r in secure.replies)
         mean = Message(
             RecordDict(
                 {
-                    "arrays": apply_update(arrays, secure.mean_update),
-                    "metrics": MetricRecord(
+                    ARRAYS: apply_update(arrays, secure.mean_update),
+                    METRICS: MetricRecord(
                         {
-                            "num-examples": max(total, 1.0),
-                            **({"dp-weight": 1.0} if self.run.dp_client_level != "off" else {}),
+                            NUM_EXAMPLES: max(total, 1.0),
+                            **({DP_WEIGHT: 1.0} if self.run.dp_client_level != "off" else {}),
                         }
                     ),
                 }
@@ -497,7 +498,7 @@ class Federation:
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
         config: dict[str, Any] = {SERVER_ROUND: rnd, STATE_ROUND: rnd if state_round is None else state_round}
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
         messages = [
             Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
             for node in self.grid.get_node_ids()
