@@ -30,7 +30,27 @@ from common.device import resolve_device, use_cpu_allotment
 from common.errors import ConfigError
 from common.models import build_model
 from common.personalise import fine_tune
-from common.protocol import CARRIED, EVALUATE_FIRST, FINETUNE_ACTION, LOCAL_STEPS, PROXIMAL_MU, STATE_ROUND
+from common.protocol import (
+    ARRAYS,
+    CARRIED,
+    COMPUTE_SECONDS,
+    CONFIG,
+    DP_EPSILON,
+    DP_WEIGHT,
+    EVALUATE_FIRST,
+    FINETUNE_ACTION,
+    LOCAL_STEPS,
+    METRICS,
+    NUM_EXAMPLES,
+    PRECISION,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SITE,
+    SITE_NAME,
+    STATE_ROUND,
+    STEPS,
+    SUPERVISION,
+)
 from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SSDUTrainLoss, evaluate_self_supervised
@@ -49,7 +69,7 @@ SITE_ROUNDS = {"scaffold": ScaffoldRound}
 
 def _server_round(msg: Message) -> int:
     """The round number in the message's config (0 when it has none)."""
-    return int(cast(int, msg.content["config"].get("server-round", 0)))
+    return int(cast(int, msg.content[CONFIG].get(SERVER_ROUND, 0)))
 
 
 def _setup(
@@ -64,7 +84,7 @@ def _setup(
     model = build_model(run.model, **run.model_kwargs)
     memory = SiteMemory(context, run, site.name, strategy_state=run.strategy in SITE_ROUNDS)
     saved = memory.restore(state_round)
-    model.load_state_dict(memory.model_state(msg.content.array_records["arrays"].to_torch_state_dict(), saved))
+    model.load_state_dict(memory.model_state(msg.content.array_records[ARRAYS].to_torch_state_dict(), saved))
     return run, site.name, model, datasets, memory, saved
 
 
@@ -79,11 +99,11 @@ def _reply(
 ) -> Message:
     # "supervision" lets the server's tables and dashboard mark self-supervised sites; "precision" records
     # what the site's network trained at (precision = auto resolves per site).
-    facts = {"name": site, "supervision": supervision, **({"precision": precision} if precision else {})}
+    facts = {SITE_NAME: site, SUPERVISION: supervision, **({PRECISION: precision} if precision else {})}
     # dict(): Flower's records take a dict of their whole value union, which dict[str, float] is not.
-    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "site": ConfigRecord(dict(facts))})
+    content = RecordDict({METRICS: MetricRecord(dict(metrics)), SITE: ConfigRecord(dict(facts))})
     if arrays is not None:
-        content["arrays"] = ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()})  # CPU, whatever the device
+        content[ARRAYS] = ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()})  # CPU, whatever the device
     for key, record in (extra or {}).items():
         content[key] = record
     return Message(content=content, reply_to=msg)
@@ -97,17 +117,17 @@ def train(msg: Message, context: Context) -> Message:
     clock = HandlerClock()
     server_round = _server_round(msg)
     run, site, model, datasets, memory, saved = _setup(msg, context, state_round=server_round - 1)
-    if LOCAL_STEPS in msg.content["config"]:
+    if LOCAL_STEPS in msg.content[CONFIG]:
         # adaptive-local-steps: the server gives a slow site fewer steps, so it replies by the round's deadline.
         run = updated(
-            run, "server (adaptive local steps)", local_steps=int(cast(int, msg.content["config"][LOCAL_STEPS]))
+            run, "server (adaptive local steps)", local_steps=int(cast(int, msg.content[CONFIG][LOCAL_STEPS]))
         )
     clock.setup_done()
     monitor = site_monitor()
     monitor.watch(datasets)
-    mu = float(cast(float, msg.content["config"].get(PROXIMAL_MU, run.proximal_term_mu)))
+    mu = float(cast(float, msg.content[CONFIG].get(PROXIMAL_MU, run.proximal_term_mu)))
     carried: dict[str, float] = {}
-    if msg.content["config"].get(EVALUATE_FIRST, False):
+    if msg.content[CONFIG].get(EVALUATE_FIRST, False):
         # evaluate-with-train: the model received is round (server_round - 1)'s; score it before training.
         carried = {f"{CARRIED}{k}": v for k, v in _validate(run, site, model, datasets, server_round - 1).items()}
     device = resolve_device(run.device, "run config: device")
@@ -155,10 +175,10 @@ def train(msg: Message, context: Context) -> Message:
     logger.info("site %s round %d: train loss %.4f over %d steps", site, server_round, result.loss, result.steps)
     # compute-seconds lets the server separate local compute from federation overhead per round.
     metrics = {
-        "num-examples": result.num_examples,
+        NUM_EXAMPLES: result.num_examples,
         "loss": result.loss,
-        "steps": result.steps,
-        "compute-seconds": time.perf_counter() - started,
+        STEPS: result.steps,
+        COMPUTE_SECONDS: time.perf_counter() - started,
         # CPU time of this process: the step rate on a shared machine, whatever else runs there.
         "compute-cpu-seconds": time.process_time() - cpu_started,
         **_client_dp_weight(run),
@@ -187,7 +207,7 @@ class HandlerClock:
 
 def _client_dp_weight(run: RunConfig) -> dict[str, float]:
     # Client-level DP averages the clipped updates uniformly (the server weights by this key).
-    return {"dp-weight": 1.0} if run.dp_client_level != "off" else {}
+    return {DP_WEIGHT: 1.0} if run.dp_client_level != "off" else {}
 
 
 def _train_private(
@@ -209,7 +229,7 @@ def _train_private(
     path = ledger_path(context, run, site_context(context).site_path, site)
     result, ledger, privacy = train_with_budget(run, model, loader, mu, load_ledger(context, path))
     if result is None:
-        metrics = {"num-examples": 0, **privacy, "compute-seconds": time.perf_counter() - started, **carried}
+        metrics = {NUM_EXAMPLES: 0, **privacy, COMPUTE_SECONDS: time.perf_counter() - started, **carried}
         return _reply(msg, site, clock.stamp(metrics), None, supervision)
     store_ledger(context, path, ledger)
     monitor.trained(_server_round(msg), steps=result.steps)
@@ -218,14 +238,14 @@ def _train_private(
         site,
         result.loss,
         result.steps,
-        privacy["dp-epsilon"],
+        privacy[DP_EPSILON],
         run.dp_delta,
     )
     metrics = {
-        "num-examples": result.num_examples,
+        NUM_EXAMPLES: result.num_examples,
         "loss": result.loss,
-        "steps": result.steps,
-        "compute-seconds": time.perf_counter() - started,
+        STEPS: result.steps,
+        COMPUTE_SECONDS: time.perf_counter() - started,
         **privacy,
         **_client_dp_weight(run),
         **carried,
@@ -280,7 +300,7 @@ def _validate(run: RunConfig, site: str, model: torch.nn.Module, datasets: dict,
         # Sample images stay on this machine: written to a site-local directory, never sent.
         save_samples(run.sample_dir, server_round, site, result.samples)
     logger.info("site %s round %d: %s", site, server_round, result.metrics)
-    return {"num-examples": result.num_examples, **result.metrics, "compute-seconds": time.perf_counter() - started}
+    return {NUM_EXAMPLES: result.num_examples, **result.metrics, COMPUTE_SECONDS: time.perf_counter() - started}
 
 
 @app.train(FINETUNE_ACTION)
@@ -291,7 +311,7 @@ def finetune(msg: Message, context: Context) -> Message:
     clock = HandlerClock()
     server_round = _server_round(msg)
     # The arrays are the best round's, so the local layers must be that round's too, not the last one's.
-    state_round = int(cast(int, msg.content["config"].get(STATE_ROUND, server_round)))
+    state_round = int(cast(int, msg.content[CONFIG].get(STATE_ROUND, server_round)))
     run, site, model, datasets, memory, _ = _setup(msg, context, state_round=state_round)
     clock.setup_done()
     if datasets["train"].config.supervision == "self":
@@ -319,11 +339,11 @@ def finetune(msg: Message, context: Context) -> Message:
         "site %s fine-tuned: best of %d steps at step %d: %s", site, result.steps, result.best_step, result.metrics
     )
     metrics = {
-        "num-examples": result.num_examples,
+        NUM_EXAMPLES: result.num_examples,
         **result.metrics,
-        "steps": result.steps,
+        STEPS: result.steps,
         "best-step": result.best_step,
         "start-psnr": result.start_metrics["psnr"],
-        "compute-seconds": time.perf_counter() - started,
+        COMPUTE_SECONDS: time.perf_counter() - started,
     }
     return _reply(msg, site, clock.stamp(metrics), None)

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from common.command import CommandParser, nonnegative_int, positive_float, positive_int, run_command
+from common.command import (
+    CommandParser,
+    add_delegated,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from common.errors import FedSenseError
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by --help
@@ -171,13 +178,13 @@ def add_commands(sub: argparse._SubParsersAction[CommandParser]) -> None:
 
     from client import supernode
 
-    p = sub.add_parser(
+    add_delegated(
+        sub,
         "client",
-        parents=[supernode.build_parser()],
-        add_help=False,
+        supernode.build_parser(),
+        supernode.run,
         help="run this institution's site against a remote SuperLink (TLS + node authentication)",
     )
-    p.set_defaults(func=supernode.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

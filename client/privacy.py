@@ -21,6 +21,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.dp import PrivacyLedger, check_model, train_private
 from common.patient_dp import subject_groups, train_patient_private
+from common.protocol import DP_BUDGET_EXHAUSTED, DP_EPSILON
 from common.runconfig import RunConfig
 from common.training import BatchSource, TrainResult
 
@@ -75,7 +76,7 @@ def train_with_budget(
         logger.warning(
             "privacy budget: another round would exceed ε=%g (spent %.3f); not training", run.dp_target_epsilon, spent
         )
-        return None, ledger, {"dp-epsilon": spent, "dp-delta": run.dp_delta, "dp-budget-exhausted": 1, **unit}
+        return None, ledger, {DP_EPSILON: spent, "dp-delta": run.dp_delta, DP_BUDGET_EXHAUSTED: 1, **unit}
     if run.dp_unit == "subject":
         result, sample_rate = train_patient_private(
             model,
@@ -103,7 +104,7 @@ def train_with_budget(
             proximal_mu=mu,
         )
     ledger = ledger.with_round(run.dp_noise_multiplier, sample_rate, result.steps)
-    return result, ledger, {"dp-epsilon": ledger.epsilon(run.dp_delta), "dp-delta": run.dp_delta, **unit}
+    return result, ledger, {DP_EPSILON: ledger.epsilon(run.dp_delta), "dp-delta": run.dp_delta, **unit}
 
 
 def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

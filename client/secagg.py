@@ -31,17 +31,22 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.site_context import site_context
 from common.distributed_dp import clip_and_add_noise_share
+from common.protocol import (
+    ARRAYS,
+    CONFIG,
+    DP_CLIPPED,
+    METRICS,
+    NUM_EXAMPLES,
+    SECAGG_CLIPPED,
+    SECAGG_KEYS,
+    SECAGG_SITE,
+    SECAGG_SUPERVISION,
+    SITE,
+    SITE_NAME,
+    SUPERVISION,
+)
 
 logger = logging.getLogger(__name__)
-
-#: The array names of the legacy FitIns, as a JSON list the server's bridge sends (``server.secagg`` writes the same names).
-KEYS = "fedsense-keys"
-#: Legacy fit metrics are one flat dict of scalars: the site's name and supervision travel in it.
-SITE_NAME, SITE_SUPERVISION = "fedsense-site", "fedsense-supervision"
-#: Metric: the fraction of the weighted update's entries that ``secagg-clipping-range`` clipped.
-CLIPPED = "secagg-clipped-fraction"
-#: Metric (client-level DP under SecAgg+): 1 when the site's update was above ``dp-client-clip``.
-DP_CLIPPED = "dp-client-clipped"
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -55,21 +60,21 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
     """Run the training handler on a legacy FitIns and answer with the update as a legacy FitRes."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config: dict[str, Any] = dict(fitins.config)
-    keys = [str(k) for k in json.loads(str(config.pop(KEYS)))]
+    keys = [str(k) for k in json.loads(str(config.pop(SECAGG_KEYS)))]
     received = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
     msg.content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in received.items()}),
-            "config": ConfigRecord(config),
+            ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in received.items()}),
+            CONFIG: ConfigRecord(config),
         }
     )
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     run = site_context(context).run  # built once per run by the train handler that just answered
-    metrics: dict[str, Any] = dict(reply.content["metrics"])
-    site = reply.content["site"]
-    trained = reply.content.array_records.get("arrays")
+    metrics: dict[str, Any] = dict(reply.content[METRICS])
+    site = reply.content[SITE]
+    trained = reply.content.array_records.get(ARRAYS)
     client_dp = run.dp_client_level == "client-fixed"
     if trained is None:
         # No weights (a DP budget exhausted): take part with a zero update of weight 0, so the round's
@@ -78,10 +83,10 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
         weight = 0
     else:
         update = [trained[k].numpy().astype(np.float64) - received[k].astype(np.float64) for k in keys]
-        weight = int(min(float(metrics["num-examples"]), run.secagg_max_weight))
-        if weight < metrics["num-examples"] and not client_dp:
+        weight = int(min(float(metrics[NUM_EXAMPLES]), run.secagg_max_weight))
+        if weight < metrics[NUM_EXAMPLES] and not client_dp:
             logger.warning(
-                "num-examples %s above secagg-max-weight: the update weighs %d", metrics["num-examples"], weight
+                "num-examples %s above secagg-max-weight: the update weighs %d", metrics[NUM_EXAMPLES], weight
             )
     if client_dp:
         # Client-level DP: uniform weights (the accountant's mean), the update clipped and noised here.
@@ -110,9 +115,9 @@ def _legacy_train(msg: Message, context: Context, call_next: ClientAppCallable) 
         legacy_metrics[DP_CLIPPED] = float(clipped_update)
     legacy_metrics.update(
         {
-            SITE_NAME: str(site.get("name", "")),
-            SITE_SUPERVISION: str(site.get("supervision", "full")),
-            CLIPPED: clipped / max(total, 1),
+            SECAGG_SITE: str(site.get(SITE_NAME, "")),
+            SECAGG_SUPERVISION: str(site.get(SUPERVISION, "full")),
+            SECAGG_CLIPPED: clipped / max(total, 1),
         }
     )
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, legacy_metrics)

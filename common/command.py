@@ -127,6 +127,22 @@ def prepare_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_delegated(
+    sub: argparse._SubParsersAction[CommandParser],
+    name: str,
+    parser: CommandParser,
+    run: Callable[[argparse.Namespace], object],
+    help: str,
+) -> None:
+    """Subcommand ``name`` whose options are another module's ``parser`` and whose action is its ``run``.
+
+    The module (``client.supernode``, ``server.pki``, ``server.operator``) owns its options, its ``--help``
+    and its behaviour; the ``fedsense`` command only lists it.
+    """
+    command = sub.add_parser(name, parents=[parser], add_help=False, help=help)
+    command.set_defaults(func=run)
+
+
 _Number = TypeVar("_Number", int, float)
 
 

@@ -48,6 +48,26 @@ LOCAL_STEPS = "local-steps"
 #: round; without it a site uses its state of ``server-round``.
 STATE_ROUND = "state-round"
 
+# Keys of the SITE record: who replied.
+SITE_NAME = "name"  #: the site's name; the server keys caps, records and receipts by it
+SUPERVISION = "supervision"  #: "full", or "self" for a self-supervised (SSDU) site; absent means "full"
+PRECISION = "precision"  #: what the site's network trained at ("fp32" / "bf16"; precision = auto resolves per site)
+
+# Metric keys of a site's reply that the server reads (the others it records as they come).
+NUM_EXAMPLES = "num-examples"  #: the examples the site claims; FedAvg weighs by it (``server.claims`` caps it)
+DP_WEIGHT = "dp-weight"  #: client-level DP: every site weighs 1 (the server aggregates by this key then)
+COMPUTE_SECONDS = "compute-seconds"  #: the site's own compute, told apart from federation overhead
+STEPS = "steps"  #: local steps taken (adaptive-local-steps measures a site's seconds per step)
+DP_EPSILON = "dp-epsilon"  #: DP-SGD: the ε the site has spent
+DP_BUDGET_EXHAUSTED = "dp-budget-exhausted"  #: DP-SGD: 1 when another round would pass the target ε (no weights)
+
+# SecAgg+ travels in Flower's legacy FitIns / FitRes, whose config and metrics are flat dicts of scalars.
+SECAGG_KEYS = "fedsense-keys"  #: in the FitIns config: the array names, as a JSON list
+SECAGG_SITE = "fedsense-site"  #: in the FitRes metrics: the SITE record's SITE_NAME
+SECAGG_SUPERVISION = "fedsense-supervision"  #: in the FitRes metrics: the SITE record's SUPERVISION
+SECAGG_CLIPPED = "secagg-clipped-fraction"  #: metric: the share of update entries secagg-clipping-range clipped
+DP_CLIPPED = "dp-client-clipped"  #: metric (client-level DP under SecAgg+): 1 when the update was above dp-client-clip
+
 #: The ClientApp's fine-tuning action: message type ``train.finetune``.
 FINETUNE_ACTION = "finetune"
 #: Prefix of the metrics a training reply carries for the evaluation it did first (``evaluate-first``).

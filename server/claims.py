@@ -17,11 +17,12 @@ from typing import cast
 
 from flwr.app import Message
 
+from common.protocol import NUM_EXAMPLES
 from server.strategy import Rejection, site_of
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_KEY = "num-examples"
+WEIGHT_KEY = NUM_EXAMPLES
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from common.command import (
     EXIT_SITE_FAILED,
     CommandParser,
+    add_delegated,
     nonnegative_float,
     nonnegative_int,
     port_number,
@@ -540,20 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from server import operator, pki
 
-    p = sub.add_parser(
+    add_delegated(
+        sub,
         "pki",
-        parents=[pki.build_parser()],
-        add_help=False,
+        pki.build_parser(),
+        pki.run,
         help="CA, SuperLink certificate and per-site SuperNode keys (idempotent; --rotate SITE)",
     )
-    p.set_defaults(func=pki.run)
-    p = sub.add_parser(
+    add_delegated(
+        sub,
         "operator",
-        parents=[operator.build_parser()],
-        add_help=False,
+        operator.build_parser(),
+        operator.run,
         help="run a flwr command through the front door with an operator client certificate",
     )
-    p.set_defaults(func=operator.run)
     return parser
 
 

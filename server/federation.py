@@ -18,17 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common import protocol
 from common.errors import FedSenseError
-from common.protocol import (
-    CARRIED,
-    CONFIG,
-    EVALUATE_FIRST,
-    FINETUNE_ACTION,
-    LOCAL_STEPS,
-    PROXIMAL_MU,
-    SERVER_ROUND,
-    STATE_ROUND,
-)
 from common.runconfig import RunConfig
 from server.best import BestTracker
 from server.claims import Clipped, apply_caps
@@ -47,7 +38,7 @@ from server.strategy import Rejection, precision_of, site_of, supervision_of, va
 logger = logging.getLogger(__name__)
 
 #: The ClientApp's fine-tuning action (``@app.train(FINETUNE_ACTION)`` in client/app.py).
-FINETUNE_MESSAGE = f"{MessageType.TRAIN}.{FINETUNE_ACTION}"
+FINETUNE_MESSAGE = f"{MessageType.TRAIN}.{protocol.FINETUNE_ACTION}"
 
 
 class RoundFailed(FedSenseError):
@@ -74,11 +65,11 @@ def _site_records(
         raw = dict(next(iter(msg.content.metric_records.values())))
         if prefix:
             metrics = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
-            if "num-examples" not in metrics:
+            if protocol.NUM_EXAMPLES not in metrics:
                 continue
         else:
-            metrics = {k: v for k, v in raw.items() if not k.startswith(CARRIED)}
-        n = int(cast(int, metrics.pop("num-examples")))
+            metrics = {k: v for k, v in raw.items() if not k.startswith(protocol.CARRIED)}
+        n = int(cast(int, metrics.pop(protocol.NUM_EXAMPLES)))
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         seconds = (reply_seconds or {}).get(msg.metadata.reply_to_message_id)
         timing = {"reply_seconds": seconds} if seconds is not None else {}
@@ -94,7 +85,7 @@ def _global_record(
     run: RunConfig, rnd: int, phase: str, site_records: list[dict[str, Any]], rejected: list[Rejection], seconds: float
 ) -> dict[str, Any]:
     """The example-weighted mean of the sites' metrics, with who contributed and who did not."""
-    slowest = max((r["metrics"].get("compute-seconds", 0.0) for r in site_records), default=0.0)
+    slowest = max((r["metrics"].get(protocol.COMPUTE_SECONDS, 0.0) for r in site_records), default=0.0)
     return global_record(
         run.name,
         rnd,
@@ -319,8 +310,8 @@ class Federation:
     def _train_config(self, rnd: int) -> ConfigRecord:
         return ConfigRecord(
             {
-                PROXIMAL_MU: self.run.proximal_term_mu,
-                EVALUATE_FIRST: self.carries_evaluation,
+                protocol.PROXIMAL_MU: self.run.proximal_term_mu,
+                protocol.EVALUATE_FIRST: self.carries_evaluation,
                 **self.round_state.train_config(rnd),
             }
         )
@@ -340,7 +331,9 @@ class Federation:
             steps = self.pace.steps_for(msg.metadata.dst_node_id)
             if steps is not None:
                 content = RecordDict(dict(msg.content.items()))  # the arrays are shared, not copied
-                content[CONFIG] = ConfigRecord({**msg.content.config_records[CONFIG], LOCAL_STEPS: steps})
+                content[protocol.CONFIG] = ConfigRecord(
+                    {**msg.content.config_records[protocol.CONFIG], protocol.LOCAL_STEPS: steps}
+                )
                 msg.content = content
                 self.paced[self.node_sites.get(msg.metadata.dst_node_id, f"node-{msg.metadata.dst_node_id}")] = steps
         if self.paced:
@@ -396,11 +389,13 @@ class Federation:
         self.pace.observe(replies, self.reply_seconds)
         self.carried = None
         if self.carries_evaluation:
-            carriers, _, eval_clipped = apply_caps(list(replies), self.run.caps, key=f"{CARRIED}num-examples")
-            evaluated = _site_records(self.run, rnd - 1, "evaluate", carriers, prefix=CARRIED)
+            carriers, _, eval_clipped = apply_caps(
+                list(replies), self.run.caps, key=f"{protocol.CARRIED}{protocol.NUM_EXAMPLES}"
+            )
+            evaluated = _site_records(self.run, rnd - 1, "evaluate", carriers, prefix=protocol.CARRIED)
             if evaluated:
                 # The evaluation rode on the training message: it has no wall time or overhead of its own.
-                compute = max(r["metrics"].get("compute-seconds", 0.0) for r in evaluated)
+                compute = max(r["metrics"].get(protocol.COMPUTE_SECONDS, 0.0) for r in evaluated)
                 self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, failed, compute)
                 self.carried["carried_by"] = f"round {rnd} train"
                 _note_clipped(self.carried, eval_clipped)
@@ -444,13 +439,13 @@ class Federation:
             raise RoundFailed(f"round {rnd}: the strategy sampled no sites")
         nodes = [m.metadata.dst_node_id for m in messages]
         secure = secure_mean_update(
-            self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records["config"]
+            self.grid, self.run, rnd, arrays, nodes, messages[0].content.config_records[protocol.CONFIG]
         )
         self.carried = None
         if self.carries_evaluation:
-            evaluated = _site_records(self.run, rnd - 1, "evaluate", secure.replies, prefix=CARRIED)
+            evaluated = _site_records(self.run, rnd - 1, "evaluate", secure.replies, prefix=protocol.CARRIED)
             if evaluated:
-                compute = max(r["metrics"].get("compute-seconds", 0.0) for r in evaluated)
+                compute = max(r["metrics"].get(protocol.COMPUTE_SECONDS, 0.0) for r in evaluated)
                 self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, [], compute)
                 self.carried["carried_by"] = f"round {rnd} train"
                 self.store.append_metrics(evaluated + [self.carried])
@@ -461,16 +456,17 @@ class Federation:
         if not all(np.all(np.isfinite(v)) for v in secure.mean_update.values()):
             raise RoundFailed(f"round {rnd}: the SecAgg+ aggregate is not finite (every site's weight was 0?)")
         total = sum(
-            float(cast(float, r.content.metric_records["metrics"].get("num-examples", 0))) for r in secure.replies
+            float(cast(float, r.content.metric_records[protocol.METRICS].get(protocol.NUM_EXAMPLES, 0)))
+            for r in secure.replies
         )
         mean = Message(
             RecordDict(
                 {
-                    "arrays": apply_update(arrays, secure.mean_update),
-                    "metrics": MetricRecord(
+                    protocol.ARRAYS: apply_update(arrays, secure.mean_update),
+                    protocol.METRICS: MetricRecord(
                         {
-                            "num-examples": max(total, 1.0),
-                            **({"dp-weight": 1.0} if self.run.dp_client_level != "off" else {}),
+                            protocol.NUM_EXAMPLES: max(total, 1.0),
+                            **({protocol.DP_WEIGHT: 1.0} if self.run.dp_client_level != "off" else {}),
                         }
                     ),
                 }
@@ -496,8 +492,11 @@ class Federation:
         ``finetune`` of round ``rnd`` (the last round).
         """
         self.wait_for_nodes(max(self.run.min_available_nodes, self.run.min_evaluate_nodes))
-        config: dict[str, Any] = {SERVER_ROUND: rnd, STATE_ROUND: rnd if state_round is None else state_round}
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        config: dict[str, Any] = {
+            protocol.SERVER_ROUND: rnd,
+            protocol.STATE_ROUND: rnd if state_round is None else state_round,
+        }
+        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord(config)})
         messages = [
             Message(content=content, message_type=FINETUNE_MESSAGE, dst_node_id=node)
             for node in self.grid.get_node_ids()

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 
 from flwr.app import Message
 
+from common.protocol import COMPUTE_SECONDS, STEPS
 from common.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Pace:
             if msg.has_error() or not msg.content.metric_records:
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
-            steps, compute = metrics.get("steps"), metrics.get("compute-seconds")
+            steps, compute = metrics.get(STEPS), metrics.get(COMPUTE_SECONDS)
             if not isinstance(steps, (int, float)) or not isinstance(compute, (int, float)) or steps <= 0:
                 continue
             node = msg.metadata.src_node_id

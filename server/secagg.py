@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -35,14 +35,12 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from common.errors import ConfigError
+from common.protocol import METRICS, SECAGG_KEYS, SECAGG_SITE, SECAGG_SUPERVISION, SITE, SITE_NAME, SUPERVISION
 from common.runconfig import RunConfig
 from server.collect import send_and_collect
 
 logger = logging.getLogger(__name__)
 
-#: The names ``client.secagg`` reads (the array names travel as a JSON list: legacy configs hold scalars only) (client and server never import each other).
-KEYS = "fedsense-keys"
-SITE_NAME, SITE_SUPERVISION = "fedsense-site", "fedsense-supervision"
 #: Flower's default and largest modulus: masked sums wrap around it.
 MODULUS = 2**32
 
@@ -126,7 +124,7 @@ def secure_mean_update(
     keys = list(arrays.keys())
     reference = [arrays[k].numpy() for k in keys]
     fitins = FitIns(
-        ndarrays_to_parameters(reference), {**cast(dict[str, Scalar], dict(config)), KEYS: json.dumps(keys)}
+        ndarrays_to_parameters(reference), {**cast(dict[str, Scalar], dict(config)), SECAGG_KEYS: json.dumps(keys)}
     )
     proxies: list[ClientProxy] = [GridClientProxy(nid, grid, grid.run.run_id) for nid in node_ids]
     strategy = _SampledSites(proxies, fitins)
@@ -167,9 +165,11 @@ def _metrics_reply(fitres: FitRes) -> Message:
     """A site's plain training metrics as FedSense's reply layout (``metrics`` + ``site``), without arrays."""
     metrics = dict(fitres.metrics)
     site = ConfigRecord(
-        {"name": str(metrics.pop(SITE_NAME, "")), "supervision": str(metrics.pop(SITE_SUPERVISION, "full"))}
+        {SITE_NAME: str(metrics.pop(SECAGG_SITE, "")), SUPERVISION: str(metrics.pop(SECAGG_SUPERVISION, "full"))}
     )
     numeric: dict[str, Any] = {
         k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    return Message(RecordDict({"metrics": MetricRecord(numeric), "site": site}), dst_node_id=0, message_type="train")
+    return Message(
+        RecordDict({METRICS: MetricRecord(numeric), SITE: site}), dst_node_id=0, message_type=MessageType.TRAIN
+    )

@@ -19,6 +19,16 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
+from common.protocol import (
+    DP_BUDGET_EXHAUSTED,
+    DP_EPSILON,
+    DP_WEIGHT,
+    NUM_EXAMPLES,
+    PRECISION,
+    SITE,
+    SITE_NAME,
+    SUPERVISION,
+)
 from common.registry import STRATEGIES, check_implemented
 from common.runconfig import RunConfig
 from server.optimisers import SERVER_OPTIMISERS, build_server_optimiser
@@ -36,7 +46,7 @@ def build_strategy(run: RunConfig) -> FedAvg:
         min_evaluate_nodes=run.min_evaluate_nodes,
         min_available_nodes=run.min_available_nodes,
         # Client-level DP averages the clipped updates uniformly (each site sends dp-weight = 1).
-        weighted_by_key="dp-weight" if run.dp_client_level != "off" else "num-examples",
+        weighted_by_key=DP_WEIGHT if run.dp_client_level != "off" else NUM_EXAMPLES,
     )
     return _BUILDERS[run.strategy](run, common)
 
@@ -56,8 +66,8 @@ check_implemented("strategy", STRATEGIES, _BUILDERS)
 def site_of(msg: Message) -> str:
     """The site name a reply carries (falls back to the node id for a reply without one)."""
     content = msg.content
-    if "site" in content.config_records:
-        name = content.config_records["site"].get("name")
+    if SITE in content.config_records:
+        name = content.config_records[SITE].get(SITE_NAME)
         if isinstance(name, str) and name:
             return name
     return f"node-{msg.metadata.src_node_id}"
@@ -66,16 +76,16 @@ def site_of(msg: Message) -> str:
 def supervision_of(msg: Message) -> dict[str, str]:
     """``{"supervision": "self"}`` for a self-supervised site's reply (recorded with its metrics), else ``{}``."""
     content = msg.content
-    if "site" in content.config_records and content.config_records["site"].get("supervision") == "self":
-        return {"supervision": "self"}
+    if SITE in content.config_records and content.config_records[SITE].get(SUPERVISION) == "self":
+        return {SUPERVISION: "self"}
     return {}
 
 
 def precision_of(msg: Message) -> dict[str, str]:
     """``{"precision": "bf16"}`` (or fp32): what the site's network trained at, recorded with its metrics."""
     content = msg.content
-    value = content.config_records["site"].get("precision") if "site" in content.config_records else None
-    return {"precision": value} if value in ("fp32", "bf16") else {}
+    value = content.config_records[SITE].get(PRECISION) if SITE in content.config_records else None
+    return {PRECISION: value} if value in ("fp32", "bf16") else {}
 
 
 @dataclass
@@ -143,9 +153,9 @@ def _check_update(msg: Message, reference: dict[str, np.ndarray]) -> tuple[str, 
     metric_records = list(msg.content.metric_records.values())
     if len(metric_records) != 1:
         return "expected exactly one MetricRecord", 0.0
-    if metric_records[0].get("dp-budget-exhausted"):
-        return f"privacy budget exhausted (ε={metric_records[0].get('dp-epsilon')}); the site no longer trains", 0.0
-    n = metric_records[0].get("num-examples")
+    if metric_records[0].get(DP_BUDGET_EXHAUSTED):
+        return f"privacy budget exhausted (ε={metric_records[0].get(DP_EPSILON)}); the site no longer trains", 0.0
+    n = metric_records[0].get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
         return f"num-examples must be a positive number, got {n!r}", 0.0
     arrays = _arrays_of(msg)

@@ -19,6 +19,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
 
+from common.protocol import FINETUNE_ACTION, SERVER_ROUND
 from common.runconfig import RunConfig
 from server.store import GLOBAL_SITE
 from server.tracking.base import Observer
@@ -86,10 +87,12 @@ class ServerMetrics(Observer):
         """A phase starts: its kind and round from the messages, and the bytes they carry."""
         for msg in messages:
             kind = msg.metadata.message_type
-            self.phase.state("finetune" if kind.endswith("finetune") else kind if kind in PHASE_STATES else "train")
+            self.phase.state(
+                "finetune" if kind.endswith(FINETUNE_ACTION) else kind if kind in PHASE_STATES else "train"
+            )
             for config in msg.content.config_records.values():
-                if "server-round" in config:
-                    self.round.set(int(cast(int, config["server-round"])))
+                if SERVER_ROUND in config:
+                    self.round.set(int(cast(int, config[SERVER_ROUND])))
             break
         self._count("sent", messages)
 
