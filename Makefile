@@ -34,7 +34,7 @@ demo: $(STAMP)
 	@echo "Metrics: runs/demo/metrics.jsonl  Checkpoints: runs/demo/checkpoints/  Fine-tuned: runs/demo/site-state/"
 	@echo "View: $(BIN)/fedsense metrics show runs/demo | $(BIN)/fedsense dashboard runs/demo"
 
-# ruff (lint rules and formatting) and mypy (common, server, client), as configured in pyproject.toml.
+# ruff (lint rules and formatting) and mypy (common strictly, server, client), as configured in pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -8,6 +8,7 @@ Maps are normalised so that sum_c |S_c|^2 = 1, which makes :func:`sense_reduce` 
 from typing import TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -47,7 +48,7 @@ def birdcage_maps(
     y_rel = (y - height / 2.0) / (height / 2.0) - relative_radius * np.sin(angle)
     distance = np.maximum(np.hypot(x_rel, y_rel), _MIN_COIL_DISTANCE)
     phase = np.arctan2(x_rel, -y_rel) - angle
-    maps = np.exp(1j * phase) / distance
+    maps: npt.NDArray[np.complex128] = np.exp(1j * phase) / distance
 
     maps /= np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
     if support is not None:
@@ -62,8 +63,10 @@ def rss(x: ArrayT, dim: int = 0, keepdim: bool = False) -> ArrayT:
     where a hand-written ``sqrt(sum |x|^2)`` would give NaN.
     """
     if isinstance(x, np.ndarray):
-        return np.sqrt(np.sum(np.abs(x) ** 2, axis=dim, keepdims=keepdim))
-    return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)
+        magnitude: np.ndarray = np.sqrt(np.sum(np.abs(x) ** 2, axis=dim, keepdims=keepdim))
+        return magnitude
+    norm: Tensor = torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)
+    return norm
 
 
 def sense_expand(image: Tensor, maps: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import copy
 import json
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,17 @@ from common.errors import ConfigError
 from common.registry import MODEL_ENTRIES
 from common.training import BatchSource, ReconLoss, TrainResult, _cycle, predict
 
+#: Opacus' per-sample gradient function of a layer: (layer, its inputs, the gradient of its output) ->
+#: each parameter's per-sample gradients.
+GradSampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+#: Opacus' ``register_grad_sampler`` with its type (opacus ships none): registers the decorated function for
+#: the given layer classes and returns it unchanged.
+_register_grad_sampler: Callable[[Sequence[type[nn.Module]]], Callable[[GradSampler], GradSampler]] = (
+    register_grad_sampler
+)
 
-@register_grad_sampler([DataConsistency, GradientDC])
+
+@_register_grad_sampler([DataConsistency, GradientDC])
 def _multi_input_grad_sample(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
@@ -57,7 +67,7 @@ def _multi_input_grad_sample(
     def surrogate(
         values: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor
     ) -> torch.Tensor:
-        out = torch.func.functional_call(bare, values, tuple(x.unsqueeze(0) for x in inputs))
+        out: torch.Tensor = torch.func.functional_call(bare, values, tuple(x.unsqueeze(0) for x in inputs))
         grad_out = grad_out.unsqueeze(0)
         if out.is_complex():
             return (out.real * grad_out.real + out.imag * grad_out.imag).sum()

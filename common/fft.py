@@ -20,13 +20,15 @@ ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 def fft2c(image: Tensor) -> Tensor:
     """Centred orthonormal 2-D FFT over the last two axes of a complex tensor (image -> k-space)."""
     shifted = torch.fft.ifftshift(image, dim=_AXES)
-    return torch.fft.fftshift(torch.fft.fft2(shifted, dim=_AXES, norm="ortho"), dim=_AXES)
+    kspace: Tensor = torch.fft.fftshift(torch.fft.fft2(shifted, dim=_AXES, norm="ortho"), dim=_AXES)
+    return kspace
 
 
 def ifft2c(kspace: Tensor) -> Tensor:
     """Centred orthonormal 2-D inverse FFT over the last two axes of a complex tensor (k-space -> image)."""
     shifted = torch.fft.ifftshift(kspace, dim=_AXES)
-    return torch.fft.fftshift(torch.fft.ifft2(shifted, dim=_AXES, norm="ortho"), dim=_AXES)
+    image: Tensor = torch.fft.fftshift(torch.fft.ifft2(shifted, dim=_AXES, norm="ortho"), dim=_AXES)
+    return image
 
 
 def fft2c_np(image: np.ndarray) -> np.ndarray:

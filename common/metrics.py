@@ -85,7 +85,8 @@ def _box_mean(x: np.ndarray, win: int) -> np.ndarray:
     cropping the (win - 1) / 2 border, so no padding mode can leak in.
     """
     rows = sliding_window_view(x, win, axis=-1).mean(axis=-1)
-    return sliding_window_view(rows, win, axis=-2).mean(axis=-1)
+    means: np.ndarray = sliding_window_view(rows, win, axis=-2).mean(axis=-1)
+    return means
 
 
 def _ssim_slices(gt: np.ndarray, pred: np.ndarray, data_range: float) -> np.ndarray:
@@ -100,7 +101,8 @@ def _ssim_slices(gt: np.ndarray, pred: np.ndarray, data_range: float) -> np.ndar
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     s_map = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return s_map.mean(axis=(-2, -1))
+    per_slice: np.ndarray = s_map.mean(axis=(-2, -1))
+    return per_slice
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:

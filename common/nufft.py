@@ -125,7 +125,9 @@ def _complex(x: Tensor, what: str) -> Tensor:
 def nufft(image: Tensor, coords: Tensor) -> Tensor:
     """Orthonormally scaled NUFFT: complex image (..., H, W) -> samples (..., K) at ``coords`` (K, 2)."""
     _check_coords(coords)
-    return _Nufft.apply(_complex(image, "image"), coords)
+    image = _complex(image, "image")
+    samples: Tensor = _Nufft.apply(image, coords)  # type: ignore[no-untyped-call]  # torch: Function.apply is unannotated
+    return samples
 
 
 def nufft_adjoint(samples: Tensor, coords: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -133,7 +135,9 @@ def nufft_adjoint(samples: Tensor, coords: Tensor, shape: tuple[int, int]) -> Te
     _check_coords(coords)
     if samples.shape[-1] != coords.shape[0]:
         raise ValueError(f"samples have {samples.shape[-1]} points, coords {coords.shape[0]}")
-    return _NufftAdjoint.apply(_complex(samples, "samples"), coords, (int(shape[0]), int(shape[1])))
+    samples, size = _complex(samples, "samples"), (int(shape[0]), int(shape[1]))
+    image: Tensor = _NufftAdjoint.apply(samples, coords, size)  # type: ignore[no-untyped-call]  # torch: unannotated
+    return image
 
 
 def voronoi_areas(coords: np.ndarray, guard_spacing: float) -> np.ndarray:
@@ -225,7 +229,7 @@ def toeplitz_kernel(coords: Tensor, shape: tuple[int, int], weights: Tensor | No
         ones = ones * weights.detach().cpu().to(torch.float64)
     # _type1 scales by 1/sqrt(4HW); the kernel needs 1/(HW).
     psf = _type1(ones, coords.to(torch.float64), (2 * height, 2 * width)) * (2.0 / math.sqrt(height * width))
-    kernel = torch.fft.fft2(torch.fft.ifftshift(psf, dim=(-2, -1)))
+    kernel: Tensor = torch.fft.fft2(torch.fft.ifftshift(psf, dim=(-2, -1)))
     return kernel.to(torch.complex64).to(coords.device)
 
 
@@ -233,7 +237,7 @@ def toeplitz_normal(image: Tensor, kernel: Tensor) -> Tensor:
     """A^H W A x for images (..., H, W) by zero-padding to (2H, 2W) and one FFT pair: no NUFFT per call."""
     height, width = image.shape[-2:]
     padded = torch.nn.functional.pad(image, (0, width, 0, height))
-    out = torch.fft.ifft2(torch.fft.fft2(padded) * kernel.to(image.dtype))
+    out: Tensor = torch.fft.ifft2(torch.fft.fft2(padded) * kernel.to(image.dtype))
     return out[..., :height, :width]
 
 

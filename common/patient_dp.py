@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from opacus import GradSampleModule
@@ -28,8 +29,11 @@ from torch.utils.data import default_collate
 from common.dp import without_inplace_activations
 from common.training import ReconLoss, TrainResult, predict
 
+if TYPE_CHECKING:  # common.data imports the readers (h5py, nibabel); only its type is needed here
+    from common.data.dataset import Sample
 
-def subject_groups(dataset: torch.utils.data.Dataset) -> list[list[int]]:
+
+def subject_groups(dataset: torch.utils.data.Dataset[Any]) -> list[list[int]]:
     """The dataset's indices grouped by subject (a ``SiteDataset``: its reader's subject of each slice)."""
     reader, indices = getattr(dataset, "reader", None), getattr(dataset, "indices", None)
     if reader is None or indices is None:
@@ -42,7 +46,7 @@ def subject_groups(dataset: torch.utils.data.Dataset) -> list[list[int]]:
 
 def subject_gradients(
     model: GradSampleModule,
-    dataset: torch.utils.data.Dataset,
+    dataset: torch.utils.data.Dataset[Sample],
     groups: Sequence[Sequence[int]],
     criterion: ReconLoss,
     chunk: int,
@@ -70,7 +74,7 @@ def subject_gradients(
         owner = torch.tensor([g for g, _ in part])
         for k, p in enumerate(params):
             per_slice = p.grad_sample
-            for g in owner.unique().tolist():
+            for g in owner.unique().tolist():  # type: ignore[no-untyped-call]  # torch: Tensor.unique is unannotated
                 sums[g][k] += per_slice[owner == g].sum(dim=0)
         total += float(value.detach())
         count += len(part)
@@ -96,7 +100,7 @@ def clip_subjects(grads: list[list[torch.Tensor]], max_norm: float) -> tuple[lis
 
 def train_patient_private(
     model: nn.Module,
-    dataset: torch.utils.data.Dataset,
+    dataset: torch.utils.data.Dataset[Sample],
     *,
     noise_multiplier: float,
     max_grad_norm: float,

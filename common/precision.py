@@ -234,7 +234,8 @@ def _load(directory: Path, key: str) -> Precision | None:
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("choice") not in ("fp32", "bf16"):
         return None
-    return data["choice"]
+    choice: Precision = data["choice"]  # checked above: "fp32" or "bf16"
+    return choice
 
 
 def _store(directory: Path, key: str, record: dict[str, Any]) -> None:

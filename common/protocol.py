@@ -146,7 +146,8 @@ def is_fp16(content: Any) -> bool:
     """Whether packed ``content`` carries its :data:`ARRAYS` as float16 weights (the site then replies in kind)."""
     if MANIFEST not in content.config_records:
         return False
-    return content.config_records[MANIFEST].get(f"{ARRAYS}.{ENCODING}") == FP16
+    encoding: object = content.config_records[MANIFEST].get(f"{ARRAYS}.{ENCODING}")
+    return encoding == FP16
 
 
 def unpack_content(content: Any, types: RecordTypes, base: Mapping[str, np.ndarray] | None = None) -> Any:

@@ -87,7 +87,8 @@ def calibration_region(omega: np.ndarray) -> np.ndarray:
     height, width = omega.shape
     region = np.zeros_like(omega)
     region[_central_run(omega[:, width // 2]), _central_run(omega[height // 2])] = True
-    return region & omega
+    calibration: np.ndarray = region & omega
+    return calibration
 
 
 def gaussian_weights(shape: tuple[int, int]) -> np.ndarray:
@@ -140,7 +141,7 @@ def ssdu_loss(pred_kspace: Tensor, kspace: Tensor, theta: Tensor) -> Tensor:
     """
     diff = torch.view_as_real((pred_kspace - kspace) * theta).flatten(1)
     ref = torch.view_as_real(kspace * theta).flatten(1)
-    l2 = torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(ref, dim=1).clamp_min(_EPS)
+    l2: Tensor = torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(ref, dim=1).clamp_min(_EPS)
     l1 = diff.abs().sum(dim=1) / ref.abs().sum(dim=1).clamp_min(_EPS)
     return (l2 + l1).mean()
 
@@ -153,7 +154,8 @@ def predict_kspace(model: nn.Module, masked_kspace: Tensor, mask: Tensor, sens_m
     """
     reconstruct_kspace, reconstruct = getattr(model, "reconstruct_kspace", None), getattr(model, "reconstruct", None)
     if reconstruct_kspace is not None:
-        return reconstruct_kspace(masked_kspace, mask, sens_maps)
+        kspace: Tensor = reconstruct_kspace(masked_kspace, mask, sens_maps)
+        return kspace
     if reconstruct is not None:
         return sense_forward(reconstruct(masked_kspace, mask, sens_maps), sens_maps)
     raise ConfigError(f"run config: model: {type(model).__name__} cannot train self-supervised: " + _NO_KSPACE)
@@ -218,7 +220,8 @@ class SiteLoss:
     def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
         if "target" not in batch:
             return self.self_supervised(model, batch)
-        return self.supervised(predict(model, batch), _tensor(batch, "target"), _tensor(batch, "max_value"))
+        loss: Tensor = self.supervised(predict(model, batch), _tensor(batch, "target"), _tensor(batch, "max_value"))
+        return loss
 
 
 @torch.no_grad()

@@ -98,7 +98,8 @@ def hierarchical_resamples(diff: np.ndarray, subjects: Sequence[str], *, resampl
     columns = padded[drawn[..., None], picks]  # slice columns, (resamples, subjects, max slices)
     valid = np.arange(counts.max()) < k[..., None]
     values = np.take_along_axis(by_seed, columns.reshape(resamples, -1), axis=1).reshape(columns.shape)
-    return (values * valid).sum(axis=(1, 2)) / valid.sum(axis=(1, 2))
+    means: np.ndarray = (values * valid).sum(axis=(1, 2)) / valid.sum(axis=(1, 2))
+    return means
 
 
 def hierarchical_bootstrap(

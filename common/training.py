@@ -78,7 +78,7 @@ def zero_filled(batch: Batch) -> torch.Tensor:
 
 def predict(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Run the model on a batch and crop its output to the target's size."""
-    out = model(batch["masked_kspace"], batch["mask"], batch["sens_maps"])
+    out: torch.Tensor = model(batch["masked_kspace"], batch["mask"], batch["sens_maps"])
     target = batch["target"]
     assert isinstance(target, torch.Tensor)
     return center_crop(out, (target.shape[-2], target.shape[-1]))
@@ -193,7 +193,7 @@ def train(
             objective = value + 0.5 * proximal_mu * proximal_term(model, global_params)
         if not torch.isfinite(objective):
             raise FloatingPointError(f"non-finite training loss at step {count + 1}")
-        objective.backward()
+        objective.backward()  # type: ignore[no-untyped-call]  # torch: Tensor.backward is unannotated
         if step_hook is not None:
             step_hook(model)
         optimiser.step()

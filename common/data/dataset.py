@@ -34,8 +34,11 @@ from common.masks import make_mask, seed_for
 
 log = logging.getLogger(__name__)
 
+#: One slice as a dataset item: the sample dict of ARCHITECTURE.md (tensors, and the slice's file name and index).
+Sample = dict[str, Any]
 
-class SiteDataset(Dataset):
+
+class SiteDataset(Dataset[Sample]):
     """Slices of one split (by subject) of one site, undersampled with the site's mask.
 
     ``reader`` lets several splits share one index of the site's files. With ``config.skip_bad_files`` a
@@ -83,7 +86,7 @@ class SiteDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self.indices):
             raise IndexError(f"index {index} out of range for {len(self.indices)} slices")
         for offset in range(len(self.indices)):

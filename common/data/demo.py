@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import nibabel as nib
 import numpy as np
 
 from common.atomic import atomic_dir, atomic_write_bytes
 from common.coils import rss
 from common.config import SiteConfig, load_site_config, parse_site_config
+from common.data import nifti
 from common.data.acquisition import simulate_acquisition
 from common.data.kinds import dataset_kind
 from common.data.noncartesian import simulate_noncartesian
@@ -344,7 +344,8 @@ def _ismrmrd_header(
         sub(limit, "maximum", maximum)
         sub(limit, "center", (maximum + 1) // 2)
     sub(encoding, "trajectory", trajectory)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    header: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)  # typeshed: Any unless "unicode"
+    return header
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -352,13 +353,7 @@ def _ismrmrd_header(
 
 def _save_nifti(volume: np.ndarray, subject: Subject, axcodes: tuple[str, str, str], path: Path) -> None:
     """Save a RAS volume as int16 NIfTI stored in ``axcodes`` voxel order, as scanners and archives vary."""
-    img = nib.Nifti1Image(volume, subject.affine)
-    target = nib.orientations.axcodes2ornt(axcodes)
-    img = img.as_reoriented(nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine), target))
-    img.header.set_xyzt_units("mm")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    nib.save(img, path)
+    nifti.save_reoriented(volume, subject.affine, axcodes, path)
 
 
 def _to_int16(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:

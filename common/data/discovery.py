@@ -16,6 +16,7 @@ from typing import cast
 import h5py
 import nibabel as nib
 
+from common.data import nifti
 from common.data.readers import (
     _H5_ERRORS,
     _NIFTI_ERRORS,
@@ -141,9 +142,9 @@ def nifti_axial_slices(path: Path) -> int:
     """Axial slice count from the header alone (the reader's full scan is ``data check``'s job)."""
     try:
         img = cast(nib.spatialimages.SpatialImage, nib.load(path))
-        codes = nib.aff2axcodes(img.affine)
+        codes = nifti.aff2axcodes(img.affine)
     except _NIFTI_ERRORS as exc:
         raise DataError(f"{path}: unreadable NIfTI header ({exc})") from exc
     if len(img.shape) not in (3, 4) or None in codes:
         raise DataError(f"{path}: not a 3-D volume with an orientation (shape {img.shape}, axes {codes})")
-    return int(img.shape[next(i for i, c in enumerate(codes) if c in "SI")])
+    return int(img.shape[next(i for i, c in enumerate(codes) if c in ("S", "I"))])

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from common.config import SiteConfig, load_site_config
-from common.data.dataset import SiteDataset, build_site_datasets
+from common.data.dataset import Sample, SiteDataset, build_site_datasets
 from common.data.selfsup import build_selfsup_datasets
 from common.errors import DataError
 
@@ -35,7 +35,9 @@ def load_site(path: str) -> tuple[SiteConfig, dict[str, SiteDataset]]:
     return config, dict(datasets.items())
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, augment: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset[Sample], batch_size: int, shuffle: bool, seed: int, augment: bool = False
+) -> DataLoader[Sample]:
     """A single-process loader (sites run on small CPU boxes; workers would only add overhead).
 
     With ``augment`` every pass over a training split draws fresh masks (and simulated noise and
@@ -52,14 +54,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, aug
     )
 
 
-class EpochLoader(DataLoader):
+class EpochLoader(DataLoader[Sample]):
     """A DataLoader that tells its dataset which pass over the data it is starting.
 
     The datasets are shared (cached per site), so every pass sets the epoch, ``None`` included:
     a loader without augmentation never inherits another loader's draws.
     """
 
-    def __init__(self, dataset: Dataset, *, augment_seed: int | None, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset[Sample], *, augment_seed: int | None, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.augment_seed = augment_seed
         self.passes = 0
@@ -70,13 +72,13 @@ class EpochLoader(DataLoader):
         return super().__iter__()
 
 
-def set_pass(dataset: Dataset, epoch: tuple[int, int] | None) -> None:
+def set_pass(dataset: Dataset[Any], epoch: tuple[int, int] | None) -> None:
     """Tell every SiteDataset inside ``dataset`` which augmented pass starts (``None``: fixed draws)."""
     for leaf in _leaf_datasets(dataset):
         leaf.set_epoch(epoch)
 
 
-def _leaf_datasets(dataset: Dataset) -> list[SiteDataset]:
+def _leaf_datasets(dataset: Dataset[Any]) -> list[SiteDataset]:
     """The SiteDatasets inside ``dataset`` (itself, or the parts of a ConcatDataset / Subset)."""
     if isinstance(dataset, SiteDataset):
         return [dataset]
@@ -112,7 +114,7 @@ class InterleavedLoader:
     centralized baseline takes its batches from each site in turn instead of mixing slices.
     """
 
-    def __init__(self, loaders: list[DataLoader]) -> None:
+    def __init__(self, loaders: list[DataLoader[Sample]]) -> None:
         if not loaders:
             raise ValueError("InterleavedLoader needs at least one loader")
         self.loaders = loaders

@@ -127,7 +127,8 @@ class NonCartesianReader(FastMRIReader):
         return [Example(path, k, subject, acquisition or "unknown") for k in range(num_slices)]
 
     def has_reference(self, index: int) -> bool:
-        return self._info[self.examples[index].path].has_target
+        info: _NonCartesianInfo = self._info[self.examples[index].path]
+        return info.has_target
 
     def _read(self, index: int, reference: bool) -> tuple[np.ndarray, SliceMeta]:
         example = self.examples[index]

@@ -230,7 +230,8 @@ class Subject:
         for tissue, fraction in self.tissues.items():
             value = fraction * (weights[tissue] * self.jitter[tissue])
             volume += value * modulation if tissue in _TEXTURED else value
-        return (volume * self.bias).astype(np.float32)
+        image: np.ndarray = (volume * self.bias).astype(np.float32)
+        return image
 
 
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
@@ -239,7 +240,8 @@ def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     rot_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     rot_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     rot_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    return rot_z @ rot_x @ rot_y
+    rotation: np.ndarray = rot_z @ rot_x @ rot_y
+    return rotation
 
 
 def make_subject(

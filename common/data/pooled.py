@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
+from common.data.dataset import Sample
 from common.data.loaders import set_pass
 
 
@@ -25,7 +26,7 @@ class PooledLoader:
     training for more steps than one epoch sees new orders, as a shuffling DataLoader does.
     """
 
-    def __init__(self, datasets: Sequence[Dataset], batch_size: int, seed: int, augment: bool = False) -> None:
+    def __init__(self, datasets: Sequence[Dataset[Sample]], batch_size: int, seed: int, augment: bool = False) -> None:
         if not datasets:
             raise ValueError("PooledLoader needs at least one dataset")
         if batch_size < 1:

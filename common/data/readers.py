@@ -19,14 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypedDict, Unpack, cast
 
 import h5py
 import nibabel as nib
 import numpy as np
 
 from common.config import BRATS_ALIASES, SiteConfig
-from common.data import h5check, index_cache
+from common.data import h5check, index_cache, nifti
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,13 @@ class SliceMeta:
     trajectory: np.ndarray | None = None  # (K, 2) sample coordinates of "noncartesian" samples (C, K)
 
 
+class ReaderOptions(TypedDict, total=False):
+    """The keyword options of :class:`SliceReader` that its subclasses pass on."""
+
+    max_slices_per_volume: int | None
+    skip_bad_files: bool
+
+
 class SliceReader(ABC):
     """Index of a site's (file, slice) examples plus on-demand slice reading."""
 
@@ -143,7 +150,10 @@ class SliceReader(ABC):
 
     def index_state(self) -> dict[str, Any]:
         """The index as JSON-able data (paths relative to the root), for :mod:`common.data.index_cache`."""
-        rel = lambda path: os.path.relpath(path, self.root)  # noqa: E731
+
+        def rel(path: Path) -> str:
+            return os.path.relpath(path, self.root)
+
         return {
             "examples": [[rel(e.path), e.slice_idx, e.subject, e.contrast] for e in self.examples],
             "skipped": [[rel(path), reason] for path, reason in self.skipped],
@@ -264,7 +274,7 @@ class FastMRIReader(SliceReader):
         *,
         contrasts: Sequence[str] = (),
         check_seconds: float = h5check.DEFAULT_TIMEOUT,
-        **kwargs,
+        **kwargs: Unpack[ReaderOptions],
     ) -> None:
         self._contrasts = {c.upper() for c in contrasts}
         self._info: dict[Path, Any] = {}  # _H5Info, or a subclass's own record
@@ -452,12 +462,12 @@ def scan_nifti(path: Path, min_foreground: float = DEFAULT_MIN_FOREGROUND) -> Ni
         raise DataError(f"{path}: NIfTI has shape {shape}; every dimension must be >= 1")
     if not np.all(np.isfinite(img.affine)):
         raise DataError(f"{path}: NIfTI affine contains NaN or Inf")
-    codes = nib.aff2axcodes(img.affine)
+    codes = nifti.aff2axcodes(img.affine)
     if None in codes:  # a singular affine: some voxel axis points nowhere
         raise DataError(f"{path}: NIfTI affine gives no orientation to every axis (axis codes {codes})")
-    axial = next(i for i, c in enumerate(codes) if c in "SI")
+    axial = next(i for i, c in enumerate(codes) if c in ("S", "I"))
     in_plane = [i for i in range(3) if i != axial]
-    row_axis = next(i for i in in_plane if codes[i] in "AP")
+    row_axis = next(i for i in in_plane if codes[i] in ("A", "P"))
     col_axis = next(i for i in in_plane if i != row_axis)
 
     num_slices = shape[axial]
@@ -521,7 +531,7 @@ class NiftiReader(SliceReader):
         files: Sequence[SourceFile],
         *,
         min_foreground: float = DEFAULT_MIN_FOREGROUND,
-        **kwargs,
+        **kwargs: Unpack[ReaderOptions],
     ) -> None:
         self._min_foreground = min_foreground
         self._info: dict[Path, NiftiInfo] = {}

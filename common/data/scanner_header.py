@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import Literal, TypeVar, overload
 
 from common.data.readers import ISMRMRD_NAMESPACE
 
@@ -71,7 +72,14 @@ def _text(root: ET.Element, path: str) -> str | None:
     return element.text.strip()
 
 
-def _number(root: ET.Element, path: str, kind: type[int] | type[float], required: bool) -> float | int | None:
+_Number = TypeVar("_Number", int, float)
+
+
+@overload
+def _number(root: ET.Element, path: str, kind: type[_Number], required: Literal[True]) -> _Number: ...
+@overload
+def _number(root: ET.Element, path: str, kind: type[_Number], required: bool) -> _Number | None: ...
+def _number(root: ET.Element, path: str, kind: type[_Number], required: bool) -> _Number | None:
     text = _text(root, path)
     if text is None:
         if required:
@@ -100,11 +108,12 @@ def _timing(root: ET.Element, path: str) -> float | None:
     return value
 
 
-def _triple(root: ET.Element, path: str, kind: type[int] | type[float]) -> tuple | None:
+def _triple(root: ET.Element, path: str, kind: type[_Number]) -> tuple[_Number, _Number, _Number] | None:
     """An optional x/y/z element (matrixSize, fieldOfView_mm); all three axes or none."""
     if root.find("./" + "/".join(f"ns:{tag}" for tag in path.split("/")), _NS) is None:
         return None
-    return tuple(_number(root, f"{path}/{axis}", kind, required=True) for axis in "xyz")
+    x, y, z = (_number(root, f"{path}/{axis}", kind, required=True) for axis in "xyz")
+    return x, y, z
 
 
 def parse_scanner_header(xml: bytes | str) -> ScannerHeader:
@@ -131,7 +140,7 @@ def parse_scanner_header(xml: bytes | str) -> ScannerHeader:
         field_strength_t=float(field) if field is not None else None,
         receiver_channels=int(channels) if channels is not None else None,
         protocol=_text(root, "measurementInformation/protocolName"),
-        encoded_matrix=(int(x), int(y)),  # type: ignore[arg-type]
+        encoded_matrix=(int(x), int(y)),
         recon_matrix=_triple(root, "encoding/reconSpace/matrixSize", int),
         recon_fov_mm=_triple(root, "encoding/reconSpace/fieldOfView_mm", float),
         echo_time_ms=_timing(root, "sequenceParameters/TE"),

@@ -16,7 +16,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ class SliceCache:
         if entry is not None:
             self._entries.move_to_end(key)
             self.hits += 1
-            return entry[0]
+            return cast(T, entry[0])  # what ``compute`` gave for this key: a key always has the same kind of value
         self.misses += 1
         value = compute()
         size = nbytes(value)

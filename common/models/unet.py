@@ -44,7 +44,8 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, in_chans, H, W) -> (N, out_chans, H, W)."""
-        return self.layers(x)
+        out: Tensor = self.layers(x)
+        return out
 
 
 class TransposeConvBlock(nn.Module):
@@ -60,7 +61,8 @@ class TransposeConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, in_chans, H, W) -> (N, out_chans, 2H, 2W)."""
-        return self.layers(x)
+        out: Tensor = self.layers(x)
+        return out
 
 
 class Unet(nn.Module):
@@ -99,7 +101,8 @@ class Unet(nn.Module):
     @property
     def min_size(self) -> int:
         """Smallest H and W accepted: instance norm needs more than one pixel at the coarsest level."""
-        return 2 ** (self.num_pool_layers + 1)
+        size: int = 2 ** (self.num_pool_layers + 1)  # int ** int is typed Any (a negative power is a float)
+        return size
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, in_chans, H, W) -> (N, out_chans, H, W)."""
@@ -109,7 +112,7 @@ class Unet(nn.Module):
                 f"need at least {self.min_size} pixels per side"
             )
         skips = []
-        out = x
+        out: Tensor = x
         for layer in self.down_layers:
             out = layer(out)
             skips.append(out)
@@ -189,7 +192,7 @@ class UnetRecon(nn.Module):
         form (:meth:`onnx_module`) reuses after its real-valued inverse FFT."""
         x, mean, std = _normalise(zero_filled, self.eps)
         x = x.clamp(-_INPUT_CLAMP, _INPUT_CLAMP)
-        out = x + self.unet(x) if self.residual else self.unet(x)
+        out: Tensor = x + self.unet(x) if self.residual else self.unet(x)
         return (out * std + mean).squeeze(1)
 
     def onnx_module(self, height: int, width: int) -> nn.Module:

@@ -54,7 +54,8 @@ class Cascade(nn.Module):
 
     def forward(self, image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """Complex image (B, H, W) -> complex image (B, H, W) (Cartesian k-space (B, C, H, W))."""
-        return self.dc(self.cnn(image), masked_kspace, mask, sens_maps)
+        out: Tensor = self.dc(self.cnn(image), masked_kspace, mask, sens_maps)
+        return out
 
     def forward_non_cartesian(self, image: Tensor, data_adjoint: Tensor, operator: SenseNufft) -> Tensor:
         """The same CNN, then DC against non-Cartesian samples (given as A^H D y) with this cascade's ``lam``."""

@@ -44,7 +44,7 @@ class SensitivityModel(nn.Module):
         acs_maps = estimate_maps_from_acs(masked_kspace, mask=mask)
         batch, coils, height, width = acs_maps.shape
         flat = acs_maps.reshape(batch * coils, height, width)
-        refined = (flat + self.norm_unet(flat)).reshape(batch, coils, height, width)
+        refined: Tensor = (flat + self.norm_unet(flat)).reshape(batch, coils, height, width)
         energy = (refined.real**2 + refined.imag**2).sum(dim=1, keepdim=True)
         return refined / (energy + self.eps).sqrt()
 
@@ -60,14 +60,16 @@ class VarNetBlock(nn.Module):
     def forward(self, kspace: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """Multi-coil k-space (B,C,H,W) -> updated multi-coil k-space (B,C,H,W)."""
         refinement = sense_forward(self.refine(sense_adjoint(kspace, sens_maps)), sens_maps)
-        return self.dc(kspace, masked_kspace, mask) - refinement
+        corrected: Tensor = self.dc(kspace, masked_kspace, mask)
+        return corrected - refinement
 
     def forward_non_cartesian(self, image: Tensor, data_adjoint: Tensor, operator: SenseNufft) -> Tensor:
         """Coil-combined image (B,H,W) -> updated image: ``x - eta (A^H D A x - A^H D y) - U(x)``.
 
         ``data_adjoint`` is A^H D y, computed once per batch; A^H D A runs on the Toeplitz kernel.
         """
-        return image - self.dc.eta * (operator.normal(image) - data_adjoint) - self.refine(image)
+        updated: Tensor = image - self.dc.eta * (operator.normal(image) - data_adjoint) - self.refine(image)
+        return updated
 
 
 class VarNet(nn.Module):
@@ -98,7 +100,8 @@ class VarNet(nn.Module):
         """The maps the cascades use: estimated by the model, or the given ones."""
         if self.sens_net is None:
             return sens_maps
-        return self.sens_net(masked_kspace, mask)
+        maps: Tensor = self.sens_net(masked_kspace, mask)
+        return maps
 
     def reconstruct_kspace(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         """The final multi-coil k-space estimate (B,C,H,W): what a k-space loss (SSDU) compares."""
