@@ -76,10 +76,11 @@ def _run_config(
     return layers.resolve(sources, site_count=len(args.sites), derive=derive).run
 
 
-def _claim_run_dir(run: RunConfig, resume: bool, overwrite: bool, continuable: bool = False) -> None:
+def _claim_run_dir(run: RunConfig, resume: bool, overwrite: bool, continuable: bool = False) -> bool:
     """Before any data is read: the run directory is no site config or data folder, nor holds or lies in one,
     and an earlier run there is continued (``resume``) or replaced only with ``--overwrite`` (``continuable``: a
-    refusal may suggest ``resume=true``)."""
+    refusal may suggest ``resume=true``). Returns whether an earlier run is to be replaced: the caller removes
+    it (``RunDir.remove_earlier_run``) only after the sites passed their checks."""
     from common.config import load_site_config
     from common.outputs import check_not_input
     from server.store import RunDir
@@ -91,7 +92,7 @@ def _claim_run_dir(run: RunConfig, resume: bool, overwrite: bool, continuable: b
         except FedSenseError:
             pass  # the site checks that follow name what is wrong with it
     check_not_input(Path(run.run_dir), inputs, "--run-dir")
-    RunDir(run.run_dir).check_fresh(resume, overwrite, continuable)
+    return RunDir(run.run_dir).check_fresh(resume, overwrite, continuable)
 
 
 def _app_defaults() -> dict[str, Any]:
@@ -185,9 +186,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # rounds; any other run or a baseline there is refused as `fedsense baseline` refuses one, before any data
     # is read (--overwrite replaces it).
     continuable = not args.overwrite and _continues(RunDir(run.run_dir), baseline=None, rounds=run.num_server_rounds)
-    _claim_run_dir(run, run.resume and continuable, args.overwrite, continuable)
+    replace = _claim_run_dir(run, run.resume and continuable, args.overwrite, continuable)
     report = lambda line: print(line, flush=True)  # noqa: E731
     _check_sites_ready(run, args.skip_data_check, report)
+    if replace:
+        RunDir(run.run_dir).remove_earlier_run()
     resources = SimResources(ray_address=args.ray_address, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
     places = _site_places(run)
     with reporting_site_errors(Path(run.run_dir) / "flower.log", places, report) as site_errors:
@@ -238,8 +241,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     run = _run_config(args, _app_defaults(), derive=lambda flat: {"run-dir": f"runs/{args.kind}", "name": args.kind})
     # The same command after Ctrl-C continues the interrupted baseline; a finished one needs --overwrite.
     resume = not args.overwrite and _continues(RunDir(run.run_dir), args.kind)
-    _claim_run_dir(run, resume=resume, overwrite=args.overwrite)
+    replace = _claim_run_dir(run, resume=resume, overwrite=args.overwrite)
     _check_sites_ready(run, args.skip_data_check, lambda line: print(line, flush=True))
+    if replace:
+        RunDir(run.run_dir).remove_earlier_run()
     baseline = Baseline(args.kind, run)
     print(
         f"{args.kind} baseline: {len(run.site_list)} sites x {run.num_server_rounds} rounds; run directory {run.run_dir}"

@@ -260,23 +260,29 @@ class RunDir:
             "choose another run directory or resume"
         )
 
-    def check_fresh(self, resume: bool, overwrite: bool, continuable: bool = False) -> None:
-        """Refuse to start a new run over an earlier one unless it is resumed or ``overwrite`` is given;
-        with ``overwrite`` the earlier run's own files (:data:`RUN_ENTRIES`) are removed first.
+    def check_fresh(self, resume: bool, overwrite: bool, continuable: bool = False) -> bool:
+        """Refuse to start a new run over an earlier one unless it is resumed or ``overwrite`` is given.
 
+        Returns whether an earlier run is to be replaced (``overwrite``): nothing is removed here, so a
+        command that still refuses (a site not ready) loses nothing; it calls :meth:`remove_earlier_run`
+        once the run is sure to start.
         ``continuable``: the refused command would continue the earlier run with ``resume=true``; only then
         does the refusal suggest it (a finished run, or one of another kind, cannot be continued).
         """
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"--run-dir: {self.path} is an existing file, not a folder")
         if resume or not self.config_path.exists():
-            return
+            return False
         if not overwrite:
             continue_it = "--set resume=true to continue it, " if continuable else ""
             raise OutputError(
                 f"--run-dir: {self.path} holds an earlier run; pass --overwrite to replace it, {continue_it}"
                 f"or choose another --run-dir{self._what_run()}"
             )
+        return True
+
+    def remove_earlier_run(self) -> None:
+        """Remove the earlier run's own files (:data:`RUN_ENTRIES`; anything else in the folder stays)."""
         for name in RUN_ENTRIES:
             entry = self.path / name
             if entry.is_dir() and not entry.is_symlink():

@@ -563,6 +563,17 @@ def test_an_empty_split_names_the_site_and_a_site_not_ready_starts_no_baseline(
         EXIT_USAGE,
         "site site-a: the val split is empty",
     )
+    # --overwrite over an earlier run: a site that is not ready refuses the command before the old run is removed.
+    earlier = tmp_path / "earlier"
+    ready = sorted(world["sites"].glob("*.toml"))[0]
+    assert fedsense(capsys, "baseline", "zero-filled", "--sites", ready, "--run-dir", earlier)[0] == 0
+    kept = {p.name: p.read_bytes() for p in earlier.iterdir() if p.is_file()}
+    refused(
+        fedsense(capsys, "baseline", "zero-filled", "--sites", site, "--run-dir", earlier, "--overwrite"),
+        EXIT_USAGE,
+        f"site site-a ({site}) is NOT READY",
+    )
+    assert {p.name: p.read_bytes() for p in earlier.iterdir() if p.is_file()} == kept
     _, datasets = load_site(str(site))  # the self-supervised validation of a site says the same
     with pytest.raises(DataError, match="site site-a: the val split is empty"):
         heldout_loss(None, make_loader(datasets["val"], 2, shuffle=False, seed=0), rho=0.4, seed=0)
