@@ -143,12 +143,21 @@ def hierarchical_bootstrap(
     )
 
 
+#: Fewer test subjects than this give no join / harmful verdict: a bootstrap over one or two patients' slices
+#: says how those patients fare, not the site's next patient.
+MIN_VERDICT_SUBJECTS = 3
+
+
 def join_verdict(gain: PairedDifference) -> str:
     """Should a site join? ``gain`` = its best personalised federated model − its own local model (PSNR).
 
     "join" when the whole interval is above zero, "harmful" when it is all below, else "no benefit": a
     site's data-governance board should not be asked to join on a gain its own test data cannot tell from 0.
+    An interval resampled over fewer than :data:`MIN_VERDICT_SUBJECTS` test subjects (``gain.subjects`` 1
+    or 2) decides nothing: "too few subjects" (0 = slices were resampled without subjects, as before).
     """
+    if (gain.low > 0 or gain.high < 0) and 0 < gain.subjects < MIN_VERDICT_SUBJECTS:
+        return "too few subjects"
     if gain.low > 0:
         return "join"
     if gain.high < 0:

@@ -119,3 +119,8 @@ def test_join_verdict_reads_the_interval_not_the_mean() -> None:
     assert join_verdict(PairedDifference(1.2, 0.1, 2.0, 8, 0.95)) == "join"
     assert join_verdict(PairedDifference(1.2, -0.1, 2.0, 8, 0.95)) == "no benefit"
     assert join_verdict(PairedDifference(-0.5, -0.9, -0.2, 8, 0.95)) == "harmful"
+    # One or two test subjects decide nothing either way (their slices are not the site's next patients).
+    assert join_verdict(PairedDifference(1.2, 0.1, 2.0, 8, 0.95, subjects=2)) == "too few subjects"
+    assert join_verdict(PairedDifference(-0.5, -0.9, -0.2, 8, 0.95, subjects=1)) == "too few subjects"
+    assert join_verdict(PairedDifference(1.2, -0.1, 2.0, 8, 0.95, subjects=1)) == "no benefit"
+    assert join_verdict(PairedDifference(1.2, 0.1, 2.0, 8, 0.95, subjects=3)) == "join"
