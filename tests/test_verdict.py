@@ -84,6 +84,11 @@ def test_verdict_on_real_runs_and_a_personalised_model_equal_to_the_local_one(
     assert "| site-a | personalised (fine-tuned) |" in out and "+0.00 [+0.00, +0.00]" in out and "no benefit" in out
     assert set(rows) == {"site-a", "site-b", "site-c"}
     for r in rows.values():
-        assert r.federated.startswith("global (round ") and r.verdict in ("join", "no benefit", "harmful", "too few subjects")
+        assert r.federated.startswith("global (round ") and r.verdict in (
+            "join",
+            "no benefit",
+            "harmful",
+            "too few subjects",
+        )
         assert r.gain.low <= r.gain.mean <= r.gain.high and r.gain.subjects >= 1
         assert r.gain.mean == pytest.approx(r.federated_psnr - r.local_psnr, abs=1e-9)
