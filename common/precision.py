@@ -6,7 +6,10 @@ batch. A fixed rule gets some of these wrong, so ``auto`` times a few real train
 the model on the first batch in each precision, once, and keeps the decision on disk keyed by everything it
 depends on: torch version, device (GPU name, or CPU model, capability and bf16 flags), thread count, the
 model's architecture, the batch's shapes and the mode. bf16 is used where it is at least
-:data:`MIN_SPEEDUP` times faster; fp32 otherwise (a tie is not worth bf16's rounding).
+:data:`MIN_SPEEDUP` times faster; fp32 otherwise (a tie is not worth bf16's rounding). Sites that share a
+machine's cores (compose, simulate) make CPU time a poor clock once their threads outnumber the cores: a
+measurement whose paired ratios vary by more than :data:`MAX_SPREAD` is taken again on one thread, and one
+that is still noise gives fp32 for that process without being cached.
 
 The cache lives in ``$FEDSENSE_PRECISION_CACHE`` (``off`` disables it: every process measures again),
 else ``$XDG_CACHE_HOME/fedsense/precision``. ``$FEDSENSE_AUTO_PRECISION`` (``fp32`` or ``bf16``) pins what
@@ -24,7 +27,8 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,10 +46,16 @@ ENV_DIR = "FEDSENSE_PRECISION_CACHE"
 ENV_PIN = "FEDSENSE_AUTO_PRECISION"
 #: bf16 must be at least this much faster than fp32 to be chosen.
 MIN_SPEEDUP = 1.1
+#: Paired fp32/bf16 steps whose ratios differ by more than this (largest / smallest) are noise, not a
+#: measurement. Measured on the 2-core CPU: one process alone, or three at one thread each, 1.05-1.45;
+#: three processes at two threads each (compose's sites on one machine) 3.8-14.7, with best-of ratios from
+#: 0.71 to 1.31 for one U-Net: CPU time is no clock once OpenMP threads outnumber the cores.
+MAX_SPREAD = 2.0
 
 Mode = Literal["train", "infer"]
 Precision = Literal["fp32", "bf16"]
-#: ``measure(model, batch, device, mode) -> {"fp32": seconds per step, "bf16": seconds per step}``
+#: ``measure(model, batch, device, mode) -> {"fp32": seconds per step, "bf16": seconds per step, "spread": ...}``
+#: (``spread``, optional: the largest over the smallest fp32/bf16 ratio of the paired repeats).
 Measure = Callable[[nn.Module, Mapping[str, Any], torch.device, str], dict[str, float]]
 
 _decided: dict[str, Precision] = {}
@@ -116,10 +126,11 @@ def measure(
     device: torch.device,
     mode: str,
     *,
-    repeats: int = 3,
+    repeats: int = 5,
     clock: Callable[[], float] | None = None,
 ) -> dict[str, float]:
-    """Best-of-``repeats`` seconds per step in each precision, after one untimed warm-up step each.
+    """Best-of-``repeats`` seconds per step in each precision, after one untimed warm-up step each, and the
+    ``spread`` of the repeats' fp32/bf16 ratios (largest / smallest: see :data:`MAX_SPREAD`).
 
     On a CPU the clock is this process's CPU time (``time.process_time``), not wall time: a site's
     server is often shared, and other processes' load would otherwise decide the precision (and the
@@ -148,17 +159,32 @@ def measure(
         optimiser.step()
 
     best = {"fp32": float("inf"), "bf16": float("inf")}
+    ratios = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for precision in best:
             step(precision)  # warm-up: allocator, kernel selection, bf16 weight casts
         for _ in range(repeats):
+            seconds = {}
             for precision in best:
                 _sync(device)
                 start = clock()
                 step(precision)
                 _sync(device)
-                best[precision] = min(best[precision], clock() - start)
-    return best
+                seconds[precision] = clock() - start
+                best[precision] = min(best[precision], seconds[precision])
+            ratios.append(seconds["fp32"] / max(seconds["bf16"], 1e-12))
+    return {**best, "spread": max(ratios) / max(min(ratios), 1e-12)}
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads, then restore the caller's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def bf16_candidate(device: torch.device) -> bool:
@@ -199,18 +225,41 @@ def choose_precision(
     if cached is not None:
         _decided[key] = cached
         return cached
-    timings = (measure_fn or measure)(model, batch, device, mode)
-    choice = decide(timings)
+    measure_with = measure_fn or measure
+    timings = measure_with(model, batch, device, mode)
+    threads = torch.get_num_threads()
+    if timings.get("spread", 1.0) > MAX_SPREAD and device.type == "cpu" and threads > 1:
+        # Other processes' threads compete for the cores: one thread's CPU time still measures the kernels.
+        logger.warning(
+            "precision auto (%s): fp32/bf16 ratios of paired steps varied %.1fx at %d threads (other processes "
+            "compete for this CPU); measuring again on one thread",
+            mode,
+            timings["spread"],
+            threads,
+        )
+        with _threads(1):
+            timings = measure_with(model, batch, device, mode)
+        threads = 1
+    noisy = timings.get("spread", 1.0) > MAX_SPREAD
+    choice = "fp32" if noisy else decide(timings)
     logger.info(
-        "precision auto (%s, %s): fp32 %.3f s/step, bf16 %.3f s/step (%.2fx) -> %s",
+        "precision auto (%s, %s, measured at %d thread(s)): fp32 %.3f s/step, bf16 %.3f s/step (%.2fx) -> %s",
         mode,
         device.type,
+        threads,
         timings["fp32"],
         timings["bf16"],
         timings["fp32"] / timings["bf16"],
         choice,
     )
     _decided[key] = choice
+    if noisy:  # fp32, the precision that is never a regression; a later process measures again
+        logger.warning(
+            "precision auto (%s): timings too noisy to decide (ratios varied %.1fx); fp32 for this process, not cached",
+            mode,
+            timings["spread"],
+        )
+        return choice
     if directory is not None:
         _store(
             directory,
@@ -218,7 +267,8 @@ def choose_precision(
             {
                 "format": FORMAT,
                 "choice": choice,
-                "seconds_per_step": timings,
+                "seconds_per_step": {k: timings[k] for k in ("fp32", "bf16")},
+                "measured_threads": threads,
                 "mode": mode,
                 "facts": machine_facts(device),
             },
