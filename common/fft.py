@@ -78,6 +78,12 @@ class RealIfft2c(nn.Module):
         ii = torch.matmul(tr, self.cols_im) + torch.matmul(ti, self.cols_re)
         return ir, ii
 
+    def rss(self, kspace: Tensor) -> Tensor:
+        """Real (B, C, H, W, 2) coil k-space -> the root-sum-of-squares zero-filled image (B, H, W)."""
+        ir, ii = self(kspace)
+        image: Tensor = torch.sqrt((ir * ir + ii * ii).sum(dim=1))
+        return image
+
 
 def complex_to_channels(x: Tensor) -> Tensor:
     """Complex (..., H, W) -> real (..., 2, H, W) with real and imaginary parts as channels, for conv nets."""

@@ -211,5 +211,4 @@ class RealKspaceUnetRecon(nn.Module):
 
     def forward(self, kspace: Tensor) -> Tensor:
         """Real (B, C, H, W, 2) masked k-space -> magnitude (B, H, W), equal to ``UnetRecon``'s output."""
-        ir, ii = self.ifft(kspace)
-        return self.model.refine(torch.sqrt((ir * ir + ii * ii).sum(dim=1)).unsqueeze(1))
+        return self.model.refine(self.ifft.rss(kspace).unsqueeze(1))
