@@ -42,7 +42,7 @@ from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SiteLoss, check_model, evaluate_self_supervised
 from common.training import EvalResult, evaluate, train
-from server.best import BestTracker
+from server.best import BestTracker, Patience
 from server.store import GLOBAL_SITE, RunDir, global_record, site_record
 from server.tracking.tracked import tracked_store
 
@@ -74,9 +74,15 @@ class Baseline:
         self.precision = run.precision  # "auto" is measured by train()/evaluate(); records say what ran
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
         self.best = BestTracker(self.store, run.select_metric, run.patience)
+        self.site_metrics: dict[str, dict[str, Any]] = {}
+        self.stop_detail: dict[str, Any] | None = None  # why the run stopped before its last round, if it did
         self.resume = False
 
     def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> dict[str, Any]:
+        """Evaluate each site's model on its validation split; the ``__global__`` summary record.
+
+        The site records are kept in ``self.site_metrics`` (site -> metrics) for per-site stopping.
+        """
         records = []
         for site, datasets in self.sites.items():
             logger.info("%s: round %d: evaluating %s", self.kind, rnd, site)  # progress while the table waits
@@ -112,6 +118,7 @@ class Baseline:
             )
         summary = global_record(self.run.name, rnd, "evaluate", records)
         self.store.append_metrics(records + [summary])
+        self.site_metrics = {r["site"]: r["metrics"] for r in records}
         return summary
 
     def _checkpoint(
@@ -126,8 +133,6 @@ class Baseline:
         kept = {name: opt.state_dict() for name, opt in optimisers.items() if opt is not None}
         self.store.save_checkpoint(rnd, state, self.run.to_flat(), extra={"optimisers": kept} if kept else None)
         self.best.update(rnd, summary["metrics"])
-        if self.best.exhausted:
-            logger.info("%s: stopping early after round %d", self.kind, rnd)
         return self.best.exhausted
 
     def _restore(
@@ -189,7 +194,7 @@ class Baseline:
         except BaseException as exc:
             self.store.set_status("failed", error=str(exc))
             raise
-        self.store.set_status("finished", **(self.best.stop_detail() if self.best.exhausted else {}))
+        self.store.set_status("finished", **(self.stop_detail or {}))
         return self.store
 
     def _new_model(self) -> torch.nn.Module:
@@ -203,14 +208,28 @@ class Baseline:
         return torch.optim.Adam(model.parameters(), lr=self.run.learning_rate)
 
     def _local(self) -> None:
+        """Each site trains its own model; with ``patience``, each stops on its own validation metric.
+
+        A site alone would stop when its model stops improving, so a stopped site trains no more (its model
+        is still evaluated each round, unchanged) while the others go on; the run ends when every site has
+        stopped or the rounds run out. ``best.json`` still follows the mean over sites, as in every run.
+        """
         models = {site: self._new_model() for site in self.sites}
         optimisers = {site: self._optimiser(model) for site, model in models.items()}
+        waiting = {site: Patience(self.run.select_metric, self.run.patience) for site in self.sites}
         start = self._restore(models, optimisers, prefixed=True)
         if start == 1:
             self._evaluate(0, models)  # type: ignore[arg-type]
+        else:
+            self._replay_patience(waiting, start - 1)
         for rnd in range(start, self.run.num_server_rounds + 1):
+            if all(w.exhausted for w in waiting.values()):  # (a resumed run that had already stopped stays stopped)
+                logger.info("%s: every site has stopped after round %d", self.kind, rnd - 1)
+                break
             records = []
             for site, datasets in self.sites.items():
+                if waiting[site].exhausted:
+                    continue
                 logger.info("%s: round %d/%d: training %s", self.kind, rnd, self.run.num_server_rounds, site)
                 loader = make_loader(
                     datasets["train"],
@@ -245,9 +264,31 @@ class Baseline:
                 )
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
             summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
+            for record in records:
+                site = record["site"]
+                if waiting[site].update(rnd, self.site_metrics[site].get(self.run.select_metric)):
+                    continue
+                if waiting[site].exhausted:
+                    logger.info("%s: %s stops after round %d", self.kind, site, rnd)
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
-            if self._checkpoint(rnd, state, summary, optimisers):
-                return
+            self._checkpoint(rnd, state, summary, optimisers)
+        if all(w.exhausted for w in waiting.values()):
+            self.stop_detail = {"early_stop": self._local_stop_detail(waiting)}
+
+    def _replay_patience(self, waiting: dict[str, Patience], done: int) -> None:
+        """Rebuild each site's patience from the recorded rounds 1..``done`` (a resumed local baseline)."""
+        records = sorted(self.store.read_metrics(dedupe=True), key=lambda r: r["round"])
+        trained = {(r["round"], r["site"]) for r in records if r["phase"] == "train"}
+        for record in records:
+            site, rnd = record["site"], record["round"]
+            if record["phase"] == "evaluate" and site in waiting and 1 <= rnd <= done and (rnd, site) in trained:
+                waiting[site].update(rnd, record["metrics"].get(self.run.select_metric))
+
+    def _local_stop_detail(self, waiting: dict[str, Patience]) -> str:
+        """``every site stopped: ... (patience 6); site-a best round 12, ...`` for the run's status."""
+        metric = self.run.select_metric
+        best = ", ".join(f"{site} best round {w.best_round}" for site, w in waiting.items())
+        return f"every site stopped: no {metric} improvement of its own (patience {self.run.patience}); {best}"
 
     def _centralized(self, pooled: bool) -> None:
         model = self._new_model()
@@ -316,4 +357,6 @@ class Baseline:
             )
             summary = self._evaluate(rnd, {site: model for site in self.sites})
             if self._checkpoint(rnd, cpu_state_dict(model), summary, {GLOBAL_SITE: optimiser}):
+                logger.info("%s: stopping early after round %d", self.kind, rnd)
+                self.stop_detail = self.best.stop_detail()
                 return

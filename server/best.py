@@ -15,6 +15,7 @@ import math
 import os
 import shlex
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,34 @@ def best_round(values: Mapping[int, float], metric: str) -> int | None:
         if is_better(metric, values[rnd], None if best is None else values[best]):
             best = rnd
     return best
+
+
+@dataclass
+class Patience:
+    """Rounds without improvement of one series of ``metric`` values (a local site's own validation metric).
+
+    The local baseline gives each site one: a site training alone stops when *its* model stops improving,
+    as it would without the others, not when the mean over all sites does.
+    """
+
+    metric: str
+    patience: int
+    best_round: int | None = None
+    best_value: float | None = None
+    stale: int = 0
+
+    def update(self, rnd: int, value: float | None) -> bool:
+        """Record round ``rnd``'s value (None: not measured, counts as no improvement); True if best."""
+        if value is not None and is_better(self.metric, value, self.best_value):
+            self.best_round, self.best_value, self.stale = rnd, float(value), 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """True once ``patience`` (> 0) rounds in a row have not improved the best."""
+        return self.patience > 0 and self.stale >= self.patience
 
 
 class BestTracker:

@@ -80,3 +80,63 @@ def test_pooled_centralized_baseline_keeps_best_json_and_stops_early(small_sites
     assert_stopped_early_at_best(store, "nmse")
     trained = [r for r in store.read_metrics() if r["phase"] == "train" and r["site"] == GLOBAL_SITE]
     assert len(trained) == max(global_values(store, "nmse"))
+
+
+def _trained_rounds(store: RunDir) -> dict[str, list[int]]:
+    """site -> the rounds it trained in (the test's own reading of metrics.jsonl)."""
+    rounds: dict[str, list[int]] = {}
+    for r in store.read_metrics(dedupe=True):
+        if r["phase"] == "train" and r["site"] != GLOBAL_SITE:
+            rounds.setdefault(r["site"], []).append(r["round"])
+    return {site: sorted(set(v)) for site, v in rounds.items()}
+
+
+def test_local_baseline_stops_each_site_on_its_own_validation_and_resumes_so(
+    small_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each local site stops ``patience`` rounds after its own best validation round (not the mean's), its
+    model then frozen while the others train on; a run interrupted after a site stopped resumes with that
+    site still stopped and ends with the straight run's weights."""
+    import server.baseline as baseline
+
+    rounds = 8
+    config = run_config(small_sites, tmp_path / "straight", **{"num-server-rounds": rounds, "client-optimizer": "keep"})
+    store = Baseline("local", config).execute()
+    trained = _trained_rounds(store)
+    records = store.read_metrics(dedupe=True)
+    for site, own in trained.items():
+        assert own == list(range(1, own[-1] + 1))  # trained every round until it stopped, then never again
+        values = {
+            r["round"]: r["metrics"]["psnr"]
+            for r in records
+            if r["site"] == site and r["phase"] == "evaluate" and 1 <= r["round"] <= own[-1]
+        }
+        assert own[-1] == min(best_round(values, "psnr") + PATIENCE, rounds)
+        frozen = [
+            r["metrics"]["psnr"]
+            for r in records
+            if r["site"] == site and r["phase"] == "evaluate" and r["round"] >= own[-1]
+        ]
+        assert frozen == pytest.approx([frozen[0]] * len(frozen))  # a stopped site's model no longer changes
+    first, last = min(t[-1] for t in trained.values()), max(t[-1] for t in trained.values())
+    assert first < last < rounds  # the sites stopped at different rounds, every one before the budget ran out
+    detail = store.read_config()["status_detail"]["early_stop"]
+    assert "every site stopped" in detail and f"patience {PATIENCE}" in detail
+
+    # Interrupted in the round after the first site stopped: resumed, that site stays stopped.
+    real_evaluate = baseline.Baseline._evaluate
+
+    def stop(self, rnd, models):  # type: ignore[no-untyped-def]
+        if rnd == first + 1:
+            raise KeyboardInterrupt
+        return real_evaluate(self, rnd, models)
+
+    again = RunConfig.from_flat({**config.to_flat(), "run-dir": str(tmp_path / "stopped")})
+    monkeypatch.setattr(baseline.Baseline, "_evaluate", stop)
+    with pytest.raises(KeyboardInterrupt):
+        Baseline("local", again).execute()
+    monkeypatch.setattr(baseline.Baseline, "_evaluate", real_evaluate)
+    resumed = Baseline("local", again).execute(resume=True)
+    assert _trained_rounds(resumed) == trained
+    final, reference = resumed.load_checkpoint(last)["state_dict"], store.load_checkpoint(last)["state_dict"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
