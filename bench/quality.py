@@ -6,8 +6,8 @@ Fair by construction:
 - every learned arm (local-only, pooled centralized, FedAvg, FedProx, each federated strategy's
   personalised "+ fine-tune" row) trains until its *validation* PSNR has not improved for ``--patience``
   rounds, up to ``--max-rounds``, and is scored on the test split once, at its best validation round
-  (local-only: each site's model at its own best round, each site stopping on its own validation PSNR;
-  personalised: each site's best fine-tuning step). An arm whose best round is its last (it stopped while still improving) is flagged "not converged" and
+  (local-only: each site's model at its own best round, training until every site has run out of its own
+  patience; personalised: each site's best fine-tuning step). An arm whose best round is its last (it stopped while still improving) is flagged "not converged" and
   every target it takes part in counts as missed;
 - one optimiser semantics for every arm: each model keeps its Adam state across rounds
   (``client-optimizer = keep``, which :mod:`server.baseline` follows too);
@@ -401,8 +401,8 @@ def learned_methods(
                 recon[n] = model_recon(_load(model, model_args, state))
             used = sum(t.steps[r][n] for n, rnd in chosen.items() for r in range(1, rnd + 1))
             best = ", ".join(f"{n} {rnd}" for n, rnd in chosen.items())
-            # Each site stops on its own validation PSNR (server.baseline): converged where no site's best
-            # round is the last one it trained.
+            # Converged where no site's best round is the last one it trained (server.baseline trains until
+            # every site has run out of its own patience).
             last = {n: max(r for r, by_site in t.steps.items() if n in by_site) for n in names}
             converged = all(rnd < last[n] for n, rnd in chosen.items())
             val_site = {n: t.val[(rnd, n)] for n, rnd in chosen.items()}
@@ -734,7 +734,7 @@ def report(
     out(f"\n### R = {r:g}: every arm, all sites pooled (test split; mean ± std over seeds of the per-seed mean)\n")
     out(
         f"Optimiser: {OPTIMISER_SEMANTICS}. Converged: the best validation round is not the last one trained "
-        "(local: at every site, each site stopping on its own validation PSNR).\n"
+        "(local: at every site, each with its own patience).\n"
     )
     rows = []
     for label, arm in arms.items():

@@ -208,11 +208,14 @@ class Baseline:
         return torch.optim.Adam(model.parameters(), lr=self.run.learning_rate)
 
     def _local(self) -> None:
-        """Each site trains its own model; with ``patience``, each stops on its own validation metric.
+        """Each site trains its own model; with ``patience``, the run ends when *every* site has gone
+        ``patience`` rounds without a better validation metric of its own.
 
-        A site alone would stop when its model stops improving, so a stopped site trains no more (its model
-        is still evaluated each round, unchanged) while the others go on; the run ends when every site has
-        stopped or the rounds run out. ``best.json`` still follows the mean over sites, as in every run.
+        Each site's model is chosen at its own best round, so a site alone is served as if it had stopped on
+        its own; training every site until the last one has stopped improving (not on the mean over sites,
+        whose noise and averaging can stop a site still improving, or keep one alone) means no site's best
+        round is its last, and each site's curve is a superset of the one it would have trained alone.
+        ``best.json`` still follows the mean over sites, as in every run.
         """
         models = {site: self._new_model() for site in self.sites}
         optimisers = {site: self._optimiser(model) for site, model in models.items()}
@@ -224,12 +227,9 @@ class Baseline:
             self._replay_patience(waiting, start - 1)
         for rnd in range(start, self.run.num_server_rounds + 1):
             if all(w.exhausted for w in waiting.values()):  # (a resumed run that had already stopped stays stopped)
-                logger.info("%s: every site has stopped after round %d", self.kind, rnd - 1)
                 break
             records = []
             for site, datasets in self.sites.items():
-                if waiting[site].exhausted:
-                    continue
                 logger.info("%s: round %d/%d: training %s", self.kind, rnd, self.run.num_server_rounds, site)
                 loader = make_loader(
                     datasets["train"],
@@ -264,31 +264,26 @@ class Baseline:
                 )
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
             summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
-            for record in records:
-                site = record["site"]
-                if waiting[site].update(rnd, self.site_metrics[site].get(self.run.select_metric)):
-                    continue
-                if waiting[site].exhausted:
-                    logger.info("%s: %s stops after round %d", self.kind, site, rnd)
+            for site, w in waiting.items():
+                w.update(rnd, self.site_metrics[site].get(self.run.select_metric))
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
             self._checkpoint(rnd, state, summary, optimisers)
         if all(w.exhausted for w in waiting.values()):
+            logger.info("%s: every site has gone %d round(s) without improving", self.kind, self.run.patience)
             self.stop_detail = {"early_stop": self._local_stop_detail(waiting)}
 
     def _replay_patience(self, waiting: dict[str, Patience], done: int) -> None:
         """Rebuild each site's patience from the recorded rounds 1..``done`` (a resumed local baseline)."""
-        records = sorted(self.store.read_metrics(dedupe=True), key=lambda r: r["round"])
-        trained = {(r["round"], r["site"]) for r in records if r["phase"] == "train"}
-        for record in records:
+        for record in sorted(self.store.read_metrics(dedupe=True), key=lambda r: r["round"]):
             site, rnd = record["site"], record["round"]
-            if record["phase"] == "evaluate" and site in waiting and 1 <= rnd <= done and (rnd, site) in trained:
+            if record["phase"] == "evaluate" and site in waiting and 1 <= rnd <= done:
                 waiting[site].update(rnd, record["metrics"].get(self.run.select_metric))
 
     def _local_stop_detail(self, waiting: dict[str, Patience]) -> str:
-        """``every site stopped: ... (patience 6); site-a best round 12, ...`` for the run's status."""
+        """``every site stopped improving: ... (patience 6); site-a best round 12, ...`` for the run's status."""
         metric = self.run.select_metric
         best = ", ".join(f"{site} best round {w.best_round}" for site, w in waiting.items())
-        return f"every site stopped: no {metric} improvement of its own (patience {self.run.patience}); {best}"
+        return f"every site stopped improving: no {metric} gain of its own (patience {self.run.patience}); {best}"
 
     def _centralized(self, pooled: bool) -> None:
         model = self._new_model()

@@ -51,8 +51,8 @@ def best_round(values: Mapping[int, float], metric: str) -> int | None:
 class Patience:
     """Rounds without improvement of one series of ``metric`` values (a local site's own validation metric).
 
-    The local baseline gives each site one: a site training alone stops when *its* model stops improving,
-    as it would without the others, not when the mean over all sites does.
+    The local baseline gives each site one and stops when every site's has run out, not when the mean over
+    all sites stops improving (which can stop while one site is still improving).
     """
 
     metric: str
