@@ -18,10 +18,10 @@ import nibabel as nib
 
 from common.data import nifti
 from common.data.readers import (
-    _H5_ERRORS,
-    _NIFTI_ERRORS,
+    H5_ERRORS,
+    NIFTI_ERRORS,
     SourceFile,
-    _attr_str,
+    attr_str,
     find_brats_files,
     find_fastmri_files,
     find_ixi_files,
@@ -82,11 +82,11 @@ def fastmri_volume(path: Path, rel: str) -> Volume:
             if "ismrmrd_header" not in f:
                 raise DataError(f"{path}: no ismrmrd_header (scanner keys come from it)")
             header = parse_scanner_header(f["ismrmrd_header"][()])
-            acquisition = _attr_str(f.attrs.get("acquisition"), default="").upper()
-            subject = _attr_str(f.attrs.get("patient_id"), default=path.stem)
+            acquisition = attr_str(f.attrs.get("acquisition"), default="").upper()
+            subject = attr_str(f.attrs.get("patient_id"), default=path.stem)
     except (DataError, HeaderError):
         raise
-    except _H5_ERRORS as exc:
+    except H5_ERRORS as exc:
         raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
     contrast = acquisition or (header.protocol or "unknown").upper()
     coils = shape[1] if len(shape) == 4 else 1
@@ -143,7 +143,7 @@ def nifti_axial_slices(path: Path) -> int:
     try:
         img = cast(nib.spatialimages.SpatialImage, nib.load(path))
         codes = nifti.aff2axcodes(img.affine)
-    except _NIFTI_ERRORS as exc:
+    except NIFTI_ERRORS as exc:
         raise DataError(f"{path}: unreadable NIfTI header ({exc})") from exc
     if len(img.shape) not in (3, 4) or None in codes:
         raise DataError(f"{path}: not a 3-D volume with an orientation (shape {img.shape}, axes {codes})")

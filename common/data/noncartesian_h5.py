@@ -23,12 +23,12 @@ import h5py
 import numpy as np
 
 from common.data.readers import (
-    _H5_ERRORS,
+    H5_ERRORS,
     Example,
     FastMRIReader,
     SliceMeta,
     SourceFile,
-    _attr_str,
+    attr_str,
     parse_ismrmrd_header,
 )
 from common.errors import DataError
@@ -101,7 +101,7 @@ class NonCartesianReader(FastMRIReader):
                         f"{path}: 'trajectory' is {trajectory.dtype} {trajectory.shape}; expected "
                         f"float {expected} to match 'kspace' {kspace.shape}"
                     )
-                acquisition = _attr_str(f.attrs.get("acquisition"), default="")
+                acquisition = attr_str(f.attrs.get("acquisition"), default="")
                 if self._contrasts and acquisition.upper() not in self._contrasts:
                     return []
                 target = f.get("reconstruction_rss")
@@ -117,11 +117,11 @@ class NonCartesianReader(FastMRIReader):
                 else:
                     raise DataError(f"{path}: no image size: needs 'reconstruction_rss' or an 'ismrmrd_header'")
                 volume_max = float(f.attrs["max"]) if "max" in f.attrs else None
-                subject = source.subject or _attr_str(f.attrs.get("patient_id"), default=path.stem) or path.stem
+                subject = source.subject or attr_str(f.attrs.get("patient_id"), default=path.stem) or path.stem
                 num_slices = int(kspace.shape[0])
         except DataError:
             raise
-        except _H5_ERRORS as exc:
+        except H5_ERRORS as exc:
             raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
         self._info[path] = _NonCartesianInfo(num_slices, has_target, recon_size, volume_max)
         return [Example(path, k, subject, acquisition or "unknown") for k in range(num_slices)]
@@ -140,7 +140,7 @@ class NonCartesianReader(FastMRIReader):
                 target = None
                 if reference and info.has_target:
                     target = np.asarray(f["reconstruction_rss"][example.slice_idx], dtype=np.float32)
-        except _H5_ERRORS as exc:
+        except H5_ERRORS as exc:
             raise DataError(f"{example.path}: cannot read slice {example.slice_idx}: {exc}") from exc
         where = f"{example.path}: slice {example.slice_idx}"
         if not np.all(np.isfinite(samples)):

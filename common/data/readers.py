@@ -38,7 +38,7 @@ _FOREGROUND_LEVEL = 0.10
 # Slices per read while scanning a NIfTI volume: bounded memory, sequential (gzip-friendly) reads.
 _SCAN_SLAB = 16
 
-_NIFTI_ERRORS = (
+NIFTI_ERRORS = (
     OSError,
     EOFError,
     ValueError,
@@ -48,7 +48,7 @@ _NIFTI_ERRORS = (
 )
 # What h5py raises for a damaged file: libhdf5 errors surface as OSError, RuntimeError or ValueError, and a
 # damaged object table can turn a dataset into another kind of object (TypeError when indexed).
-_H5_ERRORS = (OSError, RuntimeError, ValueError, TypeError, KeyError)
+H5_ERRORS = (OSError, RuntimeError, ValueError, TypeError, KeyError)
 
 # FeTS releases (FeTS2022_00000_flair.nii.gz) name BraTS scans the same way, with their own prefix.
 _BRATS_UNDERSCORE = re.compile(r"^((?:BraTS|FeTS).+?)_(t1|t1ce|t2|flair)\.nii(?:\.gz)?$")
@@ -309,7 +309,7 @@ class FastMRIReader(SliceReader):
                     raise DataError(f"{path}: 'kspace' has dtype {kspace.dtype}; expected complex")
                 if 0 in kspace.shape:
                     raise DataError(f"{path}: 'kspace' is empty {kspace.shape}")
-                acquisition = _attr_str(f.attrs.get("acquisition"), default="")
+                acquisition = attr_str(f.attrs.get("acquisition"), default="")
                 if self._contrasts and acquisition.upper() not in self._contrasts:
                     log.debug("%s: acquisition %r is not one of the site's contrasts", path, acquisition)
                     return []
@@ -328,11 +328,11 @@ class FastMRIReader(SliceReader):
                 else:
                     recon_size = (height, width)
                 volume_max = float(f.attrs["max"]) if "max" in f.attrs else None
-                subject = source.subject or _attr_str(f.attrs.get("patient_id"), default=path.stem)
+                subject = source.subject or attr_str(f.attrs.get("patient_id"), default=path.stem)
                 num_slices = int(kspace.shape[0])
         except DataError:
             raise
-        except _H5_ERRORS as exc:
+        except H5_ERRORS as exc:
             raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
         acquired = geometry.acquired_columns if geometry is not None else None
         if acquired is not None and not 0 <= acquired[0] < acquired[1] <= width:
@@ -361,7 +361,7 @@ class FastMRIReader(SliceReader):
                 target = None
                 if reference and info.target_key is not None:
                     target = np.asarray(f[info.target_key][example.slice_idx], dtype=np.float32)
-        except _H5_ERRORS as exc:
+        except H5_ERRORS as exc:
             raise DataError(f"{example.path}: cannot read slice {example.slice_idx}: {exc}") from exc
         if kspace.ndim == 2:
             kspace = kspace[np.newaxis]
@@ -379,7 +379,7 @@ class FastMRIReader(SliceReader):
         return kspace.astype(np.complex64, copy=False), meta
 
 
-def _attr_str(value: object, default: str) -> str:
+def attr_str(value: object, default: str) -> str:
     """An HDF5 attribute as text (h5py returns bytes or str depending on how it was written)."""
     if value is None:
         return default
@@ -440,7 +440,7 @@ _SCAN_CACHE: dict[tuple[str, int, int, float], NiftiInfo] = {}
 def _load_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     try:
         return cast(nib.spatialimages.SpatialImage, nib.load(path))
-    except _NIFTI_ERRORS as exc:
+    except NIFTI_ERRORS as exc:
         raise DataError(f"{path}: unreadable NIfTI ({exc})") from exc
 
 
@@ -481,7 +481,7 @@ def scan_nifti(path: Path, min_foreground: float = DEFAULT_MIN_FOREGROUND) -> Ni
             index[3] = 0
         try:
             slab = np.asarray(img.dataobj[tuple(index)], dtype=np.float32)
-        except _NIFTI_ERRORS as exc:
+        except NIFTI_ERRORS as exc:
             raise DataError(f"{path}: unreadable NIfTI data ({exc})") from exc
         if not np.all(np.isfinite(slab)):
             raise DataError(f"{path}: NIfTI contains NaN or Inf voxels")
@@ -562,7 +562,7 @@ class NiftiReader(SliceReader):
             slicer[3] = 0
         try:
             data = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float32)
-        except _NIFTI_ERRORS as exc:
+        except NIFTI_ERRORS as exc:
             raise DataError(f"{example.path}: cannot read slice {example.slice_idx}: {exc}") from exc
         image = np.maximum(to_display(data, info), 0.0)
         meta = SliceMeta(kind="image", recon_size=image.shape, volume_max=info.volume_max)
