@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import model_recon
+from bench.harness import model_recon, set_threads
 from bench.quality import MODELS, MULTI_SEED_MODEL, _learn_subjects, _load, _score, subject_of
 from common.data.loaders import load_site
 from common.errors import ConfigError
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path, help="one acceleration's folder of a bench.quality --out (e.g. OUT/R4)")
     parser.add_argument("--arms", nargs="+", default=["local-layers", "fedavg"], help="federated arms' run keys")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, model_args = MODELS[MULTI_SEED_MODEL]
     data = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sorted((args.root / "sites").glob("*.toml")))}
