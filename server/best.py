@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from common.errors import FedSenseError
 from server.store import RunDir
@@ -76,7 +76,8 @@ class Patience:
 
 
 class BestTracker:
-    """Keeps ``best.json`` of one run up to date and counts rounds without improvement.
+    """Keeps ``best.json`` of one run up to date and counts rounds without improvement (a :class:`Patience`
+    on the global validation metric).
 
     ``patience`` 0 never stops early. On a resumed run the tracker starts from the existing
     ``best.json`` (and the rounds evaluated since), so patience carries over a restart.
@@ -89,33 +90,37 @@ class BestTracker:
             raise FedSenseError(f"patience must be >= 0, got {patience}")
         self.store, self.metric, self.patience = store, metric, patience
         self.best: dict[str, Any] | None = None
-        self.stale = 0
+        self.counter = Patience(metric, patience)
+
+    @property
+    def stale(self) -> int:
+        """Evaluated rounds in a row that have not improved the best."""
+        return self.counter.stale
+
+    @property
+    def exhausted(self) -> bool:
+        """True once ``patience`` (> 0) evaluated rounds in a row have not improved the best."""
+        return self.counter.exhausted
 
     def resume(self, last_round: int) -> None:
         """Continue after ``last_round``: adopt ``best.json`` if it is this metric's, else start over."""
         best = self.store.best()
         if best is not None and best["metric"] == self.metric and best["round"] <= last_round:
             self.best = best
-            self.stale = last_round - best["round"]
+            stale = last_round - best["round"]
+            self.counter = Patience(self.metric, self.patience, best["round"], float(best["value"]), stale)
 
     def update(self, rnd: int, metrics: Mapping[str, float | None]) -> bool:
         """Record round ``rnd``'s global validation ``metrics`` (its checkpoint must exist); True if best.
 
         A round without the selected metric counts as not improving.
         """
-        value = metrics.get(self.metric)
-        if value is not None and is_better(self.metric, value, None if self.best is None else self.best["value"]):
-            self.best = self.store.write_best(rnd, self.metric, float(value))
-            self.stale = 0
-            logger.info("round %d is the best so far: %s %.4g", rnd, self.metric, value)
-            return True
-        self.stale += 1
-        return False
-
-    @property
-    def exhausted(self) -> bool:
-        """True once ``patience`` (> 0) evaluated rounds in a row have not improved the best."""
-        return self.patience > 0 and self.stale >= self.patience
+        if not self.counter.update(rnd, metrics.get(self.metric)):
+            return False
+        value = cast(float, self.counter.best_value)  # set by the improving update
+        self.best = self.store.write_best(rnd, self.metric, value)
+        logger.info("round %d is the best so far: %s %.4g", rnd, self.metric, value)
+        return True
 
     def stop_detail(self) -> dict[str, Any]:
         """What ``status_detail`` records when a run stops early."""
