@@ -7,8 +7,9 @@ Fair by construction:
   personalised "+ fine-tune" row) trains until its *validation* PSNR has not improved for ``--patience``
   rounds, up to ``--max-rounds``, and is scored on the test split once, at its best validation round
   (local-only: each site's model at its own best round, training until every site has run out of its own
-  patience; personalised: each site's best fine-tuning step). An arm whose best round is its last (it stopped while still improving) is flagged "not converged" and
-  every target it takes part in counts as missed;
+  patience; personalised: each site's best fine-tuning step). An arm whose best round is its last (it
+  stopped while still improving) is flagged "not converged" and every target it takes part in counts as
+  missed;
 - one optimiser semantics for every arm: each model keeps its Adam state across rounds
   (``client-optimizer = keep``, which :mod:`server.baseline` follows too);
 - the unrolled-DC model is trained with ``--seeds`` (>= 3) seeds per arm, the U-Net with the first seed;
@@ -401,10 +402,7 @@ def learned_methods(
                 recon[n] = model_recon(_load(model, model_args, state))
             used = sum(t.steps[r][n] for n, rnd in chosen.items() for r in range(1, rnd + 1))
             best = ", ".join(f"{n} {rnd}" for n, rnd in chosen.items())
-            # Converged where no site's best round is the last one it trained (server.baseline trains until
-            # every site has run out of its own patience).
-            last = {n: max(r for r, by_site in t.steps.items() if n in by_site) for n in names}
-            converged = all(rnd < last[n] for n, rnd in chosen.items())
+            converged = all(rnd < t.rounds for rnd in chosen.values())  # every site trains every round
             val_site = {n: t.val[(rnd, n)] for n, rnd in chosen.items()}
             val_psnr = float(np.mean(list(val_site.values())))
             net = None
