@@ -14,7 +14,6 @@ every round must still be in the run directories (``bench.quality`` keeps them).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -26,19 +25,18 @@ from bench.quality import MODELS, MULTI_SEED_MODEL, _learn_subjects, _load, _sco
 from common.data.loaders import load_site
 from common.errors import ConfigError
 from common.stats import hierarchical_bootstrap
-from server.store import GLOBAL_SITE
+from server.store import GLOBAL_SITE, RunDir
 
 logger = logging.getLogger("bench.matched_budget")
 
 
 def site_psnr(run: Path) -> dict[str, dict[int, float]]:
     """site (and ``__global__``) -> round -> validation PSNR of a run directory (rounds >= 1)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no metrics (is {run} a bench.quality run directory?)")
+    store = RunDir(run)
+    if not store.metrics_path.is_file():
+        raise ConfigError(f"{store.metrics_path}: no metrics (is {run} a bench.quality run directory?)")
     values: dict[str, dict[int, float]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in store.read_metrics(dedupe=True):
         if record["phase"] == "evaluate" and record["round"] >= 1 and record["metrics"].get("psnr") is not None:
             values.setdefault(record["site"], {})[record["round"]] = record["metrics"]["psnr"]
     return values

@@ -9,6 +9,7 @@ import pytest
 
 from bench.matched_budget import best_within, site_psnr
 from common.errors import ConfigError
+from server.store import site_record
 
 
 def test_best_within_respects_the_cap_and_takes_the_earliest_tie() -> None:
@@ -22,11 +23,12 @@ def test_best_within_respects_the_cap_and_takes_the_earliest_tie() -> None:
 
 def test_site_psnr_reads_evaluate_records_per_site_and_skips_round_0(tmp_path: Path) -> None:
     records = [
-        {"phase": "evaluate", "round": 0, "site": "site-a", "metrics": {"psnr": 10.0}},
-        {"phase": "train", "round": 1, "site": "site-a", "metrics": {"loss": 0.1}},
-        {"phase": "evaluate", "round": 1, "site": "site-a", "metrics": {"psnr": 21.0}},
-        {"phase": "evaluate", "round": 1, "site": "__global__", "metrics": {"psnr": 22.0}},
-        {"phase": "evaluate", "round": 2, "site": "site-a", "metrics": {"psnr": None}},
+        site_record("r", 0, "evaluate", "site-a", 2, {"psnr": 10.0}),
+        site_record("r", 1, "train", "site-a", 2, {"loss": 0.1}),
+        site_record("r", 1, "evaluate", "site-a", 2, {"psnr": 20.0}),
+        site_record("r", 1, "evaluate", "site-a", 2, {"psnr": 21.0}),  # a resumed round's newer record wins
+        site_record("r", 1, "evaluate", "__global__", 2, {"psnr": 22.0}),
+        site_record("r", 2, "evaluate", "site-a", 2, {"psnr": None}),
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     assert site_psnr(tmp_path) == {"site-a": {1: 21.0}, "__global__": {1: 22.0}}
