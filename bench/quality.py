@@ -121,6 +121,13 @@ OPTIMISER_SEMANTICS = (
 DOC_BEGIN, DOC_END = "<!-- bench.quality: begin -->", "<!-- bench.quality: end -->"
 
 
+def doc_markers(section: str) -> tuple[str, str]:
+    """The begin/end markers of a docs section: the main one, or ``--section NAME``'s."""
+    if not section:
+        return DOC_BEGIN, DOC_END
+    return f"<!-- bench.quality {section}: begin -->", f"<!-- bench.quality {section}: end -->"
+
+
 class Output:
     """Everything the benchmark prints, kept so the docs section can be regenerated from it verbatim."""
 
@@ -985,6 +992,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.4,
         help="0.4 of 20 subjects: 8 test subjects per site, 4 for validation, 8 for training",
     )
+    parser.add_argument(
+        "--train-subjects",
+        type=int,
+        default=None,
+        help="the scarce-data scenario: this many training subjects per site, the validation and test subjects "
+        "kept as --subjects and the fractions give them (default: the rest of --subjects)",
+    )
     parser.add_argument("--slices", type=int, default=2, help="slices per volume")
     parser.add_argument("--max-rounds", type=int, default=150, help="budget: rounds at most")
     parser.add_argument("--patience", type=int, default=6, help="stop after this many rounds without a better val PSNR")
@@ -1023,6 +1037,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(between the markers); --quick writes none unless given explicitly",
     )
     parser.add_argument(
+        "--section",
+        default="",
+        help="name of the docs section to replace (markers '<!-- bench.quality NAME: begin -->' ... end); "
+        "default: the main quality section",
+    )
+    parser.add_argument(
         "--curves",
         type=Path,
         default=ROOT / "docs" / "quality-curves.png",
@@ -1054,7 +1074,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.docs = None
         if "--curves" not in given:
             args.curves = args.out / "quality-curves.png"
+    if args.train_subjects is not None:
+        _scarce(parser, args)
     return args
+
+
+def _scarce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Keep the validation and test subjects ``--subjects`` gives and train on ``--train-subjects`` per site.
+
+    The split stays a fraction in the site TOML (``common.data.splits``); counts / total round back to the counts.
+    """
+    if args.train_subjects < 1:
+        parser.error(f"--train-subjects must be >= 1, got {args.train_subjects}")
+    n_val, n_test = round(args.subjects * args.val_fraction), round(args.subjects * args.test_fraction)
+    total = args.train_subjects + n_val + n_test
+    args.subjects, args.val_fraction, args.test_fraction = total, n_val / total, n_test / total
 
 
 def center_fraction(args: argparse.Namespace, r: float) -> float:
@@ -1206,14 +1240,15 @@ def run_acceleration(
     return report(out, r, names, [*fixed, *methods], scores, unseen)
 
 
-def write_docs(path: Path, text: str) -> None:
-    """Replace the section between the bench.quality markers of ``path`` with ``text``."""
+def write_docs(path: Path, text: str, section: str = "") -> None:
+    """Replace the section between the bench.quality markers (of ``section``) of ``path`` with ``text``."""
+    begin, end = doc_markers(section)
     doc = path.read_text(encoding="utf-8")
-    if DOC_BEGIN not in doc or DOC_END not in doc:
-        raise SystemExit(f"{path}: no '{DOC_BEGIN}' ... '{DOC_END}' markers; cannot regenerate the quality section")
-    head, rest = doc.split(DOC_BEGIN, 1)
-    _, tail = rest.split(DOC_END, 1)
-    path.write_text(f"{head}{DOC_BEGIN}\n{text}\n{DOC_END}{tail}", encoding="utf-8")
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path}: no '{begin}' ... '{end}' markers; cannot regenerate the quality section")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> list[tuple]:
@@ -1234,6 +1269,12 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             os.environ["MLFLOW_EXPERIMENT_NAME"] = before
 
 
+def _scarce_note(args: argparse.Namespace) -> str:
+    if args.train_subjects is None:
+        return ""
+    return f" (scarce data: {args.train_subjects} training subject(s) per site)"
+
+
 def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
     out = Output()
     started = start_bench("quality", args.threads)
@@ -1249,7 +1290,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
     out(
         f"\nScenario {args.scenario} ({', '.join(SCENARIOS[args.scenario])}) plus the unseen-acquisition site "
         f"{UNSEEN_SITE}; {args.size}² images; {args.subjects} subjects per site ({args.slices} slices per volume), "
-        f"split val {args.val_fraction} / test {args.test_fraction}; up to {args.max_rounds} rounds x "
+        f"split val {args.val_fraction:.3g} / test {args.test_fraction:.3g}{_scarce_note(args)}; up to {args.max_rounds} rounds x "
         f"{args.local_steps} local steps x batch {args.batch}, early stop after {args.patience} rounds without a "
         f"better validation PSNR; Adam lr {args.lr}, L1 loss; {OPTIMISER_SEMANTICS}; seeds {args.seeds} for "
         f"{MULTI_SEED_MODEL}, {args.seeds[:1]} for the U-Net; federated: "
@@ -1271,7 +1312,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
     out(markdown_table(("stage", "seconds"), ((k, f"{v:.0f}") for k, v in clock.seconds.items())))
     out(f"\ntotal: {time.perf_counter() - started:.0f} s")
     if args.docs is not None:
-        write_docs(args.docs, out.text)
+        write_docs(args.docs, out.text, args.section)
         logger.info("rewrote the bench.quality section of %s", args.docs)
     return targets
 
