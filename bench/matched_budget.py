@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench.harness import model_recon, set_threads
-from bench.quality import MODELS, MULTI_SEED_MODEL, _learn_subjects, _load, _score, subject_of
+from bench.quality import MODELS, MULTI_SEED_MODEL, learn_subjects, load_model, score_split, subject_of
 from common.data.loaders import load_site
 from common.errors import ConfigError
 from common.stats import hierarchical_bootstrap
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     model, model_args = MODELS[MULTI_SEED_MODEL]
     data = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sorted((args.root / "sites").glob("*.toml")))}
     for datasets in data.values():
-        _learn_subjects(datasets.values())
+        learn_subjects(datasets.values())
     for arm in args.arms:
         own: dict[str, list[list[float]]] = {n: [] for n in data}
         capped: dict[str, list[list[float]]] = {n: [] for n in data}
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                     rnd = best_within(values[name], limit)
                     state = torch.load(local / "checkpoints" / f"round-{rnd:04d}.pt", weights_only=True)["state_dict"]
                     mine = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")}
-                    scores = _score(model_recon(_load(model, model_args, mine)), datasets["test"])
+                    scores = score_split(model_recon(load_model(model, model_args, mine)), datasets["test"])
                     chosen.append((rnd, [s.psnr for s in scores]))
                     subjects[name] = [f"{name}/{subject_of(s.volume)}" for s in scores]
                 own[name].append(chosen[0][1])

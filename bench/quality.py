@@ -188,10 +188,10 @@ def federated_arms(strategies: Sequence[str], mus: Sequence[float]) -> list[Fede
     return arms
 
 
-SUBJECTS: dict[str, str] = {}  # volume file name -> subject id, filled from the readers (see _learn_subjects)
+SUBJECTS: dict[str, str] = {}  # volume file name -> subject id, filled from the readers (see learn_subjects)
 
 
-def _learn_subjects(datasets: Iterable[SiteDataset]) -> None:
+def learn_subjects(datasets: Iterable[SiteDataset]) -> None:
     """Record which subject each volume belongs to (a BraTS / IXI subject has one volume per contrast)."""
     for dataset in datasets:
         SUBJECTS.update({ex.path.name: ex.subject for ex in dataset.reader.examples})
@@ -332,7 +332,8 @@ def run_config(
     )
 
 
-def _load(model: str, model_args: dict[str, int], state: dict[str, torch.Tensor]) -> nn.Module:
+def load_model(model: str, model_args: dict[str, int], state: dict[str, torch.Tensor]) -> nn.Module:
+    """A benchmark model (``MODELS``' name and arguments) holding ``state``."""
     net = build_model(model, **model_args)
     net.load_state_dict(state)
     return net
@@ -406,7 +407,7 @@ def learned_methods(
             recon = {}
             for n, rnd in chosen.items():
                 state = {k.split("/", 1)[1]: v for k, v in _state(store, rnd).items() if k.startswith(f"{n}/")}
-                recon[n] = model_recon(_load(model, model_args, state))
+                recon[n] = model_recon(load_model(model, model_args, state))
             used = sum(t.steps[r][n] for n, rnd in chosen.items() for r in range(1, rnd + 1))
             best = ", ".join(f"{n} {rnd}" for n, rnd in chosen.items())
             converged = all(rnd < t.rounds for rnd in chosen.values())  # every site trains every round
@@ -416,7 +417,7 @@ def learned_methods(
         else:
             selected = store.best()
             assert selected is not None, f"{store.path}: no best.json"
-            net = _load(model, model_args, _state(store, selected["round"]))
+            net = load_model(model, model_args, _state(store, selected["round"]))
             recon = {n: model_recon(net) for n in names}
             used = sum(sum(t.steps[r].values()) for r in range(1, selected["round"] + 1))
             best, val_psnr = str(selected["round"]), selected["value"]
@@ -452,9 +453,11 @@ def learned_methods(
         if arm.local_layers:
             # No one global model: each site's is the shared part plus its own local layers of the best round.
             net = None
-            recon = {n: model_recon(_load(model, model_args, {**shared, **_site_local(store, n, rnd)})) for n in names}
+            recon = {
+                n: model_recon(load_model(model, model_args, {**shared, **_site_local(store, n, rnd)})) for n in names
+            }
         else:
-            net = _load(model, model_args, shared)
+            net = load_model(model, model_args, shared)
             recon = {n: model_recon(net) for n in names}
         used = sum(sum(t.steps[r].values()) for r in range(1, rnd + 1))
         glob = Method(
@@ -524,7 +527,7 @@ def _fine_tuned(
     recon = {}
     for n in names:
         saved = torch.load(store.path / "site-state" / n / FINETUNED_FILE, map_location="cpu", weights_only=True)
-        recon[n] = model_recon(_load(model, model_args, saved["state_dict"]))
+        recon[n] = model_recon(load_model(model, model_args, saved["state_dict"]))
     tuned = sum(int(by_site[n]["best-step"]) for n in names)
     sites_converged = all(int(by_site[n]["best-step"]) < int(by_site[n]["steps"]) for n in names)
     best = f"{glob.best}, then steps " + ", ".join(f"{n} {int(by_site[n]['best-step'])}" for n in names)
@@ -1118,7 +1121,8 @@ def _split_fractions(paths: Sequence[Path], val: float, test: float) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def _score(recon: Recon, dataset: SiteDataset) -> list[SliceScore]:
+def score_split(recon: Recon, dataset: SiteDataset) -> list[SliceScore]:
+    """Every slice of ``dataset`` scored, in a fixed order (paired differences line slices up by it)."""
     return score_slices(recon, make_loader(dataset, 4, shuffle=False, seed=0))
 
 
@@ -1144,7 +1148,7 @@ def run_acceleration(
     names = list(data)
     splits = []
     for n, d in {**data, UNSEEN_SITE: unseen_data}.items():
-        _learn_subjects(d.values())
+        learn_subjects(d.values())
         counts = [f"{len(d[s].subjects)} / {len(d[s])}" for s in ("train", "val", "test")]
         splits.append((n, *counts))
     out(f"\n### R = {r:g}: data (subjects / slices per split)\n")
@@ -1199,7 +1203,7 @@ def run_acceleration(
     with clock.stage(f"R={r:g} test scoring (incl. CS)"):
         scores: Scores = defaultdict(dict)
         for m in [*fixed, *methods]:
-            scores[m.label][m.seed] = {n: _score(m.recon[n], data[n]["test"]) for n in names}
+            scores[m.label][m.seed] = {n: score_split(m.recon[n], data[n]["test"]) for n in names}
 
     unseen: dict[str, object] = {
         "scanner": f"{unseen_cfg.scanner.field_strength_t:g} T, {unseen_cfg.scanner.coils} coils, "
@@ -1208,13 +1212,13 @@ def run_acceleration(
     with clock.stage(f"R={r:g} unseen acquisition and anatomy"):
         test = unseen_data["test"]
         base = {
-            "zero-filled": _score(zero_filled, test),
-            "CS L1-wavelet (tuned)": _score(cs_recon(cs[UNSEEN_SITE].lam, cs[UNSEEN_SITE].iterations), test),
+            "zero-filled": score_split(zero_filled, test),
+            "CS L1-wavelet (tuned)": score_split(cs_recon(cs[UNSEEN_SITE].lam, cs[UNSEEN_SITE].iterations), test),
         }
         site_scores: Scores = {k: {0: {UNSEEN_SITE: v}} for k, v in base.items()}
         for m in methods:
             if m.model is not None:
-                site_scores.setdefault(m.label, {})[m.seed] = {UNSEEN_SITE: _score(model_recon(m.model), test)}
+                site_scores.setdefault(m.label, {})[m.seed] = {UNSEEN_SITE: score_split(model_recon(m.model), test)}
         rows = []
         for label, by_seed in site_scores.items():
             psnr = [float(np.mean([s.psnr for s in v[UNSEEN_SITE]])) for v in by_seed.values()]

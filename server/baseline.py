@@ -74,14 +74,15 @@ class Baseline:
         self.precision = run.precision  # "auto" is measured by train()/evaluate(); records say what ran
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
         self.best = BestTracker(self.store, run.select_metric, run.patience)
-        self.site_metrics: dict[str, dict[str, Any]] = {}
         self.stop_detail: dict[str, Any] | None = None  # why the run stopped before its last round, if it did
         self.resume = False
 
-    def _evaluate(self, rnd: int, models: dict[str, torch.nn.Module | None]) -> dict[str, Any]:
-        """Evaluate each site's model on its validation split; the ``__global__`` summary record.
+    def _evaluate(
+        self, rnd: int, models: dict[str, torch.nn.Module | None]
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Evaluate each site's model on its validation split.
 
-        The site records are kept in ``self.site_metrics`` (site -> metrics) for per-site stopping.
+        Returns the ``__global__`` summary record and each site's metrics (the local arm stops per site).
         """
         records = []
         for site, datasets in self.sites.items():
@@ -118,8 +119,7 @@ class Baseline:
             )
         summary = global_record(self.run.name, rnd, "evaluate", records)
         self.store.append_metrics(records + [summary])
-        self.site_metrics = {r["site"]: r["metrics"] for r in records}
-        return summary
+        return summary, {r["site"]: r["metrics"] for r in records}
 
     def _checkpoint(
         self,
@@ -263,9 +263,9 @@ class Baseline:
                     )
                 )
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
-            summary = self._evaluate(rnd, models)  # type: ignore[arg-type]
+            summary, per_site = self._evaluate(rnd, models)  # type: ignore[arg-type]
             for site, w in waiting.items():
-                w.update(rnd, self.site_metrics[site].get(self.run.select_metric))
+                w.update(rnd, per_site[site].get(self.run.select_metric))
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
             self._checkpoint(rnd, state, summary, optimisers)
         if all(w.exhausted for w in waiting.values()):
@@ -350,7 +350,7 @@ class Baseline:
                     )
                 ]
             )
-            summary = self._evaluate(rnd, {site: model for site in self.sites})
+            summary, _ = self._evaluate(rnd, {site: model for site in self.sites})
             if self._checkpoint(rnd, cpu_state_dict(model), summary, {GLOBAL_SITE: optimiser}):
                 logger.info("%s: stopping early after round %d", self.kind, rnd)
                 self.stop_detail = self.best.stop_detail()
