@@ -31,6 +31,8 @@ Fair by construction:
 
 Scenarios: ``standard`` = the three product sites (``deploy/sites``); ``low-data`` adds ``site-d``
 (``bench/sites``). Every site's R is overridden to each requested acceleration (masks stay different).
+``--train-subjects N`` keeps every site's validation and test subjects and trains on N subjects per site (the
+scarce-data scenario; ``--section scarce`` writes it to its own docs section).
 Run::
 
     python -m bench.quality            # the full comparison; rewrites the quality section of docs/BENCHMARKS.md
@@ -1274,6 +1276,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 
 
 def _scarce_note(args: argparse.Namespace) -> str:
+    """The header's mention of ``--train-subjects`` (the split fractions alone do not say it)."""
     if args.train_subjects is None:
         return ""
     return f" (scarce data: {args.train_subjects} training subject(s) per site)"
