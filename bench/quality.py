@@ -120,14 +120,16 @@ OPTIMISER_SEMANTICS = (
     "every arm keeps its Adam state across rounds (client-optimizer = keep: federated sites, "
     "local and centralized models alike)"
 )
-DOC_BEGIN, DOC_END = "<!-- bench.quality: begin -->", "<!-- bench.quality: end -->"
 
 
-def doc_markers(section: str) -> tuple[str, str]:
-    """The begin/end markers of a docs section: the main one, or ``--section NAME``'s."""
+def doc_markers(section: str, tool: str = "bench.quality") -> tuple[str, str]:
+    """The begin/end markers of a docs section: the main one, or ``--section NAME``'s (of ``tool``)."""
     if not section:
-        return DOC_BEGIN, DOC_END
-    return f"<!-- bench.quality {section}: begin -->", f"<!-- bench.quality {section}: end -->"
+        return f"<!-- {tool}: begin -->", f"<!-- {tool}: end -->"
+    return f"<!-- {tool} {section}: begin -->", f"<!-- {tool} {section}: end -->"
+
+
+DOC_BEGIN, DOC_END = doc_markers("")
 
 
 class Output:
@@ -328,6 +330,7 @@ def run_config(
             "fine-tune-steps": fine_tune_steps,
             "fine-tune-eval-every": args.fine_tune_eval_every,
             "fine-tune-patience": args.fine_tune_patience,
+            "fine-tune-warmup": args.fine_tune_warmup,
             # --tracking-uri: every arm and seed is an MLflow run of its own, named after its run directory.
             **({"tracking": "mlflow", "tracking-uri": args.tracking_uri} if args.tracking_uri else {}),
         }
@@ -482,7 +485,14 @@ def learned_methods(
         if args.fine_tune_steps:
             methods.append(
                 _fine_tuned(
-                    f"{label} {arm.row} {FINE_TUNED}", store, glob, model, model_args, names, args.batch / total_slices
+                    f"{label} {arm.row} {FINE_TUNED}",
+                    store,
+                    glob,
+                    model,
+                    model_args,
+                    names,
+                    args.batch / total_slices,
+                    args.fine_tune_patience * args.fine_tune_eval_every,
                 )
             )
     return methods
@@ -515,12 +525,14 @@ def _fine_tuned(
     model_args: dict[str, int],
     names: Sequence[str],
     passes_per_step: float,
+    patience_steps: int,
 ) -> Method:
     """The personalised row of a federated run: each site's fine-tuned model, read from its site-local file.
 
     Selected like everything else on validation: each site kept its best fine-tuning step, and the row's
     validation PSNR is the run's aggregated ``finetune`` record. It has converged when the global model it
-    started from did and no site's best step was its last one.
+    started from did and every site's fine-tuning was stopped by its patience (``patience_steps`` steps past
+    its best), not by the step budget.
     """
     records = [r for r in store.read_metrics(dedupe=True) if r["phase"] == "finetune"]
     by_site = {r["site"]: r["metrics"] for r in records}
@@ -531,7 +543,7 @@ def _fine_tuned(
         saved = torch.load(store.path / "site-state" / n / FINETUNED_FILE, map_location="cpu", weights_only=True)
         recon[n] = model_recon(load_model(model, model_args, saved["state_dict"]))
     tuned = sum(int(by_site[n]["best-step"]) for n in names)
-    sites_converged = all(int(by_site[n]["best-step"]) < int(by_site[n]["steps"]) for n in names)
+    sites_converged = all(int(by_site[n]["steps"]) - int(by_site[n]["best-step"]) >= patience_steps for n in names)
     best = f"{glob.best}, then steps " + ", ".join(f"{n} {int(by_site[n]['best-step'])}" for n in names)
     start = min(r["time"] for r in store.read_metrics(dedupe=True))
     end = max(r["time"] for r in records) - start
@@ -1016,12 +1028,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fine-tune-steps",
         type=int,
-        default=400,
+        default=3000,
         help="after each federated run every site fine-tunes its selected model (0: no personalised rows)",
     )
     parser.add_argument("--fine-tune-eval-every", type=int, default=10, help="fine-tuning: validate every N steps")
     parser.add_argument(
-        "--fine-tune-patience", type=int, default=4, help="fine-tuning: stop after N validations without gain"
+        "--fine-tune-patience", type=int, default=15, help="fine-tuning: stop after N validations without gain"
+    )
+    parser.add_argument(
+        "--fine-tune-warmup",
+        type=int,
+        default=50,
+        help="fine-tuning: linear learning-rate warm-up in steps (without it a patience of 4 stopped on the dip "
+        "a fresh Adam causes; bench.fine_tune_convergence)",
     )
     parser.add_argument(
         "--client-cpus", type=int, default=1, help="CPUs per simulated site (1: two sites at once on 2 cores)"
@@ -1074,7 +1093,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.size, args.subjects, args.slices, args.test_fraction = 64, 6, 1, 0.34
         args.max_rounds, args.patience, args.local_steps = 3, 1, 2
         args.cs_iterations, args.cs_tune_slices = [2, 4], 2
-        args.fine_tune_steps, args.fine_tune_eval_every, args.fine_tune_patience = 4, 2, 1
+        args.fine_tune_steps, args.fine_tune_eval_every, args.fine_tune_patience, args.fine_tune_warmup = 4, 2, 1, 2
         if "--docs" not in given:
             args.docs = None
         if "--curves" not in given:
@@ -1246,9 +1265,9 @@ def run_acceleration(
     return report(out, r, names, [*fixed, *methods], scores, unseen)
 
 
-def write_docs(path: Path, text: str, section: str = "") -> None:
-    """Replace the section between the bench.quality markers (of ``section``) of ``path`` with ``text``."""
-    begin, end = doc_markers(section)
+def write_docs(path: Path, text: str, section: str = "", tool: str = "bench.quality") -> None:
+    """Replace the section between ``tool``'s markers (of ``section``) of ``path`` with ``text``."""
+    begin, end = doc_markers(section, tool)
     doc = path.read_text(encoding="utf-8")
     if begin not in doc or end not in doc:
         raise SystemExit(f"{path}: no '{begin}' ... '{end}' markers; cannot regenerate the quality section")
@@ -1302,7 +1321,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
         f"better validation PSNR; Adam lr {args.lr}, L1 loss; {OPTIMISER_SEMANTICS}; seeds {args.seeds} for "
         f"{MULTI_SEED_MODEL}, {args.seeds[:1]} for the U-Net; federated: "
         f"{', '.join(a.row for a in federated_arms(args.strategies, args.mu))}, then each site fine-tunes up to {args.fine_tune_steps} "
-        f"steps (validated every {args.fine_tune_eval_every}, patience {args.fine_tune_patience}); parameters: "
+        f"steps (validated every {args.fine_tune_eval_every}, patience {args.fine_tune_patience}, learning rate "
+        f"warmed up over {args.fine_tune_warmup} steps); parameters: "
         f"{', '.join(f'{k} {v:,}' for k, v in params.items())}; simulated sites run {args.client_cpus} CPU(s) each, "
         f"in-process baselines {args.threads} threads (wall times compare under that split)."
     )

@@ -330,6 +330,7 @@ def finetune(msg: Message, context: Context) -> Message:
         steps=run.fine_tune_steps,
         eval_every=run.fine_tune_eval_every,
         patience=run.fine_tune_patience,
+        warmup=run.fine_tune_warmup,
         lr=run.learning_rate,
         loss=run.loss,
         max_eval_slices=run.max_eval_slices,

@@ -132,15 +132,19 @@ def fine_tune(
     loss: str = "l1",
     metric: str = "psnr",
     max_eval_slices: int = 0,
+    warmup: int = 0,
 ) -> FineTuneResult:
     """Adam on the training split for up to ``steps`` steps, validating every ``eval_every`` steps.
 
     The model before any step is the first candidate, so the result is never worse on validation
     than the model it started from. ``patience`` > 0 stops after that many validations in a row
-    without improvement. ``model`` ends holding the kept (best) weights.
+    without improvement. ``warmup`` > 0 ramps the learning rate linearly from ``lr / warmup`` to ``lr``
+    over the first ``warmup`` steps: a fresh Adam's first steps are full-size whatever the gradient, and
+    on a converged model they cost validation PSNR that takes longer to win back than a short patience
+    waits (measured in docs/BENCHMARKS.md). ``model`` ends holding the kept (best) weights.
     """
-    if steps < 1 or eval_every < 1:
-        raise ValueError("fine_tune needs steps >= 1 and eval_every >= 1")
+    if steps < 1 or eval_every < 1 or warmup < 0:
+        raise ValueError("fine_tune needs steps >= 1, eval_every >= 1 and warmup >= 0")
     if metric not in {"psnr", "ssim", "nmse", "loss"}:
         raise ValueError(f"fine_tune: unknown selection metric {metric!r}")
     start = evaluate(model, val_loader, loss=loss, max_slices=max_eval_slices)
@@ -148,10 +152,12 @@ def fine_tune(
     best_state, best_metrics = copy.deepcopy(model.state_dict()), dict(start.metrics)
     history = [(0, best_value)]
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    ramp = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    # LambdaLR sets the first step's rate now; ``ramp.step`` after each optimiser step sets the next one's.
     done, stale = 0, 0
     while done < steps:
         chunk = min(eval_every, steps - done)
-        train(model, train_loader, steps=chunk, lr=lr, loss=loss, optimiser=optimiser)
+        train(model, train_loader, steps=chunk, lr=lr, loss=loss, optimiser=optimiser, on_step=ramp.step)
         done += chunk
         result = evaluate(model, val_loader, loss=loss, max_slices=max_eval_slices)
         value = result.metrics[metric]

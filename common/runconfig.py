@@ -70,6 +70,7 @@ class RunConfig(BaseModel):
     fine_tune_steps: int = Field(0, ge=0)
     fine_tune_eval_every: int = Field(10, ge=1)
     fine_tune_patience: int = Field(3, ge=0)
+    fine_tune_warmup: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     compile: bool = False

@@ -78,3 +78,31 @@ def test_quick_mode_runs_every_stage_and_reports_targets_with_cis(
         history = client.get_metric_history(tracked[name].info.run_id, "global/evaluate/psnr")
         assert {m.step: m.value for m in history} == pytest.approx(expected), name
     assert (tmp_path / "artifacts").is_dir()
+    _fine_tune_to_convergence_reads_the_run(tmp_path, capsys)
+
+
+def _fine_tune_to_convergence_reads_the_run(out: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.fine_tune_convergence on the quick run: fine-tunes its federated model at every site again,
+    compares with the run's own fine-tuned files, and gives each site a verdict against its local model."""
+    from bench import fine_tune_convergence
+
+    docs = out / "FT.md"
+    begin, end = quality.doc_markers("quick", tool="bench.fine_tune_convergence")
+    docs.write_text(f"top\n{begin}\nold\n{end}\n", encoding="utf-8")
+    argv = [str(out / "R4"), "--model", "U-Net", "--arms", "fedavg", "--seeds", "0", "--steps", "4"]
+    rows = fine_tune_convergence.main(
+        [*argv, "--eval-every", "2", "--patience", "1", "--warmup", "2", "--docs", str(docs), "--section", "quick"]
+    )
+    text = capsys.readouterr().out
+    assert [row[0] for row in rows] == ["site-a", "site-b", "site-c", "site-d"]
+    for site, chosen, _val, test, local, gain, verdict in rows:
+        assert chosen in {"fedavg", f"fedavg {fine_tune_convergence.FINE_TUNED}"}
+        assert gain.low <= gain.mean <= gain.high and gain.seeds == 1 and gain.subjects >= 1
+        assert gain.mean == pytest.approx(test - local, abs=1e-6)
+        assert verdict in {"join", "no benefit", "harmful", "too few subjects"}
+        assert f"| fedavg | 0 | {site} |" in text
+    assert "bench.quality's fine-tune (dB)" in text
+    written = docs.read_text(encoding="utf-8")
+    assert "\nold\n" not in written and "| site | best personalised (on validation) |" in written
+    with pytest.raises(SystemExit):
+        fine_tune_convergence.main([*argv, "--patience", "0"])

@@ -103,6 +103,24 @@ def test_fine_tune_never_returns_worse_than_its_start_and_stops_early() -> None:
     json.dumps(result.metrics)  # scalars only: what a site may send
 
 
+def test_fine_tune_warmup_ramps_the_learning_rate_linearly() -> None:
+    # Adam's first step moves each weight by lr whatever the gradient's size: with warm-up w, by lr / w.
+    steps_taken = []
+    for warmup in (0, 4):
+        model = Scale(1.0)
+        fine_tune(model, Loader(batches(2.0)), batches(2.0), steps=1, eval_every=1, lr=0.05, warmup=warmup)
+        steps_taken.append(float(model.gain.detach()) - 1.0)
+    assert steps_taken == pytest.approx([0.05, 0.05 / 4], rel=1e-4)
+    # Over the first w steps the rates are lr/w, 2 lr/w, ..., lr; Adam's steps stay about the rate (constant
+    # gradient sign), so w = 4 steps move about 2.5 lr and the 5th a full lr.
+    model = Scale(1.0)
+    result = fine_tune(model, Loader(batches(3.0)), batches(3.0), steps=5, eval_every=1, lr=0.01, warmup=4)
+    assert result.best_step == 5
+    assert float(model.gain.detach()) - 1.0 == pytest.approx(0.01 * (2.5 + 1), rel=0.05)
+    with pytest.raises(ValueError, match="warmup"):
+        fine_tune(Scale(1.0), Loader(batches(2.0)), batches(2.0), steps=1, eval_every=1, warmup=-1)
+
+
 NEW_KEYS = (
     "augment",
     "server-eta",
@@ -117,6 +135,7 @@ NEW_KEYS = (
     "fine-tune-steps",
     "fine-tune-eval-every",
     "fine-tune-patience",
+    "fine-tune-warmup",
 )
 
 
