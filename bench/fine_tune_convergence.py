@@ -47,7 +47,7 @@ from bench.quality import (
 from common.data.dataset import SiteDataset
 from common.data.loaders import load_site, make_loader
 from common.errors import ConfigError
-from common.personalise import FINETUNED_FILE, fine_tune
+from common.personalise import FINETUNED_FILE, FineTuneResult, fine_tune
 from common.runconfig import RunConfig
 from common.stats import hierarchical_bootstrap, join_verdict
 from server.store import GLOBAL_SITE, RunDir
@@ -121,21 +121,28 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     for datasets in data.values():
         learn_subjects(datasets.values())
     subjects: dict[str, list[str]] = {}
-    local = Arm()
+    local, local_tuned = Arm(), Arm()
     arms: dict[str, Arm] = {}
     before: dict[str, Arm] = {}
     tuning: list[tuple] = []
     started = time.perf_counter()
     for seed in args.seeds:
         run = args.root / "runs" / f"{model}-local-s{seed}"
-        values = site_psnr(run)
+        values, config = site_psnr(run), _run_config(run)
         for n, ds in data.items():
             rnd = best_within(values[n], max(values[GLOBAL_SITE]))
             state = torch.load(run / "checkpoints" / f"round-{rnd:04d}.pt", weights_only=True)["state_dict"]
             mine = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{n}/")}
-            scores = score_split(model_recon(load_model(model, model_args, mine)), ds["test"])
+            net = load_model(model, model_args, mine)
+            scores = score_split(model_recon(net), ds["test"])
             subjects[n] = [f"{n}/{subject_of(s.volume)}" for s in scores]
             local.add(n, values[n][rnd], [s.psnr for s in scores])
+            # The control: the same fine-tuning applied to the site's own model. A gain here is the procedure's,
+            # not the federation's, and the personalised models must beat this too.
+            result, seconds = _tune(net, ds, config, args)
+            local_tuned.add(n, float(result.metrics["psnr"]), _psnrs(net, ds["test"]))
+            tuning.append(("local", seed, n, "-", *_tuning_cells(result, seconds, args)))
+            logger.info("local seed %d %s: %s", seed, n, tuning[-1])
         for key in args.arms:
             run = args.root / "runs" / f"{model}-{key}-s{seed}"
             store, config = RunDir(run), _run_config(run)
@@ -157,44 +164,47 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                     before.setdefault(key, Arm()).add(
                         n, float(records[n]["psnr"]), _psnrs(load_model(model, model_args, saved), ds["test"])
                     )
-                # The ClientApp's fine-tuning seed: past every round's loader seed.
-                train = make_loader(
-                    ds["train"],
-                    config.batch_size,
-                    shuffle=True,
-                    seed=config.seed + config.num_server_rounds + 1,
-                    augment=True,
-                )
-                val = make_loader(ds["val"], config.batch_size, shuffle=False, seed=config.seed)
-                clock = time.perf_counter()
-                result = fine_tune(
-                    net,
-                    train,
-                    val,
-                    steps=args.steps,
-                    eval_every=args.eval_every,
-                    patience=args.patience,
-                    warmup=args.warmup,
-                    lr=config.learning_rate,
-                    loss=config.loss,
-                )
+                result, seconds = _tune(net, ds, config, args)
                 start_arm.add(n, float(result.start_metrics["psnr"]), start_test)
                 tuned_arm.add(n, float(result.metrics["psnr"]), _psnrs(net, ds["test"]))
-                tuning.append(
-                    (
-                        key,
-                        seed,
-                        n,
-                        int(records.get(n, {}).get("best-step", -1)),
-                        result.steps,
-                        result.best_step,
-                        _converged(result.steps, result.best_step, args),
-                        f"{result.metrics['psnr'] - result.start_metrics['psnr']:+.2f}",
-                        f"{time.perf_counter() - clock:.0f}",
-                    )
-                )
+                old_step = records.get(n, {}).get("best-step")
+                cells = _tuning_cells(result, seconds, args)
+                tuning.append((key, seed, n, "-" if old_step is None else int(old_step), *cells))
                 logger.info("%s seed %d %s: %s", key, seed, n, tuning[-1])
-    return report(args, out, data, subjects, local, arms, before, tuning, time.perf_counter() - started)
+    return report(args, out, data, subjects, (local, local_tuned), arms, before, tuning, time.perf_counter() - started)
+
+
+def _tune(
+    net: torch.nn.Module, ds: dict[str, SiteDataset], config: RunConfig, args: argparse.Namespace
+) -> tuple[FineTuneResult, float]:
+    """Fine-tune ``net`` in place on the site's training split as the ClientApp does, with ``args``' settings."""
+    # The ClientApp's fine-tuning seed: past every round's loader seed.
+    seed = config.seed + config.num_server_rounds + 1
+    train = make_loader(ds["train"], config.batch_size, shuffle=True, seed=seed, augment=True)
+    val = make_loader(ds["val"], config.batch_size, shuffle=False, seed=config.seed)
+    clock = time.perf_counter()
+    result = fine_tune(
+        net,
+        train,
+        val,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        warmup=args.warmup,
+        lr=config.learning_rate,
+        loss=config.loss,
+    )
+    return result, time.perf_counter() - clock
+
+
+def _tuning_cells(result: FineTuneResult, seconds: float, args: argparse.Namespace) -> tuple:
+    return (
+        result.steps,
+        result.best_step,
+        _converged(result.steps, result.best_step, args),
+        f"{result.metrics['psnr'] - result.start_metrics['psnr']:+.2f}",
+        f"{seconds:.0f}",
+    )
 
 
 def report(
@@ -202,7 +212,7 @@ def report(
     out: Output,
     data: dict,
     subjects: dict[str, list[str]],
-    local: Arm,
+    baselines: tuple[Arm, Arm],
     arms: dict[str, Arm],
     before: dict[str, Arm],
     tuning: list[tuple],
@@ -232,17 +242,23 @@ def report(
     out()
     out(
         "| site | best personalised (on validation) | val. PSNR (dB) | test PSNR (dB) | local test PSNR (dB) "
-        "| − local (dB) | verdict |"
+        "| − local (dB) | verdict | local + the same fine-tuning, test PSNR (dB) | − (local + fine-tuning) (dB) "
+        "| verdict against it |"
     )
-    out("|---|---|---|---|---|---|---|")
+    out("|---|---|---|---|---|---|---|---|---|---|")
+    local, local_tuned = baselines
     rows = []
     for n in data:
         chosen = max(arms, key=lambda k: (float(np.mean(arms[k].val[n])), FINE_TUNED in k))
         arm = arms[chosen]
         gain = hierarchical_bootstrap(np.array(arm.test[n]), np.array(local.test[n]), subjects[n])
+        control = hierarchical_bootstrap(np.array(arm.test[n]), np.array(local_tuned.test[n]), subjects[n])
         row = (n, chosen, float(np.mean(arm.val[n])), _mean(arm.test[n]), _mean(local.test[n]), gain)
-        rows.append((*row, join_verdict(gain)))
-        out(f"| {n} | {chosen} | {row[2]:.2f} | {row[3]:.2f} | {row[4]:.2f} | {gain} | {join_verdict(gain)} |")
+        rows.append((*row, join_verdict(gain), _mean(local_tuned.test[n]), control, join_verdict(control)))
+        out(
+            f"| {n} | {chosen} | {row[2]:.2f} | {row[3]:.2f} | {row[4]:.2f} | {gain} | {join_verdict(gain)} "
+            f"| {_mean(local_tuned.test[n]):.2f} | {control} | {join_verdict(control)} |"
+        )
     if args.docs:
         write_docs(args.docs, out.text, args.section, tool="bench.fine_tune_convergence")
     return rows

@@ -95,12 +95,15 @@ def _fine_tune_to_convergence_reads_the_run(out: Path, capsys: pytest.CaptureFix
     )
     text = capsys.readouterr().out
     assert [row[0] for row in rows] == ["site-a", "site-b", "site-c", "site-d"]
-    for site, chosen, _val, test, local, gain, verdict in rows:
+    verdicts = {"join", "no benefit", "harmful", "too few subjects"}
+    for site, chosen, _val, test, local, gain, verdict, tuned, control, against in rows:
         assert chosen in {"fedavg", f"fedavg {fine_tune_convergence.FINE_TUNED}"}
         assert gain.low <= gain.mean <= gain.high and gain.seeds == 1 and gain.subjects >= 1
         assert gain.mean == pytest.approx(test - local, abs=1e-6)
-        assert verdict in {"join", "no benefit", "harmful", "too few subjects"}
-        assert f"| fedavg | 0 | {site} |" in text
+        assert control.mean == pytest.approx(test - tuned, abs=1e-6)
+        assert verdict in verdicts and against in verdicts
+        # Every site's federated model and (the control) its own local model were fine-tuned again.
+        assert f"| fedavg | 0 | {site} |" in text and f"| local | 0 | {site} | - |" in text
     assert "bench.quality's fine-tune (dB)" in text
     written = docs.read_text(encoding="utf-8")
     assert "\nold\n" not in written and "| site | best personalised (on validation) |" in written
