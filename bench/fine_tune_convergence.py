@@ -13,11 +13,13 @@ reports, per site:
 - ``new fine-tune − bench.quality's fine-tune`` (test PSNR): what the short patience cost;
 - the best personalised model *by validation* among every arm with and without the new fine-tuning,
   ``− local`` (each site's own model at its own best round), with the hierarchical bootstrap 95 % CI
-  (seeds, then test subjects, then slices) and the join / no benefit / harmful verdict.
+  (seeds, then test subjects, then slices) and the join / no benefit / harmful verdict;
+- the same against the control, each site's local model given the same fine-tuning: a gain the procedure
+  gives a site's own model is not the federation's (the local arm's 6-round patience can stop it early too).
 
 Everything is selected on validation; the test split is only scored. Run::
 
-    python -m bench.fine_tune_convergence runs/bench-quality/R4 --arms local-layers fedavg
+    python -m bench.fine_tune_convergence runs/bench-quality/R4 --docs docs/BENCHMARKS.md --section scarce-R4
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bench.quality import (
     MODELS,
     MULTI_SEED_MODEL,
     Output,
+    doc_markers,
     learn_subjects,
     load_model,
     score_split,
@@ -104,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.docs:
+        # Checked before the run, not after it: the section is written once the hour of fine-tuning is done.
+        begin, end = doc_markers(args.section, tool="bench.fine_tune_convergence")
+        text = args.docs.read_text(encoding="utf-8") if args.docs.is_file() else ""
+        if begin not in text or end not in text:
+            parser.error(f"--docs {args.docs}: no '{begin}' ... '{end}' markers")
     return args
 
 
@@ -265,8 +274,7 @@ def report(
 
 
 def _converged(steps: int, best_step: int, args: argparse.Namespace) -> str:
-    """ "yes" when fine-tuning stopped on its patience; "no" when the step budget ended it (the best step may
-    then be any, so the model may still have been improving)."""
+    """Whether the patience (converged) or the step budget (the model may still have been improving) ended it."""
     return "yes" if steps - best_step >= args.patience * args.eval_every else "no: budget"
 
 

@@ -109,3 +109,6 @@ def _fine_tune_to_convergence_reads_the_run(out: Path, capsys: pytest.CaptureFix
     assert "\nold\n" not in written and "| site | best personalised (on validation) |" in written
     with pytest.raises(SystemExit):
         fine_tune_convergence.main([*argv, "--patience", "0"])
+    with pytest.raises(SystemExit):  # refused before an hour of fine-tuning, not after it
+        fine_tune_convergence.main([*argv, "--docs", str(docs), "--section", "absent"])
+    assert "markers" in capsys.readouterr().err
