@@ -48,9 +48,9 @@ from bench.quality import (
     write_docs,
 )
 from common.data.dataset import SiteDataset
-from common.data.loaders import load_site, make_loader
+from common.data.loaders import load_site
 from common.errors import ConfigError
-from common.personalise import FINETUNED_FILE, FineTuneResult, fine_tune
+from common.personalise import FINETUNED_FILE, FineTuneResult, fine_tune_site, stopped_by_patience
 from common.runconfig import RunConfig
 from common.stats import hierarchical_bootstrap, join_verdict
 from server.store import GLOBAL_SITE, RunDir
@@ -186,23 +186,15 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 def _tune(
     net: torch.nn.Module, ds: dict[str, SiteDataset], config: RunConfig, args: argparse.Namespace
 ) -> tuple[FineTuneResult, float]:
-    """Fine-tune ``net`` in place on the site's training split as the ClientApp does, with ``args``' settings."""
-    # The ClientApp's fine-tuning seed: past every round's loader seed.
-    seed = config.seed + config.num_server_rounds + 1
-    train = make_loader(ds["train"], config.batch_size, shuffle=True, seed=seed, augment=True)
-    val = make_loader(ds["val"], config.batch_size, shuffle=False, seed=config.seed)
+    """Fine-tune ``net`` in place as the run's ClientApp does, with ``args``' steps, patience and warm-up."""
+    keys = {
+        "fine_tune_steps": args.steps,
+        "fine_tune_eval_every": args.eval_every,
+        "fine_tune_patience": args.patience,
+        "fine_tune_warmup": args.warmup,
+    }
     clock = time.perf_counter()
-    result = fine_tune(
-        net,
-        train,
-        val,
-        steps=args.steps,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        warmup=args.warmup,
-        lr=config.learning_rate,
-        loss=config.loss,
-    )
+    result = fine_tune_site(net, ds, config.model_copy(update=keys))
     return result, time.perf_counter() - clock
 
 
@@ -274,8 +266,7 @@ def report(
 
 
 def _converged(steps: int, best_step: int, args: argparse.Namespace) -> str:
-    """Whether the patience (converged) or the step budget (the model may still have been improving) ended it."""
-    return "yes" if steps - best_step >= args.patience * args.eval_every else "no: budget"
+    return "yes" if stopped_by_patience(steps, best_step, args.patience, args.eval_every) else "no: budget"
 
 
 def _mean(per_seed: list[list[float]]) -> float:

@@ -80,7 +80,7 @@ from common.data.heldout import score_heldout
 from common.data.loaders import load_site, make_loader
 from common.fft import center_crop
 from common.models import build_model, count_parameters
-from common.personalise import FINETUNED_FILE, personal_layers
+from common.personalise import FINETUNED_FILE, personal_layers, stopped_by_patience
 from common.runconfig import RunConfig
 from common.stats import PairedDifference, hierarchical_bootstrap, join_verdict
 from common.training import zero_filled
@@ -492,7 +492,7 @@ def learned_methods(
                     model_args,
                     names,
                     args.batch / total_slices,
-                    args.fine_tune_patience * args.fine_tune_eval_every,
+                    args,
                 )
             )
     return methods
@@ -525,14 +525,13 @@ def _fine_tuned(
     model_args: dict[str, int],
     names: Sequence[str],
     passes_per_step: float,
-    patience_steps: int,
+    args: argparse.Namespace,
 ) -> Method:
     """The personalised row of a federated run: each site's fine-tuned model, read from its site-local file.
 
     Selected like everything else on validation: each site kept its best fine-tuning step, and the row's
     validation PSNR is the run's aggregated ``finetune`` record. It has converged when the global model it
-    started from did and every site's fine-tuning was stopped by its patience (``patience_steps`` steps past
-    its best), not by the step budget.
+    started from did and every site's fine-tuning was stopped by its patience, not by the step budget.
     """
     records = [r for r in store.read_metrics(dedupe=True) if r["phase"] == "finetune"]
     by_site = {r["site"]: r["metrics"] for r in records}
@@ -543,7 +542,12 @@ def _fine_tuned(
         saved = torch.load(store.path / "site-state" / n / FINETUNED_FILE, map_location="cpu", weights_only=True)
         recon[n] = model_recon(load_model(model, model_args, saved["state_dict"]))
     tuned = sum(int(by_site[n]["best-step"]) for n in names)
-    sites_converged = all(int(by_site[n]["steps"]) - int(by_site[n]["best-step"]) >= patience_steps for n in names)
+    sites_converged = all(
+        stopped_by_patience(
+            int(by_site[n]["steps"]), int(by_site[n]["best-step"]), args.fine_tune_patience, args.fine_tune_eval_every
+        )
+        for n in names
+    )
     best = f"{glob.best}, then steps " + ", ".join(f"{n} {int(by_site[n]['best-step'])}" for n in names)
     start = min(r["time"] for r in store.read_metrics(dedupe=True))
     end = max(r["time"] for r in records) - start

@@ -29,7 +29,7 @@ from common.data.loaders import make_loader
 from common.device import resolve_device, use_cpu_allotment
 from common.errors import ConfigError
 from common.models import build_model
-from common.personalise import fine_tune
+from common.personalise import fine_tune_site
 from common.protocol import (
     ARRAYS,
     CARRIED,
@@ -317,24 +317,8 @@ def finetune(msg: Message, context: Context) -> Message:
     if datasets["train"].config.supervision == "self":
         # Fine-tuning selects by validation PSNR against a reference, which a self-supervised site lacks.
         raise ConfigError(f"fine-tune-steps: not supported at self-supervised site {site}")
-    # A seed past every round's loader seed: fine-tuning draws its own shuffles and augmentations.
-    train_loader = make_loader(
-        datasets["train"], run.batch_size, shuffle=True, seed=run.seed + run.num_server_rounds + 1, augment=run.augment
-    )
-    val_loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
     started = time.perf_counter()
-    result = fine_tune(
-        model,
-        train_loader,
-        val_loader,
-        steps=run.fine_tune_steps,
-        eval_every=run.fine_tune_eval_every,
-        patience=run.fine_tune_patience,
-        warmup=run.fine_tune_warmup,
-        lr=run.learning_rate,
-        loss=run.loss,
-        max_eval_slices=run.max_eval_slices,
-    )
+    result = fine_tune_site(model, datasets, run)
     memory.save_finetuned(server_round, result)
     logger.info(
         "site %s fine-tuned: best of %d steps at step %d: %s", site, result.steps, result.best_step, result.metrics

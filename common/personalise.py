@@ -18,13 +18,18 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
+from common.data.loaders import make_loader
 from common.errors import ConfigError
 from common.training import Batch, BatchSource, evaluate, train
+
+if TYPE_CHECKING:
+    from common.data.dataset import SiteDataset
+    from common.runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +115,34 @@ class FineTuneResult:
     steps: int  # optimisation steps actually run (fewer than asked when stopped early)
     num_examples: int  # validation slices
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, selection metric)
+
+
+def stopped_by_patience(steps: int, best_step: int, patience: int, eval_every: int) -> bool:
+    """Whether a fine-tuning that ran ``steps`` steps and kept ``best_step`` ended on its patience (converged)
+    rather than on its step budget (then the model may still have been improving)."""
+    return patience > 0 and steps - best_step >= patience * eval_every
+
+
+def fine_tune_site(model: nn.Module, datasets: Mapping[str, SiteDataset], run: RunConfig) -> FineTuneResult:
+    """:func:`fine_tune` on a site's ``train`` / ``val`` splits with the run config's fine-tuning keys: what a
+    site runs after the last round (and what a benchmark re-runs with other keys, ``run.model_copy(update=...)``)."""
+    # A seed past every round's loader seed: fine-tuning draws its own shuffles and augmentations.
+    train_loader = make_loader(
+        datasets["train"], run.batch_size, shuffle=True, seed=run.seed + run.num_server_rounds + 1, augment=run.augment
+    )
+    val_loader = make_loader(datasets["val"], run.batch_size, shuffle=False, seed=run.seed)
+    return fine_tune(
+        model,
+        train_loader,
+        val_loader,
+        steps=run.fine_tune_steps,
+        eval_every=run.fine_tune_eval_every,
+        patience=run.fine_tune_patience,
+        warmup=run.fine_tune_warmup,
+        lr=run.learning_rate,
+        loss=run.loss,
+        max_eval_slices=run.max_eval_slices,
+    )
 
 
 def _better(metric: str, value: float, best: float) -> bool:
