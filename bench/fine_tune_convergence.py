@@ -274,4 +274,7 @@ def _mean(per_seed: list[list[float]]) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as exc:  # a wrong folder or an unfinished run: one line, not a traceback
+        raise SystemExit(f"bench.fine_tune_convergence: {exc}") from None
