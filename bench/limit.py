@@ -11,8 +11,9 @@
 3. test PSNR after an equal step budget in fp32 and bf16, over several seeds, with the paired difference
    and its 95 % bootstrap interval over (seed, slice) pairs;
 4. a real federated round (``fedsense simulate``, 3 sites, unrolled-DC): training steps per CPU-second and
-   per wall second of each site, before (``precision = fp32``, slice cache off) and after
-   (``precision = auto``, slice cache on), both runs at the same time;
+   per wall second of each site, before (``precision = fp32``, slice cache off; with ``--before-ref REF`` the
+   product's code as it was at git commit REF) and after (``precision = auto``, slice cache on, this code),
+   both runs at the same time;
 5. ``fedsense reconstruct``'s volumes/s on a 128², 16-slice (BraTS-style NIfTI) volume, fp32 and auto,
    with the model the "after" run trained.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import logging
 import os
@@ -48,6 +50,9 @@ from common.stats import paired_bootstrap
 from common.training import train
 
 logger = logging.getLogger("bench.limit")
+
+#: The checkout this module belongs to: the "after" code of the federated round.
+REPO = Path(__file__).resolve().parent.parent
 
 #: The two default models: the run config's default and ``make demo``'s unrolled-DC configuration.
 MODELS = {"unet": {}, "unrolled": {"num_cascades": 4, "chans": 32, "num_layers": 5}}
@@ -183,9 +188,16 @@ def _at(model: nn.Module, precision: str):  # returns a Recon callable
 
 
 def simulate(
-    sites: list[Path], run_dir: Path, label: str, precision: str, args: argparse.Namespace, env: dict[str, str]
+    sites: list[Path],
+    run_dir: Path,
+    label: str,
+    precision: str,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    code: Path = REPO,
 ) -> subprocess.Popen:
-    """Start one ``fedsense simulate`` of the unrolled-DC demo configuration (output to ``run_dir``)."""
+    """Start one ``fedsense simulate`` of the unrolled-DC demo configuration (output to ``run_dir``), running
+    the packages found in ``code`` (first on PYTHONPATH and the working directory)."""
     model_args = json.dumps(MODELS["unrolled"])
     command = [
         str(Path(sys.executable).with_name("fedsense")),
@@ -215,8 +227,19 @@ def simulate(
         "--set",
         f"precision={precision}",
     ]
-    logger.info("%s: %s", label, " ".join(command))
-    return subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
+    logger.info("%s (code in %s): %s", label, code, " ".join(command))
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(code), env.get("PYTHONPATH", "")])}
+    return subprocess.Popen(command, env=env, cwd=code, stdout=subprocess.DEVNULL)
+
+
+def checkout(ref: str, dest: Path) -> Path:
+    """The product's files at git commit ``ref`` (``git archive``), for a "before" run of older code."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"--before-ref {ref}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
 
 
 def federated_table(args: argparse.Namespace, sites: list[Path], root: Path) -> tuple[str, Path]:
@@ -226,19 +249,17 @@ def federated_table(args: argparse.Namespace, sites: list[Path], root: Path) -> 
     from the sites' own ``compute-cpu-seconds`` / ``compute-seconds`` in each run's metrics.jsonl.
     """
     # A fresh precision cache: round 1 of "after" pays auto's one-off timing, as on a new machine.
-    base = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
-        "FEDSENSE_PRECISION_CACHE": str(root / "precision-cache"),
-    }
+    base = {**os.environ, "FEDSENSE_PRECISION_CACHE": str(root / "precision-cache")}
+    before_code = checkout(args.before_ref, root / "before-code") if args.before_ref else REPO
+    at = f", code at {args.before_ref}" if args.before_ref else ""
     runs = {
-        "before (fp32, no slice cache)": ("fp32", {**base, "FEDSENSE_SLICE_CACHE_MB": "0"}),
-        "after (auto, slice cache)": ("auto", base),
+        f"before (fp32, no slice cache{at})": ("fp32", {**base, "FEDSENSE_SLICE_CACHE_MB": "0"}, before_code),
+        "after (auto, slice cache)": ("auto", base, REPO),
     }
     started = time.perf_counter()
     procs = [
-        simulate(sites, root / f"run{i}", f"limit-{i}", precision, args, env)
-        for i, (precision, env) in enumerate(runs.values())
+        simulate(sites, root / f"run{i}", f"limit-{i}", precision, args, env, code)
+        for i, (precision, env, code) in enumerate(runs.values())
     ]
     for proc in procs:
         if proc.wait() != 0:
@@ -297,32 +318,75 @@ def federated_table(args: argparse.Namespace, sites: list[Path], root: Path) -> 
     return table, root / "run1"
 
 
-def reconstruct_table(args: argparse.Namespace, run_dir: Path, site: Path, root: Path) -> str:
-    """``fedsense reconstruct``'s Reconstructor on one 128², 16-slice NIfTI volume (re-acquired by ``site``'s
-    scanner, as the CLI does with --site-config): volumes/s at fp32 and at auto, best of the repeats."""
+def reconstruct_seconds(model_dir: str, site: str, precision: str, repeats: int) -> tuple[str, int, float]:
+    """CPU-seconds of ``fedsense reconstruct``'s Reconstructor for one volume of ``site``'s test split (best of
+    ``repeats`` after a warm-up), the precision it ran at and the slice count.
+
+    Self-contained (imports inside) so that its own source can time an older checkout's code too.
+    """
+    import time
+    from pathlib import Path
+
+    import torch
+
     from client.reconstruct import Reconstructor
     from common.artifact import load_artifact
+    from common.data.loaders import load_site
+
+    config, datasets = load_site(site)
+    volume = datasets["test"].reader.examples[datasets["test"].indices[0]].path
+    recon = Reconstructor(load_artifact(Path(model_dir)), device=torch.device("cpu"), precision=precision, site=config)
+    prepared = recon.check(volume)
+    recon.volume(volume, prepared)  # warm-up (and auto's one-off timing when uncached)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        recon.volume(volume, prepared)
+        best = min(best, time.process_time() - started)
+    return str(recon.precision), len(prepared), best
+
+
+def reconstruct_seconds_at(code: Path, *call_args: object) -> tuple[str, int, float]:
+    """:func:`reconstruct_seconds` run in a fresh interpreter on the packages in ``code`` (an older checkout)."""
+    script = "\n".join(
+        [
+            "import json, torch",
+            f"torch.set_num_threads({torch.get_num_threads()})",  # this process's count: CPU-seconds compare
+            inspect.getsource(reconstruct_seconds),
+            f"print(json.dumps(reconstruct_seconds{call_args!r}))",
+        ]
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=code, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"timing reconstruct with the code in {code} failed:\n{done.stderr[-2000:]}")
+    ran_at, slices, seconds = json.loads(done.stdout.strip().splitlines()[-1])
+    return ran_at, slices, seconds
+
+
+def reconstruct_table(args: argparse.Namespace, run_dir: Path, site: Path, root: Path) -> str:
+    """``fedsense reconstruct``'s Reconstructor on one 128², 16-slice NIfTI volume (re-acquired by ``site``'s
+    scanner, as the CLI does with --site-config): volumes/s at fp32 and at auto, best of the repeats; with
+    ``--before-ref`` also fp32 with the code of that commit (the same model file)."""
     from server.export import export_run
 
     export_run(run_dir, root / "model", which="last")
-    config, datasets = load_site(str(site))
-    volume = datasets["test"].reader.examples[datasets["test"].indices[0]].path
-    rows = []
-    rates = {}
-    for precision in ("fp32", "auto"):
-        recon = Reconstructor(
-            load_artifact(root / "model"), device=torch.device("cpu"), precision=precision, site=config
+    call = (str(root / "model"), str(site))
+    runs: dict[str, tuple[str, int, float]] = {}
+    if args.before_ref:
+        runs[f"fp32, code at {args.before_ref}"] = reconstruct_seconds_at(
+            root / "before-code", *call, "fp32", args.limit_repeats
         )
-        prepared = recon.check(volume)
-        recon.volume(volume, prepared)  # warm-up (and auto's one-off timing when uncached)
-        best = float("inf")
-        for _ in range(args.limit_repeats):
-            started = time.process_time()
-            recon.volume(volume, prepared)
-            best = min(best, time.process_time() - started)
-        rates[precision] = 1.0 / best
-        rows.append((precision, recon.precision, len(prepared), f"{best:.2f}", f"{1.0 / best:.2f}"))  # type: ignore[arg-type]
-    rows.append(("auto ÷ fp32", "", "", "", f"{rates['auto'] / rates['fp32']:.2f}x"))
+    for precision in ("fp32", "auto"):
+        runs[precision] = reconstruct_seconds(*call, precision, args.limit_repeats)
+    rows: list[tuple[object, ...]] = [
+        (label, ran_at, slices, f"{seconds:.2f}", f"{1.0 / seconds:.2f}")
+        for label, (ran_at, slices, seconds) in runs.items()
+    ]
+    first = next(iter(runs))
+    rows += [(f"{label} ÷ {first}", "", "", "", f"{runs[first][2] / runs[label][2]:.2f}x") for label in list(runs)[1:]]
     return markdown_table(["--precision", "ran at", "slices", "CPU-s / volume", "volumes per CPU-second"], rows)
 
 
@@ -371,3 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rounds", type=int, default=2, help="rounds of each federated run")
     group.add_argument("--local-steps", type=int, default=6, help="training steps per site and round")
     group.add_argument("--eval-slices", type=int, default=4, help="validation slices per site and round")
+    group.add_argument(
+        "--before-ref",
+        help="git commit whose code runs the federated round's 'before' arm (default: this code at fp32)",
+    )

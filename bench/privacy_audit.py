@@ -52,7 +52,7 @@ from bench.harness import (
 from common.config import load_site_config
 from common.data.dataset import SiteDataset, build_site_datasets
 from common.data.loaders import make_loader
-from common.dp import PrivacyLedger, train_private, without_inplace_activations
+from common.dp import PrivacyLedger, prepared_for_opacus, train_private
 from common.models import build_model
 from common.patient_dp import subject_groups, train_patient_private
 from common.training import predict, train
@@ -224,7 +224,7 @@ def main() -> None:
             for seed in args.seeds:
                 members_set, others_set = splits[seed]
                 torch.manual_seed(seed)
-                model = without_inplace_activations(build_model("unet", **model_args))
+                model = prepared_for_opacus(build_model("unet", **model_args))
                 if arm == "none":
                     train(
                         model,

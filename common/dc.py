@@ -12,8 +12,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from common.coils import sense_adjoint, sense_forward
-from common.fft import fft2c, ifft2c
+from common.coils import sense_adjoint, sense_expand, sense_forward, sense_reduce
+from common.fft import fft2, fft2c, ifft2, ifft2c
+
+KSPACE_ORDERS = ("centred", "natural")
 
 
 class DataConsistency(nn.Module):
@@ -26,10 +28,18 @@ class DataConsistency(nn.Module):
     The multi-coil path expands the image with the maps, applies DC to every coil's k-space and reduces
     with conj(S). It equals the single-coil layer when C = 1 and S = 1, and needs maps normalised to
     sum_c |S_c|^2 = 1 so that reducing an expanded image gives the image back.
+
+    ``kspace_order="natural"``: the measured k-space and mask are given in ``torch.fft.fft2``'s order
+    (:func:`common.fft.to_natural_order`, :func:`common.fft.mask_to_natural_order`) and the layer uses
+    unshifted FFTs. The result is the same; an unrolled network converts once per batch instead of
+    shifting four times per layer (the shifts were 18 % of an fp32 and 30 % of a bf16 training step).
     """
 
-    def __init__(self, lam: float | None = None, learnable: bool = False) -> None:
+    def __init__(self, lam: float | None = None, learnable: bool = False, kspace_order: str = "centred") -> None:
         super().__init__()
+        if kspace_order not in KSPACE_ORDERS:
+            raise ValueError(f"kspace_order must be one of {', '.join(KSPACE_ORDERS)}, got {kspace_order!r}")
+        self.natural = kspace_order == "natural"
         if lam is None:
             if learnable:
                 raise ValueError("a learnable DC weight needs an initial finite lam > 0")
@@ -56,8 +66,9 @@ class DataConsistency(nn.Module):
         sampled = mask > 0
         if self.log_lam is None:
             return torch.where(sampled, masked_kspace, kspace)
-        lam = self.log_lam.exp()
-        return torch.where(sampled, (kspace + lam * masked_kspace) / (1.0 + lam), kspace)
+        # (k + lam y) / (1 + lam) = k + w (y - k) with w = lam / (1 + lam) = sigmoid(log lam): one scalar.
+        weight = torch.sigmoid(self.log_lam)
+        return torch.where(sampled, kspace + weight * (masked_kspace - kspace), kspace)
 
     def forward(self, image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor | None = None) -> Tensor:
         """DC on a combined complex image (B,H,W) given k-space (B,C,H,W), mask (B,1,H,W), maps (B,C,H,W).
@@ -69,15 +80,20 @@ class DataConsistency(nn.Module):
                 raise ValueError(
                     f"single-coil DC needs C = 1, got k-space of shape {tuple(masked_kspace.shape)}; pass sens_maps"
                 )
-            return ifft2c(self.kspace_dc(fft2c(image), masked_kspace[..., 0, :, :], mask[..., 0, :, :]))
+            forward, inverse = (fft2, ifft2) if self.natural else (fft2c, ifft2c)
+            return inverse(self.kspace_dc(forward(image), masked_kspace[..., 0, :, :], mask[..., 0, :, :]))
+        if self.natural:
+            coil_kspace = fft2(sense_expand(image, sens_maps))
+            return sense_reduce(ifft2(self.kspace_dc(coil_kspace, masked_kspace, mask)), sens_maps)
         coil_kspace = sense_forward(image, sens_maps)
         return sense_adjoint(self.kspace_dc(coil_kspace, masked_kspace, mask), sens_maps)
 
     def extra_repr(self) -> str:
         """Show the DC weight in ``print(model)`` so a checkpoint's setting is visible."""
+        order = ", kspace_order=natural" if self.natural else ""
         if self.log_lam is None:
-            return "lam=inf"
-        return f"lam={self.log_lam.exp().item():.4g}, learnable={isinstance(self.log_lam, nn.Parameter)}"
+            return "lam=inf" + order
+        return f"lam={self.log_lam.exp().item():.4g}, learnable={isinstance(self.log_lam, nn.Parameter)}" + order
 
 
 class GradientDC(nn.Module):

@@ -93,11 +93,18 @@ def check_model(name: str, model: nn.Module, source: str = "run config") -> None
         raise ConfigError(f"{source}: model: {name!r} cannot be trained with DP-SGD: {errors[0]}")
 
 
-def without_inplace_activations(model: nn.Module) -> nn.Module:
-    """Turn off ``inplace`` activations (same values): Opacus' hooks forbid in-place edits of a layer's output."""
+def prepared_for_opacus(model: nn.Module) -> nn.Module:
+    """The same model (same values) in the form Opacus' per-sample gradients need.
+
+    Opacus' hooks forbid in-place edits of a layer's output, so ``inplace`` activations are turned off; its
+    convolution per-sample gradients come out wrong on channels_last activations (tests/test_dp.py caught
+    it), so layers that switch to channels_last for speed (``channels_last`` attribute) keep NCHW.
+    """
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False  # type: ignore[assignment]
+        if getattr(module, "channels_last", False) is True:
+            module.channels_last = False  # type: ignore[assignment]
     return model
 
 
@@ -178,7 +185,7 @@ def train_private(
     sample_rate = min(1.0, batch_size / n)
     total_steps = steps if steps > 0 else epochs * len(loader)
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
-    gsm = GradSampleModule(without_inplace_activations(model), batch_first=True, loss_reduction="mean")
+    gsm = GradSampleModule(prepared_for_opacus(model), batch_first=True, loss_reduction="mean")
     optimiser = DPOptimizer(
         torch.optim.Adam(model.parameters(), lr=lr),
         noise_multiplier=noise_multiplier,

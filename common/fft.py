@@ -31,6 +31,36 @@ def ifft2c(kspace: Tensor) -> Tensor:
     return image
 
 
+def fft2(image: Tensor) -> Tensor:
+    """Orthonormal 2-D FFT over the last two axes without shifts: k-space in natural order (DC at index 0)."""
+    kspace: Tensor = torch.fft.fft2(image, dim=_AXES, norm="ortho")
+    return kspace
+
+
+def ifft2(kspace: Tensor) -> Tensor:
+    """Orthonormal 2-D inverse FFT of natural-order k-space (the inverse of :func:`fft2`)."""
+    image: Tensor = torch.fft.ifft2(kspace, dim=_AXES, norm="ortho")
+    return image
+
+
+def to_natural_order(kspace: Tensor) -> Tensor:
+    """Centred k-space -> the same data in ``torch.fft.fft2``'s natural order (DC at index 0, no shifts).
+
+    ``fft2c(x) = P(D fft2(x))`` for a fixed permutation P (the shift) and unit-modulus phase ramp D, so
+    any point-wise k-space operation (a mask, data consistency) can be carried out on ``fft2(x)`` with
+    the mask permuted (:func:`mask_to_natural_order`) and the data mapped by this function, exactly, for
+    any matrix size. Iterative networks do it once per batch and save the shifts of every iteration.
+    """
+    natural: Tensor = fft2(ifft2c(kspace))
+    return natural
+
+
+def mask_to_natural_order(mask: Tensor) -> Tensor:
+    """A centred k-space mask permuted to :func:`to_natural_order`'s layout (a mask is real: no phase)."""
+    permuted: Tensor = torch.fft.ifftshift(mask, dim=_AXES)
+    return permuted
+
+
 def fft2c_np(image: np.ndarray) -> np.ndarray:
     """NumPy twin of :func:`fft2c` for the data readers and simulators, which work in numpy."""
     shifted = np.fft.ifftshift(image, axes=_AXES)

@@ -26,7 +26,7 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import default_collate
 
-from common.dp import without_inplace_activations
+from common.dp import prepared_for_opacus
 from common.training import ReconLoss, TrainResult, predict
 
 if TYPE_CHECKING:  # common.data imports the readers (h5py, nibabel); only its type is needed here
@@ -125,7 +125,7 @@ def train_patient_private(
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    gsm = GradSampleModule(without_inplace_activations(model), batch_first=True, loss_reduction="sum")
+    gsm = GradSampleModule(prepared_for_opacus(model), batch_first=True, loss_reduction="sum")
     optimiser = torch.optim.Adam(params, lr=lr)
     criterion = ReconLoss(loss)
     gsm.train()

@@ -8,7 +8,7 @@ import torch
 
 from common.coils import birdcage_maps
 from common.dc import DataConsistency, GradientDC
-from common.fft import fft2c, fft2c_np, ifft2c_np
+from common.fft import fft2c, fft2c_np, ifft2c_np, mask_to_natural_order, to_natural_order
 
 H, W = 24, 20
 
@@ -105,6 +105,40 @@ def test_multicoil_dc_matches_per_coil_numpy_loop() -> None:
         expected += np.conj(maps[:, c]) * ifft2c_np(kc)
     out = DataConsistency(lam=lam)(*as_torch(estimate, measured, mask, maps))
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [None, 3.0])
+@pytest.mark.parametrize(("height", "width"), [(H, W), (15, 18)])
+def test_natural_order_dc_gives_the_centred_result(lam: float | None, height: int, width: int) -> None:
+    """The layer with natural-order data (no shifts inside) returns the same image, value and gradient."""
+    coils = 3
+    maps = np.broadcast_to(birdcage_maps(coils, (height, width)), (2, coils, height, width)).copy()
+    rng = np.random.default_rng(13)
+    mask = np.broadcast_to((rng.random((2, 1, 1, width)) < 0.4).astype(np.float32), (2, 1, height, width)).copy()
+    measured = (mask * random_complex((2, coils, height, width), seed=14)).astype(np.complex64)
+    estimate, measured_t, mask_t, maps_t = as_torch(random_complex((2, height, width), seed=15), measured, mask, maps)
+    outputs, grads = [], []
+    for order, data, sampling in (
+        ("centred", measured_t, mask_t),
+        ("natural", to_natural_order(measured_t), mask_to_natural_order(mask_t)),
+    ):
+        dc = DataConsistency(lam=lam, learnable=lam is not None, kspace_order=order)
+        x = estimate.clone().requires_grad_(True)
+        out = dc(x, data, sampling, maps_t)
+        out.abs().sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad, *(p.grad for p in dc.parameters())])
+        single = dc(x.detach(), data[:, :1], sampling)  # the single-coil path too
+        outputs.append(single)
+    for centred, natural in zip(outputs[:2], outputs[2:], strict=True):
+        torch.testing.assert_close(natural, centred, atol=1e-5, rtol=1e-5)
+    for centred, natural in zip(*grads, strict=True):
+        torch.testing.assert_close(natural, centred, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_kspace_order_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="kspace_order"):
+        DataConsistency(kspace_order="shifted")
 
 
 @pytest.mark.parametrize("lam", [None, 0.5])

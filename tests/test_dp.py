@@ -19,7 +19,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from client.privacy import client_dp_mod, train_with_budget
-from common.dp import PrivacyLedger, check_model, train_private, without_inplace_activations
+from common.dp import PrivacyLedger, check_model, prepared_for_opacus, train_private
 from common.errors import ConfigError
 from common.fft import fft2c
 from common.models import build_model
@@ -65,7 +65,7 @@ def batch_of(samples: list[dict[str, object]]) -> dict[str, object]:
 def test_clipped_per_sample_gradients_are_bounded_and_match_per_slice_backward(name: str) -> None:
     """Opacus' per-slice gradients equal one backward pass per slice; clipped, each has norm <= C."""
     samples = two_coil(synthetic_samples(n=3))
-    model = without_inplace_activations(small_model(name))
+    model = prepared_for_opacus(small_model(name))
     check_model(name, model)
     criterion = ReconLoss("l1")
     params = [p for p in model.parameters() if p.requires_grad]

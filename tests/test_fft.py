@@ -9,10 +9,14 @@ from common.fft import (
     channels_to_complex,
     complex_abs,
     complex_to_channels,
+    fft2,
     fft2c,
     fft2c_np,
+    ifft2,
     ifft2c,
     ifft2c_np,
+    mask_to_natural_order,
+    to_natural_order,
 )
 
 SIZES = [(8, 8), (7, 9), (6, 5)]
@@ -100,3 +104,24 @@ def test_center_crop_offsets(size: tuple[int, int], crop: tuple[int, int], offse
     torch.testing.assert_close(center_crop(torch.from_numpy(x)[None], crop)[0], torch.from_numpy(out))
     with pytest.raises(ValueError):
         center_crop(x, (size[0] + 1, 1))
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_natural_order_is_the_unshifted_dft_of_the_same_image(shape: tuple[int, int]) -> None:
+    """fft2 is the plain unitary DFT (numpy's, index 0 first), and to_natural_order maps centred k-space onto it."""
+    x = random_complex((2, *shape), seed=3)
+    natural = fft2(torch.from_numpy(x))
+    np.testing.assert_allclose(natural.numpy(), np.fft.fft2(x, norm="ortho"), atol=1e-5)
+    np.testing.assert_allclose(to_natural_order(fft2c(torch.from_numpy(x))).numpy(), natural.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ifft2(natural).numpy(), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_a_pointwise_kspace_operation_commutes_with_the_change_of_order(shape: tuple[int, int]) -> None:
+    """Masking then mapping equals mapping then masking with the permuted mask: why DC may run in natural order."""
+    k = torch.from_numpy(random_complex((2, *shape), seed=4))
+    mask = torch.from_numpy((np.random.default_rng(5).random(shape) < 0.4).astype(np.float32))
+    torch.testing.assert_close(to_natural_order(mask * k), mask_to_natural_order(mask) * to_natural_order(k))
+    # The permuted mask keeps the sampled points' count and puts the centre sample at index (0, 0).
+    assert mask_to_natural_order(mask).sum() == mask.sum()
+    assert mask_to_natural_order(mask)[0, 0] == mask[shape[0] // 2, shape[1] // 2]

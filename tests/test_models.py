@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.coils import birdcage_maps, rss
+from common.coils import birdcage_maps, rss, sense_adjoint
+from common.dc import DataConsistency
 from common.errors import ConfigError
 from common.fft import fft2c, fft2c_np, ifft2c_np
 from common.models import MODEL_NAMES, build_model, count_parameters
@@ -149,6 +150,28 @@ def test_unrolled_ends_with_per_coil_hard_dc_multicoil() -> None:
         expected += np.conj(s[:, c]) * ifft2c_np(kc)
     np.testing.assert_allclose(seen["post"].numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(out.numpy(), np.abs(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (33, 30)])
+def test_unrolled_equals_cascades_of_centred_dc(height: int, width: int) -> None:
+    """The network runs its DC in natural k-space order; the output and every gradient are the centred loop's."""
+    kspace, mask, maps, target = synthetic_batch(2, 3, height, width, seed=5)
+    torch.manual_seed(0)
+    model = UnrolledNet(num_cascades=3, chans=8, num_layers=3, lam=2.0, learnable_lam=True)
+    fast = torch.nn.functional.l1_loss(model(kspace, mask, maps), target)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    image = sense_adjoint(kspace, maps)
+    for cascade in model.cascades:
+        dc = DataConsistency(lam=2.0, learnable=True)
+        dc.log_lam = cascade.dc.log_lam  # the same parameter, so its gradient lands in the model
+        image = dc(cascade.cnn(image), kspace, mask, maps)
+    reference = torch.nn.functional.l1_loss(image.abs(), target)
+    reference.backward()
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(fast_grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
 def test_varnet_estimates_normalised_maps_and_ignores_given_ones() -> None:

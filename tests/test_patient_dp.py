@@ -11,7 +11,7 @@ from opacus import GradSampleModule
 
 from bench.harness import write_sites
 from common.data.loaders import load_site
-from common.dp import PrivacyLedger, without_inplace_activations
+from common.dp import PrivacyLedger, prepared_for_opacus
 from common.models import build_model
 from common.patient_dp import clip_subjects, subject_gradients, subject_groups, train_patient_private
 from common.training import ReconLoss, predict
@@ -29,7 +29,7 @@ def train_set(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
 
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return without_inplace_activations(build_model("unet", **MODEL_ARGS))
+    return prepared_for_opacus(build_model("unet", **MODEL_ARGS))
 
 
 def test_groups_are_whole_subjects(train_set) -> None:  # type: ignore[no-untyped-def]

@@ -12,11 +12,12 @@ step, :mod:`common.noncartesian_dc`), so Cartesian and radial/spiral sites train
 from collections.abc import Iterable
 from typing import cast
 
+import torch
 from torch import Tensor, nn
 
-from common.coils import sense_adjoint
+from common.coils import sense_reduce
 from common.dc import DataConsistency
-from common.fft import channels_to_complex, complex_to_channels
+from common.fft import channels_to_complex, complex_to_channels, fft2, ifft2c, mask_to_natural_order
 from common.noncartesian_dc import NonCartesianCascade, cg_sense_dc, gradient_dc, run_cascades
 from common.nufft import SenseNufft, is_non_cartesian
 
@@ -35,10 +36,16 @@ class CNNBlock(nn.Module):
             layers += [nn.Conv2d(chans, chans, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
         layers.append(nn.Conv2d(chans, 2, kernel_size=3, padding=1))
         self.net = nn.Sequential(*layers)
+        # NHWC activations: oneDNN's 3x3 convolutions train faster on them on this CPU, fp32 and bf16 alike
+        # (docs/BENCHMARKS.md, issue #24); same values. Off for Opacus (common.dp.prepared_for_opacus).
+        self.channels_last = True
 
     def forward(self, image: Tensor) -> Tensor:
         """Complex (B, H, W) -> complex (B, H, W): the input plus a learned correction."""
-        return image + channels_to_complex(self.net(complex_to_channels(image)))
+        channels = complex_to_channels(image)
+        if self.channels_last:
+            channels = channels.contiguous(memory_format=torch.channels_last)
+        return image + channels_to_complex(self.net(channels))
 
 
 class Cascade(nn.Module):
@@ -49,11 +56,11 @@ class Cascade(nn.Module):
     ) -> None:
         super().__init__()
         self.cnn = CNNBlock(chans, num_layers)
-        self.dc = DataConsistency(lam, learnable_lam)
+        self.dc = DataConsistency(lam, learnable_lam, kspace_order="natural")
         self.nc_dc, self.cg_iterations = nc_dc, cg_iterations
 
     def forward(self, image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
-        """Complex image (B, H, W) -> complex image (B, H, W) (Cartesian k-space (B, C, H, W))."""
+        """Complex image (B, H, W) -> complex image (B, H, W); k-space (B, C, H, W) and mask in natural order."""
         out: Tensor = self.dc(self.cnn(image), masked_kspace, mask, sens_maps)
         return out
 
@@ -103,9 +110,14 @@ class UnrolledNet(nn.Module):
         """The coil-combined complex reconstruction (B, H, W), before taking the magnitude."""
         if is_non_cartesian(masked_kspace):
             return run_cascades(cast(Iterable[NonCartesianCascade], self.cascades), masked_kspace, mask, sens_maps)
-        image = sense_adjoint(masked_kspace, sens_maps)
+        # The zero-filled coil images give the start image and the data in natural order
+        # (common.fft.to_natural_order), once per batch: the cascades' DC then needs no shifts.
+        coil_images = ifft2c(masked_kspace)
+        image = sense_reduce(coil_images, sens_maps)
+        natural_kspace = fft2(coil_images)
+        natural_mask = mask_to_natural_order(mask)
         for cascade in self.cascades:
-            image = cascade(image, masked_kspace, mask, sens_maps)
+            image = cascade(image, natural_kspace, natural_mask, sens_maps)
         return image
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
