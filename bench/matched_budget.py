@@ -104,4 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as exc:  # a wrong folder or an unfinished run: one line, not a traceback
+        raise SystemExit(f"bench.matched_budget: {exc}") from None
