@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from common.coils import sense_adjoint, sense_expand, sense_forward, sense_reduce
+from common.coils import sense_expand, sense_reduce
 from common.fft import fft2, fft2c, ifft2, ifft2c
 
 KSPACE_ORDERS = ("centred", "natural")
@@ -75,18 +75,16 @@ class DataConsistency(nn.Module):
 
         Without ``sens_maps`` the data must be single-coil (C = 1) and the image is its own coil image.
         """
+        forward, inverse = (fft2, ifft2) if self.natural else (fft2c, ifft2c)
         if sens_maps is None:
             if masked_kspace.shape[-3] != 1:
                 raise ValueError(
                     f"single-coil DC needs C = 1, got k-space of shape {tuple(masked_kspace.shape)}; pass sens_maps"
                 )
-            forward, inverse = (fft2, ifft2) if self.natural else (fft2c, ifft2c)
             return inverse(self.kspace_dc(forward(image), masked_kspace[..., 0, :, :], mask[..., 0, :, :]))
-        if self.natural:
-            coil_kspace = fft2(sense_expand(image, sens_maps))
-            return sense_reduce(ifft2(self.kspace_dc(coil_kspace, masked_kspace, mask)), sens_maps)
-        coil_kspace = sense_forward(image, sens_maps)
-        return sense_adjoint(self.kspace_dc(coil_kspace, masked_kspace, mask), sens_maps)
+        # SENSE forward and adjoint (common.coils.sense_forward / sense_adjoint with this layer's transforms).
+        coil_kspace = forward(sense_expand(image, sens_maps))
+        return sense_reduce(inverse(self.kspace_dc(coil_kspace, masked_kspace, mask)), sens_maps)
 
     def extra_repr(self) -> str:
         """Show the DC weight in ``print(model)`` so a checkpoint's setting is visible."""
