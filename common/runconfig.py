@@ -93,6 +93,9 @@ class RunConfig(BaseModel):
     site_keys: str = ""  # site-keys.json of `fedsense pki` (key fingerprint -> site); "": names are not key-bound
     select_metric: Literal["psnr", "ssim", "nmse"] = "psnr"
     patience: int = Field(0, ge=0)
+    # "global": patience counts rounds without a better mean metric; "every-site": also each site's own metric
+    # of the shared model, so a run stops only when neither has improved (the local baseline's rule).
+    stop_rule: Literal["global", "every-site"] = "global"
     evaluate_with_train: bool = False
     # Experiment tracking, written by the server only (README "Tracking and monitoring").
     tracking: str = ""

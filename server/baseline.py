@@ -73,7 +73,8 @@ class Baseline:
         self.device = resolve_device(run.device, "run config: device")
         self.precision = run.precision  # "auto" is measured by train()/evaluate(); records say what ran
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
-        self.best = BestTracker(self.store, run.select_metric, run.patience)
+        # The local arm stops per site on its own (_local); pooled models follow ``stop-rule``.
+        self.best = BestTracker(self.store, run.select_metric, run.patience, every_site=run.stop_rule == "every-site")
         self.stop_detail: dict[str, Any] | None = None  # why the run stopped before its last round, if it did
         self.resume = False
 
@@ -127,12 +128,14 @@ class Baseline:
         state: dict[str, Any],
         summary: dict[str, Any],
         optimisers: dict[str, torch.optim.Optimizer | None],
+        per_site: dict[str, dict[str, Any]] | None = None,
     ) -> bool:
-        """Save round ``rnd`` (with the kept Adam states, so a resume continues exactly), update ``best.json``;
-        True when patience is exhausted (stop)."""
+        """Save round ``rnd`` (with the kept Adam states, so a resume continues exactly), update ``best.json``
+        (``per_site``: each site's validation metrics, for ``stop-rule = every-site``); True when patience is
+        exhausted (stop)."""
         kept = {name: opt.state_dict() for name, opt in optimisers.items() if opt is not None}
         self.store.save_checkpoint(rnd, state, self.run.to_flat(), extra={"optimisers": kept} if kept else None)
-        self.best.update(rnd, summary["metrics"])
+        self.best.update(rnd, summary["metrics"], per_site)
         return self.best.exhausted
 
     def _restore(
@@ -350,8 +353,8 @@ class Baseline:
                     )
                 ]
             )
-            summary, _ = self._evaluate(rnd, {site: model for site in self.sites})
-            if self._checkpoint(rnd, cpu_state_dict(model), summary, {GLOBAL_SITE: optimiser}):
+            summary, per_site = self._evaluate(rnd, {site: model for site in self.sites})
+            if self._checkpoint(rnd, cpu_state_dict(model), summary, {GLOBAL_SITE: optimiser}, per_site):
                 logger.info("%s: stopping early after round %d", self.kind, rnd)
                 self.stop_detail = self.best.stop_detail()
                 return

@@ -137,7 +137,9 @@ class Federation:
         self.carried: dict[str, Any] | None = None
         #: Seconds from the last phase's push to each reply's arrival, by the id of the message it answers.
         self.reply_seconds: dict[str, float] = {}
-        self.best = BestTracker(store, run.select_metric, run.patience)
+        self.best = BestTracker(store, run.select_metric, run.patience, every_site=run.stop_rule == "every-site")
+        #: Each site's validation metrics by round, until :meth:`_stops` has counted them (``stop-rule``).
+        self.evaluated: dict[int, dict[str, dict[str, float]]] = {}
         #: Replies are taken from the site their node's key was registered for (``site-keys``).
         self.identity = SiteIdentity.from_file(run.site_keys)
         #: Every reply received and its verdict (``received.jsonl``): each accepted exactly once.
@@ -370,6 +372,8 @@ class Federation:
         records = _site_records(self.run, rnd, phase, ok, reply_seconds=self.reply_seconds)
         summary = _global_record(self.run, rnd, phase, records, failed, time.time() - t0)
         _note_clipped(summary, clipped)
+        if phase == "evaluate":
+            self.evaluated[rnd] = {r["site"]: r["metrics"] for r in records}
         self.store.append_metrics(records + [summary])
         return summary
 
@@ -397,6 +401,7 @@ class Federation:
                 # The evaluation rode on the training message: it has no wall time or overhead of its own.
                 compute = max(r["metrics"].get(protocol.COMPUTE_SECONDS, 0.0) for r in evaluated)
                 self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, failed, compute)
+                self.evaluated[rnd - 1] = {r["site"]: r["metrics"] for r in evaluated}
                 self.carried["carried_by"] = f"round {rnd} train"
                 _note_clipped(self.carried, eval_clipped)
                 self.store.append_metrics(evaluated + [self.carried])
@@ -447,6 +452,7 @@ class Federation:
             if evaluated:
                 compute = max(r["metrics"].get(protocol.COMPUTE_SECONDS, 0.0) for r in evaluated)
                 self.carried = _global_record(self.run, rnd - 1, "evaluate", evaluated, [], compute)
+                self.evaluated[rnd - 1] = {r["site"]: r["metrics"] for r in evaluated}
                 self.carried["carried_by"] = f"round {rnd} train"
                 self.store.append_metrics(evaluated + [self.carried])
         dropped = [Rejection(f"node-{n}", "dropped out of the SecAgg+ round") for n in secure.dropped]
@@ -542,7 +548,7 @@ class Federation:
 
     def _stops(self, rnd: int, summary: dict[str, Any]) -> bool:
         """Update ``best.json`` with round ``rnd``'s evaluation; True once patience is exhausted."""
-        self.best.update(rnd, summary["metrics"])
+        self.best.update(rnd, summary["metrics"], self.evaluated.pop(rnd, None))
         if self.best.exhausted:
             logger.info("stopping early after round %d: %s", rnd, self.best.stop_detail()["early_stop"])
         return self.best.exhausted

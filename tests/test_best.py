@@ -155,3 +155,73 @@ def test_fine_tuning_starts_from_the_best_round_not_the_last(tmp_path: Path) -> 
     assert torch.equal(start.to_torch_state_dict()["w"], weights[1]["w"]) and rnd == 1  # the sites' state round
     store.write_best(3, "psnr", 31.0)
     assert _fine_tune_start(store, 3, last_arrays) == (last_arrays, 3)
+
+
+def _site_evals(run: RunDir, rnd: int, sites: dict[str, float]) -> None:
+    """Round ``rnd``'s validation PSNR at each site, and their unweighted mean as the global record."""
+    records = [
+        {
+            "run": "r",
+            "round": rnd,
+            "phase": "evaluate",
+            "site": s,
+            "time": 0.0,
+            "num_examples": 4,
+            "metrics": {"psnr": v},
+        }
+        for s, v in sites.items()
+    ]
+    run.append_metrics(records)
+    _eval(run, rnd, psnr=float(np.mean(list(sites.values()))))
+
+
+def _first_stop(curves: dict[str, list[float]], patience: int) -> int:
+    """The test's own rule: the first round after which no curve (sites and their mean) has improved on its
+    best for ``patience`` rounds."""
+    series = {**curves, "mean": list(np.mean(list(curves.values()), axis=0))}
+    for last in range(1, len(series["mean"]) + 1):
+        if all(last - (int(np.argmax(v[:last])) + 1) >= patience for v in series.values()):
+            return last
+    return 0
+
+
+def test_every_site_rule_waits_for_a_site_still_improving_and_resumes_the_same(run: RunDir) -> None:
+    """The mean peaks at round 2, site-b improves until round 5: the global rule stops at round 4
+    (patience 2), every-site at round 7; a tracker resumed after round 5 replays each site's count."""
+    curves = {
+        "site-a": [30.0, 32.0, 31.0, 30.0, 29.0, 29.5, 29.0],
+        "site-b": [20.0, 20.5, 20.7, 20.9, 21.0, 20.9, 20.8],
+    }
+    assert _first_stop(curves, 2) == 7
+    mean_only, every = BestTracker(run, "psnr", 2), BestTracker(run, "psnr", 2, every_site=True)
+    stops: dict[str, int] = {}
+    for rnd in range(1, 8):
+        sites = {s: v[rnd - 1] for s, v in curves.items()}
+        _site_evals(run, rnd, sites)
+        _checkpoint(run, rnd)
+        mean = float(np.mean(list(sites.values())))
+        for name, tracker in (("global", mean_only), ("every-site", every)):
+            tracker.update(rnd, {"psnr": mean}, {s: {"psnr": v} for s, v in sites.items()})
+            if tracker.exhausted:
+                stops.setdefault(name, rnd)
+        if rnd == 5:
+            resumed = BestTracker(run, "psnr", 2, every_site=True)
+            resumed.resume(last_round=5)
+            assert {s: (c.best_round, c.stale) for s, c in resumed.sites.items()} == {
+                "site-a": (2, 3),
+                "site-b": (5, 0),
+            }
+            assert not resumed.exhausted
+    assert stops == {"global": 4, "every-site": 7}
+    detail = every.stop_detail()["early_stop"]
+    assert "any site's own" in detail and "site-a best round 2" in detail and "site-b best round 5" in detail
+    assert run.best() is not None and run.best()["round"] == 2  # best.json still follows the mean
+
+
+def test_every_site_rule_counts_a_site_left_out_of_a_round_as_not_improving(run: RunDir) -> None:
+    tracker = BestTracker(run, "psnr", 1, every_site=True)
+    _checkpoint(run, 1)
+    tracker.update(1, {"psnr": 25.0}, {"site-a": {"psnr": 30.0}, "site-b": {"psnr": 20.0}})
+    _checkpoint(run, 2)
+    tracker.update(2, {"psnr": 24.0}, {"site-a": {"psnr": 29.0}})  # site-b was not sampled for evaluation
+    assert tracker.sites["site-b"].stale == 1 and tracker.exhausted

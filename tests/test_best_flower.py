@@ -139,3 +139,41 @@ def test_local_baseline_stops_once_every_site_has_run_out_of_its_own_patience_an
     assert _trained_rounds(resumed) == trained
     final, reference = resumed.load_checkpoint(last)["state_dict"], store.load_checkpoint(last)["state_dict"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def _every_site_stop(store: RunDir, metric: str = "psnr") -> int | None:
+    """The test's own reading of ``stop-rule = every-site``: the first evaluated round after which neither the
+    mean nor any site's own ``metric`` has improved for ``PATIENCE`` rounds (None: never)."""
+    series: dict[str, dict[int, float]] = {}
+    for r in store.read_metrics(dedupe=True):
+        if r["phase"] == "evaluate" and r["round"] >= 1:
+            series.setdefault(r["site"], {})[r["round"]] = r["metrics"][metric]
+    rounds = sorted(series[GLOBAL_SITE])
+    for last in rounds:
+        if all(
+            last - best_round({k: v for k, v in s.items() if k <= last}, metric) >= PATIENCE  # type: ignore[operator]
+            for s in series.values()
+        ):
+            return last
+    return None
+
+
+@pytest.mark.parametrize("arm", ["fedavg", "centralized"])
+def test_every_site_rule_stops_when_neither_the_mean_nor_any_site_improves(
+    arm: str, small_sites: list[Path], tmp_path: Path
+) -> None:
+    """``stop-rule = every-site`` in a real Flower run and in the pooled baseline: the run ends at the first
+    round where the rule holds (read independently from metrics.jsonl), best.json still follows the mean."""
+    config = run_config(
+        small_sites[:2], tmp_path / arm, **{"stop-rule": "every-site", "num-server-rounds": 6, "learning-rate": 0.05}
+    )
+    store = simulate(config, timeout=900) if arm == "fedavg" else Baseline("centralized", config).execute()
+    evaluated = sorted(r for r in global_values(store, "psnr") if r >= 1)
+    stop = _every_site_stop(store)
+    assert stop is not None and evaluated[-1] == stop  # this config stops early (deterministic for the seed)
+    best = store.best()
+    assert best is not None and best["round"] == best_round(
+        {r: v for r, v in global_values(store, "psnr").items() if r >= 1}, "psnr"
+    )
+    detail = store.read_config().get("status_detail", {}).get("early_stop", "")
+    assert (stop is not None) == ("any site's own" in detail)
