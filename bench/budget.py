@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.checkpoints = sorted(set(args.checkpoints))
     args.rounds = args.checkpoints[-1]
+    # The rest of bench.quality's run config: a fixed budget of rounds, no early stop, no fine-tuning.
+    args.max_rounds, args.patience, args.stop_rule, args.tracking_uri = args.rounds, 0, "global", ""
+    args.fine_tune_eval_every, args.fine_tune_patience, args.fine_tune_warmup = 10, 0, 0
     return args
 
 
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     for label in args.models:
         model, model_args = MODELS[label]
         test_psnr = partial(site_psnr, model, model_args, data)
-        run = run_config(args, model, model_args, sites, out / model)
+        run = run_config(args, model, model_args, sites, out / model, args.seed)
         stores = {
             kind: Baseline(kind, _variant(run, out, kind)).execute()  # type: ignore[arg-type]
             for kind in ("local", "centralized")
