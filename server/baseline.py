@@ -42,7 +42,7 @@ from common.runconfig import RunConfig
 from common.samples import save_samples
 from common.ssdu import SiteLoss, check_model, evaluate_self_supervised
 from common.training import EvalResult, evaluate, train
-from server.best import BestTracker, Patience
+from server.best import BestTracker
 from server.store import GLOBAL_SITE, RunDir, global_record, site_record
 from server.tracking.tracked import tracked_store
 
@@ -73,8 +73,9 @@ class Baseline:
         self.device = resolve_device(run.device, "run config: device")
         self.precision = run.precision  # "auto" is measured by train()/evaluate(); records say what ran
         self.sample_dir = run.sample_dir or str(self.store.path / "samples")
-        # The local arm stops per site on its own (_local); pooled models follow ``stop-rule``.
-        self.best = BestTracker(self.store, run.select_metric, run.patience, every_site=run.stop_rule == "every-site")
+        # Pooled models follow ``stop-rule``; the local arm always counts each site (it stops on those alone, _local).
+        every_site = run.stop_rule == "every-site" or kind == "local"
+        self.best = BestTracker(self.store, run.select_metric, run.patience, every_site=every_site)
         self.stop_detail: dict[str, Any] | None = None  # why the run stopped before its last round, if it did
         self.resume = False
 
@@ -222,14 +223,11 @@ class Baseline:
         """
         models = {site: self._new_model() for site in self.sites}
         optimisers = {site: self._optimiser(model) for site, model in models.items()}
-        waiting = {site: Patience(self.run.select_metric, self.run.patience) for site in self.sites}
-        start = self._restore(models, optimisers, prefixed=True)
+        start = self._restore(models, optimisers, prefixed=True)  # a resume replays each site's patience
         if start == 1:
             self._evaluate(0, models)  # type: ignore[arg-type]
-        else:
-            self._replay_patience(waiting, start - 1)
         for rnd in range(start, self.run.num_server_rounds + 1):
-            if all(w.exhausted for w in waiting.values()):  # (a resumed run that had already stopped stays stopped)
+            if self.best.sites_exhausted:  # (a resumed run that had already stopped stays stopped)
                 break
             records = []
             for site, datasets in self.sites.items():
@@ -267,25 +265,16 @@ class Baseline:
                 )
             self.store.append_metrics(records + [global_record(self.run.name, rnd, "train", records)])
             summary, per_site = self._evaluate(rnd, models)  # type: ignore[arg-type]
-            for site, w in waiting.items():
-                w.update(rnd, per_site[site].get(self.run.select_metric))
             state = {f"{site}/{k}": v for site, m in models.items() for k, v in cpu_state_dict(m).items()}
-            self._checkpoint(rnd, state, summary, optimisers)
-        if all(w.exhausted for w in waiting.values()):
+            self._checkpoint(rnd, state, summary, optimisers, per_site)
+        if self.best.sites_exhausted:
             logger.info("%s: every site has gone %d round(s) without improving", self.kind, self.run.patience)
-            self.stop_detail = {"early_stop": self._local_stop_detail(waiting)}
+            self.stop_detail = {"early_stop": self._local_stop_detail()}
 
-    def _replay_patience(self, waiting: dict[str, Patience], done: int) -> None:
-        """Rebuild each site's patience from the recorded rounds 1..``done`` (a resumed local baseline)."""
-        for record in sorted(self.store.read_metrics(dedupe=True), key=lambda r: r["round"]):
-            site, rnd = record["site"], record["round"]
-            if record["phase"] == "evaluate" and site in waiting and 1 <= rnd <= done:
-                waiting[site].update(rnd, record["metrics"].get(self.run.select_metric))
-
-    def _local_stop_detail(self, waiting: dict[str, Patience]) -> str:
+    def _local_stop_detail(self) -> str:
         """``every site stopped improving: ... (patience 6); site-a best round 12, ...`` for the run's status."""
         metric = self.run.select_metric
-        best = ", ".join(f"{site} best round {w.best_round}" for site, w in waiting.items())
+        best = ", ".join(f"{site} best round {w.best_round}" for site, w in self.best.sites.items())
         return f"every site stopped improving: no {metric} gain of its own (patience {self.run.patience}); {best}"
 
     def _centralized(self, pooled: bool) -> None:

@@ -111,6 +111,12 @@ class BestTracker:
         ``every_site``, not any site's own best)."""
         return self.counter.exhausted and all(c.exhausted for c in self.sites.values())
 
+    @property
+    def sites_exhausted(self) -> bool:
+        """True once every site's own counter (``every_site``; at least one site seen) has run out: the local
+        baseline's rule, where each site trains its own model and the mean is not a model's metric."""
+        return bool(self.sites) and all(c.exhausted for c in self.sites.values())
+
     def resume(self, last_round: int) -> None:
         """Continue after ``last_round``: adopt ``best.json`` if it is this metric's, else start over."""
         best = self.store.best()
@@ -134,8 +140,8 @@ class BestTracker:
 
     def _update_sites(self, rnd: int, sites: Mapping[str, Mapping[str, float | None]]) -> None:
         """Each site's counter takes its metric of round ``rnd``; a site not evaluated counts as not improving."""
-        for site in sites.keys() - self.sites.keys():
-            self.sites[site] = Patience(self.metric, self.patience)
+        for site in sites:
+            self.sites.setdefault(site, Patience(self.metric, self.patience))
         for site, counter in self.sites.items():
             counter.update(rnd, sites.get(site, {}).get(self.metric))
 
