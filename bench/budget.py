@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from bench.harness import (
     emulate_fedavg,
+    fresh_output,
     markdown_table,
     model_recon,
     score_slices,
@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults take 7 – 10 minutes on two shared cores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-budget"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     parser.add_argument("--acceleration", type=float, default=4.0)
     parser.add_argument("--checkpoints", type=int, nargs="+", default=[8, 16, 32], help="round counts read out")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch} per round and site (centralized: 3x that per round), Adam lr {args.lr}"
     )
     out = args.out.resolve()
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     sites = write_sites(
         out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=args.acceleration
     )

@@ -23,7 +23,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,9 @@ from torch import nn
 
 from bench.harness import (
     TreeMemory,
+    check_output,
     emulate_fedavg,
+    fresh_output,
     markdown_table,
     mean_std,
     model_recon,
@@ -209,7 +210,7 @@ def section_bytes(args: argparse.Namespace) -> None:
 def section_overhead(args: argparse.Namespace) -> None:
     """Real simulation of the three demo sites; overhead = phase wall time minus the sites' recorded compute."""
     out = args.out / "overhead"
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
     run = sim_config(sites, out / "run", args.rounds, args.local_steps, args.batch, OVERHEAD_MODEL)
     start = time.perf_counter()
@@ -311,7 +312,7 @@ def section_deployment(args: argparse.Namespace) -> None:
 def section_scale(args: argparse.Namespace) -> None:
     """4..32 tiny sites (copies of the three demo sites), tiny model, 2 rounds: round time and memory."""
     out = args.out / "scale"
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     # R = 4 for every template: the 32-column grid cannot realise site-b's own R = 6 random mask.
     templates = write_sites(out / "templates", size=32, subjects=3, slices=2, acceleration=4)
     rows, first = [], None
@@ -364,7 +365,7 @@ def section_scale(args: argparse.Namespace) -> None:
 def section_fp16(args: argparse.Namespace) -> None:
     """Quality cost of fp16 transport, measured with the quality benchmark's R = 4 sites and budget."""
     out = args.out / "fp16"
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=4)
     datasets = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
     rows = []
@@ -423,7 +424,7 @@ def _site_start_seconds(site_toml: Path, cache: Path | str) -> tuple[float, floa
 def section_index(args: argparse.Namespace) -> None:
     """A fastMRI site of ``--volumes`` h5 volumes: process start to site ready, no cache / cold / warm."""
     out = args.out / "index"
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     (template,) = write_sites(
         out / "template", size=args.size, subjects=args.volumes, slices=args.slices, names=("site-a",)
     )
@@ -455,7 +456,7 @@ def section_clientapps(args: argparse.Namespace) -> None:
     from tests.deployment import Deployment  # the reliability tests' local deployment (no TLS, loopback only)
 
     out = args.out / "clientapps"
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
     summary = []
     for label, warm in (("flwr-clientapp per message (Flower)", False), ("fedsense-superexec (warm fork)", True)):
@@ -534,7 +535,7 @@ def section_local(args: argparse.Namespace) -> None:
     from tests.deployment import Deployment  # the reliability tests' local deployment (no TLS, loopback only)
 
     out = args.out / "local"
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
     plan = core_plan(len(sites))
     base = RunConfig.from_flat(
@@ -615,7 +616,7 @@ def section_local(args: argparse.Namespace) -> None:
 def section_parallel(args: argparse.Namespace) -> None:
     """Round time of 4 equal sites with Flower's default resources (2 CPUs per site) and with 1 CPU per site."""
     out = args.out / "parallel"
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     template = write_sites(
         out / "template", size=args.size, subjects=args.subjects, slices=args.slices, names=("site-c",)
     )
@@ -660,6 +661,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "all"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-cost"), help="sites, data and run dirs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out/SECTION folder")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--slices", type=int, default=6)
@@ -702,6 +704,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start_bench("cost", args.threads)
     names = [n for n in SECTIONS if n != "deployment"] if "all" in args.sections else args.sections
+    for name in names:  # each section rebuilds args.out / name
+        check_output(args.out / name, args.overwrite)
     for name in names:
         start = time.perf_counter()
         SECTIONS[name](args)

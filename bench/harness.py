@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -41,6 +42,28 @@ ROOT = Path(__file__).resolve().parent.parent
 SITE_NAMES = ("site-a", "site-b", "site-c")
 # The low-data scenario adds a fourth, benchmark-only site (bench/sites/site-d.toml).
 LOW_DATA_SITE_NAMES = (*SITE_NAMES, "site-d")
+
+
+def check_output(path: Path, overwrite: bool, option: str = "--out") -> None:
+    """Refuse a benchmark output folder that already holds anything, unless ``--overwrite`` was given.
+
+    Benchmarks rebuild their folder from scratch: a mistyped ``--out`` must not delete a user's files
+    without asking. Checked before any work, so a refusal costs nothing.
+    """
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
+        raise SystemExit(f"{option} {path}: exists and is not empty; pass --overwrite to replace it")
+
+
+def fresh_output(path: Path, overwrite: bool, option: str = "--out") -> Path:
+    """Make ``path`` an empty folder for a benchmark's sites, data and run dirs (see :func:`check_output`)."""
+    check_output(path, overwrite, option)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists() and any(path.iterdir()):
+        logger.info("--overwrite: replacing %s", path)
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def site_template(name: str) -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from bench.harness import markdown_table, model_recon, score_slices, start_bench, write_sites
+from bench.harness import fresh_output, markdown_table, model_recon, score_slices, start_bench, write_sites
 from bench.quality import MODELS as QUALITY_MODELS
 from common.data.dataset import SiteDataset
 from common.data.loaders import load_site, make_loader
@@ -116,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults take a few minutes on two shared cores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-privacy"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--slices", type=int, default=6)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         f"δ = {DELTA:g}"
     )
     out = args.out.resolve()
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     sites = write_sites(out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=4.0)
     data = {cfg.name: ds for cfg, ds in (load_site(str(p)) for p in sites)}
     rows = []

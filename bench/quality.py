@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -65,6 +64,8 @@ from bench.harness import (
     Recon,
     SliceScore,
     Stopwatch,
+    check_output,
+    fresh_output,
     markdown_table,
     mean_std,
     model_recon,
@@ -979,6 +980,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` shrinks everything to a smoke run of the same code path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"), help="sites, data and run dirs")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing, non-empty <out>/R<acceleration> folder"
+    )
     parser.add_argument("--scenario", choices=list(SCENARIOS), default="low-data")
     parser.add_argument("--accelerations", type=float, nargs="+", default=[4.0, 8.0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -1178,7 +1182,7 @@ def run_acceleration(
 ) -> list[tuple]:
     """Every method at one acceleration: train, score the test split, print the tables; returns target rows."""
     root = args.out / f"R{r:g}"
-    shutil.rmtree(root, ignore_errors=True)
+    fresh_output(root, args.overwrite)
     with clock.stage(f"R={r:g} demo data"):
         common = dict(
             size=args.size,
@@ -1328,6 +1332,8 @@ def _scarce_note(args: argparse.Namespace) -> str:
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> list[tuple]:
+    for r in args.accelerations:  # each acceleration rebuilds its folder: refuse before any work
+        check_output(args.out / f"R{r:g}", args.overwrite)
     out = Output()
     started = start_bench("quality", args.threads)
     out(

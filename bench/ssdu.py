@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from bench.harness import (
     SliceScore,
     Stopwatch,
+    fresh_output,
     markdown_table,
     mean_std,
     model_recon,
@@ -128,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in about 10 minutes on two shared cores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-ssdu"), help="sites, data and run dirs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     parser.add_argument(
         "--site",
         default="site-b",
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         f"supervised loss L1, SSDU rho {args.rho}, {args.masks} mask(s) per slice; seed {args.seed}"
     )
     out = args.out
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, args.overwrite)
     with clock.stage("demo data"):
         sites = write_sites(
             out / "sites", size=args.size, subjects=args.subjects, slices=args.slices, acceleration=args.acceleration

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import statistics
 from pathlib import Path
 
 import numpy as np
 
-from bench.harness import markdown_table, model_recon, score_slices, start_bench, write_sites
+from bench.harness import fresh_output, markdown_table, model_recon, score_slices, start_bench, write_sites
 from bench.quality import simulate_sites
 from common.data.loaders import load_site, make_loader
 from common.errors import FedSenseError
@@ -126,10 +125,7 @@ def final_psnr(store: RunDir, paths: list[Path]) -> float:
 def main(argv: list[str] | None = None) -> list[tuple]:
     args = parse_args(argv)
     start_bench("stragglers", args.client_cpus)
-    if args.out.exists():
-        if not args.overwrite:
-            raise FedSenseError(f"{args.out} exists; pass --overwrite to replace it")
-        shutil.rmtree(args.out)
+    fresh_output(args.out, args.overwrite)
     paths = sites(args)
     results = {name: run_arm(args, name, paths) for name in args.arms}
     base = results.get("no deadline")

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 from bench.cost import round_times
-from bench.harness import markdown_table, start_bench, write_sites
+from bench.harness import fresh_output, markdown_table, start_bench, write_sites
 from deploy.wan.proxy import PRESETS, ProxyThread, profile
 from server.store import GLOBAL_SITE, RunDir
 
@@ -123,10 +122,7 @@ def describe(preset: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     began = start_bench("wan", args.threads)
-    if args.out.exists():
-        if not args.overwrite:
-            raise SystemExit(f"--out {args.out} exists; pass --overwrite to replace it")
-        shutil.rmtree(args.out)
+    fresh_output(args.out, args.overwrite)
     sites = write_sites(args.out / "sites", size=args.size, subjects=args.subjects, slices=args.slices)
     results = [
         run_preset(preset, transport, sites, args.out / f"{preset}-{transport}", args)
