@@ -8,6 +8,7 @@ MNI-anatomy demo data written by ``common.data.demo`` in the real file formats.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -315,7 +316,8 @@ def emulate_fedavg(
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """FedAvg without Flower, yielding (round, global weights) after every round.
 
-    Each site trains exactly as the ClientApp does (seed, loader order, steps, optimiser) and the server
+    Each site trains exactly as the ClientApp does (seed, loader order and ``augment`` draws, steps,
+    ``precision``, its Adam state kept across rounds with ``client-optimizer = keep``) and the server
     averages as Flower's FedAvg does (weighted by training examples), so a run matches a Flower simulation
     of the same config up to float rounding, at none of the framework's cost: what long-budget and
     transport experiments need. With ``fp16`` only what travels is rounded: the global weights on the way
@@ -324,17 +326,31 @@ def emulate_fedavg(
     """
     torch.manual_seed(run.seed)
     state = {k: v.detach().clone() for k, v in build_model(run.model, **run.model_kwargs).state_dict().items()}
+    kept: dict[str, dict[str, object]] = {}  # each site's Adam state, as the ClientApp remembers it
     for rnd in range(1, run.num_server_rounds + 1):
         received = {k: v.half().float() for k, v in state.items()} if fp16 else state
         sent, weights = [], []
-        for splits in datasets.values():
+        for site, splits in datasets.items():
             torch.manual_seed(run.seed + rnd)
             model = build_model(run.model, **run.model_kwargs)
             model.load_state_dict(received)
-            loader = make_loader(splits["train"], run.batch_size, shuffle=True, seed=run.seed + rnd)
-            result = train(
-                model, loader, epochs=run.local_epochs, steps=run.local_steps, lr=run.learning_rate, loss=run.loss
+            optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
+            if run.client_optimizer == "keep" and site in kept:
+                optimiser.load_state_dict(kept[site])
+            loader = make_loader(
+                splits["train"], run.batch_size, shuffle=True, seed=run.seed + rnd, augment=run.augment
             )
+            result = train(
+                model,
+                loader,
+                epochs=run.local_epochs,
+                steps=run.local_steps,
+                lr=run.learning_rate,
+                loss=run.loss,
+                optimiser=optimiser,
+                precision=run.precision,
+            )
+            kept[site] = copy.deepcopy(optimiser.state_dict())
             local = {k: v.detach().clone() for k, v in model.state_dict().items()}
             sent.append({k: (local[k] - received[k]).half() for k in local} if fp16 else local)
             weights.append(result.num_examples)

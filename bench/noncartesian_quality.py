@@ -163,8 +163,8 @@ def _federated(args: argparse.Namespace, datasets: dict[str, Splits], seed: int)
 
     Each round every site loads the global weights, trains ``steps`` with its own Adam, kept across
     rounds as the ClientApp keeps it, and the server averages weighted by training examples, as
-    ``bench.harness.emulate_fedavg`` does (which resets Adam every round): the local baseline's Adam
-    runs uninterrupted too, so both arms get the same optimiser.
+    ``bench.harness.emulate_fedavg`` does: the local baseline's Adam runs uninterrupted too, so both arms
+    get the same optimiser.
     """
     torch.manual_seed(seed)
     state = build_model("unrolled", **args.model_args).state_dict()
