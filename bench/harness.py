@@ -58,11 +58,12 @@ def check_output(path: Path, overwrite: bool, option: str = "--out") -> None:
 def fresh_output(path: Path, overwrite: bool, option: str = "--out") -> Path:
     """Make ``path`` an empty folder for a benchmark's sites, data and run dirs (see :func:`check_output`)."""
     check_output(path, overwrite, option)
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists() and any(path.iterdir()):
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):  # reached only with --overwrite
         logger.info("--overwrite: replacing %s", path)
-        shutil.rmtree(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -28,6 +28,8 @@ def test_fresh_output_takes_a_missing_or_empty_folder_and_empties_one_with_overw
     assert fresh_output(tmp_path / "new" / "out", overwrite=False).is_dir()
     (tmp_path / "empty").mkdir()
     check_output(tmp_path / "empty", overwrite=False)
+    (tmp_path / "link").symlink_to(tmp_path / "empty")  # a user's link to an empty folder is used, not replaced
+    assert fresh_output(tmp_path / "link", overwrite=False).is_symlink()
     folder = _user_folder(tmp_path / "old")
     assert list(fresh_output(folder, overwrite=True).iterdir()) == []
     file = tmp_path / "a-file"
