@@ -13,7 +13,8 @@ training start from. A resumed server repeats the round after its last checkpoin
 starts from the best round (``common.protocol.STATE_ROUND``), which early stopping leaves up to
 ``patience`` rounds behind the last. So the last two rounds' files are kept whole (a resume starts from
 one of them), and older rounds' files back to ``patience + 2`` rounds (every round's when patience is off,
-since the best round may then be any) are cut down to what fine-tuning reads, the local layers (the
+or with ``stop-rule = every-site``, since the best round may then be any) are cut down to what fine-tuning
+reads, the local layers (the
 Adam moments and control variates are model-sized; a run of hundreds of rounds would keep hundreds of
 copies); without local layers they are removed. What a site restores is the newest state no later than
 the round asked for.
@@ -166,8 +167,14 @@ class SiteMemory:
 
     @property
     def kept_rounds(self) -> int:
-        """How many rounds' files are kept (0: all): the best round's must outlive early stopping's wait."""
-        return self.run.patience + 2 if self.run.patience > 0 else 0
+        """How many rounds' files are kept (0: all): the best round's must outlive early stopping's wait.
+
+        With ``stop-rule = every-site`` a run goes on while any site still improves, so the best round (of
+        the mean) may be any number of rounds behind the last: every round's local layers are kept.
+        """
+        if self.run.patience <= 0 or self.run.stop_rule == "every-site":
+            return 0
+        return self.run.patience + 2
 
     def save_finetuned(self, rnd: int, result: FineTuneResult) -> Path | None:
         """Write the fine-tuned personal model to the site's state directory (never sent)."""

@@ -43,13 +43,14 @@ def test_a_model_without_a_chosen_split_is_refused() -> None:
         personal_layers(build_model("varnet"))
 
 
-def _memory(tmp_path: Path, patience: int) -> SiteMemory:
+def _memory(tmp_path: Path, patience: int, stop_rule: str = "global") -> SiteMemory:
     run = RunConfig.from_flat(
         {
             "model": "unrolled",
             "model-args": {"num_cascades": 2, "chans": 4, "num_layers": 3},
             "local-layers": "cascades.*.dc.*",
             "patience": patience,
+            "stop-rule": stop_rule,
             "site-state-dir": str(tmp_path / "state"),
         }
     )
@@ -74,6 +75,17 @@ def test_the_site_keeps_patience_plus_two_rounds_and_restores_the_round_asked_fo
     assert best is not None and best.round == 6
     assert all(float(v) == 6.0 for v in best.local.values())
     assert memory.restore(9).round == 9  # the newest comes from the Context
+
+
+def test_with_every_site_stopping_the_best_round_may_be_far_behind_so_every_round_is_kept(tmp_path: Path) -> None:
+    # stop-rule = every-site: the mean's best round was 2 and a site kept improving until round 9; fine-tuning
+    # starts from round 2, 7 rounds behind the last (patience 3 would have deleted it).
+    memory = _memory(tmp_path, patience=3, stop_rule="every-site")
+    _remember_rounds(memory, 9)
+    assert sorted(p.name for p in memory.directory.iterdir()) == [f"round-{r:04d}.pt" for r in range(1, 10)]
+    best = memory.restore(2)
+    assert best is not None and best.round == 2
+    assert all(float(v) == 2.0 for v in best.local.values())
 
 
 def test_with_patience_off_every_rounds_state_is_kept(tmp_path: Path) -> None:
