@@ -14,9 +14,8 @@ starts from the best round (``common.protocol.STATE_ROUND``), which early stoppi
 ``patience`` rounds behind the last. So the last two rounds' files are kept whole (a resume starts from
 one of them), and older rounds' files back to ``patience + 2`` rounds (every round's when patience is off,
 or with ``stop-rule = every-site``, since the best round may then be any) are cut down to what fine-tuning
-reads, the local layers (the
-Adam moments and control variates are model-sized; a run of hundreds of rounds would keep hundreds of
-copies); without local layers they are removed. What a site restores is the newest state no later than
+reads, the local layers (the Adam moments and control variates are model-sized; a run of hundreds of
+rounds would keep hundreds of copies); without local layers they are removed. What a site restores is the newest state no later than
 the round asked for.
 """
 
