@@ -45,20 +45,25 @@ SITE_NAMES = ("site-a", "site-b", "site-c")
 LOW_DATA_SITE_NAMES = (*SITE_NAMES, "site-d")
 
 
+def _holds_anything(path: Path) -> bool:
+    """Whether ``path`` exists as anything but an empty folder."""
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
+
+
 def check_output(path: Path, overwrite: bool, option: str = "--out") -> None:
     """Refuse a benchmark output folder that already holds anything, unless ``--overwrite`` was given.
 
     Benchmarks rebuild their folder from scratch: a mistyped ``--out`` must not delete a user's files
     without asking. Checked before any work, so a refusal costs nothing.
     """
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
+    if _holds_anything(path) and not overwrite:
         raise SystemExit(f"{option} {path}: exists and is not empty; pass --overwrite to replace it")
 
 
 def fresh_output(path: Path, overwrite: bool, option: str = "--out") -> Path:
     """Make ``path`` an empty folder for a benchmark's sites, data and run dirs (see :func:`check_output`)."""
     check_output(path, overwrite, option)
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):  # reached only with --overwrite
+    if _holds_anything(path):  # reached only with --overwrite
         logger.info("--overwrite: replacing %s", path)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -327,6 +332,7 @@ def emulate_fedavg(
     """
     torch.manual_seed(run.seed)
     state = {k: v.detach().clone() for k, v in build_model(run.model, **run.model_kwargs).state_dict().items()}
+    keep = run.client_optimizer == "keep"
     kept: dict[str, dict[str, object]] = {}  # each site's Adam state, as the ClientApp remembers it
     for rnd in range(1, run.num_server_rounds + 1):
         received = {k: v.half().float() for k, v in state.items()} if fp16 else state
@@ -336,7 +342,7 @@ def emulate_fedavg(
             model = build_model(run.model, **run.model_kwargs)
             model.load_state_dict(received)
             optimiser = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
-            if run.client_optimizer == "keep" and site in kept:
+            if keep and site in kept:
                 optimiser.load_state_dict(kept[site])
             loader = make_loader(
                 splits["train"], run.batch_size, shuffle=True, seed=run.seed + rnd, augment=run.augment
@@ -351,7 +357,8 @@ def emulate_fedavg(
                 optimiser=optimiser,
                 precision=run.precision,
             )
-            kept[site] = copy.deepcopy(optimiser.state_dict())
+            if keep:
+                kept[site] = copy.deepcopy(optimiser.state_dict())
             local = {k: v.detach().clone() for k, v in model.state_dict().items()}
             sent.append({k: (local[k] - received[k]).half() for k in local} if fp16 else local)
             weights.append(result.num_examples)

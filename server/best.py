@@ -141,7 +141,8 @@ class BestTracker:
     def _update_sites(self, rnd: int, sites: Mapping[str, Mapping[str, float | None]]) -> None:
         """Each site's counter takes its metric of round ``rnd``; a site not evaluated counts as not improving."""
         for site in sites:
-            self.sites.setdefault(site, Patience(self.metric, self.patience))
+            if site not in self.sites:  # first seen: counters keep the order sites appear in
+                self.sites[site] = Patience(self.metric, self.patience)
         for site, counter in self.sites.items():
             counter.update(rnd, sites.get(site, {}).get(self.metric))
 
